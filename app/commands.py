@@ -1,0 +1,139 @@
+"""Operator commands: `flask users …`, `flask credits …`, `flask keys …`."""
+
+import click
+from flask import Flask
+from flask.cli import AppGroup
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from app import accounts, billing, keys
+from app.extensions import db
+from app.models import ApiKey, LedgerEntry, User
+
+users_cli = AppGroup("users", help="Customer accounts.")
+credits_cli = AppGroup("credits", help="Grant or deduct credits (ledgered, with a reason).")
+keys_cli = AppGroup("keys", help="API keys.")
+
+
+def _user(email: str) -> User:
+    user = accounts.find_by_email(email)
+    if user is None:
+        raise click.ClickException(f"No user with email {email!r}.")
+    return user
+
+
+def _key(key_id: int) -> ApiKey:
+    key = db.session.get(ApiKey, key_id)
+    if key is None:
+        raise click.ClickException(f"No API key with id {key_id}.")
+    return key
+
+
+@users_cli.command("create")
+@click.argument("email")
+@click.option("--password", help="Lets the user sign in to the dashboard. Prompted for if --prompt is given.")
+@click.option("--prompt", is_flag=True, help="Ask for the password without echoing it.")
+@click.option("--unlimited", is_flag=True, help="Never debit this account.")
+@click.option("--admin", is_flag=True)
+def create_user(email, password, prompt, unlimited, admin):
+    """Create a user account."""
+    if prompt:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    try:
+        user = accounts.create_user(email, password)
+        user.unlimited = unlimited
+        user.is_admin = admin
+        db.session.commit()
+    except accounts.AccountError as error:
+        raise click.ClickException(str(error)) from None
+    except IntegrityError:
+        db.session.rollback()
+        raise click.ClickException("An account with that email already exists.") from None
+    click.echo(f"Created user {user.id} <{user.email}>.")
+
+
+@users_cli.command("show")
+@click.argument("email")
+@click.option("--limit", default=20, show_default=True, help="How many ledger entries to list.")
+def show_user(email, limit):
+    """Print a user's balance, keys and latest ledger entries."""
+    user = _user(email)
+    click.echo(f"User {user.id} <{user.email}>")
+    click.echo(f"Balance: {user.balance} credits" + (" (unlimited)" if user.unlimited else ""))
+    for key in user.keys:
+        state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked else "active"
+        used = f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "never"
+        click.echo(f"Key {key.id}: {key.prefix}… {key.name or '(no name)'} · {state} · last used {used}")
+    entries = db.session.scalars(
+        select(LedgerEntry).where(LedgerEntry.user_id == user.id).order_by(LedgerEntry.id.desc()).limit(limit)
+    ).all()
+    click.echo("Ledger (newest first):" if entries else "Ledger: empty")
+    for entry in entries:
+        click.echo(
+            f"  {entry.created_at:%Y-%m-%d %H:%M:%S}  {entry.kind:<10} {entry.amount:>+10}  "
+            f"→ {entry.balance_after:>10}  {entry.note or ''}"
+        )
+
+
+@users_cli.command("unlimited")
+@click.argument("email")
+@click.option("--on/--off", "enabled", default=True, help="Set (default) or clear the unlimited flag.")
+def set_unlimited(email, enabled):
+    """Set or clear an account's unlimited flag."""
+    user = _user(email)
+    user.unlimited = enabled
+    db.session.commit()
+    click.echo(f"{user.email} is {'now' if enabled else 'no longer'} unlimited.")
+
+
+@credits_cli.command("grant")
+@click.argument("email")
+@click.argument("amount", type=click.IntRange(min=1))
+@click.option("--reason", required=True, help="Recorded in the ledger.")
+def grant_credits(email, amount, reason):
+    """Add AMOUNT credits to a user's balance."""
+    balance = billing.grant(_user(email), amount, reason)
+    db.session.commit()
+    click.echo(f"Granted {amount} credits to {email}; balance is now {balance}.")
+
+
+@credits_cli.command("deduct")
+@click.argument("email")
+@click.argument("amount", type=click.IntRange(min=1))
+@click.option("--reason", required=True, help="Recorded in the ledger.")
+def deduct_credits(email, amount, reason):
+    """Take AMOUNT credits from a user's balance (never below zero)."""
+    try:
+        balance = billing.deduct(_user(email), amount, reason)
+    except billing.InsufficientCredits as short:
+        db.session.rollback()
+        raise click.ClickException(f"Balance is {short.balance}; cannot deduct {amount}. Nothing changed.") from None
+    db.session.commit()
+    click.echo(f"Deducted {amount} credits from {email}; balance is now {balance}.")
+
+
+@keys_cli.command("create")
+@click.argument("email")
+@click.option("--name", default="", help="A label for the key.")
+def create_key(email, name):
+    """Create an API key; the secret is printed once and never stored."""
+    key, secret = keys.create_key(_user(email), name)
+    db.session.commit()
+    click.echo(f"Created key {key.id} ({key.prefix}…) for {email}. Copy it now, it is not shown again:")
+    click.echo(secret)
+
+
+@keys_cli.command("revoke")
+@click.argument("key_id", type=int)
+def revoke_key(key_id):
+    """Revoke an API key by id (see `flask users show`)."""
+    key = _key(key_id)
+    if not keys.revoke(key):
+        raise click.ClickException(f"Key {key_id} was already revoked.")
+    db.session.commit()
+    click.echo(f"Revoked key {key_id} ({key.prefix}…).")
+
+
+def register_commands(app: Flask) -> None:
+    for group in (users_cli, credits_cli, keys_cli):
+        app.cli.add_command(group)

@@ -1,0 +1,61 @@
+"""Settings, read from the environment in one place.
+
+Every key is documented in `.env.example`. In development a `.env` file in the
+project root is loaded first (python-dotenv); real environment variables win.
+"""
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SQLITE_PATH = ROOT / "instance" / "kokoro-pay.sqlite3"
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else int(raw)
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else float(raw)
+
+
+def _bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw in (None, ""):
+        return default
+    return raw.strip().lower() in ("1", "true", "yes", "on")
+
+
+def database_url(raw: str | None) -> str:
+    """Normalise a DATABASE_URL so that PostgreSQL always goes through psycopg 3."""
+    if not raw:
+        return f"sqlite:///{DEFAULT_SQLITE_PATH}"
+    for prefix in ("postgres://", "postgresql://"):
+        if raw.startswith(prefix):
+            return "postgresql+psycopg://" + raw[len(prefix) :]
+    return raw
+
+
+def from_environment() -> dict:
+    """Build the settings mapping from the process environment."""
+    return {
+        "SECRET_KEY": os.environ.get("SECRET_KEY") or None,
+        "SQLALCHEMY_DATABASE_URI": database_url(os.environ.get("DATABASE_URL")),
+        "SQLALCHEMY_POOL_SIZE": _int("DATABASE_POOL_SIZE", 10),
+        "UPSTREAM_URL": os.environ.get("UPSTREAM_URL", "http://127.0.0.1:8880/v1").rstrip("/"),
+        "UPSTREAM_API_KEY": os.environ.get("UPSTREAM_API_KEY") or None,
+        "UPSTREAM_CONNECT_TIMEOUT": _float("UPSTREAM_CONNECT_TIMEOUT", 3.05),
+        "UPSTREAM_READ_TIMEOUT": _float("UPSTREAM_READ_TIMEOUT", 60.0),
+        "UPSTREAM_POOL_SIZE": _int("UPSTREAM_POOL_SIZE", 64),
+        "UPSTREAM_CATALOG_TTL": _float("UPSTREAM_CATALOG_TTL", 60.0),
+        "STREAM_CHUNK_BYTES": _int("STREAM_CHUNK_BYTES", 16384),
+        "MAX_INPUT_CHARS": _int("MAX_INPUT_CHARS", 4096),
+        "MAX_CONTENT_LENGTH": _int("MAX_REQUEST_BYTES", 256 * 1024),
+        "KEY_LAST_USED_RESOLUTION": _int("KEY_LAST_USED_RESOLUTION", 60),
+        "SESSION_COOKIE_SECURE": _bool("SESSION_COOKIE_SECURE", False),
+        "STRIPE_SECRET_KEY": os.environ.get("STRIPE_SECRET_KEY") or None,
+        "STRIPE_WEBHOOK_SECRET": os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
+        "CREDIT_PACKS": os.environ.get("CREDIT_PACKS", ""),
+    }

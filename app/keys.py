@@ -1,0 +1,73 @@
+"""API keys: made from `secrets`, stored only as a SHA-256 digest, found by digest."""
+
+import hashlib
+import secrets
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+
+from app.extensions import db
+from app.models import ApiKey, User, utcnow
+
+KEY_PREFIX = "kp_live_"
+# 32 random bytes give 43 URL-safe characters.
+RANDOM_BYTES = 32
+DISPLAY_CHARS = 4
+MAX_KEY_LENGTH = 200
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def generate() -> str:
+    """A new key secret: `kp_live_` and 43 random URL-safe characters."""
+    return KEY_PREFIX + secrets.token_urlsafe(RANDOM_BYTES)
+
+
+def create_key(user: User, name: str = "") -> tuple[ApiKey, str]:
+    """Add a key for `user` to the session; return it with its secret, which is never stored."""
+    secret = generate()
+    key = ApiKey(
+        user=user,
+        name=name.strip()[:100],
+        prefix=secret[: len(KEY_PREFIX) + DISPLAY_CHARS],
+        digest=digest(secret),
+    )
+    db.session.add(key)
+    return key, secret
+
+
+def looks_like_key(secret: str) -> bool:
+    return secret.startswith(KEY_PREFIX) and len(secret) <= MAX_KEY_LENGTH
+
+
+def find(secret: str) -> tuple[ApiKey, User] | None:
+    """The key with this secret and its owner, revoked or not, in one query."""
+    if not looks_like_key(secret):
+        return None
+    row = db.session.execute(
+        select(ApiKey, User).join(User, ApiKey.user_id == User.id).where(ApiKey.digest == digest(secret))
+    ).first()
+    return (row[0], row[1]) if row else None
+
+
+def touch(key: ApiKey, resolution_seconds: int, now: datetime | None = None) -> bool:
+    """Record that `key` was used, at most once per `resolution_seconds`.
+
+    Returns True when a write was queued, so a busy key costs one write a minute,
+    not one per request.
+    """
+    now = now or utcnow()
+    if key.last_used_at is not None and now - key.last_used_at < timedelta(seconds=resolution_seconds):
+        return False
+    db.session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
+    return True
+
+
+def revoke(key: ApiKey) -> bool:
+    """Revoke `key`; False when it was revoked already."""
+    if key.revoked_at is not None:
+        return False
+    key.revoked_at = utcnow()
+    return True

@@ -1,0 +1,104 @@
+"""The data: users and their balances, API keys, the ledger, speech requests.
+
+Models never commit; the caller owns the transaction.
+"""
+
+import uuid
+from datetime import datetime, timezone
+from typing import Optional
+
+from flask_login import UserMixin
+from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from app.extensions import db
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+class User(UserMixin, db.Model):
+    __tablename__ = "users"
+    __table_args__ = (CheckConstraint("balance >= 0", name="balance_not_negative"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    # Stored lower-cased, so the unique constraint makes emails unique case-insensitively.
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    password_hash: Mapped[Optional[str]] = mapped_column(String(255))
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    unlimited: Mapped[bool] = mapped_column(default=False)
+    is_admin: Mapped[bool] = mapped_column(default=False)
+    stripe_customer_id: Mapped[Optional[str]] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    keys: Mapped[list["ApiKey"]] = relationship(back_populates="user")
+
+    def __repr__(self) -> str:
+        return f"<User {self.id} {self.email}>"
+
+
+class ApiKey(db.Model):
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100), default="")
+    # What the dashboard shows, e.g. "kp_live_Ab3d"; the secret itself is never stored.
+    prefix: Mapped[str] = mapped_column(String(16))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[Optional[datetime]]
+    revoked_at: Mapped[Optional[datetime]]
+
+    user: Mapped[User] = relationship(back_populates="keys")
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+class LedgerEntry(db.Model):
+    """One row per change of a balance; append-only."""
+
+    __tablename__ = "ledger_entries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    amount: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(20))
+    # Makes each money event happen once: "speech:<id>", "refund:<id>", a Stripe id, …
+    reference: Mapped[str] = mapped_column(String(255), unique=True)
+    balance_after: Mapped[int] = mapped_column(BigInteger)
+    note: Mapped[Optional[str]] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class SpeechRequest(db.Model):
+    """One metered call to POST /v1/audio/speech: charged → delivered | refunded."""
+
+    __tablename__ = "speech_requests"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_request_id)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    api_key_id: Mapped[Optional[int]] = mapped_column(ForeignKey("api_keys.id"))
+    model: Mapped[str] = mapped_column(String(100))
+    voice: Mapped[str] = mapped_column(String(200))
+    response_format: Mapped[str] = mapped_column(String(10))
+    characters: Mapped[int]
+    # What was taken from the balance: 0 for unlimited accounts, whose usage is still recorded.
+    credits: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16), default="charged", index=True)
+    upstream_status: Mapped[Optional[int]]
+    bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
+    error: Mapped[Optional[str]] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    first_byte_ms: Mapped[Optional[int]]
+    duration_ms: Mapped[Optional[int]]
+    finished_at: Mapped[Optional[datetime]]
+
+    api_key: Mapped[Optional[ApiKey]] = relationship()

@@ -1,0 +1,128 @@
+"""Fixtures: a fresh, migrated database per test on SQLite and, when
+TEST_DATABASE_URL is set, on PostgreSQL too; the app, its clients, users and keys."""
+
+import os
+import shutil
+
+import pytest
+from flask_migrate import upgrade
+from sqlalchemy import create_engine, text
+
+from app import create_app
+from app.config import database_url
+from app.extensions import db
+from tests import factories
+
+# Nothing listens here: tests that forget to stub the upstream fail fast with "refused".
+STUB_UPSTREAM = "http://127.0.0.1:9/v1"
+PG_URL = database_url(os.environ["TEST_DATABASE_URL"]) if os.environ.get("TEST_DATABASE_URL") else None
+BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
+
+
+def app_config(uri: str, **overrides) -> dict:
+    return {
+        "TESTING": True,
+        "SECRET_KEY": "test-secret-key",
+        "SQLALCHEMY_DATABASE_URI": uri,
+        "UPSTREAM_URL": STUB_UPSTREAM,
+        "UPSTREAM_API_KEY": None,
+        "UPSTREAM_CONNECT_TIMEOUT": 2.0,
+        "UPSTREAM_READ_TIMEOUT": 5.0,
+        "UPSTREAM_CATALOG_TTL": 60.0,
+        "MAX_INPUT_CHARS": 4096,
+        "STRIPE_SECRET_KEY": None,
+        "STRIPE_WEBHOOK_SECRET": None,
+        **overrides,
+    }
+
+
+def _migrate(uri: str) -> None:
+    app = create_app(app_config(uri))
+    with app.app_context():
+        upgrade()
+        db.engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory):
+    """One migrated SQLite file; each test gets a copy of it."""
+    path = tmp_path_factory.mktemp("template") / "kokoro-pay.sqlite3"
+    _migrate(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """The PostgreSQL test database, emptied and migrated once per session."""
+    engine = create_engine(PG_URL)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    _migrate(PG_URL)
+    return PG_URL
+
+
+def _truncate_postgres(url: str) -> None:
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        tables = conn.execute(
+            text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
+        ).scalars()
+        conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+    engine.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_uri(request, tmp_path):
+    if request.param == "sqlite":
+        path = tmp_path / "kokoro-pay.sqlite3"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        return f"sqlite:///{path}"
+    url = request.getfixturevalue("postgres_url")
+    _truncate_postgres(url)
+    return url
+
+
+@pytest.fixture
+def postgres_only(database_uri):
+    if not database_uri.startswith("postgresql"):
+        pytest.skip("locking is proven on PostgreSQL; SQLite ignores FOR UPDATE (set TEST_DATABASE_URL)")
+
+
+@pytest.fixture
+def make_app(database_uri):
+    """Build apps on this test's database; engines are disposed afterwards."""
+    apps = []
+
+    def make(**overrides):
+        app = create_app(app_config(database_uri, **overrides))
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        with app.app_context():
+            db.session.remove()
+            db.engine.dispose()
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    return app.test_cli_runner()
+
+
+@pytest.fixture
+def customer(app):
+    """A user with 1,000 credits and one active key."""
+    return factories.customer(app, balance=1000)

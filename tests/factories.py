@@ -1,0 +1,78 @@
+"""Test data made through the same domain code the product uses."""
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+
+from app import accounts, billing, keys
+from app.extensions import db
+from app.models import LedgerEntry, SpeechRequest, User
+
+_counter = iter(range(1, 10**9))
+
+
+@dataclass
+class Customer:
+    user_id: int
+    email: str
+    secret: str
+    key_id: int
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.secret}"}
+
+
+def customer(app, balance: int = 0, unlimited: bool = False, password: str | None = None) -> Customer:
+    with app.app_context():
+        user = accounts.create_user(f"customer{next(_counter)}@example.com", password)
+        user.unlimited = unlimited
+        db.session.flush()
+        if balance:
+            billing.grant(user, balance, "test credits")
+        key, secret = keys.create_key(user, "test key")
+        db.session.commit()
+        return Customer(user.id, user.email, secret, key.id)
+
+
+def add_key(app, user_id: int) -> str:
+    with app.app_context():
+        _, secret = keys.create_key(db.session.get(User, user_id), "another key")
+        db.session.commit()
+        return secret
+
+
+def balance(app, user_id: int) -> int:
+    with app.app_context():
+        return db.session.scalar(select(User.balance).where(User.id == user_id))
+
+
+def ledger_sum(app, user_id: int) -> int:
+    with app.app_context():
+        return db.session.scalar(
+            select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(LedgerEntry.user_id == user_id)
+        )
+
+
+def ledger(app, user_id: int) -> list[tuple[str, int, int]]:
+    with app.app_context():
+        rows = db.session.execute(
+            select(LedgerEntry.kind, LedgerEntry.amount, LedgerEntry.balance_after)
+            .where(LedgerEntry.user_id == user_id)
+            .order_by(LedgerEntry.id)
+        )
+        return [tuple(row) for row in rows]
+
+
+def speech_requests(app, user_id: int) -> list[SpeechRequest]:
+    with app.app_context():
+        rows = db.session.scalars(
+            select(SpeechRequest).where(SpeechRequest.user_id == user_id).order_by(SpeechRequest.created_at)
+        ).all()
+        db.session.expunge_all()
+        return rows
+
+
+def assert_books_balance(app, user_id: int) -> None:
+    """Invariant 2: the ledger of a user sums to the balance."""
+    assert ledger_sum(app, user_id) == balance(app, user_id)

@@ -1,0 +1,62 @@
+import re
+from datetime import timedelta
+
+from sqlalchemy import select
+
+from app import accounts, keys
+from app.extensions import db
+from app.models import ApiKey, utcnow
+
+
+def test_a_key_is_kp_live_and_43_random_url_safe_characters():
+    secret = keys.generate()
+    assert re.fullmatch(r"kp_live_[A-Za-z0-9_-]{43}", secret)
+    assert len({keys.generate() for _ in range(100)}) == 100
+
+
+def test_only_the_digest_and_a_short_prefix_are_stored(app):
+    with app.app_context():
+        user = accounts.create_user("a@example.com")
+        key, secret = keys.create_key(user, "laptop")
+        db.session.commit()
+        row = db.session.execute(select(ApiKey.__table__)).one()._asdict()
+        stored = " ".join(str(value) for value in row.values())
+        assert secret not in stored
+        assert secret[len(keys.KEY_PREFIX):] not in stored
+        assert row["digest"] == keys.digest(secret)
+        assert row["prefix"] == secret[:12] and len(row["prefix"]) == 12
+
+
+def test_find_by_secret_and_nothing_else(app):
+    with app.app_context():
+        user = accounts.create_user("a@example.com")
+        key, secret = keys.create_key(user)
+        db.session.commit()
+        found_key, found_user = keys.find(secret)
+        assert (found_key.id, found_user.id) == (key.id, user.id)
+        assert keys.find(secret[:-1]) is None
+        assert keys.find(keys.digest(secret)) is None
+        assert keys.find("kp_live_" + "x" * 300) is None
+
+
+def test_revoke_is_remembered_and_reported_once(app):
+    with app.app_context():
+        key, secret = keys.create_key(accounts.create_user("a@example.com"))
+        db.session.commit()
+        assert keys.revoke(key) is True
+        assert keys.revoke(key) is False
+        db.session.commit()
+        assert keys.find(secret)[0].revoked
+
+
+def test_last_use_is_written_at_most_once_per_resolution(app):
+    with app.app_context():
+        key, _ = keys.create_key(accounts.create_user("a@example.com"))
+        db.session.commit()
+        now = utcnow()
+        assert keys.touch(key, 60, now) is True
+        db.session.commit()
+        db.session.refresh(key)
+        assert key.last_used_at == now
+        assert keys.touch(key, 60, now + timedelta(seconds=59)) is False
+        assert keys.touch(key, 60, now + timedelta(seconds=61)) is True
