@@ -11,7 +11,7 @@ from werkzeug.exceptions import BadRequest
 from app import billing, keys
 from app.errors import api_error
 from app.extensions import db
-from app.upstream import SpeechStream, UpstreamError
+from app.upstream import SpeechStream, UpstreamError, timed_out
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
@@ -29,12 +29,11 @@ def _unauthorized(detail: str):
 
 @bp.before_request
 def authenticate():
-    header = request.headers.get("Authorization", "").strip()
-    if not header:
-        return _unauthorized(f"Missing API key. {BEARER_HINT}")
-    scheme, _, secret = header.partition(" ")
+    scheme, _, secret = request.headers.get("Authorization", "").strip().partition(" ")
     secret = secret.strip()
-    if scheme.lower() != "bearer" or not secret:
+    if not scheme or (scheme.lower() == "bearer" and not secret):
+        return _unauthorized(f"Missing API key. {BEARER_HINT}")
+    if scheme.lower() != "bearer":
         return _unauthorized(f"Malformed Authorization header. {BEARER_HINT}")
     found = keys.find(secret)
     if found is None:
@@ -177,7 +176,8 @@ def _relay(audio: SpeechStream, request_id: str, started: float):
                 first_byte_ms=first_byte_ms, duration_ms=_ms_since(started), error="client disconnected")
         raise
     except requests.RequestException as exc:
-        _settle(billing.refund_speech, request_id, "Upstream broke off mid-stream.", upstream_status=audio.status,
+        reason = "Upstream stalled mid-stream." if timed_out(exc) else "Upstream broke off mid-stream."
+        _settle(billing.refund_speech, request_id, reason, upstream_status=audio.status,
                 bytes_sent=sent, first_byte_ms=first_byte_ms, duration_ms=_ms_since(started))
         raise UpstreamBrokeOff(f"speech request {request_id}: upstream broke off after {sent} bytes") from exc
     _settle(billing.mark_delivered, request_id, upstream_status=audio.status, bytes_sent=sent,

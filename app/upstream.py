@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ReadTimeoutError
 
 
 class UpstreamError(Exception):
@@ -29,6 +30,11 @@ def _error_detail(response: requests.Response) -> str:
     if isinstance(detail, list):
         detail = "; ".join(str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in detail)
     return str(detail)[:300] if detail else f"upstream answered {response.status_code}"
+
+
+def timed_out(exc: requests.RequestException) -> bool:
+    """True for a timeout, also the read timeouts that requests reports as ConnectionError mid-body."""
+    return isinstance(exc, requests.Timeout) or any(isinstance(arg, ReadTimeoutError) for arg in exc.args)
 
 
 def is_audio(content_type: str) -> bool:
@@ -101,12 +107,11 @@ class Upstream:
             if not first_chunk:
                 raise UpstreamError("Upstream synthesis error: the speech server sent no audio.",
                                     response.status_code)
-        except requests.Timeout:
+        except requests.RequestException as exc:
             response.close()
-            raise UpstreamError("The speech server did not send audio in time.", response.status_code) from None
-        except requests.RequestException:
-            response.close()
-            raise UpstreamError("The speech server broke off before sending audio.", response.status_code) from None
+            detail = ("The speech server did not send audio in time." if timed_out(exc)
+                      else "The speech server broke off before sending audio.")
+            raise UpstreamError(detail, response.status_code) from None
         except UpstreamError:
             response.close()
             raise

@@ -1,0 +1,387 @@
+"""The /v1 contract: every status code and error body of the reference, and the refunds."""
+
+import json
+
+import pytest
+import requests
+import responses
+from responses import matchers
+
+from app.models import SpeechRequest
+from tests import factories
+from tests.conftest import STUB_UPSTREAM
+from tests.fake_upstream import MODELS, VOICES
+
+SPEECH = "/v1/audio/speech"
+HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky", "response_format": "mp3"}
+
+
+@pytest.fixture
+def upstream():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+def stub_audio(upstream, body=b"ID3fake-mp3", content_type="audio/mpeg", status=200):
+    upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=body, status=status, content_type=content_type)
+
+
+def post_speech(client, customer, body=HELLO, **kwargs):
+    return client.post(SPEECH, json=body, headers=customer.headers, **kwargs)
+
+
+def assert_untouched(app, customer):
+    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.speech_requests(app, customer.user_id) == []
+
+
+# 200: the audio, charged one credit per character
+
+
+def test_speech_streams_audio_and_charges_one_credit_per_character(app, client, customer, upstream):
+    stub_audio(upstream, body=b"ID3" + b"\xff" * 5000)
+    response = post_speech(client, customer)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "audio/mpeg"
+    assert response.data == b"ID3" + b"\xff" * 5000
+    assert factories.balance(app, customer.user_id) == 1000 - len(HELLO["input"])
+    [speech] = factories.speech_requests(app, customer.user_id)
+    assert response.headers["X-Request-Id"] == speech.id
+    assert (speech.state, speech.characters, speech.credits) == ("delivered", 22, 22)
+    assert (speech.upstream_status, speech.bytes_sent, speech.api_key_id) == (200, 5003, customer.key_id)
+    assert (speech.model, speech.voice, speech.response_format) == ("kokoro", "af_sky", "mp3")
+    assert speech.duration_ms is not None and speech.first_byte_ms is not None
+    factories.assert_books_balance(app, customer.user_id)
+
+
+def test_the_clients_fields_are_passed_through_upstream(client, customer, upstream):
+    body = {**HELLO, "response_format": "wav", "speed": 1.5, "stream": True, "lang_code": "a",
+            "normalization_options": {"normalize": False}, "volume_multiplier": 0.8}
+    upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"RIFF", content_type="audio/wav",
+                  match=[matchers.json_params_matcher(body)])
+    response = post_speech(client, customer, body)
+    assert response.status_code == 200 and response.headers["Content-Type"] == "audio/wav"
+
+
+def test_the_upstream_key_is_sent_when_configured(make_app, customer, upstream):
+    app = make_app(UPSTREAM_API_KEY="upstream-secret")
+    upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3", content_type="audio/mpeg",
+                  match=[matchers.header_matcher({"Authorization": "Bearer upstream-secret"})])
+    assert app.test_client().post(SPEECH, json=HELLO, headers=customer.headers).status_code == 200
+
+
+def test_characters_are_unicode_code_points(app, client, customer, upstream):
+    stub_audio(upstream)
+    text = "日本語🙂e\u0301"  # 3 CJK, one emoji, e + combining accent
+    assert post_speech(client, customer, {**HELLO, "input": text}).status_code == 200
+    assert factories.balance(app, customer.user_id) == 1000 - 6
+
+
+def test_unlimited_accounts_get_audio_for_free_and_their_usage_is_recorded(app, client, upstream):
+    rich = factories.customer(app, unlimited=True)
+    stub_audio(upstream)
+    assert post_speech(client, rich).status_code == 200
+    assert factories.balance(app, rich.user_id) == 0
+    [speech] = factories.speech_requests(app, rich.user_id)
+    assert (speech.characters, speech.credits, speech.state) == (22, 0, "delivered")
+
+
+# 401: missing, malformed, unknown or revoked key
+
+
+@pytest.mark.parametrize("path,method", [(SPEECH, "post"), ("/v1/balance", "get"), ("/v1/models", "get"),
+                                         ("/v1/audio/voices", "get")])
+@pytest.mark.parametrize("authorization,detail", [
+    (None, "Missing API key"),
+    ("kp_live_abc", "Malformed Authorization header"),
+    ("Basic dXNlcjpwYXNz", "Malformed Authorization header"),
+    ("Bearer ", "Missing API key"),
+    ("Bearer kp_live_not-a-real-key", "Invalid API key."),
+    ("Bearer sk-openai-key", "Invalid API key."),
+])
+def test_every_endpoint_needs_a_valid_key(app, client, customer, path, method, authorization, detail):
+    headers = {"Authorization": authorization} if authorization else {}
+    response = getattr(client, method)(path, headers=headers, json=HELLO)
+    assert response.status_code == 401
+    assert response.get_json()["detail"].startswith(detail)
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert_untouched(app, customer)
+
+
+def test_a_revoked_key_gets_401_at_once(app, client, customer, runner):
+    assert client.get("/v1/balance", headers=customer.headers).status_code == 200
+    assert runner.invoke(args=["keys", "revoke", str(customer.key_id)]).exit_code == 0
+    response = post_speech(client, customer)
+    assert response.status_code == 401
+    assert response.get_json() == {"detail": "This API key has been revoked."}
+    assert_untouched(app, customer)
+
+
+def test_the_bearer_scheme_is_case_insensitive(client, customer):
+    response = client.get("/v1/balance", headers={"Authorization": f"bearer {customer.secret}"})
+    assert response.status_code == 200
+
+
+# 400: the body, and nothing is charged
+
+
+@pytest.mark.parametrize("raw,detail", [
+    (b"{not json", "Invalid JSON body."),
+    (b"", "Invalid JSON body."),
+    (b"\xff\xfe", "Invalid JSON body."),
+    (b"[" * 100_000, "Invalid JSON body."),
+    (b'["input"]', "The request body must be a JSON object."),
+    (b"null", "The request body must be a JSON object."),
+    (b'"Hello"', "The request body must be a JSON object."),
+])
+def test_a_body_that_is_not_a_json_object_is_400(app, client, customer, raw, detail):
+    response = client.post(SPEECH, data=raw, headers={**customer.headers, "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert response.get_json() == {"detail": detail}
+    assert_untouched(app, customer)
+
+
+@pytest.mark.parametrize("change,detail", [
+    ({"input": None}, "'input' is required."),
+    ({"input": ""}, "'input' must not be empty."),
+    ({"input": " \n\t "}, "'input' must not be empty."),
+    ({"input": 42}, "'input' must be a string."),
+    ({"input": ["Hello"]}, "'input' must be a string."),
+    ({"input": "x" * 4097}, "'input' is 4097 characters long; the maximum is 4096."),
+    ({"voice": 7}, "'voice' must be a voice id (a non-empty string)."),
+    ({"voice": ""}, "'voice' must be a voice id (a non-empty string)."),
+    ({"voice": None}, "'voice' must be a voice id (a non-empty string)."),
+    ({"model": ["kokoro"]}, "'model' must be a model id (a non-empty string)."),
+    ({"response_format": "ogg"}, "'response_format' must be one of mp3, opus, aac, flac, wav, pcm."),
+    ({"response_format": 3}, "'response_format' must be one of mp3, opus, aac, flac, wav, pcm."),
+    ({"speed": "fast"}, "'speed' must be a number from 0.25 to 4.0."),
+    ({"speed": True}, "'speed' must be a number from 0.25 to 4.0."),
+    ({"speed": 4.5}, "'speed' must be a number from 0.25 to 4.0."),
+    ({"speed": 0.1}, "'speed' must be a number from 0.25 to 4.0."),
+    ({"stream": "yes"}, "'stream' must be true or false."),
+])
+def test_invalid_fields_are_400_and_charge_nothing(app, client, customer, change, detail):
+    body = {**HELLO, **change}
+    response = post_speech(client, customer, body)
+    assert response.status_code == 400
+    assert response.get_json() == {"detail": detail}
+    assert_untouched(app, customer)
+
+
+def test_missing_input_is_400(app, client, customer):
+    response = post_speech(client, customer, {"model": "kokoro", "voice": "af_sky"})
+    assert response.get_json() == {"detail": "'input' is required."} and response.status_code == 400
+    assert_untouched(app, customer)
+
+
+def test_non_finite_speed_is_refused(app, client, customer):
+    raw = json.dumps({**HELLO, "speed": float("nan")}).encode()
+    response = client.post(SPEECH, data=raw, headers={**customer.headers, "Content-Type": "application/json"})
+    assert response.status_code == 400
+    assert_untouched(app, customer)
+
+
+def test_the_maximum_input_is_configurable_and_inclusive(make_app, customer, upstream):
+    app = make_app(MAX_INPUT_CHARS=10)
+    stub_audio(upstream)
+    client = app.test_client()
+    assert client.post(SPEECH, json={**HELLO, "input": "x" * 10}, headers=customer.headers).status_code == 200
+    assert client.post(SPEECH, json={**HELLO, "input": "x" * 11}, headers=customer.headers).status_code == 400
+
+
+def test_a_body_without_json_content_type_is_still_read(client, customer, upstream):
+    stub_audio(upstream)
+    response = client.post(SPEECH, data=json.dumps(HELLO), headers={**customer.headers,
+                                                                     "Content-Type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 200
+
+
+# 402: not enough credits, nothing written
+
+
+def test_a_short_balance_is_402_and_writes_nothing(app, client, upstream):
+    poor = factories.customer(app, balance=21)
+    stub_audio(upstream)
+    response = post_speech(client, poor)
+    assert response.status_code == 402
+    assert response.get_json() == {
+        "detail": "Insufficient credits: this request costs 22 credits and your balance is 21. Top up your balance."
+    }
+    assert factories.balance(app, poor.user_id) == 21
+    assert factories.speech_requests(app, poor.user_id) == []
+    assert len(upstream.calls) == 0
+
+
+def test_an_exact_balance_is_enough(app, client, upstream):
+    exact = factories.customer(app, balance=22)
+    stub_audio(upstream)
+    assert post_speech(client, exact).status_code == 200
+    assert factories.balance(app, exact.user_id) == 0
+
+
+# 502: upstream failures before audio, refunded
+
+
+def assert_refunded_502(app, customer, response, detail_part):
+    assert response.status_code == 502
+    detail = response.get_json()["detail"]
+    assert detail_part in detail and detail.endswith("Any charge for this request was refunded.")
+    assert factories.balance(app, customer.user_id) == 1000
+    [speech] = factories.speech_requests(app, customer.user_id)
+    assert speech.state == "refunded"
+    assert [kind for kind, _, _ in factories.ledger(app, customer.user_id)] == ["grant", "debit", "refund"]
+    factories.assert_books_balance(app, customer.user_id)
+    return speech
+
+
+def test_upstream_refused_is_502_and_refunded(app, client, customer, upstream):
+    upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=requests.ConnectionError("refused"))
+    speech = assert_refunded_502(app, customer, post_speech(client, customer), "could not be reached")
+    assert speech.upstream_status is None
+
+
+def test_a_really_refused_connection_is_502_and_refunded(app, client, customer):
+    # No stub: nothing listens on the configured upstream port.
+    assert_refunded_502(app, customer, post_speech(client, customer), "could not be reached")
+
+
+def test_upstream_timeout_is_502_and_refunded(app, client, customer, upstream):
+    upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=requests.ReadTimeout("slow"))
+    assert_refunded_502(app, customer, post_speech(client, customer), "did not answer in time")
+
+
+def test_upstream_500_is_502_and_refunded(app, client, customer, upstream):
+    upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=500, json={"detail": "CUDA out of memory"})
+    speech = assert_refunded_502(app, customer, post_speech(client, customer),
+                                 "Upstream synthesis error: CUDA out of memory")
+    assert speech.upstream_status == 500
+
+
+def test_upstream_4xx_passes_its_detail_and_is_refunded(app, client, customer, upstream):
+    upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=400,
+                  json={"detail": "Voice 'af_nicole' is not available"})
+    response = post_speech(client, customer, {**HELLO, "voice": "af_nicole"})
+    assert_refunded_502(app, customer, response, "Voice 'af_nicole' is not available")
+
+
+def test_upstream_422_validation_list_is_readable(app, client, customer, upstream):
+    upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=422,
+                  json={"detail": [{"loc": ["body", "input"], "msg": "Field required"}]})
+    assert_refunded_502(app, customer, post_speech(client, customer), "Field required")
+
+
+def test_upstream_html_error_page_is_502_and_refunded(app, client, customer, upstream):
+    upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=503, body="<html>Bad gateway</html>",
+                  content_type="text/html")
+    assert_refunded_502(app, customer, post_speech(client, customer), "upstream answered 503")
+
+
+def test_a_2xx_answer_that_is_not_audio_is_502_and_refunded(app, client, customer, upstream):
+    stub_audio(upstream, body=b'{"error": "oops"}', content_type="application/json")
+    assert_refunded_502(app, customer, post_speech(client, customer), "answered without audio")
+
+
+def test_an_empty_audio_answer_is_502_and_refunded(app, client, customer, upstream):
+    stub_audio(upstream, body=b"")
+    assert_refunded_502(app, customer, post_speech(client, customer), "sent no audio")
+
+
+# Free endpoints
+
+
+def test_models_are_relayed_in_the_upstreams_shape_and_cached(client, customer, upstream):
+    upstream.get(f"{STUB_UPSTREAM}/models", json=MODELS)
+    for _ in range(3):
+        response = client.get("/v1/models", headers=customer.headers)
+        assert response.status_code == 200 and response.get_json() == MODELS
+    assert len(upstream.calls) == 1
+
+
+def test_voices_are_relayed_and_refetched_after_the_ttl(make_app, customer, upstream):
+    client = make_app(UPSTREAM_CATALOG_TTL=0).test_client()
+    upstream.get(f"{STUB_UPSTREAM}/audio/voices", json=VOICES)
+    for _ in range(2):
+        response = client.get("/v1/audio/voices", headers=customer.headers)
+        assert response.get_json() == VOICES
+    assert len(upstream.calls) == 2
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/audio/voices"])
+def test_catalogs_are_502_when_the_upstream_is_down(client, customer, upstream, path):
+    upstream.get(f"{STUB_UPSTREAM}/{path[4:]}", body=requests.ConnectionError("refused"))
+    response = client.get(path, headers=customer.headers)
+    assert response.status_code == 502
+    assert response.get_json() == {"detail": "The speech server could not be reached."}
+
+
+def test_catalogs_are_502_on_an_upstream_error_or_garbage(client, customer, upstream):
+    upstream.get(f"{STUB_UPSTREAM}/models", status=500, json={"detail": "boom"})
+    upstream.get(f"{STUB_UPSTREAM}/audio/voices", body="not json", content_type="application/json")
+    assert client.get("/v1/models", headers=customer.headers).get_json() == {"detail": "Upstream error: boom"}
+    response = client.get("/v1/audio/voices", headers=customer.headers)
+    assert response.status_code == 502 and "invalid JSON" in response.get_json()["detail"]
+
+
+def test_free_endpoints_charge_nothing(app, client, customer, upstream):
+    upstream.get(f"{STUB_UPSTREAM}/models", json=MODELS)
+    upstream.get(f"{STUB_UPSTREAM}/audio/voices", json=VOICES)
+    for path in ("/v1/models", "/v1/audio/voices", "/v1/balance"):
+        assert client.get(path, headers=customer.headers).status_code == 200
+    assert_untouched(app, customer)
+
+
+def test_balance(app, client, customer):
+    assert client.get("/v1/balance", headers=customer.headers).get_json() == {"balance": 1000, "unlimited": False}
+    rich = factories.customer(app, balance=5, unlimited=True)
+    assert client.get("/v1/balance", headers=rich.headers).get_json() == {"balance": 5, "unlimited": True}
+
+
+def test_using_a_key_records_its_last_use(app, client, customer):
+    assert client.get("/v1/balance", headers=customer.headers).status_code == 200
+    with app.app_context():
+        from app.extensions import db
+        from app.models import ApiKey
+
+        assert db.session.get(ApiKey, customer.key_id).last_used_at is not None
+
+
+# Every error under /v1 is JSON
+
+
+def test_unknown_paths_are_json_404(client):
+    response = client.get("/v1/nope")
+    assert response.status_code == 404 and response.is_json and "detail" in response.get_json()
+
+
+def test_wrong_method_is_json_405(client, customer):
+    response = client.get(SPEECH, headers=customer.headers)
+    assert response.status_code == 405 and response.is_json and "detail" in response.get_json()
+    assert "POST" in response.headers["Allow"]
+
+
+def test_a_too_large_body_is_json_413_and_charges_nothing(make_app, customer):
+    client = make_app(MAX_CONTENT_LENGTH=1024).test_client()
+    response = client.post(SPEECH, json={**HELLO, "input": "x" * 2000}, headers=customer.headers)
+    assert response.status_code == 413 and response.is_json and "detail" in response.get_json()
+    assert factories.balance(client.application, customer.user_id) == 1000
+
+
+def test_an_unexpected_error_is_json_500_without_a_trace(app, customer, monkeypatch):
+    def explode(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr("app.billing.charge_speech", explode)
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    response = app.test_client().post(SPEECH, json=HELLO, headers=customer.headers)
+    assert response.status_code == 500
+    assert response.get_json() == {"detail": "Internal server error."}
+    assert b"secret internals" not in response.data and b"Traceback" not in response.data
+    assert factories.balance(app, customer.user_id) == 1000
+
+
+def test_speech_request_rows_are_kept_per_request(app, client, customer, upstream):
+    stub_audio(upstream)
+    for _ in range(3):
+        assert post_speech(client, customer).status_code == 200
+    rows = factories.speech_requests(app, customer.user_id)
+    assert len({row.id for row in rows}) == 3 and all(isinstance(row, SpeechRequest) for row in rows)

@@ -1,0 +1,112 @@
+"""Concurrent debits of one balance on PostgreSQL: never below zero, books always balance."""
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from app import billing
+from app.extensions import db
+from app.models import ApiKey, User
+from tests import factories
+from tests.fake_upstream import FakeUpstream
+from tests.servers import serve
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.usefixtures("postgres_only")
+
+
+def test_threads_racing_on_one_balance_in_the_billing_module(app):
+    customer = factories.customer(app, balance=1005)
+    barrier = threading.Barrier(40)
+
+    def charge(_):
+        with app.app_context():
+            user = db.session.get(User, customer.user_id)
+            key = db.session.get(ApiKey, customer.key_id)
+            # Give the connection back while waiting, so 40 threads can share a smaller pool.
+            db.session.close()
+            barrier.wait(timeout=30)
+            try:
+                billing.charge_speech(user, key, characters=50, model="kokoro", voice="af_sky",
+                                      response_format="mp3")
+                db.session.commit()
+                return "charged"
+            except billing.InsufficientCredits:
+                db.session.rollback()
+                return "short"
+            finally:
+                db.session.remove()
+
+    with ThreadPoolExecutor(40) as pool:
+        outcomes = Counter(pool.map(charge, range(40)))
+    assert outcomes == {"charged": 20, "short": 20}
+    assert factories.balance(app, customer.user_id) == 5
+    factories.assert_books_balance(app, customer.user_id)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_gunicorn_processes_and_threads_racing_through_the_real_api(app, database_uri):
+    """Two gunicorn worker processes with eight threads each, eighty requests at once."""
+    customer = factories.customer(app, balance=255)
+    other_key = factories.add_key(app, customer.user_id)
+    text = "0123456789"  # 10 credits: 25 requests are affordable, 5 credits stay
+    with serve(FakeUpstream([b"ID3", b"audio"])) as upstream_url:
+        port = _free_port()
+        env = {**os.environ, "DATABASE_URL": database_uri, "UPSTREAM_URL": f"{upstream_url}/v1",
+               "SECRET_KEY": "concurrency-test"}
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "gthread", "--threads", "8",
+             "--bind", f"127.0.0.1:{port}", "wsgi:app"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}"
+            _wait_until_up(url, server)
+            barrier = threading.Barrier(80, timeout=30)
+
+            def speak(index):
+                secret = customer.secret if index % 2 else other_key
+                barrier.wait()
+                response = requests.post(f"{url}/v1/audio/speech", json={"input": text, "voice": "af_sky"},
+                                         headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+                return response.status_code, response.content
+
+            with ThreadPoolExecutor(80) as pool:
+                results = list(pool.map(speak, range(80)))
+        finally:
+            server.terminate()
+            server.wait(10)
+    statuses = Counter(status for status, _ in results)
+    assert statuses == {200: 25, 402: 55}
+    assert all(body == b"ID3audio" for status, body in results if status == 200)
+    assert factories.balance(app, customer.user_id) == 5
+    factories.assert_books_balance(app, customer.user_id)
+    rows = factories.speech_requests(app, customer.user_id)
+    assert len(rows) == 25 and all(row.state == "delivered" for row in rows)
+
+
+def _wait_until_up(url, server, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"gunicorn exited: {server.stderr.read().decode()[-2000:]}")
+        try:
+            requests.get(f"{url}/v1/balance", timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    raise AssertionError("gunicorn did not start")

@@ -1,0 +1,73 @@
+"""The official `openai` package, unchanged, against the running app."""
+
+import openai
+import pytest
+from openai import OpenAI
+
+from tests import factories
+from tests.fake_upstream import FakeUpstream
+from tests.servers import serve
+
+AUDIO = [b"ID3\x04\x00", b"\xff\xfb" * 2000, b"tail"]
+
+
+@pytest.fixture
+def running(make_app):
+    upstream = FakeUpstream(AUDIO)
+    with serve(upstream) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
+        with serve(app) as url:
+            yield app, f"{url}/v1", upstream
+
+
+def client_for(base_url, secret):
+    return OpenAI(base_url=base_url, api_key=secret, max_retries=0)
+
+
+def test_the_reference_streaming_snippet_writes_the_audio_file(running, tmp_path):
+    app, base_url, upstream = running
+    customer = factories.customer(app, balance=1000)
+    client = client_for(base_url, customer.secret)
+    with client.audio.speech.with_streaming_response.create(
+        model="kokoro", voice="af_sky", input="Hello from kokoro-pay.",
+    ) as response:
+        response.stream_to_file(tmp_path / "speech.mp3")
+    assert (tmp_path / "speech.mp3").read_bytes() == b"".join(AUDIO)
+    assert upstream.received[-1]["voice"] == "af_sky" and upstream.received[-1]["model"] == "kokoro"
+    assert client.with_options().models.list().data[0].id == "kokoro"
+    assert factories.balance(app, customer.user_id) == 1000 - 22
+
+
+def test_a_bad_key_is_an_authentication_error(running):
+    _, base_url, _ = running
+    with pytest.raises(openai.AuthenticationError) as error:
+        client_for(base_url, "kp_live_wrong").audio.speech.create(model="kokoro", voice="af_sky", input="Hi")
+    assert error.value.status_code == 401
+    assert error.value.body == {"detail": "Invalid API key."}
+
+
+def test_a_short_balance_is_a_402_status_error(running):
+    app, base_url, _ = running
+    customer = factories.customer(app, balance=1)
+    with pytest.raises(openai.APIStatusError) as error:
+        client_for(base_url, customer.secret).audio.speech.create(model="kokoro", voice="af_sky", input="Hi")
+    assert error.value.status_code == 402
+    assert "Insufficient credits" in error.value.body["detail"]
+
+
+def test_an_empty_input_is_a_bad_request_error(running):
+    app, base_url, _ = running
+    customer = factories.customer(app, balance=10)
+    with pytest.raises(openai.BadRequestError) as error:
+        client_for(base_url, customer.secret).audio.speech.create(model="kokoro", voice="af_sky", input="")
+    assert error.value.body == {"detail": "'input' must not be empty."}
+
+
+def test_an_upstream_failure_is_an_internal_server_error_and_refunded(running):
+    app, base_url, _ = running
+    customer = factories.customer(app, balance=10)
+    with pytest.raises(openai.InternalServerError) as error:
+        client_for(base_url, customer.secret).audio.speech.create(model="kokoro", voice="af_nicole", input="Hi")
+    assert error.value.status_code == 502
+    assert "Voice 'af_nicole' is not available" in error.value.body["detail"]
+    assert factories.balance(app, customer.user_id) == 10

@@ -1,0 +1,159 @@
+"""Streaming through real sockets: the app and a stand-in upstream, each on loopback."""
+
+import threading
+import time
+import tracemalloc
+
+import pytest
+import requests
+
+from tests import factories
+from tests.fake_upstream import FakeUpstream
+from tests.servers import serve
+
+HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
+
+
+@pytest.fixture
+def gateway(make_app):
+    """Start `upstream` and the app on loopback; yield (app, base URL)."""
+    stack = []
+
+    def start(upstream, **overrides):
+        upstream_server = serve(upstream)
+        upstream_url = upstream_server.__enter__()
+        stack.append(upstream_server)
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", **overrides)
+        app_server = serve(app)
+        stack.append(app_server)
+        return app, app_server.__enter__()
+
+    yield start
+    for server in reversed(stack):
+        server.__exit__(None, None, None)
+
+
+def test_first_bytes_reach_the_client_before_the_upstream_has_finished(gateway):
+    gate = threading.Event()
+    upstream = FakeUpstream([b"ID3first-sentence", b"second-sentence"], gate=gate)
+    app, url = gateway(upstream)
+    customer = factories.customer(app, balance=1000)
+    with requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True,
+                       timeout=10) as response:
+        assert response.status_code == 200
+        assert response.headers["Content-Type"] == "audio/mpeg"
+        chunks = response.iter_content(chunk_size=None)
+        assert next(chunks) == b"ID3first-sentence"
+        # The upstream is still holding back its second sentence.
+        assert not upstream.finished.is_set()
+        gate.set()
+        assert b"".join(chunks) == b"second-sentence"
+    assert upstream.finished.wait(5)
+    _wait_for_state(app, customer, "delivered")
+
+
+def test_a_large_body_streams_through_in_constant_memory(gateway):
+    chunk = b"\x55" * 65536
+    total = len(chunk) * 1024  # 64 MiB
+    app, url = gateway(FakeUpstream([chunk] * 1024))
+    customer = factories.customer(app, balance=1000)
+    received = 0
+    peak = None
+    tracemalloc.start()
+    try:
+        with requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True,
+                           timeout=30) as response:
+            for piece in response.iter_content(chunk_size=65536):
+                received += len(piece)
+                if peak is None and received >= total - len(chunk):
+                    # Measured while the stream is still flowing, before the request is settled.
+                    _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert received == total
+    # Client, gateway and upstream together stayed far below the 64 MiB that went through.
+    assert peak < 4 * 1024 * 1024, f"peak Python allocation {peak / 2**20:.1f} MiB"
+    [speech] = _wait_for_state(app, customer, "delivered")
+    assert speech.bytes_sent == received
+
+
+def test_an_upstream_that_breaks_mid_stream_is_refunded_and_the_client_sees_a_broken_body(gateway):
+    upstream = FakeUpstream([b"ID3part-one", b"part-two", b"never"], break_after=2)
+    app, url = gateway(upstream)
+    customer = factories.customer(app, balance=1000)
+    with pytest.raises(requests.exceptions.ChunkedEncodingError):
+        with requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True,
+                           timeout=10) as response:
+            assert response.status_code == 200
+            b"".join(response.iter_content(chunk_size=None))
+    [speech] = _wait_for_state(app, customer, "refunded")
+    assert speech.error == "Upstream broke off mid-stream."
+    assert factories.balance(app, customer.user_id) == 1000
+    factories.assert_books_balance(app, customer.user_id)
+
+
+def test_a_client_that_hangs_up_mid_stream_closes_the_upstream_connection(gateway):
+    gate = threading.Event()
+    upstream = FakeUpstream([b"ID3first", b"\x00" * 65536], gate=gate, endless=True)
+    app, url = gateway(upstream)
+    customer = factories.customer(app, balance=1000)
+    response = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True,
+                             timeout=10)
+    assert next(response.iter_content(chunk_size=None)) == b"ID3first"
+    response.close()
+    gate.set()
+    # The upstream would stream forever; it stops only because the gateway closed its connection.
+    assert upstream.stream_closed.wait(10), "the upstream connection was left open"
+    [speech] = _wait_for_state(app, customer, "delivered")
+    assert speech.error == "client disconnected"
+    assert factories.balance(app, customer.user_id) == 1000 - len(HELLO["input"])
+
+
+def test_a_read_timeout_before_the_first_byte_is_502_and_refunded(gateway):
+    gate = threading.Event()
+
+    class Silent(FakeUpstream):
+        def _stream(self):
+            yield b""  # the 200 and its headers go out, then nothing
+            gate.wait(10)
+            yield b"too late"
+
+    app, url = gateway(Silent(), UPSTREAM_READ_TIMEOUT=0.3)
+    customer = factories.customer(app, balance=1000)
+    try:
+        response = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, timeout=10)
+    finally:
+        gate.set()
+    assert response.status_code == 502
+    assert response.json()["detail"].startswith("The speech server did not send audio in time.")
+    _wait_for_state(app, customer, "refunded")
+    assert factories.balance(app, customer.user_id) == 1000
+
+
+def _wait_for_state(app, customer, state, timeout=5.0):
+    """The settlement is written as the response ends, just after the client has its last byte."""
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = factories.speech_requests(app, customer.user_id)
+        if rows and all(row.state == state for row in rows):
+            return rows
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expected {state}, found {[row.state for row in rows]}")
+        time.sleep(0.02)
+
+
+def test_an_upstream_that_stalls_mid_stream_is_refunded(gateway):
+    gate = threading.Event()
+    upstream = FakeUpstream([b"ID3first", b"after the stall"], gate=gate)
+    app, url = gateway(upstream, UPSTREAM_READ_TIMEOUT=0.3)
+    customer = factories.customer(app, balance=1000)
+    try:
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            with requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True,
+                               timeout=10) as response:
+                b"".join(response.iter_content(chunk_size=None))
+    finally:
+        gate.set()
+    [speech] = _wait_for_state(app, customer, "refunded")
+    assert speech.error == "Upstream stalled mid-stream." and speech.bytes_sent == len(b"ID3first")
+    assert factories.balance(app, customer.user_id) == 1000
