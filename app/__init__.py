@@ -2,13 +2,15 @@
 
 import sqlite3
 
+import stripe
 from dotenv import load_dotenv
 from flask import Flask
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from app import config as settings
-from app.extensions import db, migrate
+from app.extensions import csrf, db, login_manager, migrate
+from app.payments import parse_packs
 from app.upstream import Upstream
 
 
@@ -26,13 +28,43 @@ def create_app(config: dict | None = None) -> Flask:
     register_blueprints(app)
     register_errorhandlers(app)
     register_commands(app)
+    register_security_headers(app)
     return app
+
+
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
+    "base-uri 'self'; frame-ancestors 'none'; form-action 'self' {checkout}"
+)
+
+
+def register_security_headers(app: Flask) -> None:
+    from app.errors import is_api_request
+
+    # form-action also governs the redirect after the buy form, to Stripe Checkout.
+    policy = CONTENT_SECURITY_POLICY.format(checkout=app.config["STRIPE_CHECKOUT_ORIGIN"])
+
+    @app.after_request
+    def security_headers(response):
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        if not is_api_request():
+            response.headers.setdefault("Content-Security-Policy", policy)
+            response.headers.setdefault("X-Frame-Options", "DENY")
+            response.headers.setdefault("Referrer-Policy", "same-origin")
+        return response
 
 
 def check_settings(app: Flask) -> None:
     """Fail at start-up, not at the first request, when a required setting is missing."""
     if not app.config.get("SECRET_KEY"):
         raise RuntimeError("SECRET_KEY is not set; see .env.example.")
+    app.config.update(
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        REMEMBER_COOKIE_HTTPONLY=True,
+        REMEMBER_COOKIE_SAMESITE="Lax",
+        REMEMBER_COOKIE_SECURE=app.config["SESSION_COOKIE_SECURE"],
+    )
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if uri.startswith("sqlite:///"):
         settings.DEFAULT_SQLITE_PATH.parent.mkdir(exist_ok=True)
@@ -57,13 +89,30 @@ def _sqlite_pragmas(dbapi_connection, _record):
 def register_extensions(app: Flask) -> None:
     db.init_app(app)
     migrate.init_app(app, db, directory=str(settings.ROOT / "migrations"), render_as_batch=True)
+    login_manager.init_app(app)
+    login_manager.login_view = "dashboard.login"
+    login_manager.login_message = "Sign in to continue."
+    csrf.init_app(app)
     app.extensions["upstream"] = Upstream.from_config(app.config)
+    app.extensions["credit_packs"] = parse_packs(app.config["CREDIT_PACKS"])
+    app.extensions["stripe"] = stripe_client(app.config)
+
+
+def stripe_client(config) -> stripe.StripeClient | None:
+    """Stripe, through its requests-based HTTP client; None until a secret key is configured."""
+    if not config["STRIPE_SECRET_KEY"]:
+        return None
+    base = {"api": config["STRIPE_API_BASE"]} if config["STRIPE_API_BASE"] else None
+    return stripe.StripeClient(config["STRIPE_SECRET_KEY"], http_client=stripe.RequestsClient(), base_addresses=base)
 
 
 def register_blueprints(app: Flask) -> None:
-    from app import api
+    from app import api, dashboard, webhooks
 
+    csrf.exempt(api.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(dashboard.bp)
+    app.register_blueprint(webhooks.bp)
 
 
 def register_errorhandlers(app: Flask) -> None:

@@ -6,8 +6,6 @@ not at all.
 """
 
 import uuid
-from datetime import datetime
-
 from sqlalchemy import insert, select, update
 
 from app.extensions import db
@@ -30,7 +28,7 @@ class InsufficientCredits(Exception):
         self.cost = cost
 
 
-def _apply(user_id: int, amount: int, *, kind: str, reference: str, note: str | None = None) -> int:
+def apply(user_id: int, amount: int, *, kind: str, reference: str, note: str | None = None) -> int:
     """Add `amount` (signed) to the balance and write its ledger row; return the new balance.
 
     A negative amount is one conditional UPDATE, so no interleaving of concurrent
@@ -67,14 +65,14 @@ def grant(user: User, amount: int, reason: str) -> int:
     """Operator grant of `amount` (> 0) credits; returns the new balance."""
     if amount <= 0:
         raise ValueError("a grant must be a positive number of credits")
-    return _apply(user.id, amount, kind=GRANT, reference=f"grant:{uuid.uuid4().hex}", note=reason)
+    return apply(user.id, amount, kind=GRANT, reference=f"grant:{uuid.uuid4().hex}", note=reason)
 
 
 def deduct(user: User, amount: int, reason: str) -> int:
     """Operator deduction of `amount` (> 0) credits; InsufficientCredits if the balance is short."""
     if amount <= 0:
         raise ValueError("a deduction must be a positive number of credits")
-    return _apply(user.id, -amount, kind=DEDUCTION, reference=f"deduction:{uuid.uuid4().hex}", note=reason)
+    return apply(user.id, -amount, kind=DEDUCTION, reference=f"deduction:{uuid.uuid4().hex}", note=reason)
 
 
 def charge_speech(
@@ -88,7 +86,7 @@ def charge_speech(
     credits = 0 if user.unlimited else characters
     request_id = new_request_id()
     if credits:
-        _apply(user.id, -credits, kind=DEBIT, reference=f"speech:{request_id}", note=f"{characters} characters")
+        apply(user.id, -credits, kind=DEBIT, reference=f"speech:{request_id}", note=f"{characters} characters")
     speech = SpeechRequest(
         id=request_id,
         user_id=user.id,
@@ -134,9 +132,5 @@ def refund_speech(request_id: str, reason: str, **details) -> bool:
         return False
     user_id, credits = row
     if credits:
-        _apply(user_id, credits, kind=REFUND, reference=f"refund:{request_id}", note=reason)
+        apply(user_id, credits, kind=REFUND, reference=f"refund:{request_id}", note=reason)
     return True
-
-
-def elapsed_ms(since: datetime) -> int:
-    return int((utcnow() - since).total_seconds() * 1000)

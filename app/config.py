@@ -9,6 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SQLITE_PATH = ROOT / "instance" / "kokoro-pay.sqlite3"
+# id:credits:price_in_cents
+DEFAULT_PACKS = "starter:10000:500,standard:50000:2000,pro:250000:8000"
 
 
 def _int(name: str, default: int) -> int:
@@ -57,5 +59,8 @@ def from_environment() -> dict:
         "SESSION_COOKIE_SECURE": _bool("SESSION_COOKIE_SECURE", False),
         "STRIPE_SECRET_KEY": os.environ.get("STRIPE_SECRET_KEY") or None,
         "STRIPE_WEBHOOK_SECRET": os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
-        "CREDIT_PACKS": os.environ.get("CREDIT_PACKS", ""),
+        "STRIPE_API_BASE": os.environ.get("STRIPE_API_BASE") or None,
+        "STRIPE_CHECKOUT_ORIGIN": os.environ.get("STRIPE_CHECKOUT_ORIGIN", "https://checkout.stripe.com"),
+        "STRIPE_CURRENCY": os.environ.get("STRIPE_CURRENCY", "usd").lower(),
+        "CREDIT_PACKS": os.environ.get("CREDIT_PACKS") or DEFAULT_PACKS,
     }

@@ -102,3 +102,35 @@ class SpeechRequest(db.Model):
     finished_at: Mapped[Optional[datetime]]
 
     api_key: Mapped[Optional[ApiKey]] = relationship()
+
+
+class Payment(db.Model):
+    """A Stripe Checkout purchase of a credit pack; the credits are fixed when the session is made."""
+
+    __tablename__ = "payments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    checkout_session_id: Mapped[str] = mapped_column(String(255), unique=True)
+    payment_intent_id: Mapped[Optional[str]] = mapped_column(String(255), index=True)
+    pack: Mapped[str] = mapped_column(String(50))
+    credits: Mapped[int] = mapped_column(BigInteger)
+    amount_cents: Mapped[int]
+    currency: Mapped[str] = mapped_column(String(3))
+    # open → paid (credited) | pending (async payment) → paid | failed; paid → refunded | disputed
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    # Credits owed back through refunds and lost disputes, including any the balance could not cover.
+    credits_reversed: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    paid_at: Mapped[Optional[datetime]]
+
+
+class StripeEvent(db.Model):
+    """A webhook event already handled: its unique id makes a redelivery a no-op."""
+
+    __tablename__ = "stripe_events"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    type: Mapped[str] = mapped_column(String(100))
+    outcome: Mapped[str] = mapped_column(String(200))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -16,6 +16,9 @@ from tests import factories
 # Nothing listens here: tests that forget to stub the upstream fail fast with "refused".
 STUB_UPSTREAM = "http://127.0.0.1:9/v1"
 PG_URL = database_url(os.environ["TEST_DATABASE_URL"]) if os.environ.get("TEST_DATABASE_URL") else None
+# Stripe's API and Checkout pages, stood in for on loopback: stubbed with responses, or intercepted in the browser.
+STRIPE_API = "http://127.0.0.1:12111"
+STRIPE_CHECKOUT = "http://127.0.0.1:12112"
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
 
 
@@ -30,8 +33,12 @@ def app_config(uri: str, **overrides) -> dict:
         "UPSTREAM_READ_TIMEOUT": 5.0,
         "UPSTREAM_CATALOG_TTL": 60.0,
         "MAX_INPUT_CHARS": 4096,
-        "STRIPE_SECRET_KEY": None,
-        "STRIPE_WEBHOOK_SECRET": None,
+        "STRIPE_SECRET_KEY": "sk_test_kokoro",
+        "STRIPE_WEBHOOK_SECRET": "whsec_kokoro_test",
+        "STRIPE_API_BASE": STRIPE_API,
+        "STRIPE_CHECKOUT_ORIGIN": STRIPE_CHECKOUT,
+        "STRIPE_CURRENCY": "usd",
+        "CREDIT_PACKS": "starter:10000:500,pro:250000:8000",
         **overrides,
     }
 
@@ -126,3 +133,9 @@ def runner(app):
 def customer(app):
     """A user with 1,000 credits and one active key."""
     return factories.customer(app, balance=1000)
+
+
+@pytest.fixture
+def web(app):
+    """A browser-like client: reads CSRF tokens from the pages it gets."""
+    return factories.WebClient(app.test_client())

@@ -1,5 +1,6 @@
 """Test data made through the same domain code the product uses."""
 
+import re
 from dataclasses import dataclass
 
 from sqlalchemy import func, select
@@ -76,3 +77,34 @@ def speech_requests(app, user_id: int) -> list[SpeechRequest]:
 def assert_books_balance(app, user_id: int) -> None:
     """Invariant 2: the ledger of a user sums to the balance."""
     assert ledger_sum(app, user_id) == balance(app, user_id)
+
+
+class WebClient:
+    """Flask's test client plus the CSRF token of the last page, as a browser would send it."""
+
+    def __init__(self, client):
+        self.client = client
+        self.token = None
+
+    def get(self, url, **kwargs):
+        response = self.client.get(url, **kwargs)
+        match = re.search(rb'name="csrf_token" type="hidden" value="([^"]+)"', response.data) or re.search(
+            rb'name="csrf_token" value="([^"]+)"', response.data)
+        if match:
+            self.token = match.group(1).decode()
+        return response
+
+    def post(self, url, data=None, csrf=True, **kwargs):
+        data = dict(data or {})
+        if csrf:
+            data["csrf_token"] = self.token
+        return self.client.post(url, data=data, **kwargs)
+
+    def signup(self, email="new@example.com", password="correct horse battery"):
+        self.get("/signup")
+        return self.post("/signup", {"email": email, "password": password, "confirm": password})
+
+    def login(self, email, password="correct horse battery", next_url=None):
+        self.get("/login")
+        url = "/login" + (f"?next={next_url}" if next_url else "")
+        return self.post(url, {"email": email, "password": password})

@@ -78,10 +78,10 @@ def test_refund_of_an_unknown_request_gives_nothing(app, customer):
 
 def test_a_ledger_reference_is_used_once(app, customer):
     with app.app_context():
-        billing._apply(customer.user_id, 5, kind="grant", reference="stripe:evt_1")
+        billing.apply(customer.user_id, 5, kind="grant", reference="stripe:evt_1")
         db.session.commit()
         with pytest.raises(IntegrityError):
-            billing._apply(customer.user_id, 5, kind="grant", reference="stripe:evt_1")
+            billing.apply(customer.user_id, 5, kind="grant", reference="stripe:evt_1")
         db.session.rollback()
     assert factories.balance(app, customer.user_id) == 1005
 

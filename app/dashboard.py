@@ -1,0 +1,267 @@
+"""The customer dashboard: accounts, keys, balance, usage, top-ups and the docs."""
+
+import csv
+import io
+from urllib.parse import urlsplit
+
+import stripe
+from flask import (Blueprint, Response, abort, current_app, flash, redirect, render_template, request, session,
+                   stream_with_context, url_for)
+from flask_login import current_user, login_required, login_user, logout_user
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from app import accounts, keys, payments
+from app.extensions import db, login_manager
+from app.forms import BuyForm, ConfirmForm, KeyForm, LoginForm, SignupForm
+from app.models import ApiKey, LedgerEntry, Payment, SpeechRequest, User
+
+bp = Blueprint("dashboard", __name__)
+
+PER_PAGE = 20
+NEW_KEY_SESSION = "new_key_secret"
+
+
+@login_manager.user_loader
+def load_user(user_id: str) -> User | None:
+    return db.session.get(User, int(user_id)) if user_id.isdigit() else None
+
+
+def safe_next(target: str | None) -> str:
+    """Only a path on this site: no scheme, no host, no protocol-relative `//` or `/\\`."""
+    if target:
+        parts = urlsplit(target)
+        if not parts.scheme and not parts.netloc and target.startswith("/") and not target.startswith(("//", "/\\")):
+            return target
+    return url_for("dashboard.home")
+
+
+def no_store(response: Response) -> Response:
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+# Accounts
+
+
+@bp.route("/signup", methods=["GET", "POST"])
+def signup():
+    if current_user.is_authenticated:
+        return redirect(url_for("dashboard.home"))
+    form = SignupForm()
+    if form.validate_on_submit():
+        try:
+            user = accounts.create_user(form.email.data, form.password.data)
+            db.session.commit()
+        except accounts.AccountError as error:
+            form.email.errors.append(str(error))
+        except IntegrityError:
+            # Another sign-up with this email committed first.
+            db.session.rollback()
+            form.email.errors.append("An account with that email already exists.")
+        else:
+            login_user(user)
+            flash("Welcome to kokoro-pay. Create an API key, then buy credits to start.", "success")
+            return redirect(url_for("dashboard.keys_page"))
+    return render_template("auth/signup.html", form=form)
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login():
+    if current_user.is_authenticated:
+        return redirect(safe_next(request.args.get("next")))
+    form = LoginForm()
+    if form.validate_on_submit():
+        user = accounts.find_by_email(form.email.data)
+        if user is not None and accounts.check_password(user, form.password.data):
+            login_user(user, remember=form.remember.data)
+            return redirect(safe_next(request.args.get("next")))
+        form.password.errors.append("Wrong email or password.")
+    return render_template("auth/login.html", form=form)
+
+
+@bp.post("/logout")
+def logout():
+    if ConfirmForm().validate_on_submit():
+        logout_user()
+        flash("You are signed out.", "success")
+    return redirect(url_for("dashboard.login"))
+
+
+# Balance, ledger, usage
+
+
+@bp.get("/")
+@login_required
+def home():
+    ledger = db.session.scalars(
+        select(LedgerEntry).where(LedgerEntry.user_id == current_user.id).order_by(LedgerEntry.id.desc()).limit(10)
+    ).all()
+    usage = db.session.scalars(_usage_query().limit(10)).all()
+    return render_template("dashboard/home.html", ledger=ledger, usage=usage)
+
+
+@bp.get("/ledger")
+@login_required
+def ledger_page():
+    page = db.paginate(
+        select(LedgerEntry).where(LedgerEntry.user_id == current_user.id).order_by(LedgerEntry.id.desc()),
+        per_page=PER_PAGE, max_per_page=PER_PAGE,
+    )
+    return render_template("dashboard/ledger.html", page=page)
+
+
+def _usage_query():
+    return (
+        select(SpeechRequest)
+        .where(SpeechRequest.user_id == current_user.id)
+        .order_by(SpeechRequest.created_at.desc(), SpeechRequest.id)
+    )
+
+
+@bp.get("/usage")
+@login_required
+def usage_page():
+    page = db.paginate(_usage_query(), per_page=PER_PAGE, max_per_page=PER_PAGE)
+    return render_template("dashboard/usage.html", page=page)
+
+
+@bp.get("/usage.csv")
+@login_required
+def usage_csv():
+    query = _usage_query().execution_options(yield_per=500)
+
+    def rows():
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["time", "request_id", "key", "model", "voice", "format", "characters", "credits", "state",
+                         "bytes", "duration_ms", "error"])
+        for speech in db.session.scalars(query):
+            key = speech.api_key.prefix + "…" if speech.api_key else ""
+            writer.writerow([speech.created_at.isoformat(), speech.id, key, speech.model, speech.voice,
+                             speech.response_format, speech.characters, speech.credits, speech.state,
+                             speech.bytes_sent, speech.duration_ms or "", speech.error or ""])
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+        yield buffer.getvalue()
+
+    response = Response(stream_with_context(rows()), mimetype="text/csv")
+    response.headers["Content-Disposition"] = "attachment; filename=kokoro-pay-usage.csv"
+    return response
+
+
+# Keys
+
+
+def _own_key(key_id: int) -> ApiKey:
+    key = db.session.get(ApiKey, key_id)
+    if key is None or key.user_id != current_user.id:
+        abort(404)
+    return key
+
+
+@bp.route("/keys", methods=["GET", "POST"])
+@login_required
+def keys_page():
+    form = KeyForm()
+    if form.validate_on_submit():
+        key, secret = keys.create_key(current_user, form.name.data or "")
+        db.session.commit()
+        # Kept only until the next page has shown it once.
+        session[NEW_KEY_SESSION] = {"id": key.id, "secret": secret}
+        return redirect(url_for("dashboard.key_created"))
+    user_keys = db.session.scalars(
+        select(ApiKey).where(ApiKey.user_id == current_user.id).order_by(ApiKey.created_at.desc(), ApiKey.id.desc())
+    ).all()
+    return no_store(Response(render_template("dashboard/keys.html", form=form, keys=user_keys)))
+
+
+@bp.get("/keys/created")
+@login_required
+def key_created():
+    shown = session.pop(NEW_KEY_SESSION, None)
+    if not shown:
+        flash("A key's secret is shown only once, right after it is created. Create a new key if you lost it.",
+              "info")
+        return redirect(url_for("dashboard.keys_page"))
+    key = _own_key(shown["id"])
+    return no_store(Response(render_template("dashboard/key_created.html", key=key, secret=shown["secret"])))
+
+
+@bp.route("/keys/<int:key_id>/revoke", methods=["GET", "POST"])
+@login_required
+def revoke_key(key_id: int):
+    key = _own_key(key_id)
+    form = ConfirmForm()
+    if form.validate_on_submit():
+        if keys.revoke(key):
+            db.session.commit()
+            flash(f"Key {key.prefix}… is revoked. Requests with it now get 401.", "success")
+        return redirect(url_for("dashboard.keys_page"))
+    return render_template("dashboard/revoke.html", key=key, form=form)
+
+
+# Top-ups
+
+
+def _packs() -> list[payments.Pack]:
+    return current_app.extensions["credit_packs"]
+
+
+@bp.get("/billing")
+@login_required
+def billing_page():
+    recent = db.session.scalars(
+        select(Payment).where(Payment.user_id == current_user.id).order_by(Payment.id.desc()).limit(10)
+    ).all()
+    return render_template("dashboard/billing.html", packs=_packs(), form=BuyForm(), payments=recent,
+                           enabled=current_app.extensions["stripe"] is not None)
+
+
+@bp.post("/billing/checkout")
+@login_required
+def checkout():
+    form = BuyForm()
+    pack = next((pack for pack in _packs() if pack.id == form.pack.data), None)
+    if not form.validate_on_submit() or pack is None:
+        flash("Choose one of the credit packs.", "error")
+        return redirect(url_for("dashboard.billing_page"))
+    client = current_app.extensions["stripe"]
+    if client is None:
+        flash("Payments are not configured on this server yet.", "error")
+        return redirect(url_for("dashboard.billing_page"))
+    try:
+        url = payments.start_checkout(
+            client, current_user, pack, current_app.config["STRIPE_CURRENCY"],
+            success_url=url_for("dashboard.billing_success", _external=True) + "?session_id={CHECKOUT_SESSION_ID}",
+            cancel_url=url_for("dashboard.billing_page", _external=True),
+        )
+        db.session.commit()
+    except stripe.StripeError:
+        db.session.rollback()
+        current_app.logger.exception("could not create a checkout session")
+        flash("Stripe could not start the payment. Nothing was charged; please try again.", "error")
+        return redirect(url_for("dashboard.billing_page"))
+    return redirect(url, 303)
+
+
+@bp.get("/billing/success")
+@login_required
+def billing_success():
+    payment = db.session.scalar(
+        select(Payment).where(Payment.checkout_session_id == request.args.get("session_id", ""),
+                              Payment.user_id == current_user.id)
+    )
+    if payment is None:
+        abort(404)
+    return no_store(Response(render_template("dashboard/billing_success.html", payment=payment)))
+
+
+# Docs
+
+
+@bp.get("/docs")
+def docs():
+    base_url = url_for("api.balance", _external=True).rsplit("/", 1)[0]
+    return render_template("dashboard/docs.html", base_url=base_url)

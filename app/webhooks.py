@@ -1,0 +1,30 @@
+"""Stripe's webhook: verified signatures only, each event applied once."""
+
+import stripe
+from flask import Blueprint, current_app, jsonify, request
+from sqlalchemy.exc import IntegrityError
+
+from app import payments
+from app.extensions import csrf, db
+
+bp = Blueprint("stripe", __name__, url_prefix="/stripe")
+
+
+@bp.post("/webhook")
+@csrf.exempt
+def webhook():
+    secret = current_app.config["STRIPE_WEBHOOK_SECRET"]
+    if not secret:
+        return jsonify(detail="Webhooks are not configured."), 503
+    try:
+        event = stripe.Webhook.construct_event(request.get_data(), request.headers.get("Stripe-Signature", ""), secret)
+    except (ValueError, stripe.SignatureVerificationError):
+        return jsonify(detail="Invalid payload or signature."), 400
+    try:
+        outcome = payments.handle_event(event)
+        db.session.commit()
+    except IntegrityError:
+        # The event id (or the session's ledger reference) is taken: a redelivery, already applied.
+        db.session.rollback()
+        outcome = "already processed"
+    return jsonify(received=True, outcome=outcome)

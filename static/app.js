@@ -1,0 +1,16 @@
+// Copy buttons: <button data-copy="#selector">. Loaded as a file so the CSP needs no inline scripts.
+document.querySelectorAll("[data-copy]").forEach((button) => {
+  button.addEventListener("click", async () => {
+    const text = document.querySelector(button.dataset.copy).textContent.trim();
+    try {
+      await navigator.clipboard.writeText(text);
+      button.textContent = "Copied";
+    } catch {
+      const range = document.createRange();
+      range.selectNodeContents(document.querySelector(button.dataset.copy));
+      window.getSelection().removeAllRanges();
+      window.getSelection().addRange(range);
+      button.textContent = "Selected: press Ctrl+C";
+    }
+  });
+});

@@ -1,0 +1,252 @@
+"""The dashboard through Flask's test client: accounts, CSRF, keys shown once, usage."""
+
+import csv
+import io
+import re
+
+import pytest
+from sqlalchemy import func, select
+
+from app import billing
+from app.extensions import db
+from app.models import User
+from tests import factories
+
+PASSWORD = "correct horse battery"
+
+
+def user_count(app):
+    with app.app_context():
+        return db.session.scalar(select(func.count(User.id)))
+
+
+def signed_in(web, app, email="owner@example.com", balance=0):
+    factories.customer(app, balance=balance)  # someone else, so ids differ
+    web.signup(email)
+    with app.app_context():
+        user = db.session.scalar(select(User).where(User.email == email))
+        if balance:
+            billing.grant(user, balance, "welcome")
+            db.session.commit()
+        return user.id
+
+
+# Accounts
+
+
+def test_sign_up_signs_in_and_lands_on_keys(app, web):
+    response = web.signup("Someone@Example.com")
+    assert response.status_code == 302 and response.headers["Location"] == "/keys"
+    page = web.get("/").get_data(as_text=True)
+    assert "0 <small>credits</small>" in page and "Sign out" in page
+    with app.app_context():
+        user = db.session.scalar(select(User))
+        assert user.email == "someone@example.com"
+        assert user.password_hash.startswith("scrypt:") and PASSWORD not in user.password_hash
+
+
+@pytest.mark.parametrize("email,password,confirm,error", [
+    ("not-an-email", PASSWORD, PASSWORD, "Enter a valid email address."),
+    ("a@example.com", "short", "short", "Use at least 10 characters."),
+    ("a@example.com", PASSWORD, PASSWORD + "!", "The passwords do not match."),
+    ("", PASSWORD, PASSWORD, "This field is required."),
+])
+def test_sign_up_errors_are_shown_and_create_nothing(app, web, email, password, confirm, error):
+    web.get("/signup")
+    response = web.post("/signup", {"email": email, "password": password, "confirm": confirm})
+    assert response.status_code == 200 and error in response.get_data(as_text=True)
+    assert user_count(app) == 0
+
+
+def test_duplicate_emails_are_refused_case_insensitively(app, web):
+    web.signup("dup@example.com")
+    web.post("/logout")
+    response = web.signup("DUP@example.COM")
+    assert "An account with that email already exists." in response.get_data(as_text=True)
+    assert user_count(app) == 1
+
+
+def test_a_form_without_its_csrf_token_is_refused(app, web):
+    web.get("/signup")
+    response = web.post("/signup", {"email": "a@example.com", "password": PASSWORD, "confirm": PASSWORD}, csrf=False)
+    assert response.status_code == 400 and "CSRF" in response.get_data(as_text=True)
+    assert user_count(app) == 0
+
+
+def test_a_forged_csrf_token_is_refused(app, web):
+    web.get("/signup")
+    web.token = "forged"
+    response = web.post("/signup", {"email": "a@example.com", "password": PASSWORD, "confirm": PASSWORD})
+    assert response.status_code == 400
+    assert user_count(app) == 0
+
+
+def test_sign_in_and_out(app, web):
+    web.signup("me@example.com")
+    web.get("/")
+    assert web.post("/logout").headers["Location"] == "/login"
+    assert web.get("/").status_code == 302
+    assert "Wrong email or password." in web.login("me@example.com", "wrong password").get_data(as_text=True)
+    assert web.login("ME@example.com").status_code == 302
+    assert web.get("/").status_code == 200
+
+
+def test_sign_out_needs_the_csrf_token(web):
+    web.signup("me@example.com")
+    web.post("/logout", csrf=False)
+    assert web.get("/").status_code == 200
+
+
+@pytest.mark.parametrize("target,expected", [
+    ("/usage", "/usage"),
+    ("//evil.example/steal", "/"),
+    ("https://evil.example/", "/"),
+    ("/\\evil.example", "/"),
+    ("javascript:alert(1)", "/"),
+])
+def test_next_redirects_only_within_this_site(web, target, expected):
+    web.signup("me@example.com")
+    web.post("/logout")
+    response = web.login("me@example.com", next_url=target)
+    assert response.headers["Location"] == expected
+
+
+def test_pages_need_a_signed_in_user(client):
+    for path in ("/", "/keys", "/usage", "/ledger", "/usage.csv", "/billing"):
+        response = client.get(path)
+        assert response.status_code == 302 and response.headers["Location"].startswith("/login?next=")
+
+
+def test_session_cookies_are_httponly_lax_and_secure_when_configured(make_app):
+    for secure in (False, True):
+        web = factories.WebClient(make_app(SESSION_COOKIE_SECURE=secure).test_client())
+        web.signup(f"cookie{secure}@example.com")
+        cookie = web.client.get_cookie("session")
+        assert cookie.http_only and cookie.same_site == "Lax" and cookie.secure is secure
+
+
+def test_pages_carry_security_headers(client):
+    response = client.get("/login")
+    assert "script-src 'self'" in response.headers["Content-Security-Policy"]
+    assert "frame-ancestors 'none'" in response.headers["Content-Security-Policy"]
+    assert response.headers["X-Frame-Options"] == "DENY"
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert "<script>" not in response.get_data(as_text=True)
+
+
+# Keys
+
+
+def create_key(web, name="laptop"):
+    web.get("/keys")
+    response = web.post("/keys", {"name": name})
+    assert response.headers["Location"] == "/keys/created"
+    return web.get("/keys/created")
+
+
+def test_a_new_key_is_shown_exactly_once_and_works(app, web):
+    signed_in(web, app, balance=50)
+    page = create_key(web).get_data(as_text=True)
+    secret = re.search(r'id="new-key">(kp_live_[A-Za-z0-9_-]{43})<', page).group(1)
+    response = app.test_client().get("/v1/balance", headers={"Authorization": f"Bearer {secret}"})
+    assert response.get_json() == {"balance": 50, "unlimited": False}
+    # Reloading, going back, or the list never show it again.
+    again = web.get("/keys/created", follow_redirects=True).get_data(as_text=True)
+    assert secret not in again and "shown only once" in again
+    listing = web.get("/keys").get_data(as_text=True)
+    assert secret not in listing and secret[:12] in listing and "laptop" in listing
+    assert web.client.get_cookie("session") is None or secret not in web.client.get_cookie("session").value
+
+
+def test_the_key_pages_are_not_cached(app, web):
+    signed_in(web, app)
+    assert create_key(web).headers["Cache-Control"] == "no-store"
+
+
+def test_revoke_asks_first_then_the_key_gets_401(app, web):
+    signed_in(web, app)
+    secret = re.search(r"kp_live_[A-Za-z0-9_-]{43}", create_key(web).get_data(as_text=True)).group(0)
+    listing = web.get("/keys").get_data(as_text=True)
+    revoke_url = re.search(r'href="(/keys/\d+/revoke)"', listing).group(1)
+    assert "cannot be undone" in web.get(revoke_url).get_data(as_text=True)
+    assert web.post(revoke_url).headers["Location"] == "/keys"
+    assert "revoked" in web.get("/keys").get_data(as_text=True)
+    response = app.test_client().get("/v1/balance", headers={"Authorization": f"Bearer {secret}"})
+    assert response.status_code == 401
+
+
+def test_another_users_key_is_404_and_untouched(app, web):
+    other = factories.customer(app, balance=10)
+    signed_in(web, app)
+    web.get("/keys")
+    assert web.get(f"/keys/{other.key_id}/revoke").status_code == 404
+    assert web.post(f"/keys/{other.key_id}/revoke").status_code == 404
+    assert app.test_client().get("/v1/balance", headers=other.headers).status_code == 200
+
+
+# Balance, ledger, usage
+
+
+def add_usage(app, user_id, count):
+    with app.app_context():
+        user = db.session.get(User, user_id)
+        key = user.keys[0]
+        for index in range(count):
+            speech = billing.charge_speech(user, key, characters=3, model="kokoro", voice="af_sky",
+                                           response_format="mp3")
+            if index % 2:
+                billing.refund_speech(speech.id, "upstream down")
+            else:
+                billing.mark_delivered(speech.id, bytes_sent=100)
+        db.session.commit()
+
+
+def test_home_shows_balance_ledger_and_usage_of_this_user_only(app, web):
+    other = factories.customer(app, balance=777)
+    add_usage(app, other.user_id, 1)
+    user_id = signed_in(web, app, balance=100)
+    create_key(web)
+    add_usage(app, user_id, 2)
+    page = web.get("/").get_data(as_text=True)
+    assert "97 <small>credits</small>" in page  # one delivered, one refunded
+    assert "welcome" in page and "refund" in page and "debit" in page
+    assert page.count("af_sky") == 2 and "777" not in page
+
+
+def test_unlimited_accounts_see_unlimited(app, web):
+    user_id = signed_in(web, app)
+    with app.app_context():
+        db.session.get(User, user_id).unlimited = True
+        db.session.commit()
+    assert "Unlimited" in web.get("/").get_data(as_text=True)
+
+
+def test_usage_is_paginated_and_downloadable_as_csv(app, web):
+    other = factories.customer(app, balance=100)
+    add_usage(app, other.user_id, 3)
+    user_id = signed_in(web, app, balance=1000)
+    create_key(web)
+    add_usage(app, user_id, 25)
+    first = web.get("/usage").get_data(as_text=True)
+    assert "Page 1 of 2" in first and first.count("<tr>") == 21
+    assert web.get("/usage?page=2").get_data(as_text=True).count("<tr>") == 6
+    response = web.get("/usage.csv")
+    assert response.mimetype == "text/csv" and "attachment" in response.headers["Content-Disposition"]
+    rows = list(csv.DictReader(io.StringIO(response.get_data(as_text=True))))
+    assert len(rows) == 25
+    assert {row["state"] for row in rows} == {"delivered", "refunded"}
+    assert all(row["characters"] == "3" and row["key"].startswith("kp_live_") for row in rows)
+    ledger = web.get("/ledger").get_data(as_text=True)
+    assert "Page 1 of 2" in ledger  # a grant, 25 debits, 12 refunds
+
+
+def test_the_docs_show_this_servers_base_url(client):
+    page = client.get("/docs", base_url="https://tts.example.com").get_data(as_text=True)
+    assert "curl https://tts.example.com/v1/audio/speech" in page
+    assert 'OpenAI(base_url="https://tts.example.com/v1"' in page
+    assert "402" in page and "Insufficient credits" in page and "/v1/audio/voices" in page
+
+
+def test_dashboard_errors_are_html_pages(client):
+    response = client.get("/no-such-page")
+    assert response.status_code == 404 and response.mimetype == "text/html"
