@@ -1,0 +1,272 @@
+"""Top-ups: the Checkout Session we ask Stripe for, and webhook events credited exactly once."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import responses
+from sqlalchemy import select
+
+from app.extensions import db
+from app.models import Payment, StripeEvent
+from tests import factories
+from tests.conftest import STRIPE_CHECKOUT
+from tests.stripe_helpers import charge, checkout_session, deliver, dispute, event, sign, stub_checkout
+
+
+@pytest.fixture
+def stripe_api():
+    with responses.RequestsMock() as mock:
+        yield mock
+
+
+@pytest.fixture
+def buyer(app, web):
+    """A signed-in customer with 100 credits; returns their user id."""
+    web.signup("buyer@example.com")
+    with app.app_context():
+        from app import billing
+        from app.models import User
+
+        user = db.session.scalar(select(User).where(User.email == "buyer@example.com"))
+        billing.grant(user, 100, "trial")
+        db.session.commit()
+        return user.id
+
+
+def buy(web, stripe_api, pack="starter", session_id="cs_test_1"):
+    sent = stub_checkout(stripe_api, session_id)
+    web.get("/billing")
+    return web.post("/billing/checkout", {"pack": pack}), sent
+
+
+def payment(app, session_id="cs_test_1"):
+    with app.app_context():
+        row = db.session.scalar(select(Payment).where(Payment.checkout_session_id == session_id))
+        db.session.expunge_all()
+        return row
+
+
+# Checkout
+
+
+def test_buying_a_pack_creates_a_checkout_session_and_redirects_to_stripe(app, web, buyer, stripe_api):
+    response, sent = buy(web, stripe_api)
+    assert response.status_code == 303
+    assert response.headers["Location"] == f"{STRIPE_CHECKOUT}/c/pay/cs_test_1"
+    [params] = sent
+    assert params["mode"] == "payment"
+    assert params["client_reference_id"] == str(buyer)
+    assert params["metadata[credits]"] == "10000" and params["metadata[pack]"] == "starter"
+    assert params["line_items[0][price_data][unit_amount]"] == "500"
+    assert params["line_items[0][price_data][currency]"] == "usd"
+    assert params["line_items[0][quantity]"] == "1"
+    assert params["success_url"] == "http://localhost/billing/success?session_id={CHECKOUT_SESSION_ID}"
+    assert params["cancel_url"] == "http://localhost/billing"
+    assert stripe_api.calls[0].request.headers["Authorization"] == "Bearer sk_test_kokoro"
+    row = payment(app)
+    assert (row.user_id, row.credits, row.amount_cents, row.status) == (buyer, 10000, 500, "open")
+    assert factories.balance(app, buyer) == 100
+
+
+def test_an_unknown_pack_asks_stripe_nothing(app, web, buyer, stripe_api):
+    web.get("/billing")
+    response = web.post("/billing/checkout", {"pack": "free-money"}, follow_redirects=True)
+    assert "Choose one of the credit packs." in response.get_data(as_text=True)
+    assert len(stripe_api.calls) == 0
+
+
+def test_stripe_down_means_a_clear_message_and_no_payment(app, web, buyer, stripe_api):
+    stub_checkout(stripe_api, status=500)
+    web.get("/billing")
+    response = web.post("/billing/checkout", {"pack": "starter"}, follow_redirects=True)
+    assert "Stripe could not start the payment" in response.get_data(as_text=True)
+    assert payment(app) is None
+
+
+def test_buying_needs_the_csrf_token(app, web, buyer, stripe_api):
+    web.get("/billing")
+    assert web.post("/billing/checkout", {"pack": "starter"}, csrf=False).status_code == 400
+    assert len(stripe_api.calls) == 0
+
+
+def test_without_stripe_keys_the_packs_are_shown_but_disabled(make_app):
+    web = factories.WebClient(make_app(STRIPE_SECRET_KEY=None).test_client())
+    web.signup()
+    page = web.get("/billing").get_data(as_text=True)
+    assert "Payments are not configured" in page and "disabled" in page
+
+
+# Webhook: credit exactly once
+
+
+def test_a_paid_session_credits_the_recorded_pack_once(app, web, buyer, stripe_api, client):
+    buy(web, stripe_api)
+    # The event claims more credits in its metadata; only the recorded pack counts.
+    payload = event("checkout.session.completed",
+                    checkout_session(buyer, metadata={"credits": "99999999"}), "evt_paid")
+    assert deliver(client, payload).status_code == 200
+    assert factories.balance(app, buyer) == 10100
+    assert factories.ledger(app, buyer)[-1] == ("topup", 10000, 10100)
+    assert payment(app).status == "paid" and payment(app).payment_intent_id == "pi_1"
+    # Stripe retries, and sends the async success for the same session too.
+    assert deliver(client, payload).status_code == 200
+    assert deliver(client, event("checkout.session.async_payment_succeeded", checkout_session(buyer))).status_code == 200
+    assert factories.balance(app, buyer) == 10100
+    factories.assert_books_balance(app, buyer)
+    page = web.get("/billing/success?session_id=cs_test_1").get_data(as_text=True)
+    assert "Payment received" in page and "10,100" in page
+
+
+def test_the_success_page_never_credits_and_waits_for_the_webhook(app, web, buyer, stripe_api):
+    buy(web, stripe_api)
+    page = web.get("/billing/success?session_id=cs_test_1")
+    assert "Confirming your payment" in page.get_data(as_text=True)
+    assert '<meta http-equiv="refresh"' in page.get_data(as_text=True)
+    assert factories.balance(app, buyer) == 100
+    assert web.get("/billing/success?session_id=cs_someone_else").status_code == 404
+
+
+def test_concurrent_duplicate_deliveries_credit_once(app, web, buyer, stripe_api):
+    buy(web, stripe_api)
+    payload = event("checkout.session.completed", checkout_session(buyer), "evt_dup")
+    barrier = threading.Barrier(8, timeout=30)
+
+    def post(_):
+        client = app.test_client()
+        barrier.wait()
+        return deliver(client, payload).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(post, range(8)))
+    assert statuses == [200] * 8
+    assert factories.balance(app, buyer) == 10100
+    assert [kind for kind, _, _ in factories.ledger(app, buyer)].count("topup") == 1
+    factories.assert_books_balance(app, buyer)
+
+
+@pytest.mark.parametrize("signature", [
+    "",
+    "t=1,v1=deadbeef",
+    sign(b"{}"),  # signs another payload
+    sign(b"", secret="whsec_wrong"),
+])
+def test_a_bad_or_missing_signature_is_400_and_changes_nothing(app, web, buyer, stripe_api, client, signature):
+    buy(web, stripe_api)
+    payload = event("checkout.session.completed", checkout_session(buyer))
+    if signature == sign(b"", secret="whsec_wrong"):
+        signature = sign(payload, secret="whsec_wrong")
+    response = deliver(client, payload, signature)
+    assert response.status_code == 400 and response.get_json() == {"detail": "Invalid payload or signature."}
+    assert factories.balance(app, buyer) == 100
+    with app.app_context():
+        assert db.session.scalars(select(StripeEvent)).all() == []
+
+
+def test_a_stale_timestamp_is_refused(app, web, buyer, stripe_api, client):
+    buy(web, stripe_api)
+    payload = event("checkout.session.completed", checkout_session(buyer))
+    response = deliver(client, payload, sign(payload, timestamp=int(time.time()) - 600))
+    assert response.status_code == 400
+    assert factories.balance(app, buyer) == 100
+
+
+def test_garbage_is_400(client):
+    assert deliver(client, b"not json").status_code == 400
+
+
+def test_an_unpaid_session_credits_nothing_until_the_async_payment_succeeds(app, web, buyer, stripe_api, client):
+    buy(web, stripe_api)
+    deliver(client, event("checkout.session.completed", checkout_session(buyer, payment_status="unpaid")))
+    assert factories.balance(app, buyer) == 100 and payment(app).status == "pending"
+    deliver(client, event("checkout.session.async_payment_succeeded", checkout_session(buyer)))
+    assert factories.balance(app, buyer) == 10100 and payment(app).status == "paid"
+
+
+def test_a_failed_async_payment_is_recorded_and_credits_nothing(app, web, buyer, stripe_api, client):
+    buy(web, stripe_api)
+    deliver(client, event("checkout.session.completed", checkout_session(buyer, payment_status="unpaid")))
+    deliver(client, event("checkout.session.async_payment_failed", checkout_session(buyer, payment_status="unpaid")))
+    assert factories.balance(app, buyer) == 100 and payment(app).status == "failed"
+    assert "Payment failed" in web.get("/billing/success?session_id=cs_test_1").get_data(as_text=True)
+
+
+def test_a_session_of_another_user_or_unknown_credits_nothing(app, web, buyer, stripe_api, client):
+    buy(web, stripe_api)
+    other = factories.customer(app, balance=0)
+    assert deliver(client, event("checkout.session.completed", checkout_session(other.user_id))).status_code == 200
+    assert deliver(client, event("checkout.session.completed",
+                                 checkout_session(buyer, session_id="cs_unknown"))).status_code == 200
+    assert factories.balance(app, buyer) == 100 and factories.balance(app, other.user_id) == 0
+
+
+def test_unknown_event_types_are_acknowledged_and_ignored(app, client):
+    response = deliver(client, event("customer.created", {"id": "cus_1", "object": "customer"}))
+    assert response.status_code == 200 and response.get_json()["outcome"] == "ignored"
+
+
+def test_without_a_webhook_secret_nothing_is_credited(make_app):
+    client = make_app(STRIPE_WEBHOOK_SECRET=None).test_client()
+    assert deliver(client, event("checkout.session.completed", checkout_session(1))).status_code == 503
+
+
+# Refunds and disputes take credits back
+
+
+def paid(app, web, buyer, stripe_api, client):
+    buy(web, stripe_api)
+    deliver(client, event("checkout.session.completed", checkout_session(buyer)))
+    assert factories.balance(app, buyer) == 10100
+
+
+def test_a_full_refund_takes_the_credits_back_once(app, web, buyer, stripe_api, client):
+    paid(app, web, buyer, stripe_api, client)
+    payload = event("charge.refunded", charge(amount_refunded=500))
+    deliver(client, payload)
+    deliver(client, payload)
+    deliver(client, event("charge.refunded", charge(amount_refunded=500)))
+    assert factories.balance(app, buyer) == 100
+    assert factories.ledger(app, buyer)[-1] == ("payment_refund", -10000, 100)
+    assert payment(app).status == "refunded"
+    factories.assert_books_balance(app, buyer)
+
+
+def test_partial_refunds_take_back_their_share(app, web, buyer, stripe_api, client):
+    paid(app, web, buyer, stripe_api, client)
+    deliver(client, event("charge.refunded", charge(amount_refunded=125)))
+    assert factories.balance(app, buyer) == 10100 - 2500
+    deliver(client, event("charge.refunded", charge(amount_refunded=500)))
+    assert factories.balance(app, buyer) == 100
+    factories.assert_books_balance(app, buyer)
+
+
+def test_a_refund_after_the_credits_were_spent_stops_at_zero_and_says_so(app, web, buyer, stripe_api, client):
+    paid(app, web, buyer, stripe_api, client)
+    with app.app_context():
+        from app import billing
+        from app.models import User
+
+        billing.deduct(db.session.get(User, buyer), 6100, "spent")
+        db.session.commit()
+    deliver(client, event("charge.refunded", charge(amount_refunded=500)))
+    assert factories.balance(app, buyer) == 0
+    assert factories.ledger(app, buyer)[-1] == ("payment_refund", -4000, 0)
+    assert payment(app).credits_reversed == 10000
+    factories.assert_books_balance(app, buyer)
+
+
+def test_a_lost_dispute_is_a_chargeback_and_a_won_one_changes_nothing(app, web, buyer, stripe_api, client):
+    paid(app, web, buyer, stripe_api, client)
+    deliver(client, event("charge.dispute.closed", dispute(status="won")))
+    assert factories.balance(app, buyer) == 10100
+    deliver(client, event("charge.dispute.closed", dispute(status="lost")))
+    assert factories.balance(app, buyer) == 100
+    assert factories.ledger(app, buyer)[-1][0] == "chargeback"
+    assert payment(app).status == "disputed"
+
+
+def test_a_refund_for_an_unknown_charge_changes_nothing(app, web, buyer, stripe_api, client):
+    paid(app, web, buyer, stripe_api, client)
+    deliver(client, event("charge.refunded", charge(payment_intent="pi_other")))
+    assert factories.balance(app, buyer) == 10100
