@@ -1,0 +1,146 @@
+"""End to end in a real headless Chromium (Debian's), driven by Playwright.
+
+Sign up, create a key and read it off the page, call the API with it, buy a pack
+(the redirect to Stripe is intercepted), deliver the signed webhook, see the
+new balance, revoke the key. Screenshots of each page go to test-artifacts/.
+"""
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import responses
+from playwright.sync_api import expect, sync_playwright
+
+from tests.conftest import STRIPE_CHECKOUT
+from tests.servers import serve
+from tests.stripe_helpers import checkout_session, deliver, event, stub_checkout
+
+CHROMIUM = "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def browser():
+    if not shutil.which(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (see .ci/run)")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def site(app):
+    with serve(app) as url:
+        yield url
+
+
+def shot(page, name, database_uri):
+    backend = database_uri.split(":", 1)[0].split("+")[0]
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=ARTIFACTS / f"{backend}-{name}.png", full_page=True)
+
+
+def api_call(page, path, secret):
+    """The reference's JavaScript `fetch`, run in the page."""
+    return page.evaluate(
+        """async ([path, key]) => {
+            const res = await fetch(path, {headers: {"Authorization": "Bearer " + key}});
+            return {status: res.status, body: await res.json()};
+        }""",
+        [path, secret],
+    )
+
+
+def test_a_customer_signs_up_creates_a_key_buys_credits_and_revokes(app, site, browser, database_uri):
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    errors = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+
+    page.goto(f"{site}/signup")
+    shot(page, "1-signup", database_uri)
+    page.fill("#email", "browser@example.com")
+    page.fill("#password", "correct horse battery")
+    page.fill("#confirm", "correct horse battery")
+    page.click("button[type=submit]")
+    page.wait_for_url(f"{site}/keys")
+
+    page.fill("#name", "e2e laptop")
+    page.click("text=Create key")
+    page.wait_for_url(f"{site}/keys/created")
+    secret = page.inner_text("#new-key").strip()
+    assert re.fullmatch(r"kp_live_[A-Za-z0-9_-]{43}", secret)
+    page.click("[data-copy]")
+    expect(page.locator("[data-copy]")).to_have_text(re.compile("Copied|Selected: press Ctrl\\+C"))
+    shot(page, "2-key-created", database_uri)
+
+    assert api_call(page, "/v1/balance", secret) == {"status": 200, "body": {"balance": 0, "unlimited": False}}
+
+    # Reloading does not show the key again.
+    page.reload()
+    assert secret not in page.content() and "shown only once" in page.content()
+    shot(page, "3-keys", database_uri)
+
+    page.goto(f"{site}/billing")
+    shot(page, "4-billing", database_uri)
+    checkout_pages = []
+    page.route(f"{STRIPE_CHECKOUT}/**", lambda route: (checkout_pages.append(route.request.url), route.fulfill(
+        status=200, content_type="text/html", body="<h1>Stripe Checkout (stand-in)</h1>")))
+    with responses.RequestsMock() as stripe_api:
+        stub_checkout(stripe_api, "cs_test_browser")
+        page.click("text=Buy starter")
+        page.wait_for_url(f"{STRIPE_CHECKOUT}/c/pay/cs_test_browser")
+    assert checkout_pages == [f"{STRIPE_CHECKOUT}/c/pay/cs_test_browser"]
+
+    # Back from Stripe before the webhook: the success page waits.
+    page.goto(f"{site}/billing/success?session_id=cs_test_browser")
+    assert page.get_attribute("#payment-state", "data-state") == "pending"
+    shot(page, "5-confirming", database_uri)
+
+    user_id = _user_id(app, "browser@example.com")
+    payload = event("checkout.session.completed", checkout_session(user_id, session_id="cs_test_browser"))
+    assert deliver(app.test_client(), payload).status_code == 200
+
+    # The page refreshes by itself and shows the credited balance.
+    page.wait_for_selector("#payment-state[data-state=credited]", timeout=10_000)
+    assert "10,000" in page.inner_text("#balance")
+    shot(page, "6-credited", database_uri)
+    assert api_call(page, "/v1/balance", secret)["body"] == {"balance": 10000, "unlimited": False}
+
+    page.goto(f"{site}/")
+    assert "10,000" in page.inner_text("#balance") and "topup" in page.content()
+    shot(page, "7-overview", database_uri)
+
+    page.goto(f"{site}/keys")
+    page.click("text=Revoke")
+    page.click("button:has-text('Revoke key')")
+    page.wait_for_url(f"{site}/keys")
+    assert "revoked" in page.inner_text("#keys")
+    assert api_call(page, "/v1/balance", secret)["status"] == 401
+
+    page.goto(f"{site}/docs")
+    assert f"curl {site}/v1/audio/speech" in page.inner_text("#curl-example")
+    shot(page, "8-docs", database_uri)
+
+    # Small screens get the same pages, laid out for them.
+    page.set_viewport_size({"width": 390, "height": 800})
+    page.goto(f"{site}/")
+    shot(page, "9-overview-mobile", database_uri)
+    # The only failed load is the deliberate call with the revoked key.
+    assert [error for error in errors if "401" not in error] == []
+    context.close()
+
+
+def _user_id(app, email):
+    from app import accounts
+
+    with app.app_context():
+        return accounts.find_by_email(email).id
