@@ -4,17 +4,18 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 export FLASK_APP := wsgi.py
 
-.PHONY: run test migrate
+.PHONY: run test
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.runtime: requirements.txt | $(BIN)/activate
-	$(BIN)/pip install -q -r requirements.txt
+# The gateway's packages and the embedded engine's (run as a process of its own).
+$(VENV)/.runtime: requirements.txt engine/requirements.txt | $(BIN)/activate
+	$(BIN)/pip install -q -r requirements.txt -r engine/requirements.txt
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/activate
+$(VENV)/.dev: requirements.txt requirements-dev.txt engine/requirements.txt | $(BIN)/activate
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
@@ -22,11 +23,8 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/activate
 .env:
 	sed "s/^SECRET_KEY=.*/SECRET_KEY=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(32))')/" .env.example > $@
 
-migrate: $(VENV)/.runtime .env
-	$(BIN)/flask db upgrade
-
-run: migrate
-	$(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
+run: $(VENV)/.runtime .env
+	bin/run
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest

@@ -184,9 +184,9 @@ def _relay(audio: SpeechStream, request_id: str, started: float):
             first_byte_ms=first_byte_ms, duration_ms=_ms_since(started))
 
 
-def _catalog(path: str):
+def _catalog(path: str, params: dict | None = None):
     try:
-        return jsonify(current_app.extensions["upstream"].catalog(path))
+        return jsonify(current_app.extensions["upstream"].catalog(path, params))
     except UpstreamError as failure:
         return api_error(502, failure.detail)
 
@@ -198,7 +198,9 @@ def models():
 
 @bp.get("/audio/voices")
 def voices():
-    return _catalog("audio/voices")
+    # Kokoro-FastAPI lists voices as objects, or as plain ids with ?legacy=true.
+    legacy = request.args.get("legacy", "").lower() == "true"
+    return _catalog("audio/voices", {"legacy": "true"} if legacy else None)
 
 
 @bp.get("/balance")

@@ -46,7 +46,7 @@ def from_environment() -> dict:
         "SECRET_KEY": os.environ.get("SECRET_KEY") or None,
         "SQLALCHEMY_DATABASE_URI": database_url(os.environ.get("DATABASE_URL")),
         "SQLALCHEMY_POOL_SIZE": _int("DATABASE_POOL_SIZE", 10),
-        "UPSTREAM_URL": os.environ.get("UPSTREAM_URL", "http://127.0.0.1:8880/v1").rstrip("/"),
+        "UPSTREAM_URL": (os.environ.get("UPSTREAM_URL") or "http://127.0.0.1:8880/v1").rstrip("/"),
         "UPSTREAM_API_KEY": os.environ.get("UPSTREAM_API_KEY") or None,
         "UPSTREAM_CONNECT_TIMEOUT": _float("UPSTREAM_CONNECT_TIMEOUT", 3.05),
         "UPSTREAM_READ_TIMEOUT": _float("UPSTREAM_READ_TIMEOUT", 60.0),
@@ -60,7 +60,7 @@ def from_environment() -> dict:
         "STRIPE_SECRET_KEY": os.environ.get("STRIPE_SECRET_KEY") or None,
         "STRIPE_WEBHOOK_SECRET": os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
         "STRIPE_API_BASE": os.environ.get("STRIPE_API_BASE") or None,
-        "STRIPE_CHECKOUT_ORIGIN": os.environ.get("STRIPE_CHECKOUT_ORIGIN", "https://checkout.stripe.com"),
-        "STRIPE_CURRENCY": os.environ.get("STRIPE_CURRENCY", "usd").lower(),
+        "STRIPE_CHECKOUT_ORIGIN": os.environ.get("STRIPE_CHECKOUT_ORIGIN") or "https://checkout.stripe.com",
+        "STRIPE_CURRENCY": (os.environ.get("STRIPE_CURRENCY") or "usd").lower(),
         "CREDIT_PACKS": os.environ.get("CREDIT_PACKS") or DEFAULT_PACKS,
     }

@@ -69,7 +69,7 @@ class Upstream:
         self.session.mount("https://", adapter)
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
-        self._catalog: dict[str, tuple[float, object]] = {}
+        self._catalog: dict[tuple, tuple[float, object]] = {}
         self._catalog_lock = threading.Lock()
 
     @classmethod
@@ -117,17 +117,18 @@ class Upstream:
             raise
         return SpeechStream(response, first_chunk, chunks)
 
-    def catalog(self, path: str):
+    def catalog(self, path: str, params: dict | None = None):
         """GET a small JSON document (`models`, `audio/voices`), cached for `catalog_ttl` seconds."""
-        cached = self._catalog.get(path)
+        key = (path, tuple(sorted((params or {}).items())))
+        cached = self._catalog.get(key)
         if cached and time.monotonic() - cached[0] < self.catalog_ttl:
             return cached[1]
         with self._catalog_lock:
-            cached = self._catalog.get(path)
+            cached = self._catalog.get(key)
             if cached and time.monotonic() - cached[0] < self.catalog_ttl:
                 return cached[1]
             try:
-                with self.session.get(f"{self.base_url}/{path}", timeout=self.timeout) as response:
+                with self.session.get(f"{self.base_url}/{path}", params=params, timeout=self.timeout) as response:
                     if response.status_code != 200:
                         raise UpstreamError(f"Upstream error: {_error_detail(response)}", response.status_code)
                     document = response.json()
@@ -135,5 +136,5 @@ class Upstream:
                 raise UpstreamError("Upstream error: the speech server answered with invalid JSON.") from None
             except requests.RequestException:
                 raise UpstreamError("The speech server could not be reached.") from None
-            self._catalog[path] = (time.monotonic(), document)
+            self._catalog[key] = (time.monotonic(), document)
             return document

@@ -306,6 +306,15 @@ def test_voices_are_relayed_and_refetched_after_the_ttl(make_app, customer, upst
     assert len(upstream.calls) == 2
 
 
+def test_legacy_voices_are_asked_for_and_cached_apart(client, customer, upstream):
+    upstream.get(f"{STUB_UPSTREAM}/audio/voices", json={"voices": [{"id": "af_sky", "name": "af_sky"}]},
+                 match=[matchers.query_string_matcher("")])
+    upstream.get(f"{STUB_UPSTREAM}/audio/voices", json={"voices": ["af_sky"]},
+                 match=[matchers.query_string_matcher("legacy=true")])
+    assert client.get("/v1/audio/voices?legacy=true", headers=customer.headers).get_json() == {"voices": ["af_sky"]}
+    assert client.get("/v1/audio/voices", headers=customer.headers).get_json()["voices"][0]["id"] == "af_sky"
+
+
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/audio/voices"])
 def test_catalogs_are_502_when_the_upstream_is_down(client, customer, upstream, path):
     upstream.get(f"{STUB_UPSTREAM}/{path[4:]}", body=requests.ConnectionError("refused"))

@@ -1,0 +1,155 @@
+"""A Kokoro TTS server with Kokoro-FastAPI's OpenAI-style routes, on the CPU.
+
+Run as its own process (`gunicorn 'engine.server:create_app()'`), never inside the
+gateway's workers: the model takes about half a gigabyte.
+"""
+
+import logging
+import re
+import threading
+
+import numpy as np
+from flask import Flask, Response, jsonify, request, stream_with_context
+from werkzeug.exceptions import HTTPException
+
+from engine import assets
+from engine.audio import CONTENT_TYPES, Encoder
+
+log = logging.getLogger(__name__)
+
+MODELS = ["tts-1", "tts-1-hd", "kokoro", "gpt-4o-mini-tts"]
+CREATED = 1686935002
+FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm"]
+# The first letter of a voice id names its language (Kokoro's lang_code), here as espeak-ng codes.
+LANGUAGES = {"a": "en-us", "b": "en-gb", "e": "es", "f": "fr-fr", "h": "hi", "i": "it", "j": "ja",
+             "p": "pt-br", "z": "cmn"}
+# Sentences end at . ! ? (and their CJK forms) followed by space or the end.
+SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
+MAX_SENTENCE = 400
+
+
+class Synthesizer:
+    """The loaded model and voices; one at a time per process, behind a lock."""
+
+    def __init__(self, model_path: str, voices_path: str):
+        from kokoro_onnx import Kokoro
+
+        self._kokoro = Kokoro(model_path, voices_path)
+        self.voices = sorted(self._kokoro.get_voices())
+        self._lock = threading.Lock()
+
+    def style(self, voice: str) -> np.ndarray:
+        """A voice id, or several joined by '+' (averaged), as a style array."""
+        parts = [part.strip() for part in voice.split("+")]
+        missing = [part for part in parts if part not in self.voices]
+        if not parts or missing:
+            raise ValueError(f"Voice '{missing[0] if missing else voice}' not found. "
+                             f"Available voices: {', '.join(self.voices)}")
+        return np.mean([self._kokoro.get_voice_style(part) for part in parts], axis=0)
+
+    def sentence(self, text: str, style: np.ndarray, speed: float, lang: str) -> np.ndarray:
+        with self._lock:
+            samples, _ = self._kokoro.create(text, style, speed=speed, lang=lang)
+        return samples
+
+
+def sentences(text: str) -> list[str]:
+    """Split text where it can be spoken in pieces; overly long runs are cut at spaces."""
+    pieces = []
+    for sentence in SENTENCE_END.split(text.strip()):
+        while len(sentence) > MAX_SENTENCE:
+            cut = sentence.rfind(" ", 0, MAX_SENTENCE)
+            cut = cut if cut > 0 else MAX_SENTENCE
+            pieces.append(sentence[:cut])
+            sentence = sentence[cut:].strip()
+        if sentence.strip():
+            pieces.append(sentence)
+    return pieces
+
+
+def _error(status: int, message: str, error: str = "validation_error", kind: str = "invalid_request_error"):
+    return jsonify(detail={"error": error, "message": message, "type": kind}), status
+
+
+def _field_error(field: str, message: str, value):
+    """FastAPI's 422 body for a request field that fails validation."""
+    return jsonify(detail=[{"type": "value_error", "loc": ["body", field], "msg": message, "input": value}]), 422
+
+
+def create_app(synthesizer: Synthesizer | None = None) -> Flask:
+    app = Flask(__name__)
+    if synthesizer is None:
+        model_path, voices_path = assets.ensure()
+        synthesizer = Synthesizer(str(model_path), str(voices_path))
+    app.extensions["synthesizer"] = synthesizer
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        return jsonify(detail=error.description), error.code
+
+    @app.get("/v1/models")
+    def models():
+        return jsonify(object="list", data=[{"id": model, "object": "model", "created": CREATED,
+                                             "owned_by": "kokoro"} for model in MODELS])
+
+    @app.get("/v1/audio/voices")
+    def voices():
+        if request.args.get("legacy", "").lower() == "true":
+            return jsonify(voices=synthesizer.voices)
+        return jsonify(voices=[{"id": voice, "name": voice} for voice in synthesizer.voices])
+
+    @app.get("/health")
+    def health():
+        return jsonify(status="healthy")
+
+    @app.post("/v1/audio/speech")
+    def speech():
+        body = request.get_json(force=True, silent=True)
+        if not isinstance(body, dict):
+            return _field_error("body", "Input should be a valid JSON object", None)
+        text, model = body.get("input"), body.get("model", "kokoro")
+        voice, response_format = body.get("voice", "af_heart"), body.get("response_format", "mp3")
+        speed = body.get("speed", 1.0)
+        if not isinstance(text, str):
+            return _field_error("input", "Field required" if text is None else "Input should be a valid string", text)
+        if response_format not in FORMATS:
+            return _field_error("response_format", "Input should be 'mp3', 'opus', 'aac', 'flac', 'wav' or 'pcm'",
+                                response_format)
+        if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0.25 <= speed <= 4.0:
+            return _field_error("speed", "Input should be a number from 0.25 to 4.0", speed)
+        if model not in MODELS:
+            return _error(400, f"Unsupported model: {model}", error="invalid_model")
+        if not isinstance(voice, str):
+            return _field_error("voice", "Input should be a valid string", voice)
+        if response_format not in CONTENT_TYPES:
+            return _error(400, f"Format '{response_format}' is not supported by this engine; "
+                               f"use one of {', '.join(CONTENT_TYPES)}")
+        pieces = sentences(text)
+        if not pieces:
+            return _field_error("input", "Input text is empty", text)
+        try:
+            style = synthesizer.style(voice)
+        except ValueError as error:
+            return _error(400, str(error))
+        lang = LANGUAGES.get(body.get("lang_code") or voice[:1], "en-us")
+        volume = body.get("volume_multiplier") or 1.0
+
+        def stream():
+            encoder = Encoder(response_format)
+            for piece in pieces:
+                samples = synthesizer.sentence(piece, style, float(speed), lang)
+                chunk = encoder.feed(samples * volume if volume != 1.0 else samples)
+                if chunk:
+                    yield chunk
+            tail = encoder.close()
+            if tail:
+                yield tail
+
+        return Response(stream_with_context(stream()), content_type=CONTENT_TYPES[response_format], headers={
+            "Content-Disposition": f"attachment; filename=speech.{response_format}",
+            "X-Accel-Buffering": "no",
+            "Cache-Control": "no-cache",
+        })
+
+    return app
+
