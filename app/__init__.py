@@ -7,10 +7,12 @@ from dotenv import load_dotenv
 from flask import Flask
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as settings
 from app.extensions import csrf, db, login_manager, migrate
 from app.payments import parse_packs
+from app.throttle import Throttle
 from app.upstream import Upstream
 
 
@@ -24,6 +26,10 @@ def create_app(config: dict | None = None) -> Flask:
     app.config.from_mapping(settings.from_environment())
     app.config.update(config)
     check_settings(app)
+    if app.config["TRUSTED_PROXIES"]:
+        # Behind N reverse proxies, take the client's address and scheme from their headers.
+        hops = app.config["TRUSTED_PROXIES"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
     register_extensions(app)
     register_blueprints(app)
     register_errorhandlers(app)
@@ -96,6 +102,7 @@ def register_extensions(app: Flask) -> None:
     app.extensions["upstream"] = Upstream.from_config(app.config)
     app.extensions["credit_packs"] = parse_packs(app.config["CREDIT_PACKS"])
     app.extensions["stripe"] = stripe_client(app.config)
+    app.extensions["throttle"] = Throttle(app.config)
 
 
 def stripe_client(config) -> stripe.StripeClient | None:

@@ -44,6 +44,10 @@ def authenticate():
     g.api_key, g.user = key, user
     if keys.touch(key, current_app.config["KEY_LAST_USED_RESOLUTION"]):
         db.session.commit()
+    retry_after = current_app.extensions["throttle"].api_request(key.id, user.id)
+    if retry_after is not None:
+        return api_error(429, f"Rate limit reached. Retry in {retry_after} seconds.",
+                         {"Retry-After": str(retry_after)})
 
 
 def _is_number(value) -> bool:
@@ -97,6 +101,26 @@ def speech_body(max_chars: int) -> dict:
 @bp.post("/audio/speech")
 def speech():
     body = speech_body(current_app.config["MAX_INPUT_CHARS"])
+    throttle = current_app.extensions["throttle"]
+    user_id = g.user.id
+    if not throttle.acquire_stream(user_id):
+        return api_error(429, f"Too many concurrent speech streams for this account (at most "
+                              f"{throttle.streams_per_account}). Retry when one has finished.", {"Retry-After": "1"})
+    try:
+        response = _speak(body)
+    except BaseException:
+        throttle.release_stream(user_id)
+        raise
+    if response.status_code == 200:
+        # The slot is held until the audio has been sent or the client has gone.
+        response.call_on_close(lambda: throttle.release_stream(user_id))
+    else:
+        throttle.release_stream(user_id)
+    return response
+
+
+def _speak(body: dict):
+    """Charge, open the upstream, and answer with its audio stream or a refunded error."""
     characters = len(body["input"])
     try:
         charge = billing.charge_speech(

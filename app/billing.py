@@ -6,6 +6,7 @@ not at all.
 """
 
 import uuid
+from datetime import timedelta
 from sqlalchemy import insert, select, update
 
 from app.extensions import db
@@ -134,3 +135,16 @@ def refund_speech(request_id: str, reason: str, **details) -> bool:
     if credits:
         apply(user_id, credits, kind=REFUND, reference=f"refund:{request_id}", note=reason)
     return True
+
+
+STALE_REASON = "Never settled: the worker serving it stopped (crash or lost database connection)."
+
+
+def stale_charges(older_than_seconds: int) -> list[str]:
+    """Ids of requests still `charged` after `older_than_seconds`: their worker never settled them."""
+    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    return list(db.session.scalars(
+        select(SpeechRequest.id)
+        .where(SpeechRequest.state == CHARGED, SpeechRequest.created_at < cutoff)
+        .order_by(SpeechRequest.created_at)
+    ))

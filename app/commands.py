@@ -2,17 +2,19 @@
 
 import click
 from flask import Flask
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from app import accounts, billing, keys
+from app.audit import audit
 from app.extensions import db
 from app.models import ApiKey, LedgerEntry, User
 
 users_cli = AppGroup("users", help="Customer accounts.")
 credits_cli = AppGroup("credits", help="Grant or deduct credits (ledgered, with a reason).")
 keys_cli = AppGroup("keys", help="API keys.")
+speech_cli = AppGroup("speech", help="Metered speech requests.")
 
 
 def _user(email: str) -> User:
@@ -134,6 +136,39 @@ def revoke_key(key_id):
     click.echo(f"Revoked key {key_id} ({key.prefix}…).")
 
 
+@speech_cli.command("settle")
+@click.option("--older-than", type=click.IntRange(min=0), default=None,
+              help="Seconds a request may stay charged (default STALE_CHARGE_SECONDS).")
+def settle_speech(older_than):
+    """Refund requests left charged by a worker that died. Safe from cron, and beside live traffic."""
+    from flask import current_app
+
+    age = current_app.config["STALE_CHARGE_SECONDS"] if older_than is None else older_than
+    refunded = 0
+    stale = billing.stale_charges(age)
+    for request_id in stale:
+        # One transaction each; a request settled meanwhile (by its worker or another run) is skipped.
+        if billing.refund_speech(request_id, billing.STALE_REASON):
+            refunded += 1
+        db.session.commit()
+    click.echo(f"{len(stale)} requests charged for over {age} s; refunded {refunded}.")
+
+
+@click.command("audit")
+@with_appcontext
+def audit_books():
+    """Check the books; exit 1 and list the offenders when anything is off."""
+    problems, checked = audit()
+    summary = ", ".join(f"{count} {name}" for name, count in checked.items())
+    if problems:
+        for problem in problems:
+            click.echo(problem, err=True)
+        click.echo(f"AUDIT FAILED: {len(problems)} problems in {summary}.", err=True)
+        raise SystemExit(1)
+    click.echo(f"Audit passed: {summary}.")
+
+
 def register_commands(app: Flask) -> None:
-    for group in (users_cli, credits_cli, keys_cli):
+    for group in (users_cli, credits_cli, keys_cli, speech_cli):
         app.cli.add_command(group)
+    app.cli.add_command(audit_books)

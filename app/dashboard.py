@@ -2,6 +2,7 @@
 
 import csv
 import io
+import math
 from urllib.parse import urlsplit
 
 import stripe
@@ -72,10 +73,19 @@ def login():
         return redirect(safe_next(request.args.get("next")))
     form = LoginForm()
     if form.validate_on_submit():
-        user = accounts.find_by_email(form.email.data)
+        throttle = current_app.extensions["throttle"]
+        email, ip = accounts.normalize_email(form.email.data), request.remote_addr or "unknown"
+        wait = throttle.login_blocked(email, ip)
+        if wait is not None:
+            form.password.errors.append(f"Too many failed sign-ins. Try again in {math.ceil(wait / 60)} minutes.")
+            response = Response(render_template("auth/login.html", form=form), status=429)
+            response.headers["Retry-After"] = str(wait)
+            return response
+        user = accounts.find_by_email(email)
         if user is not None and accounts.check_password(user, form.password.data):
             login_user(user, remember=form.remember.data)
             return redirect(safe_next(request.args.get("next")))
+        throttle.login_failed(email, ip)
         form.password.errors.append("Wrong email or password.")
     return render_template("auth/login.html", form=form)
 

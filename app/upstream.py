@@ -57,9 +57,10 @@ class SpeechStream:
 
 
 class Upstream:
-    def __init__(self, base_url: str, api_key: str | None, connect_timeout: float, read_timeout: float,
+    def __init__(self, base_urls: list[str], api_key: str | None, connect_timeout: float, read_timeout: float,
                  pool_size: int, catalog_ttl: float):
-        self.base_url = base_url
+        # Tried in order: the next one only when a connection to the previous one fails.
+        self.base_urls = base_urls
         self.timeout = (connect_timeout, read_timeout)
         self.catalog_ttl = catalog_ttl
         self.session = requests.Session()
@@ -75,7 +76,7 @@ class Upstream:
     @classmethod
     def from_config(cls, config) -> "Upstream":
         return cls(
-            config["UPSTREAM_URL"],
+            [url.strip().rstrip("/") for url in config["UPSTREAM_URL"].split(",") if url.strip()],
             config["UPSTREAM_API_KEY"],
             config["UPSTREAM_CONNECT_TIMEOUT"],
             config["UPSTREAM_READ_TIMEOUT"],
@@ -83,19 +84,28 @@ class Upstream:
             config["UPSTREAM_CATALOG_TTL"],
         )
 
+    def _send(self, method: str, path: str, **kwargs) -> requests.Response:
+        """The first answer from the upstreams in order; a failed connection moves on to the next."""
+        for base_url in self.base_urls:
+            try:
+                return self.session.request(method, f"{base_url}/{path}", timeout=self.timeout, **kwargs)
+            except requests.ConnectionError as exc:
+                if timed_out(exc) and not isinstance(exc, requests.ConnectTimeout):
+                    raise UpstreamError("The speech server did not answer in time.") from None
+                continue
+            except requests.Timeout:
+                raise UpstreamError("The speech server did not answer in time.") from None
+            except requests.RequestException:
+                raise UpstreamError("The speech server could not be reached.") from None
+        raise UpstreamError("The speech server could not be reached.")
+
     def open_speech(self, payload: dict, chunk_size: int) -> SpeechStream:
         """Start a streamed synthesis and wait for its first audio bytes.
 
         Raises UpstreamError, with the response closed, for everything that goes
         wrong before audio flows: unreachable, timed out, non-2xx, not audio, empty.
         """
-        try:
-            response = self.session.post(f"{self.base_url}/audio/speech", json=payload, stream=True,
-                                         timeout=self.timeout)
-        except requests.Timeout:
-            raise UpstreamError("The speech server did not answer in time.") from None
-        except requests.RequestException:
-            raise UpstreamError("The speech server could not be reached.") from None
+        response = self._send("post", "audio/speech", json=payload, stream=True)
         try:
             if not 200 <= response.status_code < 300:
                 raise UpstreamError(f"Upstream synthesis error: {_error_detail(response)}", response.status_code)
@@ -127,14 +137,14 @@ class Upstream:
             cached = self._catalog.get(key)
             if cached and time.monotonic() - cached[0] < self.catalog_ttl:
                 return cached[1]
-            try:
-                with self.session.get(f"{self.base_url}/{path}", params=params, timeout=self.timeout) as response:
+            with self._send("get", path, params=params) as response:
+                try:
                     if response.status_code != 200:
                         raise UpstreamError(f"Upstream error: {_error_detail(response)}", response.status_code)
                     document = response.json()
-            except ValueError:  # requests' JSONDecodeError is also a RequestException: keep this first.
-                raise UpstreamError("Upstream error: the speech server answered with invalid JSON.") from None
-            except requests.RequestException:
-                raise UpstreamError("The speech server could not be reached.") from None
+                except ValueError:  # requests' JSONDecodeError is also a RequestException: keep this first.
+                    raise UpstreamError("Upstream error: the speech server answered with invalid JSON.") from None
+                except requests.RequestException:
+                    raise UpstreamError("The speech server could not be reached.") from None
             self._catalog[key] = (time.monotonic(), document)
             return document

@@ -1,16 +1,8 @@
 """The real embedded engine for tests: assets prepared once, model loaded once per session."""
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
-import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.servers import gunicorn
 
 
 @pytest.fixture(scope="session")
@@ -28,28 +20,5 @@ def engine_process():
     from engine import assets
 
     assets.ensure()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--workers", "1", "--worker-class", "gthread", "--threads", "4",
-         "--bind", f"127.0.0.1:{port}", "engine.server:create_app()"],
-        cwd=ROOT, env=os.environ.copy(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            raise AssertionError(f"engine exited: {process.stderr.read().decode()[-2000:]}")
-        try:
-            if requests.get(f"{url}/health", timeout=2).ok:
-                break
-        except requests.RequestException:
-            pass  # not listening yet, or still loading the model
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError("engine did not start")
-        time.sleep(0.2)
-    yield f"{url}/v1"
-    process.terminate()
-    process.wait(10)
+    with gunicorn("engine.server:create_app()", {}, workers=1, threads=4, ready_path="/health") as (url, _):
+        yield f"{url}/v1"

@@ -1,14 +1,8 @@
 """Concurrent debits of one balance on PostgreSQL: never below zero, books always balance."""
 
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import requests
@@ -18,9 +12,7 @@ from app.extensions import db
 from app.models import ApiKey, User
 from tests import factories
 from tests.fake_upstream import FakeUpstream
-from tests.servers import serve
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.servers import gunicorn, serve
 pytestmark = pytest.mark.usefixtures("postgres_only")
 
 
@@ -53,29 +45,14 @@ def test_threads_racing_on_one_balance_in_the_billing_module(app):
     factories.assert_books_balance(app, customer.user_id)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_gunicorn_processes_and_threads_racing_through_the_real_api(app, database_uri):
     """Two gunicorn worker processes with eight threads each, eighty requests at once."""
     customer = factories.customer(app, balance=255)
     other_key = factories.add_key(app, customer.user_id)
     text = "0123456789"  # 10 credits: 25 requests are affordable, 5 credits stay
     with serve(FakeUpstream([b"ID3", b"audio"])) as upstream_url:
-        port = _free_port()
-        env = {**os.environ, "DATABASE_URL": database_uri, "UPSTREAM_URL": f"{upstream_url}/v1",
-               "SECRET_KEY": "concurrency-test"}
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--workers", "2", "--worker-class", "gthread", "--threads", "8",
-             "--bind", f"127.0.0.1:{port}", "wsgi:app"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            _wait_until_up(url, server)
+        env = {"DATABASE_URL": database_uri, "UPSTREAM_URL": f"{upstream_url}/v1", "SECRET_KEY": "concurrency-test"}
+        with gunicorn("wsgi:app", env, workers=2, threads=8) as (url, _):
             barrier = threading.Barrier(80, timeout=30)
 
             def speak(index):
@@ -87,9 +64,6 @@ def test_gunicorn_processes_and_threads_racing_through_the_real_api(app, databas
 
             with ThreadPoolExecutor(80) as pool:
                 results = list(pool.map(speak, range(80)))
-        finally:
-            server.terminate()
-            server.wait(10)
     statuses = Counter(status for status, _ in results)
     assert statuses == {200: 25, 402: 55}
     assert all(body == b"ID3audio" for status, body in results if status == 200)
@@ -97,16 +71,3 @@ def test_gunicorn_processes_and_threads_racing_through_the_real_api(app, databas
     factories.assert_books_balance(app, customer.user_id)
     rows = factories.speech_requests(app, customer.user_id)
     assert len(rows) == 25 and all(row.state == "delivered" for row in rows)
-
-
-def _wait_until_up(url, server, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise AssertionError(f"gunicorn exited: {server.stderr.read().decode()[-2000:]}")
-        try:
-            requests.get(f"{url}/v1/balance", timeout=1)
-            return
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    raise AssertionError("gunicorn did not start")
