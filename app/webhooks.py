@@ -20,9 +20,17 @@ def webhook():
         event = stripe.Webhook.construct_event(request.get_data(), request.headers.get("Stripe-Signature", ""), secret)
     except (ValueError, stripe.SignatureVerificationError):
         return jsonify(detail="Invalid payload or signature."), 400
+    except (AttributeError, TypeError):
+        # Correctly signed JSON that is not an event object (null, a list, …).
+        return jsonify(detail="Malformed event."), 400
     try:
         outcome = payments.handle_event(event)
         db.session.commit()
+    except (AttributeError, KeyError, TypeError):
+        # Signed, but not shaped like the event its type names.
+        db.session.rollback()
+        current_app.logger.warning("malformed stripe event %r", getattr(event, "id", None))
+        return jsonify(detail="Malformed event."), 400
     except IntegrityError:
         # The event id (or the session's ledger reference) is taken: a redelivery, already applied.
         db.session.rollback()

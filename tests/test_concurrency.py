@@ -71,3 +71,59 @@ def test_gunicorn_processes_and_threads_racing_through_the_real_api(app, databas
     factories.assert_books_balance(app, customer.user_id)
     rows = factories.speech_requests(app, customer.user_id)
     assert len(rows) == 25 and all(row.state == "delivered" for row in rows)
+
+
+class HalfBroken(FakeUpstream):
+    """Every other speech request fails with a 500 before any audio."""
+
+    def __init__(self):
+        super().__init__([b"ID3", b"audio"])
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if environ["PATH_INFO"] == "/v1/audio/speech":
+            with self._lock:
+                self._count += 1
+                broken = self._count % 2 == 0
+            if broken:
+                environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+                return self._json(start_response, "500 Internal Server Error", {"detail": "injected fault"})
+        return super().__call__(environ, start_response)
+
+
+@pytest.mark.parametrize("upstream_kind", ["healthy", "half-broken"])
+def test_two_hundred_requests_from_many_keys_race_on_one_balance(app, database_uri, runner, upstream_kind):
+    customer = factories.customer(app, balance=1000)
+    secrets = [customer.secret] + [factories.add_key(app, customer.user_id) for _ in range(9)]
+    upstream = FakeUpstream([b"ID3", b"audio"]) if upstream_kind == "healthy" else HalfBroken()
+    text = "0123456789"  # 10 credits each: the balance covers 100 of the 200
+    with serve(upstream) as upstream_url:
+        env = {"DATABASE_URL": database_uri, "UPSTREAM_URL": f"{upstream_url}/v1", "SECRET_KEY": "race-test",
+               "MAX_STREAMS_PER_ACCOUNT": "1000"}
+        with gunicorn("wsgi:app", env, workers=2, threads=32) as (url, _):
+            barrier = threading.Barrier(200, timeout=60)
+
+            def speak(index):
+                barrier.wait()
+                response = requests.post(f"{url}/v1/audio/speech", json={"input": text, "voice": "af_sky"},
+                                         headers={"Authorization": f"Bearer {secrets[index % 10]}"}, timeout=60)
+                return response.status_code
+
+            with ThreadPoolExecutor(200) as pool:
+                statuses = Counter(pool.map(speak, range(200)))
+    rows = factories.speech_requests(app, customer.user_id)
+    states = Counter(row.state for row in rows)
+    balance = factories.balance(app, customer.user_id)
+    print(f"\n{upstream_kind}: 200 requests -> {dict(statuses)}; requests {dict(states)}; "
+          f"faults injected {statuses[502]}; refunds {states['refunded']}; balance {balance}")
+    assert sum(statuses.values()) == 200 and set(statuses) <= {200, 402, 502}
+    assert balance >= 0 and balance == 1000 - 10 * statuses[200]
+    assert states["delivered"] == statuses[200] and states["refunded"] == statuses[502]
+    assert states["charged"] == 0 and statuses[402] == 200 - len(rows)
+    if upstream_kind == "healthy":
+        assert statuses == {200: 100, 402: 100} and balance == 0
+    else:
+        assert statuses[502] > 0
+    factories.assert_books_balance(app, customer.user_id)
+    assert runner.invoke(args=["audit"]).exit_code == 0
