@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 export FLASK_APP := wsgi.py
 
-.PHONY: run test
+.PHONY: run test bench
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(VENV)/.runtime: requirements.txt engine/requirements.txt | $(BIN)/activate
 	$(BIN)/pip install -q -r requirements.txt -r engine/requirements.txt
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt engine/requirements.txt | $(BIN)/activate
+$(VENV)/.dev: requirements.txt requirements-dev.txt engine/requirements.txt bench/requirements.txt | $(BIN)/activate
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
@@ -28,3 +28,7 @@ run: $(VENV)/.runtime .env
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest
+
+# What the gateway adds on top of the upstream; needs PostgreSQL (BENCH_DATABASE_URL).
+bench: $(VENV)/.dev
+	$(BIN)/python -m bench.run

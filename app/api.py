@@ -122,6 +122,13 @@ def speech():
 def _speak(body: dict):
     """Charge, open the upstream, and answer with its audio stream or a refunded error."""
     characters = len(body["input"])
+    upstream = current_app.extensions["upstream"]
+    chunk_size = current_app.config["STREAM_CHUNK_BYTES"]
+    started = time.monotonic()
+    # When the balance read with the key already covers the cost, synthesis starts while the charge
+    # is written. No audio leaves before the charge has committed; if the debit then loses a race,
+    # the upstream stream is closed unread.
+    opening = upstream.open_speech_soon(body, chunk_size) if g.user.unlimited or g.user.balance >= characters else None
     try:
         charge = billing.charge_speech(
             g.user,
@@ -132,19 +139,24 @@ def _speak(body: dict):
             response_format=body.get("response_format", DEFAULT_FORMAT),
         )
         request_id = charge.id
-        # Commit the charge, releasing the database connection, before the upstream is called.
+        # Commit the charge, releasing the database connection, before any audio is relayed.
         db.session.commit()
     except billing.InsufficientCredits as short:
         db.session.rollback()
+        if opening is not None:
+            upstream.discard(opening)
         return api_error(
             402,
             f"Insufficient credits: this request costs {short.cost} credits and your balance is "
             f"{short.balance}. Top up your balance.",
         )
+    except BaseException:
+        if opening is not None:
+            upstream.discard(opening)
+        raise
 
-    started = time.monotonic()
     try:
-        audio = current_app.extensions["upstream"].open_speech(body, current_app.config["STREAM_CHUNK_BYTES"])
+        audio = opening.result() if opening is not None else upstream.open_speech(body, chunk_size)
     except UpstreamError as failure:
         billing.refund_speech(request_id, failure.detail, upstream_status=failure.status,
                               duration_ms=_ms_since(started))

@@ -157,3 +157,26 @@ def test_an_upstream_that_stalls_mid_stream_is_refunded(gateway):
     [speech] = _wait_for_state(app, customer, "refunded")
     assert speech.error == "Upstream stalled mid-stream." and speech.bytes_sent == len(b"ID3first")
     assert factories.balance(app, customer.user_id) == 1000
+
+
+def test_a_debit_that_loses_a_race_closes_the_upstream_stream_it_started(gateway, monkeypatch):
+    from app import billing
+
+    gate = threading.Event()
+    upstream = FakeUpstream([b"ID3first", b"rest"], gate=gate, endless=True)
+    app, url = gateway(upstream)
+    customer = factories.customer(app, balance=1000)
+
+    def raced(*args, **kwargs):
+        # Another request spent the balance between the key lookup and this debit.
+        time.sleep(0.2)
+        raise billing.InsufficientCredits(5, len(HELLO["input"]))
+
+    monkeypatch.setattr(billing, "charge_speech", raced)
+    response = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, timeout=10)
+    assert response.status_code == 402
+    gate.set()
+    assert upstream.received, "the synthesis was started alongside the charge"
+    assert upstream.stream_closed.wait(10), "the upstream stream was left open"
+    assert factories.speech_requests(app, customer.user_id) == []
+    assert factories.balance(app, customer.user_id) == 1000

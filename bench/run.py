@@ -1,0 +1,343 @@
+"""What the gateway costs on top of the upstream: the same requests sent directly to a stand-in
+Kokoro server and through kokoro-pay (gunicorn, production settings, PostgreSQL), alternating.
+
+    python -m bench.run                 # the full run: concurrency 1, 4, 16, 64
+    python -m bench.run --smoke         # a short run (CI)
+
+Prints a table and writes bench/results/bench-<time>.{md,json,png}.
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+# A fixed mix of input lengths, in characters (about 3, 11 and 43 seconds of speech).
+INPUT_LENGTHS = (40, 160, 640)
+SENTENCE = "Kokoro-pay meters speech by the character and streams it as it is made. "
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def gunicorn(args: list[str], env: dict, ready_url: str):
+    process = subprocess.Popen([sys.executable, "-m", "gunicorn", *args], cwd=ROOT, env={**os.environ, **env},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                requests.get(ready_url, timeout=2)
+                break
+            except requests.RequestException:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"gunicorn {args[-1]} did not start") from None
+                time.sleep(0.1)
+        yield process
+    finally:
+        process.terminate()
+        process.wait(15)
+
+
+def prepare_database(url: str) -> str:
+    """An empty, migrated database with one customer; returns the customer's key."""
+    from flask_migrate import upgrade
+    from sqlalchemy import create_engine, make_url, text
+
+    from app import billing, create_app, keys
+    from app.accounts import create_user
+    from app.extensions import db
+
+    server = make_url(url)
+    admin = create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if not conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": server.database}):
+            conn.execute(text(f'CREATE DATABASE "{server.database}"'))
+    admin.dispose()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()
+    app = create_app({"TESTING": True, "SECRET_KEY": "bench", "SQLALCHEMY_DATABASE_URI": url})
+    with app.app_context():
+        upgrade()
+        user = create_user("bench@example.com")
+        db.session.flush()
+        billing.grant(user, 10**15, "benchmark credits")
+        _, secret = keys.create_key(user, "bench")
+        db.session.commit()
+        db.engine.dispose()
+    return secret
+
+
+class MemorySampler:
+    """Peak resident memory of a process and its children (the gunicorn master and workers)."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def current(self) -> int:
+        total = 0
+        pids = [self.pid] + [int(child) for child in
+                             Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()]
+        for pid in pids:
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+            except FileNotFoundError:
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.current())
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self.peak = self.current()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def one_request(session: requests.Session, url: str, headers: dict, body: dict) -> dict:
+    started = time.perf_counter()
+    first = None
+    size = 0
+    with session.post(url, json=body, headers=headers, stream=True, timeout=120) as response:
+        for chunk in response.iter_content(chunk_size=65536):
+            if first is None:
+                first = time.perf_counter()
+            size += len(chunk)
+        status = response.status_code
+    ended = time.perf_counter()
+    return {"status": status, "ttfb": (first or ended) - started, "total": ended - started, "bytes": size}
+
+
+def drive(url: str, headers: dict, concurrency: int, count: int) -> dict:
+    """`count` speech requests, `concurrency` at a time, each thread on its own kept-alive connection."""
+    local = threading.local()
+
+    def work(index: int) -> dict:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        length = INPUT_LENGTHS[index % len(INPUT_LENGTHS)]
+        text = (SENTENCE * (length // len(SENTENCE) + 1))[:length]
+        return one_request(local.session, f"{url}/v1/audio/speech", headers,
+                           {"model": "kokoro", "input": text, "voice": "af_sky"})
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        results = list(pool.map(work, range(count)))
+    wall = time.perf_counter() - started
+    return summarise(results, wall)
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def summarise(results: list[dict], wall: float) -> dict:
+    ttfb = [r["ttfb"] * 1000 for r in results]
+    total = [r["total"] * 1000 for r in results]
+    return {
+        "requests": len(results),
+        "failed": sum(r["status"] != 200 for r in results),
+        "ttfb_p50": percentile(ttfb, 0.50), "ttfb_p95": percentile(ttfb, 0.95), "ttfb_p99": percentile(ttfb, 0.99),
+        "total_p50": percentile(total, 0.50), "total_mean": statistics.fmean(total),
+        "rps": len(results) / wall,
+        "mb": sum(r["bytes"] for r in results) / 1e6,
+    }
+
+
+def balance_rps(url: str, headers: dict, concurrency: int, seconds: float) -> float:
+    deadline = time.perf_counter() + seconds
+    counts = []
+
+    def work(_):
+        session, count = requests.Session(), 0
+        while time.perf_counter() < deadline:
+            if session.get(f"{url}/v1/balance", headers=headers, timeout=10).status_code == 200:
+                count += 1
+        counts.append(count)
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(work, range(concurrency)))
+    return sum(counts) / seconds
+
+
+def large_body(url: str, headers: dict, sampler: MemorySampler, size: int) -> dict:
+    before = sampler.current()
+    with sampler:
+        result = one_request(requests.Session(), f"{url}/v1/audio/speech", headers,
+                             {"model": "kokoro", "input": "A long reading.", "voice": "af_sky",
+                              "standin_bytes": size})
+    return {"bytes": result["bytes"], "status": result["status"], "rss_before_mb": before / 2**20,
+            "rss_peak_mb": sampler.peak / 2**20, "growth_mb": (sampler.peak - before) / 2**20}
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# kokoro-pay gateway benchmark ({report['when']})",
+        "",
+        f"Stand-in upstream: {report['standin']}. App: gunicorn {report['gunicorn']} on PostgreSQL. "
+        f"Requests per level: {report['requests_per_level']}, input lengths {list(INPUT_LENGTHS)} characters.",
+        "",
+        "| concurrency | path | TTFB p50 ms | TTFB p95 ms | TTFB p99 ms | total p50 ms | req/s | failed | app peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for level in report["levels"]:
+        for path in ("direct", "gateway"):
+            row = level[path]
+            rss = f"{level['app_peak_rss_mb']:.0f}" if path == "gateway" else ""
+            lines.append(f"| {level['concurrency']} | {path} | {row['ttfb_p50']:.1f} | {row['ttfb_p95']:.1f} | "
+                         f"{row['ttfb_p99']:.1f} | {row['total_p50']:.1f} | {row['rps']:.1f} | {row['failed']} | {rss} |")
+        ratio = level["ratio"]
+        lines.append(f"| {level['concurrency']} | **gateway/direct** | {ratio['ttfb_p50']:.3f} | "
+                     f"{ratio['ttfb_p95']:.3f} | {ratio['ttfb_p99']:.3f} | {ratio['total_p50']:.3f} | "
+                     f"{ratio['rps']:.3f} | | |")
+        lines.append(f"| {level['concurrency']} | added TTFB p50 | {level['added_ttfb_p50_ms']:+.2f} ms | | | | | | |")
+    big = report["large_body"]
+    lines += [
+        "",
+        f"`GET /v1/balance` alone: **{report['balance_rps']:.0f} req/s** at concurrency {report['balance_concurrency']}.",
+        "",
+        f"Large body: {big['bytes'] / 1e6:.0f} MB streamed through the gateway (status {big['status']}); app RSS "
+        f"{big['rss_before_mb']:.0f} MB before, {big['rss_peak_mb']:.0f} MB at peak "
+        f"(growth {big['growth_mb']:+.1f} MB).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [level["concurrency"] for level in report["levels"]]
+    figure, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, style in (("direct", "o--"), ("gateway", "s-")):
+        latency.plot(levels, [level[name]["ttfb_p50"] for level in report["levels"]], style, label=f"{name} p50")
+        latency.plot(levels, [level[name]["ttfb_p95"] for level in report["levels"]], style, alpha=0.5,
+                     label=f"{name} p95")
+        throughput.plot(levels, [level[name]["rps"] for level in report["levels"]], style, label=name)
+    latency.set(xscale="log", xlabel="concurrent streams", ylabel="time to first audio byte (ms)",
+                title="Latency to first byte")
+    throughput.set(xscale="log", xlabel="concurrent streams", ylabel="requests per second", title="Throughput")
+    for axes in (latency, throughput):
+        axes.set_xticks(levels, [str(level) for level in levels])
+        axes.grid(alpha=0.3)
+        axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--smoke", action="store_true", help="a short run: few requests, two levels")
+    parser.add_argument("--levels", default="1,4,16,64", help="concurrency levels")
+    parser.add_argument("--requests", type=int, default=0, help="requests per level and path (default 8×level, "
+                                                                  "at least 48)")
+    parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL",
+                                                                 "postgresql://postgres@127.0.0.1:5432/kokoro_bench"),
+                        help="a PostgreSQL database the benchmark may empty (created if missing)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=64)
+    parser.add_argument("--large-mb", type=int, default=50)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    levels = [1, 4] if args.smoke else [int(level) for level in args.levels.split(",")]
+    large = 5 if args.smoke else args.large_mb
+
+    from app.config import database_url
+
+    db_url = database_url(args.database_url)
+    secret = prepare_database(db_url)
+    headers = {"Authorization": f"Bearer {secret}"}
+    standin_port, app_port = free_port(), free_port()
+    standin_url, app_url = f"http://127.0.0.1:{standin_port}", f"http://127.0.0.1:{app_port}"
+    standin_env = {"STANDIN_TTFB_MS": "50", "STANDIN_SPEED": "20", "STANDIN_BITRATE_KBPS": "128"}
+    app_env = {
+        "DATABASE_URL": db_url, "UPSTREAM_URL": f"{standin_url}/v1", "SECRET_KEY": "bench",
+        "BIND": f"127.0.0.1:{app_port}", "WEB_CONCURRENCY": str(args.workers), "GUNICORN_THREADS": str(args.threads),
+        "RATE_LIMIT_PER_KEY": "100000000/minute", "RATE_LIMIT_PER_ACCOUNT": "100000000/minute",
+        "MAX_STREAMS_PER_ACCOUNT": "100000", "DATABASE_POOL_SIZE": str(args.threads),
+    }
+    report = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "levels": [],
+              "standin": "TTFB 50 ms, 128 kbit/s audio made at 20× real time",
+              "gunicorn": f"{args.workers} gthread workers × {args.threads} threads"}
+    with gunicorn(["--workers", "2", "--worker-class", "gthread", "--threads", "256", "--bind",
+                   f"127.0.0.1:{standin_port}", "--log-level", "warning", "bench.standin:app"],
+                  standin_env, f"{standin_url}/v1/models"), \
+         gunicorn(["--config", "gunicorn.conf.py", "--access-logfile", "/dev/null", "wsgi:app"], app_env,
+                  f"{app_url}/v1/balance") as app_process:
+        sampler = MemorySampler(app_process.pid)
+        for url in (standin_url, app_url):  # warm up both paths and their connection pools
+            drive(url, headers, 4, 8)
+        for index, concurrency in enumerate(levels):
+            count = args.requests or (8 if args.smoke else max(48, 8 * concurrency))
+            report["requests_per_level"] = count
+            order = ("direct", "gateway") if index % 2 == 0 else ("gateway", "direct")
+            level = {"concurrency": concurrency}
+            for path in order:
+                if path == "gateway":
+                    with sampler:
+                        level[path] = drive(app_url, headers, concurrency, count)
+                    level["app_peak_rss_mb"] = sampler.peak / 2**20
+                else:
+                    level[path] = drive(standin_url, headers, concurrency, count)
+            level["ratio"] = {key: level["gateway"][key] / level["direct"][key]
+                              for key in ("ttfb_p50", "ttfb_p95", "ttfb_p99", "total_p50", "rps")}
+            level["added_ttfb_p50_ms"] = level["gateway"]["ttfb_p50"] - level["direct"]["ttfb_p50"]
+            report["levels"].append(level)
+            print(f"concurrency {concurrency:>3}: TTFB p50 direct {level['direct']['ttfb_p50']:.1f} ms, gateway "
+                  f"{level['gateway']['ttfb_p50']:.1f} ms ({level['added_ttfb_p50_ms']:+.2f} ms); req/s "
+                  f"{level['direct']['rps']:.1f} vs {level['gateway']['rps']:.1f} "
+                  f"(×{level['ratio']['rps']:.3f}); failed {level['gateway']['failed']}", file=sys.stderr)
+        report["balance_concurrency"] = 16
+        report["balance_rps"] = balance_rps(app_url, headers, 16, 1.0 if args.smoke else 5.0)
+        report["large_body"] = large_body(app_url, headers, sampler, large * 1_000_000)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"bench-{datetime.now(timezone.utc):%Y%m%dT%H%M%S}"
+    text = markdown(report)
+    stem.with_suffix(".md").write_text(text)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    plot(report, stem.with_suffix(".png"))
+    print(text)
+    print(f"written: {stem}.md, .json, .png", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()
