@@ -97,11 +97,24 @@ class MemorySampler:
         self._stop = threading.Event()
         self._thread = None
 
+    def pids(self) -> list[int]:
+        return [self.pid] + [int(child) for child in
+                             Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()]
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time used so far by the app's processes."""
+        ticks = 0
+        for pid in self.pids():
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                ticks += int(fields[11]) + int(fields[12])
+            except FileNotFoundError:
+                pass
+        return ticks / os.sysconf("SC_CLK_TCK")
+
     def current(self) -> int:
         total = 0
-        pids = [self.pid] + [int(child) for child in
-                             Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()]
-        for pid in pids:
+        for pid in self.pids():
             try:
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
@@ -211,20 +224,23 @@ def markdown(report: dict) -> str:
         f"Stand-in upstream: {report['standin']}. App: gunicorn {report['gunicorn']} on PostgreSQL. "
         f"Requests per level: {report['requests_per_level']}, input lengths {list(INPUT_LENGTHS)} characters.",
         "",
-        "| concurrency | path | TTFB p50 ms | TTFB p95 ms | TTFB p99 ms | total p50 ms | req/s | failed | app peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| concurrency | path | TTFB p50 ms | TTFB p95 ms | TTFB p99 ms | total p50 ms | req/s | failed "
+        "| app peak RSS MB | app CPU ms/request |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level in report["levels"]:
         for path in ("direct", "gateway"):
             row = level[path]
-            rss = f"{level['app_peak_rss_mb']:.0f}" if path == "gateway" else ""
+            app_only = (f"{level['app_peak_rss_mb']:.0f} | {level['app_cpu_ms_per_request']:.1f}"
+                        if path == "gateway" else " | ")
             lines.append(f"| {level['concurrency']} | {path} | {row['ttfb_p50']:.1f} | {row['ttfb_p95']:.1f} | "
-                         f"{row['ttfb_p99']:.1f} | {row['total_p50']:.1f} | {row['rps']:.1f} | {row['failed']} | {rss} |")
+                         f"{row['ttfb_p99']:.1f} | {row['total_p50']:.1f} | {row['rps']:.1f} | {row['failed']} | "
+                         f"{app_only} |")
         ratio = level["ratio"]
         lines.append(f"| {level['concurrency']} | **gateway/direct** | {ratio['ttfb_p50']:.3f} | "
                      f"{ratio['ttfb_p95']:.3f} | {ratio['ttfb_p99']:.3f} | {ratio['total_p50']:.3f} | "
-                     f"{ratio['rps']:.3f} | | |")
-        lines.append(f"| {level['concurrency']} | added TTFB p50 | {level['added_ttfb_p50_ms']:+.2f} ms | | | | | | |")
+                     f"{ratio['rps']:.3f} | | | |")
+        lines.append(f"| {level['concurrency']} | added TTFB p50 | {level['added_ttfb_p50_ms']:+.2f} ms | | | | | | | |")
     big = report["large_body"]
     lines += [
         "",
@@ -310,9 +326,11 @@ def main(argv=None) -> dict:
             level = {"concurrency": concurrency}
             for path in order:
                 if path == "gateway":
+                    cpu_before = sampler.cpu_seconds()
                     with sampler:
                         level[path] = drive(app_url, headers, concurrency, count)
                     level["app_peak_rss_mb"] = sampler.peak / 2**20
+                    level["app_cpu_ms_per_request"] = (sampler.cpu_seconds() - cpu_before) * 1000 / count
                 else:
                     level[path] = drive(standin_url, headers, concurrency, count)
             level["ratio"] = {key: level["gateway"][key] / level["direct"][key]
@@ -322,7 +340,8 @@ def main(argv=None) -> dict:
             print(f"concurrency {concurrency:>3}: TTFB p50 direct {level['direct']['ttfb_p50']:.1f} ms, gateway "
                   f"{level['gateway']['ttfb_p50']:.1f} ms ({level['added_ttfb_p50_ms']:+.2f} ms); req/s "
                   f"{level['direct']['rps']:.1f} vs {level['gateway']['rps']:.1f} "
-                  f"(×{level['ratio']['rps']:.3f}); failed {level['gateway']['failed']}", file=sys.stderr)
+                  f"(×{level['ratio']['rps']:.3f}); app CPU {level['app_cpu_ms_per_request']:.1f} ms/request; "
+                  f"failed {level['gateway']['failed']}", file=sys.stderr)
         report["balance_concurrency"] = 16
         report["balance_rps"] = balance_rps(app_url, headers, 16, 1.0 if args.smoke else 5.0)
         report["large_body"] = large_body(app_url, headers, sampler, large * 1_000_000)
