@@ -94,7 +94,7 @@ def database_uri(request, tmp_path):
 @pytest.fixture
 def postgres_only(database_uri):
     if not database_uri.startswith("postgresql"):
-        pytest.skip("locking is proven on PostgreSQL; SQLite ignores FOR UPDATE (set TEST_DATABASE_URL)")
+        pytest.skip("PostgreSQL only: row locking, gunicorn on a shared database (set TEST_DATABASE_URL)")
 
 
 @pytest.fixture
