@@ -21,8 +21,7 @@ def create_app(config: dict | None = None) -> Flask:
     config = config or {}
     if not config.get("TESTING"):
         load_dotenv(settings.ROOT / ".env")
-    app = Flask(__name__, template_folder=str(settings.ROOT / "templates"),
-                static_folder=str(settings.ROOT / "static"))
+    app = Flask(__name__, template_folder=str(settings.ROOT / "templates"), static_folder=str(settings.ROOT / "static"))
     app.config.from_mapping(settings.from_environment())
     app.config.update(config)
     check_settings(app)

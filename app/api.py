@@ -46,8 +46,7 @@ def authenticate():
         db.session.commit()
     retry_after = current_app.extensions["throttle"].api_request(key.id, user.id)
     if retry_after is not None:
-        return api_error(429, f"Rate limit reached. Retry in {retry_after} seconds.",
-                         {"Retry-After": str(retry_after)})
+        return api_error(429, f"Rate limit reached. Retry in {retry_after} seconds.", {"Retry-After": str(retry_after)})
 
 
 def _is_number(value) -> bool:
@@ -83,12 +82,18 @@ def speech_body(max_chars: int) -> dict:
         return isinstance(value, str) and 0 < len(value) <= 100
 
     _check(body, "model", short_string, "must be a model id (a non-empty string).")
-    _check(body, "voice", lambda v: isinstance(v, str) and 0 < len(v) <= 200, "must be a voice id (a non-empty string).")
+    _check(
+        body, "voice", lambda v: isinstance(v, str) and 0 < len(v) <= 200, "must be a voice id (a non-empty string)."
+    )
     formats = ", ".join(AUDIO_FORMATS)
     _check(body, "response_format", lambda v: v in AUDIO_FORMATS, f"must be one of {formats}.")
     _check(body, "download_format", lambda v: v in AUDIO_FORMATS, f"must be one of {formats}.", nullable=True)
-    _check(body, "speed", lambda v: _is_number(v) and MIN_SPEED <= v <= MAX_SPEED,
-           f"must be a number from {MIN_SPEED} to {MAX_SPEED}.")
+    _check(
+        body,
+        "speed",
+        lambda v: _is_number(v) and MIN_SPEED <= v <= MAX_SPEED,
+        f"must be a number from {MIN_SPEED} to {MAX_SPEED}.",
+    )
     for flag in ("stream", "return_download_link"):
         _check(body, flag, lambda v: isinstance(v, bool), "must be true or false.")
     _check(body, "lang_code", short_string, "must be a language code (a string).", nullable=True)
@@ -104,8 +109,12 @@ def speech():
     throttle = current_app.extensions["throttle"]
     user_id = g.user.id
     if not throttle.acquire_stream(user_id):
-        return api_error(429, f"Too many concurrent speech streams for this account (at most "
-                              f"{throttle.streams_per_account}). Retry when one has finished.", {"Retry-After": "1"})
+        return api_error(
+            429,
+            f"Too many concurrent speech streams for this account (at most "
+            f"{throttle.streams_per_account}). Retry when one has finished.",
+            {"Retry-After": "1"},
+        )
     try:
         response = _speak(body)
     except BaseException:
@@ -130,39 +139,40 @@ def _speak(body: dict):
     # the upstream stream is closed unread.
     opening = upstream.open_speech_soon(body, chunk_size) if g.user.unlimited or g.user.balance >= characters else None
     try:
-        charge = billing.charge_speech(
-            g.user,
-            g.api_key,
-            characters=characters,
-            model=body.get("model", DEFAULT_MODEL),
-            voice=body.get("voice", DEFAULT_VOICE),
-            response_format=body.get("response_format", DEFAULT_FORMAT),
-        )
-        request_id = charge.id
-        # Commit the charge, releasing the database connection, before any audio is relayed.
-        db.session.commit()
+        try:
+            charge = billing.charge_speech(
+                g.user,
+                g.api_key,
+                characters=characters,
+                model=body.get("model", DEFAULT_MODEL),
+                voice=body.get("voice", DEFAULT_VOICE),
+                response_format=body.get("response_format", DEFAULT_FORMAT),
+            )
+            request_id = charge.id
+            # Commit the charge, releasing the database connection, before any audio is relayed.
+            db.session.commit()
+        except BaseException:
+            if opening is not None:
+                upstream.discard(opening)
+            raise
     except billing.InsufficientCredits as short:
         db.session.rollback()
-        if opening is not None:
-            upstream.discard(opening)
         return api_error(
             402,
             f"Insufficient credits: this request costs {short.cost} credits and your balance is "
             f"{short.balance}. Top up your balance.",
         )
-    except BaseException:
-        if opening is not None:
-            upstream.discard(opening)
-        raise
 
     try:
         audio = opening.result() if opening is not None else upstream.open_speech(body, chunk_size)
     except UpstreamError as failure:
-        billing.refund_speech(request_id, failure.detail, upstream_status=failure.status,
-                              duration_ms=_ms_since(started))
+        billing.refund_speech(
+            request_id, failure.detail, upstream_status=failure.status, duration_ms=_ms_since(started)
+        )
         db.session.commit()
-        return api_error(502, f"{failure.detail} Any charge for this request was refunded.",
-                         {"X-Request-Id": request_id})
+        return api_error(
+            502, f"{failure.detail} Any charge for this request was refunded.", {"X-Request-Id": request_id}
+        )
 
     response = current_app.response_class(
         stream_with_context(_relay(audio, request_id, started)),
@@ -208,16 +218,36 @@ def _relay(audio: SpeechStream, request_id: str, started: float):
                 yield chunk
     except GeneratorExit:
         # The client hung up: what it received was synthesised for it, so the charge stands.
-        _settle(billing.mark_delivered, request_id, upstream_status=audio.status, bytes_sent=sent,
-                first_byte_ms=first_byte_ms, duration_ms=_ms_since(started), error="client disconnected")
+        _settle(
+            billing.mark_delivered,
+            request_id,
+            upstream_status=audio.status,
+            bytes_sent=sent,
+            first_byte_ms=first_byte_ms,
+            duration_ms=_ms_since(started),
+            error="client disconnected",
+        )
         raise
     except requests.RequestException as exc:
         reason = "Upstream stalled mid-stream." if timed_out(exc) else "Upstream broke off mid-stream."
-        _settle(billing.refund_speech, request_id, reason, upstream_status=audio.status,
-                bytes_sent=sent, first_byte_ms=first_byte_ms, duration_ms=_ms_since(started))
+        _settle(
+            billing.refund_speech,
+            request_id,
+            reason,
+            upstream_status=audio.status,
+            bytes_sent=sent,
+            first_byte_ms=first_byte_ms,
+            duration_ms=_ms_since(started),
+        )
         raise UpstreamBrokeOff(f"speech request {request_id}: upstream broke off after {sent} bytes") from exc
-    _settle(billing.mark_delivered, request_id, upstream_status=audio.status, bytes_sent=sent,
-            first_byte_ms=first_byte_ms, duration_ms=_ms_since(started))
+    _settle(
+        billing.mark_delivered,
+        request_id,
+        upstream_status=audio.status,
+        bytes_sent=sent,
+        first_byte_ms=first_byte_ms,
+        duration_ms=_ms_since(started),
+    )
 
 
 def _catalog(path: str, params: dict | None = None):

@@ -14,8 +14,11 @@ def audit() -> tuple[list[str], dict]:
     """Every inconsistency found, as a line for the operator, and what was checked."""
     problems = []
 
-    ledger_sums = (select(LedgerEntry.user_id, func.sum(LedgerEntry.amount).label("total"))
-                   .group_by(LedgerEntry.user_id).subquery())
+    ledger_sums = (
+        select(LedgerEntry.user_id, func.sum(LedgerEntry.amount).label("total"))
+        .group_by(LedgerEntry.user_id)
+        .subquery()
+    )
     for user_id, email, balance, total in db.session.execute(
         select(User.id, User.email, User.balance, func.coalesce(ledger_sums.c.total, 0))
         .outerjoin(ledger_sums, ledger_sums.c.user_id == User.id)
@@ -42,16 +45,26 @@ def audit() -> tuple[list[str], dict]:
 
     for reference, amount in db.session.execute(
         select(LedgerEntry.reference, LedgerEntry.amount)
-        .outerjoin(SpeechRequest, and_(LedgerEntry.kind.in_(("debit", "refund")),
-                                       (LedgerEntry.reference == literal("speech:") + SpeechRequest.id)
-                                       | (LedgerEntry.reference == literal("refund:") + SpeechRequest.id)))
+        .outerjoin(
+            SpeechRequest,
+            and_(
+                LedgerEntry.kind.in_(("debit", "refund")),
+                (LedgerEntry.reference == literal("speech:") + SpeechRequest.id)
+                | (LedgerEntry.reference == literal("refund:") + SpeechRequest.id),
+            ),
+        )
         .where(LedgerEntry.kind.in_(("debit", "refund")), SpeechRequest.id.is_(None))
     ):
         problems.append(f"ledger {reference}: {amount:+} credits for no speech request")
 
     for session_id, credits, paid_at, topped_up, count in db.session.execute(
-        select(Payment.checkout_session_id, Payment.credits, Payment.paid_at,
-               func.coalesce(func.sum(LedgerEntry.amount), 0), func.count(LedgerEntry.id))
+        select(
+            Payment.checkout_session_id,
+            Payment.credits,
+            Payment.paid_at,
+            func.coalesce(func.sum(LedgerEntry.amount), 0),
+            func.count(LedgerEntry.id),
+        )
         .outerjoin(LedgerEntry, _ledger_ref("topup:", Payment.checkout_session_id))
         .group_by(Payment.id)
     ):

@@ -7,6 +7,7 @@ not at all.
 
 import uuid
 from datetime import timedelta
+
 from sqlalchemy import insert, select, update
 
 from app.extensions import db
@@ -143,8 +144,10 @@ STALE_REASON = "Never settled: the worker serving it stopped (crash or lost data
 def stale_charges(older_than_seconds: int) -> list[str]:
     """Ids of requests still `charged` after `older_than_seconds`: their worker never settled them."""
     cutoff = utcnow() - timedelta(seconds=older_than_seconds)
-    return list(db.session.scalars(
-        select(SpeechRequest.id)
-        .where(SpeechRequest.state == CHARGED, SpeechRequest.created_at < cutoff)
-        .order_by(SpeechRequest.created_at)
-    ))
+    return list(
+        db.session.scalars(
+            select(SpeechRequest.id)
+            .where(SpeechRequest.state == CHARGED, SpeechRequest.created_at < cutoff)
+            .order_by(SpeechRequest.created_at)
+        )
+    )

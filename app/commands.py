@@ -137,8 +137,12 @@ def revoke_key(key_id):
 
 
 @speech_cli.command("settle")
-@click.option("--older-than", type=click.IntRange(min=0), default=None,
-              help="Seconds a request may stay charged (default STALE_CHARGE_SECONDS).")
+@click.option(
+    "--older-than",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Seconds a request may stay charged (default STALE_CHARGE_SECONDS).",
+)
 def settle_speech(older_than):
     """Refund requests left charged by a worker that died. Safe from cron, and beside live traffic."""
     from flask import current_app

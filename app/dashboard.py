@@ -6,8 +6,19 @@ import math
 from urllib.parse import urlsplit
 
 import stripe
-from flask import (Blueprint, Response, abort, current_app, flash, redirect, render_template, request, session,
-                   stream_with_context, url_for)
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    session,
+    stream_with_context,
+    url_for,
+)
 from flask_login import current_user, login_required, login_user, logout_user
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -116,7 +127,8 @@ def home():
 def ledger_page():
     page = db.paginate(
         select(LedgerEntry).where(LedgerEntry.user_id == current_user.id).order_by(LedgerEntry.id.desc()),
-        per_page=PER_PAGE, max_per_page=PER_PAGE,
+        per_page=PER_PAGE,
+        max_per_page=PER_PAGE,
     )
     return render_template("dashboard/ledger.html", page=page)
 
@@ -144,13 +156,40 @@ def usage_csv():
     def rows():
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["time", "request_id", "key", "model", "voice", "format", "characters", "credits", "state",
-                         "bytes", "duration_ms", "error"])
+        writer.writerow(
+            [
+                "time",
+                "request_id",
+                "key",
+                "model",
+                "voice",
+                "format",
+                "characters",
+                "credits",
+                "state",
+                "bytes",
+                "duration_ms",
+                "error",
+            ]
+        )
         for speech in db.session.scalars(query):
             key = speech.api_key.prefix + "…" if speech.api_key else ""
-            writer.writerow([speech.created_at.isoformat(), speech.id, key, speech.model, speech.voice,
-                             speech.response_format, speech.characters, speech.credits, speech.state,
-                             speech.bytes_sent, speech.duration_ms or "", speech.error or ""])
+            writer.writerow(
+                [
+                    speech.created_at.isoformat(),
+                    speech.id,
+                    key,
+                    speech.model,
+                    speech.voice,
+                    speech.response_format,
+                    speech.characters,
+                    speech.credits,
+                    speech.state,
+                    speech.bytes_sent,
+                    speech.duration_ms or "",
+                    speech.error or "",
+                ]
+            )
             yield buffer.getvalue()
             buffer.seek(0)
             buffer.truncate()
@@ -192,8 +231,7 @@ def keys_page():
 def key_created():
     shown = session.pop(NEW_KEY_SESSION, None)
     if not shown:
-        flash("A key's secret is shown only once, right after it is created. Create a new key if you lost it.",
-              "info")
+        flash("A key's secret is shown only once, right after it is created. Create a new key if you lost it.", "info")
         return redirect(url_for("dashboard.keys_page"))
     key = _own_key(shown["id"])
     return no_store(Response(render_template("dashboard/key_created.html", key=key, secret=shown["secret"])))
@@ -225,8 +263,13 @@ def billing_page():
     recent = db.session.scalars(
         select(Payment).where(Payment.user_id == current_user.id).order_by(Payment.id.desc()).limit(10)
     ).all()
-    return render_template("dashboard/billing.html", packs=_packs(), form=BuyForm(), payments=recent,
-                           enabled=current_app.extensions["stripe"] is not None)
+    return render_template(
+        "dashboard/billing.html",
+        packs=_packs(),
+        form=BuyForm(),
+        payments=recent,
+        enabled=current_app.extensions["stripe"] is not None,
+    )
 
 
 @bp.post("/billing/checkout")
@@ -243,7 +286,10 @@ def checkout():
         return redirect(url_for("dashboard.billing_page"))
     try:
         url = payments.start_checkout(
-            client, current_user, pack, current_app.config["STRIPE_CURRENCY"],
+            client,
+            current_user,
+            pack,
+            current_app.config["STRIPE_CURRENCY"],
             success_url=url_for("dashboard.billing_success", _external=True) + "?session_id={CHECKOUT_SESSION_ID}",
             cancel_url=url_for("dashboard.billing_page", _external=True),
         )
@@ -260,8 +306,9 @@ def checkout():
 @login_required
 def billing_success():
     payment = db.session.scalar(
-        select(Payment).where(Payment.checkout_session_id == request.args.get("session_id", ""),
-                              Payment.user_id == current_user.id)
+        select(Payment).where(
+            Payment.checkout_session_id == request.args.get("session_id", ""), Payment.user_id == current_user.id
+        )
     )
     if payment is None:
         abort(404)

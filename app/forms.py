@@ -10,12 +10,20 @@ MIN_PASSWORD = 10
 
 
 class SignupForm(FlaskForm):
-    email = EmailField("Email", validators=[DataRequired(), Length(max=254),
-                                            Regexp(EMAIL_PATTERN, message="Enter a valid email address.")])
-    password = PasswordField("Password", validators=[
-        DataRequired(), Length(min=MIN_PASSWORD, max=200, message=f"Use at least {MIN_PASSWORD} characters.")])
-    confirm = PasswordField("Repeat password", validators=[
-        DataRequired(), EqualTo("password", message="The passwords do not match.")])
+    email = EmailField(
+        "Email",
+        validators=[DataRequired(), Length(max=254), Regexp(EMAIL_PATTERN, message="Enter a valid email address.")],
+    )
+    password = PasswordField(
+        "Password",
+        validators=[
+            DataRequired(),
+            Length(min=MIN_PASSWORD, max=200, message=f"Use at least {MIN_PASSWORD} characters."),
+        ],
+    )
+    confirm = PasswordField(
+        "Repeat password", validators=[DataRequired(), EqualTo("password", message="The passwords do not match.")]
+    )
 
 
 class LoginForm(FlaskForm):

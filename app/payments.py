@@ -110,9 +110,7 @@ def handle_event(event) -> str:
 
 
 def _payment_for_session(session_obj) -> Payment | None:
-    payment = db.session.scalar(
-        select(Payment).where(Payment.checkout_session_id == session_obj.id).with_for_update()
-    )
+    payment = db.session.scalar(select(Payment).where(Payment.checkout_session_id == session_obj.id).with_for_update())
     if payment is not None and str(payment.user_id) != str(session_obj.client_reference_id):
         log.warning("checkout session %s names another user; ignored", session_obj.id)
         return None
@@ -128,9 +126,13 @@ def _fulfill(session_obj) -> str:
     payment.status = "paid"
     payment.paid_at = utcnow()
     payment.payment_intent_id = session_obj.payment_intent
-    balance = billing.apply(payment.user_id, payment.credits, kind=TOPUP,
-                            reference=f"topup:{payment.checkout_session_id}",
-                            note=f"{payment.pack} pack, {payment.amount_cents / 100:.2f} {payment.currency.upper()}")
+    balance = billing.apply(
+        payment.user_id,
+        payment.credits,
+        kind=TOPUP,
+        reference=f"topup:{payment.checkout_session_id}",
+        note=f"{payment.pack} pack, {payment.amount_cents / 100:.2f} {payment.currency.upper()}",
+    )
     return f"credited {payment.credits} to user {payment.user_id}; balance {balance}"
 
 
@@ -149,9 +151,11 @@ def _reverse(payment_intent: str | None, amount: int, total: int, kind: str, eve
     Never below zero: what the balance cannot cover stays recorded in
     `credits_reversed` and the ledger note, for the operator.
     """
-    payment = db.session.scalar(
-        select(Payment).where(Payment.payment_intent_id == payment_intent).with_for_update()
-    ) if payment_intent else None
+    payment = (
+        db.session.scalar(select(Payment).where(Payment.payment_intent_id == payment_intent).with_for_update())
+        if payment_intent
+        else None
+    )
     if payment is None or payment.paid_at is None:
         return "no credited payment for this charge"
     owed = payment.credits * min(amount, total) // total if total else payment.credits

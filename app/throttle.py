@@ -87,8 +87,10 @@ class Throttle:
 
     def login_blocked(self, email: str, ip: str) -> int | None:
         """Seconds until another sign-in may be tried, when failures have used up a window."""
-        for item, kind, name in ((self.logins_per_account, "login-account", email),
-                                 (self.logins_per_ip, "login-ip", ip)):
+        for item, kind, name in (
+            (self.logins_per_account, "login-account", email),
+            (self.logins_per_ip, "login-ip", ip),
+        ):
             if not self._windows.test(item, kind, name):
                 return self._retry_after(item, kind, name)
         return None

@@ -58,8 +58,15 @@ class SpeechStream:
 
 
 class Upstream:
-    def __init__(self, base_urls: list[str], api_key: str | None, connect_timeout: float, read_timeout: float,
-                 pool_size: int, catalog_ttl: float):
+    def __init__(
+        self,
+        base_urls: list[str],
+        api_key: str | None,
+        connect_timeout: float,
+        read_timeout: float,
+        pool_size: int,
+        catalog_ttl: float,
+    ):
         # Tried in order: the next one only when a connection to the previous one fails.
         self.base_urls = base_urls
         self.timeout = (connect_timeout, read_timeout)
@@ -115,17 +122,20 @@ class Upstream:
             if not 200 <= response.status_code < 300:
                 raise UpstreamError(f"Upstream synthesis error: {_error_detail(response)}", response.status_code)
             if not is_audio(response.headers.get("Content-Type", "")):
-                raise UpstreamError("Upstream synthesis error: the speech server answered without audio.",
-                                    response.status_code)
+                raise UpstreamError(
+                    "Upstream synthesis error: the speech server answered without audio.", response.status_code
+                )
             chunks = response.iter_content(chunk_size)
             first_chunk = next((chunk for chunk in chunks if chunk), b"")
             if not first_chunk:
-                raise UpstreamError("Upstream synthesis error: the speech server sent no audio.",
-                                    response.status_code)
+                raise UpstreamError("Upstream synthesis error: the speech server sent no audio.", response.status_code)
         except requests.RequestException as exc:
             response.close()
-            detail = ("The speech server did not send audio in time." if timed_out(exc)
-                      else "The speech server broke off before sending audio.")
+            detail = (
+                "The speech server did not send audio in time."
+                if timed_out(exc)
+                else "The speech server broke off before sending audio."
+            )
             raise UpstreamError(detail, response.status_code) from None
         except UpstreamError:
             response.close()

@@ -38,8 +38,13 @@ def free_port() -> int:
 
 @contextmanager
 def gunicorn(args: list[str], env: dict, ready_url: str):
-    process = subprocess.Popen([sys.executable, "-m", "gunicorn", *args], cwd=ROOT, env={**os.environ, **env},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", *args],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -98,8 +103,9 @@ class MemorySampler:
         self._thread = None
 
     def pids(self) -> list[int]:
-        return [self.pid] + [int(child) for child in
-                             Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()]
+        return [self.pid] + [
+            int(child) for child in Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        ]
 
     def cpu_seconds(self) -> float:
         """User and system CPU time used so far by the app's processes."""
@@ -163,8 +169,9 @@ def drive(url: str, headers: dict, concurrency: int, count: int) -> dict:
             local.session = requests.Session()
         length = INPUT_LENGTHS[index % len(INPUT_LENGTHS)]
         text = (SENTENCE * (length // len(SENTENCE) + 1))[:length]
-        return one_request(local.session, f"{url}/v1/audio/speech", headers,
-                           {"model": "kokoro", "input": text, "voice": "af_sky"})
+        return one_request(
+            local.session, f"{url}/v1/audio/speech", headers, {"model": "kokoro", "input": text, "voice": "af_sky"}
+        )
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -184,8 +191,11 @@ def summarise(results: list[dict], wall: float) -> dict:
     return {
         "requests": len(results),
         "failed": sum(r["status"] != 200 for r in results),
-        "ttfb_p50": percentile(ttfb, 0.50), "ttfb_p95": percentile(ttfb, 0.95), "ttfb_p99": percentile(ttfb, 0.99),
-        "total_p50": percentile(total, 0.50), "total_mean": statistics.fmean(total),
+        "ttfb_p50": percentile(ttfb, 0.50),
+        "ttfb_p95": percentile(ttfb, 0.95),
+        "ttfb_p99": percentile(ttfb, 0.99),
+        "total_p50": percentile(total, 0.50),
+        "total_mean": statistics.fmean(total),
         "rps": len(results) / wall,
         "mb": sum(r["bytes"] for r in results) / 1e6,
     }
@@ -210,11 +220,19 @@ def balance_rps(url: str, headers: dict, concurrency: int, seconds: float) -> fl
 def large_body(url: str, headers: dict, sampler: MemorySampler, size: int) -> dict:
     before = sampler.current()
     with sampler:
-        result = one_request(requests.Session(), f"{url}/v1/audio/speech", headers,
-                             {"model": "kokoro", "input": "A long reading.", "voice": "af_sky",
-                              "standin_bytes": size})
-    return {"bytes": result["bytes"], "status": result["status"], "rss_before_mb": before / 2**20,
-            "rss_peak_mb": sampler.peak / 2**20, "growth_mb": (sampler.peak - before) / 2**20}
+        result = one_request(
+            requests.Session(),
+            f"{url}/v1/audio/speech",
+            headers,
+            {"model": "kokoro", "input": "A long reading.", "voice": "af_sky", "standin_bytes": size},
+        )
+    return {
+        "bytes": result["bytes"],
+        "status": result["status"],
+        "rss_before_mb": before / 2**20,
+        "rss_peak_mb": sampler.peak / 2**20,
+        "growth_mb": (sampler.peak - before) / 2**20,
+    }
 
 
 def markdown(report: dict) -> str:
@@ -231,20 +249,30 @@ def markdown(report: dict) -> str:
     for level in report["levels"]:
         for path in ("direct", "gateway"):
             row = level[path]
-            app_only = (f"{level['app_peak_rss_mb']:.0f} | {level['app_cpu_ms_per_request']:.1f}"
-                        if path == "gateway" else " | ")
-            lines.append(f"| {level['concurrency']} | {path} | {row['ttfb_p50']:.1f} | {row['ttfb_p95']:.1f} | "
-                         f"{row['ttfb_p99']:.1f} | {row['total_p50']:.1f} | {row['rps']:.1f} | {row['failed']} | "
-                         f"{app_only} |")
+            app_only = (
+                f"{level['app_peak_rss_mb']:.0f} | {level['app_cpu_ms_per_request']:.1f}"
+                if path == "gateway"
+                else " | "
+            )
+            lines.append(
+                f"| {level['concurrency']} | {path} | {row['ttfb_p50']:.1f} | {row['ttfb_p95']:.1f} | "
+                f"{row['ttfb_p99']:.1f} | {row['total_p50']:.1f} | {row['rps']:.1f} | {row['failed']} | "
+                f"{app_only} |"
+            )
         ratio = level["ratio"]
-        lines.append(f"| {level['concurrency']} | **gateway/direct** | {ratio['ttfb_p50']:.3f} | "
-                     f"{ratio['ttfb_p95']:.3f} | {ratio['ttfb_p99']:.3f} | {ratio['total_p50']:.3f} | "
-                     f"{ratio['rps']:.3f} | | | |")
-        lines.append(f"| {level['concurrency']} | added TTFB p50 | {level['added_ttfb_p50_ms']:+.2f} ms | | | | | | | |")
+        lines.append(
+            f"| {level['concurrency']} | **gateway/direct** | {ratio['ttfb_p50']:.3f} | "
+            f"{ratio['ttfb_p95']:.3f} | {ratio['ttfb_p99']:.3f} | {ratio['total_p50']:.3f} | "
+            f"{ratio['rps']:.3f} | | | |"
+        )
+        lines.append(
+            f"| {level['concurrency']} | added TTFB p50 | {level['added_ttfb_p50_ms']:+.2f} ms | | | | | | | |"
+        )
     big = report["large_body"]
     lines += [
         "",
-        f"`GET /v1/balance` alone: **{report['balance_rps']:.0f} req/s** at concurrency {report['balance_concurrency']}.",
+        f"`GET /v1/balance` alone: **{report['balance_rps']:.0f} req/s** "
+        f"at concurrency {report['balance_concurrency']}.",
         "",
         f"Large body: {big['bytes'] / 1e6:.0f} MB streamed through the gateway (status {big['status']}); app RSS "
         f"{big['rss_before_mb']:.0f} MB before, {big['rss_peak_mb']:.0f} MB at peak "
@@ -263,11 +291,13 @@ def plot(report: dict, path: Path) -> None:
     figure, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, style in (("direct", "o--"), ("gateway", "s-")):
         latency.plot(levels, [level[name]["ttfb_p50"] for level in report["levels"]], style, label=f"{name} p50")
-        latency.plot(levels, [level[name]["ttfb_p95"] for level in report["levels"]], style, alpha=0.5,
-                     label=f"{name} p95")
+        latency.plot(
+            levels, [level[name]["ttfb_p95"] for level in report["levels"]], style, alpha=0.5, label=f"{name} p95"
+        )
         throughput.plot(levels, [level[name]["rps"] for level in report["levels"]], style, label=name)
-    latency.set(xscale="log", xlabel="concurrent streams", ylabel="time to first audio byte (ms)",
-                title="Latency to first byte")
+    latency.set(
+        xscale="log", xlabel="concurrent streams", ylabel="time to first audio byte (ms)", title="Latency to first byte"
+    )
     throughput.set(xscale="log", xlabel="concurrent streams", ylabel="requests per second", title="Throughput")
     for axes in (latency, throughput):
         axes.set_xticks(levels, [str(level) for level in levels])
@@ -281,11 +311,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a short run: few requests, two levels")
     parser.add_argument("--levels", default="1,4,16,64", help="concurrency levels")
-    parser.add_argument("--requests", type=int, default=0, help="requests per level and path (default 8×level, "
-                                                                  "at least 48)")
-    parser.add_argument("--database-url", default=os.environ.get("BENCH_DATABASE_URL",
-                                                                 "postgresql://postgres@127.0.0.1:5432/kokoro_bench"),
-                        help="a PostgreSQL database the benchmark may empty (created if missing)")
+    parser.add_argument(
+        "--requests", type=int, default=0, help="requests per level and path (default 8×level, at least 48)"
+    )
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/kokoro_bench"),
+        help="a PostgreSQL database the benchmark may empty (created if missing)",
+    )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=64)
     parser.add_argument("--large-mb", type=int, default=50)
@@ -303,19 +336,47 @@ def main(argv=None) -> dict:
     standin_url, app_url = f"http://127.0.0.1:{standin_port}", f"http://127.0.0.1:{app_port}"
     standin_env = {"STANDIN_TTFB_MS": "50", "STANDIN_SPEED": "20", "STANDIN_BITRATE_KBPS": "128"}
     app_env = {
-        "DATABASE_URL": db_url, "UPSTREAM_URL": f"{standin_url}/v1", "SECRET_KEY": "bench",
-        "BIND": f"127.0.0.1:{app_port}", "WEB_CONCURRENCY": str(args.workers), "GUNICORN_THREADS": str(args.threads),
-        "RATE_LIMIT_PER_KEY": "100000000/minute", "RATE_LIMIT_PER_ACCOUNT": "100000000/minute",
-        "MAX_STREAMS_PER_ACCOUNT": "100000", "DATABASE_POOL_SIZE": str(args.threads),
+        "DATABASE_URL": db_url,
+        "UPSTREAM_URL": f"{standin_url}/v1",
+        "SECRET_KEY": "bench",
+        "BIND": f"127.0.0.1:{app_port}",
+        "WEB_CONCURRENCY": str(args.workers),
+        "GUNICORN_THREADS": str(args.threads),
+        "RATE_LIMIT_PER_KEY": "100000000/minute",
+        "RATE_LIMIT_PER_ACCOUNT": "100000000/minute",
+        "MAX_STREAMS_PER_ACCOUNT": "100000",
+        "DATABASE_POOL_SIZE": str(args.threads),
     }
-    report = {"when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "levels": [],
-              "standin": "TTFB 50 ms, 128 kbit/s audio made at 20× real time",
-              "gunicorn": f"{args.workers} gthread workers × {args.threads} threads"}
-    with gunicorn(["--workers", "2", "--worker-class", "gthread", "--threads", "256", "--bind",
-                   f"127.0.0.1:{standin_port}", "--log-level", "warning", "bench.standin:app"],
-                  standin_env, f"{standin_url}/v1/models"), \
-         gunicorn(["--config", "gunicorn.conf.py", "--access-logfile", "/dev/null", "wsgi:app"], app_env,
-                  f"{app_url}/v1/balance") as app_process:
+    report = {
+        "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "levels": [],
+        "standin": "TTFB 50 ms, 128 kbit/s audio made at 20× real time",
+        "gunicorn": f"{args.workers} gthread workers × {args.threads} threads",
+    }
+    with (
+        gunicorn(
+            [
+                "--workers",
+                "2",
+                "--worker-class",
+                "gthread",
+                "--threads",
+                "256",
+                "--bind",
+                f"127.0.0.1:{standin_port}",
+                "--log-level",
+                "warning",
+                "bench.standin:app",
+            ],
+            standin_env,
+            f"{standin_url}/v1/models",
+        ),
+        gunicorn(
+            ["--config", "gunicorn.conf.py", "--access-logfile", "/dev/null", "wsgi:app"],
+            app_env,
+            f"{app_url}/v1/balance",
+        ) as app_process,
+    ):
         sampler = MemorySampler(app_process.pid)
         for url in (standin_url, app_url):  # warm up both paths and their connection pools
             drive(url, headers, 4, 8)
@@ -333,15 +394,20 @@ def main(argv=None) -> dict:
                     level["app_cpu_ms_per_request"] = (sampler.cpu_seconds() - cpu_before) * 1000 / count
                 else:
                     level[path] = drive(standin_url, headers, concurrency, count)
-            level["ratio"] = {key: level["gateway"][key] / level["direct"][key]
-                              for key in ("ttfb_p50", "ttfb_p95", "ttfb_p99", "total_p50", "rps")}
+            level["ratio"] = {
+                key: level["gateway"][key] / level["direct"][key]
+                for key in ("ttfb_p50", "ttfb_p95", "ttfb_p99", "total_p50", "rps")
+            }
             level["added_ttfb_p50_ms"] = level["gateway"]["ttfb_p50"] - level["direct"]["ttfb_p50"]
             report["levels"].append(level)
-            print(f"concurrency {concurrency:>3}: TTFB p50 direct {level['direct']['ttfb_p50']:.1f} ms, gateway "
-                  f"{level['gateway']['ttfb_p50']:.1f} ms ({level['added_ttfb_p50_ms']:+.2f} ms); req/s "
-                  f"{level['direct']['rps']:.1f} vs {level['gateway']['rps']:.1f} "
-                  f"(×{level['ratio']['rps']:.3f}); app CPU {level['app_cpu_ms_per_request']:.1f} ms/request; "
-                  f"failed {level['gateway']['failed']}", file=sys.stderr)
+            print(
+                f"concurrency {concurrency:>3}: TTFB p50 direct {level['direct']['ttfb_p50']:.1f} ms, gateway "
+                f"{level['gateway']['ttfb_p50']:.1f} ms ({level['added_ttfb_p50_ms']:+.2f} ms); req/s "
+                f"{level['direct']['rps']:.1f} vs {level['gateway']['rps']:.1f} "
+                f"(×{level['ratio']['rps']:.3f}); app CPU {level['app_cpu_ms_per_request']:.1f} ms/request; "
+                f"failed {level['gateway']['failed']}",
+                file=sys.stderr,
+            )
         report["balance_concurrency"] = 16
         report["balance_rps"] = balance_rps(app_url, headers, 16, 1.0 if args.smoke else 5.0)
         report["large_body"] = large_body(app_url, headers, sampler, large * 1_000_000)

@@ -17,8 +17,13 @@ SPEED = float(os.environ.get("STANDIN_SPEED", "20"))
 CHARS_PER_SECOND = float(os.environ.get("STANDIN_CHARS_PER_SECOND", "15"))
 CHUNK_AUDIO_SECONDS = 0.25
 CHUNK = b"\xff\xfb" * (int(BYTES_PER_SECOND * CHUNK_AUDIO_SECONDS) // 2)
-MODELS = {"object": "list", "data": [{"id": name, "object": "model", "created": 1686935002, "owned_by": "kokoro"}
-                                     for name in ("tts-1", "tts-1-hd", "kokoro", "gpt-4o-mini-tts")]}
+MODELS = {
+    "object": "list",
+    "data": [
+        {"id": name, "object": "model", "created": 1686935002, "owned_by": "kokoro"}
+        for name in ("tts-1", "tts-1-hd", "kokoro", "gpt-4o-mini-tts")
+    ],
+}
 VOICES = {"voices": [{"id": name, "name": name} for name in ("af_bella", "af_heart", "af_sky", "am_adam")]}
 
 

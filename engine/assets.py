@@ -63,8 +63,11 @@ def ensure_voices(cache: Path) -> Path:
     import numpy as np
 
     with tempfile.TemporaryDirectory() as work:
-        subprocess.run(["npm", "pack", VOICES_PACKAGE, "--pack-destination", work, "--silent"], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["npm", "pack", VOICES_PACKAGE, "--pack-destination", work, "--silent"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         [tarball] = Path(work).glob("kokoro-js-*.tgz")
         if sha256_of(tarball) != VOICES_TARBALL_SHA256:
             raise RuntimeError(f"{tarball.name} does not have the expected sha256")

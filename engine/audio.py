@@ -32,9 +32,15 @@ def to_int16(samples: np.ndarray) -> bytes:
 
 def wav_header(sample_rate: int = SAMPLE_RATE) -> bytes:
     byte_rate = sample_rate * 2
-    return (b"RIFF" + struct.pack("<I", UNKNOWN_SIZE) + b"WAVE"
-            + b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, byte_rate, 2, 16)
-            + b"data" + struct.pack("<I", UNKNOWN_SIZE - 36))
+    return (
+        b"RIFF"
+        + struct.pack("<I", UNKNOWN_SIZE)
+        + b"WAVE"
+        + b"fmt "
+        + struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, byte_rate, 2, 16)
+        + b"data"
+        + struct.pack("<I", UNKNOWN_SIZE - 36)
+    )
 
 
 class _StreamSink:
@@ -57,7 +63,7 @@ class _StreamSink:
             data = data[skipped:]
             self._position += skipped
         offset = self._position - self._sent
-        self._pending[offset:offset + len(data)] = data
+        self._pending[offset : offset + len(data)] = data
         self._position += len(data)
         return written
 
@@ -90,8 +96,9 @@ class Encoder:
         if response_format in SOUNDFILE_FORMATS:
             container, subtype = SOUNDFILE_FORMATS[response_format]
             self._sink = io.BytesIO() if response_format == "flac" else _StreamSink()
-            self._file = soundfile.SoundFile(self._sink, mode="w", samplerate=sample_rate, channels=1,
-                                             format=container, subtype=subtype)
+            self._file = soundfile.SoundFile(
+                self._sink, mode="w", samplerate=sample_rate, channels=1, format=container, subtype=subtype
+            )
 
     def feed(self, samples: np.ndarray) -> bytes:
         if self._file is not None:

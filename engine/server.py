@@ -21,8 +21,17 @@ MODELS = ["tts-1", "tts-1-hd", "kokoro", "gpt-4o-mini-tts"]
 CREATED = 1686935002
 FORMATS = ["mp3", "opus", "aac", "flac", "wav", "pcm"]
 # The first letter of a voice id names its language (Kokoro's lang_code), here as espeak-ng codes.
-LANGUAGES = {"a": "en-us", "b": "en-gb", "e": "es", "f": "fr-fr", "h": "hi", "i": "it", "j": "ja",
-             "p": "pt-br", "z": "cmn"}
+LANGUAGES = {
+    "a": "en-us",
+    "b": "en-gb",
+    "e": "es",
+    "f": "fr-fr",
+    "h": "hi",
+    "i": "it",
+    "j": "ja",
+    "p": "pt-br",
+    "z": "cmn",
+}
 # Sentences end at . ! ? (and their CJK forms) followed by space or the end.
 SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
 MAX_SENTENCE = 400
@@ -43,8 +52,9 @@ class Synthesizer:
         parts = [part.strip() for part in voice.split("+")]
         missing = [part for part in parts if part not in self.voices]
         if not parts or missing:
-            raise ValueError(f"Voice '{missing[0] if missing else voice}' not found. "
-                             f"Available voices: {', '.join(self.voices)}")
+            raise ValueError(
+                f"Voice '{missing[0] if missing else voice}' not found. Available voices: {', '.join(self.voices)}"
+            )
         return np.mean([self._kokoro.get_voice_style(part) for part in parts], axis=0)
 
     def sentence(self, text: str, style: np.ndarray, speed: float, lang: str) -> np.ndarray:
@@ -89,8 +99,10 @@ def create_app(synthesizer: Synthesizer | None = None) -> Flask:
 
     @app.get("/v1/models")
     def models():
-        return jsonify(object="list", data=[{"id": model, "object": "model", "created": CREATED,
-                                             "owned_by": "kokoro"} for model in MODELS])
+        return jsonify(
+            object="list",
+            data=[{"id": model, "object": "model", "created": CREATED, "owned_by": "kokoro"} for model in MODELS],
+        )
 
     @app.get("/v1/audio/voices")
     def voices():
@@ -113,8 +125,9 @@ def create_app(synthesizer: Synthesizer | None = None) -> Flask:
         if not isinstance(text, str):
             return _field_error("input", "Field required" if text is None else "Input should be a valid string", text)
         if response_format not in FORMATS:
-            return _field_error("response_format", "Input should be 'mp3', 'opus', 'aac', 'flac', 'wav' or 'pcm'",
-                                response_format)
+            return _field_error(
+                "response_format", "Input should be 'mp3', 'opus', 'aac', 'flac', 'wav' or 'pcm'", response_format
+            )
         if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0.25 <= speed <= 4.0:
             return _field_error("speed", "Input should be a number from 0.25 to 4.0", speed)
         if model not in MODELS:
@@ -122,8 +135,10 @@ def create_app(synthesizer: Synthesizer | None = None) -> Flask:
         if not isinstance(voice, str):
             return _field_error("voice", "Input should be a valid string", voice)
         if response_format not in CONTENT_TYPES:
-            return _error(400, f"Format '{response_format}' is not supported by this engine; "
-                               f"use one of {', '.join(CONTENT_TYPES)}")
+            return _error(
+                400,
+                f"Format '{response_format}' is not supported by this engine; use one of {', '.join(CONTENT_TYPES)}",
+            )
         pieces = sentences(text)
         if not pieces:
             return _field_error("input", "Input text is empty", text)
@@ -145,11 +160,14 @@ def create_app(synthesizer: Synthesizer | None = None) -> Flask:
             if tail:
                 yield tail
 
-        return Response(stream_with_context(stream()), content_type=CONTENT_TYPES[response_format], headers={
-            "Content-Disposition": f"attachment; filename=speech.{response_format}",
-            "X-Accel-Buffering": "no",
-            "Cache-Control": "no-cache",
-        })
+        return Response(
+            stream_with_context(stream()),
+            content_type=CONTENT_TYPES[response_format],
+            headers={
+                "Content-Disposition": f"attachment; filename=speech.{response_format}",
+                "X-Accel-Buffering": "no",
+                "Cache-Control": "no-cache",
+            },
+        )
 
     return app
-

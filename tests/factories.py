@@ -89,7 +89,8 @@ class WebClient:
     def get(self, url, **kwargs):
         response = self.client.get(url, **kwargs)
         match = re.search(rb'name="csrf_token" type="hidden" value="([^"]+)"', response.data) or re.search(
-            rb'name="csrf_token" value="([^"]+)"', response.data)
+            rb'name="csrf_token" value="([^"]+)"', response.data
+        )
         if match:
             self.token = match.group(1).decode()
         return response

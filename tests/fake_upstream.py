@@ -8,8 +8,14 @@ MODELS = {
     "data": [{"id": "kokoro", "object": "model", "created": 1686935002, "owned_by": "kokoro"}],
 }
 VOICES = {"voices": ["af_bella", "af_heart", "af_sky", "am_adam"]}
-CONTENT_TYPES = {"mp3": "audio/mpeg", "wav": "audio/wav", "opus": "audio/opus", "flac": "audio/flac",
-                 "aac": "audio/aac", "pcm": "audio/pcm"}
+CONTENT_TYPES = {
+    "mp3": "audio/mpeg",
+    "wav": "audio/wav",
+    "opus": "audio/opus",
+    "flac": "audio/flac",
+    "aac": "audio/aac",
+    "pcm": "audio/pcm",
+}
 
 
 class FakeUpstream:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import requests
-
 from werkzeug.serving import make_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,14 +36,30 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def gunicorn(spec: str, env: dict, workers: int = 1, threads: int = 8, ready_path: str = "/v1/balance",
-             timeout: float = 60):
+def gunicorn(
+    spec: str, env: dict, workers: int = 1, threads: int = 8, ready_path: str = "/v1/balance", timeout: float = 60
+):
     """Run `spec` under gunicorn (gthread) in its own process group, as production does; yield (url, process)."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--workers", str(workers), "--worker-class", "gthread",
-         "--threads", str(threads), "--bind", f"127.0.0.1:{port}", spec],
-        cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--workers",
+            str(workers),
+            "--worker-class",
+            "gthread",
+            "--threads",
+            str(threads),
+            "--bind",
+            f"127.0.0.1:{port}",
+            spec,
+        ],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -55,18 +55,33 @@ def test_speech_streams_audio_and_charges_one_credit_per_character(app, client, 
 
 
 def test_the_clients_fields_are_passed_through_upstream(client, customer, upstream):
-    body = {**HELLO, "response_format": "wav", "speed": 1.5, "stream": True, "lang_code": "a",
-            "normalization_options": {"normalize": False}, "volume_multiplier": 0.8}
-    upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"RIFF", content_type="audio/wav",
-                  match=[matchers.json_params_matcher(body)])
+    body = {
+        **HELLO,
+        "response_format": "wav",
+        "speed": 1.5,
+        "stream": True,
+        "lang_code": "a",
+        "normalization_options": {"normalize": False},
+        "volume_multiplier": 0.8,
+    }
+    upstream.post(
+        f"{STUB_UPSTREAM}/audio/speech",
+        body=b"RIFF",
+        content_type="audio/wav",
+        match=[matchers.json_params_matcher(body)],
+    )
     response = post_speech(client, customer, body)
     assert response.status_code == 200 and response.headers["Content-Type"] == "audio/wav"
 
 
 def test_the_upstream_key_is_sent_when_configured(make_app, customer, upstream):
     app = make_app(UPSTREAM_API_KEY="upstream-secret")
-    upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3", content_type="audio/mpeg",
-                  match=[matchers.header_matcher({"Authorization": "Bearer upstream-secret"})])
+    upstream.post(
+        f"{STUB_UPSTREAM}/audio/speech",
+        body=b"ID3",
+        content_type="audio/mpeg",
+        match=[matchers.header_matcher({"Authorization": "Bearer upstream-secret"})],
+    )
     assert app.test_client().post(SPEECH, json=HELLO, headers=customer.headers).status_code == 200
 
 
@@ -89,16 +104,20 @@ def test_unlimited_accounts_get_audio_for_free_and_their_usage_is_recorded(app, 
 # 401: missing, malformed, unknown or revoked key
 
 
-@pytest.mark.parametrize("path,method", [(SPEECH, "post"), ("/v1/balance", "get"), ("/v1/models", "get"),
-                                         ("/v1/audio/voices", "get")])
-@pytest.mark.parametrize("authorization,detail", [
-    (None, "Missing API key"),
-    ("kp_live_abc", "Malformed Authorization header"),
-    ("Basic dXNlcjpwYXNz", "Malformed Authorization header"),
-    ("Bearer ", "Missing API key"),
-    ("Bearer kp_live_not-a-real-key", "Invalid API key."),
-    ("Bearer sk-openai-key", "Invalid API key."),
-])
+@pytest.mark.parametrize(
+    "path,method", [(SPEECH, "post"), ("/v1/balance", "get"), ("/v1/models", "get"), ("/v1/audio/voices", "get")]
+)
+@pytest.mark.parametrize(
+    "authorization,detail",
+    [
+        (None, "Missing API key"),
+        ("kp_live_abc", "Malformed Authorization header"),
+        ("Basic dXNlcjpwYXNz", "Malformed Authorization header"),
+        ("Bearer ", "Missing API key"),
+        ("Bearer kp_live_not-a-real-key", "Invalid API key."),
+        ("Bearer sk-openai-key", "Invalid API key."),
+    ],
+)
 def test_every_endpoint_needs_a_valid_key(app, client, customer, path, method, authorization, detail):
     headers = {"Authorization": authorization} if authorization else {}
     response = getattr(client, method)(path, headers=headers, json=HELLO)
@@ -125,15 +144,18 @@ def test_the_bearer_scheme_is_case_insensitive(client, customer):
 # 400: the body, and nothing is charged
 
 
-@pytest.mark.parametrize("raw,detail", [
-    (b"{not json", "Invalid JSON body."),
-    (b"", "Invalid JSON body."),
-    (b"\xff\xfe", "Invalid JSON body."),
-    (b"[" * 100_000, "Invalid JSON body."),
-    (b'["input"]', "The request body must be a JSON object."),
-    (b"null", "The request body must be a JSON object."),
-    (b'"Hello"', "The request body must be a JSON object."),
-])
+@pytest.mark.parametrize(
+    "raw,detail",
+    [
+        (b"{not json", "Invalid JSON body."),
+        (b"", "Invalid JSON body."),
+        (b"\xff\xfe", "Invalid JSON body."),
+        (b"[" * 100_000, "Invalid JSON body."),
+        (b'["input"]', "The request body must be a JSON object."),
+        (b"null", "The request body must be a JSON object."),
+        (b'"Hello"', "The request body must be a JSON object."),
+    ],
+)
 def test_a_body_that_is_not_a_json_object_is_400(app, client, customer, raw, detail):
     response = client.post(SPEECH, data=raw, headers={**customer.headers, "Content-Type": "application/json"})
     assert response.status_code == 400
@@ -141,25 +163,28 @@ def test_a_body_that_is_not_a_json_object_is_400(app, client, customer, raw, det
     assert_untouched(app, customer)
 
 
-@pytest.mark.parametrize("change,detail", [
-    ({"input": None}, "'input' is required."),
-    ({"input": ""}, "'input' must not be empty."),
-    ({"input": " \n\t "}, "'input' must not be empty."),
-    ({"input": 42}, "'input' must be a string."),
-    ({"input": ["Hello"]}, "'input' must be a string."),
-    ({"input": "x" * 4097}, "'input' is 4097 characters long; the maximum is 4096."),
-    ({"voice": 7}, "'voice' must be a voice id (a non-empty string)."),
-    ({"voice": ""}, "'voice' must be a voice id (a non-empty string)."),
-    ({"voice": None}, "'voice' must be a voice id (a non-empty string)."),
-    ({"model": ["kokoro"]}, "'model' must be a model id (a non-empty string)."),
-    ({"response_format": "ogg"}, "'response_format' must be one of mp3, opus, aac, flac, wav, pcm."),
-    ({"response_format": 3}, "'response_format' must be one of mp3, opus, aac, flac, wav, pcm."),
-    ({"speed": "fast"}, "'speed' must be a number from 0.25 to 4.0."),
-    ({"speed": True}, "'speed' must be a number from 0.25 to 4.0."),
-    ({"speed": 4.5}, "'speed' must be a number from 0.25 to 4.0."),
-    ({"speed": 0.1}, "'speed' must be a number from 0.25 to 4.0."),
-    ({"stream": "yes"}, "'stream' must be true or false."),
-])
+@pytest.mark.parametrize(
+    "change,detail",
+    [
+        ({"input": None}, "'input' is required."),
+        ({"input": ""}, "'input' must not be empty."),
+        ({"input": " \n\t "}, "'input' must not be empty."),
+        ({"input": 42}, "'input' must be a string."),
+        ({"input": ["Hello"]}, "'input' must be a string."),
+        ({"input": "x" * 4097}, "'input' is 4097 characters long; the maximum is 4096."),
+        ({"voice": 7}, "'voice' must be a voice id (a non-empty string)."),
+        ({"voice": ""}, "'voice' must be a voice id (a non-empty string)."),
+        ({"voice": None}, "'voice' must be a voice id (a non-empty string)."),
+        ({"model": ["kokoro"]}, "'model' must be a model id (a non-empty string)."),
+        ({"response_format": "ogg"}, "'response_format' must be one of mp3, opus, aac, flac, wav, pcm."),
+        ({"response_format": 3}, "'response_format' must be one of mp3, opus, aac, flac, wav, pcm."),
+        ({"speed": "fast"}, "'speed' must be a number from 0.25 to 4.0."),
+        ({"speed": True}, "'speed' must be a number from 0.25 to 4.0."),
+        ({"speed": 4.5}, "'speed' must be a number from 0.25 to 4.0."),
+        ({"speed": 0.1}, "'speed' must be a number from 0.25 to 4.0."),
+        ({"stream": "yes"}, "'stream' must be true or false."),
+    ],
+)
 def test_invalid_fields_are_400_and_charge_nothing(app, client, customer, change, detail):
     body = {**HELLO, **change}
     response = post_speech(client, customer, body)
@@ -191,8 +216,11 @@ def test_the_maximum_input_is_configurable_and_inclusive(make_app, customer, ups
 
 def test_a_body_without_json_content_type_is_still_read(client, customer, upstream):
     stub_audio(upstream)
-    response = client.post(SPEECH, data=json.dumps(HELLO), headers={**customer.headers,
-                                                                     "Content-Type": "application/x-www-form-urlencoded"})
+    response = client.post(
+        SPEECH,
+        data=json.dumps(HELLO),
+        headers={**customer.headers, "Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert response.status_code == 200
 
 
@@ -252,27 +280,31 @@ def test_upstream_timeout_is_502_and_refunded(app, client, customer, upstream):
 
 def test_upstream_500_is_502_and_refunded(app, client, customer, upstream):
     upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=500, json={"detail": "CUDA out of memory"})
-    speech = assert_refunded_502(app, customer, post_speech(client, customer),
-                                 "Upstream synthesis error: CUDA out of memory")
+    speech = assert_refunded_502(
+        app, customer, post_speech(client, customer), "Upstream synthesis error: CUDA out of memory"
+    )
     assert speech.upstream_status == 500
 
 
 def test_upstream_4xx_passes_its_detail_and_is_refunded(app, client, customer, upstream):
-    upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=400,
-                  json={"detail": "Voice 'af_nicole' is not available"})
+    upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=400, json={"detail": "Voice 'af_nicole' is not available"})
     response = post_speech(client, customer, {**HELLO, "voice": "af_nicole"})
     assert_refunded_502(app, customer, response, "Voice 'af_nicole' is not available")
 
 
 def test_upstream_422_validation_list_is_readable(app, client, customer, upstream):
-    upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=422,
-                  json={"detail": [{"loc": ["body", "input"], "msg": "Field required"}]})
+    upstream.post(
+        f"{STUB_UPSTREAM}/audio/speech",
+        status=422,
+        json={"detail": [{"loc": ["body", "input"], "msg": "Field required"}]},
+    )
     assert_refunded_502(app, customer, post_speech(client, customer), "Field required")
 
 
 def test_upstream_html_error_page_is_502_and_refunded(app, client, customer, upstream):
-    upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=503, body="<html>Bad gateway</html>",
-                  content_type="text/html")
+    upstream.post(
+        f"{STUB_UPSTREAM}/audio/speech", status=503, body="<html>Bad gateway</html>", content_type="text/html"
+    )
     assert_refunded_502(app, customer, post_speech(client, customer), "upstream answered 503")
 
 
@@ -307,10 +339,16 @@ def test_voices_are_relayed_and_refetched_after_the_ttl(make_app, customer, upst
 
 
 def test_legacy_voices_are_asked_for_and_cached_apart(client, customer, upstream):
-    upstream.get(f"{STUB_UPSTREAM}/audio/voices", json={"voices": [{"id": "af_sky", "name": "af_sky"}]},
-                 match=[matchers.query_string_matcher("")])
-    upstream.get(f"{STUB_UPSTREAM}/audio/voices", json={"voices": ["af_sky"]},
-                 match=[matchers.query_string_matcher("legacy=true")])
+    upstream.get(
+        f"{STUB_UPSTREAM}/audio/voices",
+        json={"voices": [{"id": "af_sky", "name": "af_sky"}]},
+        match=[matchers.query_string_matcher("")],
+    )
+    upstream.get(
+        f"{STUB_UPSTREAM}/audio/voices",
+        json={"voices": ["af_sky"]},
+        match=[matchers.query_string_matcher("legacy=true")],
+    )
     assert client.get("/v1/audio/voices?legacy=true", headers=customer.headers).get_json() == {"voices": ["af_sky"]}
     assert client.get("/v1/audio/voices", headers=customer.headers).get_json()["voices"][0]["id"] == "af_sky"
 

@@ -12,8 +12,9 @@ def _charge(user_id, key_id, characters):
     user = db.session.get(User, user_id)
     key = user.keys[0]
     assert key.id == key_id
-    return billing.charge_speech(user, key, characters=characters, model="kokoro", voice="af_sky",
-                                 response_format="mp3")
+    return billing.charge_speech(
+        user, key, characters=characters, model="kokoro", voice="af_sky", response_format="mp3"
+    )
 
 
 def test_charge_debits_and_ledgers_once(app, customer):

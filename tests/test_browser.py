@@ -20,8 +20,15 @@ from tests.stripe_helpers import checkout_session, deliver, event, stub_checkout
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @pytest.fixture
@@ -92,8 +99,13 @@ def test_a_customer_signs_up_creates_a_key_buys_credits_and_revokes(app, site, b
     page.goto(f"{site}/billing")
     shot(page, "4-billing", database_uri)
     checkout_pages = []
-    page.route(f"{STRIPE_CHECKOUT}/**", lambda route: (checkout_pages.append(route.request.url), route.fulfill(
-        status=200, content_type="text/html", body="<h1>Stripe Checkout (stand-in)</h1>")))
+    page.route(
+        f"{STRIPE_CHECKOUT}/**",
+        lambda route: (
+            checkout_pages.append(route.request.url),
+            route.fulfill(status=200, content_type="text/html", body="<h1>Stripe Checkout (stand-in)</h1>"),
+        ),
+    )
     with responses.RequestsMock() as stripe_api:
         stub_checkout(stripe_api, "cs_test_browser")
         page.click("text=Buy starter")

@@ -13,6 +13,7 @@ from app.models import ApiKey, User
 from tests import factories
 from tests.fake_upstream import FakeUpstream
 from tests.servers import gunicorn, serve
+
 pytestmark = pytest.mark.usefixtures("postgres_only")
 
 
@@ -28,8 +29,7 @@ def test_threads_racing_on_one_balance_in_the_billing_module(app):
             db.session.close()
             barrier.wait(timeout=30)
             try:
-                billing.charge_speech(user, key, characters=50, model="kokoro", voice="af_sky",
-                                      response_format="mp3")
+                billing.charge_speech(user, key, characters=50, model="kokoro", voice="af_sky", response_format="mp3")
                 db.session.commit()
                 return "charged"
             except billing.InsufficientCredits:
@@ -58,8 +58,12 @@ def test_gunicorn_processes_and_threads_racing_through_the_real_api(app, databas
             def speak(index):
                 secret = customer.secret if index % 2 else other_key
                 barrier.wait()
-                response = requests.post(f"{url}/v1/audio/speech", json={"input": text, "voice": "af_sky"},
-                                         headers={"Authorization": f"Bearer {secret}"}, timeout=30)
+                response = requests.post(
+                    f"{url}/v1/audio/speech",
+                    json={"input": text, "voice": "af_sky"},
+                    headers={"Authorization": f"Bearer {secret}"},
+                    timeout=30,
+                )
                 return response.status_code, response.content
 
             with ThreadPoolExecutor(80) as pool:
@@ -99,15 +103,23 @@ def test_two_hundred_requests_from_many_keys_race_on_one_balance(app, database_u
     upstream = FakeUpstream([b"ID3", b"audio"]) if upstream_kind == "healthy" else HalfBroken()
     text = "0123456789"  # 10 credits each: the balance covers 100 of the 200
     with serve(upstream) as upstream_url:
-        env = {"DATABASE_URL": database_uri, "UPSTREAM_URL": f"{upstream_url}/v1", "SECRET_KEY": "race-test",
-               "MAX_STREAMS_PER_ACCOUNT": "1000"}
+        env = {
+            "DATABASE_URL": database_uri,
+            "UPSTREAM_URL": f"{upstream_url}/v1",
+            "SECRET_KEY": "race-test",
+            "MAX_STREAMS_PER_ACCOUNT": "1000",
+        }
         with gunicorn("wsgi:app", env, workers=2, threads=32) as (url, _):
             barrier = threading.Barrier(200, timeout=60)
 
             def speak(index):
                 barrier.wait()
-                response = requests.post(f"{url}/v1/audio/speech", json={"input": text, "voice": "af_sky"},
-                                         headers={"Authorization": f"Bearer {secrets[index % 10]}"}, timeout=60)
+                response = requests.post(
+                    f"{url}/v1/audio/speech",
+                    json={"input": text, "voice": "af_sky"},
+                    headers={"Authorization": f"Bearer {secrets[index % 10]}"},
+                    timeout=60,
+                )
                 return response.status_code
 
             with ThreadPoolExecutor(200) as pool:
@@ -115,8 +127,10 @@ def test_two_hundred_requests_from_many_keys_race_on_one_balance(app, database_u
     rows = factories.speech_requests(app, customer.user_id)
     states = Counter(row.state for row in rows)
     balance = factories.balance(app, customer.user_id)
-    print(f"\n{upstream_kind}: 200 requests -> {dict(statuses)}; requests {dict(states)}; "
-          f"faults injected {statuses[502]}; refunds {states['refunded']}; balance {balance}")
+    print(
+        f"\n{upstream_kind}: 200 requests -> {dict(statuses)}; requests {dict(states)}; "
+        f"faults injected {statuses[502]}; refunds {states['refunded']}; balance {balance}"
+    )
     assert sum(statuses.values()) == 200 and set(statuses) <= {200, 402, 502}
     assert balance >= 0 and balance == 1000 - 10 * statuses[200]
     assert states["delivered"] == statuses[200] and states["refunded"] == statuses[502]

@@ -45,12 +45,15 @@ def test_sign_up_signs_in_and_lands_on_keys(app, web):
         assert user.password_hash.startswith("scrypt:") and PASSWORD not in user.password_hash
 
 
-@pytest.mark.parametrize("email,password,confirm,error", [
-    ("not-an-email", PASSWORD, PASSWORD, "Enter a valid email address."),
-    ("a@example.com", "short", "short", "Use at least 10 characters."),
-    ("a@example.com", PASSWORD, PASSWORD + "!", "The passwords do not match."),
-    ("", PASSWORD, PASSWORD, "This field is required."),
-])
+@pytest.mark.parametrize(
+    "email,password,confirm,error",
+    [
+        ("not-an-email", PASSWORD, PASSWORD, "Enter a valid email address."),
+        ("a@example.com", "short", "short", "Use at least 10 characters."),
+        ("a@example.com", PASSWORD, PASSWORD + "!", "The passwords do not match."),
+        ("", PASSWORD, PASSWORD, "This field is required."),
+    ],
+)
 def test_sign_up_errors_are_shown_and_create_nothing(app, web, email, password, confirm, error):
     web.get("/signup")
     response = web.post("/signup", {"email": email, "password": password, "confirm": confirm})
@@ -97,13 +100,16 @@ def test_sign_out_needs_the_csrf_token(web):
     assert web.get("/").status_code == 200
 
 
-@pytest.mark.parametrize("target,expected", [
-    ("/usage", "/usage"),
-    ("//evil.example/steal", "/"),
-    ("https://evil.example/", "/"),
-    ("/\\evil.example", "/"),
-    ("javascript:alert(1)", "/"),
-])
+@pytest.mark.parametrize(
+    "target,expected",
+    [
+        ("/usage", "/usage"),
+        ("//evil.example/steal", "/"),
+        ("https://evil.example/", "/"),
+        ("/\\evil.example", "/"),
+        ("javascript:alert(1)", "/"),
+    ],
+)
 def test_next_redirects_only_within_this_site(web, target, expected):
     web.signup("me@example.com")
     web.post("/logout")
@@ -192,8 +198,9 @@ def add_usage(app, user_id, count):
         user = db.session.get(User, user_id)
         key = user.keys[0]
         for index in range(count):
-            speech = billing.charge_speech(user, key, characters=3, model="kokoro", voice="af_sky",
-                                           response_format="mp3")
+            speech = billing.charge_speech(
+                user, key, characters=3, model="kokoro", voice="af_sky", response_format="mp3"
+            )
             if index % 2:
                 billing.refund_speech(speech.id, "upstream down")
             else:

@@ -38,12 +38,20 @@ def test_models_and_voices_in_kokoro_fastapis_shapes(engine):
     assert {"af_sky", "af_bella", "am_adam", "bf_emma"} <= set(legacy)
 
 
-@pytest.mark.parametrize("response_format,content_type", [
-    ("mp3", "audio/mpeg"), ("wav", "audio/wav"), ("opus", "audio/opus"), ("flac", "audio/flac"), ("pcm", "audio/pcm"),
-])
+@pytest.mark.parametrize(
+    "response_format,content_type",
+    [
+        ("mp3", "audio/mpeg"),
+        ("wav", "audio/wav"),
+        ("opus", "audio/opus"),
+        ("flac", "audio/flac"),
+        ("pcm", "audio/pcm"),
+    ],
+)
 def test_every_format_is_real_decodable_speech(engine, response_format, content_type):
-    response = engine.post("/v1/audio/speech", json={"input": TEXT, "voice": "af_sky",
-                                                     "response_format": response_format})
+    response = engine.post(
+        "/v1/audio/speech", json={"input": TEXT, "voice": "af_sky", "response_format": response_format}
+    )
     assert response.status_code == 200 and response.headers["Content-Type"] == content_type
     seconds = duration(response.data, response_format)
     assert 2.5 < seconds < 10, seconds
@@ -60,15 +68,18 @@ def test_speed_and_voice_blends_are_honoured(engine):
     assert seconds(voice="af_sky+af_bella") > 1.0
 
 
-@pytest.mark.parametrize("body,status,message", [
-    ({"input": "Hi", "voice": "af_nobody"}, 400, "Voice 'af_nobody' not found"),
-    ({"input": "Hi", "voice": "af_sky", "model": "gpt-9"}, 400, "Unsupported model: gpt-9"),
-    ({"input": "Hi", "voice": "af_sky", "response_format": "aac"}, 400, "not supported by this engine"),
-    ({"input": "Hi", "voice": "af_sky", "response_format": "ogg"}, 422, "Input should be 'mp3'"),
-    ({"input": "   ", "voice": "af_sky"}, 422, "Input text is empty"),
-    ({"voice": "af_sky"}, 422, "Field required"),
-    ({"input": "Hi", "voice": "af_sky", "speed": 9}, 422, "0.25 to 4.0"),
-])
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        ({"input": "Hi", "voice": "af_nobody"}, 400, "Voice 'af_nobody' not found"),
+        ({"input": "Hi", "voice": "af_sky", "model": "gpt-9"}, 400, "Unsupported model: gpt-9"),
+        ({"input": "Hi", "voice": "af_sky", "response_format": "aac"}, 400, "not supported by this engine"),
+        ({"input": "Hi", "voice": "af_sky", "response_format": "ogg"}, 422, "Input should be 'mp3'"),
+        ({"input": "   ", "voice": "af_sky"}, 422, "Input text is empty"),
+        ({"voice": "af_sky"}, 422, "Field required"),
+        ({"input": "Hi", "voice": "af_sky", "speed": 9}, 422, "0.25 to 4.0"),
+    ],
+)
 def test_errors_are_detail_bodies(engine, body, status, message):
     response = engine.post("/v1/audio/speech", json=body)
     assert response.status_code == status
@@ -94,9 +105,12 @@ def test_audio_streams_before_the_whole_text_is_synthesised(synthesizer):  # noq
     text = " ".join(f"This is sentence number {n}, spoken on its own." for n in range(1, 7))
     try:
         with serve(create_app(synthesizer)) as url:
-            with requests.post(f"{url}/v1/audio/speech", json={"input": text, "voice": "af_sky",
-                                                               "response_format": "pcm"},
-                               stream=True, timeout=60) as response:
+            with requests.post(
+                f"{url}/v1/audio/speech",
+                json={"input": text, "voice": "af_sky", "response_format": "pcm"},
+                stream=True,
+                timeout=60,
+            ) as response:
                 chunks = response.iter_content(chunk_size=None)
                 first = next(chunks)
                 done_at_first_byte = len(finished)
@@ -113,8 +127,9 @@ def test_concurrent_requests_are_served_one_synthesis_at_a_time(synthesizer):  #
     results = []
 
     def speak():
-        response = app.test_client().post("/v1/audio/speech", json={"input": "Hello.", "voice": "af_sky",
-                                                                     "response_format": "wav"})
+        response = app.test_client().post(
+            "/v1/audio/speech", json={"input": "Hello.", "voice": "af_sky", "response_format": "wav"}
+        )
         results.append((response.status_code, duration(response.data, "wav")))
 
     threads = [threading.Thread(target=speak) for _ in range(3)]

@@ -32,13 +32,24 @@ def test_the_reference_curl_returns_real_speech(gateway, tmp_path):
     app, url = gateway
     customer = factories.customer(app, balance=1000)
     out = tmp_path / "speech.mp3"
-    subprocess.run([
-        "curl", "-sS", "--fail-with-body", f"{url}/v1/audio/speech",
-        "-H", f"Authorization: Bearer {customer.secret}",
-        "-H", "Content-Type: application/json",
-        "-d", '{"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky", "response_format": "mp3"}',
-        "--output", str(out),
-    ], check=True, timeout=60)
+    subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--fail-with-body",
+            f"{url}/v1/audio/speech",
+            "-H",
+            f"Authorization: Bearer {customer.secret}",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            '{"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky", "response_format": "mp3"}',
+            "--output",
+            str(out),
+        ],
+        check=True,
+        timeout=60,
+    )
     assert out.read_bytes()[:3] in (b"ID3", b"\xff\xfb", b"\xff\xf3") or out.read_bytes()[0] == 0xFF
     assert 0.8 < seconds_of(out.read_bytes()) < 5
     assert factories.balance(app, customer.user_id) == 1000 - len(HELLO)
@@ -51,7 +62,10 @@ def test_the_reference_openai_snippet_and_duration_grows_with_input(gateway, tmp
     lengths = {}
     for name, text in [("short", HELLO), ("long", HELLO + " This sentence makes the speech a good deal longer.")]:
         with client.audio.speech.with_streaming_response.create(
-            model="kokoro", voice="af_sky", input=text, response_format="wav",
+            model="kokoro",
+            voice="af_sky",
+            input=text,
+            response_format="wav",
         ) as response:
             response.stream_to_file(tmp_path / f"{name}.wav")
         lengths[name] = seconds_of((tmp_path / f"{name}.wav").read_bytes())

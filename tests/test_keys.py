@@ -22,7 +22,7 @@ def test_only_the_digest_and_a_short_prefix_are_stored(app):
         row = db.session.execute(select(ApiKey.__table__)).one()._asdict()
         stored = " ".join(str(value) for value in row.values())
         assert secret not in stored
-        assert secret[len(keys.KEY_PREFIX):] not in stored
+        assert secret[len(keys.KEY_PREFIX) :] not in stored
         assert row["digest"] == keys.digest(secret)
         assert row["prefix"] == secret[:12] and len(row["prefix"]) == 12
 

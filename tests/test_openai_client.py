@@ -29,7 +29,9 @@ def test_the_reference_streaming_snippet_writes_the_audio_file(running, tmp_path
     customer = factories.customer(app, balance=1000)
     client = client_for(base_url, customer.secret)
     with client.audio.speech.with_streaming_response.create(
-        model="kokoro", voice="af_sky", input="Hello from kokoro-pay.",
+        model="kokoro",
+        voice="af_sky",
+        input="Hello from kokoro-pay.",
     ) as response:
         response.stream_to_file(tmp_path / "speech.mp3")
     assert (tmp_path / "speech.mp3").read_bytes() == b"".join(AUDIO)

@@ -104,15 +104,16 @@ def test_without_stripe_keys_the_packs_are_shown_but_disabled(make_app):
 def test_a_paid_session_credits_the_recorded_pack_once(app, web, buyer, stripe_api, client):
     buy(web, stripe_api)
     # The event claims more credits in its metadata; only the recorded pack counts.
-    payload = event("checkout.session.completed",
-                    checkout_session(buyer, metadata={"credits": "99999999"}), "evt_paid")
+    payload = event("checkout.session.completed", checkout_session(buyer, metadata={"credits": "99999999"}), "evt_paid")
     assert deliver(client, payload).status_code == 200
     assert factories.balance(app, buyer) == 10100
     assert factories.ledger(app, buyer)[-1] == ("topup", 10000, 10100)
     assert payment(app).status == "paid" and payment(app).payment_intent_id == "pi_1"
     # Stripe retries, and sends the async success for the same session too.
     assert deliver(client, payload).status_code == 200
-    assert deliver(client, event("checkout.session.async_payment_succeeded", checkout_session(buyer))).status_code == 200
+    assert (
+        deliver(client, event("checkout.session.async_payment_succeeded", checkout_session(buyer))).status_code == 200
+    )
     assert factories.balance(app, buyer) == 10100
     factories.assert_books_balance(app, buyer)
     page = web.get("/billing/success?session_id=cs_test_1").get_data(as_text=True)
@@ -146,12 +147,15 @@ def test_concurrent_duplicate_deliveries_credit_once(app, web, buyer, stripe_api
     factories.assert_books_balance(app, buyer)
 
 
-@pytest.mark.parametrize("signature", [
-    "",
-    "t=1,v1=deadbeef",
-    sign(b"{}"),  # signs another payload
-    sign(b"", secret="whsec_wrong"),
-])
+@pytest.mark.parametrize(
+    "signature",
+    [
+        "",
+        "t=1,v1=deadbeef",
+        sign(b"{}"),  # signs another payload
+        sign(b"", secret="whsec_wrong"),
+    ],
+)
 def test_a_bad_or_missing_signature_is_400_and_changes_nothing(app, web, buyer, stripe_api, client, signature):
     buy(web, stripe_api)
     payload = event("checkout.session.completed", checkout_session(buyer))
@@ -196,8 +200,12 @@ def test_a_session_of_another_user_or_unknown_credits_nothing(app, web, buyer, s
     buy(web, stripe_api)
     other = factories.customer(app, balance=0)
     assert deliver(client, event("checkout.session.completed", checkout_session(other.user_id))).status_code == 200
-    assert deliver(client, event("checkout.session.completed",
-                                 checkout_session(buyer, session_id="cs_unknown"))).status_code == 200
+    assert (
+        deliver(
+            client, event("checkout.session.completed", checkout_session(buyer, session_id="cs_unknown"))
+        ).status_code
+        == 200
+    )
     assert factories.balance(app, buyer) == 100 and factories.balance(app, other.user_id) == 0
 
 

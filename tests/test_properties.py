@@ -12,22 +12,26 @@ from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.stripe_helpers import deliver, sign
 
-PROPERTY_SETTINGS = settings(max_examples=150, deadline=None,
-                             suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+PROPERTY_SETTINGS = settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
     max_leaves=12,
 )
-speech_bodies = st.fixed_dictionaries({}, optional={
-    "input": st.text(max_size=60) | json_values,
-    "voice": st.sampled_from(["af_sky", "", "x" * 300]) | json_values,
-    "model": st.sampled_from(["kokoro", "tts-1"]) | json_values,
-    "response_format": st.sampled_from(["mp3", "wav", "ogg"]) | json_values,
-    "speed": st.floats(allow_nan=False, allow_infinity=False) | json_values,
-    "stream": json_values,
-})
+speech_bodies = st.fixed_dictionaries(
+    {},
+    optional={
+        "input": st.text(max_size=60) | json_values,
+        "voice": st.sampled_from(["af_sky", "", "x" * 300]) | json_values,
+        "model": st.sampled_from(["kokoro", "tts-1"]) | json_values,
+        "response_format": st.sampled_from(["mp3", "wav", "ogg"]) | json_values,
+        "speed": st.floats(allow_nan=False, allow_infinity=False) | json_values,
+        "stream": json_values,
+    },
+)
 raw_bodies = st.binary(max_size=200) | speech_bodies.map(lambda body: json.dumps(body).encode())
 header_values = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=60)
 
@@ -48,13 +52,17 @@ def assert_json_error(response):
 
 
 @PROPERTY_SETTINGS
-@given(raw=raw_bodies, content_type=st.sampled_from(["application/json", "text/plain", "", "application/json; "
-                                                     "charset=latin-1"]))
-def test_any_speech_body_is_answered_and_charged_exactly_as_documented(app, customer, stubbed_upstream, raw,
-                                                                      content_type):
+@given(
+    raw=raw_bodies,
+    content_type=st.sampled_from(["application/json", "text/plain", "", "application/json; charset=latin-1"]),
+)
+def test_any_speech_body_is_answered_and_charged_exactly_as_documented(
+    app, customer, stubbed_upstream, raw, content_type
+):
     before = factories.balance(app, customer.user_id)
-    response = app.test_client().post("/v1/audio/speech", data=raw,
-                                      headers={**customer.headers, "Content-Type": content_type})
+    response = app.test_client().post(
+        "/v1/audio/speech", data=raw, headers={**customer.headers, "Content-Type": content_type}
+    )
     response.close()
     assert_json_error(response)
     after = factories.balance(app, customer.user_id)
@@ -69,8 +77,9 @@ def test_any_speech_body_is_answered_and_charged_exactly_as_documented(app, cust
 @given(text=st.text(min_size=1, max_size=80).filter(str.strip))
 def test_the_charge_is_the_number_of_code_points(app, customer, stubbed_upstream, text):
     before = factories.balance(app, customer.user_id)
-    response = app.test_client().post("/v1/audio/speech", json={"input": text, "voice": "af_sky"},
-                                      headers=customer.headers)
+    response = app.test_client().post(
+        "/v1/audio/speech", json={"input": text, "voice": "af_sky"}, headers=customer.headers
+    )
     response.close()  # as a server does; it gives back the account's stream slot
     if before >= len(text):
         assert response.status_code == 200 and before - factories.balance(app, customer.user_id) == len(text)
@@ -79,9 +88,12 @@ def test_the_charge_is_the_number_of_code_points(app, customer, stubbed_upstream
 
 
 @PROPERTY_SETTINGS
-@given(method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
-       path=st.sampled_from(["/v1/audio/speech", "/v1/balance", "/v1/models", "/v1/audio/voices", "/v1/x", "/v1"]),
-       authorization=header_values | st.sampled_from(["Bearer ", "Bearer kp_live_"]), raw=st.binary(max_size=100))
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
+    path=st.sampled_from(["/v1/audio/speech", "/v1/balance", "/v1/models", "/v1/audio/voices", "/v1/x", "/v1"]),
+    authorization=header_values | st.sampled_from(["Bearer ", "Bearer kp_live_"]),
+    raw=st.binary(max_size=100),
+)
 def test_any_request_to_v1_gets_json(app, customer, stubbed_upstream, method, path, authorization, raw):
     headers = {"Authorization": authorization} if authorization else {}
     response = app.test_client().open(path, method=method, data=raw, headers=headers)
@@ -91,8 +103,11 @@ def test_any_request_to_v1_gets_json(app, customer, stubbed_upstream, method, pa
 
 
 @PROPERTY_SETTINGS
-@given(raw=st.binary(max_size=300) | json_values.map(lambda value: json.dumps(value).encode()),
-       signature=header_values, signed=st.booleans())
+@given(
+    raw=st.binary(max_size=300) | json_values.map(lambda value: json.dumps(value).encode()),
+    signature=header_values,
+    signed=st.booleans(),
+)
 def test_the_webhook_never_fails_and_credits_nothing_unverified(app, customer, raw, signature, signed):
     response = deliver(app.test_client(), raw, sign(raw) if signed else signature)
     assert response.status_code in (200, 400)

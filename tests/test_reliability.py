@@ -31,16 +31,23 @@ STREAMING_TEXT = len(HELLO["input"])
 def charge(app, customer, count=1, characters=10):
     with app.app_context():
         user = db.session.get(User, customer.user_id)
-        ids = [billing.charge_speech(user, user.keys[0], characters=characters, model="kokoro", voice="af_sky",
-                                     response_format="mp3").id for _ in range(count)]
+        ids = [
+            billing.charge_speech(
+                user, user.keys[0], characters=characters, model="kokoro", voice="af_sky", response_format="mp3"
+            ).id
+            for _ in range(count)
+        ]
         db.session.commit()
         return ids
 
 
 def age(app, request_ids, seconds):
     with app.app_context():
-        db.session.execute(update(SpeechRequest).where(SpeechRequest.id.in_(request_ids))
-                           .values(created_at=utcnow() - timedelta(seconds=seconds)))
+        db.session.execute(
+            update(SpeechRequest)
+            .where(SpeechRequest.id.in_(request_ids))
+            .values(created_at=utcnow() - timedelta(seconds=seconds))
+        )
         db.session.commit()
 
 
@@ -58,12 +65,14 @@ def test_a_killed_worker_leaves_the_charge_visible_and_settle_refunds_it_once(ap
     with serve(upstream) as upstream_url:
         env = {"DATABASE_URL": database_uri, "UPSTREAM_URL": f"{upstream_url}/v1", "SECRET_KEY": "crash-test"}
         with gunicorn("wsgi:app", env, workers=1, threads=4) as (url, master):
-            response = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True,
-                                     timeout=10)
+            response = requests.post(
+                f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True, timeout=10
+            )
             chunks = response.iter_content(chunk_size=None)
             assert next(chunks) == b"ID3first"
-            [worker] = subprocess.run(["pgrep", "-P", str(master.pid)], capture_output=True, text=True,
-                                      check=True).stdout.split()
+            [worker] = subprocess.run(
+                ["pgrep", "-P", str(master.pid)], capture_output=True, text=True, check=True
+            ).stdout.split()
             os.kill(int(worker), signal.SIGKILL)
             with pytest.raises(requests.RequestException):
                 b"".join(chunks)
@@ -147,18 +156,49 @@ def test_the_audit_names_every_kind_of_offender_and_exits_1(app, runner, custome
         # A balance changed behind the ledger's back.
         db.session.execute(update(User).where(User.id == other.user_id).values(balance=75))
         # A refund for a delivered request, and one for a request that was never charged.
-        db.session.execute(insert(LedgerEntry).values(user_id=customer.user_id, amount=10, kind="refund",
-                                                      reference=f"refund:{delivered}", balance_after=0,
-                                                      created_at=utcnow()))
-        db.session.execute(insert(LedgerEntry).values(user_id=customer.user_id, amount=7, kind="refund",
-                                                      reference="refund:req_ghost", balance_after=0,
-                                                      created_at=utcnow()))
+        db.session.execute(
+            insert(LedgerEntry).values(
+                user_id=customer.user_id,
+                amount=10,
+                kind="refund",
+                reference=f"refund:{delivered}",
+                balance_after=0,
+                created_at=utcnow(),
+            )
+        )
+        db.session.execute(
+            insert(LedgerEntry).values(
+                user_id=customer.user_id,
+                amount=7,
+                kind="refund",
+                reference="refund:req_ghost",
+                balance_after=0,
+                created_at=utcnow(),
+            )
+        )
         # A paid Stripe payment that was never credited, and a top-up with no payment.
-        db.session.add(Payment(user_id=customer.user_id, checkout_session_id="cs_lost", pack="starter",
-                               credits=10000, amount_cents=500, currency="usd", status="paid", paid_at=utcnow()))
-        db.session.execute(insert(LedgerEntry).values(user_id=other.user_id, amount=5, kind="topup",
-                                                      reference="topup:cs_forged", balance_after=0,
-                                                      created_at=utcnow()))
+        db.session.add(
+            Payment(
+                user_id=customer.user_id,
+                checkout_session_id="cs_lost",
+                pack="starter",
+                credits=10000,
+                amount_cents=500,
+                currency="usd",
+                status="paid",
+                paid_at=utcnow(),
+            )
+        )
+        db.session.execute(
+            insert(LedgerEntry).values(
+                user_id=other.user_id,
+                amount=5,
+                kind="topup",
+                reference="topup:cs_forged",
+                balance_after=0,
+                created_at=utcnow(),
+            )
+        )
         db.session.commit()
     result = runner.invoke(args=["audit"])
     assert result.exit_code == 1
@@ -175,11 +215,16 @@ def test_the_audit_names_every_kind_of_offender_and_exits_1(app, runner, custome
 # 3. Upstream faults
 
 
-@pytest.mark.parametrize("fault,detail", [
-    (requests.ConnectionError(NameResolutionError("tts-gpu.internal", None, "Name or service not known")),
-     "could not be reached"),
-    (requests.ConnectTimeout("connect timed out"), "could not be reached"),
-])
+@pytest.mark.parametrize(
+    "fault,detail",
+    [
+        (
+            requests.ConnectionError(NameResolutionError("tts-gpu.internal", None, "Name or service not known")),
+            "could not be reached",
+        ),
+        (requests.ConnectTimeout("connect timed out"), "could not be reached"),
+    ],
+)
 def test_dns_failure_and_connect_timeout_are_refunded_502(app, client, customer, fault, detail):
     with responses.RequestsMock() as upstream:
         upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=fault)
@@ -207,12 +252,18 @@ def test_a_single_thread_worker_is_free_again_after_each_fault(app, database_uri
     customer = factories.customer(app, balance=1000)
     upstream = Faulty()
     with serve(upstream) as upstream_url:
-        env = {"DATABASE_URL": database_uri, "UPSTREAM_URL": f"{upstream_url}/v1", "SECRET_KEY": "fault-test",
-               "UPSTREAM_READ_TIMEOUT": "0.5"}
+        env = {
+            "DATABASE_URL": database_uri,
+            "UPSTREAM_URL": f"{upstream_url}/v1",
+            "SECRET_KEY": "fault-test",
+            "UPSTREAM_READ_TIMEOUT": "0.5",
+        }
         with gunicorn("wsgi:app", env, workers=1, threads=1) as (url, _):
+
             def speak(voice):
-                return requests.post(f"{url}/v1/audio/speech", json={**HELLO, "voice": voice},
-                                     headers=customer.headers, timeout=10)
+                return requests.post(
+                    f"{url}/v1/audio/speech", json={**HELLO, "voice": voice}, headers=customer.headers, timeout=10
+                )
 
             for voice in ("slow", "af_nicole", "slow", "af_nicole"):
                 assert speak(voice).status_code == 502
@@ -261,9 +312,9 @@ def test_concurrent_streams_per_account_are_capped(make_app):
         customer = factories.customer(app, balance=1000)
         second_key = {"Authorization": f"Bearer {factories.add_key(app, customer.user_id)}"}
         with serve(app) as url:
+
             def open_stream(headers):
-                response = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=headers, stream=True,
-                                         timeout=10)
+                response = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=headers, stream=True, timeout=10)
                 chunks = response.iter_content(chunk_size=None)
                 if response.status_code == 200:
                     assert next(chunks) == b"ID3first"
@@ -297,14 +348,16 @@ def redis_url():
 def test_limits_in_redis_are_shared_by_several_app_hosts(make_app, redis_url):
     hosts = [make_app(RATELIMIT_STORAGE_URI=redis_url, RATE_LIMIT_PER_KEY="4/minute") for _ in range(2)]
     customer = factories.customer(hosts[0], balance=10)
-    statuses = [hosts[index % 2].test_client().get("/v1/balance", headers=customer.headers).status_code
-                for index in range(6)]
+    statuses = [
+        hosts[index % 2].test_client().get("/v1/balance", headers=customer.headers).status_code for index in range(6)
+    ]
     assert statuses == [200, 200, 200, 200, 429, 429]
 
 
 def test_stream_slots_in_redis_are_shared_and_given_back(make_app, redis_url):
-    first, second = (make_app(RATELIMIT_STORAGE_URI=redis_url, MAX_STREAMS_PER_ACCOUNT=1).extensions["throttle"]
-                     for _ in range(2))
+    first, second = (
+        make_app(RATELIMIT_STORAGE_URI=redis_url, MAX_STREAMS_PER_ACCOUNT=1).extensions["throttle"] for _ in range(2)
+    )
     assert first.acquire_stream(7) and not second.acquire_stream(7)
     first.release_stream(7)
     assert second.acquire_stream(7)
@@ -326,9 +379,11 @@ def test_failed_sign_ins_are_throttled_per_account_and_per_ip(make_app):
     assert web.login(bystander.email, "correct horse battery").status_code == 429
     other_ip = factories.WebClient(app.test_client())
     other_ip.get("/login")
-    response = other_ip.client.post("/login", data={"email": bystander.email, "password": "correct horse battery",
-                                                    "csrf_token": other_ip.token},
-                                    environ_base={"REMOTE_ADDR": "127.0.0.2"})
+    response = other_ip.client.post(
+        "/login",
+        data={"email": bystander.email, "password": "correct horse battery", "csrf_token": other_ip.token},
+        environ_base={"REMOTE_ADDR": "127.0.0.2"},
+    )
     assert response.status_code == 302
 
 

@@ -38,8 +38,9 @@ def test_first_bytes_reach_the_client_before_the_upstream_has_finished(gateway):
     upstream = FakeUpstream([b"ID3first-sentence", b"second-sentence"], gate=gate)
     app, url = gateway(upstream)
     customer = factories.customer(app, balance=1000)
-    with requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True,
-                       timeout=10) as response:
+    with requests.post(
+        f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True, timeout=10
+    ) as response:
         assert response.status_code == 200
         assert response.headers["Content-Type"] == "audio/mpeg"
         chunks = response.iter_content(chunk_size=None)
@@ -61,8 +62,9 @@ def test_a_large_body_streams_through_in_constant_memory(gateway):
     peak = None
     tracemalloc.start()
     try:
-        with requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True,
-                           timeout=30) as response:
+        with requests.post(
+            f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True, timeout=30
+        ) as response:
             for piece in response.iter_content(chunk_size=65536):
                 received += len(piece)
                 if peak is None and received >= total - len(chunk):
@@ -82,8 +84,9 @@ def test_an_upstream_that_breaks_mid_stream_is_refunded_and_the_client_sees_a_br
     app, url = gateway(upstream)
     customer = factories.customer(app, balance=1000)
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
-        with requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True,
-                           timeout=10) as response:
+        with requests.post(
+            f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True, timeout=10
+        ) as response:
             assert response.status_code == 200
             b"".join(response.iter_content(chunk_size=None))
     [speech] = _wait_for_state(app, customer, "refunded")
@@ -97,8 +100,7 @@ def test_a_client_that_hangs_up_mid_stream_closes_the_upstream_connection(gatewa
     upstream = FakeUpstream([b"ID3first", b"\x00" * 65536], gate=gate, endless=True)
     app, url = gateway(upstream)
     customer = factories.customer(app, balance=1000)
-    response = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True,
-                             timeout=10)
+    response = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True, timeout=10)
     assert next(response.iter_content(chunk_size=None)) == b"ID3first"
     response.close()
     gate.set()
@@ -149,8 +151,9 @@ def test_an_upstream_that_stalls_mid_stream_is_refunded(gateway):
     customer = factories.customer(app, balance=1000)
     try:
         with pytest.raises(requests.exceptions.ChunkedEncodingError):
-            with requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True,
-                               timeout=10) as response:
+            with requests.post(
+                f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True, timeout=10
+            ) as response:
                 b"".join(response.iter_content(chunk_size=None))
     finally:
         gate.set()
