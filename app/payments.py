@@ -121,7 +121,7 @@ def _fulfill(session_obj) -> str:
     payment = _payment_for_session(session_obj)
     if payment is None:
         return "unknown checkout session"
-    if payment.status == "paid" or payment.paid_at is not None:
+    if payment.paid_at is not None:
         return "already credited"
     payment.status = "paid"
     payment.paid_at = utcnow()
