@@ -210,6 +210,16 @@ def _relay(audio: SpeechStream, request_id: str, started: float):
     """Yield the audio chunk by chunk as it arrives, then settle the charge."""
     first_byte_ms = _ms_since(started)
     sent = len(audio.first_chunk)
+
+    def outcome(**extra) -> dict:
+        return {
+            "upstream_status": audio.status,
+            "bytes_sent": sent,
+            "first_byte_ms": first_byte_ms,
+            "duration_ms": _ms_since(started),
+            **extra,
+        }
+
     try:
         yield audio.first_chunk
         for chunk in audio.rest:
@@ -218,36 +228,13 @@ def _relay(audio: SpeechStream, request_id: str, started: float):
                 yield chunk
     except GeneratorExit:
         # The client hung up: what it received was synthesised for it, so the charge stands.
-        _settle(
-            billing.mark_delivered,
-            request_id,
-            upstream_status=audio.status,
-            bytes_sent=sent,
-            first_byte_ms=first_byte_ms,
-            duration_ms=_ms_since(started),
-            error="client disconnected",
-        )
+        _settle(billing.mark_delivered, request_id, **outcome(error="client disconnected"))
         raise
     except requests.RequestException as exc:
         reason = "Upstream stalled mid-stream." if timed_out(exc) else "Upstream broke off mid-stream."
-        _settle(
-            billing.refund_speech,
-            request_id,
-            reason,
-            upstream_status=audio.status,
-            bytes_sent=sent,
-            first_byte_ms=first_byte_ms,
-            duration_ms=_ms_since(started),
-        )
+        _settle(billing.refund_speech, request_id, reason, **outcome())
         raise UpstreamBrokeOff(f"speech request {request_id}: upstream broke off after {sent} bytes") from exc
-    _settle(
-        billing.mark_delivered,
-        request_id,
-        upstream_status=audio.status,
-        bytes_sent=sent,
-        first_byte_ms=first_byte_ms,
-        duration_ms=_ms_since(started),
-    )
+    _settle(billing.mark_delivered, request_id, **outcome())
 
 
 def _catalog(path: str, params: dict | None = None):
