@@ -36,6 +36,14 @@ def customer(app, balance: int = 0, unlimited: bool = False, password: str | Non
         return Customer(user.id, user.email, secret, key.id)
 
 
+def charge_speech(user_id: int, characters: int):
+    """One speech request charged to the user's first key, inside the caller's app context."""
+    user = db.session.get(User, user_id)
+    return billing.charge_speech(
+        user, user.keys[0], characters=characters, model="kokoro", voice="af_sky", response_format="mp3"
+    )
+
+
 def add_key(app, user_id: int) -> str:
     with app.app_context():
         _, secret = keys.create_key(db.session.get(User, user_id), "another key")

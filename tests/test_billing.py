@@ -9,12 +9,9 @@ from tests import factories
 
 
 def _charge(user_id, key_id, characters):
-    user = db.session.get(User, user_id)
-    key = user.keys[0]
-    assert key.id == key_id
-    return billing.charge_speech(
-        user, key, characters=characters, model="kokoro", voice="af_sky", response_format="mp3"
-    )
+    speech = factories.charge_speech(user_id, characters)
+    assert speech.api_key_id == key_id
+    return speech
 
 
 def test_charge_debits_and_ledgers_once(app, customer):

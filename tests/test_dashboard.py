@@ -195,12 +195,8 @@ def test_another_users_key_is_404_and_untouched(app, web):
 
 def add_usage(app, user_id, count):
     with app.app_context():
-        user = db.session.get(User, user_id)
-        key = user.keys[0]
         for index in range(count):
-            speech = billing.charge_speech(
-                user, key, characters=3, model="kokoro", voice="af_sky", response_format="mp3"
-            )
+            speech = factories.charge_speech(user_id, characters=3)
             if index % 2:
                 billing.refund_speech(speech.id, "upstream down")
             else:

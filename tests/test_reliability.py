@@ -30,13 +30,7 @@ STREAMING_TEXT = len(HELLO["input"])
 
 def charge(app, customer, count=1, characters=10):
     with app.app_context():
-        user = db.session.get(User, customer.user_id)
-        ids = [
-            billing.charge_speech(
-                user, user.keys[0], characters=characters, model="kokoro", voice="af_sky", response_format="mp3"
-            ).id
-            for _ in range(count)
-        ]
+        ids = [factories.charge_speech(customer.user_id, characters).id for _ in range(count)]
         db.session.commit()
         return ids
 
