@@ -1,6 +1,7 @@
 """kokoro-pay: prepaid credits and a metered, OpenAI-compatible text-to-speech API."""
 
 import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 
 import stripe
 from dotenv import load_dotenv
@@ -102,6 +103,10 @@ def register_extensions(app: Flask) -> None:
     app.extensions["credit_packs"] = parse_packs(app.config["CREDIT_PACKS"])
     app.extensions["stripe"] = stripe_client(app.config)
     app.extensions["throttle"] = Throttle(app.config)
+    # Speech charges written beside the upstream call (app/api.py); each holds a database connection.
+    app.extensions["charge_writers"] = ThreadPoolExecutor(
+        max_workers=app.config["SQLALCHEMY_POOL_SIZE"], thread_name_prefix="charge"
+    )
 
 
 def stripe_client(config) -> stripe.StripeClient | None:

@@ -2,6 +2,7 @@
 
 import math
 import time
+from functools import partial
 
 import requests
 from flask import Blueprint, current_app, g, jsonify, request, stream_with_context
@@ -35,16 +36,15 @@ def authenticate():
         return _unauthorized(f"Missing API key. {BEARER_HINT}")
     if scheme.lower() != "bearer":
         return _unauthorized(f"Malformed Authorization header. {BEARER_HINT}")
-    found = keys.find(secret)
-    if found is None:
+    caller = keys.find(secret)
+    if caller is None:
         return _unauthorized("Invalid API key.")
-    key, user = found
-    if key.revoked:
+    if caller.revoked_at is not None:
         return _unauthorized("This API key has been revoked.")
-    g.api_key, g.user = key, user
-    if keys.touch(key, current_app.config["KEY_LAST_USED_RESOLUTION"]):
+    g.caller = caller
+    if keys.touch(caller.key_id, caller.last_used_at, current_app.config["KEY_LAST_USED_RESOLUTION"]):
         db.session.commit()
-    retry_after = current_app.extensions["throttle"].api_request(key.id, user.id)
+    retry_after = current_app.extensions["throttle"].api_request(caller.key_id, caller.user_id)
     if retry_after is not None:
         return api_error(429, f"Rate limit reached. Retry in {retry_after} seconds.", {"Retry-After": str(retry_after)})
 
@@ -107,7 +107,7 @@ def speech_body(max_chars: int) -> dict:
 def speech():
     body = speech_body(current_app.config["MAX_INPUT_CHARS"])
     throttle = current_app.extensions["throttle"]
-    user_id = g.user.id
+    user_id = g.caller.user_id
     if not throttle.acquire_stream(user_id):
         return api_error(
             429,
@@ -130,49 +130,19 @@ def speech():
 
 def _speak(body: dict):
     """Charge, open the upstream, and answer with its audio stream or a refunded error."""
-    characters = len(body["input"])
-    upstream = current_app.extensions["upstream"]
-    chunk_size = current_app.config["STREAM_CHUNK_BYTES"]
     started = time.monotonic()
-    # When the balance read with the key already covers the cost, synthesis starts while the charge
-    # is written. No audio leaves before the charge has committed; if the debit then loses a race,
-    # the upstream stream is closed unread.
-    opening = upstream.open_speech_soon(body, chunk_size) if g.user.unlimited or g.user.balance >= characters else None
     try:
-        try:
-            charge = billing.charge_speech(
-                g.user,
-                g.api_key,
-                characters=characters,
-                model=body.get("model", DEFAULT_MODEL),
-                voice=body.get("voice", DEFAULT_VOICE),
-                response_format=body.get("response_format", DEFAULT_FORMAT),
-            )
-            request_id = charge.id
-            # Commit the charge, releasing the database connection, before any audio is relayed.
-            db.session.commit()
-        except BaseException:
-            if opening is not None:
-                upstream.discard(opening)
-            raise
+        request_id, audio = _charge_and_open(g.caller, body)
     except billing.InsufficientCredits as short:
-        db.session.rollback()
         return api_error(
             402,
             f"Insufficient credits: this request costs {short.cost} credits and your balance is "
             f"{short.balance}. Top up your balance.",
         )
-
-    try:
-        audio = opening.result() if opening is not None else upstream.open_speech(body, chunk_size)
-    except UpstreamError as failure:
-        billing.refund_speech(
-            request_id, failure.detail, upstream_status=failure.status, duration_ms=_ms_since(started)
-        )
+    if isinstance(audio, UpstreamError):
+        billing.refund_speech(request_id, audio.detail, upstream_status=audio.status, duration_ms=_ms_since(started))
         db.session.commit()
-        return api_error(
-            502, f"{failure.detail} Any charge for this request was refunded.", {"X-Request-Id": request_id}
-        )
+        return api_error(502, f"{audio.detail} Any charge for this request was refunded.", {"X-Request-Id": request_id})
 
     response = current_app.response_class(
         stream_with_context(_relay(audio, request_id, started)),
@@ -186,6 +156,62 @@ def _speak(body: dict):
     # Closes the upstream connection even when the body is never iterated.
     response.call_on_close(audio.close)
     return response
+
+
+def _charge_and_open(caller, body: dict) -> tuple[str, SpeechStream | UpstreamError]:
+    """Commit the charge and open the upstream: the charged request's id, and its audio or why there is none.
+
+    When the balance read with the key covers the cost, this thread asks the upstream at once and the
+    charge is written beside it on another, so the database adds nothing to the time to first byte.
+    Either way the charge has committed before this returns, so no audio is relayed uncharged; if the
+    debit loses a race (InsufficientCredits), the upstream stream is closed unread.
+    """
+    characters = len(body["input"])
+    charge = partial(
+        billing.charge_speech,
+        caller.user_id,
+        caller.key_id,
+        unlimited=caller.unlimited,
+        characters=characters,
+        model=body.get("model", DEFAULT_MODEL),
+        voice=body.get("voice", DEFAULT_VOICE),
+        response_format=body.get("response_format", DEFAULT_FORMAT),
+    )
+    if not caller.unlimited and caller.balance < characters:
+        return _commit(charge), _open(body)
+    charging = current_app.extensions["charge_writers"].submit(
+        _commit_in_context, current_app._get_current_object(), charge
+    )
+    audio = _open(body)
+    try:
+        return charging.result(), audio
+    except BaseException:
+        if isinstance(audio, SpeechStream):
+            audio.close()
+        raise
+
+
+def _commit(charge) -> str:
+    try:
+        request_id = charge()
+        db.session.commit()
+    except BaseException:
+        db.session.rollback()
+        raise
+    return request_id
+
+
+def _commit_in_context(app, charge) -> str:
+    # A session of its own: the request's session belongs to the request's thread.
+    with app.app_context():
+        return _commit(charge)
+
+
+def _open(body: dict) -> SpeechStream | UpstreamError:
+    try:
+        return current_app.extensions["upstream"].open_speech(body, current_app.config["STREAM_CHUNK_BYTES"])
+    except UpstreamError as failure:
+        return failure
 
 
 class UpstreamBrokeOff(Exception):
@@ -258,4 +284,4 @@ def voices():
 
 @bp.get("/balance")
 def balance():
-    return jsonify(balance=g.user.balance, unlimited=g.user.unlimited)
+    return jsonify(balance=g.caller.balance, unlimited=g.caller.unlimited)

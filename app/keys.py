@@ -4,7 +4,7 @@ import hashlib
 import secrets
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import Row, bindparam, select, update
 
 from app.extensions import db
 from app.models import ApiKey, User, utcnow
@@ -42,26 +42,45 @@ def looks_like_key(secret: str) -> bool:
     return secret.startswith(KEY_PREFIX) and len(secret) <= MAX_KEY_LENGTH
 
 
-def find(secret: str) -> tuple[ApiKey, User] | None:
-    """The key with this secret and its owner, revoked or not, in one query."""
+# Built once: every API request runs it, and a prebuilt statement skips SQLAlchemy's per-call cache keying.
+_FIND = (
+    select(
+        ApiKey.id.label("key_id"),
+        ApiKey.revoked_at,
+        ApiKey.last_used_at,
+        User.id.label("user_id"),
+        User.balance,
+        User.unlimited,
+    )
+    .join(User, ApiKey.user_id == User.id)
+    .where(ApiKey.digest == bindparam("digest"))
+)
+
+
+def find(secret: str) -> Row | None:
+    """The key with this secret and its owner, revoked or not: `key_id`, `revoked_at`,
+    `last_used_at`, `user_id`, `balance`, `unlimited`.
+
+    One round trip on a connection of its own in autocommit (a single read needs no
+    transaction), given back at once, so no connection is held while the caller waits
+    on anything else.
+    """
     if not looks_like_key(secret):
         return None
-    row = db.session.execute(
-        select(ApiKey, User).join(User, ApiKey.user_id == User.id).where(ApiKey.digest == digest(secret))
-    ).first()
-    return (row[0], row[1]) if row else None
+    with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        return connection.execute(_FIND, {"digest": digest(secret)}).first()
 
 
-def touch(key: ApiKey, resolution_seconds: int, now: datetime | None = None) -> bool:
-    """Record that `key` was used, at most once per `resolution_seconds`.
+def touch(key_id: int, last_used_at: datetime | None, resolution_seconds: int, now: datetime | None = None) -> bool:
+    """Record that the key was used, at most once per `resolution_seconds`.
 
     Returns True when a write was queued, so a busy key costs one write a minute,
     not one per request.
     """
     now = now or utcnow()
-    if key.last_used_at is not None and now - key.last_used_at < timedelta(seconds=resolution_seconds):
+    if last_used_at is not None and now - last_used_at < timedelta(seconds=resolution_seconds):
         return False
-    db.session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_used_at=now))
+    db.session.execute(update(ApiKey).where(ApiKey.id == key_id).values(last_used_at=now))
     return True
 
 

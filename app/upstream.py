@@ -3,7 +3,6 @@
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -75,7 +74,6 @@ class Upstream:
         # The upstream is addressed directly: no proxy settings or .netrc from the environment,
         # which requests would otherwise re-read on every call.
         self.session.trust_env = False
-        self._openers = ThreadPoolExecutor(max_workers=pool_size, thread_name_prefix="upstream-open")
         # Kept-alive connections, up to one per concurrent stream.
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size)
         self.session.mount("http://", adapter)
@@ -141,20 +139,6 @@ class Upstream:
             response.close()
             raise
         return SpeechStream(response, first_chunk, chunks)
-
-    def open_speech_soon(self, payload: dict, chunk_size: int) -> Future:
-        """`open_speech` in a background thread, so that it can overlap with the charge."""
-        return self._openers.submit(self.open_speech, payload, chunk_size)
-
-    @staticmethod
-    def discard(opening: Future) -> None:
-        """Close a stream opened for a request that will not be served."""
-
-        def close(done: Future) -> None:
-            if done.exception() is None:
-                done.result().close()
-
-        opening.add_done_callback(close)
 
     def catalog(self, path: str, params: dict | None = None):
         """GET a small JSON document (`models`, `audio/voices`), cached for `catalog_ttl` seconds."""

@@ -36,12 +36,19 @@ def customer(app, balance: int = 0, unlimited: bool = False, password: str | Non
         return Customer(user.id, user.email, secret, key.id)
 
 
-def charge_speech(user_id: int, characters: int):
+def charge_speech(user_id: int, characters: int) -> SpeechRequest:
     """One speech request charged to the user's first key, inside the caller's app context."""
     user = db.session.get(User, user_id)
-    return billing.charge_speech(
-        user, user.keys[0], characters=characters, model="kokoro", voice="af_sky", response_format="mp3"
+    request_id = billing.charge_speech(
+        user.id,
+        user.keys[0].id,
+        unlimited=user.unlimited,
+        characters=characters,
+        model="kokoro",
+        voice="af_sky",
+        response_format="mp3",
     )
+    return db.session.get(SpeechRequest, request_id)
 
 
 def add_key(app, user_id: int) -> str:

@@ -9,7 +9,6 @@ import requests
 
 from app import billing
 from app.extensions import db
-from app.models import ApiKey, User
 from tests import factories
 from tests.fake_upstream import FakeUpstream
 from tests.servers import gunicorn, serve
@@ -23,13 +22,17 @@ def test_threads_racing_on_one_balance_in_the_billing_module(app):
 
     def charge(_):
         with app.app_context():
-            user = db.session.get(User, customer.user_id)
-            key = db.session.get(ApiKey, customer.key_id)
-            # Give the connection back while waiting, so 40 threads can share a smaller pool.
-            db.session.close()
             barrier.wait(timeout=30)
             try:
-                billing.charge_speech(user, key, characters=50, model="kokoro", voice="af_sky", response_format="mp3")
+                billing.charge_speech(
+                    customer.user_id,
+                    customer.key_id,
+                    unlimited=False,
+                    characters=50,
+                    model="kokoro",
+                    voice="af_sky",
+                    response_format="mp3",
+                )
                 db.session.commit()
                 return "charged"
             except billing.InsufficientCredits:

@@ -32,8 +32,8 @@ def test_find_by_secret_and_nothing_else(app):
         user = accounts.create_user("a@example.com")
         key, secret = keys.create_key(user)
         db.session.commit()
-        found_key, found_user = keys.find(secret)
-        assert (found_key.id, found_user.id) == (key.id, user.id)
+        found = keys.find(secret)
+        assert (found.key_id, found.user_id, found.revoked_at) == (key.id, user.id, None)
         assert keys.find(secret[:-1]) is None
         assert keys.find(keys.digest(secret)) is None
         assert keys.find("kp_live_" + "x" * 300) is None
@@ -46,7 +46,7 @@ def test_revoke_is_remembered_and_reported_once(app):
         assert keys.revoke(key) is True
         assert keys.revoke(key) is False
         db.session.commit()
-        assert keys.find(secret)[0].revoked
+        assert keys.find(secret).revoked_at is not None
 
 
 def test_last_use_is_written_at_most_once_per_resolution(app):
@@ -54,9 +54,9 @@ def test_last_use_is_written_at_most_once_per_resolution(app):
         key, _ = keys.create_key(accounts.create_user("a@example.com"))
         db.session.commit()
         now = utcnow()
-        assert keys.touch(key, 60, now) is True
+        assert keys.touch(key.id, key.last_used_at, 60, now) is True
         db.session.commit()
         db.session.refresh(key)
         assert key.last_used_at == now
-        assert keys.touch(key, 60, now + timedelta(seconds=59)) is False
-        assert keys.touch(key, 60, now + timedelta(seconds=61)) is True
+        assert keys.touch(key.id, key.last_used_at, 60, now + timedelta(seconds=59)) is False
+        assert keys.touch(key.id, key.last_used_at, 60, now + timedelta(seconds=61)) is True
