@@ -11,11 +11,38 @@ import threading
 import time
 
 import limits
-from limits.storage import storage_from_string
+from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 # A stream slot left behind by a crashed process frees itself after this long.
 SLOT_TTL_SECONDS = 3600
+# How often the in-process windows drop their expired entries.
+SWEEP_SECONDS = 1.0
+
+
+class _SweptMemoryStorage(MemoryStorage):
+    """limits' in-process storage, minus its timer thread.
+
+    The stock storage starts a new thread 10 ms after a hit whenever the previous one has
+    ended, so at a few requests a second every API request paid for a thread start (~0.3 ms
+    of its time to first byte). Here the hit that finds the last sweep over SWEEP_SECONDS old
+    drops the expired entries itself; the windows' answers are the same either way.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._sweeping = threading.Lock()
+        self._next_sweep = time.monotonic() + SWEEP_SECONDS
+
+    # Replaces MemoryStorage's private __schedule_expiry, called on every hit.
+    def _MemoryStorage__schedule_expiry(self) -> None:
+        if time.monotonic() < self._next_sweep or not self._sweeping.acquire(blocking=False):
+            return
+        try:
+            self._MemoryStorage__expire_events()
+            self._next_sweep = time.monotonic() + SWEEP_SECONDS
+        finally:
+            self._sweeping.release()
 
 
 class _MemorySlots:
@@ -59,7 +86,8 @@ class _RedisSlots:
 class Throttle:
     def __init__(self, config):
         uri = config["RATELIMIT_STORAGE_URI"]
-        self._windows = MovingWindowRateLimiter(storage_from_string(uri))
+        storage = _SweptMemoryStorage() if uri == "memory://" else storage_from_string(uri)
+        self._windows = MovingWindowRateLimiter(storage)
         self._slots = _RedisSlots(uri) if uri.startswith(("redis://", "rediss://")) else _MemorySlots()
         self.per_key = limits.parse(config["RATE_LIMIT_PER_KEY"])
         self.per_account = limits.parse(config["RATE_LIMIT_PER_ACCOUNT"])

@@ -6,17 +6,20 @@ import signal
 import socket
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
+import limits
 import pytest
 import requests
 import responses
+from limits.strategies import MovingWindowRateLimiter
 from sqlalchemy import insert, select, text, update
 from sqlalchemy.exc import OperationalError
 from urllib3.exceptions import NameResolutionError
 
-from app import billing
+from app import billing, throttle
 from app.extensions import db
 from app.models import LedgerEntry, Payment, SpeechRequest, User, utcnow
 from tests import factories
@@ -279,6 +282,34 @@ def test_per_key_and_per_account_rate_limits_answer_429_with_retry_after(make_ap
     assert factories.balance(app, customer.user_id) == 100
     other = factories.customer(app, balance=1)
     assert client.get("/v1/balance", headers=other.headers).status_code == 200
+
+
+def test_in_process_rate_limits_start_no_thread_per_request(make_app, monkeypatch):
+    app = make_app(RATE_LIMIT_PER_KEY="3/minute")
+    customer = factories.customer(app, balance=10)
+    client = app.test_client()
+    started = []
+    monkeypatch.setattr(threading.Thread, "start", lambda thread: started.append(thread.name))
+    statuses = []
+    for _ in range(4):
+        # Spaced like a quiet customer's requests: past the 10 ms after which limits' own timer thread ends.
+        time.sleep(0.03)
+        statuses.append(client.get("/v1/balance", headers=customer.headers).status_code)
+    assert statuses == [200, 200, 200, 429]
+    assert started == []
+
+
+def test_in_process_rate_limits_drop_expired_entries(monkeypatch):
+    monkeypatch.setattr(throttle, "SWEEP_SECONDS", 0.0)
+    storage = throttle._SweptMemoryStorage()
+    limiter = MovingWindowRateLimiter(storage)
+    window = limits.parse("5/second")
+    for key in range(20):
+        assert limiter.hit(window, "key", str(key))
+    assert sum(map(len, storage.events.values())) == 20
+    time.sleep(1.1)
+    assert limiter.hit(window, "key", "fresh")
+    assert sum(map(len, storage.events.values())) == 1
 
 
 def test_concurrent_streams_per_account_are_capped(make_app):
