@@ -70,8 +70,8 @@ class _RedisSlots:
 
     def acquire(self, name: str, limit: int) -> bool:
         key = f"kokoro-pay:streams:{name}"
-        count = self._redis.incr(key)
-        self._redis.expire(key, SLOT_TTL_SECONDS)
+        # One round trip for both commands: this runs before every speech request.
+        count, _ = self._redis.pipeline(transaction=False).incr(key).expire(key, SLOT_TTL_SECONDS).execute()
         if count > limit:
             self._redis.decr(key)
             return False
