@@ -115,20 +115,33 @@ def speech():
             f"{throttle.streams_per_account}). Retry when one has finished.",
             {"Retry-After": "1"},
         )
+    slot = _StreamSlot(throttle, user_id)
     try:
-        response = _speak(body)
+        response = _speak(body, slot)
     except BaseException:
-        throttle.release_stream(user_id)
+        slot.release()
         raise
     if response.status_code == 200:
-        # The slot is held until the audio has been sent or the client has gone.
-        response.call_on_close(lambda: throttle.release_stream(user_id))
+        # Given back when the audio has all been relayed (see _relay), or when the client has gone.
+        response.call_on_close(slot.release)
     else:
-        throttle.release_stream(user_id)
+        slot.release()
     return response
 
 
-def _speak(body: dict):
+class _StreamSlot:
+    """One of an account's concurrent-stream slots, given back once however the stream ends."""
+
+    def __init__(self, throttle, user_id: int):
+        self._throttle, self._user_id, self._held = throttle, user_id, True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._throttle.release_stream(self._user_id)
+
+
+def _speak(body: dict, slot: _StreamSlot):
     """Charge, open the upstream, and answer with its audio stream or a refunded error."""
     started = time.monotonic()
     try:
@@ -145,7 +158,7 @@ def _speak(body: dict):
         return api_error(502, f"{audio.detail} Any charge for this request was refunded.", {"X-Request-Id": request_id})
 
     response = current_app.response_class(
-        stream_with_context(_relay(audio, request_id, started)),
+        stream_with_context(_relay(audio, request_id, started, slot)),
         status=200,
         content_type=audio.content_type,
     )
@@ -232,7 +245,7 @@ def _settle(settle, request_id: str, *args, **details) -> None:
         current_app.logger.exception("could not settle speech request %s", request_id)
 
 
-def _relay(audio: SpeechStream, request_id: str, started: float):
+def _relay(audio: SpeechStream, request_id: str, started: float, slot: _StreamSlot):
     """Yield the audio chunk by chunk as it arrives, then settle the charge."""
     first_byte_ms = _ms_since(started)
     sent = len(audio.first_chunk)
@@ -261,6 +274,9 @@ def _relay(audio: SpeechStream, request_id: str, started: float):
         _settle(billing.refund_speech, request_id, reason, **outcome())
         raise UpstreamBrokeOff(f"speech request {request_id}: upstream broke off after {sent} bytes") from exc
     _settle(billing.mark_delivered, request_id, **outcome())
+    # Given back before the server writes the body's end, so a client that reads to the end
+    # and starts its next stream at once finds the slot free.
+    slot.release()
 
 
 def _catalog(path: str, params: dict | None = None):

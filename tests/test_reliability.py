@@ -338,6 +338,22 @@ def test_concurrent_streams_per_account_are_capped(make_app):
     assert factories.balance(app, customer.user_id) == 1000 - 3 * STREAMING_TEXT
 
 
+def test_a_stream_slot_is_free_as_soon_as_the_audio_has_all_been_read(make_app):
+    app = make_app(MAX_STREAMS_PER_ACCOUNT=1)
+    customer = factories.customer(app, balance=1000)
+    client = app.test_client()
+    with responses.RequestsMock() as upstream:
+        upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3audio", content_type="audio/mpeg")
+        upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3again", content_type="audio/mpeg")
+        first = client.post("/v1/audio/speech", json=HELLO, headers=customer.headers, buffered=False)
+        assert b"".join(first.response) == b"ID3audio"
+        # The body is read to its end; the response is not closed yet, as on a server finishing up.
+        second = client.post("/v1/audio/speech", json=HELLO, headers=customer.headers)
+        assert second.status_code == 200 and second.data == b"ID3again"
+        first.close()
+    assert factories.balance(app, customer.user_id) == 1000 - 2 * STREAMING_TEXT
+
+
 @pytest.fixture
 def redis_url():
     url = "redis://127.0.0.1:6379/15"
