@@ -24,8 +24,17 @@ MIN_SPEED, MAX_SPEED = 0.25, 4.0
 BEARER_HINT = "Send your key as 'Authorization: Bearer kp_live_…'."
 
 
-def _unauthorized(detail: str):
-    return api_error(401, detail, {"WWW-Authenticate": "Bearer"})
+class KeyRefused(Exception):
+    """The request's key is unknown or revoked: answered 401 with `detail`."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+@bp.errorhandler(KeyRefused)
+def refused(error: KeyRefused):
+    return api_error(401, error.detail, {"WWW-Authenticate": "Bearer"})
 
 
 @bp.before_request
@@ -33,20 +42,40 @@ def authenticate():
     scheme, _, secret = request.headers.get("Authorization", "").strip().partition(" ")
     secret = secret.strip()
     if not scheme or (scheme.lower() == "bearer" and not secret):
-        return _unauthorized(f"Missing API key. {BEARER_HINT}")
+        raise KeyRefused(f"Missing API key. {BEARER_HINT}")
     if scheme.lower() != "bearer":
-        return _unauthorized(f"Malformed Authorization header. {BEARER_HINT}")
-    caller = keys.find(secret)
-    if caller is None:
-        return _unauthorized("Invalid API key.")
-    if caller.revoked_at is not None:
-        return _unauthorized("This API key has been revoked.")
-    g.caller = caller
+        raise KeyRefused(f"Malformed Authorization header. {BEARER_HINT}")
+    g.key_digest = keys.digest(secret) if keys.looks_like_key(secret) else None
+    # Speech may start on this process's last good lookup of the key: it is looked up again
+    # beside the upstream call, before anything is charged or relayed (see _charge_and_open).
+    g.caller = current_app.extensions["recent_keys"].get(g.key_digest) if request.endpoint == "api.speech" else None
+    g.confirmed = False
+    if g.caller is None:
+        confirm()
+    retry_after = current_app.extensions["throttle"].api_request(g.caller.key_id, g.caller.user_id)
+    if retry_after is not None:
+        confirm()
+        return api_error(429, f"Rate limit reached. Retry in {retry_after} seconds.", {"Retry-After": str(retry_after)})
+
+
+def confirm() -> keys.Caller:
+    """The request's key and owner, looked up now unless they already were; KeyRefused (401) otherwise."""
+    if not g.get("confirmed"):
+        g.caller, g.confirmed = look_up(g.key_digest), True
+    return g.caller
+
+
+def look_up(key_digest: str | None) -> keys.Caller:
+    """A key's current row, remembered for later requests; KeyRefused if it is unknown or revoked."""
+    recent = current_app.extensions["recent_keys"]
+    caller = keys.lookup(key_digest) if key_digest else None
+    if caller is None or caller.revoked_at is not None:
+        recent.forget(key_digest)
+        raise KeyRefused("Invalid API key." if caller is None else "This API key has been revoked.")
     if keys.touch(caller.key_id, caller.last_used_at, current_app.config["KEY_LAST_USED_RESOLUTION"]):
         db.session.commit()
-    retry_after = current_app.extensions["throttle"].api_request(caller.key_id, caller.user_id)
-    if retry_after is not None:
-        return api_error(429, f"Rate limit reached. Retry in {retry_after} seconds.", {"Retry-After": str(retry_after)})
+    recent.remember(key_digest, caller)
+    return caller
 
 
 def _is_number(value) -> bool:
@@ -105,10 +134,15 @@ def speech_body(max_chars: int) -> dict:
 
 @bp.post("/audio/speech")
 def speech():
-    body = speech_body(current_app.config["MAX_INPUT_CHARS"])
+    try:
+        body = speech_body(current_app.config["MAX_INPUT_CHARS"])
+    except BadRequest:
+        confirm()
+        raise
     throttle = current_app.extensions["throttle"]
     user_id = g.caller.user_id
     if not throttle.acquire_stream(user_id):
+        confirm()
         return api_error(
             429,
             f"Too many concurrent speech streams for this account (at most "
@@ -145,7 +179,7 @@ def _speak(body: dict, slot: _StreamSlot):
     """Charge, open the upstream, and answer with its audio stream or a refunded error."""
     started = time.monotonic()
     try:
-        request_id, audio = _charge_and_open(g.caller, body)
+        request_id, audio = _charge_and_open(body)
     except billing.InsufficientCredits as short:
         return api_error(
             402,
@@ -171,37 +205,52 @@ def _speak(body: dict, slot: _StreamSlot):
     return response
 
 
-def _charge_and_open(caller, body: dict) -> tuple[str, SpeechStream | UpstreamError]:
+def _charge_and_open(body: dict) -> tuple[str, SpeechStream | UpstreamError]:
     """Commit the charge and open the upstream: the charged request's id, and its audio or why there is none.
 
-    When the balance read with the key covers the cost, this thread asks the upstream at once and the
-    charge is written beside it on another, so the database adds nothing to the time to first byte.
-    Either way the charge has committed before this returns, so no audio is relayed uncharged; if the
-    debit loses a race (InsufficientCredits), the upstream stream is closed unread.
+    When the balance last seen with the key covers the cost, this thread asks the upstream at once,
+    and another confirms the key (unless this request already looked it up) and writes the charge
+    beside it, so the database adds nothing to the time to first byte. Either way the key has been
+    confirmed and the charge committed before this returns, so no audio is relayed to a revoked key
+    or uncharged; if the confirmation or the debit fails (KeyRefused, InsufficientCredits), the
+    upstream stream is closed unread.
     """
-    characters = len(body["input"])
-    charge = partial(
-        billing.charge_speech,
-        caller.user_id,
-        caller.key_id,
-        unlimited=caller.unlimited,
-        characters=characters,
-        model=body.get("model", DEFAULT_MODEL),
-        voice=body.get("voice", DEFAULT_VOICE),
-        response_format=body.get("response_format", DEFAULT_FORMAT),
-    )
-    if not caller.unlimited and caller.balance < characters:
-        return _commit(charge), _open(body)
+    fields = {
+        "characters": len(body["input"]),
+        "model": body.get("model", DEFAULT_MODEL),
+        "voice": body.get("voice", DEFAULT_VOICE),
+        "response_format": body.get("response_format", DEFAULT_FORMAT),
+    }
+    if not g.caller.unlimited and g.caller.balance < fields["characters"]:
+        # Looked up again before refusing: the balance seen may be older than a top-up.
+        return _commit(_charge(confirm(), fields)), _open(body)
     charging = current_app.extensions["charge_writers"].submit(
-        _commit_in_context, current_app._get_current_object(), charge
+        _charge_beside,
+        current_app._get_current_object(),
+        g.key_digest,
+        g.caller if g.confirmed else None,
+        fields,
     )
     audio = _open(body)
     try:
-        return charging.result(), audio
+        g.caller, request_id = charging.result()
     except BaseException:
         if isinstance(audio, SpeechStream):
             audio.close()
         raise
+    g.confirmed = True
+    return request_id, audio
+
+
+def _charge(caller: keys.Caller, fields: dict):
+    return partial(billing.charge_speech, caller.user_id, caller.key_id, unlimited=caller.unlimited, **fields)
+
+
+def _charge_beside(app, key_digest: str, confirmed: keys.Caller | None, fields: dict) -> tuple[keys.Caller, str]:
+    # A session of its own: the request's session belongs to the request's thread.
+    with app.app_context():
+        caller = confirmed or look_up(key_digest)
+        return caller, _commit(_charge(caller, fields))
 
 
 def _commit(charge) -> str:
@@ -212,12 +261,6 @@ def _commit(charge) -> str:
         db.session.rollback()
         raise
     return request_id
-
-
-def _commit_in_context(app, charge) -> str:
-    # A session of its own: the request's session belongs to the request's thread.
-    with app.app_context():
-        return _commit(charge)
 
 
 def _open(body: dict) -> SpeechStream | UpstreamError:
@@ -300,4 +343,5 @@ def voices():
 
 @bp.get("/balance")
 def balance():
-    return jsonify(balance=g.caller.balance, unlimited=g.caller.unlimited)
+    caller = confirm()
+    return jsonify(balance=caller.balance, unlimited=caller.unlimited)

@@ -2,9 +2,11 @@
 
 import hashlib
 import secrets
+import threading
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
-from sqlalchemy import Row, bindparam, select, update
+from sqlalchemy import bindparam, select, update
 
 from app.extensions import db
 from app.models import ApiKey, User, utcnow
@@ -57,18 +59,59 @@ _FIND = (
 )
 
 
-def find(secret: str) -> Row | None:
-    """The key with this secret and its owner, revoked or not: `key_id`, `revoked_at`,
-    `last_used_at`, `user_id`, `balance`, `unlimited`.
+class Caller(NamedTuple):
+    """An API key and its owner, as one lookup found them."""
+
+    key_id: int
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+    user_id: int
+    balance: int
+    unlimited: bool
+
+
+def find(secret: str) -> Caller | None:
+    """The key with this secret and its owner, revoked or not."""
+    return lookup(digest(secret)) if looks_like_key(secret) else None
+
+
+def lookup(key_digest: str) -> Caller | None:
+    """The key with this digest and its owner, revoked or not.
 
     One round trip on a connection of its own in autocommit (a single read needs no
     transaction), given back at once, so no connection is held while the caller waits
     on anything else.
     """
-    if not looks_like_key(secret):
-        return None
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        return connection.execute(_FIND, {"digest": digest(secret)}).first()
+        row = connection.execute(_FIND, {"digest": key_digest}).first()
+    return Caller(*row) if row else None
+
+
+class RecentKeys:
+    """The last good lookup of each key used lately in this process, by digest (bounded).
+
+    Only a hint, for starting work early: whoever uses it looks the key up again before
+    anything is charged or sent.
+    """
+
+    def __init__(self, size: int = 10_000):
+        self._callers: dict[str, Caller] = {}
+        self._lock = threading.Lock()
+        self._size = size
+
+    def get(self, key_digest: str | None) -> Caller | None:
+        return self._callers.get(key_digest) if key_digest else None
+
+    def remember(self, key_digest: str, caller: Caller) -> None:
+        with self._lock:
+            self._callers.pop(key_digest, None)
+            if len(self._callers) >= self._size:
+                del self._callers[next(iter(self._callers))]
+            self._callers[key_digest] = caller
+
+    def forget(self, key_digest: str | None) -> None:
+        with self._lock:
+            self._callers.pop(key_digest, None)
 
 
 def touch(key_id: int, last_used_at: datetime | None, resolution_seconds: int, now: datetime | None = None) -> bool:

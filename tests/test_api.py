@@ -136,6 +136,27 @@ def test_a_revoked_key_gets_401_at_once(app, client, customer, runner):
     assert_untouched(app, customer)
 
 
+@pytest.mark.parametrize(
+    "body,overrides",
+    [
+        ({"voice": "af_sky"}, {}),
+        (HELLO, {"RATE_LIMIT_PER_KEY": "1/minute"}),
+        (HELLO, {"MAX_STREAMS_PER_ACCOUNT": 0}),
+    ],
+    ids=["bad body", "rate limited", "no stream slot"],
+)
+def test_a_key_revoked_since_its_last_use_gets_401_before_any_other_error(make_app, body, overrides):
+    app = make_app(**overrides)
+    customer = factories.customer(app, balance=1000)
+    client = app.test_client()
+    assert client.get("/v1/balance", headers=customer.headers).status_code == 200
+    assert app.test_cli_runner().invoke(args=["keys", "revoke", str(customer.key_id)]).exit_code == 0
+    response = client.post(SPEECH, json=body, headers=customer.headers)
+    assert response.status_code == 401
+    assert response.get_json() == {"detail": "This API key has been revoked."}
+    assert_untouched(app, customer)
+
+
 def test_the_bearer_scheme_is_case_insensitive(client, customer):
     response = client.get("/v1/balance", headers={"Authorization": f"bearer {customer.secret}"})
     assert response.status_code == 200
@@ -238,6 +259,40 @@ def test_a_short_balance_is_402_and_writes_nothing(app, client, upstream):
     assert factories.balance(app, poor.user_id) == 21
     assert factories.speech_requests(app, poor.user_id) == []
     assert len(upstream.calls) == 0
+
+
+def test_credits_granted_since_the_keys_last_use_count_at_once(app, client, upstream, runner):
+    customer = factories.customer(app, balance=10)
+    stub_audio(upstream)
+    assert post_speech(client, customer).status_code == 402
+    assert len(upstream.calls) == 0
+    grant = ["credits", "grant", customer.email, "100", "--reason", "top-up"]
+    assert runner.invoke(args=grant).exit_code == 0
+    assert post_speech(client, customer).status_code == 200
+    assert factories.balance(app, customer.user_id) == 110 - len(HELLO["input"])
+
+
+def test_a_key_revoked_after_a_402_is_refused_whatever_it_was_granted_since(app, client, upstream, runner):
+    customer = factories.customer(app, balance=10)
+    stub_audio(upstream)
+    assert post_speech(client, customer).status_code == 402
+    assert runner.invoke(args=["credits", "grant", customer.email, "100", "--reason", "top-up"]).exit_code == 0
+    assert runner.invoke(args=["keys", "revoke", str(customer.key_id)]).exit_code == 0
+    response = post_speech(client, customer)
+    assert response.status_code == 401
+    assert response.get_json() == {"detail": "This API key has been revoked."}
+    assert factories.balance(app, customer.user_id) == 110
+    assert factories.speech_requests(app, customer.user_id) == [] and len(upstream.calls) == 0
+
+
+def test_an_account_taken_off_unlimited_is_charged_at_once(app, client, upstream, runner):
+    customer = factories.customer(app, balance=100, unlimited=True)
+    stub_audio(upstream)
+    assert post_speech(client, customer).status_code == 200
+    assert factories.balance(app, customer.user_id) == 100
+    assert runner.invoke(args=["users", "unlimited", customer.email, "--off"]).exit_code == 0
+    assert post_speech(client, customer).status_code == 200
+    assert factories.balance(app, customer.user_id) == 100 - len(HELLO["input"])
 
 
 def test_an_exact_balance_is_enough(app, client, upstream):

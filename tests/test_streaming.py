@@ -183,3 +183,30 @@ def test_a_debit_that_loses_a_race_closes_the_upstream_stream_it_started(gateway
     assert upstream.stream_closed.wait(10), "the upstream stream was left open"
     assert factories.speech_requests(app, customer.user_id) == []
     assert factories.balance(app, customer.user_id) == 1000
+
+
+def test_a_key_revoked_since_its_last_use_gets_401_and_its_early_synthesis_is_closed(gateway):
+    from app import keys
+    from app.extensions import db
+    from app.models import ApiKey
+
+    gate = threading.Event()
+    upstream = FakeUpstream([b"ID3first", b"rest"], gate=gate, endless=True)
+    app, url = gateway(upstream)
+    customer = factories.customer(app, balance=1000)
+    # This process has just seen the key work, so its next speech request asks the upstream at once.
+    assert requests.get(f"{url}/v1/balance", headers=customer.headers, timeout=10).status_code == 200
+    with app.app_context():
+        keys.revoke(db.session.get(ApiKey, customer.key_id))
+        db.session.commit()
+    response = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, timeout=10)
+    assert response.status_code == 401 and response.json() == {"detail": "This API key has been revoked."}
+    assert response.content.count(b"ID3") == 0
+    gate.set()
+    assert len(upstream.received) == 1
+    assert upstream.stream_closed.wait(10), "the upstream stream was left open"
+    # Now known to be revoked here: refused before the upstream is asked.
+    again = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, timeout=10)
+    assert again.status_code == 401 and len(upstream.received) == 1
+    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.speech_requests(app, customer.user_id) == []
