@@ -8,6 +8,7 @@ Prints a table and writes bench/results/bench-<time>.{md,json,png}.
 """
 
 import argparse
+import itertools
 import json
 import os
 import socket
@@ -160,14 +161,24 @@ def one_request(session: requests.Session, url: str, headers: dict, body: dict) 
     return {"status": status, "ttfb": (first or ended) - started, "total": ended - started, "bytes": size}
 
 
-def drive(url: str, headers: dict, concurrency: int, count: int, first: int = 0) -> tuple[list[dict], float]:
+def drive(
+    url: str, headers: dict, concurrency: int, count: int, first: int = 0, ramp: float = 0.0
+) -> tuple[list[dict], float]:
     """`count` speech requests, `concurrency` at a time, each thread on its own kept-alive connection;
-    each request's result, and the wall time they took. `first` continues the mix of input lengths."""
+    each request's result, and the wall time they took. `first` continues the mix of input lengths.
+
+    The threads start spread evenly over `ramp` seconds, as independent clients would, rather than
+    all in one instant: a burst of `concurrency` simultaneous first requests is another test.
+    """
     local = threading.local()
+    starters = itertools.count()
 
     def work(index: int) -> dict:
         if not hasattr(local, "session"):
             local.session = requests.Session()
+            delay = started + next(starters) * ramp / concurrency - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
         length = INPUT_LENGTHS[index % len(INPUT_LENGTHS)]
         text = (SENTENCE * (length // len(SENTENCE) + 1))[:length]
         return one_request(
@@ -240,7 +251,10 @@ def markdown(report: dict) -> str:
         f"# kokoro-pay gateway benchmark ({report['when']})",
         "",
         f"Stand-in upstream: {report['standin']}. App: gunicorn {report['gunicorn']} on PostgreSQL. "
-        f"Requests per level: {report['requests_per_level']}, input lengths {list(INPUT_LENGTHS)} characters.",
+        f"Requests per path: {', '.join(str(level['direct']['requests']) for level in report['levels'])} at "
+        f"concurrency {', '.join(str(level['concurrency']) for level in report['levels'])}, in {report['rounds']} "
+        f"rounds alternating the paths, the clients of a round starting over {report['ramp_s']} s; "
+        f"input lengths {list(INPUT_LENGTHS)} characters.",
         "",
         "| concurrency | path | TTFB p50 ms | TTFB p95 ms | TTFB p99 ms | total p50 ms | req/s | failed "
         "| app peak RSS MB | app CPU ms/request |",
@@ -312,7 +326,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--smoke", action="store_true", help="a short run: few requests, two levels")
     parser.add_argument("--levels", default="1,4,16,64", help="concurrency levels")
     parser.add_argument(
-        "--requests", type=int, default=0, help="requests per level and path (default 8×level, at least 48)"
+        "--requests",
+        type=int,
+        default=0,
+        help="requests per level and path (default 32 per concurrent stream, at least 256)",
     )
     parser.add_argument(
         "--database-url",
@@ -324,6 +341,12 @@ def main(argv=None) -> dict:
         type=int,
         default=4,
         help="rounds per level, direct and gateway alternating",
+    )
+    parser.add_argument(
+        "--ramp",
+        type=float,
+        default=0.5,
+        help="seconds over which a round's clients start (about one request's length at the stand-in's defaults)",
     )
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=64)
@@ -358,6 +381,8 @@ def main(argv=None) -> dict:
         "levels": [],
         "standin": "TTFB 50 ms, 128 kbit/s audio made at 20× real time",
         "gunicorn": f"{args.workers} gthread workers × {args.threads} threads",
+        "rounds": 2 if args.smoke else args.rounds,
+        "ramp_s": args.ramp,
     }
     with (
         gunicorn(
@@ -389,10 +414,9 @@ def main(argv=None) -> dict:
         for url in (standin_url, app_url):
             drive(url, headers, 4, 8) if args.smoke else drive(url, headers, 8, 128)
         for index, concurrency in enumerate(levels):
-            count = args.requests or (8 if args.smoke else max(48, 8 * concurrency))
-            rounds = 2 if args.smoke else args.rounds
+            count = args.requests or (8 if args.smoke else max(256, 32 * concurrency))
+            rounds = report["rounds"]
             per_round = max(1, count // rounds)
-            report["requests_per_level"] = per_round * rounds
             results = {"direct": [], "gateway": []}
             walls = {"direct": 0.0, "gateway": 0.0}
             app_cpu, app_peak = 0.0, 0
@@ -403,11 +427,11 @@ def main(argv=None) -> dict:
                     if path == "gateway":
                         cpu_before = sampler.cpu_seconds()
                         with sampler:
-                            done, wall = drive(app_url, headers, concurrency, per_round, round_ * per_round)
+                            done, wall = drive(app_url, headers, concurrency, per_round, round_ * per_round, args.ramp)
                         app_cpu += sampler.cpu_seconds() - cpu_before
                         app_peak = max(app_peak, sampler.peak)
                     else:
-                        done, wall = drive(standin_url, headers, concurrency, per_round, round_ * per_round)
+                        done, wall = drive(standin_url, headers, concurrency, per_round, round_ * per_round, args.ramp)
                     results[path] += done
                     walls[path] += wall
             level = {path: summarise(results[path], walls[path]) for path in ("direct", "gateway")}
