@@ -45,7 +45,7 @@ def authenticate():
         raise KeyRefused(f"Missing API key. {BEARER_HINT}")
     if scheme.lower() != "bearer":
         raise KeyRefused(f"Malformed Authorization header. {BEARER_HINT}")
-    g.key_digest = keys.digest(secret) if keys.looks_like_key(secret) else None
+    g.key_digest = keys.stored_digest(secret)
     # Speech may start on this process's last good lookup of the key: it is looked up again
     # beside the upstream call, before anything is charged or relayed (see _charge_and_open).
     g.caller = current_app.extensions["recent_keys"].get(g.key_digest) if request.endpoint == "api.speech" else None

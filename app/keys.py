@@ -40,8 +40,9 @@ def create_key(user: User, name: str = "") -> tuple[ApiKey, str]:
     return key, secret
 
 
-def looks_like_key(secret: str) -> bool:
-    return secret.startswith(KEY_PREFIX) and len(secret) <= MAX_KEY_LENGTH
+def stored_digest(secret: str) -> str | None:
+    """The digest a key with this secret is stored under; None for what cannot be a key at all."""
+    return digest(secret) if secret.startswith(KEY_PREFIX) and len(secret) <= MAX_KEY_LENGTH else None
 
 
 # Built once: every API request runs it, and a prebuilt statement skips SQLAlchemy's per-call cache keying.
@@ -68,11 +69,6 @@ class Caller(NamedTuple):
     user_id: int
     balance: int
     unlimited: bool
-
-
-def find(secret: str) -> Caller | None:
-    """The key with this secret and its owner, revoked or not."""
-    return lookup(digest(secret)) if looks_like_key(secret) else None
 
 
 def lookup(key_digest: str) -> Caller | None:

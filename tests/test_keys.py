@@ -27,16 +27,16 @@ def test_only_the_digest_and_a_short_prefix_are_stored(app):
         assert row["prefix"] == secret[:12] and len(row["prefix"]) == 12
 
 
-def test_find_by_secret_and_nothing_else(app):
+def test_a_key_is_found_by_its_secret_and_nothing_else(app):
     with app.app_context():
         user = accounts.create_user("a@example.com")
         key, secret = keys.create_key(user)
         db.session.commit()
-        found = keys.find(secret)
+        found = keys.lookup(keys.stored_digest(secret))
         assert (found.key_id, found.user_id, found.revoked_at) == (key.id, user.id, None)
-        assert keys.find(secret[:-1]) is None
-        assert keys.find(keys.digest(secret)) is None
-        assert keys.find("kp_live_" + "x" * 300) is None
+        assert keys.lookup(keys.stored_digest(secret[:-1])) is None
+        assert keys.stored_digest(keys.digest(secret)) is None
+        assert keys.stored_digest("kp_live_" + "x" * 300) is None
 
 
 def test_revoke_is_remembered_and_reported_once(app):
@@ -46,7 +46,7 @@ def test_revoke_is_remembered_and_reported_once(app):
         assert keys.revoke(key) is True
         assert keys.revoke(key) is False
         db.session.commit()
-        assert keys.find(secret).revoked_at is not None
+        assert keys.lookup(keys.stored_digest(secret)).revoked_at is not None
 
 
 def test_last_use_is_written_at_most_once_per_resolution(app):
