@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import requests
@@ -411,8 +412,9 @@ def main(argv=None) -> dict:
         sampler = MemorySampler(app_process.pid)
         # Warm both paths up: a fresh gateway answers its first ~100 requests about a millisecond slower
         # (connection pools filling, statements prepared), which is not what a customer of a running one sees.
-        for url in (standin_url, app_url):
-            drive(url, headers, 4, 8) if args.smoke else drive(url, headers, 8, 128)
+        urls = {"direct": standin_url, "gateway": app_url}
+        for url in urls.values():
+            drive(url, headers, *((4, 8) if args.smoke else (8, 128)))
         for index, concurrency in enumerate(levels):
             count = args.requests or (8 if args.smoke else max(256, 32 * concurrency))
             rounds = report["rounds"]
@@ -424,14 +426,15 @@ def main(argv=None) -> dict:
                 # Rounds in ABBA order, so a drift of the machine over the level weighs on both paths alike.
                 order = ("direct", "gateway") if (index + round_) % 2 == 0 else ("gateway", "direct")
                 for path in order:
+                    run = partial(drive, urls[path], headers, concurrency, per_round, round_ * per_round, args.ramp)
                     if path == "gateway":
                         cpu_before = sampler.cpu_seconds()
                         with sampler:
-                            done, wall = drive(app_url, headers, concurrency, per_round, round_ * per_round, args.ramp)
+                            done, wall = run()
                         app_cpu += sampler.cpu_seconds() - cpu_before
                         app_peak = max(app_peak, sampler.peak)
                     else:
-                        done, wall = drive(standin_url, headers, concurrency, per_round, round_ * per_round, args.ramp)
+                        done, wall = run()
                     results[path] += done
                     walls[path] += wall
             level = {path: summarise(results[path], walls[path]) for path in ("direct", "gateway")}
