@@ -57,9 +57,23 @@ class Synthesizer:
             )
         return np.mean([self._kokoro.get_voice_style(part) for part in parts], axis=0)
 
-    def sentence(self, text: str, style: np.ndarray, speed: float, lang: str) -> np.ndarray:
+    def phonemes(self, text: str, lang: str) -> str:
+        """Kokoro's phonemes for `text`; "" when none of them is one the model can say.
+
+        Every piece of a text is phonemised before its first audio byte is sent, so a
+        piece that cannot be spoken (private-use characters, digits of a script espeak-ng
+        does not read, a lone surrogate) is known before the stream starts, not halfway.
+        """
         with self._lock:
-            samples, _ = self._kokoro.create(text, style, speed=speed, lang=lang)
+            try:
+                phonemes = " ".join(self._kokoro.tokenizer.phonemize(text, lang).split())
+            except (UnicodeError, ValueError, RuntimeError):
+                return ""
+        return phonemes if self._kokoro.tokenizer.tokenize(phonemes) else ""
+
+    def sentence(self, phonemes: str, style: np.ndarray, speed: float, lang: str) -> np.ndarray:
+        with self._lock:
+            samples, _ = self._kokoro.create(phonemes, style, speed=speed, lang=lang, is_phonemes=True)
         return samples
 
 
@@ -148,11 +162,15 @@ def create_app(synthesizer: Synthesizer | None = None) -> Flask:
             return _error(400, str(error))
         lang = LANGUAGES.get(body.get("lang_code") or voice[:1], "en-us")
         volume = body.get("volume_multiplier") or 1.0
+        # Pieces with nothing to say (a run of symbols, say) are skipped, as a reader would.
+        spoken = [phonemes for phonemes in (synthesizer.phonemes(piece, lang) for piece in pieces) if phonemes]
+        if not spoken:
+            return _field_error("input", "Input text produces no speech", text)
 
         def stream():
             encoder = Encoder(response_format)
-            for piece in pieces:
-                samples = synthesizer.sentence(piece, style, float(speed), lang)
+            for phonemes in spoken:
+                samples = synthesizer.sentence(phonemes, style, float(speed), lang)
                 chunk = encoder.feed(samples * volume if volume != 1.0 else samples)
                 if chunk:
                     yield chunk
