@@ -2,13 +2,33 @@
 
 import os
 
-bind = os.environ.get("BIND", "127.0.0.1:8000")
+from dotenv import dotenv_values
+
+
+def _setting(name: str, default: str) -> str:
+    """The environment first, then `.env` (as the app reads them)."""
+    return os.environ.get(name) or dotenv_values(".env").get(name) or default
+
+
+bind = _setting("BIND", "127.0.0.1:8000")
 worker_class = "gthread"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-threads = int(os.environ.get("GUNICORN_THREADS", "16"))
+# Rate limits kept in process memory are per worker: with more than one worker they must live
+# in a shared store (Redis), or every limit would let each worker's share through.
+_in_memory_limits = _setting("RATELIMIT_STORAGE_URI", "memory://") == "memory://"
+workers = int(_setting("WEB_CONCURRENCY", "1" if _in_memory_limits else "2"))
+threads = int(_setting("GUNICORN_THREADS", "32" if workers == 1 else "16"))
 # A long synthesis streams for as long as it takes; the upstream read timeout bounds silence.
-timeout = int(os.environ.get("GUNICORN_TIMEOUT", "120"))
+timeout = int(_setting("GUNICORN_TIMEOUT", "120"))
 keepalive = 5
 accesslog = "-"
 # The request line and status only: never headers, so keys stay out of the logs.
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(D)sus'
+
+
+def on_starting(server):
+    """Refuse to start several workers on in-memory rate limits, however the worker count was given."""
+    if server.cfg.workers > 1 and _in_memory_limits:
+        raise RuntimeError(
+            f"{server.cfg.workers} workers with RATELIMIT_STORAGE_URI=memory://: each worker would keep its own "
+            "rate limits. Set RATELIMIT_STORAGE_URI=redis://… (see .env.example) or run one worker."
+        )

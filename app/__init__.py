@@ -1,7 +1,6 @@
 """kokoro-pay: prepaid credits and a metered, OpenAI-compatible text-to-speech API."""
 
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 
 import stripe
 from dotenv import load_dotenv
@@ -12,7 +11,6 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as settings
 from app.extensions import csrf, db, login_manager, migrate
-from app.keys import RecentKeys
 from app.payments import parse_packs
 from app.throttle import Throttle
 from app.upstream import Upstream
@@ -104,11 +102,6 @@ def register_extensions(app: Flask) -> None:
     app.extensions["credit_packs"] = parse_packs(app.config["CREDIT_PACKS"])
     app.extensions["stripe"] = stripe_client(app.config)
     app.extensions["throttle"] = Throttle(app.config)
-    app.extensions["recent_keys"] = RecentKeys()
-    # Speech charges written beside the upstream call (app/api.py); each holds a database connection.
-    app.extensions["charge_writers"] = ThreadPoolExecutor(
-        max_workers=app.config["SQLALCHEMY_POOL_SIZE"], thread_name_prefix="charge"
-    )
 
 
 def stripe_client(config) -> stripe.StripeClient | None:

@@ -1,63 +1,137 @@
-"""The books, checked: balances against ledgers, refunds against charges, payments against top-ups."""
+"""The books, checked: a set of named checks, each returning the offenders it finds.
 
-from sqlalchemy import and_, func, literal, select
+`flask audit` runs them all and fails when any finds something. Notices (accounts
+whose streams break off unusually often) are listed for the operator but do not fail.
+"""
 
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from flask import current_app
+from sqlalchemy import and_, case, func, literal, select
+
+from app.billing import kept_credits
 from app.extensions import db
-from app.models import LedgerEntry, Payment, SpeechRequest, User
+from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, SpeechState, User, utcnow
+from app.payments import owed_credits
+
+# An account is named when at least this many of its recent streams broke off after audio went out,
+LOOKBACK_DAYS = 30
+MIN_BREAKS = 5
+# and they are at least this share of its streams.
+BREAK_SHARE = 0.2
 
 
 def _ledger_ref(prefix: str, column):
     return LedgerEntry.reference == literal(prefix) + column
 
 
-def audit() -> tuple[list[str], dict]:
-    """Every inconsistency found, as a line for the operator, and what was checked."""
-    problems = []
-
+def balances_match_ledgers() -> list[str]:
     ledger_sums = (
         select(LedgerEntry.user_id, func.sum(LedgerEntry.amount).label("total"))
         .group_by(LedgerEntry.user_id)
         .subquery()
     )
-    for user_id, email, balance, total in db.session.execute(
-        select(User.id, User.email, User.balance, func.coalesce(ledger_sums.c.total, 0))
+    total = func.coalesce(ledger_sums.c.total, 0)
+    rows = db.session.execute(
+        select(User.id, User.email, User.balance, total)
         .outerjoin(ledger_sums, ledger_sums.c.user_id == User.id)
-        .where((User.balance != func.coalesce(ledger_sums.c.total, 0)) | (User.balance < 0))
-    ):
-        problems.append(f"user {user_id} <{email}>: balance {balance} but the ledger sums to {total}")
+        .where((User.balance != total) | (User.balance < 0))
+    )
+    return [
+        f"user {user_id} <{email}>: balance {balance} but the ledger sums to {sums}"
+        for user_id, email, balance, sums in rows
+    ]
 
+
+def speech_charges_match_ledger() -> list[str]:
+    problems = []
     debit = LedgerEntry.__table__.alias("debit")
     refund = LedgerEntry.__table__.alias("refund")
     rows = db.session.execute(
-        select(SpeechRequest.id, SpeechRequest.state, SpeechRequest.credits, debit.c.amount, refund.c.amount)
+        select(
+            SpeechRequest.id,
+            SpeechRequest.state,
+            SpeechRequest.credits,
+            SpeechRequest.credits_refunded,
+            debit.c.amount,
+            refund.c.amount,
+        )
         .outerjoin(debit, debit.c.reference == literal("speech:") + SpeechRequest.id)
         .outerjoin(refund, refund.c.reference == literal("refund:") + SpeechRequest.id)
     )
-    for request_id, state, credits, debited, refunded in rows:
+    for request_id, state, credits, credits_refunded, debited, refunded in rows:
         if credits and debited != -credits:
             problems.append(f"request {request_id}: charged {credits} credits but debited {debited}")
-        if refunded is not None and state != "refunded":
+        if refunded is not None and state != SpeechState.REFUNDED:
             problems.append(f"request {request_id}: refunded {refunded} credits while {state}")
         if refunded is not None and debited is None:
             problems.append(f"request {request_id}: refunded without a charge")
-        if state == "refunded" and credits and refunded != credits:
-            problems.append(f"request {request_id}: refunded {refunded} of its {credits} credits")
+        if state == SpeechState.REFUNDED and (refunded or 0) != credits_refunded:
+            problems.append(f"request {request_id}: {credits_refunded} credits due back but {refunded or 0} refunded")
+        if credits_refunded > credits:
+            problems.append(f"request {request_id}: refunded {credits_refunded} of its {credits} credits")
+    return problems
 
-    for reference, amount in db.session.execute(
+
+def refunds_cover_only_undelivered_audio() -> list[str]:
+    """A refunded request keeps at least the share its delivered audio pays for."""
+    rate = current_app.config["SPEECH_CHARS_PER_SECOND"]
+    rows = db.session.execute(
+        select(
+            SpeechRequest.id,
+            SpeechRequest.credits,
+            SpeechRequest.credits_refunded,
+            SpeechRequest.characters,
+            SpeechRequest.speed,
+            SpeechRequest.audio_ms,
+        ).where(SpeechRequest.state == SpeechState.REFUNDED, SpeechRequest.credits_refunded > 0)
+    )
+    problems = []
+    for request_id, credits, refunded, characters, speed, audio_ms in rows:
+        owed = kept_credits(credits, characters, speed, audio_ms, rate)
+        if credits - refunded < owed:
+            problems.append(
+                f"request {request_id}: kept {credits - refunded} credits, but its {audio_ms} ms of "
+                f"delivered audio pay for {owed}"
+            )
+    return problems
+
+
+def ledger_rows_have_requests() -> list[str]:
+    speech_kinds = (LedgerKind.DEBIT, LedgerKind.REFUND)
+    rows = db.session.execute(
         select(LedgerEntry.reference, LedgerEntry.amount)
         .outerjoin(
             SpeechRequest,
             and_(
-                LedgerEntry.kind.in_(("debit", "refund")),
+                LedgerEntry.kind.in_(speech_kinds),
                 (LedgerEntry.reference == literal("speech:") + SpeechRequest.id)
                 | (LedgerEntry.reference == literal("refund:") + SpeechRequest.id),
             ),
         )
-        .where(LedgerEntry.kind.in_(("debit", "refund")), SpeechRequest.id.is_(None))
-    ):
-        problems.append(f"ledger {reference}: {amount:+} credits for no speech request")
+        .where(LedgerEntry.kind.in_(speech_kinds), SpeechRequest.id.is_(None))
+    )
+    return [f"ledger {reference}: {amount:+} credits for no speech request" for reference, amount in rows]
 
-    for session_id, credits, paid_at, topped_up, count in db.session.execute(
+
+def no_stale_charges() -> list[str]:
+    """No request is still `charged` without progress past STALE_CHARGE_SECONDS: settle has run."""
+    seconds = current_app.config["STALE_CHARGE_SECONDS"]
+    cutoff = utcnow() - timedelta(seconds=seconds)
+    last_seen = func.coalesce(SpeechRequest.progress_at, SpeechRequest.created_at)
+    rows = db.session.execute(
+        select(SpeechRequest.id, last_seen).where(SpeechRequest.state == SpeechState.CHARGED, last_seen < cutoff)
+    )
+    return [
+        f"request {request_id}: still charged, no progress since {seen:%Y-%m-%d %H:%M:%S} (run `flask speech settle`)"
+        for request_id, seen in rows
+    ]
+
+
+def payments_credited_once() -> list[str]:
+    problems = []
+    rows = db.session.execute(
         select(
             Payment.checkout_session_id,
             Payment.credits,
@@ -67,23 +141,85 @@ def audit() -> tuple[list[str], dict]:
         )
         .outerjoin(LedgerEntry, _ledger_ref("topup:", Payment.checkout_session_id))
         .group_by(Payment.id)
-    ):
+    )
+    for session_id, credits, paid_at, topped_up, count in rows:
         if paid_at is not None and (count != 1 or topped_up != credits):
             problems.append(f"payment {session_id}: {credits} credits paid, {count} top-ups of {topped_up} in all")
         if paid_at is None and count:
             problems.append(f"payment {session_id}: credited {topped_up} but not paid")
-
-    for (reference,) in db.session.execute(
+    rows = db.session.execute(
         select(LedgerEntry.reference)
         .outerjoin(Payment, _ledger_ref("topup:", Payment.checkout_session_id))
-        .where(LedgerEntry.kind == "topup", Payment.id.is_(None))
-    ):
-        problems.append(f"ledger {reference}: a top-up for no payment")
+        .where(LedgerEntry.kind == LedgerKind.TOPUP, Payment.id.is_(None))
+    )
+    problems.extend(f"ledger {reference}: a top-up for no payment" for (reference,) in rows)
+    return problems
 
-    checked = {
+
+def reversals_applied() -> list[str]:
+    """Every refund and lost dispute of a credited payment has taken its credits back."""
+    payments = db.session.scalars(
+        select(Payment).where(
+            Payment.paid_at.is_not(None),
+            Payment.payment_intent_id.in_(select(PaymentReversal.payment_intent_id)),
+        )
+    )
+    return [
+        f"payment {payment.checkout_session_id}: its refunds and disputes owe {owed_credits(payment)} credits "
+        f"back but {payment.credits_reversed} were taken"
+        for payment in payments
+        if owed_credits(payment) != payment.credits_reversed
+    ]
+
+
+CHECKS = (
+    balances_match_ledgers,
+    speech_charges_match_ledger,
+    refunds_cover_only_undelivered_audio,
+    ledger_rows_have_requests,
+    no_stale_charges,
+    payments_credited_once,
+    reversals_applied,
+)
+
+
+def frequent_mid_stream_breaks() -> list[str]:
+    """Accounts whose streams often break off after audio went out (worth a look, not an error)."""
+    since = utcnow() - timedelta(days=LOOKBACK_DAYS)
+    broken = func.sum(
+        case((and_(SpeechRequest.state == SpeechState.REFUNDED, SpeechRequest.bytes_sent > 0), 1), else_=0)
+    )
+    rows = db.session.execute(
+        select(User.id, User.email, broken, func.count(SpeechRequest.id))
+        .join(SpeechRequest, SpeechRequest.user_id == User.id)
+        .where(SpeechRequest.created_at >= since)
+        .group_by(User.id, User.email)
+        .having(broken >= MIN_BREAKS)
+    )
+    return [
+        f"user {user_id} <{email}>: {breaks} of {total} streams in {LOOKBACK_DAYS} days broke off after audio went out"
+        for user_id, email, breaks, total in rows
+        if breaks >= BREAK_SHARE * total
+    ]
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+    checked: dict = field(default_factory=dict)
+
+
+def audit() -> Report:
+    """Run every check; the offenders found, notices for the operator, and what was checked."""
+    report = Report()
+    for check in CHECKS:
+        report.problems.extend(check())
+    report.notices = frequent_mid_stream_breaks()
+    report.checked = {
         "users": db.session.scalar(select(func.count(User.id))),
         "ledger entries": db.session.scalar(select(func.count(LedgerEntry.id))),
         "speech requests": db.session.scalar(select(func.count(SpeechRequest.id))),
         "payments": db.session.scalar(select(func.count(Payment.id))),
     }
-    return problems, checked
+    return report

@@ -5,22 +5,16 @@ or rolls back on an exception, so a balance and its ledger row land together or
 not at all.
 """
 
+import math
 import uuid
 from datetime import timedelta
+from fractions import Fraction
 
-from sqlalchemy import bindparam, insert, select, update
+from flask import current_app
+from sqlalchemy import bindparam, func, insert, select, update
 
 from app.extensions import db
-from app.models import LedgerEntry, SpeechRequest, User, new_request_id, utcnow
-
-DEBIT = "debit"
-REFUND = "refund"
-GRANT = "grant"
-DEDUCTION = "deduction"
-
-CHARGED = "charged"
-DELIVERED = "delivered"
-REFUNDED = "refunded"
+from app.models import LedgerEntry, LedgerKind, SpeechRequest, SpeechState, User, new_request_id, utcnow
 
 
 class InsufficientCredits(Exception):
@@ -28,6 +22,14 @@ class InsufficientCredits(Exception):
         super().__init__(f"balance {balance} is short of {cost}")
         self.balance = balance
         self.cost = cost
+
+
+class TooManyStreams(Exception):
+    """The account already has its maximum of speech streams open."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"at most {limit} concurrent streams")
+        self.limit = limit
 
 
 _users, _ledger = User.__table__, LedgerEntry.__table__
@@ -78,14 +80,14 @@ def grant(user: User, amount: int, reason: str) -> int:
     """Operator grant of `amount` (> 0) credits; returns the new balance."""
     if amount <= 0:
         raise ValueError("a grant must be a positive number of credits")
-    return apply(user.id, amount, kind=GRANT, reference=f"grant:{uuid.uuid4().hex}", note=reason)
+    return apply(user.id, amount, kind=LedgerKind.GRANT, reference=f"grant:{uuid.uuid4().hex}", note=reason)
 
 
 def deduct(user: User, amount: int, reason: str) -> int:
     """Operator deduction of `amount` (> 0) credits; InsufficientCredits if the balance is short."""
     if amount <= 0:
         raise ValueError("a deduction must be a positive number of credits")
-    return apply(user.id, -amount, kind=DEDUCTION, reference=f"deduction:{uuid.uuid4().hex}", note=reason)
+    return apply(user.id, -amount, kind=LedgerKind.DEDUCTION, reference=f"deduction:{uuid.uuid4().hex}", note=reason)
 
 
 def charge_speech(
@@ -97,16 +99,27 @@ def charge_speech(
     model: str,
     voice: str,
     response_format: str,
+    speed: float = 1.0,
+    max_streams: int | None = None,
 ) -> str:
     """Record a speech request and debit `characters` credits for it; return the request's id.
 
     Unlimited accounts are recorded with a charge of 0 and no ledger row.
-    Raises InsufficientCredits, with nothing written, when the balance is short.
+    Raises InsufficientCredits, with nothing written, when the balance is short, and
+    TooManyStreams when the account already has `max_streams` requests in flight; the
+    caller rolls back. The count is exact across processes and hosts: it is taken after
+    this transaction has locked the account's row (the debit, or a no-op update for
+    unlimited accounts), so concurrent charges of one account are counted one by one.
     """
     credits = 0 if unlimited else characters
     request_id = new_request_id()
     if credits:
-        apply(user_id, -credits, kind=DEBIT, reference=f"speech:{request_id}", note=f"{characters} characters")
+        note = f"{characters} characters"
+        apply(user_id, -credits, kind=LedgerKind.DEBIT, reference=f"speech:{request_id}", note=note)
+    elif max_streams is not None:
+        db.session.execute(_CHANGE, {"user_id": user_id, "amount": 0})
+    if max_streams is not None and db.session.execute(_IN_FLIGHT, {"user_id": user_id}).scalar() >= max_streams:
+        raise TooManyStreams(max_streams)
     db.session.execute(
         _RECORD_SPEECH,
         {
@@ -116,13 +129,33 @@ def charge_speech(
             "model": model,
             "voice": voice,
             "response_format": response_format,
+            "speed": speed,
             "characters": characters,
             "credits": credits,
-            "state": CHARGED,
+            "credits_refunded": 0,
+            "audio_ms": 0,
+            "state": SpeechState.CHARGED,
             "created_at": utcnow(),
         },
     )
     return request_id
+
+
+_speech = SpeechRequest.__table__
+_IN_FLIGHT = select(func.count()).where(
+    _speech.c.user_id == bindparam("user_id"), _speech.c.state == SpeechState.CHARGED
+)
+
+
+def record_progress(request_id: str, bytes_sent: int, audio_ms: int | None) -> bool:
+    """Note how far a live stream has got; False when the request was settled meanwhile."""
+    row = db.session.execute(
+        update(_speech)
+        .where(_speech.c.id == request_id, _speech.c.state == SpeechState.CHARGED)
+        .values(bytes_sent=bytes_sent, audio_ms=audio_ms, progress_at=utcnow())
+        .returning(_speech.c.id)
+    ).first()
+    return row is not None
 
 
 def _close_speech(request_id: str, state: str, details: dict):
@@ -132,43 +165,73 @@ def _close_speech(request_id: str, state: str, details: dict):
         values["error"] = values["error"][:500]
     return db.session.execute(
         update(SpeechRequest)
-        .where(SpeechRequest.id == request_id, SpeechRequest.state == CHARGED)
+        .where(SpeechRequest.id == request_id, SpeechRequest.state == SpeechState.CHARGED)
         .values(**values)
-        .returning(SpeechRequest.user_id, SpeechRequest.credits),
+        .returning(
+            SpeechRequest.user_id,
+            SpeechRequest.credits,
+            SpeechRequest.characters,
+            SpeechRequest.speed,
+            SpeechRequest.audio_ms,
+        ),
         execution_options={"synchronize_session": False},
     ).first()
 
 
 def mark_delivered(request_id: str, **details) -> bool:
     """The audio went out: the charge stands. False if the request was already settled."""
-    return _close_speech(request_id, DELIVERED, details) is not None
+    return _close_speech(request_id, SpeechState.DELIVERED, details) is not None
 
 
-def refund_speech(request_id: str, reason: str, **details) -> bool:
-    """Give a request's credits back, at most once and only after a charge.
+def kept_credits(credits: int, characters: int, speed: float, audio_ms: int | None, chars_per_second: float) -> int:
+    """The share of a charge that delivered audio pays for, rounded up.
 
-    The state change from `charged` is the guard: a second call, or a call for a
-    request already delivered, finds no charged row and does nothing.
+    The whole text is expected to last `characters / (chars_per_second × speed)` seconds;
+    the audio delivered pays for its share of that, never more than the charge. A rate at
+    or above the fastest speech of any voice makes the expected length a lower bound, so a
+    refund never pays back audio that went out. `audio_ms` None (a stream that could not be
+    measured) keeps the whole charge.
     """
-    row = _close_speech(request_id, REFUNDED, {**details, "error": reason})
+    if audio_ms is None:
+        return credits
+    if audio_ms <= 0 or credits <= 0:
+        return 0
+    share = Fraction(audio_ms) * Fraction(str(chars_per_second)) * Fraction(str(speed)) / (1000 * characters)
+    return min(credits, math.ceil(credits * share))
+
+
+def refund_speech(request_id: str, reason: str, **details) -> int | None:
+    """Give back what a failed request did not deliver, at most once and only after a charge.
+
+    `details` may carry `audio_ms`, the audio delivered (0 before the first byte: a full
+    refund); without it, the progress last recorded for the request counts. Returns the
+    credits given back, or None when the request was not charged any more: the state
+    change from `charged` is the guard, so a second call, or one for a request already
+    delivered, does nothing. The speech rate is SPEECH_CHARS_PER_SECOND (see kept_credits).
+    """
+    row = _close_speech(request_id, SpeechState.REFUNDED, {**details, "error": reason})
     if row is None:
-        return False
-    user_id, credits = row
-    if credits:
-        apply(user_id, credits, kind=REFUND, reference=f"refund:{request_id}", note=reason)
-    return True
+        return None
+    user_id, credits, characters, speed, audio_ms = row
+    chars_per_second = current_app.config["SPEECH_CHARS_PER_SECOND"]
+    refund = credits - kept_credits(credits, characters, speed, audio_ms, chars_per_second)
+    if refund:
+        db.session.execute(update(_speech).where(_speech.c.id == request_id).values(credits_refunded=refund))
+        apply(user_id, refund, kind=LedgerKind.REFUND, reference=f"refund:{request_id}", note=reason)
+    return refund
 
 
 STALE_REASON = "Never settled: the worker serving it stopped (crash or lost database connection)."
 
 
 def stale_charges(older_than_seconds: int) -> list[str]:
-    """Ids of requests still `charged` after `older_than_seconds`: their worker never settled them."""
+    """Ids of requests still `charged` with no progress for `older_than_seconds`: their worker is gone."""
     cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+    last_seen = func.coalesce(SpeechRequest.progress_at, SpeechRequest.created_at)
     return list(
         db.session.scalars(
             select(SpeechRequest.id)
-            .where(SpeechRequest.state == CHARGED, SpeechRequest.created_at < cutoff)
+            .where(SpeechRequest.state == SpeechState.CHARGED, last_seen < cutoff)
             .order_by(SpeechRequest.created_at)
         )
     )

@@ -144,30 +144,41 @@ def revoke_key(key_id):
     help="Seconds a request may stay charged (default STALE_CHARGE_SECONDS).",
 )
 def settle_speech(older_than):
-    """Refund requests left charged by a worker that died. Safe from cron, and beside live traffic."""
+    """Settle requests a dead worker left charged. Safe from cron, and beside live traffic.
+
+    Only requests with no progress recorded for the given time are touched (a live stream
+    records its progress every few seconds); each is refunded for the audio its last
+    recorded progress does not cover, as when an upstream breaks off.
+    """
     from flask import current_app
 
     age = current_app.config["STALE_CHARGE_SECONDS"] if older_than is None else older_than
-    refunded = 0
+    settled = credits = 0
     stale = billing.stale_charges(age)
     for request_id in stale:
         # One transaction each; a request settled meanwhile (by its worker or another run) is skipped.
-        if billing.refund_speech(request_id, billing.STALE_REASON):
-            refunded += 1
+        refund = billing.refund_speech(request_id, billing.STALE_REASON)
         db.session.commit()
-    click.echo(f"{len(stale)} requests charged for over {age} s; refunded {refunded}.")
+        if refund is not None:
+            settled += 1
+            credits += refund
+    click.echo(
+        f"{len(stale)} requests without progress for over {age} s; settled {settled}, refunding {credits} credits."
+    )
 
 
 @click.command("audit")
 @with_appcontext
 def audit_books():
     """Check the books; exit 1 and list the offenders when anything is off."""
-    problems, checked = audit()
-    summary = ", ".join(f"{count} {name}" for name, count in checked.items())
-    if problems:
-        for problem in problems:
+    report = audit()
+    summary = ", ".join(f"{count} {name}" for name, count in report.checked.items())
+    for notice in report.notices:
+        click.echo(f"notice: {notice}", err=True)
+    if report.problems:
+        for problem in report.problems:
             click.echo(problem, err=True)
-        click.echo(f"AUDIT FAILED: {len(problems)} problems in {summary}.", err=True)
+        click.echo(f"AUDIT FAILED: {len(report.problems)} problems in {summary}.", err=True)
         raise SystemExit(1)
     click.echo(f"Audit passed: {summary}.")
 

@@ -3,6 +3,7 @@
 import csv
 import io
 import math
+import re
 from urllib.parse import urlsplit
 
 import stripe
@@ -32,6 +33,18 @@ bp = Blueprint("dashboard", __name__)
 
 PER_PAGE = 20
 NEW_KEY_SESSION = "new_key_secret"
+
+
+# No field of a form or query may carry NUL or another control character (tab and line breaks
+# aside): the database refuses NUL in text, and nobody types the others.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+@bp.before_request
+def refuse_control_characters():
+    for values in (*request.args.listvalues(), *request.form.listvalues()):
+        if any(_CONTROL_CHARACTERS.search(value) for value in values):
+            abort(400, "A field holds a control character; remove it and try again.")
 
 
 @login_manager.user_loader

@@ -17,6 +17,16 @@ def api_error(status: int, detail: str, headers: dict | None = None):
     return response
 
 
+class ApiError(Exception):
+    """Raised anywhere under /v1 to answer `status` with `{"detail": …}`; rendered by one handler."""
+
+    def __init__(self, status: int, detail: str, headers: dict | None = None):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers
+
+
 def is_api_request() -> bool:
     return request.path == API_PREFIX or request.path.startswith(API_PREFIX + "/")
 
@@ -27,6 +37,10 @@ def _from_http_exception(error: HTTPException):
 
 
 def register_errorhandlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def api_failure(error: ApiError):
+        return api_error(error.status, error.detail, error.headers)
+
     # App-level, not on the blueprint: blueprint handlers never see routing errors (404, 405).
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):

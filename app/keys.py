@@ -2,11 +2,11 @@
 
 import hashlib
 import secrets
-import threading
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
 from sqlalchemy import bindparam, select, update
+from werkzeug.datastructures import Authorization
 
 from app.extensions import db
 from app.models import ApiKey, User, utcnow
@@ -71,6 +71,38 @@ class Caller(NamedTuple):
     unlimited: bool
 
 
+class KeyRefused(Exception):
+    """No usable key on the request: missing, malformed, unknown or revoked (answered 401)."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+BEARER_HINT = "Send your key as 'Authorization: Bearer kp_live_…'."
+
+
+def authenticate(authorization: Authorization | None, resolution_seconds: int) -> Caller:
+    """The caller of a request, looked up now from its bearer key; KeyRefused otherwise.
+
+    Every API request goes through here before anything else, so no work is ever
+    started for a key that this request has not confirmed. A use of the key is
+    recorded at most once per `resolution_seconds` (the caller commits it).
+    """
+    if authorization is None or (authorization.type == "bearer" and not authorization.token):
+        raise KeyRefused(f"Missing API key. {BEARER_HINT}")
+    if authorization.type != "bearer":
+        raise KeyRefused(f"Malformed Authorization header. {BEARER_HINT}")
+    key_digest = stored_digest(authorization.token)
+    caller = lookup(key_digest) if key_digest else None
+    if caller is None:
+        raise KeyRefused("Invalid API key.")
+    if caller.revoked_at is not None:
+        raise KeyRefused("This API key has been revoked.")
+    touch(caller.key_id, caller.last_used_at, resolution_seconds)
+    return caller
+
+
 def lookup(key_digest: str) -> Caller | None:
     """The key with this digest and its owner, revoked or not.
 
@@ -81,33 +113,6 @@ def lookup(key_digest: str) -> Caller | None:
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         row = connection.execute(_FIND, {"digest": key_digest}).first()
     return Caller(*row) if row else None
-
-
-class RecentKeys:
-    """The last good lookup of each key used lately in this process, by digest (bounded).
-
-    Only a hint, for starting work early: whoever uses it looks the key up again before
-    anything is charged or sent.
-    """
-
-    def __init__(self, size: int = 10_000):
-        self._callers: dict[str, Caller] = {}
-        self._lock = threading.Lock()
-        self._size = size
-
-    def get(self, key_digest: str | None) -> Caller | None:
-        return self._callers.get(key_digest) if key_digest else None
-
-    def remember(self, key_digest: str, caller: Caller) -> None:
-        with self._lock:
-            self._callers.pop(key_digest, None)
-            if len(self._callers) >= self._size:
-                del self._callers[next(iter(self._callers))]
-            self._callers[key_digest] = caller
-
-    def forget(self, key_digest: str | None) -> None:
-        with self._lock:
-            self._callers.pop(key_digest, None)
 
 
 def touch(key_id: int, last_used_at: datetime | None, resolution_seconds: int, now: datetime | None = None) -> bool:

@@ -5,13 +5,40 @@ Models never commit; the caller owns the transaction.
 
 import uuid
 from datetime import datetime, timezone
+from enum import StrEnum
 from typing import Optional
 
 from flask_login import UserMixin
-from sqlalchemy import BigInteger, CheckConstraint, ForeignKey, String
+from sqlalchemy import BigInteger, CheckConstraint, Float, ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.extensions import db
+
+
+class LedgerKind(StrEnum):
+    DEBIT = "debit"
+    REFUND = "refund"
+    GRANT = "grant"
+    DEDUCTION = "deduction"
+    TOPUP = "topup"
+    PAYMENT_REFUND = "payment_refund"
+    CHARGEBACK = "chargeback"
+
+
+class SpeechState(StrEnum):
+    CHARGED = "charged"
+    DELIVERED = "delivered"
+    # The upstream failed: what was not delivered was given back (`credits_refunded`).
+    REFUNDED = "refunded"
+
+
+class PaymentStatus(StrEnum):
+    OPEN = "open"
+    PENDING = "pending"
+    PAID = "paid"
+    FAILED = "failed"
+    REFUNDED = "refunded"
+    DISPUTED = "disputed"
 
 
 def utcnow() -> datetime:
@@ -82,6 +109,8 @@ class SpeechRequest(db.Model):
     """One metered call to POST /v1/audio/speech: charged → delivered | refunded."""
 
     __tablename__ = "speech_requests"
+    # The streams an account has open are its requests still charged (the concurrent-stream cap).
+    __table_args__ = (Index("ix_speech_requests_user_id_state", "user_id", "state"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_request_id)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
@@ -89,12 +118,19 @@ class SpeechRequest(db.Model):
     model: Mapped[str] = mapped_column(String(100))
     voice: Mapped[str] = mapped_column(String(200))
     response_format: Mapped[str] = mapped_column(String(10))
+    speed: Mapped[float] = mapped_column(Float, default=1.0)
     characters: Mapped[int]
     # What was taken from the balance: 0 for unlimited accounts, whose usage is still recorded.
     credits: Mapped[int] = mapped_column(BigInteger)
-    state: Mapped[str] = mapped_column(String(16), default="charged", index=True)
+    # Given back when the upstream failed: all of it before any audio, the undelivered share after.
+    credits_refunded: Mapped[int] = mapped_column(BigInteger, default=0)
+    state: Mapped[str] = mapped_column(String(16), default=SpeechState.CHARGED, index=True)
     upstream_status: Mapped[Optional[int]]
     bytes_sent: Mapped[int] = mapped_column(BigInteger, default=0)
+    # Seconds of audio (in ms) in the bytes relayed so far; None when the stream could not be measured.
+    audio_ms: Mapped[Optional[int]] = mapped_column(BigInteger, default=0)
+    # Written every few seconds while a stream is relayed: `flask speech settle` leaves live streams alone.
+    progress_at: Mapped[Optional[datetime]]
     error: Mapped[Optional[str]] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     first_byte_ms: Mapped[Optional[int]]
@@ -118,11 +154,28 @@ class Payment(db.Model):
     amount_cents: Mapped[int]
     currency: Mapped[str] = mapped_column(String(3))
     # open → paid (credited) | pending (async payment) → paid | failed; paid → refunded | disputed
-    status: Mapped[str] = mapped_column(String(16), default="open")
+    status: Mapped[str] = mapped_column(String(16), default=PaymentStatus.OPEN)
     # Credits owed back through refunds and lost disputes, including any the balance could not cover.
     credits_reversed: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     paid_at: Mapped[Optional[datetime]]
+
+
+class PaymentReversal(db.Model):
+    """A refund or lost dispute reported by Stripe for a charge, kept whatever order events arrive in.
+
+    Applied to its payment once that payment is credited (app/payments.py); until then it waits.
+    """
+
+    __tablename__ = "payment_reversals"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    payment_intent_id: Mapped[str] = mapped_column(String(255), index=True)
+    # "refund": the charge's cumulative refunded amount; "dispute": a lost dispute's amount.
+    kind: Mapped[str] = mapped_column(String(16))
+    amount_cents: Mapped[int] = mapped_column(BigInteger)
+    event_id: Mapped[str] = mapped_column(String(255), unique=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class StripeEvent(db.Model):

@@ -1,19 +1,18 @@
 """Stripe Checkout top-ups: packs, sessions, and the webhook events that move credits."""
 
+import hashlib
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 
 from app import billing
 from app.extensions import db
-from app.models import Payment, StripeEvent, User, utcnow
+from app.models import LedgerKind, Payment, PaymentReversal, PaymentStatus, StripeEvent, User, utcnow
 
 log = logging.getLogger(__name__)
 
-TOPUP = "topup"
-PAYMENT_REFUND = "payment_refund"
-CHARGEBACK = "chargeback"
+REFUND, DISPUTE = "refund", "dispute"
 
 
 @dataclass(frozen=True)
@@ -89,19 +88,25 @@ def record_event(event) -> None:
 
 
 def handle_event(event) -> str:
-    """Apply one verified event; return what happened, for the log and the event row."""
+    """Apply one verified event; return what happened, for the log and the event row.
+
+    Stripe does not guarantee the order of events: a refund or a lost dispute may arrive
+    before the payment it reverses is credited. It is kept (payment_reversals) and applied
+    when the payment is credited, so any order of arrival gives the same books.
+    """
     record_event(event)
     obj = event.data.object
     if event.type == "checkout.session.completed":
-        outcome = _fulfill(obj) if obj.payment_status == "paid" else _set_status(obj, "pending")
+        outcome = _fulfill(obj) if obj.payment_status == "paid" else _set_status(obj, PaymentStatus.PENDING)
     elif event.type == "checkout.session.async_payment_succeeded":
         outcome = _fulfill(obj)
     elif event.type == "checkout.session.async_payment_failed":
-        outcome = _set_status(obj, "failed")
+        outcome = _set_status(obj, PaymentStatus.FAILED)
     elif event.type == "charge.refunded":
-        outcome = _reverse(obj.payment_intent, obj.amount_refunded, obj.amount, PAYMENT_REFUND, event.id, "refunded")
+        # amount_refunded is the charge's running total, so a late, older event changes nothing.
+        outcome = _record_reversal(obj.payment_intent, REFUND, obj.amount_refunded, event.id)
     elif event.type == "charge.dispute.closed" and obj.status == "lost":
-        outcome = _reverse(obj.payment_intent, obj.amount, obj.amount, CHARGEBACK, event.id, "disputed")
+        outcome = _record_reversal(obj.payment_intent, DISPUTE, obj.amount, event.id)
     else:
         outcome = "ignored"
     db.session.get(StripeEvent, event.id).outcome = outcome[:200]
@@ -109,11 +114,26 @@ def handle_event(event) -> str:
     return outcome
 
 
+def _lock_intent(payment_intent: str | None) -> None:
+    """Serialise the events of one payment intent (PostgreSQL; SQLite has one writer anyway).
+
+    The payment row alone cannot do it: a refund may arrive before the payment intent is
+    linked to any payment, and must not slip between a concurrent credit and its check
+    for waiting reversals.
+    """
+    if payment_intent and db.session.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(payment_intent.encode()).digest()[:8], "big", signed=True)
+        db.session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
 def _payment_for_session(session_obj) -> Payment | None:
+    _lock_intent(session_obj.payment_intent)
     payment = db.session.scalar(select(Payment).where(Payment.checkout_session_id == session_obj.id).with_for_update())
     if payment is not None and str(payment.user_id) != str(session_obj.client_reference_id):
         log.warning("checkout session %s names another user; ignored", session_obj.id)
         return None
+    if payment is not None and session_obj.payment_intent and payment.payment_intent_id is None:
+        payment.payment_intent_id = session_obj.payment_intent
     return payment
 
 
@@ -123,17 +143,18 @@ def _fulfill(session_obj) -> str:
         return "unknown checkout session"
     if payment.paid_at is not None:
         return "already credited"
-    payment.status = "paid"
+    payment.status = PaymentStatus.PAID
     payment.paid_at = utcnow()
-    payment.payment_intent_id = session_obj.payment_intent
     balance = billing.apply(
         payment.user_id,
         payment.credits,
-        kind=TOPUP,
+        kind=LedgerKind.TOPUP,
         reference=f"topup:{payment.checkout_session_id}",
         note=f"{payment.pack} pack, {payment.amount_cents / 100:.2f} {payment.currency.upper()}",
     )
-    return f"credited {payment.credits} to user {payment.user_id}; balance {balance}"
+    outcome = f"credited {payment.credits} to user {payment.user_id}; balance {balance}"
+    waiting = _apply_reversals(payment)
+    return outcome if waiting is None else f"{outcome}; {waiting}"
 
 
 def _set_status(session_obj, status: str) -> str:
@@ -145,30 +166,65 @@ def _set_status(session_obj, status: str) -> str:
     return f"payment {status}"
 
 
-def _reverse(payment_intent: str | None, amount: int, total: int, kind: str, event_id: str, status: str) -> str:
-    """Take back the credits of the refunded or disputed share of a paid top-up.
-
-    Never below zero: what the balance cannot cover stays recorded in
-    `credits_reversed` and the ledger note, for the operator.
-    """
-    payment = (
-        db.session.scalar(select(Payment).where(Payment.payment_intent_id == payment_intent).with_for_update())
-        if payment_intent
-        else None
+def _record_reversal(payment_intent: str | None, kind: str, amount_cents: int, event_id: str) -> str:
+    if not payment_intent:
+        return "no payment intent on this event"
+    _lock_intent(payment_intent)
+    db.session.add(
+        PaymentReversal(payment_intent_id=payment_intent, kind=kind, amount_cents=amount_cents, event_id=event_id)
     )
+    db.session.flush()
+    payment = db.session.scalar(select(Payment).where(Payment.payment_intent_id == payment_intent).with_for_update())
     if payment is None or payment.paid_at is None:
-        return "no credited payment for this charge"
-    owed = payment.credits * min(amount, total) // total if total else payment.credits
+        return f"kept: a {kind} of {amount_cents} cents, applied when its payment is credited"
+    return _apply_reversals(payment) or "already reversed"
+
+
+def reversed_cents(payment_intent: str) -> tuple[int, int]:
+    """(refunded, disputed) cents Stripe has reported for a payment intent so far."""
+    rows = db.session.execute(
+        select(PaymentReversal.kind, func.max(PaymentReversal.amount_cents))
+        .where(PaymentReversal.payment_intent_id == payment_intent)
+        .group_by(PaymentReversal.kind)
+    )
+    amounts = dict(rows.all())
+    return amounts.get(REFUND, 0), amounts.get(DISPUTE, 0)
+
+
+def owed_credits(payment: Payment) -> int:
+    """The credits a payment's refunds and lost disputes take back: their share of what was paid."""
+    if not payment.payment_intent_id or not payment.amount_cents:
+        return 0
+    refunded, disputed = reversed_cents(payment.payment_intent_id)
+    return payment.credits * min(refunded + disputed, payment.amount_cents) // payment.amount_cents
+
+
+def _apply_reversals(payment: Payment) -> str | None:
+    """Take back what the payment's reversals owe and was not taken yet; None when nothing is due.
+
+    Never below zero: what the balance cannot cover stays recorded in `credits_reversed`
+    and the ledger note, for the operator.
+    """
+    owed = owed_credits(payment)
     due = owed - payment.credits_reversed
     if due <= 0:
-        return "already reversed"
+        return None
     balance = db.session.scalar(select(User.balance).where(User.id == payment.user_id).with_for_update())
     taken = min(due, balance)
-    payment.credits_reversed += due
+    _, disputed = reversed_cents(payment.payment_intent_id)
+    kind, status = (
+        (LedgerKind.CHARGEBACK, PaymentStatus.DISPUTED)
+        if disputed
+        else (LedgerKind.PAYMENT_REFUND, PaymentStatus.REFUNDED)
+    )
+    payment.credits_reversed = owed
     payment.status = status
     note = f"{status} payment {payment.checkout_session_id}"
     if taken < due:
         note += f"; {due - taken} credits already spent"
     if taken:
-        billing.apply(payment.user_id, -taken, kind=kind, reference=f"{kind}:{event_id}", note=note)
+        # Unique per payment and running total: each step of a payment's reversal is applied once.
+        billing.apply(
+            payment.user_id, -taken, kind=kind, reference=f"{kind}:{payment.checkout_session_id}:{owed}", note=note
+        )
     return f"took back {taken} of {due} credits from user {payment.user_id}"

@@ -1,9 +1,9 @@
-"""Abuse limits: request rates per key and per account, concurrent streams per account,
-failed sign-ins per account and per IP.
+"""Abuse limits: request rates per key and per account, failed sign-ins per account and per IP.
 
 Windows are kept by the `limits` library (the core of Flask-Limiter) in memory by
-default, or in Redis (`RATELIMIT_STORAGE_URI=redis://…`) so several app hosts
-share them.
+default, or in Redis (`RATELIMIT_STORAGE_URI=redis://…`) so several processes and
+hosts share them; gunicorn.conf.py refuses to start several workers on the in-memory
+store. The cap on concurrent streams per account is kept by the database (app/billing.py).
 """
 
 import math
@@ -14,8 +14,6 @@ import limits
 from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
-# A stream slot left behind by a crashed process frees itself after this long.
-SLOT_TTL_SECONDS = 3600
 # How often the in-process windows drop their expired entries.
 SWEEP_SECONDS = 1.0
 
@@ -45,53 +43,13 @@ class _SweptMemoryStorage(MemoryStorage):
             self._sweeping.release()
 
 
-class _MemorySlots:
-    def __init__(self):
-        self._counts: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def acquire(self, name: str, limit: int) -> bool:
-        with self._lock:
-            if self._counts.get(name, 0) >= limit:
-                return False
-            self._counts[name] = self._counts.get(name, 0) + 1
-            return True
-
-    def release(self, name: str) -> None:
-        with self._lock:
-            self._counts[name] = max(0, self._counts.get(name, 0) - 1)
-
-
-class _RedisSlots:
-    def __init__(self, uri: str):
-        import redis
-
-        self._redis = redis.Redis.from_url(uri)
-
-    def acquire(self, name: str, limit: int) -> bool:
-        key = f"kokoro-pay:streams:{name}"
-        # One round trip for both commands: this runs before every speech request.
-        count, _ = self._redis.pipeline(transaction=False).incr(key).expire(key, SLOT_TTL_SECONDS).execute()
-        if count > limit:
-            self._redis.decr(key)
-            return False
-        return True
-
-    def release(self, name: str) -> None:
-        key = f"kokoro-pay:streams:{name}"
-        if self._redis.decr(key) < 0:
-            self._redis.set(key, 0, ex=SLOT_TTL_SECONDS)
-
-
 class Throttle:
     def __init__(self, config):
         uri = config["RATELIMIT_STORAGE_URI"]
         storage = _SweptMemoryStorage() if uri == "memory://" else storage_from_string(uri)
         self._windows = MovingWindowRateLimiter(storage)
-        self._slots = _RedisSlots(uri) if uri.startswith(("redis://", "rediss://")) else _MemorySlots()
         self.per_key = limits.parse(config["RATE_LIMIT_PER_KEY"])
         self.per_account = limits.parse(config["RATE_LIMIT_PER_ACCOUNT"])
-        self.streams_per_account = config["MAX_STREAMS_PER_ACCOUNT"]
         self.logins_per_account = limits.parse(config["LOGIN_LIMIT_PER_ACCOUNT"])
         self.logins_per_ip = limits.parse(config["LOGIN_LIMIT_PER_IP"])
 
@@ -106,12 +64,6 @@ class Throttle:
         if not self._windows.hit(self.per_account, "account", str(user_id)):
             return self._retry_after(self.per_account, "account", str(user_id))
         return None
-
-    def acquire_stream(self, user_id: int) -> bool:
-        return self._slots.acquire(f"account:{user_id}", self.streams_per_account)
-
-    def release_stream(self, user_id: int) -> None:
-        self._slots.release(f"account:{user_id}")
 
     def login_blocked(self, email: str, ip: str) -> int | None:
         """Seconds until another sign-in may be tried, when failures have used up a window."""

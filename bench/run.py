@@ -236,7 +236,8 @@ def large_body(url: str, headers: dict, sampler: MemorySampler, size: int) -> di
             requests.Session(),
             f"{url}/v1/audio/speech",
             headers,
-            {"model": "kokoro", "input": "A long reading.", "voice": "af_sky", "standin_bytes": size},
+            # The gateway sends only the fields it knows upstream: the size travels in the text.
+            {"model": "kokoro", "input": f"standin_bytes={size}", "voice": "af_sky"},
         )
     return {
         "bytes": result["bytes"],
@@ -375,6 +376,8 @@ def main(argv=None) -> dict:
         "RATE_LIMIT_PER_KEY": "100000000/minute",
         "RATE_LIMIT_PER_ACCOUNT": "100000000/minute",
         "MAX_STREAMS_PER_ACCOUNT": "100000",
+        # Several workers share their rate limits in Redis (gunicorn.conf.py refuses memory:// with more than one).
+        "RATELIMIT_STORAGE_URI": os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14"),
         "DATABASE_POOL_SIZE": str(args.threads),
     }
     report = {
@@ -388,6 +391,9 @@ def main(argv=None) -> dict:
     with (
         gunicorn(
             [
+                # Not the gateway's gunicorn.conf.py, which is read from the working directory by default.
+                "--config",
+                os.devnull,
                 "--workers",
                 "2",
                 "--worker-class",

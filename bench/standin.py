@@ -4,11 +4,12 @@ input, paced like a fast GPU server. Serve with gunicorn: `gunicorn bench.standi
 Settings (environment): STANDIN_TTFB_MS (latency to the first byte, default 50),
 STANDIN_BITRATE_KBPS (default 128), STANDIN_SPEED (seconds of audio made per second, default 20),
 STANDIN_CHARS_PER_SECOND (speech rate, default 15). A request may ask for an exact size with the
-extra body field "standin_bytes" (the gateway passes unknown fields through).
+input text "standin_bytes=N" (the gateway sends only the fields it knows upstream).
 """
 
 import json
 import os
+import re
 import time
 
 TTFB = float(os.environ.get("STANDIN_TTFB_MS", "50")) / 1000
@@ -53,7 +54,8 @@ def app(environ, start_response):
         return _json(start_response, "200 OK", VOICES)
     if path == "/v1/audio/speech" and environ["REQUEST_METHOD"] == "POST":
         body = json.loads(environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0)))
-        total = int(body.get("standin_bytes") or len(body["input"]) / CHARS_PER_SECOND * BYTES_PER_SECOND)
+        exact = re.fullmatch(r"standin_bytes=(\d+)", body["input"])
+        total = int(exact.group(1)) if exact else int(len(body["input"]) / CHARS_PER_SECOND * BYTES_PER_SECOND)
         start_response("200 OK", [("Content-Type", "audio/mpeg")])
         return _audio(max(total, 1))
     return _json(start_response, "404 Not Found", {"detail": "Not Found"})

@@ -13,6 +13,8 @@ import requests
 from werkzeug.serving import make_server
 
 ROOT = Path(__file__).resolve().parent.parent
+# Where several gunicorn workers keep their shared rate limits (the machine's Redis).
+SHARED_LIMITS = "redis://127.0.0.1:6379/13"
 
 
 @contextlib.contextmanager

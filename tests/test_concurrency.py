@@ -11,7 +11,7 @@ from app import billing
 from app.extensions import db
 from tests import factories
 from tests.fake_upstream import FakeUpstream
-from tests.servers import gunicorn, serve
+from tests.servers import SHARED_LIMITS, gunicorn, serve
 
 pytestmark = pytest.mark.usefixtures("postgres_only")
 
@@ -54,7 +54,12 @@ def test_gunicorn_processes_and_threads_racing_through_the_real_api(app, databas
     other_key = factories.add_key(app, customer.user_id)
     text = "0123456789"  # 10 credits: 25 requests are affordable, 5 credits stay
     with serve(FakeUpstream([b"ID3", b"audio"])) as upstream_url:
-        env = {"DATABASE_URL": database_uri, "UPSTREAM_URL": f"{upstream_url}/v1", "SECRET_KEY": "concurrency-test"}
+        env = {
+            "DATABASE_URL": database_uri,
+            "UPSTREAM_URL": f"{upstream_url}/v1",
+            "SECRET_KEY": "concurrency-test",
+            "RATELIMIT_STORAGE_URI": SHARED_LIMITS,
+        }
         with gunicorn("wsgi:app", env, workers=2, threads=8) as (url, _):
             barrier = threading.Barrier(80, timeout=30)
 
@@ -111,6 +116,7 @@ def test_two_hundred_requests_from_many_keys_race_on_one_balance(app, database_u
             "UPSTREAM_URL": f"{upstream_url}/v1",
             "SECRET_KEY": "race-test",
             "MAX_STREAMS_PER_ACCOUNT": "1000",
+            "RATELIMIT_STORAGE_URI": SHARED_LIMITS,
         }
         with gunicorn("wsgi:app", env, workers=2, threads=32) as (url, _):
             barrier = threading.Barrier(200, timeout=60)

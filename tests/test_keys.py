@@ -60,14 +60,3 @@ def test_last_use_is_written_at_most_once_per_resolution(app):
         assert key.last_used_at == now
         assert keys.touch(key.id, key.last_used_at, 60, now + timedelta(seconds=59)) is False
         assert keys.touch(key.id, key.last_used_at, 60, now + timedelta(seconds=61)) is True
-
-
-def test_recent_keys_keep_the_latest_ones_and_forget_on_request():
-    recent = keys.RecentKeys(size=2)
-    callers = {name: keys.Caller(index, None, None, index, 0, False) for index, name in enumerate("abc")}
-    for name, caller in callers.items():
-        recent.remember(name, caller)
-    assert recent.get("a") is None
-    assert (recent.get("b"), recent.get("c")) == (callers["b"], callers["c"])
-    recent.forget("c")
-    assert recent.get("c") is None and recent.get(None) is None

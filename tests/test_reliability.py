@@ -79,10 +79,11 @@ def test_a_killed_worker_leaves_the_charge_visible_and_settle_refunds_it_once(ap
 
     # Young charges are left alone: their worker may still be streaming.
     result = runner.invoke(args=["speech", "settle"])
-    assert "refunded 0" in result.output and states(app, customer) == ["charged"]
+    assert "settled 0" in result.output and states(app, customer) == ["charged"]
 
     result = runner.invoke(args=["speech", "settle", "--older-than", "0"])
-    assert result.exit_code == 0 and "refunded 1" in result.output
+    # It died before its first progress record: none of its audio is on the books as delivered.
+    assert result.exit_code == 0 and f"settled 1, refunding {STREAMING_TEXT} credits" in result.output
     assert runner.invoke(args=["speech", "settle", "--older-than", "0"]).output.startswith("0 requests")
     [speech] = factories.speech_requests(app, customer.user_id)
     assert speech.state == "refunded" and speech.error == billing.STALE_REASON
@@ -101,7 +102,7 @@ def test_a_lost_database_at_settlement_leaves_the_request_for_settle(app, runner
         assert response.status_code == 200 and response.data == b"ID3audio"
     assert states(app, customer) == ["charged"]
     monkeypatch.undo()
-    assert "refunded 1" in runner.invoke(args=["speech", "settle", "--older-than", "0"]).output
+    assert "settled 1" in runner.invoke(args=["speech", "settle", "--older-than", "0"]).output
     assert factories.balance(app, customer.user_id) == 1000
 
 
@@ -116,7 +117,7 @@ def test_settle_racing_itself_and_live_traffic_refunds_each_request_once(app, cu
             barrier.wait()
             refunded = 0
             for request_id in billing.stale_charges(3600):
-                refunded += billing.refund_speech(request_id, billing.STALE_REASON)
+                refunded += billing.refund_speech(request_id, billing.STALE_REASON) is not None
                 db.session.commit()
             db.session.remove()
             return refunded
@@ -375,15 +376,6 @@ def test_limits_in_redis_are_shared_by_several_app_hosts(make_app, redis_url):
         hosts[index % 2].test_client().get("/v1/balance", headers=customer.headers).status_code for index in range(6)
     ]
     assert statuses == [200, 200, 200, 200, 429, 429]
-
-
-def test_stream_slots_in_redis_are_shared_and_given_back(make_app, redis_url):
-    first, second = (
-        make_app(RATELIMIT_STORAGE_URI=redis_url, MAX_STREAMS_PER_ACCOUNT=1).extensions["throttle"] for _ in range(2)
-    )
-    assert first.acquire_stream(7) and not second.acquire_stream(7)
-    first.release_stream(7)
-    assert second.acquire_stream(7)
 
 
 def test_failed_sign_ins_are_throttled_per_account_and_per_ip(make_app):

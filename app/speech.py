@@ -1,0 +1,342 @@
+"""A metered speech request, from the checked order to the settled books.
+
+`serve` takes a request whose key is already confirmed (app/api.py) through its
+steps, in this order:
+
+1. `read_order`: the body is checked; only known, valid fields are sent upstream,
+   so nothing a client sends can make the upstream break off after audio has gone out.
+2. `charge`: one committed transaction records the request, debits it and counts the
+   account's open streams (402, 429); nothing upstream starts before it.
+3. `open_upstream`: the synthesis starts; a failure before any audio is refunded in
+   full and answered 502.
+4. `Relay`: audio goes out chunk by chunk as it arrives, metered (app/audio_meter.py),
+   with progress written every few seconds so `flask speech settle` leaves it alone.
+5. Settlement: delivered; or, when the upstream breaks off or the stream outlives
+   MAX_STREAM_SECONDS, refunded for the audio not delivered; a client that hangs up
+   keeps its charge.
+"""
+
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+
+import requests
+from flask import current_app, stream_with_context
+from sqlalchemy.exc import SQLAlchemyError
+
+from app import audio_meter, billing, keys
+from app.errors import ApiError
+from app.extensions import db
+from app.upstream import SpeechStream, UpstreamError, timed_out
+
+FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+DEFAULT_MODEL = "kokoro"
+DEFAULT_VOICE = "af_heart"
+DEFAULT_FORMAT = "mp3"
+MIN_SPEED, MAX_SPEED = 0.25, 4.0
+MAX_VOLUME = 10.0
+# Kokoro-FastAPI's text normalisation switches, all booleans.
+NORMALIZATION_OPTIONS = (
+    "normalize",
+    "unit_normalization",
+    "url_normalization",
+    "email_normalization",
+    "optional_pluralization_normalization",
+    "phone_normalization",
+    "replace_remaining_symbols",
+)
+# Text may hold tabs and line breaks; no other control character, and no lone surrogate
+# (half of a UTF-16 pair, which no encoder can write and which breaks the synthesis).
+_BAD_IN_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+# Voice ids, blends such as "af_bella(2)+af_sky(1)" or "af_bella-af_sky".
+_VOICE = re.compile(r"[A-Za-z0-9_+\-(). ]{1,200}")
+_MODEL = re.compile(r"[A-Za-z0-9_.:\-/]{1,100}")
+_LANG_CODE = re.compile(r"[A-Za-z]{1,3}(-[A-Za-z0-9]{1,8})?")
+
+
+@dataclass(frozen=True)
+class Order:
+    """A checked speech request: what is charged, and the exact payload sent upstream."""
+
+    text: str
+    model: str
+    voice: str
+    response_format: str
+    speed: float
+    payload: dict
+
+
+def _is_number(value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    # Integers of any size compare exactly; only floats can be NaN or infinite.
+    return isinstance(value, int) or math.isfinite(value)
+
+
+def _field(body: dict, name: str, valid, message: str, default=None, nullable: bool = False):
+    if name not in body or (nullable and body[name] is None):
+        return default
+    value = body[name]
+    if not valid(value):
+        raise ApiError(400, f"'{name}' {message}")
+    return value
+
+
+def _clean_text(value: str, name: str) -> str:
+    bad = _BAD_IN_TEXT.search(value)
+    if bad:
+        kind = "a lone surrogate" if "\ud800" <= bad.group() <= "\udfff" else "a control character"
+        raise ApiError(
+            400, f"'{name}' contains {kind} (U+{ord(bad.group()):04X}) at position {bad.start()}; remove it."
+        )
+    return value
+
+
+def read_order(body, max_chars: int) -> Order:
+    """The order in a decoded JSON body; ApiError(400) naming the field otherwise."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    text = body.get("input")
+    if text is None:
+        raise ApiError(400, "'input' is required.")
+    if not isinstance(text, str):
+        raise ApiError(400, "'input' must be a string.")
+    if not text.strip():
+        raise ApiError(400, "'input' must not be empty.")
+    if len(text) > max_chars:
+        raise ApiError(400, f"'input' is {len(text)} characters long; the maximum is {max_chars}.")
+    _clean_text(text, "input")
+
+    def matches(pattern):
+        return lambda value: isinstance(value, str) and pattern.fullmatch(value) is not None
+
+    model = _field(body, "model", matches(_MODEL), "must be a model id (a non-empty string).", DEFAULT_MODEL)
+    voice = _field(body, "voice", matches(_VOICE), "must be a voice id (a non-empty string).", DEFAULT_VOICE)
+    formats = ", ".join(FORMATS)
+    response_format = _field(
+        body, "response_format", lambda v: v in FORMATS, f"must be one of {formats}.", DEFAULT_FORMAT
+    )
+    speed = _field(
+        body,
+        "speed",
+        lambda v: _is_number(v) and MIN_SPEED <= v <= MAX_SPEED,
+        f"must be a number from {MIN_SPEED} to {MAX_SPEED}.",
+        1.0,
+    )
+    payload = {"model": model, "input": text, "voice": voice, "response_format": response_format, "speed": speed}
+    optional = {
+        "stream": _field(body, "stream", lambda v: isinstance(v, bool), "must be true or false."),
+        "download_format": _field(
+            body, "download_format", lambda v: v in FORMATS, f"must be one of {formats}.", nullable=True
+        ),
+        "lang_code": _field(
+            body, "lang_code", matches(_LANG_CODE), "must be a language code such as 'a' or 'en-us'.", nullable=True
+        ),
+        "volume_multiplier": _field(
+            body,
+            "volume_multiplier",
+            lambda v: _is_number(v) and 0 <= v <= MAX_VOLUME,
+            f"must be a number from 0 to {MAX_VOLUME}.",
+            nullable=True,
+        ),
+        "normalization_options": _field(
+            body,
+            "normalization_options",
+            lambda v: (
+                isinstance(v, dict)
+                and all(key in NORMALIZATION_OPTIONS and isinstance(flag, bool) for key, flag in v.items())
+            ),
+            f"must be an object of true/false switches among {', '.join(NORMALIZATION_OPTIONS)}.",
+            nullable=True,
+        ),
+    }
+    payload.update((name, value) for name, value in optional.items() if value is not None)
+    # Accepted for OpenAI compatibility; the upstream has no use for them, so they are not sent.
+    _field(body, "instructions", lambda v: isinstance(v, str), "must be a string.", nullable=True)
+    _field(body, "return_download_link", lambda v: isinstance(v, bool), "must be true or false.")
+    return Order(text, model, voice, response_format, float(speed), payload)
+
+
+def serve(caller: keys.Caller, order: Order):
+    """Charge `order` to `caller`, start the synthesis and answer with its audio stream.
+
+    Raises ApiError for 402 and 429 (nothing written) and for 502 (refunded in full).
+    """
+    request_id = charge(caller, order)
+    started = time.monotonic()
+    audio = open_upstream(request_id, order, started)
+    relay = Relay(request_id, order, audio, started)
+    response = current_app.response_class(
+        stream_with_context(relay.chunks()), status=200, content_type=audio.content_type
+    )
+    response.headers["X-Request-Id"] = request_id
+    response.headers["Cache-Control"] = "no-store"
+    # Asks nginx-style proxies not to buffer the stream.
+    response.headers["X-Accel-Buffering"] = "no"
+    # Closes the upstream connection even when the body is never iterated.
+    response.call_on_close(audio.close)
+    return response
+
+
+def charge(caller: keys.Caller, order: Order) -> str:
+    """Record and debit the request in one committed transaction; return its id."""
+    config = current_app.config
+    try:
+        request_id = billing.charge_speech(
+            caller.user_id,
+            caller.key_id,
+            unlimited=caller.unlimited,
+            characters=len(order.text),
+            model=order.model,
+            voice=order.voice,
+            response_format=order.response_format,
+            speed=order.speed,
+            max_streams=config["MAX_STREAMS_PER_ACCOUNT"],
+        )
+        db.session.commit()
+    except billing.InsufficientCredits as short:
+        db.session.rollback()
+        raise ApiError(
+            402,
+            f"Insufficient credits: this request costs {short.cost} credits and your balance is "
+            f"{short.balance}. Top up your balance.",
+        ) from None
+    except billing.TooManyStreams as busy:
+        db.session.rollback()
+        raise ApiError(
+            429,
+            f"Too many concurrent speech streams for this account (at most {busy.limit}). Retry when one has finished.",
+            {"Retry-After": "1"},
+        ) from None
+    except BaseException:
+        db.session.rollback()
+        raise
+    return request_id
+
+
+def open_upstream(request_id: str, order: Order, started: float) -> SpeechStream:
+    """The upstream's audio stream, its first bytes arrived; ApiError(502), refunded, otherwise."""
+    try:
+        return current_app.extensions["upstream"].open_speech(order.payload, current_app.config["STREAM_CHUNK_BYTES"])
+    except UpstreamError as failure:
+        _settle_refund(request_id, failure.detail, audio_ms=0, upstream_status=failure.status, duration_ms=_ms(started))
+        raise ApiError(
+            502, f"{failure.detail} Any charge for this request was refunded.", {"X-Request-Id": request_id}
+        ) from None
+    except BaseException:
+        _settle_refund(request_id, "The gateway failed before any audio was sent.", audio_ms=0)
+        raise
+
+
+class StreamAborted(Exception):
+    """Raised inside the body so the server aborts the response instead of ending it cleanly."""
+
+
+class Relay:
+    """The audio of one charged request, relayed as it arrives and settled when it ends."""
+
+    def __init__(self, request_id: str, order: Order, audio: SpeechStream, started: float):
+        config = current_app.config
+        self.request_id = request_id
+        self.order = order
+        self.audio = audio
+        self.started = started
+        self.first_byte_ms = _ms(started)
+        self.meter = audio_meter.for_format(order.response_format)
+        self.sent = 0
+        self.heartbeat = config["STREAM_HEARTBEAT_SECONDS"]
+        self.deadline = started + config["MAX_STREAM_SECONDS"]
+        self.last_beat = time.monotonic()
+
+    def audio_ms(self) -> int | None:
+        """The audio in what was handed to the client so far; None when it cannot be measured."""
+        return int(self.meter.seconds * 1000) if self.meter.understood else None
+
+    def outcome(self, **extra) -> dict:
+        return {
+            "upstream_status": self.audio.status,
+            "bytes_sent": self.sent,
+            "audio_ms": self.audio_ms(),
+            "first_byte_ms": self.first_byte_ms,
+            "duration_ms": _ms(self.started),
+            **extra,
+        }
+
+    def chunks(self):
+        """Yield the audio as it arrives; settle the charge however the stream ends."""
+        try:
+            for chunk in self._upstream_chunks():
+                self._check_deadline()
+                self.sent += len(chunk)
+                self.meter.feed(chunk)
+                # Progress is written before the chunk is handed over: what settle sees covers it.
+                self._beat()
+                yield chunk
+        except GeneratorExit:
+            # The client hung up: what it received was synthesised for it, so the charge stands.
+            _settle(billing.mark_delivered, self.request_id, **self.outcome(error="client disconnected"))
+            raise
+        except requests.RequestException as exc:
+            reason = "Upstream stalled mid-stream." if timed_out(exc) else "Upstream broke off mid-stream."
+            _settle_refund(self.request_id, reason, **self.outcome())
+            raise StreamAborted(f"speech request {self.request_id}: {reason} after {self.sent} bytes") from exc
+        _settle(billing.mark_delivered, self.request_id, **self.outcome())
+
+    def _upstream_chunks(self):
+        yield self.audio.first_chunk
+        for chunk in self.audio.rest:
+            if chunk:
+                yield chunk
+
+    def _check_deadline(self) -> None:
+        if time.monotonic() > self.deadline:
+            limit = current_app.config["MAX_STREAM_SECONDS"]
+            reason = f"The stream ran past the longest allowed ({limit:g} s)."
+            self.audio.close()
+            _settle_refund(self.request_id, reason, **self.outcome())
+            raise StreamAborted(f"speech request {self.request_id}: {reason}")
+
+    def _beat(self) -> None:
+        now = time.monotonic()
+        if now - self.last_beat < self.heartbeat:
+            return
+        self.last_beat = now
+        try:
+            live = billing.record_progress(self.request_id, self.sent, self.audio_ms())
+            db.session.commit()
+        except SQLAlchemyError:
+            db.session.rollback()
+            current_app.logger.exception("could not record progress of speech request %s", self.request_id)
+            return
+        if not live:
+            # Settled meanwhile (by `flask speech settle`): not one more byte goes out.
+            self.audio.close()
+            raise StreamAborted(f"speech request {self.request_id} was settled while it streamed")
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def _settle(settle, request_id: str, *args, **details) -> None:
+    try:
+        settle(request_id, *args, **details)
+        db.session.commit()
+    except SQLAlchemyError:
+        # The request stays `charged`; the settle command settles it later.
+        db.session.rollback()
+        current_app.logger.exception("could not settle speech request %s", request_id)
+
+
+def _settle_refund(request_id: str, reason: str, **details) -> None:
+    _settle(billing.refund_speech, request_id, reason, **details)
+
+
+def decode_body(raw: bytes):
+    """JSON from the raw body; ApiError(400) when it is not JSON."""
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ApiError(400, "Invalid JSON body.") from None
