@@ -16,6 +16,7 @@ import struct
 PCM_RATE = 24000  # Kokoro's raw PCM: 24 kHz, signed 16-bit, mono.
 # Bytes kept back between chunks while looking for a header: more than the longest header.
 _TAIL = 64
+_UNSEEN = object()
 
 
 class Meter:
@@ -129,6 +130,7 @@ class _FrameMeter(Meter):
         self._buffer = bytearray()
         self._skip = 0
         self._lost = 0
+        self._known: dict[bytes, tuple[int, int, int] | None] = {}
 
     def frame(self, header: bytes) -> tuple[int, int, int] | None:
         raise NotImplementedError
@@ -145,8 +147,15 @@ class _FrameMeter(Meter):
         if not self.prefix():
             return
         buffer, position = self._buffer, 0
+        known = self._known
         while position + self.header_size <= len(buffer):
-            found = self.frame(bytes(buffer[position : position + self.header_size]))
+            header = bytes(buffer[position : position + self.header_size])
+            # A constant-bitrate stream repeats a handful of headers: each is parsed once.
+            found = known.get(header, _UNSEEN)
+            if found is _UNSEEN:
+                found = self.frame(header)
+                if len(known) < 64:
+                    known[header] = found
             if found is None:
                 # On to the next byte that could start a header.
                 following = buffer.find(b"\xff", position + 1)
@@ -162,8 +171,8 @@ class _FrameMeter(Meter):
             self._lost = 0
             position += length
         del buffer[:position]
-        if self._lost > 1 << 16:
-            # Nothing recognisable in 64 KiB: not this format.
+        if self._lost > 1 << 14:
+            # Nothing recognisable in 16 KiB: not this format.
             self.understood = False
             buffer.clear()
 

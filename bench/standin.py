@@ -17,7 +17,10 @@ BYTES_PER_SECOND = int(os.environ.get("STANDIN_BITRATE_KBPS", "128")) * 1000 // 
 SPEED = float(os.environ.get("STANDIN_SPEED", "20"))
 CHARS_PER_SECOND = float(os.environ.get("STANDIN_CHARS_PER_SECOND", "15"))
 CHUNK_AUDIO_SECONDS = 0.25
-CHUNK = b"\xff\xfb" * (int(BYTES_PER_SECOND * CHUNK_AUDIO_SECONDS) // 2)
+# Real MPEG-2 Layer III frame headers (24 kHz mono, 128 kbit/s: 384 bytes, 576 samples a frame) before
+# silent frame bodies, so the gateway meters the stream as it would Kokoro-FastAPI's MP3.
+FRAME = b"\xff\xf3\xc4\xc0" + bytes(380)
+CHUNK = FRAME * max(1, int(BYTES_PER_SECOND * CHUNK_AUDIO_SECONDS) // len(FRAME))
 MODELS = {
     "object": "list",
     "data": [
