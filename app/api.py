@@ -5,6 +5,8 @@ unknown or revoked key gets 401 whatever else is wrong with the request, and no 
 starts for it. The metered speech request itself lives in app/speech.py.
 """
 
+import json
+
 from flask import Blueprint, current_app, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
@@ -30,7 +32,15 @@ def authenticate():
         raise ApiError(429, f"Rate limit reached. Retry in {retry_after} seconds.", {"Retry-After": str(retry_after)})
 
 
-def _body() -> bytes:
+def _json_body():
+    """The request body decoded as JSON; ApiError(400) when it is not JSON, (413) when too large."""
+    try:
+        return json.loads(_raw_body())
+    except (ValueError, RecursionError):
+        raise ApiError(400, "Invalid JSON body.") from None
+
+
+def _raw_body() -> bytes:
     """The raw request body, at most MAX_REQUEST_BYTES however it is sent; ApiError(413) beyond."""
     limit = current_app.config["MAX_CONTENT_LENGTH"]
     too_large = ApiError(413, f"The request body is larger than the limit of {limit} bytes.")
@@ -53,7 +63,7 @@ def _body() -> bytes:
 
 @bp.post("/audio/speech")
 def speech_request():
-    order = speech.read_order(speech.decode_body(_body()), current_app.config["MAX_INPUT_CHARS"])
+    order = speech.read_order(_json_body(), current_app.config["MAX_INPUT_CHARS"])
     return speech.serve(g.caller, order)
 
 

@@ -13,7 +13,7 @@ from sqlalchemy import and_, case, func, literal, select
 from app.billing import kept_credits
 from app.extensions import db
 from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, SpeechState, User, utcnow
-from app.payments import owed_credits
+from app.payments import owed_credits, reversed_cents
 
 # An account is named when at least this many of its recent streams broke off after audio went out,
 LOOKBACK_DAYS = 30
@@ -164,12 +164,15 @@ def reversals_applied() -> list[str]:
             Payment.payment_intent_id.in_(select(PaymentReversal.payment_intent_id)),
         )
     )
-    return [
-        f"payment {payment.checkout_session_id}: its refunds and disputes owe {owed_credits(payment)} credits "
-        f"back but {payment.credits_reversed} were taken"
-        for payment in payments
-        if owed_credits(payment) != payment.credits_reversed
-    ]
+    problems = []
+    for payment in payments:
+        owed = owed_credits(payment, *reversed_cents(payment.payment_intent_id))
+        if owed != payment.credits_reversed:
+            problems.append(
+                f"payment {payment.checkout_session_id}: its refunds and disputes owe {owed} credits "
+                f"back but {payment.credits_reversed} were taken"
+            )
+    return problems
 
 
 CHECKS = (

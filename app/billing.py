@@ -44,7 +44,12 @@ _CHANGE = (
 # A debit applies only where the balance covers it: no interleaving of debits can go below zero.
 _DEBIT = _CHANGE.where(_users.c.balance + bindparam("amount") >= 0)
 _WRITE_LEDGER = insert(_ledger)
-_RECORD_SPEECH = insert(SpeechRequest.__table__)
+_speech = SpeechRequest.__table__
+_RECORD_SPEECH = insert(_speech)
+# An account's streams in flight: its requests still charged.
+_IN_FLIGHT = select(func.count()).where(
+    _speech.c.user_id == bindparam("user_id"), _speech.c.state == SpeechState.CHARGED
+)
 
 
 def apply(user_id: int, amount: int, *, kind: str, reference: str, note: str | None = None) -> int:
@@ -139,12 +144,6 @@ def charge_speech(
         },
     )
     return request_id
-
-
-_speech = SpeechRequest.__table__
-_IN_FLIGHT = select(func.count()).where(
-    _speech.c.user_id == bindparam("user_id"), _speech.c.state == SpeechState.CHARGED
-)
 
 
 def record_progress(request_id: str, bytes_sent: int, audio_ms: int | None) -> bool:

@@ -180,8 +180,10 @@ def _record_reversal(payment_intent: str | None, kind: str, amount_cents: int, e
     return _apply_reversals(payment) or "already reversed"
 
 
-def reversed_cents(payment_intent: str) -> tuple[int, int]:
+def reversed_cents(payment_intent: str | None) -> tuple[int, int]:
     """(refunded, disputed) cents Stripe has reported for a payment intent so far."""
+    if not payment_intent:
+        return 0, 0
     rows = db.session.execute(
         select(PaymentReversal.kind, func.max(PaymentReversal.amount_cents))
         .where(PaymentReversal.payment_intent_id == payment_intent)
@@ -191,11 +193,10 @@ def reversed_cents(payment_intent: str) -> tuple[int, int]:
     return amounts.get(REFUND, 0), amounts.get(DISPUTE, 0)
 
 
-def owed_credits(payment: Payment) -> int:
-    """The credits a payment's refunds and lost disputes take back: their share of what was paid."""
-    if not payment.payment_intent_id or not payment.amount_cents:
+def owed_credits(payment: Payment, refunded: int, disputed: int) -> int:
+    """The credits refunds and lost disputes take back from a payment: their share of what was paid."""
+    if not payment.amount_cents:
         return 0
-    refunded, disputed = reversed_cents(payment.payment_intent_id)
     return payment.credits * min(refunded + disputed, payment.amount_cents) // payment.amount_cents
 
 
@@ -205,13 +206,13 @@ def _apply_reversals(payment: Payment) -> str | None:
     Never below zero: what the balance cannot cover stays recorded in `credits_reversed`
     and the ledger note, for the operator.
     """
-    owed = owed_credits(payment)
+    refunded, disputed = reversed_cents(payment.payment_intent_id)
+    owed = owed_credits(payment, refunded, disputed)
     due = owed - payment.credits_reversed
     if due <= 0:
         return None
     balance = db.session.scalar(select(User.balance).where(User.id == payment.user_id).with_for_update())
     taken = min(due, balance)
-    _, disputed = reversed_cents(payment.payment_intent_id)
     kind, status = (
         (LedgerKind.CHARGEBACK, PaymentStatus.DISPUTED)
         if disputed

@@ -16,7 +16,6 @@ steps, in this order:
    keeps its charge.
 """
 
-import json
 import math
 import re
 import time
@@ -332,11 +331,3 @@ def _settle(settle, request_id: str, *args, **details) -> None:
 
 def _settle_refund(request_id: str, reason: str, **details) -> None:
     _settle(billing.refund_speech, request_id, reason, **details)
-
-
-def decode_body(raw: bytes):
-    """JSON from the raw body; ApiError(400) when it is not JSON."""
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
-        raise ApiError(400, "Invalid JSON body.") from None

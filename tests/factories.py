@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from app import accounts, billing, keys
 from app.extensions import db
-from app.models import LedgerEntry, SpeechRequest, User
+from app.models import LedgerEntry, Payment, SpeechRequest, User
 
 _counter = iter(range(1, 10**9))
 
@@ -49,6 +49,14 @@ def charge_speech(user_id: int, characters: int) -> SpeechRequest:
         response_format="mp3",
     )
     return db.session.get(SpeechRequest, request_id)
+
+
+def starter_payment(user_id: int, session_id: str, **extra) -> Payment:
+    """A starter pack (10,000 credits for 500 cents) as the buy button records it, added to the session."""
+    fields = {"pack": "starter", "credits": 10_000, "amount_cents": 500, "currency": "usd", "status": "open"}
+    payment = Payment(user_id=user_id, checkout_session_id=session_id, **{**fields, **extra})
+    db.session.add(payment)
+    return payment
 
 
 def add_key(app, user_id: int) -> str:

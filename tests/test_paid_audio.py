@@ -22,7 +22,7 @@ from sqlalchemy import func, select, update
 
 from app import billing
 from app.extensions import db
-from app.models import Payment, PaymentReversal, SpeechRequest, User, utcnow
+from app.models import PaymentReversal, SpeechRequest, User, utcnow
 from engine.audio import Encoder
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
@@ -450,18 +450,7 @@ def test_stripe_events_in_every_order_and_redelivered_give_the_same_books(app, r
         buyer = factories.customer(app, balance=300)
         session, intent = f"cs_order_{number}", f"pi_order_{number}"
         with app.app_context():
-            # As the buy button records it (app/payments.py start_checkout).
-            db.session.add(
-                Payment(
-                    user_id=buyer.user_id,
-                    checkout_session_id=session,
-                    pack="starter",
-                    credits=10_000,
-                    amount_cents=500,
-                    currency="usd",
-                    status="open",
-                )
-            )
+            factories.starter_payment(buyer.user_id, session)
             db.session.commit()
         payloads = stripe_events(buyer.user_id, session, intent)
         for name in order + order[:2]:
@@ -487,17 +476,7 @@ def test_a_reversal_for_a_payment_that_never_arrives_waits_and_credits_nothing(a
 def test_the_audit_names_a_reversal_that_was_not_applied(app, runner, client):
     buyer = factories.customer(app, balance=0)
     with app.app_context():
-        db.session.add(
-            Payment(
-                user_id=buyer.user_id,
-                checkout_session_id="cs_audit",
-                pack="starter",
-                credits=10_000,
-                amount_cents=500,
-                currency="usd",
-                status="open",
-            )
-        )
+        factories.starter_payment(buyer.user_id, "cs_audit")
         db.session.commit()
     deliver(
         client, event("checkout.session.completed", checkout_session(buyer.user_id, "cs_audit", payment_intent="pi_a"))

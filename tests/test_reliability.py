@@ -21,7 +21,7 @@ from urllib3.exceptions import NameResolutionError
 
 from app import billing, throttle
 from app.extensions import db
-from app.models import LedgerEntry, Payment, SpeechRequest, User, utcnow
+from app.models import LedgerEntry, SpeechRequest, User, utcnow
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import FakeUpstream
@@ -166,18 +166,7 @@ def test_the_audit_names_every_kind_of_offender_and_exits_1(app, runner, custome
         ledger_row(customer.user_id, 10, "refund", f"refund:{delivered}")
         ledger_row(customer.user_id, 7, "refund", "refund:req_ghost")
         # A paid Stripe payment that was never credited, and a top-up with no payment.
-        db.session.add(
-            Payment(
-                user_id=customer.user_id,
-                checkout_session_id="cs_lost",
-                pack="starter",
-                credits=10000,
-                amount_cents=500,
-                currency="usd",
-                status="paid",
-                paid_at=utcnow(),
-            )
-        )
+        factories.starter_payment(customer.user_id, "cs_lost", status="paid", paid_at=utcnow())
         ledger_row(other.user_id, 5, "topup", "topup:cs_forged")
         db.session.commit()
     result = runner.invoke(args=["audit"])
