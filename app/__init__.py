@@ -10,6 +10,7 @@ from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as settings
+from app.catalog import Names
 from app.extensions import csrf, db, login_manager, migrate
 from app.payments import parse_packs
 from app.throttle import Throttle
@@ -99,6 +100,7 @@ def register_extensions(app: Flask) -> None:
     login_manager.login_message = "Sign in to continue."
     csrf.init_app(app)
     app.extensions["upstream"] = Upstream.from_config(app.config)
+    app.extensions["names"] = Names.from_settings(app.config["VOICE_ALIASES"], app.config["MODEL_ALIASES"])
     app.extensions["credit_packs"] = parse_packs(app.config["CREDIT_PACKS"])
     app.extensions["stripe"] = stripe_client(app.config)
     app.extensions["throttle"] = Throttle(app.config)

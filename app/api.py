@@ -10,7 +10,7 @@ import json
 from flask import Blueprint, current_app, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
-from app import keys, speech
+from app import catalog, keys, speech
 from app.errors import ApiError
 from app.extensions import db
 from app.upstream import UpstreamError
@@ -18,16 +18,27 @@ from app.upstream import UpstreamError
 bp = Blueprint("api", __name__, url_prefix="/v1")
 
 
+# Served without a key when PUBLIC_CATALOG is on (Open WebUI and others fetch them keyless).
+CATALOG_ENDPOINTS = ("api.models", "api.audio_models", "api.voices")
+
+
 @bp.before_request
 def authenticate():
     config = current_app.config
+    if config["PUBLIC_CATALOG"] and request.endpoint in CATALOG_ENDPOINTS:
+        g.caller = None
+        _throttled(current_app.extensions["throttle"].anonymous_request(request.remote_addr or "-"))
+        return
     try:
         g.caller = keys.authenticate(request.authorization, config["KEY_LAST_USED_RESOLUTION"])
     except keys.KeyRefused as refused:
         raise ApiError(401, refused.detail, {"WWW-Authenticate": "Bearer"}) from None
     # The key's last use, when it was due to be written.
     db.session.commit()
-    retry_after = current_app.extensions["throttle"].api_request(g.caller.key_id, g.caller.user_id)
+    _throttled(current_app.extensions["throttle"].api_request(g.caller.key_id, g.caller.user_id))
+
+
+def _throttled(retry_after: int | None) -> None:
     if retry_after is not None:
         raise ApiError(429, f"Rate limit reached. Retry in {retry_after} seconds.", {"Retry-After": str(retry_after)})
 
@@ -37,7 +48,7 @@ def _json_body():
     try:
         return json.loads(_raw_body())
     except (ValueError, RecursionError):
-        raise ApiError(400, "Invalid JSON body.") from None
+        raise ApiError(400, "Invalid JSON body.", code="invalid_json") from None
 
 
 def _raw_body() -> bytes:
@@ -52,7 +63,7 @@ def _raw_body() -> bytes:
         # A chunked body cut off at the limit is reported as a disconnect by Werkzeug.
         if request.content_length is None and limit is not None:
             raise too_large from None
-        raise ApiError(400, "Invalid JSON body.") from None
+        raise ApiError(400, "Invalid JSON body.", code="invalid_json") from None
     # Werkzeug cuts a chunked body (no Content-Length) off at the limit without a word: a byte
     # still waiting behind it means the body was larger.
     if limit is not None and request.content_length is None and len(raw) >= limit:
@@ -69,21 +80,39 @@ def speech_request():
 
 def _catalog(path: str, params: dict | None = None):
     try:
-        return jsonify(current_app.extensions["upstream"].catalog(path, params))
+        return current_app.extensions["upstream"].catalog(path, params)
     except UpstreamError as failure:
         raise ApiError(502, failure.detail) from None
 
 
 @bp.get("/models")
 def models():
-    return _catalog("models")
+    """The upstream's models, then OpenAI's model names that the gateway sends to one of them."""
+    document = _catalog("models")
+    listed = catalog.model_ids(document)
+    entries = [entry for entry in document.get("data", []) if isinstance(entry, dict)]
+    for name, target in current_app.extensions["names"].models.items():
+        if name not in listed and target in listed:
+            entries.append({"id": name, "object": "model", "created": catalog.OPENAI_CREATED, "owned_by": "kokoro-pay"})
+    return jsonify(object="list", data=entries)
+
+
+@bp.get("/audio/models")
+def audio_models():
+    """The speech models, as Open WebUI asks for them: `{"models": [{"id": …}]}`."""
+    return jsonify(models=[{"id": entry["id"]} for entry in models().get_json()["data"]])
 
 
 @bp.get("/audio/voices")
 def voices():
-    # Kokoro-FastAPI lists voices as objects, or as plain ids with ?legacy=true.
-    legacy = request.args.get("legacy", "").lower() == "true"
-    return _catalog("audio/voices", {"legacy": "true"} if legacy else None)
+    """Every voice with its name, language and speaker, then OpenAI's names for some of them.
+
+    `?legacy=true` lists plain ids, as Kokoro-FastAPI's older releases did.
+    """
+    entries = catalog.listing(catalog.voice_ids(_catalog("audio/voices")), current_app.extensions["names"])
+    if request.args.get("legacy", "").lower() == "true":
+        return jsonify(voices=[entry["id"] for entry in entries])
+    return jsonify(voices=entries)
 
 
 @bp.get("/balance")

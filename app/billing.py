@@ -9,6 +9,7 @@ import math
 import uuid
 from datetime import timedelta
 from fractions import Fraction
+from typing import NamedTuple
 
 from flask import current_app
 from sqlalchemy import bindparam, func, insert, select, update
@@ -22,6 +23,14 @@ class InsufficientCredits(Exception):
         super().__init__(f"balance {balance} is short of {cost}")
         self.balance = balance
         self.cost = cost
+
+
+class Charge(NamedTuple):
+    """A charged speech request: its id, the credits taken and the balance right after."""
+
+    request_id: str
+    credits: int
+    balance: int
 
 
 class TooManyStreams(Exception):
@@ -106,8 +115,8 @@ def charge_speech(
     response_format: str,
     speed: float = 1.0,
     max_streams: int | None = None,
-) -> str:
-    """Record a speech request and debit `characters` credits for it; return the request's id.
+) -> Charge:
+    """Record a speech request and debit `characters` credits for it.
 
     Unlimited accounts are recorded with a charge of 0 and no ledger row.
     Raises InsufficientCredits, with nothing written, when the balance is short, and
@@ -120,9 +129,10 @@ def charge_speech(
     request_id = new_request_id()
     if credits:
         note = f"{characters} characters"
-        apply(user_id, -credits, kind=LedgerKind.DEBIT, reference=f"speech:{request_id}", note=note)
-    elif max_streams is not None:
-        db.session.execute(_CHANGE, {"user_id": user_id, "amount": 0})
+        balance = apply(user_id, -credits, kind=LedgerKind.DEBIT, reference=f"speech:{request_id}", note=note)
+    else:
+        # Also takes the account's row lock, which the stream count below relies on.
+        balance = db.session.execute(_CHANGE, {"user_id": user_id, "amount": 0}).scalar()
     if max_streams is not None and db.session.execute(_IN_FLIGHT, {"user_id": user_id}).scalar() >= max_streams:
         raise TooManyStreams(max_streams)
     db.session.execute(
@@ -143,7 +153,7 @@ def charge_speech(
             "created_at": utcnow(),
         },
     )
-    return request_id
+    return Charge(request_id, credits, balance)
 
 
 def record_progress(request_id: str, bytes_sent: int, audio_ms: int | None) -> bool:

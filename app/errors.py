@@ -1,4 +1,12 @@
-"""Error responses: `{"detail": …}` JSON under /v1, HTML pages elsewhere."""
+"""Error responses: JSON under /v1, HTML pages elsewhere.
+
+A /v1 error body carries the message twice, once for our contract and once in the
+shape OpenAI's SDKs read:
+
+    {"detail": "<message>", "error": {"message": "<message>", "type": …, "param": …, "code": …}}
+
+`code` is stable (docs/api.md lists every one), so clients can branch on it.
+"""
 
 from flask import Flask, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, InternalServerError
@@ -7,10 +15,26 @@ from app.extensions import db
 
 API_PREFIX = "/v1"
 
+# Each status's OpenAI error `type` and its `code` unless the raiser names a more precise one.
+KINDS = {
+    400: ("invalid_request_error", "invalid_request_error"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    402: ("insufficient_quota", "insufficient_quota"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", "server_error"),
+    502: ("server_error", "upstream_error"),
+}
 
-def api_error(status: int, detail: str, headers: dict | None = None):
+
+def api_error(status: int, detail: str, headers: dict | None = None, code: str | None = None, param=None):
     """The one way an API error body is built."""
-    response = jsonify(detail=detail)
+    kind, default_code = KINDS.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    response = jsonify(
+        detail=detail, error={"message": detail, "type": kind, "param": param, "code": code or default_code}
+    )
     response.status_code = status
     if headers:
         response.headers.update(headers)
@@ -18,13 +42,18 @@ def api_error(status: int, detail: str, headers: dict | None = None):
 
 
 class ApiError(Exception):
-    """Raised anywhere under /v1 to answer `status` with `{"detail": …}`; rendered by one handler."""
+    """Raised anywhere under /v1 to answer `status` with an error body; rendered by one handler.
 
-    def __init__(self, status: int, detail: str, headers: dict | None = None):
+    `param` names the request field at fault; `code` overrides the status's usual code.
+    """
+
+    def __init__(self, status: int, detail: str, headers: dict | None = None, *, code: str | None = None, param=None):
         super().__init__(detail)
         self.status = status
         self.detail = detail
         self.headers = headers
+        self.code = code
+        self.param = param
 
 
 def is_api_request() -> bool:
@@ -39,7 +68,7 @@ def _from_http_exception(error: HTTPException):
 def register_errorhandlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def api_failure(error: ApiError):
-        return api_error(error.status, error.detail, error.headers)
+        return api_error(error.status, error.detail, error.headers, error.code, error.param)
 
     # App-level, not on the blueprint: blueprint handlers never see routing errors (404, 405).
     @app.errorhandler(HTTPException)

@@ -16,16 +16,18 @@ steps, in this order:
    keeps its charge.
 """
 
+import base64
+import json
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import requests
 from flask import current_app, stream_with_context
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import audio_meter, billing, keys
+from app import audio_meter, billing, catalog, keys
 from app.errors import ApiError
 from app.extensions import db
 from app.upstream import SpeechStream, UpstreamError, timed_out
@@ -35,6 +37,8 @@ DEFAULT_MODEL = "kokoro"
 DEFAULT_VOICE = "af_heart"
 DEFAULT_FORMAT = "mp3"
 MIN_SPEED, MAX_SPEED = 0.25, 4.0
+# "audio": the audio bytes as they are made; "sse": server-sent events carrying them in base64.
+STREAM_FORMATS = ("audio", "sse")
 MAX_VOLUME = 10.0
 # Kokoro-FastAPI's text normalisation switches, all booleans.
 NORMALIZATION_OPTIONS = (
@@ -65,6 +69,7 @@ class Order:
     response_format: str
     speed: float
     payload: dict
+    stream_format: str = "audio"
 
 
 def _is_number(value) -> bool:
@@ -79,7 +84,7 @@ def _field(body: dict, name: str, valid, message: str, default=None, nullable: b
         return default
     value = body[name]
     if not valid(value):
-        raise ApiError(400, f"'{name}' {message}")
+        raise ApiError(400, f"'{name}' {message}", param=name)
     return value
 
 
@@ -88,7 +93,9 @@ def _clean_text(value: str, name: str) -> str:
     if bad:
         kind = "a lone surrogate" if "\ud800" <= bad.group() <= "\udfff" else "a control character"
         raise ApiError(
-            400, f"'{name}' contains {kind} (U+{ord(bad.group()):04X}) at position {bad.start()}; remove it."
+            400,
+            f"'{name}' contains {kind} (U+{ord(bad.group()):04X}) at position {bad.start()}; remove it.",
+            param=name,
         )
     return value
 
@@ -99,20 +106,29 @@ def read_order(body, max_chars: int) -> Order:
         raise ApiError(400, "The request body must be a JSON object.")
     text = body.get("input")
     if text is None:
-        raise ApiError(400, "'input' is required.")
+        raise ApiError(400, "'input' is required.", param="input")
     if not isinstance(text, str):
-        raise ApiError(400, "'input' must be a string.")
+        raise ApiError(400, "'input' must be a string.", param="input")
     if not text.strip():
-        raise ApiError(400, "'input' must not be empty.")
+        raise ApiError(400, "'input' must not be empty.", param="input")
     if len(text) > max_chars:
-        raise ApiError(400, f"'input' is {len(text)} characters long; the maximum is {max_chars}.")
+        raise ApiError(400, f"'input' is {len(text)} characters long; the maximum is {max_chars}.", param="input")
     _clean_text(text, "input")
 
     def matches(pattern):
         return lambda value: isinstance(value, str) and pattern.fullmatch(value) is not None
 
     model = _field(body, "model", matches(_MODEL), "must be a model id (a non-empty string).", DEFAULT_MODEL)
-    voice = _field(body, "voice", matches(_VOICE), "must be a voice id (a non-empty string).", DEFAULT_VOICE)
+    # OpenAI's API also takes a voice as an object, {"id": "…"}.
+    if isinstance(body.get("voice"), dict) and set(body["voice"]) == {"id"}:
+        body = {**body, "voice": body["voice"]["id"]}
+    voice = _field(
+        body,
+        "voice",
+        matches(_VOICE),
+        'must be a voice id, a blend such as af_bella(2)+af_sky(1), or {"id": …}.',
+        DEFAULT_VOICE,
+    )
     formats = ", ".join(FORMATS)
     response_format = _field(
         body, "response_format", lambda v: v in FORMATS, f"must be one of {formats}.", DEFAULT_FORMAT
@@ -155,22 +171,62 @@ def read_order(body, max_chars: int) -> Order:
     # Accepted for OpenAI compatibility; the upstream has no use for them, so they are not sent.
     _field(body, "instructions", lambda v: isinstance(v, str), "must be a string.", nullable=True)
     _field(body, "return_download_link", lambda v: isinstance(v, bool), "must be true or false.")
-    return Order(text, model, voice, response_format, float(speed), payload)
+    stream_format = _field(
+        body, "stream_format", lambda v: v in STREAM_FORMATS, "must be 'audio' or 'sse'.", "audio", nullable=True
+    )
+    return Order(text, model, voice, response_format, float(speed), payload, stream_format)
+
+
+def check_names(order: Order) -> Order:
+    """`order` with OpenAI's voice and model names turned into the upstream's, each checked.
+
+    The check is against the upstream's catalog (cached); ApiError(400) for a voice or
+    model it does not have, before anything is charged. When the catalog cannot be read
+    the names go upstream unchecked, and the upstream's own refusal is answered 400.
+    """
+    names = current_app.extensions["names"]
+    known = upstream_catalog()
+    try:
+        voice = catalog.resolve_voice(order.voice, names, known)
+    except catalog.UnknownName as unknown:
+        raise ApiError(400, str(unknown), param="voice") from None
+    try:
+        model = catalog.resolve_model(order.model, names, known)
+    except catalog.UnknownName as unknown:
+        raise ApiError(400, str(unknown), param="model", code="model_not_found") from None
+    return replace(order, payload={**order.payload, "voice": voice, "model": model})
+
+
+def upstream_catalog() -> catalog.Catalog | None:
+    """The upstream's voices and models (cached by app/upstream.py); None when it cannot say."""
+    upstream = current_app.extensions["upstream"]
+    try:
+        return catalog.Catalog.from_documents(upstream.catalog("models"), upstream.catalog("audio/voices"))
+    except UpstreamError as failure:
+        current_app.logger.warning("upstream catalog unavailable, names go unchecked: %s", failure.detail)
+        return None
 
 
 def serve(caller: keys.Caller, order: Order):
     """Charge `order` to `caller`, start the synthesis and answer with its audio stream.
 
-    Raises ApiError for 402 and 429 (nothing written) and for 502 (refunded in full).
+    Raises ApiError for 400 (a name the upstream does not have), 402 and 429 (nothing
+    written), and for 400/502 after the upstream refused or failed (refunded in full).
     """
-    request_id = charge(caller, order)
+    order = check_names(order)
+    paid = charge(caller, order)
     started = time.monotonic()
-    audio = open_upstream(request_id, order, started)
-    relay = Relay(request_id, order, audio, started)
-    response = current_app.response_class(
-        stream_with_context(relay.chunks()), status=200, content_type=audio.content_type
-    )
-    response.headers["X-Request-Id"] = request_id
+    audio = open_upstream(paid.request_id, order, started)
+    relay = Relay(paid.request_id, order, audio, started)
+    if order.stream_format == "sse":
+        body, content_type = sse_events(relay, len(order.text)), "text/event-stream"
+    else:
+        body, content_type = relay.chunks(), audio.content_type
+    response = current_app.response_class(stream_with_context(body), status=200, content_type=content_type)
+    response.headers["X-Request-Id"] = paid.request_id
+    # What this request cost and what was left right after it was charged (as GET /v1/balance says).
+    response.headers["X-Credits-Charged"] = str(paid.credits)
+    response.headers["X-Credits-Remaining"] = str(paid.balance)
     response.headers["Cache-Control"] = "no-store"
     # Asks nginx-style proxies not to buffer the stream.
     response.headers["X-Accel-Buffering"] = "no"
@@ -179,11 +235,11 @@ def serve(caller: keys.Caller, order: Order):
     return response
 
 
-def charge(caller: keys.Caller, order: Order) -> str:
-    """Record and debit the request in one committed transaction; return its id."""
+def charge(caller: keys.Caller, order: Order) -> billing.Charge:
+    """Record and debit the request in one committed transaction."""
     config = current_app.config
     try:
-        request_id = billing.charge_speech(
+        paid = billing.charge_speech(
             caller.user_id,
             caller.key_id,
             unlimited=caller.unlimited,
@@ -208,29 +264,64 @@ def charge(caller: keys.Caller, order: Order) -> str:
             429,
             f"Too many concurrent speech streams for this account (at most {busy.limit}). Retry when one has finished.",
             {"Retry-After": "1"},
+            code="too_many_streams",
         ) from None
     except BaseException:
         db.session.rollback()
         raise
-    return request_id
+    return paid
 
 
 def open_upstream(request_id: str, order: Order, started: float) -> SpeechStream:
-    """The upstream's audio stream, its first bytes arrived; ApiError(502), refunded, otherwise."""
+    """The upstream's audio stream, its first bytes arrived; ApiError (refunded) otherwise.
+
+    An upstream that refuses the request itself (400, 422) means the client asked for
+    something it cannot serve: 400, so SDKs do not retry. Anything else is a 502.
+    """
     try:
         return current_app.extensions["upstream"].open_speech(order.payload, current_app.config["STREAM_CHUNK_BYTES"])
     except UpstreamError as failure:
         _settle_refund(request_id, failure.detail, audio_ms=0, upstream_status=failure.status, duration_ms=_ms(started))
-        raise ApiError(
-            502, f"{failure.detail} Any charge for this request was refunded.", {"X-Request-Id": request_id}
-        ) from None
+        headers = {"X-Request-Id": request_id}
+        if failure.blames_request:
+            raise ApiError(
+                400, f"The speech server refused this request: {failure.reason} The charge was refunded.", headers
+            ) from None
+        raise ApiError(502, f"{failure.detail} Any charge for this request was refunded.", headers) from None
     except BaseException:
         _settle_refund(request_id, "The gateway failed before any audio was sent.", audio_ms=0)
         raise
 
 
+def sse_events(relay: "Relay", characters: int):
+    """The relayed audio as OpenAI's speech events: `speech.audio.delta`s, then `speech.audio.done`.
+
+    A stream that breaks off ends with an `error` event instead (settled as any break is).
+    """
+    audio = relay.chunks()
+    try:
+        for chunk in audio:
+            yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(chunk).decode("ascii")})
+    except StreamAborted as aborted:
+        error = {"message": aborted.reason, "type": "server_error", "param": None, "code": "upstream_error"}
+        yield _event({"type": "error", "error": error})
+        return
+    finally:
+        audio.close()
+    usage = {"input_tokens": characters, "output_tokens": 0, "total_tokens": characters}
+    yield _event({"type": "speech.audio.done", "usage": usage})
+
+
+def _event(data: dict) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
 class StreamAborted(Exception):
     """Raised inside the body so the server aborts the response instead of ending it cleanly."""
+
+    def __init__(self, request_id: str, reason: str):
+        super().__init__(f"speech request {request_id}: {reason}")
+        self.reason = reason
 
 
 class Relay:
@@ -280,7 +371,7 @@ class Relay:
         except requests.RequestException as exc:
             reason = "Upstream stalled mid-stream." if timed_out(exc) else "Upstream broke off mid-stream."
             _settle_refund(self.request_id, reason, **self.outcome())
-            raise StreamAborted(f"speech request {self.request_id}: {reason} after {self.sent} bytes") from exc
+            raise StreamAborted(self.request_id, f"{reason} The undelivered part was refunded.") from exc
         _settle(billing.mark_delivered, self.request_id, **self.outcome())
 
     def _upstream_chunks(self):
@@ -295,7 +386,7 @@ class Relay:
             reason = f"The stream ran past the longest allowed ({limit:g} s)."
             self.audio.close()
             _settle_refund(self.request_id, reason, **self.outcome())
-            raise StreamAborted(f"speech request {self.request_id}: {reason}")
+            raise StreamAborted(self.request_id, f"{reason} The undelivered part was refunded.")
 
     def _beat(self) -> None:
         now = time.monotonic()
@@ -312,7 +403,7 @@ class Relay:
         if not live:
             # Settled meanwhile (by `flask speech settle`): not one more byte goes out.
             self.audio.close()
-            raise StreamAborted(f"speech request {self.request_id} was settled while it streamed")
+            raise StreamAborted(self.request_id, "The request was settled while it streamed.")
 
 
 def _ms(started: float) -> int:

@@ -65,6 +65,12 @@ class Throttle:
             return self._retry_after(self.per_account, "account", str(user_id))
         return None
 
+    def anonymous_request(self, ip: str) -> int | None:
+        """Count one keyless request (the public catalog) from `ip`, at the per-key rate."""
+        if not self._windows.hit(self.per_key, "anonymous-ip", ip):
+            return self._retry_after(self.per_key, "anonymous-ip", ip)
+        return None
+
     def login_blocked(self, email: str, ip: str) -> int | None:
         """Seconds until another sign-in may be tried, when failures have used up a window."""
         for item, kind, name in (

@@ -1,5 +1,6 @@
 """The Kokoro server we sit in front of: one pooled HTTP session per app."""
 
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -8,28 +9,59 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 
+# Statuses with which an upstream blames the request itself (FastAPI's validation errors are 422).
+REQUEST_REFUSED = (400, 422)
+MAX_REASON = 160
+# How long a failed catalog fetch is remembered before the upstream is asked again.
+FAILURE_TTL = 5.0
+
 
 class UpstreamError(Exception):
-    """The upstream could not give a usable answer; `detail` is safe to show a client."""
+    """The upstream could not give a usable answer; `detail` is safe to show a client.
 
-    def __init__(self, detail: str, status: int | None = None):
-        super().__init__(detail)
+    `reason` is the upstream's own one-line message, where it gave one.
+    """
+
+    def __init__(self, detail: str, status: int | None = None, reason: str | None = None):
+        super().__init__(detail, status, reason)
         self.detail = detail
         self.status = status
+        self.reason = reason or detail
+
+    @property
+    def blames_request(self) -> bool:
+        return self.status in REQUEST_REFUSED
 
 
-def _error_detail(response: requests.Response) -> str:
-    """The upstream's own `{"detail": …}` message where it gave one."""
+def one_line(text: str, limit: int = MAX_REASON) -> str:
+    """`text` on one line, cut to its first sentence when it is longer than `limit` (a voice list, say)."""
+    line = " ".join(str(text).split())
+    if len(line) > limit:
+        first = re.match(r".+?[.!?](?=\s)", line)
+        line = first.group() if first and len(first.group()) <= limit else line[: line.rfind(" ", 0, limit)] + " …"
+    return line if line.endswith((".", "!", "?", "…")) else line + "."
+
+
+def _error_reason(response: requests.Response) -> str:
+    """The upstream's own `{"detail": …}` message where it gave one, on one short line."""
     try:
         body = response.json()
     except (ValueError, requests.RequestException):
-        return f"upstream answered {response.status_code}"
+        return f"upstream answered {response.status_code}."
     detail = body.get("detail") if isinstance(body, dict) else None
     if isinstance(detail, dict):
         detail = detail.get("message") or detail.get("error")
     if isinstance(detail, list):
-        detail = "; ".join(str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in detail)
-    return str(detail)[:300] if detail else f"upstream answered {response.status_code}"
+        detail = "; ".join(_validation_message(item) for item in detail)
+    return one_line(detail) if detail else f"upstream answered {response.status_code}."
+
+
+def _validation_message(item) -> str:
+    """One of FastAPI's 422 entries, as "'speed': Input should be …"."""
+    if not isinstance(item, dict):
+        return str(item)
+    location = [str(part) for part in item.get("loc", []) if part != "body"]
+    return f"'{location[-1]}': {item.get('msg', '')}" if location else str(item.get("msg", item))
 
 
 def timed_out(exc: requests.RequestException) -> bool:
@@ -118,7 +150,8 @@ class Upstream:
         response = self._send("post", "audio/speech", json=payload, stream=True)
         try:
             if not 200 <= response.status_code < 300:
-                raise UpstreamError(f"Upstream synthesis error: {_error_detail(response)}", response.status_code)
+                reason = _error_reason(response)
+                raise UpstreamError(f"Upstream synthesis error: {reason}", response.status_code, reason)
             if not is_audio(response.headers.get("Content-Type", "")):
                 raise UpstreamError(
                     "Upstream synthesis error: the speech server answered without audio.", response.status_code
@@ -141,23 +174,35 @@ class Upstream:
         return SpeechStream(response, first_chunk, chunks)
 
     def catalog(self, path: str, params: dict | None = None):
-        """GET a small JSON document (`models`, `audio/voices`), cached for `catalog_ttl` seconds."""
+        """GET a small JSON document (`models`, `audio/voices`), cached for `catalog_ttl` seconds.
+
+        A failure is remembered for a few seconds too, so a sick upstream is not asked
+        again by every speech request that checks its names.
+        """
         key = (path, tuple(sorted((params or {}).items())))
         cached = self._catalog.get(key)
-        if cached and time.monotonic() - cached[0] < self.catalog_ttl:
-            return cached[1]
-        with self._catalog_lock:
-            cached = self._catalog.get(key)
-            if cached and time.monotonic() - cached[0] < self.catalog_ttl:
-                return cached[1]
-            with self._send("get", path, params=params) as response:
-                try:
-                    if response.status_code != 200:
-                        raise UpstreamError(f"Upstream error: {_error_detail(response)}", response.status_code)
-                    document = response.json()
-                except ValueError:  # requests' JSONDecodeError is also a RequestException: keep this first.
-                    raise UpstreamError("Upstream error: the speech server answered with invalid JSON.") from None
-                except requests.RequestException:
-                    raise UpstreamError("The speech server could not be reached.") from None
-            self._catalog[key] = (time.monotonic(), document)
-            return document
+        if cached is None or time.monotonic() >= cached[0]:
+            with self._catalog_lock:
+                cached = self._catalog.get(key)
+                if cached is None or time.monotonic() >= cached[0]:
+                    try:
+                        cached = (time.monotonic() + self.catalog_ttl, self._fetch_document(path, params))
+                    except UpstreamError as failure:
+                        # Only its words are kept: the exception's traceback would keep the
+                        # frames of the request that met it (and their streams) alive.
+                        cached = (time.monotonic() + min(self.catalog_ttl, FAILURE_TTL), None, failure.args)
+                    self._catalog[key] = cached
+        if len(cached) == 3:
+            raise UpstreamError(*cached[2])
+        return cached[1]
+
+    def _fetch_document(self, path: str, params: dict | None):
+        with self._send("get", path, params=params) as response:
+            try:
+                if response.status_code != 200:
+                    raise UpstreamError(f"Upstream error: {_error_reason(response)}", response.status_code)
+                return response.json()
+            except ValueError:  # requests' JSONDecodeError is also a RequestException: keep this first.
+                raise UpstreamError("Upstream error: the speech server answered with invalid JSON.") from None
+            except requests.RequestException:
+                raise UpstreamError("The speech server could not be reached.") from None

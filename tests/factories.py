@@ -39,7 +39,7 @@ def customer(app, balance: int = 0, unlimited: bool = False, password: str | Non
 def charge_speech(user_id: int, characters: int) -> SpeechRequest:
     """One speech request charged to the user's first key, inside the caller's app context."""
     user = db.session.get(User, user_id)
-    request_id = billing.charge_speech(
+    paid = billing.charge_speech(
         user.id,
         user.keys[0].id,
         unlimited=user.unlimited,
@@ -48,7 +48,7 @@ def charge_speech(user_id: int, characters: int) -> SpeechRequest:
         voice="af_sky",
         response_format="mp3",
     )
-    return db.session.get(SpeechRequest, request_id)
+    return db.session.get(SpeechRequest, paid.request_id)
 
 
 def starter_payment(user_id: int, session_id: str, **extra) -> Payment:
@@ -82,6 +82,16 @@ def ledger(app, user_id: int) -> list[tuple[str, int, int]]:
     with app.app_context():
         rows = db.session.execute(
             select(LedgerEntry.kind, LedgerEntry.amount, LedgerEntry.balance_after)
+            .where(LedgerEntry.user_id == user_id)
+            .order_by(LedgerEntry.id)
+        )
+        return [tuple(row) for row in rows]
+
+
+def ledger_notes(app, user_id: int) -> list[tuple[str, int, str | None]]:
+    with app.app_context():
+        rows = db.session.execute(
+            select(LedgerEntry.kind, LedgerEntry.amount, LedgerEntry.note)
             .where(LedgerEntry.user_id == user_id)
             .order_by(LedgerEntry.id)
         )

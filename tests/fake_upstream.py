@@ -3,11 +3,33 @@
 import json
 import threading
 
+# What Kokoro-FastAPI answers (api/src/routers/openai_compatible.py): its four model names,
+# and the Kokoro v1.0 voices as {"id", "name"} objects (plain ids with ?legacy=true).
 MODELS = {
     "object": "list",
-    "data": [{"id": "kokoro", "object": "model", "created": 1686935002, "owned_by": "kokoro"}],
+    "data": [
+        {"id": model, "object": "model", "created": 1686935002, "owned_by": "kokoro"}
+        for model in ("tts-1", "tts-1-hd", "kokoro", "gpt-4o-mini-tts")
+    ],
 }
-VOICES = {"voices": ["af_bella", "af_heart", "af_sky", "am_adam"]}
+KOKORO_VOICES = (
+    "af_alloy af_aoede af_bella af_heart af_jessica af_kore af_nicole af_nova af_river af_sarah af_sky "
+    "am_adam am_echo am_eric am_fenrir am_liam am_michael am_onyx am_puck am_santa "
+    "bf_alice bf_emma bf_isabella bf_lily bm_daniel bm_fable bm_george bm_lewis "
+    "ef_dora em_alex em_santa ff_siwis hf_alpha hf_beta hm_omega hm_psi if_sara im_nicola "
+    "jf_alpha jf_gongitsune jf_nezumi jf_tebukuro jm_kumo pf_dora pm_alex pm_santa "
+    "zf_xiaobei zf_xiaoni zf_xiaoxiao zf_xiaoyi zm_yunjian zm_yunxi zm_yunxia zm_yunyang"
+).split()
+VOICES = {"voices": [{"id": voice, "name": voice} for voice in KOKORO_VOICES]}
+LEGACY_VOICES = {"voices": list(KOKORO_VOICES)}
+
+
+def stub_catalog(mock, base_url: str) -> None:
+    """Register Kokoro-FastAPI's catalog answers on a `responses` mock (speech requests check names in it)."""
+    mock.get(f"{base_url}/models", json=MODELS)
+    mock.get(f"{base_url}/audio/voices", json=VOICES)
+
+
 CONTENT_TYPES = {
     "mp3": "audio/mpeg",
     "wav": "audio/wav",
@@ -40,13 +62,20 @@ class FakeUpstream:
         if path == "/v1/models":
             return self._json(start_response, "200 OK", MODELS)
         if path == "/v1/audio/voices":
-            return self._json(start_response, "200 OK", VOICES)
+            legacy = "legacy=true" in environ.get("QUERY_STRING", "")
+            return self._json(start_response, "200 OK", LEGACY_VOICES if legacy else VOICES)
         if path == "/v1/audio/speech" and environ["REQUEST_METHOD"] == "POST":
             length = int(environ.get("CONTENT_LENGTH") or 0)
             body = json.loads(environ["wsgi.input"].read(length))
             self.received.append(body)
             if body.get("voice") == "af_nicole":
-                return self._json(start_response, "400 Bad Request", {"detail": "Voice 'af_nicole' is not available"})
+                # Listed, but refused when asked for: the catalog was out of date.
+                refusal = {
+                    "error": "validation_error",
+                    "message": "Voice 'af_nicole' not found. Available voices: af_alloy, af_aoede, af_bella",
+                    "type": "invalid_request_error",
+                }
+                return self._json(start_response, "400 Bad Request", {"detail": refusal})
             content_type = CONTENT_TYPES[body.get("response_format", "mp3")]
             start_response("200 OK", [("Content-Type", content_type)])
             return self._stream()

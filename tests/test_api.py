@@ -10,16 +10,28 @@ from responses import matchers
 from app.models import SpeechRequest
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
-from tests.fake_upstream import MODELS, VOICES
+from tests.fake_upstream import KOKORO_VOICES, MODELS, stub_catalog
 
 SPEECH = "/v1/audio/speech"
+VOICE_SHAPE = "'voice' must be a voice id, a blend such as af_bella(2)+af_sky(1), or {\"id\": …}."
 HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky", "response_format": "mp3"}
 
 
 @pytest.fixture
 def upstream():
+    """The upstream, stubbed: its catalog answers as Kokoro-FastAPI's does; each test stubs its speech."""
     with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        stub_catalog(mock, STUB_UPSTREAM)
         yield mock
+
+
+def error(status_detail: str, code: str, param=None, kind: str = "invalid_request_error") -> dict:
+    """An error body: our contract's `detail` and OpenAI's `error` object, saying the same."""
+    return {"detail": status_detail, "error": {"message": status_detail, "type": kind, "param": param, "code": code}}
+
+
+def catalog_calls(upstream, path: str) -> int:
+    return sum(call.request.url.split("?")[0].endswith(path) for call in upstream.calls)
 
 
 def stub_audio(upstream, body=b"ID3fake-mp3", content_type="audio/mpeg", status=200):
@@ -132,7 +144,7 @@ def test_a_revoked_key_gets_401_at_once(app, client, customer, runner):
     assert runner.invoke(args=["keys", "revoke", str(customer.key_id)]).exit_code == 0
     response = post_speech(client, customer)
     assert response.status_code == 401
-    assert response.get_json() == {"detail": "This API key has been revoked."}
+    assert response.get_json() == error("This API key has been revoked.", "invalid_api_key")
     assert_untouched(app, customer)
 
 
@@ -153,7 +165,7 @@ def test_a_key_revoked_since_its_last_use_gets_401_before_any_other_error(make_a
     assert app.test_cli_runner().invoke(args=["keys", "revoke", str(customer.key_id)]).exit_code == 0
     response = client.post(SPEECH, json=body, headers=customer.headers)
     assert response.status_code == 401
-    assert response.get_json() == {"detail": "This API key has been revoked."}
+    assert response.get_json() == error("This API key has been revoked.", "invalid_api_key")
     assert_untouched(app, customer)
 
 
@@ -180,7 +192,7 @@ def test_the_bearer_scheme_is_case_insensitive(client, customer):
 def test_a_body_that_is_not_a_json_object_is_400(app, client, customer, raw, detail):
     response = client.post(SPEECH, data=raw, headers={**customer.headers, "Content-Type": "application/json"})
     assert response.status_code == 400
-    assert response.get_json() == {"detail": detail}
+    assert response.get_json() == error(detail, "invalid_json" if "JSON body" in detail else "invalid_request_error")
     assert_untouched(app, customer)
 
 
@@ -193,9 +205,10 @@ def test_a_body_that_is_not_a_json_object_is_400(app, client, customer, raw, det
         ({"input": 42}, "'input' must be a string."),
         ({"input": ["Hello"]}, "'input' must be a string."),
         ({"input": "x" * 4097}, "'input' is 4097 characters long; the maximum is 4096."),
-        ({"voice": 7}, "'voice' must be a voice id (a non-empty string)."),
-        ({"voice": ""}, "'voice' must be a voice id (a non-empty string)."),
-        ({"voice": None}, "'voice' must be a voice id (a non-empty string)."),
+        ({"voice": 7}, VOICE_SHAPE),
+        ({"voice": ""}, VOICE_SHAPE),
+        ({"voice": None}, VOICE_SHAPE),
+        ({"voice": {"name": "af_sky"}}, VOICE_SHAPE),
         ({"model": ["kokoro"]}, "'model' must be a model id (a non-empty string)."),
         ({"response_format": "ogg"}, "'response_format' must be one of mp3, opus, aac, flac, wav, pcm."),
         ({"response_format": 3}, "'response_format' must be one of mp3, opus, aac, flac, wav, pcm."),
@@ -204,19 +217,21 @@ def test_a_body_that_is_not_a_json_object_is_400(app, client, customer, raw, det
         ({"speed": 4.5}, "'speed' must be a number from 0.25 to 4.0."),
         ({"speed": 0.1}, "'speed' must be a number from 0.25 to 4.0."),
         ({"stream": "yes"}, "'stream' must be true or false."),
+        ({"stream_format": "ogg"}, "'stream_format' must be 'audio' or 'sse'."),
     ],
 )
 def test_invalid_fields_are_400_and_charge_nothing(app, client, customer, change, detail):
     body = {**HELLO, **change}
     response = post_speech(client, customer, body)
     assert response.status_code == 400
-    assert response.get_json() == {"detail": detail}
+    assert response.get_json() == error(detail, "invalid_request_error", param=next(iter(change)))
     assert_untouched(app, customer)
 
 
 def test_missing_input_is_400(app, client, customer):
     response = post_speech(client, customer, {"model": "kokoro", "voice": "af_sky"})
-    assert response.get_json() == {"detail": "'input' is required."} and response.status_code == 400
+    assert response.get_json() == error("'input' is required.", "invalid_request_error", "input")
+    assert response.status_code == 400
     assert_untouched(app, customer)
 
 
@@ -253,19 +268,21 @@ def test_a_short_balance_is_402_and_writes_nothing(app, client, upstream):
     stub_audio(upstream)
     response = post_speech(client, poor)
     assert response.status_code == 402
-    assert response.get_json() == {
-        "detail": "Insufficient credits: this request costs 22 credits and your balance is 21. Top up your balance."
-    }
+    assert response.get_json() == error(
+        "Insufficient credits: this request costs 22 credits and your balance is 21. Top up your balance.",
+        "insufficient_quota",
+        kind="insufficient_quota",
+    )
     assert factories.balance(app, poor.user_id) == 21
     assert factories.speech_requests(app, poor.user_id) == []
-    assert len(upstream.calls) == 0
+    assert catalog_calls(upstream, "/audio/speech") == 0
 
 
 def test_credits_granted_since_the_keys_last_use_count_at_once(app, client, upstream, runner):
     customer = factories.customer(app, balance=10)
     stub_audio(upstream)
     assert post_speech(client, customer).status_code == 402
-    assert len(upstream.calls) == 0
+    assert catalog_calls(upstream, "/audio/speech") == 0
     grant = ["credits", "grant", customer.email, "100", "--reason", "top-up"]
     assert runner.invoke(args=grant).exit_code == 0
     assert post_speech(client, customer).status_code == 200
@@ -280,9 +297,9 @@ def test_a_key_revoked_after_a_402_is_refused_whatever_it_was_granted_since(app,
     assert runner.invoke(args=["keys", "revoke", str(customer.key_id)]).exit_code == 0
     response = post_speech(client, customer)
     assert response.status_code == 401
-    assert response.get_json() == {"detail": "This API key has been revoked."}
+    assert response.get_json() == error("This API key has been revoked.", "invalid_api_key")
     assert factories.balance(app, customer.user_id) == 110
-    assert factories.speech_requests(app, customer.user_id) == [] and len(upstream.calls) == 0
+    assert factories.speech_requests(app, customer.user_id) == [] and catalog_calls(upstream, "/audio/speech") == 0
 
 
 def test_an_account_taken_off_unlimited_is_charged_at_once(app, client, upstream, runner):
@@ -341,19 +358,41 @@ def test_upstream_500_is_502_and_refunded(app, client, customer, upstream):
     assert speech.upstream_status == 500
 
 
-def test_upstream_4xx_passes_its_detail_and_is_refunded(app, client, customer, upstream):
-    upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=400, json={"detail": "Voice 'af_nicole' is not available"})
-    response = post_speech(client, customer, {**HELLO, "voice": "af_nicole"})
-    assert_refunded_502(app, customer, response, "Voice 'af_nicole' is not available")
+def assert_refunded_400(app, customer, response, reason):
+    """The upstream blamed the request: 400 (SDKs do not retry it), refunded, its reason on one line."""
+    assert response.status_code == 400
+    detail = f"The speech server refused this request: {reason} The charge was refunded."
+    assert response.get_json() == error(detail, "invalid_request_error")
+    assert factories.balance(app, customer.user_id) == 1000
+    [speech] = factories.speech_requests(app, customer.user_id)
+    assert speech.state == "refunded" and response.headers["X-Request-Id"] == speech.id
+    [*_, (kind, _, note)] = factories.ledger_notes(app, customer.user_id)
+    assert kind == "refund" and "\n" not in note and len(note) <= 200
+    factories.assert_books_balance(app, customer.user_id)
+    return note
 
 
-def test_upstream_422_validation_list_is_readable(app, client, customer, upstream):
+def test_an_upstream_4xx_is_a_400_with_its_reason_on_one_line_and_refunded(app, client, customer, upstream):
+    # Kokoro-FastAPI's refusal of a voice its catalog listed a minute ago: the whole voice list follows.
+    refusal = f"Voice 'af_nicole' not found. Available voices: {', '.join(KOKORO_VOICES)}"
+    upstream.post(
+        f"{STUB_UPSTREAM}/audio/speech",
+        status=400,
+        json={"detail": {"error": "validation_error", "message": refusal, "type": "invalid_request_error"}},
+    )
+    note = assert_refunded_400(
+        app, customer, post_speech(client, customer, {**HELLO, "voice": "af_nicole"}), "Voice 'af_nicole' not found."
+    )
+    assert "af_nicole" in note and "zm_yunyang" not in note
+
+
+def test_an_upstream_422_validation_list_is_a_readable_400(app, client, customer, upstream):
     upstream.post(
         f"{STUB_UPSTREAM}/audio/speech",
         status=422,
-        json={"detail": [{"loc": ["body", "input"], "msg": "Field required"}]},
+        json={"detail": [{"type": "missing", "loc": ["body", "input"], "msg": "Field required"}]},
     )
-    assert_refunded_502(app, customer, post_speech(client, customer), "Field required")
+    assert_refunded_400(app, customer, post_speech(client, customer), "'input': Field required.")
 
 
 def test_upstream_html_error_page_is_502_and_refunded(app, client, customer, upstream):
@@ -377,23 +416,22 @@ def test_an_empty_audio_answer_is_502_and_refunded(app, client, customer, upstre
 
 
 def test_models_are_relayed_in_the_upstreams_shape_and_cached(client, customer, upstream):
-    upstream.get(f"{STUB_UPSTREAM}/models", json=MODELS)
     for _ in range(3):
         response = client.get("/v1/models", headers=customer.headers)
         assert response.status_code == 200 and response.get_json() == MODELS
-    assert len(upstream.calls) == 1
+    assert catalog_calls(upstream, "/models") == 1
 
 
 def test_voices_are_relayed_and_refetched_after_the_ttl(make_app, customer, upstream):
     client = make_app(UPSTREAM_CATALOG_TTL=0).test_client()
-    upstream.get(f"{STUB_UPSTREAM}/audio/voices", json=VOICES)
     for _ in range(2):
-        response = client.get("/v1/audio/voices", headers=customer.headers)
-        assert response.get_json() == VOICES
-    assert len(upstream.calls) == 2
+        voices = client.get("/v1/audio/voices", headers=customer.headers).get_json()["voices"]
+        assert [voice["id"] for voice in voices[: len(KOKORO_VOICES)]] == KOKORO_VOICES
+    assert catalog_calls(upstream, "/audio/voices") == 2
 
 
 def test_legacy_voices_are_asked_for_and_cached_apart(client, customer, upstream):
+    upstream.remove(responses.GET, f"{STUB_UPSTREAM}/audio/voices")
     upstream.get(
         f"{STUB_UPSTREAM}/audio/voices",
         json={"voices": [{"id": "af_sky", "name": "af_sky"}]},
@@ -404,29 +442,32 @@ def test_legacy_voices_are_asked_for_and_cached_apart(client, customer, upstream
         json={"voices": ["af_sky"]},
         match=[matchers.query_string_matcher("legacy=true")],
     )
-    assert client.get("/v1/audio/voices?legacy=true", headers=customer.headers).get_json() == {"voices": ["af_sky"]}
+    # af_sky is also OpenAI's shimmer.
+    legacy = {"voices": ["af_sky", "shimmer"]}
+    assert client.get("/v1/audio/voices?legacy=true", headers=customer.headers).get_json() == legacy
     assert client.get("/v1/audio/voices", headers=customer.headers).get_json()["voices"][0]["id"] == "af_sky"
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/v1/audio/voices"])
 def test_catalogs_are_502_when_the_upstream_is_down(client, customer, upstream, path):
-    upstream.get(f"{STUB_UPSTREAM}/{path[4:]}", body=requests.ConnectionError("refused"))
+    upstream.replace(responses.GET, f"{STUB_UPSTREAM}/{path[4:]}", body=requests.ConnectionError("refused"))
     response = client.get(path, headers=customer.headers)
     assert response.status_code == 502
-    assert response.get_json() == {"detail": "The speech server could not be reached."}
+    assert response.get_json() == error(
+        "The speech server could not be reached.", "upstream_error", kind="server_error"
+    )
 
 
 def test_catalogs_are_502_on_an_upstream_error_or_garbage(client, customer, upstream):
-    upstream.get(f"{STUB_UPSTREAM}/models", status=500, json={"detail": "boom"})
-    upstream.get(f"{STUB_UPSTREAM}/audio/voices", body="not json", content_type="application/json")
-    assert client.get("/v1/models", headers=customer.headers).get_json() == {"detail": "Upstream error: boom"}
+    upstream.replace(responses.GET, f"{STUB_UPSTREAM}/models", status=500, json={"detail": "boom"})
+    upstream.replace(responses.GET, f"{STUB_UPSTREAM}/audio/voices", body="not json", content_type="application/json")
+    expected = error("Upstream error: boom.", "upstream_error", kind="server_error")
+    assert client.get("/v1/models", headers=customer.headers).get_json() == expected
     response = client.get("/v1/audio/voices", headers=customer.headers)
     assert response.status_code == 502 and "invalid JSON" in response.get_json()["detail"]
 
 
 def test_free_endpoints_charge_nothing(app, client, customer, upstream):
-    upstream.get(f"{STUB_UPSTREAM}/models", json=MODELS)
-    upstream.get(f"{STUB_UPSTREAM}/audio/voices", json=VOICES)
     for path in ("/v1/models", "/v1/audio/voices", "/v1/balance"):
         assert client.get(path, headers=customer.headers).status_code == 200
     assert_untouched(app, customer)
@@ -476,7 +517,7 @@ def test_an_unexpected_error_is_json_500_without_a_trace(app, customer, monkeypa
     app.config["PROPAGATE_EXCEPTIONS"] = False
     response = app.test_client().post(SPEECH, json=HELLO, headers=customer.headers)
     assert response.status_code == 500
-    assert response.get_json() == {"detail": "Internal server error."}
+    assert response.get_json() == error("Internal server error.", "server_error", kind="server_error")
     assert b"secret internals" not in response.data and b"Traceback" not in response.data
     assert factories.balance(app, customer.user_id) == 1000
 

@@ -24,7 +24,7 @@ from app.extensions import db
 from app.models import LedgerEntry, SpeechRequest, User, utcnow
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeUpstream, stub_catalog
 from tests.servers import gunicorn, serve
 
 HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
@@ -97,6 +97,7 @@ def test_a_lost_database_at_settlement_leaves_the_request_for_settle(app, runner
 
     monkeypatch.setattr(billing, "mark_delivered", database_gone)
     with responses.RequestsMock() as upstream:
+        stub_catalog(upstream, STUB_UPSTREAM)
         upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3audio", content_type="audio/mpeg")
         response = app.test_client().post("/v1/audio/speech", json=HELLO, headers=customer.headers)
         assert response.status_code == 200 and response.data == b"ID3audio"
@@ -196,6 +197,7 @@ def test_the_audit_names_every_kind_of_offender_and_exits_1(app, runner, custome
 )
 def test_dns_failure_and_connect_timeout_are_refunded_502(app, client, customer, fault, detail):
     with responses.RequestsMock() as upstream:
+        stub_catalog(upstream, STUB_UPSTREAM)
         upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=fault)
         response = client.post("/v1/audio/speech", json=HELLO, headers=customer.headers)
     assert response.status_code == 502 and detail in response.get_json()["detail"]
@@ -203,14 +205,14 @@ def test_dns_failure_and_connect_timeout_are_refunded_502(app, client, customer,
 
 
 class Faulty(FakeUpstream):
-    """Healthy, except that voice "slow" gets headers and then silence."""
+    """Healthy, except that voice af_bella gets headers and then silence."""
 
     def __init__(self):
         super().__init__()
         self.release = threading.Event()
 
     def _stream(self):
-        if self.received[-1].get("voice") == "slow":
+        if self.received[-1].get("voice") == "af_bella":
             yield b""
             self.release.wait(10)
             return
@@ -234,8 +236,9 @@ def test_a_single_thread_worker_is_free_again_after_each_fault(app, database_uri
                     f"{url}/v1/audio/speech", json={**HELLO, "voice": voice}, headers=customer.headers, timeout=10
                 )
 
-            for voice in ("slow", "af_nicole", "slow", "af_nicole"):
-                assert speak(voice).status_code == 502
+            # A stalled stream (502) and a request the upstream refuses (400), each refunded.
+            for voice, status in (("af_bella", 502), ("af_nicole", 400), ("af_bella", 502), ("af_nicole", 400)):
+                assert speak(voice).status_code == status
                 assert speak("af_sky").status_code == 200
             upstream.release.set()
     rows = factories.speech_requests(app, customer.user_id)
@@ -333,6 +336,7 @@ def test_a_stream_slot_is_free_as_soon_as_the_audio_has_all_been_read(make_app):
     customer = factories.customer(app, balance=1000)
     client = app.test_client()
     with responses.RequestsMock() as upstream:
+        stub_catalog(upstream, STUB_UPSTREAM)
         upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3audio", content_type="audio/mpeg")
         upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3again", content_type="audio/mpeg")
         first = client.post("/v1/audio/speech", json=HELLO, headers=customer.headers, buffered=False)
@@ -417,6 +421,7 @@ def test_a_key_never_reaches_logs_error_bodies_or_the_database(app, customer, ca
     caplog.set_level(logging.DEBUG)
     client = app.test_client()
     with responses.RequestsMock() as upstream:
+        stub_catalog(upstream, STUB_UPSTREAM)
         upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=500, json={"detail": "boom"})
         bodies = [
             client.post("/v1/audio/speech", json=HELLO, headers=customer.headers).data,
