@@ -72,7 +72,7 @@ class FakeUpstream:
                 # Listed, but refused when asked for: the catalog was out of date.
                 refusal = {
                     "error": "validation_error",
-                    "message": "Voice 'af_nicole' not found. Available voices: af_alloy, af_aoede, af_bella",
+                    "message": f"Voice 'af_nicole' not found. Available voices: {', '.join(KOKORO_VOICES)}",
                     "type": "invalid_request_error",
                 }
                 return self._json(start_response, "400 Bad Request", {"detail": refusal})
