@@ -1,14 +1,16 @@
 """Streaming audio encoders: feed float32 samples sentence by sentence, get bytes back at once.
 
-MP3 and Opus stream as they are encoded; WAV and PCM are written directly. FLAC
-keeps its length in the header, which is rewritten when the encoder closes, and
-decoders such as libsndfile refuse a FLAC stream without it: FLAC is therefore
-sent whole when the text is done.
+MP3, Opus and AAC (ADTS frames, encoded by FFmpeg through PyAV) stream as they are
+encoded; WAV and PCM are written directly. FLAC keeps its length in the header, which
+is rewritten when the encoder closes, and decoders such as libsndfile refuse a FLAC
+stream without it: FLAC is therefore sent whole when the text is done.
 """
 
+import fractions
 import io
 import struct
 
+import av
 import numpy as np
 import soundfile
 
@@ -16,6 +18,7 @@ SAMPLE_RATE = 24000
 CONTENT_TYPES = {
     "mp3": "audio/mpeg",
     "opus": "audio/opus",
+    "aac": "audio/aac",
     "flac": "audio/flac",
     "wav": "audio/wav",
     "pcm": "audio/pcm",
@@ -85,6 +88,61 @@ class _StreamSink:
         return data
 
 
+def _frame(samples: np.ndarray, sample_rate: int) -> av.AudioFrame:
+    frame = av.AudioFrame.from_ndarray(
+        np.ascontiguousarray(samples, dtype="float32").reshape(1, -1), format="flt", layout="mono"
+    )
+    frame.sample_rate = sample_rate
+    return frame
+
+
+def time_stretch(samples: np.ndarray, tempo: float, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """`samples` played `tempo` times as fast at the same pitch (FFmpeg's atempo filter, 0.5–2.0)."""
+    if tempo == 1.0 or not len(samples):
+        return samples
+    graph = av.filter.Graph()
+    source = graph.add_abuffer(
+        sample_rate=sample_rate, format="flt", layout="mono", time_base=fractions.Fraction(1, sample_rate)
+    )
+    stretch = graph.add("atempo", f"{tempo:.6f}")
+    sink = graph.add("abuffersink")
+    source.link_to(stretch)
+    stretch.link_to(sink)
+    graph.configure()
+    frame = _frame(samples, sample_rate)
+    frame.pts = 0
+    graph.push(frame)
+    graph.push(None)
+    pieces = []
+    while True:
+        try:
+            pieces.append(graph.pull().to_ndarray().reshape(-1))
+        except (av.error.EOFError, av.error.BlockingIOError):
+            break
+    return np.concatenate(pieces) if pieces else samples[:0]
+
+
+class _AdtsEncoder:
+    """AAC-LC in ADTS frames, which a player can start on without a header: streamable."""
+
+    def __init__(self, sample_rate: int):
+        self.sample_rate = sample_rate
+        self._sink = _StreamSink()
+        self._container = av.open(self._sink, mode="w", format="adts")
+        self._stream = self._container.add_stream("aac", rate=sample_rate, layout="mono")
+
+    def feed(self, samples: np.ndarray) -> bytes:
+        for packet in self._stream.encode(_frame(samples, self.sample_rate)):
+            self._container.mux(packet)
+        return self._sink.take()
+
+    def close(self) -> bytes:
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        return self._sink.take()
+
+
 class Encoder:
     """`feed(samples)` and `close()` return the encoded bytes ready so far."""
 
@@ -93,6 +151,7 @@ class Encoder:
         self._started = False
         self._sink = None
         self._file = None
+        self._adts = _AdtsEncoder(sample_rate) if response_format == "aac" else None
         if response_format in SOUNDFILE_FORMATS:
             container, subtype = SOUNDFILE_FORMATS[response_format]
             self._sink = io.BytesIO() if response_format == "flac" else _StreamSink()
@@ -101,6 +160,8 @@ class Encoder:
             )
 
     def feed(self, samples: np.ndarray) -> bytes:
+        if self._adts is not None:
+            return self._adts.feed(samples)
         if self._file is not None:
             self._file.write(samples)
             return self._take()
@@ -109,6 +170,8 @@ class Encoder:
         return prefix + to_int16(samples)
 
     def close(self) -> bytes:
+        if self._adts is not None:
+            return self._adts.close()
         if self._file is None:
             return b"" if self._started or self.format != "wav" else wav_header()
         self._file.close()

@@ -13,7 +13,7 @@ from flask import Flask, Response, jsonify, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
 from engine import assets
-from engine.audio import CONTENT_TYPES, Encoder
+from engine.audio import CONTENT_TYPES, Encoder, time_stretch
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ LANGUAGES = {
     "z": "cmn",
 }
 # Sentences end at . ! ? (and their CJK forms) followed by space or the end.
+# The speeds kokoro-onnx itself accepts; beyond them the audio is time-stretched.
+MODEL_SPEEDS = (0.5, 2.0)
+VOICE_PART = re.compile(r"(?P<name>[A-Za-z0-9_]+)(?:\((?P<weight>\d+(?:\.\d+)?)\))?")
 SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
 MAX_SENTENCE = 400
 
@@ -48,14 +51,20 @@ class Synthesizer:
         self._lock = threading.Lock()
 
     def style(self, voice: str) -> np.ndarray:
-        """A voice id, or several joined by '+' (averaged), as a style array."""
-        parts = [part.strip() for part in voice.split("+")]
-        missing = [part for part in parts if part not in self.voices]
-        if not parts or missing:
-            raise ValueError(
-                f"Voice '{missing[0] if missing else voice}' not found. Available voices: {', '.join(self.voices)}"
-            )
-        return np.mean([self._kokoro.get_voice_style(part) for part in parts], axis=0)
+        """A voice id, or a blend as Kokoro-FastAPI takes it, as a style array.
+
+        "af_bella(2)+af_sky(1)" weighs the voices 2:1; "af_bella-af_sky" takes af_sky's
+        share away. Weights (1 when not given) are divided by their sum.
+        """
+        parts = blend(voice)
+        missing = [name for _, name, _ in parts if name not in self.voices]
+        if missing:
+            raise ValueError(f"Voice '{missing[0]}' not found.")
+        total = sum(weight for _, _, weight in parts)
+        return sum(
+            (-1 if sign == "-" else 1) * (weight / total) * self._kokoro.get_voice_style(name)
+            for sign, name, weight in parts
+        )
 
     def phonemes(self, text: str, lang: str) -> str:
         """Kokoro's phonemes for `text`; "" when none of them is one the model can say.
@@ -72,9 +81,26 @@ class Synthesizer:
         return phonemes if self._kokoro.tokenizer.tokenize(phonemes) else ""
 
     def sentence(self, phonemes: str, style: np.ndarray, speed: float, lang: str) -> np.ndarray:
+        """One piece's audio at `speed` (0.25–4.0): the model speaks 0.5–2.0, time-stretching does the rest."""
+        model_speed = min(max(speed, MODEL_SPEEDS[0]), MODEL_SPEEDS[1])
         with self._lock:
-            samples, _ = self._kokoro.create(phonemes, style, speed=speed, lang=lang, is_phonemes=True)
-        return samples
+            samples, _ = self._kokoro.create(phonemes, style, speed=model_speed, lang=lang, is_phonemes=True)
+        return time_stretch(samples, speed / model_speed)
+
+
+def blend(voice: str) -> list[tuple[str, str, float]]:
+    """(sign, name, weight) for each voice in a blend; ValueError for a malformed one."""
+    pieces = re.split(r"([+-])", voice.replace(" ", ""))
+    parts = []
+    for index in range(0, len(pieces), 2):
+        match = VOICE_PART.fullmatch(pieces[index])
+        if match is None:
+            raise ValueError(f"Voice '{voice}' is not a voice or a blend such as af_bella(2)+af_sky(1).")
+        weight = float(match["weight"]) if match["weight"] else 1.0
+        parts.append(("+" if index == 0 else pieces[index - 1], match["name"], weight))
+    if sum(weight for _, _, weight in parts) <= 0:
+        raise ValueError(f"Voice '{voice}' has no weight.")
+    return parts
 
 
 def sentences(text: str) -> list[str]:

@@ -3,6 +3,7 @@
 import io
 import threading
 
+import av
 import pytest
 import requests
 import soundfile
@@ -23,8 +24,18 @@ def engine(synthesizer):  # noqa: F811
 def duration(data: bytes, response_format: str) -> float:
     if response_format == "pcm":
         return len(data) / 2 / 24000
+    if response_format == "aac":
+        return decoded(data, "aac")[0] / 24000
     samples, rate = soundfile.read(io.BytesIO(data))
     return len(samples) / rate
+
+
+def decoded(data: bytes, container: str) -> tuple[int, str]:
+    """Samples and codec of `data`, decoded by FFmpeg as the container it claims to be."""
+    with av.open(io.BytesIO(data), format={"aac": "aac"}.get(container, container)) as media:
+        stream = media.streams.audio[0]
+        samples = sum(frame.samples for frame in media.decode(stream))
+        return samples, stream.codec_context.name
 
 
 def test_models_and_voices_in_kokoro_fastapis_shapes(engine):
@@ -46,6 +57,7 @@ def test_models_and_voices_in_kokoro_fastapis_shapes(engine):
         ("opus", "audio/opus"),
         ("flac", "audio/flac"),
         ("pcm", "audio/pcm"),
+        ("aac", "audio/aac"),
     ],
 )
 def test_every_format_is_real_decodable_speech(engine, response_format, content_type):
@@ -66,14 +78,38 @@ def test_speed_and_voice_blends_are_honoured(engine):
     normal = seconds(voice="af_sky")
     assert seconds(voice="af_sky", speed=2.0) < normal * 0.7
     assert seconds(voice="af_sky+af_bella") > 1.0
+    assert seconds(voice="af_bella(2)+af_sky(1)") > 1.0 and seconds(voice="af_bella(3)-af_sky(1)") > 1.0
+
+
+@pytest.mark.parametrize("speed", [0.25, 0.4, 2.5, 4.0])
+def test_speeds_beyond_the_models_range_are_time_stretched(engine, speed):
+    # The model speaks 0.5 to 2.0; the rest of OpenAI's range is stretched at the same pitch.
+    def seconds(value):
+        response = engine.post(
+            "/v1/audio/speech", json={"input": TEXT, "voice": "af_sky", "response_format": "pcm", "speed": value}
+        )
+        assert response.status_code == 200
+        return duration(response.data, "pcm")
+
+    edge = 0.5 if speed < 0.5 else 2.0
+    assert seconds(speed) == pytest.approx(seconds(edge) * edge / speed, rel=0.05)
+
+
+def test_blend_weights_change_the_voice(synthesizer):  # noqa: F811
+    import numpy as np
+
+    bella, sky = synthesizer.style("af_bella"), synthesizer.style("af_sky")
+    assert np.allclose(synthesizer.style("af_bella(3)+af_sky(1)"), 0.75 * bella + 0.25 * sky)
+    assert np.allclose(synthesizer.style("af_bella(3)-af_sky(1)"), 0.75 * bella - 0.25 * sky)
+    assert np.allclose(synthesizer.style("af_bella+af_sky"), (bella + sky) / 2)
 
 
 @pytest.mark.parametrize(
     "body,status,message",
     [
-        ({"input": "Hi", "voice": "af_nobody"}, 400, "Voice 'af_nobody' not found"),
+        ({"input": "Hi", "voice": "af_nobody"}, 400, "Voice 'af_nobody' not found."),
+        ({"input": "Hi", "voice": "af_sky+"}, 400, "is not a voice or a blend"),
         ({"input": "Hi", "voice": "af_sky", "model": "gpt-9"}, 400, "Unsupported model: gpt-9"),
-        ({"input": "Hi", "voice": "af_sky", "response_format": "aac"}, 400, "not supported by this engine"),
         ({"input": "Hi", "voice": "af_sky", "response_format": "ogg"}, 422, "Input should be 'mp3'"),
         ({"input": "   ", "voice": "af_sky"}, 422, "Input text is empty"),
         ({"voice": "af_sky"}, 422, "Field required"),

@@ -73,12 +73,12 @@ def test_the_reference_openai_snippet_and_duration_grows_with_input(gateway, tmp
     assert [voice.id for voice in client.models.list().data][:3] == ["tts-1", "tts-1-hd", "kokoro"]
 
 
-def test_an_engine_error_is_a_refunded_502(gateway):
+def test_a_voice_the_engine_does_not_have_is_a_400_before_any_charge(gateway):
     app, url = gateway
     customer = factories.customer(app, balance=1000)
     client = OpenAI(base_url=f"{url}/v1", api_key=customer.secret, max_retries=0)
-    with pytest.raises(openai.InternalServerError) as error:
+    with pytest.raises(openai.BadRequestError) as error:
         client.audio.speech.create(model="kokoro", voice="af_nobody", input=HELLO)
-    assert error.value.status_code == 502
-    assert "Voice 'af_nobody' not found" in error.value.body["detail"]
-    assert factories.balance(app, customer.user_id) == 1000
+    assert error.value.status_code == 400 and error.value.param == "voice"
+    assert "Voice 'af_nobody' is not available" in error.value.body["message"]
+    assert factories.balance(app, customer.user_id) == 1000 and factories.speech_requests(app, customer.user_id) == []
