@@ -26,7 +26,12 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt engine/requirements.txt benc
 run: $(VENV)/.runtime .env
 	bin/run
 
-test: $(VENV)/.dev
+# openai-node, for the client replay suite (tests/clients/), from the npm registry.
+NODE_CLIENTS := tests/clients/node
+$(NODE_CLIENTS)/node_modules/.package-lock.json: $(NODE_CLIENTS)/package.json $(NODE_CLIENTS)/package-lock.json
+	npm ci --prefix $(NODE_CLIENTS) --no-audit --no-fund --loglevel=error
+
+test: $(VENV)/.dev $(NODE_CLIENTS)/node_modules/.package-lock.json
 	$(BIN)/python -m pytest
 
 # What the gateway adds on top of the upstream; needs PostgreSQL (BENCH_DATABASE_URL).

@@ -1,0 +1,92 @@
+"""The client replay suite: each client's own requests, against the gateway in front of two upstreams.
+
+`upstream` is a stand-in that answers as Kokoro-FastAPI does (its catalog shapes, its
+content types, real audio in the format asked for) and the embedded engine, a real
+Kokoro model in its own process (marked `engine`). The suite runs on SQLite only: what
+it checks is the wire, not the database, which the rest of the suite covers on both.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.audio import Encoder
+from tests import factories
+from tests.engine_fixtures import engine_process  # noqa: F401 (a fixture)
+from tests.fake_upstream import CONTENT_TYPES, FakeUpstream
+from tests.servers import serve
+
+NODE = Path(__file__).parent / "node"
+
+
+class KokoroStandIn(FakeUpstream):
+    """Kokoro-FastAPI's answers without its model: a tone as long as the text would be, really encoded."""
+
+    def _stream(self):
+        body = self.received[-1]
+        seconds = max(0.5, len(body["input"]) / 15 / float(body.get("speed", 1.0)))
+        t = np.arange(int(24000 * seconds)) / 24000
+        tone = (0.2 * np.sin(2 * np.pi * 220 * t)).astype("float32")
+        encoder = Encoder(body.get("response_format", "mp3"))
+        for piece in np.array_split(tone, 4):
+            chunk = encoder.feed(piece)
+            if chunk:
+                yield chunk
+        tail = encoder.close()
+        if tail:
+            yield tail
+
+
+@pytest.fixture
+def database_uri(tmp_path, sqlite_template):
+    import shutil
+
+    path = tmp_path / "kokoro-pay.sqlite3"
+    shutil.copy(sqlite_template, path)
+    return f"sqlite:///{path}"
+
+
+@pytest.fixture(params=["stand-in", pytest.param("engine", marks=pytest.mark.engine)])
+def upstream_url(request):
+    """The /v1 URL of Kokoro-FastAPI's stand-in, or of the embedded engine process."""
+    if request.param == "engine":
+        yield request.getfixturevalue("engine_process")
+        return
+    with serve(KokoroStandIn()) as url:
+        yield f"{url}/v1"
+
+
+@pytest.fixture
+def gateway(make_app, upstream_url):
+    """The gateway on a real socket: (app, its /v1 base URL); PUBLIC_CATALOG on, as Open WebUI needs."""
+    app = make_app(UPSTREAM_URL=upstream_url, UPSTREAM_READ_TIMEOUT=60, PUBLIC_CATALOG=True)
+    with serve(app) as url:
+        yield app, f"{url}/v1"
+
+
+@pytest.fixture
+def customer(gateway):
+    return factories.customer(gateway[0], balance=10_000)
+
+
+def charged_once(app, customer, text: str) -> None:
+    """Exactly one request, delivered, charged one credit per character."""
+    [speech] = factories.speech_requests(app, customer.user_id)
+    assert speech.state == "delivered" and speech.credits == len(text)
+    assert factories.balance(app, customer.user_id) == 10_000 - len(text)
+    factories.assert_books_balance(app, customer.user_id)
+
+
+def node(script: str, *args) -> dict:
+    """Run one of tests/clients/node's scripts with Node.js; its JSON answer."""
+    if not (NODE / "node_modules" / "openai").is_dir():
+        pytest.fail("run `npm ci --prefix tests/clients/node` (make test does)")
+    done = subprocess.run(["node", str(NODE / script), *args], capture_output=True, text=True, timeout=120, cwd=NODE)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+__all__ = ["CONTENT_TYPES", "charged_once", "node"]
