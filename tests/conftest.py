@@ -13,6 +13,9 @@ from app.config import database_url
 from app.extensions import db
 from tests import factories
 
+# The real engine's fixtures, one model and one engine process for the whole session.
+pytest_plugins = ["tests.engine_fixtures"]
+
 # Nothing listens here: tests that forget to stub the upstream fail fast with "refused".
 STUB_UPSTREAM = "http://127.0.0.1:9/v1"
 PG_URL = database_url(os.environ["TEST_DATABASE_URL"]) if os.environ.get("TEST_DATABASE_URL") else None

@@ -9,7 +9,6 @@ import requests
 import soundfile
 
 from engine.server import create_app, sentences
-from tests.engine_fixtures import synthesizer  # noqa: F401 (a fixture)
 from tests.servers import serve
 
 pytestmark = pytest.mark.engine
@@ -17,7 +16,7 @@ TEXT = "Hello from kokoro-pay. This is the embedded engine, speaking on the CPU.
 
 
 @pytest.fixture
-def engine(synthesizer):  # noqa: F811
+def engine(synthesizer):
     return create_app(synthesizer).test_client()
 
 
@@ -86,7 +85,8 @@ def test_speeds_beyond_the_models_range_are_time_stretched(engine, speed):
     # The model speaks 0.5 to 2.0; the rest of OpenAI's range is stretched at the same pitch.
     def seconds(value):
         response = engine.post(
-            "/v1/audio/speech", json={"input": TEXT, "voice": "af_sky", "response_format": "pcm", "speed": value}
+            "/v1/audio/speech",
+            json={"input": "Hello from kokoro-pay.", "voice": "af_sky", "response_format": "pcm", "speed": value},
         )
         assert response.status_code == 200
         return duration(response.data, "pcm")
@@ -95,7 +95,7 @@ def test_speeds_beyond_the_models_range_are_time_stretched(engine, speed):
     assert seconds(speed) == pytest.approx(seconds(edge) * edge / speed, rel=0.05)
 
 
-def test_blend_weights_change_the_voice(synthesizer):  # noqa: F811
+def test_blend_weights_change_the_voice(synthesizer):
     import numpy as np
 
     bella, sky = synthesizer.style("af_bella"), synthesizer.style("af_sky")
@@ -128,7 +128,7 @@ def test_text_is_split_into_sentences_and_long_runs_at_spaces():
     assert all(len(piece) <= 400 for piece in pieces) and " ".join(pieces).split() == ["word"] * 300
 
 
-def test_audio_streams_before_the_whole_text_is_synthesised(synthesizer):  # noqa: F811
+def test_audio_streams_before_the_whole_text_is_synthesised(synthesizer):
     finished = []
     original = synthesizer.sentence
 
@@ -158,7 +158,7 @@ def test_audio_streams_before_the_whole_text_is_synthesised(synthesizer):  # noq
     assert len(finished) == 6 and len(first) + len(rest) == 2 * sum(finished)
 
 
-def test_concurrent_requests_are_served_one_synthesis_at_a_time(synthesizer):  # noqa: F811
+def test_concurrent_requests_are_served_one_synthesis_at_a_time(synthesizer):
     app = create_app(synthesizer)
     results = []
 

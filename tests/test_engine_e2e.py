@@ -9,7 +9,6 @@ import soundfile
 from openai import OpenAI
 
 from tests import factories
-from tests.engine_fixtures import engine_process  # noqa: F401 (a fixture)
 from tests.servers import serve
 
 pytestmark = pytest.mark.engine
@@ -17,7 +16,7 @@ HELLO = "Hello from kokoro-pay."
 
 
 @pytest.fixture
-def gateway(make_app, engine_process):  # noqa: F811
+def gateway(make_app, engine_process):
     app = make_app(UPSTREAM_URL=engine_process, UPSTREAM_READ_TIMEOUT=60)
     with serve(app) as url:
         yield app, url

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from app.errors import ApiError
 from app.speech import read_order
 from engine.server import create_app
-from tests.engine_fixtures import synthesizer  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.engine
 
@@ -40,7 +39,7 @@ def stream_to_the_end(engine, text: str) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def engine(synthesizer):  # noqa: F811
+def engine(synthesizer):
     return create_app(synthesizer).test_client()
 
 

@@ -15,7 +15,6 @@ import pytest
 
 from engine.audio import Encoder
 from tests import factories
-from tests.engine_fixtures import engine_process  # noqa: F401 (a fixture)
 from tests.fake_upstream import CONTENT_TYPES, FakeUpstream
 from tests.servers import serve
 
