@@ -1,10 +1,13 @@
 """kokoro-pay: prepaid credits and a metered, OpenAI-compatible text-to-speech API."""
 
 import sqlite3
+from datetime import timedelta
 
 import stripe
 from dotenv import load_dotenv
-from flask import Flask
+from flask import Flask, request
+from flask_cors import CORS
+from flask_login import current_user
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -53,10 +56,16 @@ def register_security_headers(app: Flask) -> None:
     @app.after_request
     def security_headers(response):
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        if app.config["SESSION_COOKIE_SECURE"]:
+            # Served over HTTPS: browsers are to come back only that way.
+            response.headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
         if not is_api_request():
             response.headers.setdefault("Content-Security-Policy", policy)
             response.headers.setdefault("X-Frame-Options", "DENY")
             response.headers.setdefault("Referrer-Policy", "same-origin")
+            if request.endpoint != "static" and current_user.is_authenticated:
+                # A signed-in page or download is nobody else's: no shared or back-button cache keeps it.
+                response.headers["Cache-Control"] = "no-store"
         return response
 
 
@@ -70,6 +79,7 @@ def check_settings(app: Flask) -> None:
         REMEMBER_COOKIE_HTTPONLY=True,
         REMEMBER_COOKIE_SAMESITE="Lax",
         REMEMBER_COOKIE_SECURE=app.config["SESSION_COOKIE_SECURE"],
+        REMEMBER_COOKIE_DURATION=timedelta(days=app.config["REMEMBER_DAYS"]),
     )
     uri = app.config["SQLALCHEMY_DATABASE_URI"]
     if uri.startswith("sqlite:///"):
@@ -104,6 +114,16 @@ def register_extensions(app: Flask) -> None:
     app.extensions["credit_packs"] = parse_packs(app.config["CREDIT_PACKS"])
     app.extensions["stripe"] = stripe_client(app.config)
     app.extensions["throttle"] = Throttle(app.config)
+    if app.config["CORS_ALLOWED_ORIGINS"]:
+        # Pages on these origins may call /v1 from the browser with a key; nothing else is opened.
+        CORS(
+            app,
+            resources={r"/v1/*": {"origins": app.config["CORS_ALLOWED_ORIGINS"]}},
+            methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+            expose_headers=["X-Request-Id", "X-Credits-Charged", "X-Credits-Remaining", "Retry-After"],
+            max_age=600,
+        )
 
 
 def stripe_client(config) -> stripe.StripeClient | None:

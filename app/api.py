@@ -25,22 +25,31 @@ CATALOG_ENDPOINTS = ("api.models", "api.audio_models", "api.voices")
 @bp.before_request
 def authenticate():
     config = current_app.config
+    throttle = current_app.extensions["throttle"]
+    ip = request.remote_addr or "-"
+    if request.method == "OPTIONS" and config["CORS_ALLOWED_ORIGINS"]:
+        # A browser's CORS preflight never carries a key; Flask-CORS answers it (app/__init__.py).
+        g.caller = None
+        return
     if config["PUBLIC_CATALOG"] and request.endpoint in CATALOG_ENDPOINTS:
         g.caller = None
-        _throttled(current_app.extensions["throttle"].anonymous_request(request.remote_addr or "-"))
+        _throttled(throttle.anonymous_request(ip))
         return
+    # An address that has guessed wrong too often is not even looked up until its window passes.
+    _throttled(throttle.key_guessing_blocked(ip), "Too many requests with an invalid API key from this address.")
     try:
         g.caller = keys.authenticate(request.authorization, config["KEY_LAST_USED_RESOLUTION"])
     except keys.KeyRefused as refused:
+        throttle.key_failed(ip)
         raise ApiError(401, refused.detail, {"WWW-Authenticate": "Bearer"}) from None
     # The key's last use, when it was due to be written.
     db.session.commit()
-    _throttled(current_app.extensions["throttle"].api_request(g.caller.key_id, g.caller.user_id))
+    _throttled(throttle.api_request(g.caller.key_id, g.caller.user_id))
 
 
-def _throttled(retry_after: int | None) -> None:
+def _throttled(retry_after: int | None, reason: str = "Rate limit reached.") -> None:
     if retry_after is not None:
-        raise ApiError(429, f"Rate limit reached. Retry in {retry_after} seconds.", {"Retry-After": str(retry_after)})
+        raise ApiError(429, f"{reason} Retry in {retry_after} seconds.", {"Retry-After": str(retry_after)})
 
 
 def _json_body():

@@ -30,6 +30,10 @@ def _bool(name: str, default: bool) -> bool:
     return raw.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _list(name: str) -> list[str]:
+    return [item.strip() for item in (os.environ.get(name) or "").split(",") if item.strip()]
+
+
 def database_url(raw: str | None) -> str:
     """Normalise a DATABASE_URL so that PostgreSQL always goes through psycopg 3."""
     if not raw:
@@ -71,6 +75,12 @@ def from_environment() -> dict:
         "SPEECH_CHARS_PER_SECOND": _float("SPEECH_CHARS_PER_SECOND", 20.0),
         "TRUSTED_PROXIES": _int("TRUSTED_PROXIES", 0),
         "SESSION_COOKIE_SECURE": _bool("SESSION_COOKIE_SECURE", False),
+        "SIGN_IN_HOURS": _float("SIGN_IN_HOURS", 12.0),
+        "REMEMBER_DAYS": _float("REMEMBER_DAYS", 30.0),
+        "PUBLIC_BASE_URL": (os.environ.get("PUBLIC_BASE_URL") or "").rstrip("/") or None,
+        "TRUSTED_HOSTS": _list("TRUSTED_HOSTS") or None,
+        "CORS_ALLOWED_ORIGINS": _list("CORS_ALLOWED_ORIGINS"),
+        "KEY_FAILURES_PER_IP": os.environ.get("KEY_FAILURES_PER_IP") or "30/minute",
         "STRIPE_SECRET_KEY": os.environ.get("STRIPE_SECRET_KEY") or None,
         "STRIPE_WEBHOOK_SECRET": os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
         "STRIPE_API_BASE": os.environ.get("STRIPE_API_BASE") or None,

@@ -4,6 +4,7 @@ import csv
 import io
 import math
 import re
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 import stripe
@@ -16,23 +17,23 @@ from flask import (
     redirect,
     render_template,
     request,
-    session,
     stream_with_context,
     url_for,
 )
-from flask_login import current_user, login_required, login_user, logout_user
+from flask_login import current_user, login_required
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from app import accounts, keys, payments
 from app.extensions import db, login_manager
-from app.forms import BuyForm, ConfirmForm, KeyForm, LoginForm, SignupForm
+from app.forms import BuyForm, ConfirmForm, KeyForm, LoginForm, PasswordForm, SignupForm
 from app.models import ApiKey, LedgerEntry, Payment, SpeechRequest, User
 
 bp = Blueprint("dashboard", __name__)
 
 PER_PAGE = 20
-NEW_KEY_SESSION = "new_key_secret"
+# A spreadsheet reads a cell that starts with one of these as a formula (OWASP: CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 # No field of a form or query may carry NUL or another control character (tab and line breaks
@@ -48,8 +49,13 @@ def refuse_control_characters():
 
 
 @login_manager.user_loader
-def load_user(user_id: str) -> User | None:
-    return db.session.get(User, int(user_id)) if user_id.isdigit() else None
+def load_user(token: str) -> User | None:
+    return accounts.load_signed_in(token)
+
+
+def _sign_in(user: User, remember: bool) -> None:
+    config = current_app.config
+    accounts.sign_in(user, remember, timedelta(hours=config["SIGN_IN_HOURS"]), timedelta(days=config["REMEMBER_DAYS"]))
 
 
 def safe_next(target: str | None) -> str:
@@ -85,7 +91,7 @@ def signup():
             db.session.rollback()
             form.email.errors.append("An account with that email already exists.")
         else:
-            login_user(user)
+            _sign_in(user, remember=False)
             flash("Welcome to kokoro-pay. Create an API key, then buy credits to start.", "success")
             return redirect(url_for("dashboard.keys_page"))
     return render_template("auth/signup.html", form=form)
@@ -105,9 +111,9 @@ def login():
             response = Response(render_template("auth/login.html", form=form), status=429)
             response.headers["Retry-After"] = str(wait)
             return response
-        user = accounts.find_by_email(email)
-        if user is not None and accounts.check_password(user, form.password.data):
-            login_user(user, remember=form.remember.data)
+        user = accounts.authenticate(email, form.password.data)
+        if user is not None:
+            _sign_in(user, remember=form.remember.data)
             return redirect(safe_next(request.args.get("next")))
         throttle.login_failed(email, ip)
         form.password.errors.append("Wrong email or password.")
@@ -116,10 +122,40 @@ def login():
 
 @bp.post("/logout")
 def logout():
-    if ConfirmForm().validate_on_submit():
-        logout_user()
+    if ConfirmForm().validate_on_submit() and current_user.is_authenticated:
+        accounts.sign_out(current_user)
         flash("You are signed out.", "success")
     return redirect(url_for("dashboard.login"))
+
+
+@bp.route("/account", methods=["GET", "POST"])
+@login_required
+def account():
+    """Change the password (which signs out every other browser), or sign out everywhere."""
+    form = PasswordForm()
+    if form.validate_on_submit():
+        if not accounts.check_password(current_user, form.current.data):
+            form.current.errors.append("That is not your current password.")
+        else:
+            accounts.set_password(current_user, form.password.data)
+            ended = accounts.end_other_sign_ins(current_user)
+            db.session.commit()
+            flash(f"Your password is changed; {ended} other sign-in(s) ended.", "success")
+            return redirect(url_for("dashboard.account"))
+    return render_template(
+        "dashboard/account.html", form=form, everywhere=ConfirmForm(), sign_ins=accounts.sign_ins(current_user)
+    )
+
+
+@bp.post("/account/sign-out-everywhere")
+@login_required
+def sign_out_everywhere():
+    if ConfirmForm().validate_on_submit():
+        accounts.end_other_sign_ins(current_user)
+        accounts.sign_out(current_user)
+        flash("You are signed out everywhere.", "success")
+        return redirect(url_for("dashboard.login"))
+    return redirect(url_for("dashboard.account"))
 
 
 # Balance, ledger, usage
@@ -161,6 +197,11 @@ def usage_page():
     return render_template("dashboard/usage.html", page=page)
 
 
+def csv_text(value: str) -> str:
+    """Text from a user or an API client, made inert for spreadsheets: a leading `'` before a formula start."""
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
 @bp.get("/usage.csv")
 @login_required
 def usage_csv():
@@ -192,15 +233,15 @@ def usage_csv():
                     speech.created_at.isoformat(),
                     speech.id,
                     key,
-                    speech.model,
-                    speech.voice,
-                    speech.response_format,
+                    csv_text(speech.model),
+                    csv_text(speech.voice),
+                    csv_text(speech.response_format),
                     speech.characters,
                     speech.credits,
                     speech.state,
                     speech.bytes_sent,
                     speech.duration_ms or "",
-                    speech.error or "",
+                    csv_text(speech.error or ""),
                 ]
             )
             yield buffer.getvalue()
@@ -230,9 +271,8 @@ def keys_page():
     if form.validate_on_submit():
         key, secret = keys.create_key(current_user, form.name.data or "")
         db.session.commit()
-        # Kept only until the next page has shown it once.
-        session[NEW_KEY_SESSION] = {"id": key.id, "secret": secret}
-        return redirect(url_for("dashboard.key_created"))
+        # The secret is in this one response and nowhere else: not in the session, not in the database.
+        return no_store(Response(render_template("dashboard/key_created.html", key=key, secret=secret)))
     user_keys = db.session.scalars(
         select(ApiKey).where(ApiKey.user_id == current_user.id).order_by(ApiKey.created_at.desc(), ApiKey.id.desc())
     ).all()
@@ -242,12 +282,8 @@ def keys_page():
 @bp.get("/keys/created")
 @login_required
 def key_created():
-    shown = session.pop(NEW_KEY_SESSION, None)
-    if not shown:
-        flash("A key's secret is shown only once, right after it is created. Create a new key if you lost it.", "info")
-        return redirect(url_for("dashboard.keys_page"))
-    key = _own_key(shown["id"])
-    return no_store(Response(render_template("dashboard/key_created.html", key=key, secret=shown["secret"])))
+    flash("A key's secret is shown only once, right after it is created. Create a new key if you lost it.", "info")
+    return redirect(url_for("dashboard.keys_page"))
 
 
 @bp.route("/keys/<int:key_id>/revoke", methods=["GET", "POST"])
@@ -303,8 +339,8 @@ def checkout():
             current_user,
             pack,
             current_app.config["STRIPE_CURRENCY"],
-            success_url=url_for("dashboard.billing_success", _external=True) + "?session_id={CHECKOUT_SESSION_ID}",
-            cancel_url=url_for("dashboard.billing_page", _external=True),
+            success_url=external_url("dashboard.billing_success") + "?session_id={CHECKOUT_SESSION_ID}",
+            cancel_url=external_url("dashboard.billing_page"),
         )
         db.session.commit()
     except stripe.StripeError:
@@ -333,5 +369,18 @@ def billing_success():
 
 @bp.get("/docs")
 def docs():
-    base_url = url_for("api.balance", _external=True).rsplit("/", 1)[0]
+    base_url = external_url("api.balance").rsplit("/", 1)[0] if _host_is_checked() else "https://YOUR-SERVER/v1"
     return render_template("dashboard/docs.html", base_url=base_url)
+
+
+def _host_is_checked() -> bool:
+    """True when this server's address comes from a setting, or Flask has checked the Host header."""
+    return bool(current_app.config["PUBLIC_BASE_URL"] or current_app.config["TRUSTED_HOSTS"])
+
+
+def external_url(endpoint: str, **values) -> str:
+    """An absolute URL on this server: from PUBLIC_BASE_URL when set, never from an unchecked Host then."""
+    base = current_app.config["PUBLIC_BASE_URL"]
+    if base:
+        return base + url_for(endpoint, **values)
+    return url_for(endpoint, _external=True, **values)

@@ -9,6 +9,7 @@ shape OpenAI's SDKs read:
 """
 
 from flask import Flask, jsonify, render_template, request
+from flask.globals import request_ctx
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from app.extensions import db
@@ -75,6 +76,9 @@ def register_errorhandlers(app: Flask) -> None:
     def http_error(error: HTTPException):
         if is_api_request():
             return _from_http_exception(error)
+        if request_ctx.url_adapter is None:
+            # The Host header was refused (TRUSTED_HOSTS): no page of ours can be linked from here.
+            return error.description, error.code, {"Content-Type": "text/plain; charset=utf-8"}
         return render_template("errors/error.html", error=error), error.code
 
     @app.errorhandler(InternalServerError)

@@ -65,8 +65,34 @@ class User(UserMixin, db.Model):
 
     keys: Mapped[list["ApiKey"]] = relationship(back_populates="user")
 
+    # The token of the sign-in this object was loaded for (app/accounts.py); never stored.
+    login_token = None
+
+    def get_id(self) -> str | None:
+        """What Flask-Login keeps in the session and remember-me cookies: the sign-in's token, not the user id."""
+        return self.login_token
+
     def __repr__(self) -> str:
         return f"<User {self.id} {self.email}>"
+
+
+class LoginSession(db.Model):
+    """One signed-in browser: its session and remember-me cookies carry a token for this row.
+
+    Signing out deletes the row, so both cookies stop working at once; only the token's
+    SHA-256 is stored.
+    """
+
+    __tablename__ = "login_sessions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    remember: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+
+    user: Mapped["User"] = relationship()
 
 
 class ApiKey(db.Model):

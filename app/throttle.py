@@ -1,4 +1,5 @@
-"""Abuse limits: request rates per key and per account, failed sign-ins per account and per IP.
+"""Abuse limits: request rates per key and per account, failed sign-ins per account and per IP,
+failed API key look-ups per IP.
 
 Windows are kept by the `limits` library (the core of Flask-Limiter) in memory by
 default, or in Redis (`RATELIMIT_STORAGE_URI=redis://…`) so several processes and
@@ -52,6 +53,7 @@ class Throttle:
         self.per_account = limits.parse(config["RATE_LIMIT_PER_ACCOUNT"])
         self.logins_per_account = limits.parse(config["LOGIN_LIMIT_PER_ACCOUNT"])
         self.logins_per_ip = limits.parse(config["LOGIN_LIMIT_PER_IP"])
+        self.key_failures_per_ip = limits.parse(config["KEY_FAILURES_PER_IP"])
 
     def _retry_after(self, item, *identifiers) -> int:
         reset_at = self._windows.get_window_stats(item, *identifiers).reset_time
@@ -64,6 +66,15 @@ class Throttle:
         if not self._windows.hit(self.per_account, "account", str(user_id)):
             return self._retry_after(self.per_account, "account", str(user_id))
         return None
+
+    def key_guessing_blocked(self, ip: str) -> int | None:
+        """Seconds until `ip` may present keys again, when its failed key look-ups have used up a window."""
+        if not self._windows.test(self.key_failures_per_ip, "key-failure-ip", ip):
+            return self._retry_after(self.key_failures_per_ip, "key-failure-ip", ip)
+        return None
+
+    def key_failed(self, ip: str) -> None:
+        self._windows.hit(self.key_failures_per_ip, "key-failure-ip", ip)
 
     def anonymous_request(self, ip: str) -> int | None:
         """Count one keyless request (the public catalog) from `ip`, at the per-key rate."""

@@ -14,3 +14,10 @@ document.querySelectorAll("[data-copy]").forEach((button) => {
     }
   });
 });
+
+// A page shown once (a new key's secret) in answer to a form: the address bar shows the
+// harmless page behind it, so a reload or a return visit asks for that, not the form again.
+const replaceUrl = document.querySelector("[data-replace-url]");
+if (replaceUrl) {
+  history.replaceState(null, "", replaceUrl.dataset.replaceUrl);
+}

@@ -138,6 +138,11 @@ class WebClient:
         self.get("/signup")
         return self.post("/signup", {"email": email, "password": password, "confirm": password})
 
+    def logout(self):
+        # A page first, as a browser has one: signing in renewed the session and with it the CSRF token.
+        self.get("/keys")
+        return self.post("/logout")
+
     def login(self, email, password="correct horse battery", next_url=None):
         self.get("/login")
         url = "/login" + (f"?next={next_url}" if next_url else "")

@@ -14,7 +14,9 @@ import pytest
 import responses
 from playwright.sync_api import expect, sync_playwright
 
+from tests import factories
 from tests.conftest import STRIPE_CHECKOUT
+from tests.fake_upstream import FakeUpstream
 from tests.servers import serve
 from tests.stripe_helpers import checkout_session, deliver, event, stub_checkout
 
@@ -41,6 +43,12 @@ def browser():
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield browser
         browser.close()
+
+
+@pytest.fixture
+def app(make_app):
+    # The docs page shows this server's address only when the Host header is checked.
+    return make_app(TRUSTED_HOSTS=["127.0.0.1", "localhost"])
 
 
 @pytest.fixture
@@ -156,3 +164,52 @@ def _user_id(app, email):
 
     with app.app_context():
         return accounts.find_by_email(email).id
+
+
+def other_origin_page(environ, start_response):
+    """A page of someone else's site, on a second loopback origin."""
+    start_response("200 OK", [("Content-Type", "text/html")])
+    return [b"<!doctype html><title>a customer's web app</title>"]
+
+
+@pytest.mark.parametrize("allowed", [True, False], ids=["allowed", "not allowed"])
+def test_a_page_on_another_origin_calls_the_api_only_when_the_operator_allows_it(
+    make_app, browser, upstream_for_browser, allowed
+):
+    with serve(other_origin_page) as origin:
+        app = make_app(UPSTREAM_URL=f"{upstream_for_browser}/v1", CORS_ALLOWED_ORIGINS=[origin] if allowed else [])
+        customer = factories.customer(app, balance=1000)
+        with serve(app) as api:
+            page = browser.new_page()
+            page.goto(origin)
+            result = page.evaluate(
+                """async ([api, key]) => {
+                    try {
+                        const res = await fetch(api + "/v1/audio/speech", {
+                            method: "POST",
+                            headers: {"Authorization": "Bearer " + key, "Content-Type": "application/json"},
+                            body: JSON.stringify({input: "Hello from another site.", voice: "af_sky"}),
+                        });
+                        const audio = await res.arrayBuffer();
+                        const charged = res.headers.get("X-Credits-Charged");
+                        return {status: res.status, bytes: audio.byteLength, charged};
+                    } catch (error) {
+                        return {error: String(error)};
+                    }
+                }""",
+                [api, customer.secret],
+            )
+            page.close()
+    if allowed:
+        assert result["status"] == 200 and result["bytes"] > 0 and result["charged"] == "24"
+        assert factories.balance(app, customer.user_id) == 1000 - 24
+    else:
+        # The preflight is refused, so the browser never sends the request: nothing is charged.
+        assert "Failed to fetch" in result["error"]
+        assert factories.speech_requests(app, customer.user_id) == []
+
+
+@pytest.fixture
+def upstream_for_browser():
+    with serve(FakeUpstream()) as url:
+        yield url
