@@ -9,35 +9,33 @@ from app.accounts import EMAIL_PATTERN
 MIN_PASSWORD = 10
 
 
+def new_password(label: str) -> PasswordField:
+    return PasswordField(
+        label,
+        validators=[
+            DataRequired(),
+            Length(min=MIN_PASSWORD, max=200, message=f"Use at least {MIN_PASSWORD} characters."),
+        ],
+    )
+
+
+def repeated(label: str) -> PasswordField:
+    return PasswordField(label, validators=[DataRequired(), EqualTo("password", message="The passwords do not match.")])
+
+
 class SignupForm(FlaskForm):
     email = EmailField(
         "Email",
         validators=[DataRequired(), Length(max=254), Regexp(EMAIL_PATTERN, message="Enter a valid email address.")],
     )
-    password = PasswordField(
-        "Password",
-        validators=[
-            DataRequired(),
-            Length(min=MIN_PASSWORD, max=200, message=f"Use at least {MIN_PASSWORD} characters."),
-        ],
-    )
-    confirm = PasswordField(
-        "Repeat password", validators=[DataRequired(), EqualTo("password", message="The passwords do not match.")]
-    )
+    password = new_password("Password")
+    confirm = repeated("Repeat password")
 
 
 class PasswordForm(FlaskForm):
     current = PasswordField("Current password", validators=[DataRequired(), Length(max=200)])
-    password = PasswordField(
-        "New password",
-        validators=[
-            DataRequired(),
-            Length(min=MIN_PASSWORD, max=200, message=f"Use at least {MIN_PASSWORD} characters."),
-        ],
-    )
-    confirm = PasswordField(
-        "Repeat new password", validators=[DataRequired(), EqualTo("password", message="The passwords do not match.")]
-    )
+    password = new_password("New password")
+    confirm = repeated("Repeat new password")
 
 
 class LoginForm(FlaskForm):

@@ -78,10 +78,11 @@ def ledger_sum(app, user_id: int) -> int:
         )
 
 
-def ledger(app, user_id: int) -> list[tuple[str, int, int]]:
+def ledger(app, user_id: int, last=LedgerEntry.balance_after) -> list[tuple]:
+    """A user's ledger rows in order: (kind, amount, balance after), or another column last."""
     with app.app_context():
         rows = db.session.execute(
-            select(LedgerEntry.kind, LedgerEntry.amount, LedgerEntry.balance_after)
+            select(LedgerEntry.kind, LedgerEntry.amount, last)
             .where(LedgerEntry.user_id == user_id)
             .order_by(LedgerEntry.id)
         )
@@ -89,13 +90,7 @@ def ledger(app, user_id: int) -> list[tuple[str, int, int]]:
 
 
 def ledger_notes(app, user_id: int) -> list[tuple[str, int, str | None]]:
-    with app.app_context():
-        rows = db.session.execute(
-            select(LedgerEntry.kind, LedgerEntry.amount, LedgerEntry.note)
-            .where(LedgerEntry.user_id == user_id)
-            .order_by(LedgerEntry.id)
-        )
-        return [tuple(row) for row in rows]
+    return ledger(app, user_id, LedgerEntry.note)
 
 
 def speech_requests(app, user_id: int) -> list[SpeechRequest]:

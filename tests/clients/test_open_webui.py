@@ -16,6 +16,16 @@ from tests.clients.conftest import charged_once
 TEXT = "Hello from kokoro-pay, read aloud in Open WebUI."
 
 
+def open_webui_speaks(base_url: str, key: str, voice: str) -> requests.Response:
+    """The request its backend sends: the browser's input and voice, the model from its settings."""
+    return requests.post(
+        f"{base_url}/audio/speech",
+        json={"input": TEXT, "voice": voice, "model": "tts-1"},
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        timeout=60,
+    )
+
+
 def test_keyless_catalog_then_speech(gateway, customer):
     app, base_url = gateway
     models = requests.get(f"{base_url}/audio/models", timeout=10)
@@ -27,12 +37,7 @@ def test_keyless_catalog_then_speech(gateway, customer):
     available = {voice["id"]: voice["name"] for voice in voices.json().get("voices", [])}
     assert {"af_heart", "alloy", "echo", "fable", "onyx", "nova", "shimmer"} <= set(available)
 
-    response = requests.post(
-        f"{base_url}/audio/speech",
-        json={"input": TEXT, "voice": "af_heart", "model": "tts-1"},
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {customer.secret}"},
-        timeout=60,
-    )
+    response = open_webui_speaks(base_url, customer.secret, "af_heart")
     assert response.status_code == 200
     assert seconds_of(response.content, "mp3") > 1.0
     charged_once(app, customer, TEXT)
@@ -40,12 +45,7 @@ def test_keyless_catalog_then_speech(gateway, customer):
 
 def test_a_failure_has_the_message_open_webui_shows(gateway, customer):
     _, base_url = gateway
-    response = requests.post(
-        f"{base_url}/audio/speech",
-        json={"input": TEXT, "voice": "af_nobody", "model": "tts-1"},
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {customer.secret}"},
-        timeout=60,
-    )
+    response = open_webui_speaks(base_url, customer.secret, "af_nobody")
     assert response.status_code == 400
     res = response.json()
     assert "error" in res and res["error"].get("message", "").startswith("Voice 'af_nobody' is not available")
