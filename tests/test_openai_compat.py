@@ -104,6 +104,7 @@ def test_a_voice_can_be_an_object_with_an_id(client, customer, upstream):
         ("af_bella + af_sky", "af_bella+af_sky"),
         ("af_bella-af_sky", "af_bella-af_sky"),
         ("af_bella(0.7)+am_adam(0.3)", "af_bella(0.7)+am_adam(0.3)"),
+        ("af_bella(0.5)+af_sky(1.0)", "af_bella(0.5)+af_sky(1)"),
         ("alloy(2)+echo", "af_alloy(2)+am_echo"),
     ],
 )
@@ -233,6 +234,7 @@ def test_too_many_streams_is_a_429_with_its_own_code_and_retry_after(gateway, cu
     client = gateway(MAX_STREAMS_PER_ACCOUNT=0).test_client()
     response = speak(client, customer)
     assert response.status_code == 429 and response.headers["Retry-After"] == "1"
+    assert "(at most 0)" in response.get_json()["detail"]
     assert response.get_json()["error"] == {
         "message": response.get_json()["detail"],
         "type": "requests",
@@ -314,7 +316,8 @@ def test_an_sse_stream_that_breaks_ends_with_an_error_event_and_is_settled(make_
             )
     events = sse_events(response.content)
     assert [event["type"] for event in events[:-1]] == ["speech.audio.delta"] * 5
-    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "upstream_error"
+    assert events[-1]["type"] == "error"
+    assert (events[-1]["error"]["type"], events[-1]["error"]["code"]) == ("server_error", "upstream_error")
     assert "broke off" in events[-1]["error"]["message"]
     [speech] = factories.speech_requests(app, customer.user_id)
     # 100 characters at 1 a second: 100 s expected; 1 s delivered keeps 1 credit.

@@ -281,6 +281,7 @@ class Paced(FakeUpstream):
         self.finished.set()
 
 
+@pytest.mark.slow
 def test_settle_leaves_a_slow_live_stream_alone_and_it_is_delivered(make_app):
     chunks = in_chunks(pcm_of(PROSE_SECONDS), 12)
     with serve(Paced(chunks, 0.1)) as upstream_url:

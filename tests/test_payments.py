@@ -59,6 +59,8 @@ def test_buying_a_pack_creates_a_checkout_session_and_redirects_to_stripe(app, w
     assert params["mode"] == "payment"
     assert params["client_reference_id"] == str(buyer)
     assert params["metadata[credits]"] == "10000" and params["metadata[pack]"] == "starter"
+    assert params["metadata[user_id]"] == str(buyer) and params["customer_email"] == "buyer@example.com"
+    assert params["line_items[0][price_data][product_data][name]"] == "10,000 kokoro-pay credits"
     assert params["line_items[0][price_data][unit_amount]"] == "500"
     assert params["line_items[0][price_data][currency]"] == "usd"
     assert params["line_items[0][quantity]"] == "1"

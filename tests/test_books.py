@@ -1,0 +1,520 @@
+"""The books, specified where the rest of the suite left gaps a mutation run found.
+
+Each audit offence planted and named; deduct and grant of nothing; the credit packs'
+own checks; one user's debit never touching another's balance; reversals of the pro
+pack to the cent, a late smaller refund, a storm of concurrent refunds on PostgreSQL;
+and what every kind of Stripe event answers and records.
+"""
+
+import threading
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import delete, select, update
+
+from app import billing, payments
+from app.audit import audit
+from app.extensions import db
+from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, StripeEvent, User, utcnow
+from tests import factories
+from tests.stripe_helpers import charge, checkout_session, deliver, event
+
+
+def problems(app) -> list[str]:
+    with app.app_context():
+        return audit().problems
+
+
+# The audit names every offence
+
+
+def _speech(user_id, **fields):
+    return factories.charge_speech(user_id, fields.pop("characters", 10))
+
+
+def plant_balance_off(user_id):
+    db.session.execute(update(User).where(User.id == user_id).values(balance=User.balance + 1))
+
+
+def plant_charge_without_debit(user_id):
+    speech = _speech(user_id)
+    db.session.execute(delete(LedgerEntry).where(LedgerEntry.reference == f"speech:{speech.id}"))
+    db.session.execute(update(User).where(User.id == user_id).values(balance=User.balance + 10))
+
+
+def plant_refund_without_charge(user_id):
+    speech = _speech(user_id)
+    billing.refund_speech(speech.id, "upstream failed", audio_ms=0)
+    db.session.execute(delete(LedgerEntry).where(LedgerEntry.reference == f"speech:{speech.id}"))
+    db.session.execute(update(User).where(User.id == user_id).values(balance=User.balance + 10))
+
+
+def plant_refund_row_that_disagrees(user_id):
+    speech = _speech(user_id)
+    billing.refund_speech(speech.id, "upstream failed", audio_ms=0)
+    speech.credits_refunded = 4
+
+
+def plant_refund_while_delivered(user_id):
+    speech = _speech(user_id)
+    billing.refund_speech(speech.id, "upstream failed", audio_ms=0)
+    speech.state = "delivered"
+
+
+def plant_orphan_debit(user_id):
+    billing.apply(user_id, -5, kind=LedgerKind.DEBIT, reference="speech:req_nobody")
+
+
+def plant_over_refund(user_id):
+    speech = _speech(user_id, characters=100)
+    billing.refund_speech(speech.id, "upstream broke off", audio_ms=4000)
+    # 4 s of audio at 20 characters a second pays for 80 of the 100 credits: refund all 100 instead.
+    extra = 100 - speech.credits_refunded
+    billing.apply(user_id, extra, kind=LedgerKind.GRANT, reference="grant:cover")
+    db.session.execute(update(LedgerEntry).where(LedgerEntry.reference == f"refund:{speech.id}").values(amount=100))
+    db.session.execute(delete(LedgerEntry).where(LedgerEntry.reference == "grant:cover"))
+    speech.credits_refunded = 100
+
+
+def plant_balance_without_ledger(user_id):
+    db.session.add(User(email="lonely@example.com", balance=5))
+
+
+def plant_refund_row_missing(user_id):
+    speech = _speech(user_id)
+    billing.refund_speech(speech.id, "upstream failed", audio_ms=0)
+    db.session.execute(delete(LedgerEntry).where(LedgerEntry.reference == f"refund:{speech.id}"))
+    db.session.execute(update(User).where(User.id == user_id).values(balance=User.balance - 10))
+
+
+def plant_refund_beyond_the_charge(user_id):
+    speech = _speech(user_id)
+    billing.refund_speech(speech.id, "upstream failed", audio_ms=0)
+    billing.apply(user_id, 2, kind=LedgerKind.GRANT, reference="grant:cover")
+    db.session.execute(delete(LedgerEntry).where(LedgerEntry.reference == "grant:cover"))
+    db.session.execute(update(LedgerEntry).where(LedgerEntry.reference == f"refund:{speech.id}").values(amount=12))
+    speech.credits_refunded = 12
+
+
+def plant_one_credit_too_many_refunded(user_id):
+    # 10 characters at 20 a second last 0.5 s: all of it was delivered, so nothing is due back.
+    speech = _speech(user_id)
+    billing.refund_speech(speech.id, "upstream broke off", audio_ms=500)
+    billing.apply(user_id, 1, kind=LedgerKind.REFUND, reference=f"refund:{speech.id}")
+    speech.credits_refunded = 1
+
+
+def plant_stale_charge(user_id):
+    speech = _speech(user_id)
+    speech.created_at = utcnow() - timedelta(hours=2)
+
+
+def _paid_payment(user_id, session_id="cs_planted", credits=10_000):
+    payment = factories.starter_payment(user_id, session_id, payment_intent_id="pi_planted")
+    payment.credits = credits
+    payment.paid_at = utcnow()
+    payment.status = "paid"
+    db.session.flush()
+    return payment
+
+
+def plant_wrong_topup(user_id):
+    _paid_payment(user_id)
+    billing.apply(user_id, 9_999, kind=LedgerKind.TOPUP, reference="topup:cs_planted")
+
+
+def plant_credit_for_unpaid(user_id):
+    payment = factories.starter_payment(user_id, "cs_unpaid")
+    db.session.flush()
+    billing.apply(user_id, payment.credits, kind=LedgerKind.TOPUP, reference="topup:cs_unpaid")
+
+
+def plant_topup_for_no_payment(user_id):
+    billing.apply(user_id, 500, kind=LedgerKind.TOPUP, reference="topup:cs_nowhere")
+
+
+def plant_paid_without_topup(user_id):
+    _paid_payment(user_id)
+
+
+def plant_unapplied_reversal(user_id):
+    payment = _paid_payment(user_id)
+    billing.apply(user_id, 10_000, kind=LedgerKind.TOPUP, reference="topup:cs_planted")
+    db.session.add(PaymentReversal(payment_intent_id="pi_planted", kind="refund", amount_cents=250, event_id="evt_x"))
+    payment.credits_reversed = 0
+
+
+OFFENCES = {
+    "balance off its ledger": (plant_balance_off, "but the ledger sums to"),
+    "charged without a debit": (plant_charge_without_debit, "charged 10 credits but debited None"),
+    "refunded without a charge": (plant_refund_without_charge, "refunded without a charge"),
+    "a refund row that disagrees": (plant_refund_row_that_disagrees, "4 credits due back but 10 refunded"),
+    "refunded while delivered": (plant_refund_while_delivered, "refunded 10 credits while delivered"),
+    "an orphan debit": (plant_orphan_debit, "ledger speech:req_nobody: -5 credits for no speech request"),
+    "a refund of delivered audio": (plant_over_refund, "ms of delivered audio pay for 80"),
+    "a stale charge": (plant_stale_charge, "still charged, no progress since"),
+    "a wrong top-up": (plant_wrong_topup, "10000 credits paid, 1 top-ups of 9999 in all"),
+    "credit for an unpaid payment": (plant_credit_for_unpaid, "payment cs_unpaid: credited 10000 but not paid"),
+    "a top-up for no payment": (plant_topup_for_no_payment, "ledger topup:cs_nowhere: a top-up for no payment"),
+    "a paid payment never credited": (plant_paid_without_topup, "10000 credits paid, 0 top-ups of 0 in all"),
+    "a reversal not applied": (plant_unapplied_reversal, "owe 5000 credits back but 0 were taken"),
+    "a balance without any ledger": (plant_balance_without_ledger, "balance 5 but the ledger sums to 0"),
+    "a refund with no refund row": (plant_refund_row_missing, "10 credits due back but 0 refunded"),
+    "a refund beyond the charge": (plant_refund_beyond_the_charge, "refunded 12 of its 10 credits"),
+    "one credit too many refunded": (plant_one_credit_too_many_refunded, "kept 9 credits, but its 500 ms"),
+}
+
+
+@pytest.mark.parametrize("offence", list(OFFENCES))
+def test_the_audit_names_each_offence(app, customer, offence):
+    plant, words = OFFENCES[offence]
+    assert problems(app) == []
+    with app.app_context():
+        plant(customer.user_id)
+        db.session.commit()
+    found = problems(app)
+    assert any(words in problem for problem in found), found
+
+
+def test_a_live_stream_with_recent_progress_is_not_stale_however_old(app, customer):
+    with app.app_context():
+        speech = factories.charge_speech(customer.user_id, 10)
+        speech.created_at = utcnow() - timedelta(hours=2)
+        speech.progress_at = utcnow()
+        db.session.commit()
+    assert problems(app) == []
+
+
+def test_a_refund_waiting_for_an_unpaid_payment_is_no_offence(app, client, customer):
+    with app.app_context():
+        factories.starter_payment(customer.user_id, "cs_test_1", payment_intent_id="pi_1")
+        db.session.commit()
+    deliver(client, event("charge.refunded", charge(amount_refunded=500)))
+    assert problems(app) == []
+
+
+def test_the_audit_says_what_it_checked(app, runner, customer):
+    factories.customer(app, balance=0)
+    with app.app_context():
+        factories.charge_speech(customer.user_id, 10)
+        db.session.commit()
+        report = audit()
+    assert report.checked == {"users": 2, "ledger entries": 2, "speech requests": 1, "payments": 0}
+    result = runner.invoke(args=["audit"])
+    assert (
+        result.exit_code == 0
+        and "Audit passed: 2 users, 2 ledger entries, 1 speech requests, 0 payments." in result.output
+    )
+
+
+# Notices: accounts whose streams often break off after audio went out
+
+
+def _streams(user_id, broken: int, whole: int, before_audio: int = 0, days_ago: float = 0):
+    for index in range(broken + whole + before_audio):
+        speech = factories.charge_speech(user_id, 1)
+        speech.created_at = utcnow() - timedelta(days=days_ago)
+        if index < broken + before_audio:
+            speech.state = "refunded"
+            speech.bytes_sent = 0 if index >= broken else 100
+        else:
+            speech.state = "delivered"
+
+
+def notices(app) -> list[str]:
+    with app.app_context():
+        return audit().notices
+
+
+@pytest.mark.parametrize(
+    "broken,whole,before_audio,days_ago,named",
+    [
+        (5, 20, 0, 0, True),  # 5 of 25: exactly a fifth, at the minimum count
+        (4, 0, 0, 0, False),  # below the minimum count, however large a share
+        (5, 21, 0, 0, False),  # 5 of 26: under a fifth
+        (5, 0, 20, 0, True),  # failures before any audio count as streams, not as breaks
+        (4, 0, 20, 0, False),
+        (5, 0, 0, 31, False),  # older than the 30 days looked at
+        (5, 0, 0, 29, True),
+    ],
+)
+def test_accounts_whose_streams_often_break_are_named(app, customer, broken, whole, before_audio, days_ago, named):
+    other = factories.customer(app, balance=1000)
+    with app.app_context():
+        _streams(customer.user_id, broken, whole, before_audio, days_ago)
+        _streams(other.user_id, 0, 30)
+        db.session.commit()
+    found = notices(app)
+    total = broken + whole + before_audio
+    who = f"user {customer.user_id} <{customer.email}>"
+    expected = [f"{who}: {broken} of {total} streams in 30 days broke off after audio went out"]
+    assert found == (expected if named else [])
+
+
+def test_clean_books_with_empty_accounts_raise_no_alarm(app, customer):
+    for balance in (0, 0, 7):
+        factories.customer(app, balance=balance)
+    with app.app_context():
+        speech = factories.charge_speech(customer.user_id, 10)
+        billing.refund_speech(speech.id, "upstream failed", audio_ms=0)
+        factories.charge_speech(customer.user_id, 20)
+        db.session.commit()
+    assert problems(app) == []
+
+
+# Grants and deductions of nothing
+
+
+@pytest.mark.parametrize("amount", [0, -5])
+def test_grant_and_deduct_refuse_nothing_or_less(app, customer, amount):
+    with app.app_context():
+        user = db.session.get(User, customer.user_id)
+        with pytest.raises(ValueError, match="^a grant must be a positive number of credits$"):
+            billing.grant(user, amount, "operator")
+        with pytest.raises(ValueError, match="^a deduction must be a positive number of credits$"):
+            billing.deduct(user, amount, "operator")
+        db.session.commit()
+    assert factories.ledger(app, customer.user_id) == [("grant", 1000, 1000)]
+
+
+# The credit packs' own checks
+
+
+def test_credit_packs_are_read_with_their_prices():
+    packs = payments.parse_packs("starter:10000:500, pro:250000:8000")
+    assert [(pack.id, pack.credits, pack.price_cents, pack.price) for pack in packs] == [
+        ("starter", 10_000, 500, "5.00"),
+        ("pro", 250_000, 8000, "80.00"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "setting", ["starter:0:500", "starter:10000:0", "starter:-1:500", "starter:10000:-500", ":10:5", "a:b:c", "a:1"]
+)
+def test_a_pack_without_a_name_or_with_nothing_to_sell_is_refused(setting):
+    with pytest.raises(ValueError):
+        payments.parse_packs(setting)
+
+
+# One account's debit never touches another's
+
+
+def test_charging_one_account_never_touches_another(app, customer):
+    poorer = factories.customer(app, balance=5)
+    with app.app_context():
+        with pytest.raises(billing.InsufficientCredits) as short:
+            billing.charge_speech(
+                poorer.user_id,
+                poorer.key_id,
+                unlimited=False,
+                characters=6,
+                model="kokoro",
+                voice="af_sky",
+                response_format="mp3",
+            )
+        db.session.rollback()
+        assert (short.value.balance, short.value.cost) == (5, 6)
+        paid = billing.charge_speech(
+            customer.user_id,
+            customer.key_id,
+            unlimited=False,
+            characters=6,
+            model="kokoro",
+            voice="af_sky",
+            response_format="mp3",
+        )
+        db.session.commit()
+        assert (paid.credits, paid.balance) == (6, 994)
+    assert factories.balance(app, poorer.user_id) == 5 and factories.balance(app, customer.user_id) == 994
+
+
+# What is kept after a break, at the edges
+
+
+def test_a_one_credit_request_with_audio_delivered_keeps_its_credit():
+    assert billing.kept_credits(1, 1, 1.0, 100, 20) == 1
+    assert billing.kept_credits(1, 1, 1.0, 0, 20) == 0
+
+
+def test_delivered_audio_that_covers_the_whole_text_keeps_the_whole_charge():
+    # 1,000 characters at 20 a second: 50 s. All of it delivered keeps all 1,000 credits, not 999.
+    assert billing.kept_credits(1000, 1000, 1.0, 50_000, 20) == 1000
+    assert billing.kept_credits(1000, 1000, 1.0, 49_950, 20) == 999
+    assert billing.kept_credits(1000, 1000, 2.0, 25_000, 20) == 1000
+
+
+# Reversals, to the cent
+
+
+def _buy(app, client, user_id, pack="starter", credits=10_000, cents=500, session_id="cs_test_1"):
+    with app.app_context():
+        payment = factories.starter_payment(user_id, session_id)
+        payment.pack, payment.credits, payment.amount_cents = pack, credits, cents
+        db.session.commit()
+    deliver(client, event("checkout.session.completed", checkout_session(user_id, session_id, amount_total=cents)))
+
+
+def _taken_back(app, session_id="cs_test_1") -> int:
+    with app.app_context():
+        return db.session.scalar(select(Payment.credits_reversed).where(Payment.checkout_session_id == session_id))
+
+
+def test_the_pro_pack_refunded_by_one_cent_takes_back_its_share_rounded_down(app, client, customer):
+    _buy(app, client, customer.user_id, "pro", 250_000, 8000)
+    assert factories.balance(app, customer.user_id) == 251_000
+    deliver(client, event("charge.refunded", charge(amount=8000, amount_refunded=1)))
+    # 250,000 credits × 1 / 8,000 cents = 31.25: 31 taken back, never a fraction in the customer's disfavour.
+    assert _taken_back(app) == 31 and factories.balance(app, customer.user_id) == 251_000 - 31
+    deliver(client, event("charge.refunded", charge(amount=8000, amount_refunded=7999)))
+    assert _taken_back(app) == 249_968
+    deliver(client, event("charge.refunded", charge(amount=8000, amount_refunded=8000)))
+    assert _taken_back(app) == 250_000 and factories.balance(app, customer.user_id) == 1000
+    factories.assert_books_balance(app, customer.user_id)
+    assert problems(app) == []
+
+
+def test_a_late_smaller_refund_changes_nothing(app, client, customer):
+    _buy(app, client, customer.user_id)
+    deliver(client, event("charge.refunded", charge(amount_refunded=300)))
+    assert _taken_back(app) == 6000
+    # Stripe's older event, with the smaller running total, arrives last.
+    deliver(client, event("charge.refunded", charge(amount_refunded=100)))
+    assert _taken_back(app) == 6000 and factories.balance(app, customer.user_id) == 1000 + 10_000 - 6000
+    assert problems(app) == []
+
+
+def test_a_refund_and_a_lost_dispute_never_take_back_more_than_was_paid(app, client, customer):
+    _buy(app, client, customer.user_id)
+    deliver(client, event("charge.refunded", charge(amount_refunded=400)))
+    deliver(
+        client,
+        event(
+            "charge.dispute.closed",
+            {"id": "dp_1", "object": "dispute", "payment_intent": "pi_1", "amount": 500, "status": "lost"},
+        ),
+    )
+    assert _taken_back(app) == 10_000 and factories.balance(app, customer.user_id) == 1000
+    assert problems(app) == []
+
+
+def test_a_refund_and_a_lost_dispute_add_up(app, client, customer):
+    _buy(app, client, customer.user_id)
+    deliver(client, event("charge.refunded", charge(amount_refunded=100)))
+    lost = {"id": "dp_1", "object": "dispute", "payment_intent": "pi_1", "amount": 200, "status": "lost"}
+    deliver(client, event("charge.dispute.closed", lost))
+    # 100 + 200 of 500 cents: three fifths of the 10,000 credits.
+    assert _taken_back(app) == 6000 and factories.balance(app, customer.user_id) == 1000 + 4000
+    kinds = [kind for kind, _, _ in factories.ledger(app, customer.user_id)]
+    assert kinds == ["grant", "topup", "payment_refund", "chargeback"]
+
+
+def test_a_refund_worth_one_credit_takes_one_credit(app, client, customer):
+    _buy(app, client, customer.user_id, "tiny", 500, 500)
+    deliver(client, event("charge.refunded", charge(amount_refunded=1)))
+    assert _taken_back(app) == 1 and factories.balance(app, customer.user_id) == 1000 + 499
+
+
+def test_a_payment_without_a_payment_intent_is_credited_in_full(app, client, customer):
+    with app.app_context():
+        factories.starter_payment(customer.user_id, "cs_no_intent")
+        db.session.commit()
+    session = checkout_session(customer.user_id, "cs_no_intent", payment_intent=None)
+    response = deliver(client, event("checkout.session.completed", session))
+    assert response.get_json()["outcome"] == f"credited 10000 to user {customer.user_id}; balance 11000"
+    assert factories.balance(app, customer.user_id) == 11_000 and _taken_back(app, "cs_no_intent") == 0
+
+
+def test_what_the_ledger_and_the_event_rows_say_of_a_payment_and_its_reversals(app, client, customer):
+    _buy(app, client, customer.user_id)
+    assert factories.ledger_notes(app, customer.user_id)[-1] == ("topup", 10_000, "starter pack, 5.00 USD")
+    again = deliver(client, event("checkout.session.completed", checkout_session(customer.user_id)))
+    assert again.get_json()["outcome"] == "already credited"
+    with app.app_context():
+        billing.deduct(db.session.get(User, customer.user_id), 10_500, "spent")
+        db.session.commit()
+    refunded = deliver(client, event("charge.refunded", charge(amount_refunded=250)))
+    assert refunded.get_json()["outcome"] == f"took back 500 of 5000 credits from user {customer.user_id}"
+    assert factories.ledger_notes(app, customer.user_id)[-1] == (
+        "payment_refund",
+        -500,
+        "refunded payment cs_test_1; 4500 credits already spent",
+    )
+    same = deliver(client, event("charge.refunded", charge(amount_refunded=250)))
+    assert same.get_json()["outcome"] == "already reversed"
+    with app.app_context():
+        billing.grant(db.session.get(User, customer.user_id), 10_000, "goodwill")
+        db.session.commit()
+    lost = {"id": "dp_1", "object": "dispute", "payment_intent": "pi_1", "amount": 250, "status": "lost"}
+    deliver(client, event("charge.dispute.closed", lost))
+    assert factories.ledger_notes(app, customer.user_id)[-1] == ("chargeback", -5000, "disputed payment cs_test_1")
+
+
+def test_a_refund_waiting_for_its_payment_is_applied_and_said_when_the_payment_arrives(app, client, customer):
+    deliver(client, event("charge.refunded", charge(amount_refunded=500)))
+    with app.app_context():
+        factories.starter_payment(customer.user_id, "cs_test_1")
+        db.session.commit()
+    response = deliver(client, event("checkout.session.completed", checkout_session(customer.user_id)))
+    assert response.get_json()["outcome"] == (
+        f"credited 10000 to user {customer.user_id}; balance 11000; "
+        f"took back 10000 of 10000 credits from user {customer.user_id}"
+    )
+    assert factories.balance(app, customer.user_id) == 1000
+
+
+def test_a_storm_of_concurrent_partial_refunds_takes_back_at_most_the_pack(make_app, postgres_only):
+    app = make_app()
+    customer = factories.customer(app, balance=0)
+    client = app.test_client()
+    _buy(app, client, customer.user_id)
+    payloads = [event("charge.refunded", charge(amount_refunded=cents)) for cents in (125, 250, 375, 500, 500, 250)]
+    barrier = threading.Barrier(len(payloads))
+    statuses = []
+
+    def send(payload):
+        barrier.wait(timeout=10)
+        statuses.append(deliver(app.test_client(), payload).status_code)
+
+    threads = [threading.Thread(target=send, args=(payload,)) for payload in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert statuses == [200] * len(payloads)
+    assert _taken_back(app) == 10_000 and factories.balance(app, customer.user_id) == 0
+    taken = [amount for kind, amount, _ in factories.ledger(app, customer.user_id) if kind == "payment_refund"]
+    assert sum(taken) == -10_000
+    assert problems(app) == []
+
+
+# Every kind of event answers 200 and records what it did
+
+
+@pytest.mark.parametrize(
+    "event_type,obj,outcome",
+    [
+        ("customer.created", {"id": "cus_1", "object": "customer"}, "ignored"),
+        ("checkout.session.completed", checkout_session(1, "cs_nobody"), "unknown checkout session"),
+        ("checkout.session.async_payment_failed", checkout_session(1, "cs_nobody"), "unknown checkout session"),
+        ("charge.refunded", charge(payment_intent=None), "no payment intent on this event"),
+        (
+            "charge.refunded",
+            charge(payment_intent="pi_later"),
+            "kept: a refund of 500 cents, applied when its payment is credited",
+        ),
+        (
+            "charge.dispute.closed",
+            {"id": "dp_1", "object": "dispute", "payment_intent": "pi_1", "amount": 500, "status": "won"},
+            "ignored",
+        ),
+    ],
+)
+def test_every_event_is_acknowledged_and_its_outcome_recorded(app, client, event_type, obj, outcome):
+    payload = event(event_type, obj, event_id="evt_spec")
+    response = deliver(client, payload)
+    assert response.status_code == 200 and response.get_json() == {"received": True, "outcome": outcome}
+    with app.app_context():
+        row = db.session.get(StripeEvent, "evt_spec")
+        assert (row.type, row.outcome) == (event_type, outcome)
+    again = deliver(client, payload)
+    assert again.status_code == 200 and again.get_json()["outcome"] == "already processed"
