@@ -488,6 +488,37 @@ def test_a_storm_of_concurrent_partial_refunds_takes_back_at_most_the_pack(make_
     assert problems(app) == []
 
 
+def test_refunds_racing_the_payment_they_reverse_are_all_applied(make_app, postgres_only):
+    # The refunds arrive while the payment is being credited, before it is linked to its
+    # payment intent: each must be either seen by the credit or see the credit, never neither.
+    app = make_app()
+    for round_ in range(5):
+        customer = factories.customer(app, balance=0)
+        session_id = f"cs_race_{round_}"
+        with app.app_context():
+            factories.starter_payment(customer.user_id, session_id)
+            db.session.commit()
+        intent = f"pi_race_{round_}"
+        credit = event(
+            "checkout.session.completed", checkout_session(customer.user_id, session_id, payment_intent=intent)
+        )
+        refunds = [event("charge.refunded", charge(payment_intent=intent, amount_refunded=c)) for c in (100, 200, 300)]
+        barrier = threading.Barrier(4)
+
+        def send(payload, barrier=barrier):
+            barrier.wait(timeout=10)
+            assert deliver(app.test_client(), payload).status_code == 200
+
+        threads = [threading.Thread(target=send, args=(payload,)) for payload in [credit, *refunds]]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert _taken_back(app, session_id) == 6000, f"round {round_}"
+        assert factories.balance(app, customer.user_id) == 4000
+    assert problems(app) == []
+
+
 # Every kind of event answers 200 and records what it did
 
 
