@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 export FLASK_APP := wsgi.py
 
-.PHONY: run test bench
+.PHONY: run test bench mutate
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +37,12 @@ test: $(VENV)/.dev $(NODE_CLIENTS)/node_modules/.package-lock.json
 # What the gateway adds on top of the upstream; needs PostgreSQL (BENCH_DATABASE_URL).
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.run
+
+# Mutation testing of the money modules (slow, not part of CI): mutmut breaks them on purpose,
+# one small change at a time, and the tests must notice. Scores go to mutation/RESULTS.md.
+# With TEST_DATABASE_URL set, every mutant also meets the PostgreSQL-only tests (one at a time:
+# they share that database).
+mutate: $(VENV)/.dev
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children $(if $(TEST_DATABASE_URL),1,2)
+	$(BIN)/python -m mutation.report $(if $(TEST_DATABASE_URL),PostgreSQL)
