@@ -215,10 +215,12 @@ def _streams(user_id, broken: int, whole: int, before_audio: int = 0, days_ago: 
         speech = factories.charge_speech(user_id, 1)
         speech.created_at = utcnow() - timedelta(days=days_ago)
         if index < broken + before_audio:
+            # A break after a single byte of audio is a break after audio went out.
             speech.state = "refunded"
-            speech.bytes_sent = 0 if index >= broken else 100
+            speech.bytes_sent = 0 if index >= broken else 1 + index * 100
         else:
             speech.state = "delivered"
+            speech.bytes_sent = 5000
 
 
 def notices(app) -> list[str]:
@@ -517,6 +519,19 @@ def test_refunds_racing_the_payment_they_reverse_are_all_applied(make_app, postg
         assert _taken_back(app, session_id) == 6000, f"round {round_}"
         assert factories.balance(app, customer.user_id) == 4000
     assert problems(app) == []
+
+
+def test_each_event_and_a_session_of_another_user_are_logged_for_the_operator(app, client, customer, caplog):
+    caplog.set_level("INFO", logger="app.payments")
+    deliver(client, event("customer.created", {"id": "cus_1", "object": "customer"}, event_id="evt_logged"))
+    assert "stripe event evt_logged (customer.created): ignored" in caplog.messages
+    with app.app_context():
+        factories.starter_payment(customer.user_id, "cs_theirs")
+        db.session.commit()
+    stranger = factories.customer(app, balance=0)
+    deliver(client, event("checkout.session.completed", checkout_session(stranger.user_id, "cs_theirs")))
+    assert "checkout session cs_theirs names another user; ignored" in caplog.messages
+    assert factories.balance(app, stranger.user_id) == 0 and factories.balance(app, customer.user_id) == 1000
 
 
 # Every kind of event answers 200 and records what it did
