@@ -333,7 +333,6 @@ class Relay:
     def __init__(self, request_id: str, order: Order, audio: SpeechStream, started: float):
         config = current_app.config
         self.request_id = request_id
-        self.order = order
         self.audio = audio
         self.started = started
         self.first_byte_ms = _ms(started)

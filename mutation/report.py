@@ -53,10 +53,11 @@ def main() -> int:
         by_postgres = sum(1 for name, status in found.items() if status == "survived" and name in on_postgres)
         survived = counts["survived"] - equivalent - by_postgres
         untested = counts["no tests"]
+        unchecked = counts["not checked"]
         killed = counts["killed"] + counts["timeout"] + counts["caught by type check"] + by_postgres
         considered = killed + survived + untested
         score = killed / considered if considered else None
-        rows.append((module, len(found), killed, survived, untested, equivalent, score))
+        rows.append((module, len(found), unchecked, killed, survived, untested, equivalent, score))
         survivors += [
             f"{name} ({status})"
             for name, status in found.items()
@@ -64,6 +65,8 @@ def main() -> int:
         ]
         if score is None:
             failures.append(f"{module}: not mutated in this run")
+        elif unchecked:
+            failures.append(f"{module}: {unchecked} mutants not checked yet (the run was stopped)")
         elif score < TARGET:
             failures.append(f"{module}: {score:.1%} of non-equivalent mutants killed (target {TARGET:.0%})")
     stale = sorted(name for name in {**listed, **on_postgres} if seen and name not in seen)
@@ -75,13 +78,23 @@ def main() -> int:
         '"equivalent" survivors are listed with their reason in mutation/equivalent.txt; survivors of the '
         "SQLite run that the PostgreSQL-only tests kill are counted as killed and listed in mutation/postgresql.txt.",
         "",
-        "| module | mutants | killed | survived | no test ran | equivalent | killed of non-equivalent |",
-        "|---|---|---|---|---|---|---|",
+        "| module | mutants | not checked yet | killed | survived | no test ran | equivalent "
+        "| killed of non-equivalent |",
+        "|---|---|---|---|---|---|---|---|",
         *(
-            f"| `{m}` | {n} | {k} | {s} | {u} | {e} | {'not run' if score is None else f'{score:.1%}'} |"
-            for m, n, k, s, u, e, score in rows
+            f"| `{m}` | {n} | {c} | {k} | {s} | {u} | {e} | {'not run' if score is None else f'{score:.1%}'} |"
+            for m, n, c, k, s, u, e, score in rows
         ),
         "",
+        *(
+            [
+                "This run was stopped before every mutant was checked: the scores of modules with mutants "
+                "not checked yet are partial.",
+                "",
+            ]
+            if any(row[2] for row in rows)
+            else []
+        ),
         f"Surviving, not (yet) known to be equivalent: {len(survivors)}.",
         "",
         *(f"- `{name}`" for name in survivors),

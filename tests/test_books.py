@@ -15,7 +15,7 @@ from sqlalchemy import delete, select, update
 from app import billing, payments
 from app.audit import audit
 from app.extensions import db
-from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, StripeEvent, User, utcnow
+from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, StripeEvent, User, utcnow
 from tests import factories
 from tests.stripe_helpers import charge, checkout_session, deliver, event
 
@@ -174,6 +174,23 @@ def test_the_audit_names_each_offence(app, customer, offence):
         db.session.commit()
     found = problems(app)
     assert any(words in problem for problem in found), found
+
+
+def test_recorded_progress_keeps_an_old_request_from_being_settled(app, customer):
+    with app.app_context():
+        old = factories.charge_speech(customer.user_id, 10)
+        old.created_at = utcnow() - timedelta(hours=2)
+        quiet = factories.charge_speech(customer.user_id, 10)
+        quiet.created_at = utcnow() - timedelta(hours=2)
+        db.session.commit()
+        assert billing.record_progress(old.id, 4096, 1500) is True
+        db.session.commit()
+        assert billing.stale_charges(600) == [quiet.id]
+        row = db.session.get(SpeechRequest, old.id)
+        assert (row.bytes_sent, row.audio_ms) == (4096, 1500) and row.progress_at is not None
+        billing.refund_speech(quiet.id, "settled", audio_ms=0)
+        db.session.commit()
+        assert billing.record_progress(quiet.id, 1, 1) is False
 
 
 def test_a_live_stream_with_recent_progress_is_not_stale_however_old(app, customer):

@@ -11,6 +11,7 @@ import json
 import pytest
 import requests
 
+from app import catalog
 from app.catalog import OPENAI_VOICES
 from tests import factories
 from tests.fake_upstream import KOKORO_VOICES, FakeUpstream
@@ -317,7 +318,8 @@ def test_an_sse_stream_that_breaks_ends_with_an_error_event_and_is_settled(make_
     events = sse_events(response.content)
     assert [event["type"] for event in events[:-1]] == ["speech.audio.delta"] * 5
     assert events[-1]["type"] == "error"
-    assert (events[-1]["error"]["type"], events[-1]["error"]["code"]) == ("server_error", "upstream_error")
+    error = events[-1]["error"]
+    assert (error["type"], error["param"], error["code"]) == ("server_error", None, "upstream_error")
     assert "broke off" in events[-1]["error"]["message"]
     [speech] = factories.speech_requests(app, customer.user_id)
     # 100 characters at 1 a second: 100 s expected; 1 s delivered keeps 1 credit.
@@ -327,6 +329,29 @@ def test_an_sse_stream_that_breaks_ends_with_an_error_event_and_is_settled(make_
 
 
 # The catalog
+
+
+def test_catalog_documents_in_either_shape_and_with_junk_are_read_safely():
+    assert catalog.voice_ids({"voices": [{"id": "af_sky", "name": "af_sky"}, "am_adam", None, 5, {"name": "x"}]}) == [
+        "af_sky",
+        "am_adam",
+    ]
+    assert catalog.voice_ids({"voices": ["af_sky"]}) == ["af_sky"]
+    assert catalog.voice_ids({}) == [] and catalog.voice_ids(["af_sky"]) == [] and catalog.voice_ids(None) == []
+    assert catalog.model_ids({"data": [{"id": "kokoro"}, {"id": 7}, "tts-1", None]}) == ["kokoro"]
+    assert catalog.model_ids({}) == [] and catalog.model_ids([{"id": "kokoro"}]) == []
+
+
+def test_voices_outside_kokoros_naming_are_listed_as_they_are():
+    assert catalog.describe("af_sky_two") == {
+        "id": "af_sky_two",
+        "name": "Sky Two",
+        "language": "en-us",
+        "gender": "female",
+    }
+    for odd in ("custom", "abc_def", "x_y"):
+        assert catalog.describe(odd) == {"id": odd, "name": odd, "language": None, "gender": None}
+    assert catalog.describe("qx_voice") == {"id": "qx_voice", "name": "Voice", "language": None, "gender": None}
 
 
 def test_voices_list_names_languages_and_speakers_and_openais_names(client, customer):
