@@ -87,15 +87,14 @@ def speech_request():
     return speech.serve(g.caller, order)
 
 
-def _catalog(path: str, params: dict | None = None):
+def _catalog(path: str):
     try:
-        return current_app.extensions["upstream"].catalog(path, params)
+        return current_app.extensions["upstream"].catalog(path)
     except UpstreamError as failure:
         raise ApiError(502, failure.detail) from None
 
 
-@bp.get("/models")
-def models():
+def _model_entries() -> list[dict]:
     """The upstream's models, then OpenAI's model names that the gateway sends to one of them."""
     document = _catalog("models")
     listed = catalog.model_ids(document)
@@ -103,13 +102,18 @@ def models():
     for name, target in current_app.extensions["names"].models.items():
         if name not in listed and target in listed:
             entries.append({"id": name, "object": "model", "created": catalog.OPENAI_CREATED, "owned_by": "kokoro-pay"})
-    return jsonify(object="list", data=entries)
+    return entries
+
+
+@bp.get("/models")
+def models():
+    return jsonify(object="list", data=_model_entries())
 
 
 @bp.get("/audio/models")
 def audio_models():
     """The speech models, as Open WebUI asks for them: `{"models": [{"id": …}]}`."""
-    return jsonify(models=[{"id": entry["id"]} for entry in models().get_json()["data"]])
+    return jsonify(models=[{"id": model} for model in catalog.model_ids({"data": _model_entries()})])
 
 
 @bp.get("/audio/voices")

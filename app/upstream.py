@@ -112,7 +112,7 @@ class Upstream:
         self.session.mount("https://", adapter)
         if api_key:
             self.session.headers["Authorization"] = f"Bearer {api_key}"
-        self._catalog: dict[tuple, tuple[float, object]] = {}
+        self._catalog: dict[str, tuple] = {}
         self._catalog_lock = threading.Lock()
 
     @classmethod
@@ -173,31 +173,32 @@ class Upstream:
             raise
         return SpeechStream(response, first_chunk, chunks)
 
-    def catalog(self, path: str, params: dict | None = None):
+    def catalog(self, path: str):
         """GET a small JSON document (`models`, `audio/voices`), cached for `catalog_ttl` seconds.
 
         A failure is remembered for a few seconds too, so a sick upstream is not asked
         again by every speech request that checks its names.
         """
-        key = (path, tuple(sorted((params or {}).items())))
-        cached = self._catalog.get(key)
+        # (expires at, document, the failure's arguments when the fetch failed)
+        cached = self._catalog.get(path)
         if cached is None or time.monotonic() >= cached[0]:
             with self._catalog_lock:
-                cached = self._catalog.get(key)
+                cached = self._catalog.get(path)
                 if cached is None or time.monotonic() >= cached[0]:
                     try:
-                        cached = (time.monotonic() + self.catalog_ttl, self._fetch_document(path, params))
+                        cached = (time.monotonic() + self.catalog_ttl, self._fetch_document(path), None)
                     except UpstreamError as failure:
                         # Only its words are kept: the exception's traceback would keep the
                         # frames of the request that met it (and their streams) alive.
                         cached = (time.monotonic() + min(self.catalog_ttl, FAILURE_TTL), None, failure.args)
-                    self._catalog[key] = cached
-        if len(cached) == 3:
-            raise UpstreamError(*cached[2])
-        return cached[1]
+                    self._catalog[path] = cached
+        _, document, failure = cached
+        if failure:
+            raise UpstreamError(*failure)
+        return document
 
-    def _fetch_document(self, path: str, params: dict | None):
-        with self._send("get", path, params=params) as response:
+    def _fetch_document(self, path: str):
+        with self._send("get", path) as response:
             try:
                 if response.status_code != 200:
                     raise UpstreamError(f"Upstream error: {_error_reason(response)}", response.status_code)
