@@ -67,11 +67,6 @@ def safe_next(target: str | None) -> str:
     return url_for("dashboard.home")
 
 
-def no_store(response: Response) -> Response:
-    response.headers["Cache-Control"] = "no-store"
-    return response
-
-
 # Accounts
 
 
@@ -272,11 +267,12 @@ def keys_page():
         key, secret = keys.create_key(current_user, form.name.data or "")
         db.session.commit()
         # The secret is in this one response and nowhere else: not in the session, not in the database.
-        return no_store(Response(render_template("dashboard/key_created.html", key=key, secret=secret)))
+        # Like every signed-in page, it is sent with Cache-Control: no-store (app/__init__.py).
+        return render_template("dashboard/key_created.html", key=key, secret=secret)
     user_keys = db.session.scalars(
         select(ApiKey).where(ApiKey.user_id == current_user.id).order_by(ApiKey.created_at.desc(), ApiKey.id.desc())
     ).all()
-    return no_store(Response(render_template("dashboard/keys.html", form=form, keys=user_keys)))
+    return render_template("dashboard/keys.html", form=form, keys=user_keys)
 
 
 @bp.get("/keys/created")
@@ -361,7 +357,7 @@ def billing_success():
     )
     if payment is None:
         abort(404)
-    return no_store(Response(render_template("dashboard/billing_success.html", payment=payment)))
+    return render_template("dashboard/billing_success.html", payment=payment)
 
 
 # Docs
