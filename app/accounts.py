@@ -12,7 +12,7 @@ from datetime import timedelta
 
 from flask import session
 from flask_login import login_user, logout_user
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from app.extensions import db
@@ -114,8 +114,7 @@ def end_other_sign_ins(user: User) -> int:
 
 
 def sign_ins(user: User) -> int:
-    return len(
-        db.session.scalars(
-            select(LoginSession.id).where(LoginSession.user_id == user.id, LoginSession.expires_at > utcnow())
-        ).all()
+    """How many browsers are signed in to `user`'s account now."""
+    return db.session.scalar(
+        select(func.count(LoginSession.id)).where(LoginSession.user_id == user.id, LoginSession.expires_at > utcnow())
     )

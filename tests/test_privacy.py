@@ -154,7 +154,7 @@ def test_sign_out_everywhere_ends_every_browser(app, member):
 def test_a_password_change_needs_the_current_one_and_signs_out_every_other_browser(app, member):
     here, there = sign_in_client(app, member), sign_in_client(app, member, remember=True)
     theirs = cookies_of(there)
-    here.get("/account")
+    assert "in 2 browsers." in here.get("/account").get_data(as_text=True)
     wrong = here.post(
         "/account", {"current": "not my password", "password": "a new long password", "confirm": "a new long password"}
     )
@@ -166,6 +166,7 @@ def test_a_password_change_needs_the_current_one_and_signs_out_every_other_brows
     )
     assert done.status_code == 302
     assert signed_in_now(app, cookies_of(here)) and not signed_in_now(app, theirs)
+    assert "in 1 browser." in here.get("/account").get_data(as_text=True)
     assert not signed_in_now(app, {"remember_token": theirs["remember_token"]})
     fresh = factories.WebClient(app.test_client())
     fresh.get("/login")
