@@ -1,15 +1,17 @@
 """kokoro-pay: prepaid credits and a metered, OpenAI-compatible text-to-speech API."""
 
+import os
 import sqlite3
 from datetime import timedelta
+from urllib.parse import urlsplit
 
+import limits
 import stripe
 from dotenv import load_dotenv
 from flask import Flask, request
 from flask_cors import CORS
 from flask_login import current_user
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as settings
@@ -21,14 +23,22 @@ from app.upstream import Upstream
 
 
 def create_app(config: dict | None = None) -> Flask:
-    """Build the app: defaults and the environment (`.env` in development), then `config`."""
+    """Build the app: defaults and the environment (`.env` in development), then `config`.
+
+    With `TESTING` in `config` the environment is not read at all: a test's app is its
+    defaults and its own `config`, whatever the shell that runs the tests has set.
+    """
     config = config or {}
-    if not config.get("TESTING"):
+    if config.get("TESTING"):
+        environ = {}
+    else:
         load_dotenv(settings.ROOT / ".env")
+        environ = os.environ
     app = Flask(__name__, template_folder=str(settings.ROOT / "templates"), static_folder=str(settings.ROOT / "static"))
-    app.config.from_mapping(settings.from_environment())
+    app.config.from_mapping(settings.from_environment(environ))
     app.config.update(config)
-    check_settings(app)
+    check_settings(app.config)
+    derive_settings(app)
     if app.config["TRUSTED_PROXIES"]:
         # Behind N reverse proxies, take the client's address and scheme from their headers.
         hops = app.config["TRUSTED_PROXIES"]
@@ -69,10 +79,70 @@ def register_security_headers(app: Flask) -> None:
         return response
 
 
-def check_settings(app: Flask) -> None:
-    """Fail at start-up, not at the first request, when a required setting is missing."""
-    if not app.config.get("SECRET_KEY"):
-        raise RuntimeError("SECRET_KEY is not set; see .env.example.")
+# Settings that must be above zero (or at least zero), by the environment variable that sets them.
+POSITIVE = {
+    "SQLALCHEMY_POOL_SIZE": "DATABASE_POOL_SIZE",
+    "UPSTREAM_POOL_SIZE": "UPSTREAM_POOL_SIZE",
+    "UPSTREAM_CONNECT_TIMEOUT": "UPSTREAM_CONNECT_TIMEOUT",
+    "UPSTREAM_READ_TIMEOUT": "UPSTREAM_READ_TIMEOUT",
+    "STREAM_CHUNK_BYTES": "STREAM_CHUNK_BYTES",
+    "MAX_INPUT_CHARS": "MAX_INPUT_CHARS",
+    "MAX_CONTENT_LENGTH": "MAX_REQUEST_BYTES",
+    "STALE_CHARGE_SECONDS": "STALE_CHARGE_SECONDS",
+    "MAX_STREAM_SECONDS": "MAX_STREAM_SECONDS",
+    "SPEECH_CHARS_PER_SECOND": "SPEECH_CHARS_PER_SECOND",
+    "SIGN_IN_HOURS": "SIGN_IN_HOURS",
+    "REMEMBER_DAYS": "REMEMBER_DAYS",
+}
+# 0 streams per account pauses speech; a heartbeat of 0 records progress after every chunk.
+NOT_NEGATIVE = (
+    "UPSTREAM_CATALOG_TTL",
+    "KEY_LAST_USED_RESOLUTION",
+    "TRUSTED_PROXIES",
+    "MAX_STREAMS_PER_ACCOUNT",
+    "STREAM_HEARTBEAT_SECONDS",
+)
+RATE_LIMITS = (
+    "RATE_LIMIT_PER_KEY",
+    "RATE_LIMIT_PER_ACCOUNT",
+    "LOGIN_LIMIT_PER_ACCOUNT",
+    "LOGIN_LIMIT_PER_IP",
+    "KEY_FAILURES_PER_IP",
+)
+
+
+def check_settings(config) -> None:
+    """Refuse to start, with a message naming the setting, when one is missing or cannot work."""
+    if not config.get("SECRET_KEY"):
+        raise settings.SettingError("SECRET_KEY is not set; see .env.example.")
+    for key, name in POSITIVE.items():
+        if not config[key] > 0:
+            raise settings.SettingError(f"{name} must be above zero, not {config[key]!r}.")
+    for key in NOT_NEGATIVE:
+        if config[key] < 0:
+            raise settings.SettingError(f"{key} must not be negative, not {config[key]!r}.")
+    for key in ("UPSTREAM_URL", "PUBLIC_BASE_URL"):
+        url = urlsplit(config[key] or "http://set")
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise settings.SettingError(f"{key} must be an http:// or https:// address, not {config[key]!r}.")
+    for key in RATE_LIMITS:
+        try:
+            limits.parse(config[key])
+        except ValueError:
+            raise settings.SettingError(f"{key} must read like 600/minute, not {config[key]!r}.") from None
+    for key, read in (
+        ("CREDIT_PACKS", parse_packs),
+        ("VOICE_ALIASES", Names.voice_aliases),
+        ("MODEL_ALIASES", Names.model_aliases),
+    ):
+        try:
+            read(config[key])
+        except ValueError as error:
+            raise settings.SettingError(f"{key}: {error}.") from None
+
+
+def derive_settings(app: Flask) -> None:
+    """The settings that follow from others: cookies, the database pool, SQLite's directory."""
     app.config.update(
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
@@ -91,7 +161,6 @@ def check_settings(app: Flask) -> None:
         )
 
 
-@event.listens_for(Engine, "connect")
 def _sqlite_pragmas(dbapi_connection, _record):
     # WAL lets readers carry on while a debit writes; the busy timeout queues writers instead of failing them.
     if isinstance(dbapi_connection, sqlite3.Connection):
@@ -104,6 +173,9 @@ def _sqlite_pragmas(dbapi_connection, _record):
 
 def register_extensions(app: Flask) -> None:
     db.init_app(app)
+    with app.app_context():
+        # This app's engine only: other engines in the same process keep their own settings.
+        event.listen(db.engine, "connect", _sqlite_pragmas)
     migrate.init_app(app, db, directory=str(settings.ROOT / "migrations"), render_as_batch=True)
     login_manager.init_app(app)
     login_manager.login_view = "dashboard.login"

@@ -66,7 +66,16 @@ class Names:
 
     @classmethod
     def from_settings(cls, voice_aliases: str, model_aliases: str) -> "Names":
-        return cls({**OPENAI_VOICES, **_pairs(voice_aliases)}, {**OPENAI_MODELS, **_pairs(model_aliases)})
+        return cls(cls.voice_aliases(voice_aliases), cls.model_aliases(model_aliases))
+
+    @staticmethod
+    def voice_aliases(setting: str) -> dict[str, str]:
+        """OpenAI's voice names, then VOICE_ALIASES over them; ValueError for a malformed setting."""
+        return {**OPENAI_VOICES, **_pairs(setting)}
+
+    @staticmethod
+    def model_aliases(setting: str) -> dict[str, str]:
+        return {**OPENAI_MODELS, **_pairs(setting)}
 
 
 def _pairs(setting: str) -> dict[str, str]:

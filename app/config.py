@@ -4,7 +4,7 @@ Every key is documented in `.env.example`. In development a `.env` file in the
 project root is loaded first (python-dotenv); real environment variables win.
 """
 
-import os
+from collections.abc import Mapping
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -13,25 +13,47 @@ DEFAULT_SQLITE_PATH = ROOT / "instance" / "kokoro-pay.sqlite3"
 DEFAULT_PACKS = "starter:10000:500,standard:50000:2000,pro:250000:8000"
 
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    return default if raw in (None, "") else int(raw)
+class SettingError(RuntimeError):
+    """A setting that is missing or cannot be read; the message names it and says why."""
 
 
-def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    return default if raw in (None, "") else float(raw)
+class _Reader:
+    """Typed reads of one mapping of settings (the environment, or nothing under test)."""
 
+    def __init__(self, environ: Mapping[str, str]):
+        self.environ = environ
 
-def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw in (None, ""):
-        return default
-    return raw.strip().lower() in ("1", "true", "yes", "on")
+    def str(self, name: str, default: str | None = None) -> str | None:
+        raw = self.environ.get(name)
+        return default if raw in (None, "") else raw
 
+    def int(self, name: str, default: int) -> int:
+        raw = self.str(name)
+        try:
+            return default if raw is None else int(raw)
+        except ValueError:
+            raise SettingError(f"{name} must be a whole number, not {raw!r}; see .env.example.") from None
 
-def _list(name: str) -> list[str]:
-    return [item.strip() for item in (os.environ.get(name) or "").split(",") if item.strip()]
+    def float(self, name: str, default: float) -> float:
+        raw = self.str(name)
+        try:
+            return default if raw is None else float(raw)
+        except ValueError:
+            raise SettingError(f"{name} must be a number, not {raw!r}; see .env.example.") from None
+
+    def bool(self, name: str, default: bool) -> bool:
+        raw = self.str(name)
+        if raw is None:
+            return default
+        value = raw.strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off"):
+            return False
+        raise SettingError(f"{name} must be true or false, not {raw!r}; see .env.example.")
+
+    def list(self, name: str) -> list[str]:
+        return [item.strip() for item in (self.str(name) or "").split(",") if item.strip()]
 
 
 def database_url(raw: str | None) -> str:
@@ -44,47 +66,48 @@ def database_url(raw: str | None) -> str:
     return raw
 
 
-def from_environment() -> dict:
-    """Build the settings mapping from the process environment."""
+def from_environment(environ: Mapping[str, str]) -> dict:
+    """The settings read from `environ` (the process environment; nothing under test), defaults elsewhere."""
+    env = _Reader(environ)
     return {
-        "SECRET_KEY": os.environ.get("SECRET_KEY") or None,
-        "SQLALCHEMY_DATABASE_URI": database_url(os.environ.get("DATABASE_URL")),
-        "SQLALCHEMY_POOL_SIZE": _int("DATABASE_POOL_SIZE", 10),
-        "UPSTREAM_URL": (os.environ.get("UPSTREAM_URL") or "http://127.0.0.1:8880/v1").rstrip("/"),
-        "UPSTREAM_API_KEY": os.environ.get("UPSTREAM_API_KEY") or None,
-        "UPSTREAM_CONNECT_TIMEOUT": _float("UPSTREAM_CONNECT_TIMEOUT", 3.05),
-        "UPSTREAM_READ_TIMEOUT": _float("UPSTREAM_READ_TIMEOUT", 60.0),
-        "UPSTREAM_POOL_SIZE": _int("UPSTREAM_POOL_SIZE", 64),
-        "UPSTREAM_CATALOG_TTL": _float("UPSTREAM_CATALOG_TTL", 60.0),
-        "VOICE_ALIASES": os.environ.get("VOICE_ALIASES") or "",
-        "MODEL_ALIASES": os.environ.get("MODEL_ALIASES") or "",
-        "PUBLIC_CATALOG": _bool("PUBLIC_CATALOG", False),
-        "STREAM_CHUNK_BYTES": _int("STREAM_CHUNK_BYTES", 16384),
-        "MAX_INPUT_CHARS": _int("MAX_INPUT_CHARS", 4096),
-        "MAX_CONTENT_LENGTH": _int("MAX_REQUEST_BYTES", 256 * 1024),
-        "KEY_LAST_USED_RESOLUTION": _int("KEY_LAST_USED_RESOLUTION", 60),
-        "RATELIMIT_STORAGE_URI": os.environ.get("RATELIMIT_STORAGE_URI") or "memory://",
-        "RATE_LIMIT_PER_KEY": os.environ.get("RATE_LIMIT_PER_KEY") or "600/minute",
-        "RATE_LIMIT_PER_ACCOUNT": os.environ.get("RATE_LIMIT_PER_ACCOUNT") or "1200/minute",
-        "MAX_STREAMS_PER_ACCOUNT": _int("MAX_STREAMS_PER_ACCOUNT", 16),
-        "LOGIN_LIMIT_PER_ACCOUNT": os.environ.get("LOGIN_LIMIT_PER_ACCOUNT") or "10/15minutes",
-        "LOGIN_LIMIT_PER_IP": os.environ.get("LOGIN_LIMIT_PER_IP") or "50/15minutes",
-        "STALE_CHARGE_SECONDS": _int("STALE_CHARGE_SECONDS", 600),
-        "STREAM_HEARTBEAT_SECONDS": _float("STREAM_HEARTBEAT_SECONDS", 5.0),
-        "MAX_STREAM_SECONDS": _float("MAX_STREAM_SECONDS", 1200.0),
-        "SPEECH_CHARS_PER_SECOND": _float("SPEECH_CHARS_PER_SECOND", 20.0),
-        "TRUSTED_PROXIES": _int("TRUSTED_PROXIES", 0),
-        "SESSION_COOKIE_SECURE": _bool("SESSION_COOKIE_SECURE", False),
-        "SIGN_IN_HOURS": _float("SIGN_IN_HOURS", 12.0),
-        "REMEMBER_DAYS": _float("REMEMBER_DAYS", 30.0),
-        "PUBLIC_BASE_URL": (os.environ.get("PUBLIC_BASE_URL") or "").rstrip("/") or None,
-        "TRUSTED_HOSTS": _list("TRUSTED_HOSTS") or None,
-        "CORS_ALLOWED_ORIGINS": _list("CORS_ALLOWED_ORIGINS"),
-        "KEY_FAILURES_PER_IP": os.environ.get("KEY_FAILURES_PER_IP") or "30/minute",
-        "STRIPE_SECRET_KEY": os.environ.get("STRIPE_SECRET_KEY") or None,
-        "STRIPE_WEBHOOK_SECRET": os.environ.get("STRIPE_WEBHOOK_SECRET") or None,
-        "STRIPE_API_BASE": os.environ.get("STRIPE_API_BASE") or None,
-        "STRIPE_CHECKOUT_ORIGIN": os.environ.get("STRIPE_CHECKOUT_ORIGIN") or "https://checkout.stripe.com",
-        "STRIPE_CURRENCY": (os.environ.get("STRIPE_CURRENCY") or "usd").lower(),
-        "CREDIT_PACKS": os.environ.get("CREDIT_PACKS") or DEFAULT_PACKS,
+        "SECRET_KEY": env.str("SECRET_KEY"),
+        "SQLALCHEMY_DATABASE_URI": database_url(env.str("DATABASE_URL")),
+        "SQLALCHEMY_POOL_SIZE": env.int("DATABASE_POOL_SIZE", 10),
+        "UPSTREAM_URL": env.str("UPSTREAM_URL", "http://127.0.0.1:8880/v1").rstrip("/"),
+        "UPSTREAM_API_KEY": env.str("UPSTREAM_API_KEY"),
+        "UPSTREAM_CONNECT_TIMEOUT": env.float("UPSTREAM_CONNECT_TIMEOUT", 3.05),
+        "UPSTREAM_READ_TIMEOUT": env.float("UPSTREAM_READ_TIMEOUT", 60.0),
+        "UPSTREAM_POOL_SIZE": env.int("UPSTREAM_POOL_SIZE", 64),
+        "UPSTREAM_CATALOG_TTL": env.float("UPSTREAM_CATALOG_TTL", 60.0),
+        "VOICE_ALIASES": env.str("VOICE_ALIASES", ""),
+        "MODEL_ALIASES": env.str("MODEL_ALIASES", ""),
+        "PUBLIC_CATALOG": env.bool("PUBLIC_CATALOG", False),
+        "STREAM_CHUNK_BYTES": env.int("STREAM_CHUNK_BYTES", 16384),
+        "MAX_INPUT_CHARS": env.int("MAX_INPUT_CHARS", 4096),
+        "MAX_CONTENT_LENGTH": env.int("MAX_REQUEST_BYTES", 256 * 1024),
+        "KEY_LAST_USED_RESOLUTION": env.int("KEY_LAST_USED_RESOLUTION", 60),
+        "RATELIMIT_STORAGE_URI": env.str("RATELIMIT_STORAGE_URI", "memory://"),
+        "RATE_LIMIT_PER_KEY": env.str("RATE_LIMIT_PER_KEY", "600/minute"),
+        "RATE_LIMIT_PER_ACCOUNT": env.str("RATE_LIMIT_PER_ACCOUNT", "1200/minute"),
+        "MAX_STREAMS_PER_ACCOUNT": env.int("MAX_STREAMS_PER_ACCOUNT", 16),
+        "LOGIN_LIMIT_PER_ACCOUNT": env.str("LOGIN_LIMIT_PER_ACCOUNT", "10/15minutes"),
+        "LOGIN_LIMIT_PER_IP": env.str("LOGIN_LIMIT_PER_IP", "50/15minutes"),
+        "STALE_CHARGE_SECONDS": env.int("STALE_CHARGE_SECONDS", 600),
+        "STREAM_HEARTBEAT_SECONDS": env.float("STREAM_HEARTBEAT_SECONDS", 5.0),
+        "MAX_STREAM_SECONDS": env.float("MAX_STREAM_SECONDS", 1200.0),
+        "SPEECH_CHARS_PER_SECOND": env.float("SPEECH_CHARS_PER_SECOND", 20.0),
+        "TRUSTED_PROXIES": env.int("TRUSTED_PROXIES", 0),
+        "SESSION_COOKIE_SECURE": env.bool("SESSION_COOKIE_SECURE", False),
+        "SIGN_IN_HOURS": env.float("SIGN_IN_HOURS", 12.0),
+        "REMEMBER_DAYS": env.float("REMEMBER_DAYS", 30.0),
+        "PUBLIC_BASE_URL": env.str("PUBLIC_BASE_URL", "").rstrip("/") or None,
+        "TRUSTED_HOSTS": env.list("TRUSTED_HOSTS") or None,
+        "CORS_ALLOWED_ORIGINS": env.list("CORS_ALLOWED_ORIGINS"),
+        "KEY_FAILURES_PER_IP": env.str("KEY_FAILURES_PER_IP", "30/minute"),
+        "STRIPE_SECRET_KEY": env.str("STRIPE_SECRET_KEY"),
+        "STRIPE_WEBHOOK_SECRET": env.str("STRIPE_WEBHOOK_SECRET"),
+        "STRIPE_API_BASE": env.str("STRIPE_API_BASE"),
+        "STRIPE_CHECKOUT_ORIGIN": env.str("STRIPE_CHECKOUT_ORIGIN", "https://checkout.stripe.com"),
+        "STRIPE_CURRENCY": env.str("STRIPE_CURRENCY", "usd").lower(),
+        "CREDIT_PACKS": env.str("CREDIT_PACKS", DEFAULT_PACKS),
     }
