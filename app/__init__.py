@@ -19,7 +19,7 @@ from app.catalog import Names
 from app.extensions import csrf, db, login_manager, migrate
 from app.payments import parse_packs
 from app.throttle import Throttle
-from app.upstream import Upstream
+from app.upstream import Upstream, base_urls
 
 
 def create_app(config: dict | None = None) -> Flask:
@@ -91,6 +91,7 @@ POSITIVE = {
     "STALE_CHARGE_SECONDS": "STALE_CHARGE_SECONDS",
     "MAX_STREAM_SECONDS": "MAX_STREAM_SECONDS",
     "SPEECH_CHARS_PER_SECOND": "SPEECH_CHARS_PER_SECOND",
+    "UPSTREAM_RETRY_SECONDS": "UPSTREAM_RETRY_SECONDS",
     "SIGN_IN_HOURS": "SIGN_IN_HOURS",
     "REMEMBER_DAYS": "REMEMBER_DAYS",
 }
@@ -101,6 +102,9 @@ NOT_NEGATIVE = (
     "TRUSTED_PROXIES",
     "MAX_STREAMS_PER_ACCOUNT",
     "STREAM_HEARTBEAT_SECONDS",
+    "UPSTREAM_MAX_STREAMS",
+    "UPSTREAM_QUEUE",
+    "UPSTREAM_QUEUE_SECONDS",
 )
 RATE_LIMITS = (
     "RATE_LIMIT_PER_KEY",
@@ -121,10 +125,13 @@ def check_settings(config) -> None:
     for key in NOT_NEGATIVE:
         if config[key] < 0:
             raise settings.SettingError(f"{key} must not be negative, not {config[key]!r}.")
-    for key in ("UPSTREAM_URL", "PUBLIC_BASE_URL"):
-        url = urlsplit(config[key] or "http://set")
+    addresses = [("UPSTREAM_URL", url) for url in base_urls(config["UPSTREAM_URL"]) or [""]]
+    if config["PUBLIC_BASE_URL"]:
+        addresses.append(("PUBLIC_BASE_URL", config["PUBLIC_BASE_URL"]))
+    for key, address in addresses:
+        url = urlsplit(address)
         if url.scheme not in ("http", "https") or not url.hostname:
-            raise settings.SettingError(f"{key} must be an http:// or https:// address, not {config[key]!r}.")
+            raise settings.SettingError(f"{key} must be an http:// or https:// address, not {address!r}.")
     for key in RATE_LIMITS:
         try:
             limits.parse(config[key])

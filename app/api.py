@@ -6,6 +6,7 @@ starts for it. The metered speech request itself lives in app/speech.py.
 """
 
 import json
+import time
 
 from flask import Blueprint, current_app, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
@@ -24,6 +25,7 @@ CATALOG_ENDPOINTS = ("api.models", "api.audio_models", "api.voices")
 
 @bp.before_request
 def authenticate():
+    g.received = time.monotonic()
     config = current_app.config
     throttle = current_app.extensions["throttle"]
     ip = request.remote_addr or "-"
@@ -45,6 +47,14 @@ def authenticate():
     # The key's last use, when it was due to be written.
     db.session.commit()
     _throttled(throttle.api_request(g.caller.key_id, g.caller.user_id))
+
+
+@bp.after_request
+def server_timing(response):
+    """The gateway's own time for every /v1 answer (speech sets its own, with the upstream's)."""
+    if "received" in g:
+        response.headers.setdefault("Server-Timing", f"gateway;dur={(time.monotonic() - g.received) * 1000:.2f}")
+    return response
 
 
 def _throttled(retry_after: int | None, reason: str = "Rate limit reached.") -> None:
@@ -84,7 +94,7 @@ def _raw_body() -> bytes:
 @bp.post("/audio/speech")
 def speech_request():
     order = speech.read_order(_json_body(), current_app.config["MAX_INPUT_CHARS"])
-    return speech.serve(g.caller, order)
+    return speech.serve(g.caller, order, g.received)
 
 
 def _catalog(path: str):

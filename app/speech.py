@@ -33,7 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from app import audio_meter, billing, catalog, keys
 from app.errors import ApiError
 from app.extensions import db
-from app.upstream import SpeechStream, UpstreamError, timed_out
+from app.upstream import Busy, Slot, SpeechStream, UpstreamError, timed_out
 
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 DEFAULT_MODEL = "kokoro"
@@ -210,16 +210,22 @@ def upstream_catalog() -> catalog.Catalog | None:
         return None
 
 
-def serve(caller: keys.Caller, order: Order):
+def serve(caller: keys.Caller, order: Order, received: float):
     """Charge `order` to `caller`, start the synthesis and answer with its audio stream.
 
-    Raises ApiError for 400 (a name the upstream does not have), 402 and 429 (nothing
-    written), and for 400/502 after the upstream refused or failed (refunded in full).
+    Raises ApiError for 400 (a name the upstream does not have), 402, 429 and 503 (every
+    speech server busy; nothing written), and for 400/502 after the upstream refused or
+    failed (refunded in full). `received` is when the request arrived (time.monotonic()).
     """
     order = check_names(order)
-    paid = charge(caller, order)
-    started = time.monotonic()
-    audio = open_upstream(paid.request_id, order, started)
+    slot = reserve()
+    try:
+        paid = charge(caller, order)
+        started = time.monotonic()
+        audio = open_upstream(paid.request_id, order, started, slot)
+    except BaseException:
+        slot.release()
+        raise
     relay = Relay(paid.request_id, order, audio, started)
     if order.stream_format == "sse":
         body, content_type = sse_events(relay, len(order.text)), "text/event-stream"
@@ -230,12 +236,31 @@ def serve(caller: keys.Caller, order: Order):
     # What this request cost and what was left right after it was charged (as GET /v1/balance says).
     response.headers["X-Credits-Charged"] = str(paid.credits)
     response.headers["X-Credits-Remaining"] = str(paid.balance)
+    # The gateway's own time before the upstream call (its wait for a free server apart),
+    # and the upstream's time to its first audio bytes.
+    own = (started - received) * 1000 - slot.waited * 1000
+    response.headers["Server-Timing"] = (
+        f"gateway;dur={own:.2f}, queue;dur={slot.waited * 1000:.2f}, upstream;dur={audio.first_byte_ms:.2f}"
+    )
     response.headers["Cache-Control"] = "no-store"
     # Asks nginx-style proxies not to buffer the stream.
     response.headers["X-Accel-Buffering"] = "no"
-    # Closes the upstream connection even when the body is never iterated.
+    # Closes the upstream connection (and frees its server's place) even when the body is never iterated.
     response.call_on_close(audio.close)
     return response
+
+
+def reserve() -> Slot:
+    """A place on the least busy speech server, before anything is charged; 503 when all stay full."""
+    try:
+        return current_app.extensions["upstream"].reserve()
+    except Busy as busy:
+        raise ApiError(
+            503,
+            "Every speech server is busy. Nothing was charged; retry shortly.",
+            {"Retry-After": str(busy.retry_after)},
+            code="server_busy",
+        ) from None
 
 
 def charge(caller: keys.Caller, order: Order) -> billing.Charge:
@@ -275,14 +300,15 @@ def charge(caller: keys.Caller, order: Order) -> billing.Charge:
     return paid
 
 
-def open_upstream(request_id: str, order: Order, started: float) -> SpeechStream:
+def open_upstream(request_id: str, order: Order, started: float, slot: Slot) -> SpeechStream:
     """The upstream's audio stream, its first bytes arrived; ApiError (refunded) otherwise.
 
     An upstream that refuses the request itself (400, 422) means the client asked for
     something it cannot serve: 400, so SDKs do not retry. Anything else is a 502.
     """
     try:
-        return current_app.extensions["upstream"].open_speech(order.payload, current_app.config["STREAM_CHUNK_BYTES"])
+        upstream = current_app.extensions["upstream"]
+        return upstream.open_speech(order.payload, current_app.config["STREAM_CHUNK_BYTES"], slot)
     except UpstreamError as failure:
         _settle_refund(request_id, failure.detail, audio_ms=0, upstream_status=failure.status, duration_ms=_ms(started))
         headers = {"X-Request-Id": request_id}

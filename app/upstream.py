@@ -1,5 +1,18 @@
-"""The Kokoro server we sit in front of: one pooled HTTP session per app."""
+"""The Kokoro servers we sit in front of: one pooled HTTP session per app, and a place on
+the least busy server for each speech request.
 
+`UPSTREAM_URL` may list several servers. Each speech request reserves a place on one before
+it is charged (`Upstreams.reserve`): the server with the fewest streams in flight, among
+those not taken out for failing. With UPSTREAM_MAX_STREAMS set, a full server takes no
+more; when all are full a request waits, at most UPSTREAM_QUEUE of them for at most
+UPSTREAM_QUEUE_SECONDS, and is then refused (`Busy`) with nothing charged. A server that
+fails before sending audio (no connection, a timeout, a 5xx) is taken out for
+UPSTREAM_RETRY_SECONDS, doubling while it keeps failing, and the request moves on to the
+next; once that time is up the next request tries it again, which brings it back. The
+counts are per gateway process.
+"""
+
+import math
 import re
 import threading
 import time
@@ -14,19 +27,24 @@ REQUEST_REFUSED = (400, 422)
 MAX_REASON = 160
 # How long a failed catalog fetch is remembered before the upstream is asked again.
 FAILURE_TTL = 5.0
+# The longest a failing server is taken out for, however often it failed.
+MAX_RETRY_SECONDS = 60.0
 
 
 class UpstreamError(Exception):
     """The upstream could not give a usable answer; `detail` is safe to show a client.
 
-    `reason` is the upstream's own one-line message, where it gave one.
+    `reason` is the upstream's own one-line message, where it gave one. `retry` says
+    whether another server may be asked instead (nothing was started, or nothing came
+    of it); a timeout is not retried: the client has waited long enough.
     """
 
-    def __init__(self, detail: str, status: int | None = None, reason: str | None = None):
-        super().__init__(detail, status, reason)
+    def __init__(self, detail: str, status: int | None = None, reason: str | None = None, retry: bool = True):
+        super().__init__(detail, status, reason, retry)
         self.detail = detail
         self.status = status
         self.reason = reason or detail
+        self.retry = retry
 
     @property
     def blames_request(self) -> bool:
@@ -64,6 +82,11 @@ def _validation_message(item) -> str:
     return f"'{location[-1]}': {item.get('msg', '')}" if location else str(item.get("msg", item))
 
 
+def base_urls(setting: str) -> list[str]:
+    """UPSTREAM_URL's servers: one address, or several separated by commas."""
+    return [url.strip().rstrip("/") for url in setting.split(",") if url.strip()]
+
+
 def timed_out(exc: requests.RequestException) -> bool:
     """True for a timeout, also the read timeouts that requests reports as ConnectionError mid-body."""
     return isinstance(exc, requests.Timeout) or any(isinstance(arg, ReadTimeoutError) for arg in exc.args)
@@ -74,40 +97,153 @@ def is_audio(content_type: str) -> bool:
     return media_type.startswith("audio/") or media_type == "application/octet-stream"
 
 
-class SpeechStream:
-    """An upstream audio response whose first bytes have already arrived."""
+class Busy(Exception):
+    """Every speech server is full, and no place freed up in time."""
 
-    def __init__(self, response: requests.Response, first_chunk: bytes, rest: Iterator[bytes]):
+    def __init__(self, retry_after: int):
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+class Server:
+    """One Kokoro server: its address, its streams in flight, and whether it is taken out."""
+
+    def __init__(self, base_url: str, limit: int):
+        self.base_url = base_url
+        self.limit = limit
+        self.in_flight = 0
+        self.failures = 0
+        self.out_until = 0.0
+
+    def has_room(self) -> bool:
+        return not self.limit or self.in_flight < self.limit
+
+    def is_out(self, now: float) -> bool:
+        return now < self.out_until
+
+
+class Slot:
+    """A place on one server, held from before the charge until the stream is closed."""
+
+    def __init__(self, upstreams: "Upstreams", server: Server):
+        self.upstreams = upstreams
+        self.server = server
+        self.waited = 0.0
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.upstreams.release(self.server)
+
+
+class Upstreams:
+    """The servers, least busy first; see the module's docstring."""
+
+    def __init__(self, base_urls: list[str], limit: int, queue: int, queue_seconds: float, retry_seconds: float):
+        self.servers = [Server(url, limit) for url in base_urls]
+        self.queue = queue
+        self.queue_seconds = queue_seconds
+        self.retry_seconds = retry_seconds
+        self.waiting = 0
+        self._changed = threading.Condition()
+
+    def reserve(self, exclude: tuple[Server, ...] = (), wait: bool = True) -> Slot:
+        """A place on the least busy server not in `exclude`; Busy when none frees up in time."""
+        started = time.monotonic()
+        with self._changed:
+            server = self._pick(exclude)
+            if server is None and wait and self.waiting < self.queue:
+                self.waiting += 1
+                try:
+                    deadline = started + self.queue_seconds
+                    while server is None and (left := deadline - time.monotonic()) > 0:
+                        self._changed.wait(left)
+                        server = self._pick(exclude)
+                finally:
+                    self.waiting -= 1
+            if server is None:
+                raise Busy(max(1, math.ceil(self.queue_seconds)))
+            server.in_flight += 1
+        slot = Slot(self, server)
+        slot.waited = time.monotonic() - started
+        return slot
+
+    def _pick(self, exclude) -> Server | None:
+        """The least busy server with room: one in service if any is, else one taken out."""
+        now = time.monotonic()
+        candidates = [server for server in self.servers if server not in exclude]
+        in_service = [server for server in candidates if not server.is_out(now)]
+        # While a server in service is only full, wait for it rather than try one that failed.
+        pool = in_service or candidates
+        with_room = [server for server in pool if server.has_room()]
+        return min(with_room, key=lambda server: server.in_flight, default=None)
+
+    def release(self, server: Server) -> None:
+        with self._changed:
+            server.in_flight -= 1
+            self._changed.notify_all()
+
+    def failed(self, server: Server) -> None:
+        with self._changed:
+            server.failures += 1
+            pause = min(self.retry_seconds * 2 ** (server.failures - 1), MAX_RETRY_SECONDS)
+            server.out_until = time.monotonic() + pause
+            # Requests waiting for a server may now take one that was not their first choice.
+            self._changed.notify_all()
+
+    def worked(self, server: Server) -> None:
+        if server.failures:
+            with self._changed:
+                server.failures = 0
+                server.out_until = 0.0
+
+    def in_order(self) -> list[Server]:
+        """Every server, those in service first: the order to ask for a document."""
+        now = time.monotonic()
+        return sorted(self.servers, key=lambda server: server.is_out(now))
+
+
+class SpeechStream:
+    """An upstream audio response whose first bytes have already arrived.
+
+    It holds its server's place until it is closed.
+    """
+
+    def __init__(self, response: requests.Response, first_chunk: bytes, rest: Iterator[bytes], slot: Slot, ms: float):
         self.response = response
         self.status = response.status_code
         self.content_type = response.headers["Content-Type"]
         self.first_chunk = first_chunk
         self.rest = rest
+        self.slot = slot
+        # From sending the request to its first audio bytes, in milliseconds.
+        self.first_byte_ms = ms
 
     def close(self) -> None:
         self.response.close()
+        self.slot.release()
 
 
 class Upstream:
     def __init__(
         self,
-        base_urls: list[str],
+        upstreams: Upstreams,
         api_key: str | None,
         connect_timeout: float,
         read_timeout: float,
         pool_size: int,
         catalog_ttl: float,
     ):
-        # Tried in order: the next one only when a connection to the previous one fails.
-        self.base_urls = base_urls
+        self.upstreams = upstreams
         self.timeout = (connect_timeout, read_timeout)
         self.catalog_ttl = catalog_ttl
         self.session = requests.Session()
         # The upstream is addressed directly: no proxy settings or .netrc from the environment,
         # which requests would otherwise re-read on every call.
         self.session.trust_env = False
-        # Kept-alive connections, up to one per concurrent stream.
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size)
+        # Kept-alive connections, up to one per concurrent stream, for each server.
+        adapter = HTTPAdapter(pool_connections=len(upstreams.servers), pool_maxsize=pool_size)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         if api_key:
@@ -117,8 +253,15 @@ class Upstream:
 
     @classmethod
     def from_config(cls, config) -> "Upstream":
+        upstreams = Upstreams(
+            base_urls(config["UPSTREAM_URL"]),
+            config["UPSTREAM_MAX_STREAMS"],
+            config["UPSTREAM_QUEUE"],
+            config["UPSTREAM_QUEUE_SECONDS"],
+            config["UPSTREAM_RETRY_SECONDS"],
+        )
         return cls(
-            [url.strip().rstrip("/") for url in config["UPSTREAM_URL"].split(",") if url.strip()],
+            upstreams,
             config["UPSTREAM_API_KEY"],
             config["UPSTREAM_CONNECT_TIMEOUT"],
             config["UPSTREAM_READ_TIMEOUT"],
@@ -126,28 +269,69 @@ class Upstream:
             config["UPSTREAM_CATALOG_TTL"],
         )
 
-    def _send(self, method: str, path: str, **kwargs) -> requests.Response:
-        """The first answer from the upstreams in order; a failed connection moves on to the next."""
-        for base_url in self.base_urls:
+    def reserve(self) -> Slot:
+        """A place on the least busy server for one speech request; Busy when there is none in time."""
+        return self.upstreams.reserve()
+
+    def _request(self, method: str, url: str, **kwargs) -> requests.Response:
+        try:
+            return self.session.request(method, url, timeout=self.timeout, **kwargs)
+        except requests.ConnectTimeout:
+            raise UpstreamError("The speech server could not be reached.") from None
+        except requests.RequestException as exc:
+            if timed_out(exc):
+                raise UpstreamError("The speech server did not answer in time.", retry=False) from None
+            raise UpstreamError("The speech server could not be reached.") from None
+
+    def _send(self, method: str, path: str) -> requests.Response:
+        """The first answer from the servers, those in service first; a failed connection moves on."""
+        failure = UpstreamError("The speech server could not be reached.")
+        for server in self.upstreams.in_order():
             try:
-                return self.session.request(method, f"{base_url}/{path}", timeout=self.timeout, **kwargs)
-            except requests.ConnectionError as exc:
-                if timed_out(exc) and not isinstance(exc, requests.ConnectTimeout):
-                    raise UpstreamError("The speech server did not answer in time.") from None
-                continue
-            except requests.Timeout:
-                raise UpstreamError("The speech server did not answer in time.") from None
-            except requests.RequestException:
-                raise UpstreamError("The speech server could not be reached.") from None
-        raise UpstreamError("The speech server could not be reached.")
+                return self._request(method, f"{server.base_url}/{path}")
+            except UpstreamError as error:
+                self.upstreams.failed(server)
+                if not error.retry:
+                    raise
+                failure = error
+        raise failure
 
-    def open_speech(self, payload: dict, chunk_size: int) -> SpeechStream:
-        """Start a streamed synthesis and wait for its first audio bytes.
+    def open_speech(self, payload: dict, chunk_size: int, slot: Slot) -> SpeechStream:
+        """Start a streamed synthesis on `slot`'s server and wait for its first audio bytes.
 
-        Raises UpstreamError, with the response closed, for everything that goes
-        wrong before audio flows: unreachable, timed out, non-2xx, not audio, empty.
+        The stream holds the slot until it is closed. A server that fails before sending
+        audio is taken out and, unless it timed out, the next one with room is tried.
+        Raises UpstreamError, with the response closed and the slot released, when no
+        server gives audio: unreachable, timed out, non-2xx, not audio, empty.
         """
-        response = self._send("post", "audio/speech", json=payload, stream=True)
+        tried = []
+        try:
+            while True:
+                tried.append(slot.server)
+                try:
+                    stream = self._open(payload, chunk_size, slot)
+                except UpstreamError as failure:
+                    if failure.blames_request:
+                        raise
+                    self.upstreams.failed(slot.server)
+                    if not failure.retry:
+                        raise
+                    try:
+                        following = self.upstreams.reserve(tuple(tried), wait=False)
+                    except Busy:
+                        raise failure from None
+                    slot.release()
+                    slot = following
+                    continue
+                self.upstreams.worked(slot.server)
+                return stream
+        except BaseException:
+            slot.release()
+            raise
+
+    def _open(self, payload: dict, chunk_size: int, slot: Slot) -> SpeechStream:
+        started = time.monotonic()
+        response = self._request("post", f"{slot.server.base_url}/audio/speech", json=payload, stream=True)
         try:
             if not 200 <= response.status_code < 300:
                 reason = _error_reason(response)
@@ -162,16 +346,15 @@ class Upstream:
                 raise UpstreamError("Upstream synthesis error: the speech server sent no audio.", response.status_code)
         except requests.RequestException as exc:
             response.close()
-            detail = (
-                "The speech server did not send audio in time."
-                if timed_out(exc)
-                else "The speech server broke off before sending audio."
-            )
-            raise UpstreamError(detail, response.status_code) from None
+            if timed_out(exc):
+                raise UpstreamError(
+                    "The speech server did not send audio in time.", response.status_code, retry=False
+                ) from None
+            raise UpstreamError("The speech server broke off before sending audio.", response.status_code) from None
         except UpstreamError:
             response.close()
             raise
-        return SpeechStream(response, first_chunk, chunks)
+        return SpeechStream(response, first_chunk, chunks, slot, (time.monotonic() - started) * 1000)
 
     def catalog(self, path: str):
         """GET a small JSON document (`models`, `audio/voices`), cached for `catalog_ttl` seconds.

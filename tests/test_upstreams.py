@@ -1,0 +1,176 @@
+"""Several speech servers: least busy first, a bounded wait when all are full, failing ones taken out."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests import factories
+from tests.fake_upstream import FakeUpstream
+from tests.servers import serve
+
+SPEECH = "/v1/audio/speech"
+HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
+COST = len(HELLO["input"])
+AUDIO = b"ID3\x04audio-bytes"
+
+
+class Sickly(FakeUpstream):
+    """A stand-in whose speech answers 500 until it is healed."""
+
+    def __init__(self):
+        super().__init__()
+        self.sick = True
+        self.attempts = 0
+
+    def __call__(self, environ, start_response):
+        if environ["PATH_INFO"] == "/v1/audio/speech" and self.sick:
+            self.attempts += 1
+            return self._json(start_response, "500 Internal Server Error", {"detail": "CUDA out of memory"})
+        return super().__call__(environ, start_response)
+
+
+def _open(url, customer):
+    """A speech stream whose headers (so its first audio bytes) have arrived."""
+    return requests.post(f"{url}{SPEECH}", json=HELLO, headers=customer.headers, stream=True, timeout=30)
+
+
+def _speak(url, customer):
+    return requests.post(f"{url}{SPEECH}", json=HELLO, headers=customer.headers, timeout=30)
+
+
+def _wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_each_request_goes_to_the_least_busy_server(make_app):
+    held = threading.Event()
+    first, second = FakeUpstream(gate=held), FakeUpstream()
+    with serve(first) as a, serve(second) as b:
+        app = make_app(UPSTREAM_URL=f"{a}/v1,{b}/v1")
+        customer = factories.customer(app, balance=1000)
+        with serve(app) as url:
+            long_one = _open(url, customer)
+            assert len(first.received) == 1
+            # While the first server streams, every short request goes to the idle one.
+            assert [_speak(url, customer).content for _ in range(4)] == [AUDIO] * 4
+            assert (len(first.received), len(second.received)) == (1, 4)
+            held.set()
+            assert long_one.content == AUDIO
+            # Both idle again: the first listed is the least busy one too.
+            assert _speak(url, customer).status_code == 200
+            assert (len(first.received), len(second.received)) == (2, 4)
+
+
+def test_when_every_server_is_full_the_rest_are_refused_in_time_with_nothing_charged(make_app):
+    held = threading.Event()
+    first, second = FakeUpstream(gate=held), FakeUpstream(gate=held)
+    with serve(first) as a, serve(second) as b:
+        app = make_app(UPSTREAM_URL=f"{a}/v1,{b}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE_SECONDS=0.5)
+        customer = factories.customer(app, balance=1000)
+        with serve(app) as url:
+            streams = [_open(url, customer), _open(url, customer)]
+            assert (len(first.received), len(second.received)) == (1, 1)
+            with ThreadPoolExecutor(2) as pool:
+                refused = list(pool.map(lambda _: _speak(url, customer), range(2)))
+            for response in refused:
+                assert response.status_code == 503
+                assert response.headers["Retry-After"] == "1"
+                body = response.json()
+                assert body["detail"] == "Every speech server is busy. Nothing was charged; retry shortly."
+                assert body["error"]["code"] == "server_busy"
+            assert factories.balance(app, customer.user_id) == 1000 - 2 * COST
+            assert len(factories.speech_requests(app, customer.user_id)) == 2
+            held.set()
+            assert [stream.content for stream in streams] == [AUDIO, AUDIO]
+            # The places are free again.
+            assert _speak(url, customer).status_code == 200
+    factories.assert_books_balance(app, customer.user_id)
+
+
+def test_requests_wait_for_a_free_place_uncharged_and_are_then_served(make_app):
+    held = threading.Event()
+    first, second = FakeUpstream(gate=held), FakeUpstream(gate=held)
+    with serve(first) as a, serve(second) as b:
+        app = make_app(UPSTREAM_URL=f"{a}/v1,{b}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE_SECONDS=20)
+        upstreams = app.extensions["upstream"].upstreams
+        customer = factories.customer(app, balance=1000)
+        with serve(app) as url:
+            streams = [_open(url, customer), _open(url, customer)]
+            with ThreadPoolExecutor(2) as pool:
+                waiting = [pool.submit(_speak, url, customer) for _ in range(2)]
+                _wait_for(lambda: upstreams.waiting == 2)
+                # Two at once on the two servers; the other two wait, and have not been charged.
+                assert factories.balance(app, customer.user_id) == 1000 - 2 * COST
+                held.set()
+                assert [future.result().content for future in waiting] == [AUDIO, AUDIO]
+            assert [stream.content for stream in streams] == [AUDIO, AUDIO]
+    assert (len(first.received), len(second.received)) == (2, 2)
+    assert factories.balance(app, customer.user_id) == 1000 - 4 * COST
+    factories.assert_books_balance(app, customer.user_id)
+
+
+def test_a_full_queue_refuses_at_once(make_app):
+    held = threading.Event()
+    only = FakeUpstream(gate=held)
+    with serve(only) as a:
+        app = make_app(UPSTREAM_URL=f"{a}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE=0, UPSTREAM_QUEUE_SECONDS=30)
+        customer = factories.customer(app, balance=1000)
+        with serve(app) as url:
+            stream = _open(url, customer)
+            started = time.monotonic()
+            assert _speak(url, customer).status_code == 503
+            assert time.monotonic() - started < 5
+            held.set()
+            assert stream.content == AUDIO
+    assert factories.balance(app, customer.user_id) == 1000 - COST
+
+
+@pytest.mark.parametrize("down", ["refusing connections", "answering 500"])
+def test_a_failing_server_is_taken_out_and_probed_back_in(make_app, down):
+    sickly, healthy = Sickly(), FakeUpstream()
+    with serve(sickly) as s, serve(healthy) as h:
+        first = "http://127.0.0.1:9" if down == "refusing connections" else s
+        app = make_app(UPSTREAM_URL=f"{first}/v1,{h}/v1", UPSTREAM_RETRY_SECONDS=0.3)
+        customer = factories.customer(app, balance=1000)
+        client = app.test_client()
+        # The first request meets the failure and is served by the other server, charged once.
+        for _ in range(5):
+            response = client.post(SPEECH, json=HELLO, headers=customer.headers)
+            assert response.status_code == 200 and response.data == AUDIO
+        assert len(healthy.received) == 5
+        if down == "answering 500":
+            assert sickly.attempts == 1
+            sickly.sick = False
+            # Once its time out is up, the next request tries it again, and it is back in service.
+            _wait_for(
+                lambda: client.post(SPEECH, json=HELLO, headers=customer.headers).status_code == 200 and sickly.received
+            )
+            assert len(sickly.received) == 1
+        charged = len(factories.speech_requests(app, customer.user_id))
+        assert factories.balance(app, customer.user_id) == 1000 - charged * COST
+        assert [row.state for row in factories.speech_requests(app, customer.user_id)] == ["delivered"] * charged
+    factories.assert_books_balance(app, customer.user_id)
+
+
+def test_every_api_answer_says_where_its_time_went(make_app):
+    with serve(FakeUpstream()) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
+        customer = factories.customer(app, balance=1000)
+        client = app.test_client()
+        spoken = client.post(SPEECH, json=HELLO, headers=customer.headers)
+        timings = dict(part.strip().split(";dur=") for part in spoken.headers["Server-Timing"].split(","))
+        assert set(timings) == {"gateway", "queue", "upstream"}
+        assert all(float(value) >= 0 for value in timings.values())
+        for response in (
+            client.get("/v1/balance", headers=customer.headers),
+            client.get("/v1/balance"),
+            client.post(SPEECH, data="{", headers=customer.headers),
+        ):
+            name, duration = response.headers["Server-Timing"].split(";dur=")
+            assert name == "gateway" and float(duration) >= 0
