@@ -1,5 +1,7 @@
 """What the gateway costs on top of the upstream: the same requests sent directly to a stand-in
-Kokoro server and through kokoro-pay (gunicorn, production settings, PostgreSQL), alternating.
+Kokoro server, through a bare forwarder (bench/floor.py: the floor for any Python gateway, under
+the same gunicorn settings) and through kokoro-pay (gunicorn, production settings, PostgreSQL),
+in rounds that alternate the three.
 
     python -m bench.run                 # the full run: concurrency 1, 4, 16, 64
     python -m bench.run --smoke         # a short run (CI)
@@ -158,8 +160,24 @@ def one_request(session: requests.Session, url: str, headers: dict, body: dict) 
                 first = time.perf_counter()
             size += len(chunk)
         status = response.status_code
+        timing = server_timing(response.headers.get("Server-Timing", ""))
     ended = time.perf_counter()
-    return {"status": status, "ttfb": (first or ended) - started, "total": ended - started, "bytes": size}
+    return {
+        "status": status,
+        "ttfb": (first or ended) - started,
+        "total": ended - started,
+        "bytes": size,
+        "server_timing": timing,
+    }
+
+
+def server_timing(header: str) -> dict:
+    """`gateway;dur=1.20, upstream;dur=50.3` → {"gateway": 1.2, "upstream": 50.3} (milliseconds)."""
+    timings = {}
+    for part in filter(None, (piece.strip() for piece in header.split(","))):
+        name, _, duration = part.partition(";dur=")
+        timings[name] = float(duration)
+    return timings
 
 
 def drive(
@@ -200,9 +218,13 @@ def percentile(values: list[float], share: float) -> float:
 def summarise(results: list[dict], wall: float) -> dict:
     ttfb = [r["ttfb"] * 1000 for r in results]
     total = [r["total"] * 1000 for r in results]
+    timed = [r["server_timing"] for r in results if "upstream" in r["server_timing"]]
     return {
         "requests": len(results),
         "failed": sum(r["status"] != 200 for r in results),
+        # What the gateway says of itself (Server-Timing), where it said it.
+        "said_gateway_p50": percentile([t["gateway"] + t["queue"] for t in timed], 0.5) if timed else None,
+        "said_upstream_p50": percentile([t["upstream"] for t in timed], 0.5) if timed else None,
         "ttfb_p50": percentile(ttfb, 0.50),
         "ttfb_p95": percentile(ttfb, 0.95),
         "ttfb_p99": percentile(ttfb, 0.99),
@@ -248,32 +270,31 @@ def large_body(url: str, headers: dict, sampler: MemorySampler, size: int) -> di
     }
 
 
+PATHS = ("direct", "floor", "gateway")
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# kokoro-pay gateway benchmark ({report['when']})",
         "",
-        f"Stand-in upstream: {report['standin']}. App: gunicorn {report['gunicorn']} on PostgreSQL. "
-        f"Requests per path: {', '.join(str(level['direct']['requests']) for level in report['levels'])} at "
+        f"Stand-in upstream: {report['standin']}. Floor (bench/floor.py) and gateway: gunicorn {report['gunicorn']}; "
+        f"the gateway on PostgreSQL. Requests per path: "
+        f"{', '.join(str(level['direct']['requests']) for level in report['levels'])} at "
         f"concurrency {', '.join(str(level['concurrency']) for level in report['levels'])}, in {report['rounds']} "
-        f"rounds alternating the paths, the clients of a round starting over {report['ramp_s']} s; "
+        f"rounds rotating the paths, the clients of a round starting over {report['ramp_s']} s; "
         f"input lengths {list(INPUT_LENGTHS)} characters.",
         "",
         "| concurrency | path | TTFB p50 ms | TTFB p95 ms | TTFB p99 ms | total p50 ms | req/s | failed "
-        "| app peak RSS MB | app CPU ms/request |",
+        "| peak RSS MB | CPU ms/request |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level in report["levels"]:
-        for path in ("direct", "gateway"):
+        for path in PATHS:
             row = level[path]
-            app_only = (
-                f"{level['app_peak_rss_mb']:.0f} | {level['app_cpu_ms_per_request']:.1f}"
-                if path == "gateway"
-                else " | "
-            )
+            own = f"{row['peak_rss_mb']:.0f} | {row['cpu_ms_per_request']:.1f}" if path != "direct" else " | "
             lines.append(
                 f"| {level['concurrency']} | {path} | {row['ttfb_p50']:.1f} | {row['ttfb_p95']:.1f} | "
-                f"{row['ttfb_p99']:.1f} | {row['total_p50']:.1f} | {row['rps']:.1f} | {row['failed']} | "
-                f"{app_only} |"
+                f"{row['ttfb_p99']:.1f} | {row['total_p50']:.1f} | {row['rps']:.1f} | {row['failed']} | {own} |"
             )
         ratio = level["ratio"]
         lines.append(
@@ -281,8 +302,24 @@ def markdown(report: dict) -> str:
             f"{ratio['ttfb_p95']:.3f} | {ratio['ttfb_p99']:.3f} | {ratio['total_p50']:.3f} | "
             f"{ratio['rps']:.3f} | | | |"
         )
+    lines += [
+        "",
+        "Against the floor: the time each adds to the first byte over direct, and CPU per request.",
+        "",
+        "| concurrency | added TTFB p50 floor / gateway ms | ratio | added TTFB p99 floor / gateway ms | ratio "
+        "| CPU ms/request floor / gateway | ratio | Server-Timing: gateway's own p50 ms | upstream p50 ms said / "
+        "direct measured |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for level in report["levels"]:
+        floor, said = level["floor_ratio"], level["server_timing"]
         lines.append(
-            f"| {level['concurrency']} | added TTFB p50 | {level['added_ttfb_p50_ms']:+.2f} ms | | | | | | | |"
+            f"| {level['concurrency']} | {level['added']['floor_p50']:+.2f} / {level['added']['gateway_p50']:+.2f} "
+            f"| {floor['added_p50']:.2f} | {level['added']['floor_p99']:+.2f} / {level['added']['gateway_p99']:+.2f} "
+            f"| {floor['added_p99']:.2f} | {level['floor']['cpu_ms_per_request']:.1f} / "
+            f"{level['gateway']['cpu_ms_per_request']:.1f} | {floor['cpu']:.2f} | {said['gateway_p50']:.2f} "
+            f"| {said['upstream_p50']:.1f} / {level['direct']['ttfb_p50']:.1f} "
+            f"({'agrees' if said['agrees'] else 'DISAGREES'} within 0.5 ms) |"
         )
     big = report["large_body"]
     lines += [
@@ -305,7 +342,7 @@ def plot(report: dict, path: Path) -> None:
 
     levels = [level["concurrency"] for level in report["levels"]]
     figure, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, style in (("direct", "o--"), ("gateway", "s-")):
+    for name, style in (("direct", "o--"), ("floor", "^:"), ("gateway", "s-")):
         latency.plot(levels, [level[name]["ttfb_p50"] for level in report["levels"]], style, label=f"{name} p50")
         latency.plot(
             levels, [level[name]["ttfb_p95"] for level in report["levels"]], style, alpha=0.5, label=f"{name} p95"
@@ -388,6 +425,9 @@ def main(argv=None) -> dict:
         "rounds": 2 if args.smoke else args.rounds,
         "ramp_s": args.ramp,
     }
+    floor_port = free_port()
+    floor_url = f"http://127.0.0.1:{floor_port}"
+    floor_env = {**app_env, "BIND": f"127.0.0.1:{floor_port}"}
     with (
         gunicorn(
             [
@@ -410,54 +450,79 @@ def main(argv=None) -> dict:
             f"{standin_url}/v1/models",
         ),
         gunicorn(
+            ["--config", "gunicorn.conf.py", "--access-logfile", "/dev/null", "bench.floor:app"],
+            floor_env,
+            f"{floor_url}/ready",
+        ) as floor_process,
+        gunicorn(
             ["--config", "gunicorn.conf.py", "--access-logfile", "/dev/null", "wsgi:app"],
             app_env,
             f"{app_url}/v1/balance",
         ) as app_process,
     ):
-        sampler = MemorySampler(app_process.pid)
-        # Warm both paths up: a fresh gateway answers its first ~100 requests about a millisecond slower
+        samplers = {"floor": MemorySampler(floor_process.pid), "gateway": MemorySampler(app_process.pid)}
+        sampler = samplers["gateway"]
+        # Warm every path up: a fresh gateway answers its first ~100 requests about a millisecond slower
         # (connection pools filling, statements prepared), which is not what a customer of a running one sees.
-        urls = {"direct": standin_url, "gateway": app_url}
+        urls = {"direct": standin_url, "floor": floor_url, "gateway": app_url}
         for url in urls.values():
             drive(url, headers, *((4, 8) if args.smoke else (8, 128)))
         for index, concurrency in enumerate(levels):
             count = args.requests or (8 if args.smoke else max(256, 32 * concurrency))
             rounds = report["rounds"]
             per_round = max(1, count // rounds)
-            results = {"direct": [], "gateway": []}
-            walls = {"direct": 0.0, "gateway": 0.0}
-            app_cpu, app_peak = 0.0, 0
+            results = {path: [] for path in PATHS}
+            walls = dict.fromkeys(PATHS, 0.0)
+            cpu, peak = dict.fromkeys(samplers, 0.0), dict.fromkeys(samplers, 0)
             for round_ in range(rounds):
-                # Rounds in ABBA order, so a drift of the machine over the level weighs on both paths alike.
-                order = ("direct", "gateway") if (index + round_) % 2 == 0 else ("gateway", "direct")
-                for path in order:
+                # The paths' order rotates each round, so a drift of the machine weighs on all alike.
+                shift = (index + round_) % len(PATHS)
+                for path in PATHS[shift:] + PATHS[:shift]:
                     run = partial(drive, urls[path], headers, concurrency, per_round, round_ * per_round, args.ramp)
-                    if path == "gateway":
-                        cpu_before = sampler.cpu_seconds()
-                        with sampler:
+                    if path in samplers:
+                        cpu_before = samplers[path].cpu_seconds()
+                        with samplers[path]:
                             done, wall = run()
-                        app_cpu += sampler.cpu_seconds() - cpu_before
-                        app_peak = max(app_peak, sampler.peak)
+                        cpu[path] += samplers[path].cpu_seconds() - cpu_before
+                        peak[path] = max(peak[path], samplers[path].peak)
                     else:
                         done, wall = run()
                     results[path] += done
                     walls[path] += wall
-            level = {path: summarise(results[path], walls[path]) for path in ("direct", "gateway")}
+            level = {path: summarise(results[path], walls[path]) for path in PATHS}
             level["concurrency"] = concurrency
-            level["app_peak_rss_mb"] = app_peak / 2**20
-            level["app_cpu_ms_per_request"] = app_cpu * 1000 / len(results["gateway"])
+            for path in samplers:
+                level[path]["peak_rss_mb"] = peak[path] / 2**20
+                level[path]["cpu_ms_per_request"] = cpu[path] * 1000 / len(results[path])
             level["ratio"] = {
                 key: level["gateway"][key] / level["direct"][key]
                 for key in ("ttfb_p50", "ttfb_p95", "ttfb_p99", "total_p50", "rps")
             }
-            level["added_ttfb_p50_ms"] = level["gateway"]["ttfb_p50"] - level["direct"]["ttfb_p50"]
+            level["added"] = {
+                f"{path}_{share}": level[path][f"ttfb_{share}"] - level["direct"][f"ttfb_{share}"]
+                for path in ("floor", "gateway")
+                for share in ("p50", "p99")
+            }
+            level["floor_ratio"] = {
+                "added_p50": level["added"]["gateway_p50"] / level["added"]["floor_p50"],
+                "added_p99": level["added"]["gateway_p99"] / level["added"]["floor_p99"],
+                "cpu": level["gateway"]["cpu_ms_per_request"] / level["floor"]["cpu_ms_per_request"],
+            }
+            said_upstream = level["gateway"]["said_upstream_p50"]
+            level["server_timing"] = {
+                "gateway_p50": level["gateway"]["said_gateway_p50"],
+                "upstream_p50": said_upstream,
+                # The upstream's time to first byte as the gateway measured it, against a client's own.
+                "agrees": abs(said_upstream - level["direct"]["ttfb_p50"]) <= 0.5,
+            }
+            level["added_ttfb_p50_ms"] = level["added"]["gateway_p50"]
             report["levels"].append(level)
             print(
-                f"concurrency {concurrency:>3}: TTFB p50 direct {level['direct']['ttfb_p50']:.1f} ms, gateway "
-                f"{level['gateway']['ttfb_p50']:.1f} ms ({level['added_ttfb_p50_ms']:+.2f} ms); req/s "
-                f"{level['direct']['rps']:.1f} vs {level['gateway']['rps']:.1f} "
-                f"(×{level['ratio']['rps']:.3f}); app CPU {level['app_cpu_ms_per_request']:.1f} ms/request; "
+                f"concurrency {concurrency:>3}: TTFB p50 direct {level['direct']['ttfb_p50']:.1f} ms, floor "
+                f"{level['added']['floor_p50']:+.2f} ms, gateway {level['added']['gateway_p50']:+.2f} ms "
+                f"(×{level['floor_ratio']['added_p50']:.2f} the floor's); req/s {level['direct']['rps']:.1f} vs "
+                f"{level['gateway']['rps']:.1f} (×{level['ratio']['rps']:.3f}); CPU ms/request floor "
+                f"{level['floor']['cpu_ms_per_request']:.1f}, gateway {level['gateway']['cpu_ms_per_request']:.1f}; "
                 f"failed {level['gateway']['failed']}",
                 file=sys.stderr,
             )

@@ -12,12 +12,15 @@ def test_the_benchmark_runs_and_writes_its_table_json_and_plot(postgres_only, tm
     report = run.main(["--smoke", "--database-url", bench_url, "--out", str(tmp_path)])
     assert [level["concurrency"] for level in report["levels"]] == [1, 4]
     for level in report["levels"]:
-        assert level["direct"]["failed"] == 0 and level["gateway"]["failed"] == 0
-        assert level["gateway"]["requests"] == level["direct"]["requests"] == 8
-        assert level["gateway"]["mb"] == level["direct"]["mb"] > 0
+        assert level["direct"]["failed"] == level["floor"]["failed"] == level["gateway"]["failed"] == 0
+        assert level["gateway"]["requests"] == level["floor"]["requests"] == level["direct"]["requests"] == 8
+        assert level["gateway"]["mb"] == level["floor"]["mb"] == level["direct"]["mb"] > 0
+        # The gateway says where its time went; the floor's CPU is measured to compare against.
+        assert level["server_timing"]["upstream_p50"] > 0 and level["server_timing"]["gateway_p50"] > 0
+        assert level["floor"]["cpu_ms_per_request"] > 0
     assert report["large_body"]["status"] == 200 and report["large_body"]["bytes"] == 5_000_000
     assert report["balance_rps"] > 0
     [table] = tmp_path.glob("bench-*.md")
-    assert "gateway/direct" in table.read_text()
+    assert "gateway/direct" in table.read_text() and "| floor |" in table.read_text()
     assert json.loads(next(tmp_path.glob("bench-*.json")).read_text())["levels"]
     assert next(tmp_path.glob("bench-*.png")).stat().st_size > 10_000
