@@ -13,56 +13,24 @@ import argparse
 import itertools
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
 import requests
 
+from bench import launch
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 # A fixed mix of input lengths, in characters (about 3, 11 and 43 seconds of speech).
 INPUT_LENGTHS = (40, 160, 640)
 SENTENCE = "Kokoro-pay meters speech by the character and streams it as it is made. "
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def gunicorn(args: list[str], env: dict, ready_url: str):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", *args],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                requests.get(ready_url, timeout=2)
-                break
-            except requests.RequestException:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"gunicorn {args[-1]} did not start") from None
-                time.sleep(0.1)
-        yield process
-    finally:
-        process.terminate()
-        process.wait(15)
 
 
 def prepare_database(url: str) -> str:
@@ -360,6 +328,82 @@ def plot(report: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def measure(args, levels, large, headers, standin_url, floor_url, app_url, floor_process, app_process) -> dict:
+    """Each level's rounds over the three paths; then /v1/balance alone, and one large body."""
+    measured = {"levels": []}
+    samplers = {"floor": MemorySampler(floor_process.pid), "gateway": MemorySampler(app_process.pid)}
+    sampler = samplers["gateway"]
+    # Warm every path up: a fresh gateway answers its first ~100 requests about a millisecond slower
+    # (connection pools filling, statements prepared), which is not what a customer of a running one sees.
+    urls = {"direct": standin_url, "floor": floor_url, "gateway": app_url}
+    for url in urls.values():
+        drive(url, headers, *((4, 8) if args.smoke else (8, 128)))
+    for index, concurrency in enumerate(levels):
+        count = args.requests or (8 if args.smoke else max(256, 32 * concurrency))
+        rounds = args.rounds
+        per_round = max(1, count // rounds)
+        results = {path: [] for path in PATHS}
+        walls = dict.fromkeys(PATHS, 0.0)
+        cpu, peak = dict.fromkeys(samplers, 0.0), dict.fromkeys(samplers, 0)
+        for round_ in range(rounds):
+            # The paths' order rotates each round, so a drift of the machine weighs on all alike.
+            shift = (index + round_) % len(PATHS)
+            for path in PATHS[shift:] + PATHS[:shift]:
+                run = partial(drive, urls[path], headers, concurrency, per_round, round_ * per_round, args.ramp)
+                if path in samplers:
+                    cpu_before = samplers[path].cpu_seconds()
+                    with samplers[path]:
+                        done, wall = run()
+                    cpu[path] += samplers[path].cpu_seconds() - cpu_before
+                    peak[path] = max(peak[path], samplers[path].peak)
+                else:
+                    done, wall = run()
+                results[path] += done
+                walls[path] += wall
+        level = {path: summarise(results[path], walls[path]) for path in PATHS}
+        level["concurrency"] = concurrency
+        for path in samplers:
+            level[path]["peak_rss_mb"] = peak[path] / 2**20
+            level[path]["cpu_ms_per_request"] = cpu[path] * 1000 / len(results[path])
+        level["ratio"] = {
+            key: level["gateway"][key] / level["direct"][key]
+            for key in ("ttfb_p50", "ttfb_p95", "ttfb_p99", "total_p50", "rps")
+        }
+        level["added"] = {
+            f"{path}_{share}": level[path][f"ttfb_{share}"] - level["direct"][f"ttfb_{share}"]
+            for path in ("floor", "gateway")
+            for share in ("p50", "p99")
+        }
+        level["floor_ratio"] = {
+            "added_p50": level["added"]["gateway_p50"] / level["added"]["floor_p50"],
+            "added_p99": level["added"]["gateway_p99"] / level["added"]["floor_p99"],
+            "cpu": level["gateway"]["cpu_ms_per_request"] / level["floor"]["cpu_ms_per_request"],
+        }
+        said_upstream = level["gateway"]["said_upstream_p50"]
+        level["server_timing"] = {
+            "gateway_p50": level["gateway"]["said_gateway_p50"],
+            "upstream_p50": said_upstream,
+            # The upstream's time to first byte as the gateway measured it, against a client's own.
+            "agrees": abs(said_upstream - level["direct"]["ttfb_p50"]) <= 0.5,
+        }
+        level["added_ttfb_p50_ms"] = level["added"]["gateway_p50"]
+        measured["levels"].append(level)
+        print(
+            f"concurrency {concurrency:>3}: TTFB p50 direct {level['direct']['ttfb_p50']:.1f} ms, floor "
+            f"{level['added']['floor_p50']:+.2f} ms, gateway {level['added']['gateway_p50']:+.2f} ms "
+            f"(×{level['floor_ratio']['added_p50']:.2f} the floor's); req/s {level['direct']['rps']:.1f} vs "
+            f"{level['gateway']['rps']:.1f} (×{level['ratio']['rps']:.3f}); CPU ms/request floor "
+            f"{level['floor']['cpu_ms_per_request']:.1f}, gateway {level['gateway']['cpu_ms_per_request']:.1f}; "
+            f"failed {level['gateway']['failed']}",
+            file=sys.stderr,
+        )
+    measured["balance_concurrency"] = 16
+    measured["balance_rps"] = balance_rps(app_url, headers, 16, 1.0 if args.smoke else 5.0)
+    measured["large_body"] = large_body(app_url, headers, sampler, large * 1_000_000)
+
+    return measured
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a short run: few requests, two levels")
@@ -392,6 +436,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--large-mb", type=int, default=50)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.rounds = 2
     levels = [1, 4] if args.smoke else [int(level) for level in args.levels.split(",")]
     large = 5 if args.smoke else args.large_mb
 
@@ -400,14 +446,10 @@ def main(argv=None) -> dict:
     db_url = database_url(args.database_url)
     secret = prepare_database(db_url)
     headers = {"Authorization": f"Bearer {secret}"}
-    standin_port, app_port = free_port(), free_port()
-    standin_url, app_url = f"http://127.0.0.1:{standin_port}", f"http://127.0.0.1:{app_port}"
     standin_env = {"STANDIN_TTFB_MS": "50", "STANDIN_SPEED": "20", "STANDIN_BITRATE_KBPS": "128"}
     app_env = {
         "DATABASE_URL": db_url,
-        "UPSTREAM_URL": f"{standin_url}/v1",
         "SECRET_KEY": "bench",
-        "BIND": f"127.0.0.1:{app_port}",
         "WEB_CONCURRENCY": str(args.workers),
         "GUNICORN_THREADS": str(args.threads),
         "RATE_LIMIT_PER_KEY": "100000000/minute",
@@ -422,113 +464,22 @@ def main(argv=None) -> dict:
         "levels": [],
         "standin": "TTFB 50 ms, 128 kbit/s audio made at 20× real time",
         "gunicorn": f"{args.workers} gthread workers × {args.threads} threads",
-        "rounds": 2 if args.smoke else args.rounds,
+        "rounds": args.rounds,
         "ramp_s": args.ramp,
     }
-    floor_port = free_port()
-    floor_url = f"http://127.0.0.1:{floor_port}"
-    floor_env = {**app_env, "BIND": f"127.0.0.1:{floor_port}"}
-    with (
-        gunicorn(
-            [
-                # Not the gateway's gunicorn.conf.py, which is read from the working directory by default.
-                "--config",
-                os.devnull,
-                "--workers",
-                "2",
-                "--worker-class",
-                "gthread",
-                "--threads",
-                "256",
-                "--bind",
-                f"127.0.0.1:{standin_port}",
-                "--log-level",
-                "warning",
-                "bench.standin:app",
-            ],
-            standin_env,
-            f"{standin_url}/v1/models",
-        ),
-        gunicorn(
-            ["--config", "gunicorn.conf.py", "--access-logfile", "/dev/null", "bench.floor:app"],
-            floor_env,
-            f"{floor_url}/ready",
-        ) as floor_process,
-        gunicorn(
-            ["--config", "gunicorn.conf.py", "--access-logfile", "/dev/null", "wsgi:app"],
-            app_env,
-            f"{app_url}/v1/balance",
-        ) as app_process,
-    ):
-        samplers = {"floor": MemorySampler(floor_process.pid), "gateway": MemorySampler(app_process.pid)}
-        sampler = samplers["gateway"]
-        # Warm every path up: a fresh gateway answers its first ~100 requests about a millisecond slower
-        # (connection pools filling, statements prepared), which is not what a customer of a running one sees.
-        urls = {"direct": standin_url, "floor": floor_url, "gateway": app_url}
-        for url in urls.values():
-            drive(url, headers, *((4, 8) if args.smoke else (8, 128)))
-        for index, concurrency in enumerate(levels):
-            count = args.requests or (8 if args.smoke else max(256, 32 * concurrency))
-            rounds = report["rounds"]
-            per_round = max(1, count // rounds)
-            results = {path: [] for path in PATHS}
-            walls = dict.fromkeys(PATHS, 0.0)
-            cpu, peak = dict.fromkeys(samplers, 0.0), dict.fromkeys(samplers, 0)
-            for round_ in range(rounds):
-                # The paths' order rotates each round, so a drift of the machine weighs on all alike.
-                shift = (index + round_) % len(PATHS)
-                for path in PATHS[shift:] + PATHS[:shift]:
-                    run = partial(drive, urls[path], headers, concurrency, per_round, round_ * per_round, args.ramp)
-                    if path in samplers:
-                        cpu_before = samplers[path].cpu_seconds()
-                        with samplers[path]:
-                            done, wall = run()
-                        cpu[path] += samplers[path].cpu_seconds() - cpu_before
-                        peak[path] = max(peak[path], samplers[path].peak)
-                    else:
-                        done, wall = run()
-                    results[path] += done
-                    walls[path] += wall
-            level = {path: summarise(results[path], walls[path]) for path in PATHS}
-            level["concurrency"] = concurrency
-            for path in samplers:
-                level[path]["peak_rss_mb"] = peak[path] / 2**20
-                level[path]["cpu_ms_per_request"] = cpu[path] * 1000 / len(results[path])
-            level["ratio"] = {
-                key: level["gateway"][key] / level["direct"][key]
-                for key in ("ttfb_p50", "ttfb_p95", "ttfb_p99", "total_p50", "rps")
-            }
-            level["added"] = {
-                f"{path}_{share}": level[path][f"ttfb_{share}"] - level["direct"][f"ttfb_{share}"]
-                for path in ("floor", "gateway")
-                for share in ("p50", "p99")
-            }
-            level["floor_ratio"] = {
-                "added_p50": level["added"]["gateway_p50"] / level["added"]["floor_p50"],
-                "added_p99": level["added"]["gateway_p99"] / level["added"]["floor_p99"],
-                "cpu": level["gateway"]["cpu_ms_per_request"] / level["floor"]["cpu_ms_per_request"],
-            }
-            said_upstream = level["gateway"]["said_upstream_p50"]
-            level["server_timing"] = {
-                "gateway_p50": level["gateway"]["said_gateway_p50"],
-                "upstream_p50": said_upstream,
-                # The upstream's time to first byte as the gateway measured it, against a client's own.
-                "agrees": abs(said_upstream - level["direct"]["ttfb_p50"]) <= 0.5,
-            }
-            level["added_ttfb_p50_ms"] = level["added"]["gateway_p50"]
-            report["levels"].append(level)
-            print(
-                f"concurrency {concurrency:>3}: TTFB p50 direct {level['direct']['ttfb_p50']:.1f} ms, floor "
-                f"{level['added']['floor_p50']:+.2f} ms, gateway {level['added']['gateway_p50']:+.2f} ms "
-                f"(×{level['floor_ratio']['added_p50']:.2f} the floor's); req/s {level['direct']['rps']:.1f} vs "
-                f"{level['gateway']['rps']:.1f} (×{level['ratio']['rps']:.3f}); CPU ms/request floor "
-                f"{level['floor']['cpu_ms_per_request']:.1f}, gateway {level['gateway']['cpu_ms_per_request']:.1f}; "
-                f"failed {level['gateway']['failed']}",
-                file=sys.stderr,
+    # The stand-in: not the gateway's gunicorn.conf.py, with threads for every stream at once.
+    standin_args = ("--config", os.devnull, "--workers", "2", "--worker-class", "gthread", "--threads", "256")
+    # The floor and the gateway: the gateway's own gunicorn.conf.py, access logs off.
+    app_args = ("--config", "gunicorn.conf.py", "--access-logfile", "/dev/null")
+    with launch.gunicorn("bench.standin:app", standin_env, standin_args, "/v1/models") as (standin_url, _):
+        app_env["UPSTREAM_URL"] = f"{standin_url}/v1"
+        with (
+            launch.gunicorn("bench.floor:app", app_env, app_args, "/ready") as (floor_url, floor_process),
+            launch.gunicorn("wsgi:app", app_env, app_args, "/v1/balance") as (app_url, app_process),
+        ):
+            report.update(
+                measure(args, levels, large, headers, standin_url, floor_url, app_url, floor_process, app_process)
             )
-        report["balance_concurrency"] = 16
-        report["balance_rps"] = balance_rps(app_url, headers, 16, 1.0 if args.smoke else 5.0)
-        report["large_body"] = large_body(app_url, headers, sampler, large * 1_000_000)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

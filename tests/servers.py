@@ -2,16 +2,13 @@
 
 import contextlib
 import gc
-import os
-import socket
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
-import requests
 from werkzeug.serving import make_server
+
+from bench import launch
+from bench.launch import free_port  # noqa: F401 (tests take it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Where several gunicorn workers keep their shared rate limits (the machine's Redis).
@@ -36,55 +33,7 @@ def serve(wsgi_app):
         gc.collect()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextlib.contextmanager
-def gunicorn(
-    spec: str, env: dict, workers: int = 1, threads: int = 8, ready_path: str = "/v1/balance", timeout: float = 60
-):
-    """Run `spec` under gunicorn (gthread) in its own process group, as production does; yield (url, process)."""
-    port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "--workers",
-            str(workers),
-            "--worker-class",
-            "gthread",
-            "--threads",
-            str(threads),
-            "--bind",
-            f"127.0.0.1:{port}",
-            spec,
-        ],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"gunicorn exited: {process.stderr.read().decode()[-2000:]}")
-            try:
-                requests.get(url + ready_path, timeout=2)
-                break
-            except requests.RequestException:
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"{spec} did not start") from None
-                time.sleep(0.1)
-        yield url, process
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
+def gunicorn(spec: str, env: dict, workers: int = 1, threads: int = 8, ready_path: str = "/v1/balance"):
+    """`spec` under gunicorn (gthread), in its own process, as production runs it; yields (url, process)."""
+    args = ("--workers", str(workers), "--worker-class", "gthread", "--threads", str(threads))
+    return launch.gunicorn(spec, env, args, ready_path)

@@ -1,0 +1,62 @@
+"""gunicorn on a free loopback port, in its own process, until it answers: shared by the tests and
+the benchmark, so both run the app as production does."""
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def gunicorn(spec: str, env: dict, args: tuple = (), ready_path: str = "/v1/balance", timeout: float = 60):
+    """Run `spec` under gunicorn with `args`, bound to a free port; yield (its URL, the master process).
+
+    gunicorn.conf.py (read from the project's root) applies unless `args` names another
+    `--config`. Ready when `ready_path` answers at all; stopped with SIGTERM (then SIGKILL).
+    """
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    # Errors go to a file, not a pipe: a pipe nobody reads would block a chatty server.
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", *args, "--bind", f"127.0.0.1:{port}", spec],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    errors.seek(0)
+                    raise RuntimeError(f"gunicorn {spec} exited: {errors.read().decode()[-2000:]}")
+                try:
+                    requests.get(url + ready_path, timeout=2)
+                    break
+                except requests.RequestException:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"gunicorn {spec} did not start in {timeout:g} s") from None
+                    time.sleep(0.1)
+            yield url, process
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
