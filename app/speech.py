@@ -400,6 +400,9 @@ class Relay:
             reason = "Upstream stalled mid-stream." if timed_out(exc) else "Upstream broke off mid-stream."
             _settle_refund(self.request_id, reason, **self.outcome())
             raise StreamAborted(self.request_id, f"{reason} The undelivered part was refunded.") from exc
+        finally:
+            # The upstream's part is over: its server's place is free before the client sees the end.
+            self.audio.close()
         _settle(billing.mark_delivered, self.request_id, **self.outcome())
 
     def _upstream_chunks(self):
