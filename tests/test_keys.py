@@ -1,11 +1,19 @@
+"""API keys: their form, storage, revocation, and that a key never reaches logs, error bodies or the database."""
+
+import logging
 import re
 from datetime import timedelta
 
-from sqlalchemy import select
+import responses
+from sqlalchemy import select, text
 
 from app import accounts, keys
 from app.extensions import db
 from app.models import ApiKey, utcnow
+from tests.conftest import STUB_UPSTREAM
+from tests.fake_upstream import stub_catalog
+
+HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
 
 
 def test_a_key_is_kp_live_and_43_random_url_safe_characters():
@@ -60,3 +68,22 @@ def test_last_use_is_written_at_most_once_per_resolution(app):
         assert key.last_used_at == now
         assert keys.touch(key.id, key.last_used_at, 60, now + timedelta(seconds=59)) is False
         assert keys.touch(key.id, key.last_used_at, 60, now + timedelta(seconds=61)) is True
+
+
+def test_a_key_never_reaches_logs_error_bodies_or_the_database(app, customer, caplog):
+    caplog.set_level(logging.DEBUG)
+    client = app.test_client()
+    with responses.RequestsMock() as upstream:
+        stub_catalog(upstream, STUB_UPSTREAM)
+        upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=500, json={"detail": "boom"})
+        bodies = [
+            client.post("/v1/audio/speech", json=HELLO, headers=customer.headers).data,
+            client.get("/v1/balance", headers={"Authorization": f"Bearer {customer.secret}x"}).data,
+            client.get("/v1/nope", headers=customer.headers).data,
+        ]
+    assert all(customer.secret.encode() not in body for body in bodies)
+    assert customer.secret not in caplog.text
+    with app.app_context():
+        for table in db.metadata.sorted_tables:
+            for row in db.session.execute(text(f"SELECT * FROM {table.name}")):
+                assert customer.secret not in " ".join(map(str, row)), table.name

@@ -1,4 +1,5 @@
-"""Several speech servers: least busy first, a bounded wait when all are full, failing ones taken out."""
+"""The speech servers: faults before audio are refunded; several servers, least busy first, a bounded
+wait when all are full, failing ones taken out."""
 
 import threading
 import time
@@ -6,13 +7,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import responses
+from urllib3.exceptions import NameResolutionError
 
 from tests import factories
-from tests.fake_upstream import FakeUpstream
-from tests.servers import serve
+from tests.conftest import STUB_UPSTREAM
+from tests.fake_upstream import FakeUpstream, stub_catalog
+from tests.servers import gunicorn, serve
 
 SPEECH = "/v1/audio/speech"
 HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
+STREAMING_TEXT = len(HELLO["input"])
+
+
+def states(app, customer):
+    return [row.state for row in factories.speech_requests(app, customer.user_id)]
+
+
 COST = len(HELLO["input"])
 AUDIO = b"ID3\x04audio-bytes"
 
@@ -174,3 +185,78 @@ def test_every_api_answer_says_where_its_time_went(make_app):
         ):
             name, duration = response.headers["Server-Timing"].split(";dur=")
             assert name == "gateway" and float(duration) >= 0
+
+
+# Faults before audio
+
+
+@pytest.mark.parametrize(
+    "fault,detail",
+    [
+        (
+            requests.ConnectionError(NameResolutionError("tts-gpu.internal", None, "Name or service not known")),
+            "could not be reached",
+        ),
+        (requests.ConnectTimeout("connect timed out"), "could not be reached"),
+    ],
+)
+def test_dns_failure_and_connect_timeout_are_refunded_502(app, client, customer, fault, detail):
+    with responses.RequestsMock() as upstream:
+        stub_catalog(upstream, STUB_UPSTREAM)
+        upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=fault)
+        response = client.post("/v1/audio/speech", json=HELLO, headers=customer.headers)
+    assert response.status_code == 502 and detail in response.get_json()["detail"]
+    assert factories.balance(app, customer.user_id) == 1000 and states(app, customer) == ["refunded"]
+
+
+class Faulty(FakeUpstream):
+    """Healthy, except that voice af_bella gets headers and then silence."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+
+    def _stream(self):
+        if self.received[-1].get("voice") == "af_bella":
+            yield b""
+            self.release.wait(10)
+            return
+        yield from super()._stream()
+
+
+def test_a_single_thread_worker_is_free_again_after_each_fault(app, database_uri):
+    customer = factories.customer(app, balance=1000)
+    upstream = Faulty()
+    with serve(upstream) as upstream_url:
+        env = {
+            "DATABASE_URL": database_uri,
+            "UPSTREAM_URL": f"{upstream_url}/v1",
+            "SECRET_KEY": "fault-test",
+            "UPSTREAM_READ_TIMEOUT": "0.5",
+        }
+        with gunicorn("wsgi:app", env, workers=1, threads=1) as (url, _):
+
+            def speak(voice):
+                return requests.post(
+                    f"{url}/v1/audio/speech", json={**HELLO, "voice": voice}, headers=customer.headers, timeout=10
+                )
+
+            # A stalled stream (502) and a request the upstream refuses (400), each refunded.
+            for voice, status in (("af_bella", 502), ("af_nicole", 400), ("af_bella", 502), ("af_nicole", 400)):
+                assert speak(voice).status_code == status
+                assert speak("af_sky").status_code == 200
+            upstream.release.set()
+    rows = factories.speech_requests(app, customer.user_id)
+    assert sorted(row.state for row in rows) == ["delivered"] * 4 + ["refunded"] * 4
+    assert factories.balance(app, customer.user_id) == 1000 - 4 * STREAMING_TEXT
+    factories.assert_books_balance(app, customer.user_id)
+
+
+def test_failover_to_the_next_upstream_when_one_refuses(make_app):
+    with serve(FakeUpstream()) as healthy:
+        app = make_app(UPSTREAM_URL=f"http://127.0.0.1:9/v1,{healthy}/v1")
+        customer = factories.customer(app, balance=100)
+        client = app.test_client()
+        response = client.post("/v1/audio/speech", json=HELLO, headers=customer.headers)
+        assert response.status_code == 200 and response.data == b"ID3\x04audio-bytes"
+        assert client.get("/v1/models", headers=customer.headers).status_code == 200

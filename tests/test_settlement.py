@@ -1,0 +1,124 @@
+"""A request is never left charged: a killed worker, a lost database, settle racing itself and live traffic."""
+
+import os
+import signal
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import pytest
+import requests
+import responses
+from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
+
+from app import billing
+from app.extensions import db
+from app.models import LedgerEntry, SpeechRequest, utcnow
+from tests import factories
+from tests.conftest import STUB_UPSTREAM
+from tests.fake_upstream import FakeUpstream, stub_catalog
+from tests.servers import gunicorn, serve
+
+HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
+STREAMING_TEXT = len(HELLO["input"])
+
+
+def charge(app, customer, count=1, characters=10):
+    with app.app_context():
+        ids = [factories.charge_speech(customer.user_id, characters).id for _ in range(count)]
+        db.session.commit()
+        return ids
+
+
+def age(app, request_ids, seconds):
+    with app.app_context():
+        db.session.execute(
+            update(SpeechRequest)
+            .where(SpeechRequest.id.in_(request_ids))
+            .values(created_at=utcnow() - timedelta(seconds=seconds))
+        )
+        db.session.commit()
+
+
+def states(app, customer):
+    return [row.state for row in factories.speech_requests(app, customer.user_id)]
+
+
+def test_a_killed_worker_leaves_the_charge_visible_and_settle_refunds_it_once(app, runner, database_uri):
+    customer = factories.customer(app, balance=1000)
+    gate = threading.Event()
+    upstream = FakeUpstream([b"ID3first", b"never sent"], gate=gate)
+    with serve(upstream) as upstream_url:
+        env = {"DATABASE_URL": database_uri, "UPSTREAM_URL": f"{upstream_url}/v1", "SECRET_KEY": "crash-test"}
+        with gunicorn("wsgi:app", env, workers=1, threads=4) as (url, master):
+            response = requests.post(
+                f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True, timeout=10
+            )
+            chunks = response.iter_content(chunk_size=None)
+            assert next(chunks) == b"ID3first"
+            [worker] = subprocess.run(
+                ["pgrep", "-P", str(master.pid)], capture_output=True, text=True, check=True
+            ).stdout.split()
+            os.kill(int(worker), signal.SIGKILL)
+            with pytest.raises(requests.RequestException):
+                b"".join(chunks)
+            gate.set()
+    assert states(app, customer) == ["charged"]
+    assert factories.balance(app, customer.user_id) == 1000 - STREAMING_TEXT
+
+    # Young charges are left alone: their worker may still be streaming.
+    result = runner.invoke(args=["speech", "settle"])
+    assert "settled 0" in result.output and states(app, customer) == ["charged"]
+
+    result = runner.invoke(args=["speech", "settle", "--older-than", "0"])
+    # It died before its first progress record: none of its audio is on the books as delivered.
+    assert result.exit_code == 0 and f"settled 1, refunding {STREAMING_TEXT} credits" in result.output
+    assert runner.invoke(args=["speech", "settle", "--older-than", "0"]).output.startswith("0 requests")
+    [speech] = factories.speech_requests(app, customer.user_id)
+    assert speech.state == "refunded" and speech.error == billing.STALE_REASON
+    assert factories.balance(app, customer.user_id) == 1000
+    assert runner.invoke(args=["audit"]).exit_code == 0
+
+
+def test_a_lost_database_at_settlement_leaves_the_request_for_settle(app, runner, customer, monkeypatch):
+    def database_gone(*args, **kwargs):
+        raise OperationalError("UPDATE speech_requests", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(billing, "mark_delivered", database_gone)
+    with responses.RequestsMock() as upstream:
+        stub_catalog(upstream, STUB_UPSTREAM)
+        upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3audio", content_type="audio/mpeg")
+        response = app.test_client().post("/v1/audio/speech", json=HELLO, headers=customer.headers)
+        assert response.status_code == 200 and response.data == b"ID3audio"
+    assert states(app, customer) == ["charged"]
+    monkeypatch.undo()
+    assert "settled 1" in runner.invoke(args=["speech", "settle", "--older-than", "0"]).output
+    assert factories.balance(app, customer.user_id) == 1000
+
+
+def test_settle_racing_itself_and_live_traffic_refunds_each_request_once(app, customer):
+    stale = charge(app, customer, count=20)
+    age(app, stale, 7200)
+    live = charge(app, customer, count=5)
+    barrier = threading.Barrier(4, timeout=30)
+
+    def settle(_):
+        with app.app_context():
+            barrier.wait()
+            refunded = 0
+            for request_id in billing.stale_charges(3600):
+                refunded += billing.refund_speech(request_id, billing.STALE_REASON) is not None
+                db.session.commit()
+            db.session.remove()
+            return refunded
+
+    with ThreadPoolExecutor(4) as pool:
+        assert sum(pool.map(settle, range(4))) == 20
+    with app.app_context():
+        refunds = db.session.scalars(select(LedgerEntry.reference).where(LedgerEntry.kind == "refund")).all()
+        assert sorted(refunds) == sorted(f"refund:{request_id}" for request_id in stale)
+        assert all(db.session.get(SpeechRequest, request_id).state == "charged" for request_id in live)
+    assert factories.balance(app, customer.user_id) == 1000 - 5 * 10
+    factories.assert_books_balance(app, customer.user_id)
