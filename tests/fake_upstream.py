@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 
 # What Kokoro-FastAPI answers (api/src/routers/openai_compatible.py): its four model names,
 # and the Kokoro v1.0 voices as {"id", "name"} objects (plain ids with ?legacy=true).
@@ -100,3 +101,78 @@ class FakeUpstream:
         body = json.dumps(document).encode()
         start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
         return [body]
+
+
+class Failing(FakeUpstream):
+    """Answers 500 (before any audio) to every `every`-th speech request, until `healed`."""
+
+    def __init__(self, every: int = 1):
+        super().__init__([b"ID3", b"audio"])
+        self.every = every
+        self.healed = False
+        self.attempts = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if environ["PATH_INFO"] == "/v1/audio/speech" and not self.healed:
+            with self._lock:
+                self.attempts += 1
+                broken = self.attempts % self.every == 0
+            if broken:
+                environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+                return self._json(start_response, "500 Internal Server Error", {"detail": "CUDA out of memory"})
+        return super().__call__(environ, start_response)
+
+
+class Silent(FakeUpstream):
+    """Sends its 200 and headers, then nothing until `release` is set; only for `voice`, when given."""
+
+    def __init__(self, voice: str | None = None):
+        super().__init__()
+        self.voice = voice
+        self.release = threading.Event()
+
+    def _stream(self):
+        if self.voice is None or self.received[-1].get("voice") == self.voice:
+            yield b""
+            self.release.wait(10)
+            if self.voice is None:
+                yield b"too late"
+            return
+        yield from super()._stream()
+
+
+class Paced(FakeUpstream):
+    """Sends `chunks` one every `interval` seconds."""
+
+    def __init__(self, chunks, interval: float):
+        super().__init__(chunks)
+        self.interval = interval
+
+    def _stream(self):
+        for chunk in self.chunks:
+            yield chunk
+            time.sleep(self.interval)
+        self.finished.set()
+
+
+class KokoroStandIn(FakeUpstream):
+    """Kokoro-FastAPI's answers without its model: a tone as long as the text would be, really encoded."""
+
+    def _stream(self):
+        import numpy as np
+
+        from engine.audio import Encoder
+
+        body = self.received[-1]
+        seconds = max(0.5, len(body["input"]) / 15 / float(body.get("speed", 1.0)))
+        t = np.arange(int(24000 * seconds)) / 24000
+        tone = (0.2 * np.sin(2 * np.pi * 220 * t)).astype("float32")
+        encoder = Encoder(body.get("response_format", "mp3"))
+        for piece in np.array_split(tone, 4):
+            chunk = encoder.feed(piece)
+            if chunk:
+                yield chunk
+        tail = encoder.close()
+        if tail:
+            yield tail

@@ -10,7 +10,7 @@ import requests
 from app import billing
 from app.extensions import db
 from tests import factories
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import Failing, FakeUpstream
 from tests.servers import SHARED_LIMITS, gunicorn, serve
 
 pytestmark = pytest.mark.usefixtures("postgres_only")
@@ -85,30 +85,11 @@ def test_gunicorn_processes_and_threads_racing_through_the_real_api(app, databas
     assert len(rows) == 25 and all(row.state == "delivered" for row in rows)
 
 
-class HalfBroken(FakeUpstream):
-    """Every other speech request fails with a 500 before any audio."""
-
-    def __init__(self):
-        super().__init__([b"ID3", b"audio"])
-        self._count = 0
-        self._lock = threading.Lock()
-
-    def __call__(self, environ, start_response):
-        if environ["PATH_INFO"] == "/v1/audio/speech":
-            with self._lock:
-                self._count += 1
-                broken = self._count % 2 == 0
-            if broken:
-                environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-                return self._json(start_response, "500 Internal Server Error", {"detail": "injected fault"})
-        return super().__call__(environ, start_response)
-
-
 @pytest.mark.parametrize("upstream_kind", ["healthy", "half-broken"])
 def test_two_hundred_requests_from_many_keys_race_on_one_balance(app, database_uri, runner, upstream_kind):
     customer = factories.customer(app, balance=1000)
     secrets = [customer.secret] + [factories.add_key(app, customer.user_id) for _ in range(9)]
-    upstream = FakeUpstream([b"ID3", b"audio"]) if upstream_kind == "healthy" else HalfBroken()
+    upstream = FakeUpstream([b"ID3", b"audio"]) if upstream_kind == "healthy" else Failing(every=2)
     text = "0123456789"  # 10 credits each: the balance covers 100 of the 200
     with serve(upstream) as upstream_url:
         env = {

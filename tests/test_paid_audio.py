@@ -26,7 +26,7 @@ from app.models import PaymentReversal, SpeechRequest, User, utcnow
 from engine.audio import Encoder
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
-from tests.fake_upstream import FakeUpstream, stub_catalog
+from tests.fake_upstream import FakeUpstream, Paced, stub_catalog
 from tests.servers import ROOT, SHARED_LIMITS, free_port, gunicorn, serve
 from tests.stripe_helpers import charge as stripe_charge
 from tests.stripe_helpers import checkout_session, deliver, dispute, event
@@ -265,20 +265,6 @@ def test_the_refund_share_follows_the_speed(app, customer):
 
 
 # 3. Settle never refunds a live stream; no stream outlasts MAX_STREAM_SECONDS.
-
-
-class Paced(FakeUpstream):
-    """Sends `chunks` one every `interval` seconds."""
-
-    def __init__(self, chunks, interval):
-        super().__init__(chunks)
-        self.interval = interval
-
-    def _stream(self):
-        for chunk in self.chunks:
-            yield chunk
-            time.sleep(self.interval)
-        self.finished.set()
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import requests
 
 from tests import factories
-from tests.fake_upstream import FakeUpstream
+from tests.fake_upstream import FakeUpstream, Silent
 from tests.servers import serve
 
 HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
@@ -112,20 +112,13 @@ def test_a_client_that_hangs_up_mid_stream_closes_the_upstream_connection(gatewa
 
 
 def test_a_read_timeout_before_the_first_byte_is_502_and_refunded(gateway):
-    gate = threading.Event()
-
-    class Silent(FakeUpstream):
-        def _stream(self):
-            yield b""  # the 200 and its headers go out, then nothing
-            gate.wait(10)
-            yield b"too late"
-
-    app, url = gateway(Silent(), UPSTREAM_READ_TIMEOUT=0.3)
+    silent = Silent()  # the 200 and its headers go out, then nothing
+    app, url = gateway(silent, UPSTREAM_READ_TIMEOUT=0.3)
     customer = factories.customer(app, balance=1000)
     try:
         response = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, timeout=10)
     finally:
-        gate.set()
+        silent.release.set()
     assert response.status_code == 502
     assert response.json()["detail"].startswith("The speech server did not send audio in time.")
     _wait_for_state(app, customer, "refunded")

@@ -12,7 +12,7 @@ from urllib3.exceptions import NameResolutionError
 
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
-from tests.fake_upstream import FakeUpstream, stub_catalog
+from tests.fake_upstream import Failing, FakeUpstream, Silent, stub_catalog
 from tests.servers import gunicorn, serve
 
 SPEECH = "/v1/audio/speech"
@@ -26,21 +26,6 @@ def states(app, customer):
 
 COST = len(HELLO["input"])
 AUDIO = b"ID3\x04audio-bytes"
-
-
-class Sickly(FakeUpstream):
-    """A stand-in whose speech answers 500 until it is healed."""
-
-    def __init__(self):
-        super().__init__()
-        self.sick = True
-        self.attempts = 0
-
-    def __call__(self, environ, start_response):
-        if environ["PATH_INFO"] == "/v1/audio/speech" and self.sick:
-            self.attempts += 1
-            return self._json(start_response, "500 Internal Server Error", {"detail": "CUDA out of memory"})
-        return super().__call__(environ, start_response)
 
 
 def _open(url, customer):
@@ -144,7 +129,7 @@ def test_a_full_queue_refuses_at_once(make_app):
 
 @pytest.mark.parametrize("down", ["refusing connections", "answering 500"])
 def test_a_failing_server_is_taken_out_and_probed_back_in(make_app, down):
-    sickly, healthy = Sickly(), FakeUpstream()
+    sickly, healthy = Failing(), FakeUpstream()
     with serve(sickly) as s, serve(healthy) as h:
         first = "http://127.0.0.1:9" if down == "refusing connections" else s
         app = make_app(UPSTREAM_URL=f"{first}/v1,{h}/v1", UPSTREAM_RETRY_SECONDS=0.3)
@@ -157,7 +142,7 @@ def test_a_failing_server_is_taken_out_and_probed_back_in(make_app, down):
         assert len(healthy.received) == 5
         if down == "answering 500":
             assert sickly.attempts == 1
-            sickly.sick = False
+            sickly.healed = True
             # Once its time out is up, the next request tries it again, and it is back in service.
             _wait_for(
                 lambda: client.post(SPEECH, json=HELLO, headers=customer.headers).status_code == 200 and sickly.received
@@ -209,24 +194,9 @@ def test_dns_failure_and_connect_timeout_are_refunded_502(app, client, customer,
     assert factories.balance(app, customer.user_id) == 1000 and states(app, customer) == ["refunded"]
 
 
-class Faulty(FakeUpstream):
-    """Healthy, except that voice af_bella gets headers and then silence."""
-
-    def __init__(self):
-        super().__init__()
-        self.release = threading.Event()
-
-    def _stream(self):
-        if self.received[-1].get("voice") == "af_bella":
-            yield b""
-            self.release.wait(10)
-            return
-        yield from super()._stream()
-
-
 def test_a_single_thread_worker_is_free_again_after_each_fault(app, database_uri):
     customer = factories.customer(app, balance=1000)
-    upstream = Faulty()
+    upstream = Silent(voice="af_bella")
     with serve(upstream) as upstream_url:
         env = {
             "DATABASE_URL": database_uri,

@@ -10,33 +10,13 @@ import json
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from engine.audio import Encoder
 from tests import factories
-from tests.fake_upstream import CONTENT_TYPES, FakeUpstream
+from tests.fake_upstream import CONTENT_TYPES, KokoroStandIn
 from tests.servers import serve
 
 NODE = Path(__file__).parent / "node"
-
-
-class KokoroStandIn(FakeUpstream):
-    """Kokoro-FastAPI's answers without its model: a tone as long as the text would be, really encoded."""
-
-    def _stream(self):
-        body = self.received[-1]
-        seconds = max(0.5, len(body["input"]) / 15 / float(body.get("speed", 1.0)))
-        t = np.arange(int(24000 * seconds)) / 24000
-        tone = (0.2 * np.sin(2 * np.pi * 220 * t)).astype("float32")
-        encoder = Encoder(body.get("response_format", "mp3"))
-        for piece in np.array_split(tone, 4):
-            chunk = encoder.feed(piece)
-            if chunk:
-                yield chunk
-        tail = encoder.close()
-        if tail:
-            yield tail
 
 
 @pytest.fixture
