@@ -32,6 +32,13 @@ class SpeechState(StrEnum):
     REFUNDED = "refunded"
 
 
+class ReversalKind(StrEnum):
+    # The charge's cumulative refunded amount, as Stripe reports it on each charge.refunded.
+    REFUND = "refund"
+    # A lost dispute's amount.
+    DISPUTE = "dispute"
+
+
 class PaymentStatus(StrEnum):
     OPEN = "open"
     PENDING = "pending"
@@ -197,8 +204,7 @@ class PaymentReversal(db.Model):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     payment_intent_id: Mapped[str] = mapped_column(String(255), index=True)
-    # "refund": the charge's cumulative refunded amount; "dispute": a lost dispute's amount.
-    kind: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[ReversalKind] = mapped_column(String(16))
     amount_cents: Mapped[int] = mapped_column(BigInteger)
     event_id: Mapped[str] = mapped_column(String(255), unique=True)
     received_at: Mapped[datetime] = mapped_column(default=utcnow)

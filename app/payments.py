@@ -8,11 +8,9 @@ from sqlalchemy import func, select, text
 
 from app import billing
 from app.extensions import db
-from app.models import LedgerKind, Payment, PaymentReversal, PaymentStatus, StripeEvent, User, utcnow
+from app.models import LedgerKind, Payment, PaymentReversal, PaymentStatus, ReversalKind, StripeEvent, User, utcnow
 
 log = logging.getLogger(__name__)
-
-REFUND, DISPUTE = "refund", "dispute"
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ def start_checkout(client, user: User, pack: Pack, currency: str, success_url: s
             credits=pack.credits,
             amount_cents=pack.price_cents,
             currency=currency,
-            status="open",
+            status=PaymentStatus.OPEN,
         )
     )
     return session.url
@@ -104,9 +102,9 @@ def handle_event(event) -> str:
         outcome = _set_status(obj, PaymentStatus.FAILED)
     elif event.type == "charge.refunded":
         # amount_refunded is the charge's running total, so a late, older event changes nothing.
-        outcome = _record_reversal(obj.payment_intent, REFUND, obj.amount_refunded, event.id)
+        outcome = _record_reversal(obj.payment_intent, ReversalKind.REFUND, obj.amount_refunded, event.id)
     elif event.type == "charge.dispute.closed" and obj.status == "lost":
-        outcome = _record_reversal(obj.payment_intent, DISPUTE, obj.amount, event.id)
+        outcome = _record_reversal(obj.payment_intent, ReversalKind.DISPUTE, obj.amount, event.id)
     else:
         outcome = "ignored"
     db.session.get(StripeEvent, event.id).outcome = outcome[:200]
@@ -190,7 +188,7 @@ def reversed_cents(payment_intent: str | None) -> tuple[int, int]:
         .group_by(PaymentReversal.kind)
     )
     amounts = dict(rows.all())
-    return amounts.get(REFUND, 0), amounts.get(DISPUTE, 0)
+    return amounts.get(ReversalKind.REFUND, 0), amounts.get(ReversalKind.DISPUTE, 0)
 
 
 def owed_credits(payment: Payment, refunded: int, disputed: int) -> int:
