@@ -289,6 +289,19 @@ def markdown(report: dict) -> str:
             f"| {said['upstream_p50']:.1f} / {level['direct']['ttfb_p50']:.1f} "
             f"({'agrees' if said['agrees'] else 'DISAGREES'} within 0.5 ms) |"
         )
+    lines += [
+        "",
+        f"Several speech servers: the gateway (one worker) in front of one stand-in, then two, each taking at most "
+        f"8 streams at once (`UPSTREAM_MAX_STREAMS=8`), {report['upstreams'][0]['concurrency']} concurrent clients.",
+        "",
+        "| speech servers | TTFB p50 ms | TTFB p95 ms | total p50 ms | req/s | failed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report["upstreams"]:
+        lines.append(
+            f"| {row['upstreams']} | {row['ttfb_p50']:.1f} | {row['ttfb_p95']:.1f} | {row['total_p50']:.1f} | "
+            f"{row['rps']:.1f} | {row['failed']} |"
+        )
     big = report["large_body"]
     lines += [
         "",
@@ -404,6 +417,31 @@ def measure(args, levels, large, headers, standin_url, floor_url, app_url, floor
     return measured
 
 
+def upstreams_table(args, headers, standin_env, app_env, app_args) -> list[dict]:
+    """The gateway in front of one stand-in, then two, each able to make 8 streams at once
+    (UPSTREAM_MAX_STREAMS=8): 16 concurrent clients queue for the one, and are spread over the two."""
+    concurrency, count = (4, 8) if args.smoke else (16, 256)
+    standin_args = ("--config", os.devnull, "--workers", "1", "--worker-class", "gthread", "--threads", "8")
+    rows = []
+    with (
+        launch.gunicorn("bench.standin:app", standin_env, standin_args, "/v1/models") as (first, _),
+        launch.gunicorn("bench.standin:app", standin_env, standin_args, "/v1/models") as (second, _),
+    ):
+        for servers in ([first], [first, second]):
+            env = {
+                **app_env,
+                "UPSTREAM_URL": ",".join(f"{url}/v1" for url in servers),
+                "UPSTREAM_MAX_STREAMS": "8",
+                "UPSTREAM_QUEUE": "256",
+                "UPSTREAM_QUEUE_SECONDS": "60",
+            }
+            with launch.gunicorn("wsgi:app", env, app_args, "/v1/balance") as (url, _):
+                drive(url, headers, concurrency, concurrency)
+                results, wall = drive(url, headers, concurrency, count, ramp=args.ramp)
+            rows.append({"upstreams": len(servers), "concurrency": concurrency, **summarise(results, wall)})
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="a short run: few requests, two levels")
@@ -480,6 +518,11 @@ def main(argv=None) -> dict:
             report.update(
                 measure(args, levels, large, headers, standin_url, floor_url, app_url, floor_process, app_process)
             )
+    # Two speech servers: with 2 gateway workers each counts its own places (8 per server per worker),
+    # so this table runs one worker, as the default configuration does.
+    report["upstreams"] = upstreams_table(
+        args, headers, standin_env, {**app_env, "WEB_CONCURRENCY": "1", "RATELIMIT_STORAGE_URI": "memory://"}, app_args
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

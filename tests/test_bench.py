@@ -18,6 +18,8 @@ def test_the_benchmark_runs_and_writes_its_table_json_and_plot(postgres_only, tm
         # The gateway says where its time went; the floor's CPU is measured to compare against.
         assert level["server_timing"]["upstream_p50"] > 0 and level["server_timing"]["gateway_p50"] > 0
         assert level["floor"]["cpu_ms_per_request"] > 0
+    one, two = report["upstreams"]
+    assert (one["upstreams"], two["upstreams"]) == (1, 2) and one["failed"] == two["failed"] == 0
     assert report["large_body"]["status"] == 200 and report["large_body"]["bytes"] == 5_000_000
     assert report["balance_rps"] > 0
     [table] = tmp_path.glob("bench-*.md")
