@@ -73,7 +73,6 @@ def start_checkout(client, user: User, pack: Pack, currency: str, success_url: s
             credits=pack.credits,
             amount_cents=pack.price_cents,
             currency=currency,
-            status=PaymentStatus.OPEN,
         )
     )
     return session.url
