@@ -4,6 +4,9 @@ Run as its own process (`gunicorn 'engine.server:create_app()'`), never inside t
 gateway's workers: the model takes about half a gigabyte.
 """
 
+import contextlib
+import heapq
+import itertools
 import logging
 import re
 import threading
@@ -38,17 +41,52 @@ MODEL_SPEEDS = (0.5, 2.0)
 VOICE_PART = re.compile(r"(?P<name>[A-Za-z0-9_]+)(?:\((?P<weight>\d+(?:\.\d+)?)\))?")
 SENTENCE_END = re.compile(r"(?<=[.!?。！？])\s+")
 MAX_SENTENCE = 400
+# Clauses end at , ; : and dashes (and their CJK forms) followed by space.
+CLAUSE_END = re.compile(r"(?<=[,;:—–，；：、])\s+|\s+(?=[—–]\s)")
+# A first sentence longer than this is spoken from its first clause on its own.
+FIRST_PIECE = 60
+FIRST_CLAUSE_MIN = 16
+
+
+class Turns:
+    """The model's turns, one at a time: a request still waiting for its first audio goes
+    before requests already streaming, and otherwise turns go in the order they were asked
+    for. So a short request that arrives while a long one streams waits for one piece of
+    it, not for all of it (a plain lock lets the thread that just let go take it again).
+    """
+
+    def __init__(self):
+        self._changed = threading.Condition()
+        self._queue: list[tuple[int, int]] = []
+        self._tickets = itertools.count()
+        self._busy = False
+
+    @contextlib.contextmanager
+    def turn(self, first: bool):
+        entry = (0 if first else 1, next(self._tickets))
+        with self._changed:
+            heapq.heappush(self._queue, entry)
+            while self._busy or self._queue[0] != entry:
+                self._changed.wait()
+            heapq.heappop(self._queue)
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._busy = False
+                self._changed.notify_all()
 
 
 class Synthesizer:
-    """The loaded model and voices; one at a time per process, behind a lock."""
+    """The loaded model and voices; one synthesis at a time per process, in turns."""
 
-    def __init__(self, model_path: str, voices_path: str):
+    def __init__(self, model_path: str, voices_path: str, turns: Turns | None = None):
         from kokoro_onnx import Kokoro
 
         self._kokoro = Kokoro(model_path, voices_path)
         self.voices = sorted(self._kokoro.get_voices())
-        self._lock = threading.Lock()
+        self.turns = turns or Turns()
 
     def style(self, voice: str) -> np.ndarray:
         """A voice id, or a blend as Kokoro-FastAPI takes it, as a style array.
@@ -73,17 +111,20 @@ class Synthesizer:
         piece that cannot be spoken (private-use characters, digits of a script espeak-ng
         does not read, a lone surrogate) is known before the stream starts, not halfway.
         """
-        with self._lock:
+        with self.turns.turn(first=True):
             try:
                 phonemes = " ".join(self._kokoro.tokenizer.phonemize(text, lang).split())
             except (UnicodeError, ValueError, RuntimeError):
                 return ""
         return phonemes if self._kokoro.tokenizer.tokenize(phonemes) else ""
 
-    def sentence(self, phonemes: str, style: np.ndarray, speed: float, lang: str) -> np.ndarray:
-        """One piece's audio at `speed` (0.25–4.0): the model speaks 0.5–2.0, time-stretching does the rest."""
+    def sentence(self, phonemes: str, style: np.ndarray, speed: float, lang: str, first: bool = True) -> np.ndarray:
+        """One piece's audio at `speed` (0.25–4.0): the model speaks 0.5–2.0, time-stretching does the rest.
+
+        `first`: no audio of this request has gone out yet (its turn comes sooner).
+        """
         model_speed = min(max(speed, MODEL_SPEEDS[0]), MODEL_SPEEDS[1])
-        with self._lock:
+        with self.turns.turn(first):
             samples, _ = self._kokoro.create(phonemes, style, speed=model_speed, lang=lang, is_phonemes=True)
         return time_stretch(samples, speed / model_speed)
 
@@ -103,18 +144,35 @@ def blend(voice: str) -> list[tuple[str, str, float]]:
     return parts
 
 
-def sentences(text: str) -> list[str]:
-    """Split text where it can be spoken in pieces; overly long runs are cut at spaces."""
+def sentences(text: str, max_piece: int = MAX_SENTENCE) -> list[str]:
+    """Split text at sentence ends; a run longer than `max_piece` is cut at clause marks, else at spaces."""
     pieces = []
     for sentence in SENTENCE_END.split(text.strip()):
-        while len(sentence) > MAX_SENTENCE:
-            cut = sentence.rfind(" ", 0, MAX_SENTENCE)
-            cut = cut if cut > 0 else MAX_SENTENCE
-            pieces.append(sentence[:cut])
+        while len(sentence) > max_piece:
+            clauses = [match.end() for match in CLAUSE_END.finditer(sentence, 0, max_piece)]
+            cut = clauses[-1] if clauses else sentence.rfind(" ", 0, max_piece)
+            cut = cut if cut > 0 else max_piece
+            pieces.append(sentence[:cut].strip())
             sentence = sentence[cut:].strip()
         if sentence.strip():
             pieces.append(sentence)
     return pieces
+
+
+def pieces(text: str) -> list[str]:
+    """The pieces a text is spoken in: sentences, the first one cut after its first clause.
+
+    The first audio waits for the first piece only, so a long first sentence is spoken in
+    two: up to its first clause mark (a comma, semicolon, colon or dash after at least
+    FIRST_CLAUSE_MIN characters), then the rest. Later pieces are whole sentences, so
+    their phrasing is the model's own.
+    """
+    spoken = sentences(text)
+    if spoken and len(spoken[0]) > FIRST_PIECE:
+        first = CLAUSE_END.search(spoken[0], FIRST_CLAUSE_MIN)
+        if first and first.end() < len(spoken[0]):
+            spoken[0:1] = [spoken[0][: first.end()].strip(), spoken[0][first.end() :].strip()]
+    return spoken
 
 
 def _error(status: int, message: str, error: str = "validation_error", kind: str = "invalid_request_error"):
@@ -126,7 +184,8 @@ def _field_error(field: str, message: str, value):
     return jsonify(detail=[{"type": "value_error", "loc": ["body", field], "msg": message, "input": value}]), 422
 
 
-def create_app(synthesizer: Synthesizer | None = None) -> Flask:
+def create_app(synthesizer: Synthesizer | None = None, split=pieces) -> Flask:
+    """The engine's app; `split` cuts a text into the pieces it is spoken in (see `pieces`)."""
     app = Flask(__name__)
     if synthesizer is None:
         model_path, voices_path = assets.ensure()
@@ -179,8 +238,8 @@ def create_app(synthesizer: Synthesizer | None = None) -> Flask:
                 400,
                 f"Format '{response_format}' is not supported by this engine; use one of {', '.join(CONTENT_TYPES)}",
             )
-        pieces = sentences(text)
-        if not pieces:
+        parts = split(text)
+        if not parts:
             return _field_error("input", "Input text is empty", text)
         try:
             style = synthesizer.style(voice)
@@ -189,14 +248,14 @@ def create_app(synthesizer: Synthesizer | None = None) -> Flask:
         lang = LANGUAGES.get(body.get("lang_code") or voice[:1], "en-us")
         volume = body.get("volume_multiplier") or 1.0
         # Pieces with nothing to say (a run of symbols, say) are skipped, as a reader would.
-        spoken = [phonemes for phonemes in (synthesizer.phonemes(piece, lang) for piece in pieces) if phonemes]
+        spoken = [phonemes for phonemes in (synthesizer.phonemes(part, lang) for part in parts) if phonemes]
         if not spoken:
             return _field_error("input", "Input text produces no speech", text)
 
         def stream():
             encoder = Encoder(response_format)
-            for phonemes in spoken:
-                samples = synthesizer.sentence(phonemes, style, float(speed), lang)
+            for index, phonemes in enumerate(spoken):
+                samples = synthesizer.sentence(phonemes, style, float(speed), lang, first=index == 0)
                 chunk = encoder.feed(samples * volume if volume != 1.0 else samples)
                 if chunk:
                     yield chunk

@@ -174,3 +174,35 @@ def test_concurrent_requests_are_served_one_synthesis_at_a_time(synthesizer):
     for thread in threads:
         thread.join()
     assert [status for status, _ in results] == [200] * 3 and all(seconds > 0.3 for _, seconds in results)
+
+
+def test_a_short_request_is_not_stuck_behind_a_long_one(synthesizer):
+    spoken = []
+    original = synthesizer.sentence
+
+    def recording(phonemes, *args, **kwargs):
+        samples = original(phonemes, *args, **kwargs)
+        spoken.append(phonemes)
+        return samples
+
+    synthesizer.sentence = recording
+    long_text = " ".join(f"This is sentence number {n}, one of many in a long request." for n in range(1, 9))
+    try:
+        with serve(create_app(synthesizer)) as url:
+            speech = f"{url}/v1/audio/speech"
+            with requests.post(
+                speech, json={"input": long_text, "voice": "af_sky", "response_format": "pcm"}, stream=True, timeout=120
+            ) as long_one:
+                long_chunks = long_one.iter_content(chunk_size=None)
+                next(long_chunks)
+                before = len(spoken)
+                with requests.post(
+                    speech, json={"input": "Hello.", "voice": "af_bella", "response_format": "pcm"}, stream=True
+                ) as short:
+                    short.raw.read(1)
+                    # The long request finished at most the piece it was speaking, then the short one had its turn.
+                    assert len(spoken) - before <= 2 and len(spoken) < 9
+                rest = b"".join(long_chunks)
+    finally:
+        del synthesizer.sentence
+    assert len(rest) > 0 and len(spoken) == 9
