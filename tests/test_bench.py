@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from tests.conftest import PG_URL
 
 
@@ -26,3 +28,15 @@ def test_the_benchmark_runs_and_writes_its_table_json_and_plot(postgres_only, tm
     assert "gateway/direct" in table.read_text() and "| floor |" in table.read_text()
     assert json.loads(next(tmp_path.glob("bench-*.json")).read_text())["levels"]
     assert next(tmp_path.glob("bench-*.png")).stat().st_size > 10_000
+
+
+@pytest.mark.engine
+def test_the_engine_benchmark_runs_both_engines_and_writes_its_table(tmp_path):
+    from bench import engine
+
+    report = engine.main(["--smoke", "--out", str(tmp_path)])
+    for variant in ("before", "now"):
+        assert report[variant]["one_sentence_first"] > 0 and set(report[variant]["levels"]) == {1, 2}
+        assert report[variant]["interleaved"]["busy_p50"] > 0
+    [table] = tmp_path.glob("engine-*.md")
+    assert "| first byte, one sentence of 94 characters |" in table.read_text()
