@@ -3,6 +3,7 @@
 import contextlib
 import gc
 import threading
+import time
 from pathlib import Path
 
 from werkzeug.serving import make_server
@@ -37,3 +38,13 @@ def gunicorn(spec: str, env: dict, workers: int = 1, threads: int = 8, ready_pat
     """`spec` under gunicorn (gthread), in its own process, as production runs it; yields (url, process)."""
     args = ("--workers", str(workers), "--worker-class", "gthread", "--threads", str(threads))
     return launch.gunicorn(spec, env, args, ready_path)
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "the condition"):
+    """Until `condition()` is true (returned), polling: for what another thread or process does."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.01)
+    return result

@@ -376,6 +376,14 @@ def test_the_pro_pack_refunded_by_one_cent_takes_back_its_share_rounded_down(app
     assert problems(app) == []
 
 
+def test_what_a_reversal_takes_back_is_its_share_of_the_price_and_never_more():
+    pack = Payment(credits=10_000, amount_cents=500)
+    assert payments.owed_credits(pack, 250, 0) == 5000
+    assert payments.owed_credits(pack, 400, 400) == 10_000
+    # A payment recorded at no price (a free pack) has no price to share out: nothing is owed back.
+    assert payments.owed_credits(Payment(credits=10_000, amount_cents=0), 500, 0) == 0
+
+
 def test_a_late_smaller_refund_changes_nothing(app, client, customer):
     _buy(app, client, customer.user_id)
     deliver(client, event("charge.refunded", charge(amount_refunded=300)))

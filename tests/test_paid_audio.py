@@ -27,7 +27,7 @@ from engine.audio import Encoder
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import FakeUpstream, Paced, stub_catalog
-from tests.servers import ROOT, SHARED_LIMITS, free_port, gunicorn, serve
+from tests.servers import ROOT, SHARED_LIMITS, free_port, gunicorn, serve, wait_for
 from tests.stripe_helpers import charge as stripe_charge
 from tests.stripe_helpers import checkout_session, deliver, dispute, event
 from tests.test_payments import payment
@@ -214,14 +214,11 @@ def stream_through(make_app):
 
 
 def wait_settled(app, customer, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while True:
+    def settled():
         rows = factories.speech_requests(app, customer.user_id)
-        if rows and all(row.state != "charged" for row in rows):
-            return rows
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still charged: {rows}")
-        time.sleep(0.02)
+        return rows if rows and all(row.state != "charged" for row in rows) else None
+
+    return wait_for(settled, timeout, "every request settled")
 
 
 @pytest.mark.parametrize("response_format,make", [("pcm", pcm_of), ("mp3", mp3_of)])

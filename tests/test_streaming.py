@@ -1,7 +1,6 @@
 """Streaming through real sockets: the app and a stand-in upstream, each on loopback."""
 
 import threading
-import time
 import tracemalloc
 
 import pytest
@@ -9,7 +8,7 @@ import requests
 
 from tests import factories
 from tests.fake_upstream import FakeUpstream, Silent
-from tests.servers import serve
+from tests.servers import serve, wait_for
 
 HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
 
@@ -79,7 +78,7 @@ def test_a_large_body_streams_through_in_constant_memory(gateway):
     assert speech.bytes_sent == received
 
 
-def test_an_upstream_that_breaks_mid_stream_is_refunded_and_the_client_sees_a_broken_body(gateway):
+def test_an_upstream_that_breaks_mid_stream_is_refunded_and_the_client_sees_a_broken_body(gateway, caplog):
     upstream = FakeUpstream([b"ID3part-one", b"part-two", b"never"], break_after=2)
     app, url = gateway(upstream)
     customer = factories.customer(app, balance=1000)
@@ -92,6 +91,9 @@ def test_an_upstream_that_breaks_mid_stream_is_refunded_and_the_client_sees_a_br
     [speech] = _wait_for_state(app, customer, "refunded")
     assert speech.error == "Upstream broke off mid-stream."
     assert factories.balance(app, customer.user_id) == 1000
+    # The server's log of the aborted response names the request and what happened, for the operator.
+    said = f"speech request {speech.id}: Upstream broke off mid-stream. The undelivered part was refunded."
+    wait_for(lambda: said in caplog.text)
     factories.assert_books_balance(app, customer.user_id)
 
 
@@ -127,14 +129,12 @@ def test_a_read_timeout_before_the_first_byte_is_502_and_refunded(gateway):
 
 def _wait_for_state(app, customer, state, timeout=5.0):
     """The settlement is written as the response ends, just after the client has its last byte."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def settled():
         rows = factories.speech_requests(app, customer.user_id)
-        if rows and all(row.state == state for row in rows):
-            return rows
-        if time.monotonic() > deadline:
-            raise AssertionError(f"expected {state}, found {[row.state for row in rows]}")
-        time.sleep(0.02)
+        return rows if rows and all(row.state == state for row in rows) else None
+
+    return wait_for(settled, timeout, f"every request {state}")
 
 
 def test_an_upstream_that_stalls_mid_stream_is_refunded(gateway):

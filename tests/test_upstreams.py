@@ -13,7 +13,7 @@ from urllib3.exceptions import NameResolutionError
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import Failing, FakeUpstream, Silent, stub_catalog
-from tests.servers import gunicorn, serve
+from tests.servers import gunicorn, serve, wait_for
 
 SPEECH = "/v1/audio/speech"
 HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
@@ -35,13 +35,6 @@ def _open(url, customer):
 
 def _speak(url, customer):
     return requests.post(f"{url}{SPEECH}", json=HELLO, headers=customer.headers, timeout=30)
-
-
-def _wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.01)
 
 
 def test_each_request_goes_to_the_least_busy_server(make_app):
@@ -100,7 +93,7 @@ def test_requests_wait_for_a_free_place_uncharged_and_are_then_served(make_app):
             streams = [_open(url, customer), _open(url, customer)]
             with ThreadPoolExecutor(2) as pool:
                 waiting = [pool.submit(_speak, url, customer) for _ in range(2)]
-                _wait_for(lambda: upstreams.waiting == 2)
+                wait_for(lambda: upstreams.waiting == 2)
                 # Two at once on the two servers; the other two wait, and have not been charged.
                 assert factories.balance(app, customer.user_id) == 1000 - 2 * COST
                 held.set()
@@ -144,7 +137,7 @@ def test_a_failing_server_is_taken_out_and_probed_back_in(make_app, down):
             assert sickly.attempts == 1
             sickly.healed = True
             # Once its time out is up, the next request tries it again, and it is back in service.
-            _wait_for(
+            wait_for(
                 lambda: client.post(SPEECH, json=HELLO, headers=customer.headers).status_code == 200 and sickly.received
             )
             assert len(sickly.received) == 1
