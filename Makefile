@@ -40,9 +40,10 @@ bench: $(VENV)/.dev
 
 # Mutation testing of the money modules (slow, not part of CI): mutmut breaks them on purpose,
 # one small change at a time, and the tests must notice. Scores go to mutation/RESULTS.md.
-# With TEST_DATABASE_URL set, every mutant also meets the PostgreSQL-only tests (one at a time:
-# they share that database).
+# mutmut runs on SQLite, two mutants at a time; with TEST_DATABASE_URL set, each survivor then
+# meets the PostgreSQL-only tests (locks, races), one at a time (mutation/postgresql.py).
 mutate: $(VENV)/.dev
 	rm -rf mutants
-	$(BIN)/mutmut run --max-children $(if $(TEST_DATABASE_URL),1,2)
+	env -u TEST_DATABASE_URL $(BIN)/mutmut run --max-children 2
+	$(if $(TEST_DATABASE_URL),$(BIN)/python -m mutation.postgresql)
 	$(BIN)/python -m mutation.report $(if $(TEST_DATABASE_URL),PostgreSQL)
