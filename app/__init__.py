@@ -214,9 +214,10 @@ def stripe_client(config) -> stripe.StripeClient | None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from app import api, dashboard, webhooks
+    from app import api, dashboard, health, webhooks
 
     csrf.exempt(api.bp)
+    app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(webhooks.bp)

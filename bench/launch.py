@@ -22,11 +22,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def gunicorn(spec: str, env: dict, args: tuple = (), ready_path: str = "/v1/balance", timeout: float = 60):
+def gunicorn(spec: str, env: dict, args: tuple = (), ready_path: str = "/healthz", timeout: float = 60):
     """Run `spec` under gunicorn with `args`, bound to a free port; yield (its URL, the master process).
 
     gunicorn.conf.py (read from the project's root) applies unless `args` names another
-    `--config`. Ready when `ready_path` answers at all; stopped with SIGTERM (then SIGKILL).
+    `--config`. Ready when `ready_path` answers 2xx; stopped with SIGTERM (then SIGKILL).
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -46,12 +46,13 @@ def gunicorn(spec: str, env: dict, args: tuple = (), ready_path: str = "/v1/bala
                     errors.seek(0)
                     raise RuntimeError(f"gunicorn {spec} exited: {errors.read().decode()[-2000:]}")
                 try:
-                    requests.get(url + ready_path, timeout=2)
-                    break
+                    if requests.get(url + ready_path, timeout=2).ok:
+                        break
                 except requests.RequestException:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"gunicorn {spec} did not start in {timeout:g} s") from None
-                    time.sleep(0.1)
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"gunicorn {spec} did not start in {timeout:g} s")
+                time.sleep(0.1)
             yield url, process
         finally:
             process.terminate()

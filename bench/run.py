@@ -435,7 +435,7 @@ def upstreams_table(args, headers, standin_env, app_env, app_args) -> list[dict]
                 "UPSTREAM_QUEUE": "256",
                 "UPSTREAM_QUEUE_SECONDS": "60",
             }
-            with launch.gunicorn("wsgi:app", env, app_args, "/v1/balance") as (url, _):
+            with launch.gunicorn("wsgi:app", env, app_args, "/healthz") as (url, _):
                 drive(url, headers, concurrency, concurrency)
                 results, wall = drive(url, headers, concurrency, count, ramp=args.ramp)
             rows.append({"upstreams": len(servers), "concurrency": concurrency, **summarise(results, wall)})
@@ -513,7 +513,7 @@ def main(argv=None) -> dict:
         app_env["UPSTREAM_URL"] = f"{standin_url}/v1"
         with (
             launch.gunicorn("bench.floor:app", app_env, app_args, "/ready") as (floor_url, floor_process),
-            launch.gunicorn("wsgi:app", app_env, app_args, "/v1/balance") as (app_url, app_process),
+            launch.gunicorn("wsgi:app", app_env, app_args, "/healthz") as (app_url, app_process),
         ):
             report.update(
                 measure(args, levels, large, headers, standin_url, floor_url, app_url, floor_process, app_process)

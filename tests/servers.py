@@ -34,7 +34,7 @@ def serve(wsgi_app):
         gc.collect()
 
 
-def gunicorn(spec: str, env: dict, workers: int = 1, threads: int = 8, ready_path: str = "/v1/balance"):
+def gunicorn(spec: str, env: dict, workers: int = 1, threads: int = 8, ready_path: str = "/healthz"):
     """`spec` under gunicorn (gthread), in its own process, as production runs it; yields (url, process)."""
     args = ("--workers", str(workers), "--worker-class", "gthread", "--threads", str(threads))
     return launch.gunicorn(spec, env, args, ready_path)
