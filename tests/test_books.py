@@ -346,6 +346,12 @@ def test_delivered_audio_that_covers_the_whole_text_keeps_the_whole_charge():
     assert billing.kept_credits(1000, 1000, 2.0, 25_000, 20) == 1000
 
 
+def test_a_long_request_cut_at_half_its_length_keeps_exactly_half_its_charge():
+    # 10,000 characters at 20 a second: 500 s. 250 s delivered pays 5,000 credits, not 4,996.
+    assert billing.kept_credits(10_000, 10_000, 1.0, 250_000, 20) == 5000
+    assert billing.kept_credits(10_000, 10_000, 1.0, 250_001, 20) == 5001
+
+
 # Reversals, to the cent
 
 
