@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import requests
-from werkzeug.serving import make_server
 
+from bench import launch
 from engine import assets
 from engine.server import Synthesizer, Turns, create_app, pieces, sentences
 
@@ -53,18 +53,6 @@ class OneLock(Turns):
     def turn(self, first: bool):
         with self._lock:
             yield
-
-
-@contextlib.contextmanager
-def served(app):
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/v1/audio/speech"
-    finally:
-        server.shutdown()
-        thread.join(5)
 
 
 def speak(url: str, text: str, voice: str = "af_sky", audible: threading.Event | None = None) -> dict:
@@ -189,9 +177,10 @@ def main(argv=None) -> dict:
         "machine": f"{os.cpu_count()} cores, {platform.machine()}",
     }
     with (
-        served(create_app(before_synth, split=sentences)) as before,
-        served(create_app(now_synth, split=pieces)) as now,
+        launch.serve(create_app(before_synth, split=sentences)) as before_url,
+        launch.serve(create_app(now_synth, split=pieces)) as now_url,
     ):
+        before, now = f"{before_url}/v1/audio/speech", f"{now_url}/v1/audio/speech"
         speak(before, SHORT_SENTENCE), speak(now, SHORT_SENTENCE)  # warm up
         # Rounds in ABBA order (one AB in a smoke run), so a drift of the machine weighs on both alike.
         order = ("before", "now") if args.smoke else ("before", "now", "now", "before")

@@ -1,5 +1,5 @@
-"""gunicorn on a free loopback port, in its own process, until it answers: shared by the tests and
-the benchmark, so both run the app as production does."""
+"""Servers on loopback for the tests and the benchmarks: gunicorn in its own process, as
+production runs the app, and a threaded WSGI server inside this process."""
 
 import contextlib
 import os
@@ -7,12 +7,28 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import requests
+from werkzeug.serving import make_server
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def serve(wsgi_app):
+    """Serve `wsgi_app` on 127.0.0.1 with a threaded HTTP/1.1 server in this process; yield its base URL."""
+    server = make_server("127.0.0.1", 0, wsgi_app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
 
 
 def free_port() -> int:

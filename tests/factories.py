@@ -36,6 +36,14 @@ def customer(app, balance: int = 0, unlimited: bool = False, password: str | Non
         return Customer(user.id, user.email, secret, key.id)
 
 
+def charged(app, user_id: int, count: int = 1, characters: int = 10) -> list[str]:
+    """The ids of `count` speech requests charged (and committed) to the user."""
+    with app.app_context():
+        ids = [charge_speech(user_id, characters).id for _ in range(count)]
+        db.session.commit()
+        return ids
+
+
 def charge_speech(user_id: int, characters: int) -> SpeechRequest:
     """One speech request charged to the user's first key, inside the caller's app context."""
     user = db.session.get(User, user_id)

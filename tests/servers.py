@@ -2,11 +2,8 @@
 
 import contextlib
 import gc
-import threading
 import time
 from pathlib import Path
-
-from werkzeug.serving import make_server
 
 from bench import launch
 from bench.launch import free_port  # noqa: F401 (tests take it from here)
@@ -19,15 +16,10 @@ SHARED_LIMITS = "redis://127.0.0.1:6379/13"
 @contextlib.contextmanager
 def serve(wsgi_app):
     """Serve `wsgi_app` on 127.0.0.1 with a threaded HTTP/1.1 server; yield its base URL."""
-    server = make_server("127.0.0.1", 0, wsgi_app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}"
+        with launch.serve(wsgi_app) as url:
+            yield url
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
         # A stream that broke off is kept in a reference cycle by its logged traceback; collect it
         # now, while no request context is pushed, not during a later test's request, where
         # closing it would pop that request's context.

@@ -8,15 +8,8 @@ from app.models import LedgerEntry, User, utcnow
 from tests import factories
 
 
-def charge(app, customer, count=1, characters=10):
-    with app.app_context():
-        ids = [factories.charge_speech(customer.user_id, characters).id for _ in range(count)]
-        db.session.commit()
-        return ids
-
-
 def test_the_audit_passes_on_clean_books(app, runner, customer):
-    stale = charge(app, customer, count=3)
+    stale = factories.charged(app, customer.user_id, count=3)
     with app.app_context():
         billing.refund_speech(stale[0], "upstream down")
         billing.mark_delivered(stale[1])
@@ -35,7 +28,7 @@ def ledger_row(user_id: int, amount: int, kind: str, reference: str) -> None:
 
 
 def test_the_audit_names_every_kind_of_offender_and_exits_1(app, runner, customer):
-    delivered, refunded = charge(app, customer, count=2)
+    delivered, refunded = factories.charged(app, customer.user_id, count=2)
     other = factories.customer(app, balance=50)
     with app.app_context():
         billing.mark_delivered(delivered)

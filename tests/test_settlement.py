@@ -25,13 +25,6 @@ HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"
 STREAMING_TEXT = len(HELLO["input"])
 
 
-def charge(app, customer, count=1, characters=10):
-    with app.app_context():
-        ids = [factories.charge_speech(customer.user_id, characters).id for _ in range(count)]
-        db.session.commit()
-        return ids
-
-
 def age(app, request_ids, seconds):
     with app.app_context():
         db.session.execute(
@@ -99,9 +92,9 @@ def test_a_lost_database_at_settlement_leaves_the_request_for_settle(app, runner
 
 
 def test_settle_racing_itself_and_live_traffic_refunds_each_request_once(app, customer):
-    stale = charge(app, customer, count=20)
+    stale = factories.charged(app, customer.user_id, count=20)
     age(app, stale, 7200)
-    live = charge(app, customer, count=5)
+    live = factories.charged(app, customer.user_id, count=5)
     barrier = threading.Barrier(4, timeout=30)
 
     def settle(_):
