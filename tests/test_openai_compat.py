@@ -145,6 +145,31 @@ def test_unknown_voices_and_models_are_400_before_anything_is_charged(client, cu
     assert_nothing_charged(client.application, customer, upstream)
 
 
+VOICES_8 = "+".join(["af_bella", "af_sky", "af_heart", "af_nova", "am_adam", "am_echo", "bf_emma", "bm_fable"])
+
+
+@pytest.mark.parametrize(
+    "voice,detail",
+    [
+        ("af_bella(2)+", "'voice' 'af_bella(2)+' is not a voice id or a weighted voice such as af_bella(2)."),
+        ("+af_bella", "'voice' '+af_bella' is not a voice id or a weighted voice such as af_bella(2)."),
+        ("af_bella(x)", "'voice' 'af_bella(x)' is not a voice id or a weighted voice such as af_bella(2)."),
+        ("af_bella(0)", "'voice' the weights of a blend must not all be zero."),
+        ("af_bella(0)+af_sky(0)", "'voice' the weights of a blend must not all be zero."),
+        (VOICES_8 + "+am_onyx", "'voice' a blend may join at most 8 voices."),
+    ],
+)
+def test_a_malformed_blend_is_told_exactly_what_is_wrong(client, customer, upstream, voice, detail):
+    response = speak(client, customer, voice=voice)
+    assert response.status_code == 400 and response.get_json()["detail"] == detail
+    assert_nothing_charged(client.application, customer, upstream)
+
+
+def test_a_blend_of_eight_voices_is_spoken(client, customer, upstream):
+    assert speak(client, customer, voice=VOICES_8).status_code == 200
+    assert upstream.received[0]["voice"] == VOICES_8
+
+
 def test_an_unknown_openai_alias_target_is_named_in_the_message(gateway, customer, upstream):
     client = gateway(VOICE_ALIASES="alloy=af_gone").test_client()
     response = speak(client, customer, voice="alloy")
