@@ -165,6 +165,14 @@ def test_a_malformed_blend_is_told_exactly_what_is_wrong(client, customer, upstr
     assert_nothing_charged(client.application, customer, upstream)
 
 
+def test_an_unknown_voice_is_answered_with_where_to_find_the_known_ones(client, customer, upstream):
+    response = speak(client, customer, voice="af_nobody")
+    assert response.get_json()["detail"] == (
+        "Voice 'af_nobody' is not available. See GET /v1/audio/voices for the 54 voices, "
+        "such as af_alloy, af_aoede, af_bella, or use an OpenAI name such as alloy."
+    )
+
+
 def test_a_blend_of_eight_voices_is_spoken(client, customer, upstream):
     assert speak(client, customer, voice=VOICES_8).status_code == 200
     assert upstream.received[0]["voice"] == VOICES_8
