@@ -331,7 +331,7 @@ def test_a_stream_settled_meanwhile_sends_not_one_more_byte(make_app):
     assert app.test_cli_runner().invoke(args=["audit"]).exit_code == 0
 
 
-def test_no_stream_lasts_past_the_maximum_and_it_is_charged_for_what_it_delivered(make_app):
+def test_no_stream_lasts_past_the_maximum_and_it_is_charged_for_what_it_delivered(make_app, caplog):
     chunks = in_chunks(pcm_of(PROSE_SECONDS), 20)
     with serve(Paced(chunks, 0.1)) as upstream_url:
         app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", MAX_STREAM_SECONDS=0.5)
@@ -351,6 +351,33 @@ def test_no_stream_lasts_past_the_maximum_and_it_is_charged_for_what_it_delivere
         row.credits, row.characters, 1.0, len(received) * 1000 // 48000, 20
     )
     factories.assert_books_balance(app, customer.user_id)
+    # The server's log of the cut-off response names the request and the reason, for the operator.
+    said = (
+        f"speech request {row.id}: The stream ran past the longest allowed (0.5 s). The undelivered part was refunded."
+    )
+    wait_for(lambda: said in caplog.text, what="the log line")
+
+
+def test_a_live_stream_records_its_progress_as_it_goes(make_app):
+    chunks = in_chunks(pcm_of(PROSE_SECONDS), 12)
+    with serve(Paced(chunks, 0.1)) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", STREAM_HEARTBEAT_SECONDS=0.2)
+        customer = factories.customer(app, balance=10_000)
+        with serve(app) as url:
+            with requests.post(
+                f"{url}{SPEECH}", json=speech_body(), headers=customer.headers, stream=True, timeout=30
+            ) as response:
+                parts = response.iter_content(chunk_size=None)
+                received = bytearray()
+                while len(received) < sum(map(len, chunks[:8])):
+                    received += next(parts)
+                # Still streaming: what settle and the audit read of it is recent and covers what went out.
+                [row] = factories.speech_requests(app, customer.user_id)
+                assert row.state == "charged" and row.progress_at is not None
+                assert 0 < row.bytes_sent <= len(received) and row.audio_ms > 0
+                received += b"".join(parts)
+        [row] = wait_settled(app, customer)
+    assert bytes(received) == b"".join(chunks) and row.state == "delivered"
 
 
 def test_settle_applies_the_progress_a_dead_worker_recorded(app, runner, customer):
