@@ -329,6 +329,9 @@ def test_charging_one_account_never_touches_another(app, customer):
         db.session.commit()
         assert (paid.credits, paid.state) == (6, "charged")
     assert factories.balance(app, poorer.user_id) == 5 and factories.balance(app, customer.user_id) == 994
+    # The customer's ledger says what the debit was for, and the poorer account's has no debit at all.
+    assert factories.ledger_notes(app, customer.user_id)[-1] == ("debit", -6, "6 characters")
+    assert [kind for kind, _, _ in factories.ledger(app, poorer.user_id)] == ["grant"]
 
 
 # What is kept after a break, at the edges
