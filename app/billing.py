@@ -147,10 +147,7 @@ def charge_speech(
             "speed": speed,
             "characters": characters,
             "credits": credits,
-            "credits_refunded": 0,
-            "audio_ms": 0,
-            "state": SpeechState.CHARGED,
-            "created_at": utcnow(),
+            # state charged, nothing refunded or relayed yet, created now: the model's defaults.
         },
     )
     return Charge(request_id, credits, balance)

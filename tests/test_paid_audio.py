@@ -261,6 +261,27 @@ def test_the_refund_share_follows_the_speed(app, customer):
     assert billing.kept_credits(100, 100, 1.0, None, 20) == 100
 
 
+def test_a_fast_request_cut_off_is_refunded_by_the_speed_it_was_asked_at(app, customer):
+    # 100 characters at speed 2 last 2.5 s: a break after 2.5 s of audio delivered all of it.
+    with app.app_context():
+        user = db.session.get(User, customer.user_id)
+        fast = billing.charge_speech(
+            user.id,
+            user.keys[0].id,
+            unlimited=False,
+            characters=100,
+            model="kokoro",
+            voice="af_sky",
+            response_format="pcm",
+            speed=2.0,
+        )
+        db.session.commit()
+        assert db.session.get(SpeechRequest, fast.request_id).speed == 2.0
+        assert billing.refund_speech(fast.request_id, "Upstream broke off mid-stream.", audio_ms=2500) == 0
+        db.session.commit()
+    assert factories.balance(app, customer.user_id) == 1000 - 100
+
+
 # 3. Settle never refunds a live stream; no stream outlasts MAX_STREAM_SECONDS.
 
 
