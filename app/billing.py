@@ -84,7 +84,6 @@ def apply(user_id: int, amount: int, *, kind: str, reference: str, note: str | N
             "reference": reference,
             "balance_after": balance,
             "note": note[:500] if note else None,
-            "created_at": utcnow(),
         },
     )
     return balance
