@@ -7,14 +7,16 @@ steps, in this order:
    so nothing a client sends can make the upstream break off after audio has gone out.
 2. `check_names`: OpenAI's voice and model names become Kokoro's (app/catalog.py), and
    each is checked against the upstream's cached catalog: 400 before anything is charged.
-3. `charge`: one committed transaction records the request, debits it and counts the
+3. `reserve`: a place on the least busy speech server (app/upstream.py), waiting a
+   bounded time when all are full; 503 with nothing charged when none frees up.
+4. `charge`: one committed transaction records the request, debits it and counts the
    account's open streams (402, 429); nothing upstream starts before it.
-4. `open_upstream`: the synthesis starts; a failure before any audio is refunded in
+5. `open_upstream`: the synthesis starts; a failure before any audio is refunded in
    full and answered 502, or 400 when the upstream refused the request itself.
-5. `Relay`: audio goes out chunk by chunk as it arrives, metered (app/audio_meter.py),
+6. `Relay`: audio goes out chunk by chunk as it arrives, metered (app/audio_meter.py),
    with progress written every few seconds so `flask speech settle` leaves it alone;
    as plain bytes, or as server-sent events (`sse_events`) when the client asks.
-6. Settlement: delivered; or, when the upstream breaks off or the stream outlives
+7. Settlement: delivered; or, when the upstream breaks off or the stream outlives
    MAX_STREAM_SECONDS, refunded for the audio not delivered; a client that hangs up
    keeps its charge.
 """
