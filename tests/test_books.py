@@ -296,14 +296,23 @@ def test_grant_and_deduct_refuse_nothing_or_less(app, customer, amount):
     assert factories.ledger(app, customer.user_id) == [("grant", 1000, 1000)]
 
 
+def test_an_operators_long_reason_is_kept_to_its_first_500_characters(app, customer):
+    with app.app_context():
+        billing.grant(db.session.get(User, customer.user_id), 5, "r" * 600)
+        db.session.commit()
+    assert factories.ledger_notes(app, customer.user_id)[-1] == ("grant", 5, "r" * 500)
+
+
 # The credit packs' own checks
 
 
 def test_credit_packs_are_read_with_their_prices():
-    packs = payments.parse_packs("starter:10000:500, pro:250000:8000")
+    packs = payments.parse_packs("starter:10000:500, pro:250000:8000, sample:1:1")
     assert [(pack.id, pack.credits, pack.price_cents, pack.price) for pack in packs] == [
         ("starter", 10_000, 500, "5.00"),
         ("pro", 250_000, 8000, "80.00"),
+        # The smallest pack there can be: one credit for one cent.
+        ("sample", 1, 1, "0.01"),
     ]
 
 

@@ -70,6 +70,24 @@ def test_last_use_is_written_at_most_once_per_resolution(app):
         assert keys.touch(key.id, key.last_used_at, 60, now + timedelta(seconds=61)) is True
 
 
+def test_a_busy_key_records_its_last_use_once_a_minute_not_on_every_request(app, customer):
+    client = app.test_client()
+    assert client.get("/v1/balance", headers=customer.headers).status_code == 200
+    with app.app_context():
+        first = db.session.get(ApiKey, customer.key_id).last_used_at
+    assert first is not None
+    assert client.get("/v1/balance", headers=customer.headers).status_code == 200
+    with app.app_context():
+        assert db.session.get(ApiKey, customer.key_id).last_used_at == first
+
+
+def test_a_keys_name_is_kept_to_100_characters(app):
+    with app.app_context():
+        key, _ = keys.create_key(accounts.create_user("named@example.com"), "  " + "n" * 150 + "  ")
+        db.session.commit()
+        assert db.session.get(ApiKey, key.id).name == "n" * 100
+
+
 def test_a_key_never_reaches_logs_error_bodies_or_the_database(app, customer, caplog):
     caplog.set_level(logging.DEBUG)
     client = app.test_client()
