@@ -6,8 +6,9 @@ import tracemalloc
 import pytest
 import requests
 
+from app.speech import StreamAborted
 from tests import factories
-from tests.fake_upstream import FakeUpstream, Silent
+from tests.fake_upstream import FakeUpstream, Paced, Silent
 from tests.servers import serve, wait_for
 
 HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
@@ -192,3 +193,29 @@ def test_a_key_revoked_since_its_last_use_gets_401_and_no_synthesis(gateway):
         assert response.status_code == 401 and response.json()["detail"] == "This API key has been revoked."
     assert len(upstream.received) == 1
     assert factories.balance(app, customer.user_id) == 1000 - len(HELLO["input"])
+
+
+@pytest.mark.parametrize(
+    "upstream,overrides,reason",
+    [
+        (FakeUpstream([b"ID3part-one", b"part-two", b"never"], break_after=2), {}, "Upstream broke off mid-stream."),
+        (
+            Paced([b"ID3" + bytes(4800)] * 20, 0.1),
+            {"MAX_STREAM_SECONDS": 0.3},
+            "The stream ran past the longest allowed (0.3 s).",
+        ),
+    ],
+    ids=["upstream broke off", "past the longest allowed"],
+)
+def test_the_error_a_cut_stream_ends_with_names_the_request_and_the_reason(make_app, upstream, overrides, reason):
+    # What the server logs when it aborts the response: the operator finds the request by its id.
+    with serve(upstream) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", **overrides)
+        customer = factories.customer(app, balance=1000)
+        response = app.test_client().post("/v1/audio/speech", json=HELLO, headers=customer.headers, buffered=False)
+        with pytest.raises(StreamAborted) as aborted:
+            b"".join(response.response)
+        response.close()
+    [speech] = factories.speech_requests(app, customer.user_id)
+    assert str(aborted.value) == f"speech request {speech.id}: {reason} The undelivered part was refunded."
+    assert aborted.value.reason == f"{reason} The undelivered part was refunded."
