@@ -13,6 +13,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_LIMITS = "redis://127.0.0.1:6379/13"
 
 
+def shared_limits() -> str:
+    """SHARED_LIMITS, emptied: a test's keys reuse the ids of the last run's, and so its windows."""
+    import redis
+
+    redis.Redis.from_url(SHARED_LIMITS).flushdb()
+    return SHARED_LIMITS
+
+
 @contextlib.contextmanager
 def serve(wsgi_app):
     """Serve `wsgi_app` on 127.0.0.1 with a threaded HTTP/1.1 server; yield its base URL."""

@@ -11,7 +11,7 @@ from app import billing
 from app.extensions import db
 from tests import factories
 from tests.fake_upstream import Failing, FakeUpstream
-from tests.servers import SHARED_LIMITS, gunicorn, serve
+from tests.servers import gunicorn, serve, shared_limits
 
 pytestmark = pytest.mark.usefixtures("postgres_only")
 
@@ -58,7 +58,7 @@ def test_gunicorn_processes_and_threads_racing_through_the_real_api(app, databas
             "DATABASE_URL": database_uri,
             "UPSTREAM_URL": f"{upstream_url}/v1",
             "SECRET_KEY": "concurrency-test",
-            "RATELIMIT_STORAGE_URI": SHARED_LIMITS,
+            "RATELIMIT_STORAGE_URI": shared_limits(),
         }
         with gunicorn("wsgi:app", env, workers=2, threads=8) as (url, _):
             barrier = threading.Barrier(80, timeout=30)
@@ -97,7 +97,7 @@ def test_two_hundred_requests_from_many_keys_race_on_one_balance(app, database_u
             "UPSTREAM_URL": f"{upstream_url}/v1",
             "SECRET_KEY": "race-test",
             "MAX_STREAMS_PER_ACCOUNT": "1000",
-            "RATELIMIT_STORAGE_URI": SHARED_LIMITS,
+            "RATELIMIT_STORAGE_URI": shared_limits(),
         }
         with gunicorn("wsgi:app", env, workers=2, threads=32) as (url, _):
             barrier = threading.Barrier(200, timeout=60)

@@ -27,7 +27,7 @@ from engine.audio import Encoder
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import FakeUpstream, Paced, stub_catalog
-from tests.servers import ROOT, SHARED_LIMITS, free_port, gunicorn, serve, wait_for
+from tests.servers import ROOT, free_port, gunicorn, serve, shared_limits, wait_for
 from tests.stripe_helpers import charge as stripe_charge
 from tests.stripe_helpers import checkout_session, deliver, dispute, event
 from tests.test_payments import payment
@@ -545,9 +545,6 @@ def _fresh_connection(method, url, **kwargs):
 
 
 def test_two_gunicorn_workers_share_the_stream_cap_the_rate_limits_and_the_sign_in_limits(app, database_uri):
-    import redis
-
-    redis.Redis.from_url(SHARED_LIMITS).flushdb()
     customer = factories.customer(app, balance=10_000, password="correct horse battery")
     other_keys = [factories.add_key(app, customer.user_id) for _ in range(6)]
     gate = threading.Event()
@@ -556,7 +553,7 @@ def test_two_gunicorn_workers_share_the_stream_cap_the_rate_limits_and_the_sign_
             "DATABASE_URL": database_uri,
             "UPSTREAM_URL": f"{upstream_url}/v1",
             "SECRET_KEY": "two-workers",
-            "RATELIMIT_STORAGE_URI": SHARED_LIMITS,
+            "RATELIMIT_STORAGE_URI": shared_limits(),
             "RATE_LIMIT_PER_KEY": "20/minute",
             "MAX_STREAMS_PER_ACCOUNT": "3",
             "LOGIN_LIMIT_PER_IP": "5/15minutes",
