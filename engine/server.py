@@ -144,14 +144,14 @@ def blend(voice: str) -> list[tuple[str, str, float]]:
     return parts
 
 
-def sentences(text: str, max_piece: int = MAX_SENTENCE) -> list[str]:
-    """Split text at sentence ends; a run longer than `max_piece` is cut at clause marks, else at spaces."""
+def sentences(text: str) -> list[str]:
+    """Split text at sentence ends; a run longer than MAX_SENTENCE is cut at clause marks, else at spaces."""
     pieces = []
     for sentence in SENTENCE_END.split(text.strip()):
-        while len(sentence) > max_piece:
-            clauses = [match.end() for match in CLAUSE_END.finditer(sentence, 0, max_piece)]
-            cut = clauses[-1] if clauses else sentence.rfind(" ", 0, max_piece)
-            cut = cut if cut > 0 else max_piece
+        while len(sentence) > MAX_SENTENCE:
+            clauses = [match.end() for match in CLAUSE_END.finditer(sentence, 0, MAX_SENTENCE)]
+            cut = clauses[-1] if clauses else sentence.rfind(" ", 0, MAX_SENTENCE)
+            cut = cut if cut > 0 else MAX_SENTENCE
             pieces.append(sentence[:cut].strip())
             sentence = sentence[cut:].strip()
         if sentence.strip():
