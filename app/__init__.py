@@ -15,6 +15,7 @@ from sqlalchemy import event
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as settings
+from app import mail
 from app.catalog import Names
 from app.extensions import csrf, db, login_manager, migrate
 from app.payments import parse_packs
@@ -94,6 +95,10 @@ POSITIVE = {
     "UPSTREAM_RETRY_SECONDS": "UPSTREAM_RETRY_SECONDS",
     "SIGN_IN_HOURS": "SIGN_IN_HOURS",
     "REMEMBER_DAYS": "REMEMBER_DAYS",
+    "MAIL_TIMEOUT": "MAIL_TIMEOUT",
+    "MAIL_POLL_SECONDS": "MAIL_POLL_SECONDS",
+    "VERIFY_HOURS": "VERIFY_HOURS",
+    "RESET_MINUTES": "RESET_MINUTES",
 }
 # 0 streams per account pauses speech; a heartbeat of 0 records progress after every chunk.
 NOT_NEGATIVE = (
@@ -105,6 +110,8 @@ NOT_NEGATIVE = (
     "UPSTREAM_MAX_STREAMS",
     "UPSTREAM_QUEUE",
     "UPSTREAM_QUEUE_SECONDS",
+    "SIGNUP_CREDITS",
+    "LOW_BALANCE_CREDITS",
 )
 RATE_LIMITS = (
     "RATE_LIMIT_PER_KEY",
@@ -132,6 +139,14 @@ def check_settings(config) -> None:
         url = urlsplit(address)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise settings.SettingError(f"{key} must be an http:// or https:// address, not {address!r}.")
+    if config["MAIL_URL"]:
+        try:
+            mail.Smtp.from_url(config["MAIL_URL"])
+        except ValueError as error:
+            raise settings.SettingError(f"MAIL_URL: {error}") from None
+        if not config["PUBLIC_BASE_URL"]:
+            # Links in mail must not take their host from a request's Host header (reset-link poisoning).
+            raise settings.SettingError("MAIL_URL needs PUBLIC_BASE_URL: the address the links in mail point to.")
     for key in RATE_LIMITS:
         try:
             limits.parse(config[key])
@@ -193,6 +208,10 @@ def register_extensions(app: Flask) -> None:
     app.extensions["credit_packs"] = parse_packs(app.config["CREDIT_PACKS"])
     app.extensions["stripe"] = stripe_client(app.config)
     app.extensions["throttle"] = Throttle(app.config)
+    app.extensions["postman"] = mail.Postman(app)
+    if app.config["MAIL_WORKER"]:
+        # Each process sends its mail from a thread of its own, started with its first request.
+        app.before_request(app.extensions["postman"].start)
     if app.config["CORS_ALLOWED_ORIGINS"]:
         # Pages on these origins may call /v1 from the browser with a key; nothing else is opened.
         CORS(

@@ -14,8 +14,10 @@ from typing import NamedTuple
 from flask import current_app
 from sqlalchemy import bindparam, func, insert, select, update
 
+from app import mail
 from app.extensions import db
 from app.models import LedgerEntry, LedgerKind, SpeechRequest, SpeechState, User, new_request_id, utcnow
+from app.urls import external_url
 
 
 class InsufficientCredits(Exception):
@@ -48,7 +50,7 @@ _CHANGE = (
     update(_users)
     .where(_users.c.id == bindparam("user_id"))
     .values(balance=_users.c.balance + bindparam("amount"))
-    .returning(_users.c.balance)
+    .returning(_users.c.balance, _users.c.low_balance_credits, _users.c.low_balance_sent_at)
 )
 # A debit applies only where the balance covers it: no interleaving of debits can go below zero.
 _DEBIT = _CHANGE.where(_users.c.balance + bindparam("amount") >= 0)
@@ -68,13 +70,16 @@ def apply(user_id: int, amount: int, *, kind: str, reference: str, note: str | N
     debits can take a balance below zero; the CHECK constraint on users backs it up.
     A reused reference violates the ledger's unique constraint (IntegrityError).
     User objects already loaded in the session see the new balance after the commit.
+    A debit that takes the balance below the account's alert threshold queues the
+    low-balance mail in the same transaction (see _low_balance_alert).
     """
-    balance = db.session.execute(_DEBIT if amount < 0 else _CHANGE, {"user_id": user_id, "amount": amount}).scalar()
-    if balance is None:
+    row = db.session.execute(_DEBIT if amount < 0 else _CHANGE, {"user_id": user_id, "amount": amount}).first()
+    if row is None:
         current = db.session.scalar(select(User.balance).where(User.id == user_id))
         if current is None:
             raise LookupError(f"no user {user_id}")
         raise InsufficientCredits(current, -amount)
+    balance, threshold, alerted_at = row
     db.session.execute(
         _WRITE_LEDGER,
         {
@@ -86,7 +91,41 @@ def apply(user_id: int, amount: int, *, kind: str, reference: str, note: str | N
             "note": note[:500] if note else None,
         },
     )
+    if threshold is None:
+        threshold = current_app.config["LOW_BALANCE_CREDITS"]
+    if amount < 0 and alerted_at is None and balance < threshold <= balance - amount:
+        _low_balance_alert(user_id, balance, threshold)
+    elif alerted_at is not None and kind in _REARMING and balance >= threshold:
+        db.session.execute(update(_users).where(_users.c.id == user_id).values(low_balance_sent_at=None))
     return balance
+
+
+# Credits that bring a balance back to its alert threshold or above arm the alert again.
+_REARMING = (LedgerKind.TOPUP, LedgerKind.GRANT, LedgerKind.TRIAL)
+
+
+def _low_balance_alert(user_id: int, balance: int, threshold: int) -> None:
+    """The one mail for a balance that crossed its threshold, queued with the debit that crossed it.
+
+    Debits of one account take its row lock in turn, so exactly one of any number of
+    concurrent debits sees the balance cross; the conditional update makes sure of it.
+    """
+    first = db.session.execute(
+        update(_users)
+        .where(_users.c.id == user_id, _users.c.low_balance_sent_at.is_(None))
+        .values(low_balance_sent_at=utcnow())
+        .returning(_users.c.id)
+    ).first()
+    if first is not None:
+        user = db.session.get(User, user_id)
+        mail.notify(
+            user,
+            "low_balance",
+            balance=balance,
+            threshold=threshold,
+            billing_url=external_url("dashboard.billing_page"),
+            account_url=external_url("dashboard.account"),
+        )
 
 
 def grant(user: User, amount: int, reason: str) -> int:

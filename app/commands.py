@@ -1,17 +1,19 @@
 """Operator commands: `flask users …`, `flask credits …`, `flask keys …`."""
 
 import click
-from flask import Flask
+from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, billing, keys
+from app import accounts, billing, keys, mail
 from app.audit import audit
 from app.extensions import db
-from app.models import ApiKey, LedgerEntry, User
+from app.forms import MIN_PASSWORD
+from app.models import ApiKey, LedgerEntry, LoginSession, User, utcnow
 
 users_cli = AppGroup("users", help="Customer accounts.")
+mail_cli = AppGroup("mail", help="Outgoing email (the outbox).")
 credits_cli = AppGroup("credits", help="Grant or deduct credits (ledgered, with a reason).")
 keys_cli = AppGroup("keys", help="API keys.")
 speech_cli = AppGroup("speech", help="Metered speech requests.")
@@ -45,6 +47,8 @@ def create_user(email, password, prompt, unlimited, admin):
         user = accounts.create_user(email, password)
         user.unlimited = unlimited
         user.is_admin = admin
+        # The operator vouches for the address: the account can create keys and buy at once.
+        user.email_verified_at = utcnow()
         db.session.commit()
     except accounts.AccountError as error:
         raise click.ClickException(str(error)) from None
@@ -52,6 +56,20 @@ def create_user(email, password, prompt, unlimited, admin):
         db.session.rollback()
         raise click.ClickException("An account with that email already exists.") from None
     click.echo(f"Created user {user.id} <{user.email}>.")
+
+
+@users_cli.command("set-password")
+@click.argument("email")
+def set_password(email):
+    """Set an account's password (prompted, not echoed); every sign-in of the account ends."""
+    user = _user(email)
+    password = click.prompt("New password", hide_input=True, confirmation_prompt=True)
+    if len(password) < MIN_PASSWORD:
+        raise click.ClickException(f"Use at least {MIN_PASSWORD} characters. Nothing changed.")
+    accounts.set_password(user, password)
+    ended = db.session.execute(delete(LoginSession).where(LoginSession.user_id == user.id)).rowcount
+    db.session.commit()
+    click.echo(f"Password set for {user.email}; {ended} sign-in(s) ended.")
 
 
 @users_cli.command("show")
@@ -183,7 +201,19 @@ def audit_books():
     click.echo(f"Audit passed: {summary}.")
 
 
+@mail_cli.command("send")
+@click.option("--once", is_flag=True, help="Send what is due now and exit (for cron), instead of running on.")
+def send_mail(once):
+    """Send the outbox's due mail: on and on (a service of its own, with MAIL_WORKER=false), or --once."""
+    if once:
+        outcome = mail.deliver_due()
+        click.echo(f"sent {outcome['sent']}, to retry {outcome['retry']}, failed {outcome['failed']}")
+        return
+    click.echo(f"Sending mail every {current_app.config['MAIL_POLL_SECONDS']} s; Ctrl+C stops.")
+    current_app.extensions["postman"].run()
+
+
 def register_commands(app: Flask) -> None:
-    for group in (users_cli, credits_cli, keys_cli, speech_cli):
+    for group in (users_cli, credits_cli, keys_cli, speech_cli, mail_cli):
         app.cli.add_command(group)
     app.cli.add_command(audit_books)

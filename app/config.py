@@ -114,4 +114,13 @@ def from_environment(environ: Mapping[str, str]) -> dict:
         "STRIPE_CHECKOUT_ORIGIN": env.str("STRIPE_CHECKOUT_ORIGIN", "https://checkout.stripe.com"),
         "STRIPE_CURRENCY": env.str("STRIPE_CURRENCY", "usd").lower(),
         "CREDIT_PACKS": env.str("CREDIT_PACKS", DEFAULT_PACKS),
+        "MAIL_URL": env.str("MAIL_URL"),
+        "MAIL_FROM": env.str("MAIL_FROM", "kokoro-pay <noreply@localhost>"),
+        "MAIL_TIMEOUT": env.float("MAIL_TIMEOUT", 10.0),
+        "MAIL_WORKER": env.bool("MAIL_WORKER", True),
+        "MAIL_POLL_SECONDS": env.float("MAIL_POLL_SECONDS", 5.0),
+        "SIGNUP_CREDITS": env.int("SIGNUP_CREDITS", 0),
+        "LOW_BALANCE_CREDITS": env.int("LOW_BALANCE_CREDITS", 1000),
+        "VERIFY_HOURS": env.float("VERIFY_HOURS", 72.0),
+        "RESET_MINUTES": env.float("RESET_MINUTES", 60.0),
     }

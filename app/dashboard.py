@@ -2,6 +2,7 @@
 
 import csv
 import io
+import ipaddress
 import math
 import re
 from datetime import timedelta
@@ -17,17 +18,31 @@ from flask import (
     redirect,
     render_template,
     request,
+    session,
     stream_with_context,
     url_for,
 )
-from flask_login import current_user, login_required
+from flask_login import current_user, login_required, logout_user
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, keys, payments
+from app import accounts, keys, mail, payments
 from app.extensions import db, login_manager
-from app.forms import BuyForm, ConfirmForm, KeyForm, LoginForm, PasswordForm, SignupForm
-from app.models import ApiKey, LedgerEntry, Payment, SpeechRequest, User
+from app.forms import (
+    AlertForm,
+    BuyForm,
+    ConfirmForm,
+    DeleteForm,
+    EmailForm,
+    ForgotForm,
+    KeyForm,
+    LoginForm,
+    PasswordForm,
+    ResetForm,
+    SignupForm,
+)
+from app.models import ApiKey, LedgerEntry, OutboxMail, Payment, SpeechRequest, User
+from app.urls import external_url, host_is_checked
 
 bp = Blueprint("dashboard", __name__)
 
@@ -72,24 +87,88 @@ def safe_next(target: str | None) -> str:
 
 @bp.route("/signup", methods=["GET", "POST"])
 def signup():
+    """The answer is "check your inbox" whether or not the email has an account: it says nothing about who does."""
     if current_user.is_authenticated:
         return redirect(url_for("dashboard.home"))
     form = SignupForm()
     if form.validate_on_submit():
         try:
-            user = accounts.create_user(form.email.data, form.password.data)
+            accounts.register(form.email.data, form.password.data)
             db.session.commit()
         except accounts.AccountError as error:
             form.email.errors.append(str(error))
         except IntegrityError:
-            # Another sign-up with this email committed first.
+            # Another sign-up with this email committed first: its owner has their mail.
             db.session.rollback()
-            form.email.errors.append("An account with that email already exists.")
-        else:
-            _sign_in(user, remember=False)
-            flash("Welcome to kokoro-pay. Create an API key, then buy credits to start.", "success")
-            return redirect(url_for("dashboard.keys_page"))
+        if not form.email.errors:
+            return _check_inbox(accounts.normalize_email(form.email.data))
     return render_template("auth/signup.html", form=form)
+
+
+def _check_inbox(email: str):
+    return render_template("auth/check_inbox.html", email=email, outbox=_dev_outbox_open())
+
+
+@bp.get("/verify/<token>")
+def verify_email(token: str):
+    try:
+        accounts.verify_email(token)
+        db.session.commit()
+    except accounts.TokenError as error:
+        flash(str(error), "error")
+    else:
+        credits = current_app.config["SIGNUP_CREDITS"]
+        trial = f" {credits:,} free credits are on your balance to try it." if credits else ""
+        flash("Your email is confirmed: you can create API keys and buy credits." + trial, "success")
+    return redirect(url_for("dashboard.keys_page" if current_user.is_authenticated else "dashboard.login"))
+
+
+@bp.post("/verify/resend")
+@login_required
+def resend_verification():
+    if ConfirmForm().validate_on_submit() and not current_user.verified:
+        if accounts.send_verification(current_user):
+            db.session.commit()
+            flash(f"We sent a new link to {current_user.email}.", "success")
+        else:
+            flash("A link was sent a moment ago; give it a minute to arrive.", "info")
+    return redirect(url_for("dashboard.home"))
+
+
+def verified_only():
+    """None for an account whose email is confirmed; else the redirect that says what to do first."""
+    if current_user.verified:
+        return None
+    flash("Confirm your email first: open the link we mailed you (or send a new one above).", "error")
+    return redirect(url_for("dashboard.home"))
+
+
+@bp.route("/forgot", methods=["GET", "POST"])
+def forgot_password():
+    form = ForgotForm()
+    if form.validate_on_submit():
+        accounts.request_password_reset(form.email.data)
+        db.session.commit()
+        return _check_inbox(accounts.normalize_email(form.email.data))
+    return render_template("auth/forgot.html", form=form)
+
+
+@bp.route("/reset/<token>", methods=["GET", "POST"])
+def reset_password(token: str):
+    try:
+        user = accounts.user_for_reset(token)
+    except accounts.TokenError as error:
+        flash(str(error), "error")
+        return redirect(url_for("dashboard.forgot_password"))
+    form = ResetForm()
+    if form.validate_on_submit():
+        accounts.reset_password(user, form.password.data)
+        db.session.commit()
+        if current_user.is_authenticated:
+            logout_user()
+        flash("Your password is set and every sign-in was ended. Sign in with the new password.", "success")
+        return redirect(url_for("dashboard.login"))
+    return render_template("auth/reset.html", form=form, email=user.email)
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -123,23 +202,122 @@ def logout():
     return redirect(url_for("dashboard.login"))
 
 
+def _account_page(**forms):
+    """The account page, with the forms a request just checked (and their errors) in place of blank ones."""
+    forms = {
+        "form": PasswordForm(formdata=None),
+        "email_form": EmailForm(formdata=None),
+        "alert_form": AlertForm(formdata=None, threshold=_threshold(current_user)),
+        "delete_form": DeleteForm(formdata=None),
+        **forms,
+    }
+    status = 400 if any(form.errors for form in forms.values()) else 200
+    page = render_template(
+        "dashboard/account.html", everywhere=ConfirmForm(), sign_ins=accounts.sign_ins(current_user), **forms
+    )
+    return page, status
+
+
+def _threshold(user: User) -> int:
+    return current_app.config["LOW_BALANCE_CREDITS"] if user.low_balance_credits is None else user.low_balance_credits
+
+
+def _current_password_ok(form) -> bool:
+    if accounts.check_password(current_user, form.current.data):
+        return True
+    form.current.errors.append("That is not your current password.")
+    return False
+
+
 @bp.route("/account", methods=["GET", "POST"])
 @login_required
 def account():
-    """Change the password (which signs out every other browser), or sign out everywhere."""
+    """Change the password (which signs out every other browser); the other forms post to their own routes."""
+    if request.method == "GET":
+        return _account_page()
     form = PasswordForm()
-    if form.validate_on_submit():
-        if not accounts.check_password(current_user, form.current.data):
-            form.current.errors.append("That is not your current password.")
+    if form.validate_on_submit() and _current_password_ok(form):
+        accounts.set_password(current_user, form.password.data)
+        ended = accounts.end_other_sign_ins(current_user)
+        mail.notify(current_user, "password_changed", forgot_url=external_url("dashboard.forgot_password"))
+        db.session.commit()
+        flash(f"Your password is changed; {ended} other sign-in(s) ended.", "success")
+        return redirect(url_for("dashboard.account"))
+    return _account_page(form=form)
+
+
+@bp.post("/account/email")
+@login_required
+def request_email_change():
+    form = EmailForm()
+    if form.validate_on_submit() and _current_password_ok(form):
+        try:
+            accounts.request_email_change(current_user, form.email.data)
+        except accounts.AccountError as error:
+            form.email.errors.append(str(error))
         else:
-            accounts.set_password(current_user, form.password.data)
-            ended = accounts.end_other_sign_ins(current_user)
             db.session.commit()
-            flash(f"Your password is changed; {ended} other sign-in(s) ended.", "success")
+            flash(
+                f"We sent a link to {accounts.normalize_email(form.email.data)}. Your email changes when you open it.",
+                "success",
+            )
             return redirect(url_for("dashboard.account"))
-    return render_template(
-        "dashboard/account.html", form=form, everywhere=ConfirmForm(), sign_ins=accounts.sign_ins(current_user)
-    )
+    return _account_page(email_form=form)
+
+
+@bp.route("/email/<token>", methods=["GET", "POST"])
+def change_email(token: str):
+    """A link from the mail asks first (mail scanners open links); the button makes the change."""
+    try:
+        user, new_email = accounts.read_email_change(token)
+    except accounts.TokenError as error:
+        flash(str(error), "error")
+        return redirect(url_for("dashboard.account" if current_user.is_authenticated else "dashboard.login"))
+    form = ConfirmForm()
+    if form.validate_on_submit():
+        try:
+            accounts.change_email(user, new_email)
+            db.session.commit()
+        except (accounts.AccountError, IntegrityError) as error:
+            db.session.rollback()
+            flash(str(error) if isinstance(error, accounts.AccountError) else "That email has an account now.", "error")
+        else:
+            flash(f"Your email is now {new_email}.", "success")
+        return redirect(url_for("dashboard.account" if current_user.is_authenticated else "dashboard.login"))
+    return render_template("auth/change_email.html", form=form, new_email=new_email)
+
+
+@bp.post("/account/alert")
+@login_required
+def set_alert():
+    form = AlertForm()
+    if form.validate_on_submit():
+        current_user.low_balance_credits = form.threshold.data
+        # A new threshold arms the alert again: the next debit that crosses it sends one mail.
+        current_user.low_balance_sent_at = None
+        db.session.commit()
+        message = (
+            f"We will email you when your balance falls below {form.threshold.data:,} credits."
+            if form.threshold.data
+            else "Low-balance emails are off."
+        )
+        flash(message, "success")
+        return redirect(url_for("dashboard.account"))
+    return _account_page(alert_form=form)
+
+
+@bp.post("/account/delete")
+@login_required
+def delete_account():
+    form = DeleteForm()
+    if form.validate_on_submit() and _current_password_ok(form):
+        accounts.delete_account(current_user)
+        db.session.commit()
+        logout_user()
+        session.clear()
+        flash("Your account is deleted: your keys are revoked and your personal data erased.", "success")
+        return redirect(url_for("dashboard.login"))
+    return _account_page(delete_form=form)
 
 
 @bp.post("/account/sign-out-everywhere")
@@ -264,6 +442,8 @@ def _own_key(key_id: int) -> ApiKey:
 def keys_page():
     form = KeyForm()
     if form.validate_on_submit():
+        if (refused := verified_only()) is not None:
+            return refused
         key, secret = keys.create_key(current_user, form.name.data or "")
         db.session.commit()
         # The secret is in this one response and nowhere else: not in the session, not in the database.
@@ -325,6 +505,8 @@ def checkout():
     if not form.validate_on_submit() or pack is None:
         flash("Choose one of the credit packs.", "error")
         return redirect(url_for("dashboard.billing_page"))
+    if (refused := verified_only()) is not None:
+        return refused
     client = current_app.extensions["stripe"]
     if client is None:
         flash("Payments are not configured on this server yet.", "error")
@@ -360,23 +542,33 @@ def billing_success():
     return render_template("dashboard/billing_success.html", payment=payment)
 
 
+# The development outbox
+
+
+def _dev_outbox_open() -> bool:
+    """Only with no mail server configured, and only to this machine: the mails hold sign-in links."""
+    if current_app.config["MAIL_URL"]:
+        return False
+    try:
+        return ipaddress.ip_address(request.remote_addr or "").is_loopback
+    except ValueError:
+        return False
+
+
+@bp.get("/dev/outbox")
+def dev_outbox():
+    if not _dev_outbox_open():
+        abort(404)
+    mails = db.session.scalars(select(OutboxMail).order_by(OutboxMail.id.desc()).limit(50)).all()
+    response = Response(render_template("dashboard/outbox.html", mails=mails))
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 # Docs
 
 
 @bp.get("/docs")
 def docs():
-    base_url = external_url("api.balance").rsplit("/", 1)[0] if _host_is_checked() else "https://YOUR-SERVER/v1"
+    base_url = external_url("api.balance").rsplit("/", 1)[0] if host_is_checked() else "https://YOUR-SERVER/v1"
     return render_template("dashboard/docs.html", base_url=base_url)
-
-
-def _host_is_checked() -> bool:
-    """True when this server's address comes from a setting, or Flask has checked the Host header."""
-    return bool(current_app.config["PUBLIC_BASE_URL"] or current_app.config["TRUSTED_HOSTS"])
-
-
-def external_url(endpoint: str, **values) -> str:
-    """An absolute URL on this server: from PUBLIC_BASE_URL when set, never from an unchecked Host then."""
-    base = current_app.config["PUBLIC_BASE_URL"]
-    if base:
-        return base + url_for(endpoint, **values)
-    return url_for(endpoint, _external=True, **values)

@@ -1,8 +1,8 @@
 """Dashboard forms (Flask-WTF: every one carries a CSRF token)."""
 
 from flask_wtf import FlaskForm
-from wtforms import BooleanField, EmailField, HiddenField, PasswordField, StringField
-from wtforms.validators import DataRequired, EqualTo, Length, Optional, Regexp
+from wtforms import BooleanField, EmailField, HiddenField, IntegerField, PasswordField, StringField
+from wtforms.validators import DataRequired, EqualTo, Length, NumberRange, Optional, Regexp
 
 from app.accounts import EMAIL_PATTERN
 
@@ -23,17 +23,25 @@ def repeated(label: str) -> PasswordField:
     return PasswordField(label, validators=[DataRequired(), EqualTo("password", message="The passwords do not match.")])
 
 
-class SignupForm(FlaskForm):
-    email = EmailField(
-        "Email",
+def email_field(label: str) -> EmailField:
+    return EmailField(
+        label,
         validators=[DataRequired(), Length(max=254), Regexp(EMAIL_PATTERN, message="Enter a valid email address.")],
     )
+
+
+def current_password() -> PasswordField:
+    return PasswordField("Current password", validators=[DataRequired(), Length(max=200)])
+
+
+class SignupForm(FlaskForm):
+    email = email_field("Email")
     password = new_password("Password")
     confirm = repeated("Repeat password")
 
 
 class PasswordForm(FlaskForm):
-    current = PasswordField("Current password", validators=[DataRequired(), Length(max=200)])
+    current = current_password()
     password = new_password("New password")
     confirm = repeated("Repeat new password")
 
@@ -54,3 +62,32 @@ class ConfirmForm(FlaskForm):
 
 class BuyForm(FlaskForm):
     pack = HiddenField(validators=[DataRequired()])
+
+
+class ForgotForm(FlaskForm):
+    email = email_field("Email")
+
+
+class ResetForm(FlaskForm):
+    password = new_password("New password")
+    confirm = repeated("Repeat new password")
+
+
+class EmailForm(FlaskForm):
+    email = email_field("New email")
+    current = current_password()
+
+
+class AlertForm(FlaskForm):
+    threshold = IntegerField(
+        "Email me when my balance falls below (credits; 0 turns the alert off)",
+        validators=[NumberRange(min=0, max=10**12, message="Enter a whole number of credits, 0 or more.")],
+    )
+
+
+class DeleteForm(FlaskForm):
+    current = current_password()
+    understood = BooleanField(
+        "I understand: my keys stop working, my remaining credits are forfeited and this cannot be undone.",
+        validators=[DataRequired(message="Tick the box to confirm.")],
+    )

@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Optional
 
 from flask_login import UserMixin
-from sqlalchemy import BigInteger, CheckConstraint, Float, ForeignKey, Index, String
+from sqlalchemy import BigInteger, CheckConstraint, Float, ForeignKey, Index, String, Text
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.extensions import db
@@ -23,6 +23,8 @@ class LedgerKind(StrEnum):
     TOPUP = "topup"
     PAYMENT_REFUND = "payment_refund"
     CHARGEBACK = "chargeback"
+    # The free credits SIGNUP_CREDITS grants once per account, when its email is verified.
+    TRIAL = "trial"
 
 
 class SpeechState(StrEnum):
@@ -69,11 +71,23 @@ class User(UserMixin, db.Model):
     is_admin: Mapped[bool] = mapped_column(default=False)
     stripe_customer_id: Mapped[Optional[str]] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Until set, the account can sign in but not create keys or buy credits.
+    email_verified_at: Mapped[Optional[datetime]]
+    # A debit that takes the balance below this sends one email (None: LOW_BALANCE_CREDITS; 0: never).
+    low_balance_credits: Mapped[Optional[int]] = mapped_column(BigInteger)
+    # When that email was queued; a top-up or grant back above the threshold clears it (re-arms the alert).
+    low_balance_sent_at: Mapped[Optional[datetime]]
+    # Deleted by its owner: personal data erased, the ledger kept under this anonymous row.
+    deleted_at: Mapped[Optional[datetime]]
 
     keys: Mapped[list["ApiKey"]] = relationship(back_populates="user")
 
     # The token of the sign-in this object was loaded for (app/accounts.py); never stored.
     login_token = None
+
+    @property
+    def verified(self) -> bool:
+        return self.email_verified_at is not None
 
     def get_id(self) -> str | None:
         """What Flask-Login keeps in the session and remember-me cookies: the sign-in's token, not the user id."""
@@ -219,3 +233,32 @@ class StripeEvent(db.Model):
     type: Mapped[str] = mapped_column(String(100))
     outcome: Mapped[str] = mapped_column(String(200))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class MailState(StrEnum):
+    QUEUED = "queued"
+    SENT = "sent"
+    # The mail server refused it for good (a 5xx answer); kept, with the answer, for the operator.
+    FAILED = "failed"
+
+
+class OutboxMail(db.Model):
+    """An email, written in the transaction of the change that causes it and sent after commit (app/mail.py)."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_state_next_attempt_at", "state", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"), index=True)
+    recipient: Mapped[str] = mapped_column(String(254))
+    kind: Mapped[str] = mapped_column(String(30))
+    subject: Mapped[str] = mapped_column(String(200))
+    body: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(10), default=MailState.QUEUED)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A sender that took this mail holds it until then; one that died lets it go to the next.
+    claimed_until: Mapped[Optional[datetime]]
+    last_error: Mapped[Optional[str]] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    sent_at: Mapped[Optional[datetime]]

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select, text
 
-from app import billing
+from app import billing, mail
 from app.extensions import db
 from app.models import LedgerKind, Payment, PaymentReversal, PaymentStatus, ReversalKind, StripeEvent, User, utcnow
+from app.urls import external_url
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,9 @@ def handle_event(event) -> str:
         outcome = _set_status(obj, PaymentStatus.FAILED)
     elif event.type == "charge.refunded":
         # amount_refunded is the charge's running total, so a late, older event changes nothing.
-        outcome = _record_reversal(obj.payment_intent, ReversalKind.REFUND, obj.amount_refunded, event.id)
+        outcome = _record_reversal(
+            obj.payment_intent, ReversalKind.REFUND, obj.amount_refunded, event.id, _receipt_url(obj)
+        )
     elif event.type == "charge.dispute.closed" and obj.status == "lost":
         outcome = _record_reversal(obj.payment_intent, ReversalKind.DISPUTE, obj.amount, event.id)
     else:
@@ -150,8 +153,22 @@ def _fulfill(session_obj) -> str:
         note=f"{payment.pack} pack, {payment.amount_cents / 100:.2f} {payment.currency.upper()}",
     )
     outcome = f"credited {payment.credits} to user {payment.user_id}; balance {balance}"
+    mail.notify(
+        db.session.get(User, payment.user_id),
+        "receipt",
+        payment=payment,
+        balance=balance,
+        receipt_url=_receipt_url(session_obj),
+        billing_url=external_url("dashboard.billing_page"),
+    )
     waiting = _apply_reversals(payment)
     return outcome if waiting is None else f"{outcome}; {waiting}"
+
+
+def _receipt_url(stripe_object) -> str | None:
+    """Stripe's own receipt page, when the event's object carries one (a charge does; a Checkout Session does not)."""
+    url = getattr(stripe_object, "receipt_url", None)
+    return url if isinstance(url, str) and url.startswith("https://") else None
 
 
 def _set_status(session_obj, status: str) -> str:
@@ -163,7 +180,9 @@ def _set_status(session_obj, status: str) -> str:
     return f"payment {status}"
 
 
-def _record_reversal(payment_intent: str | None, kind: str, amount_cents: int, event_id: str) -> str:
+def _record_reversal(
+    payment_intent: str | None, kind: str, amount_cents: int, event_id: str, receipt_url: str | None = None
+) -> str:
     if not payment_intent:
         return "no payment intent on this event"
     _lock_intent(payment_intent)
@@ -174,7 +193,7 @@ def _record_reversal(payment_intent: str | None, kind: str, amount_cents: int, e
     payment = db.session.scalar(select(Payment).where(Payment.payment_intent_id == payment_intent).with_for_update())
     if payment is None or payment.paid_at is None:
         return f"kept: a {kind} of {amount_cents} cents, applied when its payment is credited"
-    return _apply_reversals(payment) or "already reversed"
+    return _apply_reversals(payment, receipt_url) or "already reversed"
 
 
 def reversed_cents(payment_intent: str | None) -> tuple[int, int]:
@@ -197,7 +216,7 @@ def owed_credits(payment: Payment, refunded: int, disputed: int) -> int:
     return payment.credits * min(refunded + disputed, payment.amount_cents) // payment.amount_cents
 
 
-def _apply_reversals(payment: Payment) -> str | None:
+def _apply_reversals(payment: Payment, receipt_url: str | None = None) -> str | None:
     """Take back what the payment's reversals owe and was not taken yet; None when nothing is due.
 
     Never below zero: what the balance cannot cover stays recorded in `credits_reversed`
@@ -225,4 +244,16 @@ def _apply_reversals(payment: Payment) -> str | None:
         billing.apply(
             payment.user_id, -taken, kind=kind, reference=f"{kind}:{payment.checkout_session_id}:{owed}", note=note
         )
+    mail.notify(
+        db.session.get(User, payment.user_id),
+        "reversal",
+        payment=payment,
+        disputed=bool(disputed),
+        refunded_cents=min(refunded + disputed, payment.amount_cents),
+        due=due,
+        taken=taken,
+        balance=balance - taken,
+        receipt_url=receipt_url,
+        billing_url=external_url("dashboard.billing_page"),
+    )
     return f"took back {taken} of {due} credits from user {payment.user_id}"

@@ -42,6 +42,8 @@ def app_config(uri: str, **overrides) -> dict:
         "STRIPE_CHECKOUT_ORIGIN": STRIPE_CHECKOUT,
         "STRIPE_CURRENCY": "usd",
         "CREDIT_PACKS": "starter:10000:500,pro:250000:8000",
+        # The mail sender runs when a test asks for it (tests/test_mail.py).
+        "MAIL_WORKER": False,
         **overrides,
     }
 
@@ -112,6 +114,7 @@ def make_app(database_uri):
 
     yield make
     for app in apps:
+        app.extensions["postman"].stop()
         with app.app_context():
             db.session.remove()
             db.engine.dispose()

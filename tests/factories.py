@@ -2,12 +2,13 @@
 
 import re
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 
 from app import accounts, billing, keys
 from app.extensions import db
-from app.models import LedgerEntry, Payment, SpeechRequest, User
+from app.models import LedgerEntry, OutboxMail, Payment, SpeechRequest, User, utcnow
 
 _counter = iter(range(1, 10**9))
 
@@ -24,10 +25,13 @@ class Customer:
         return {"Authorization": f"Bearer {self.secret}"}
 
 
-def customer(app, balance: int = 0, unlimited: bool = False, password: str | None = None) -> Customer:
+def customer(
+    app, balance: int = 0, unlimited: bool = False, password: str | None = None, verified: bool = True
+) -> Customer:
     with app.app_context():
         user = accounts.create_user(f"customer{next(_counter)}@example.com", password)
         user.unlimited = unlimited
+        user.email_verified_at = utcnow() if verified else None
         db.session.flush()
         if balance:
             billing.grant(user, balance, "test credits")
@@ -115,6 +119,25 @@ def assert_books_balance(app, user_id: int) -> None:
     assert ledger_sum(app, user_id) == balance(app, user_id)
 
 
+def mails(app, recipient: str | None = None, kind: str | None = None) -> list[OutboxMail]:
+    """The outbox's mails, oldest first, to `recipient` and of `kind` when given."""
+    with app.app_context():
+        query = select(OutboxMail).order_by(OutboxMail.id)
+        if recipient is not None:
+            query = query.where(OutboxMail.recipient == recipient)
+        if kind is not None:
+            query = query.where(OutboxMail.kind == kind)
+        rows = db.session.scalars(query).all()
+        db.session.expunge_all()
+        return rows
+
+
+def mail_link(app, recipient: str, kind: str) -> str:
+    """The path of the link in the latest mail of `kind` to `recipient`."""
+    body = mails(app, recipient, kind)[-1].body
+    return urlsplit(re.search(r"https?://\S+", body).group(0)).path
+
+
 class WebClient:
     """Flask's test client plus the CSRF token of the last page, as a browser would send it."""
 
@@ -137,9 +160,16 @@ class WebClient:
             data["csrf_token"] = self.token
         return self.client.post(url, data=data, **kwargs)
 
-    def signup(self, email="new@example.com", password="correct horse battery"):
+    def register(self, email="new@example.com", password="correct horse battery"):
+        """The sign-up form alone: it answers "check your inbox" and signs nobody in."""
         self.get("/signup")
         return self.post("/signup", {"email": email, "password": password, "confirm": password})
+
+    def signup(self, email="new@example.com", password="correct horse battery"):
+        """Sign up as a customer does: the form, the link in the verification mail, then sign in."""
+        self.register(email, password)
+        self.get(mail_link(self.client.application, email.lower(), "verify"))
+        return self.login(email, password)
 
     def logout(self):
         # A page first, as a browser has one: signing in renewed the session and with it the CSRF token.

@@ -1,0 +1,273 @@
+"""Outgoing email: written to the outbox with the change that causes it, sent after commit.
+
+`send()` adds a row to the caller's transaction, so a rollback takes the mail with it
+and a commit wakes this process's sender. The sender (`Postman`: a thread in each
+gateway process, or `flask mail send`) never runs inside a request, so a mail server
+that is slow or down delays mail and nothing else. It claims each due mail before
+sending it, so several senders never send one mail at once; a sender that dies mid-send
+lets its claim lapse and the mail goes out later (at least once, never lost). A server
+that cannot be reached, or answers 4xx, is tried again with a doubling wait (30 s, at
+most an hour); a 5xx refusal is kept as `failed`, with the answer, for the operator.
+
+With no MAIL_URL (development) a mail is written to the log instead of sent, and the
+development outbox page shows it, so every flow works on a fresh machine.
+"""
+
+import logging
+import os
+import smtplib
+import ssl
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid, parseaddr
+from urllib.parse import unquote, urlsplit
+
+from flask import current_app, has_app_context, render_template
+from flask_sqlalchemy.session import Session
+from sqlalchemy import event, or_, select, update
+
+from app.extensions import db
+from app.models import MailState, OutboxMail, User, utcnow
+
+log = logging.getLogger(__name__)
+
+# How long a sender may hold a mail it took before another sender may take it.
+CLAIM = timedelta(minutes=2)
+FIRST_RETRY_SECONDS = 30
+LAST_RETRY_SECONDS = 3600
+
+
+def send(kind: str, recipient: str, *, user_id: int | None = None, **context) -> OutboxMail:
+    """Queue the mail `templates/mail/<kind>.txt` in the caller's transaction.
+
+    The template's first paragraph is its `Subject:` line; the rest is the body.
+    """
+    text = render_template(f"mail/{kind}.txt", **context)
+    head, _, body = text.strip().partition("\n\n")
+    mail = OutboxMail(
+        user_id=user_id,
+        recipient=recipient,
+        kind=kind,
+        subject=head.removeprefix("Subject:").strip()[:200],
+        body=body.strip() + "\n",
+    )
+    db.session.add(mail)
+    db.session.info["mail_queued"] = True
+    return mail
+
+
+def notify(user: User, kind: str, **context) -> OutboxMail | None:
+    """Queue a mail to an account's owner; nothing for a deleted account."""
+    if user.deleted_at is not None:
+        return None
+    return send(kind, user.email, user_id=user.id, user=user, **context)
+
+
+def sent_recently(recipient: str, kind: str, within: timedelta) -> bool:
+    """True when a mail of this kind was queued to this address within `within`: one per window, not a flood."""
+    since = utcnow() - within
+    found = select(OutboxMail.id).where(
+        OutboxMail.recipient == recipient, OutboxMail.kind == kind, OutboxMail.created_at > since
+    )
+    return db.session.scalar(found.limit(1)) is not None
+
+
+@event.listens_for(Session, "after_commit")
+def _wake_the_sender(session):
+    if session.info.pop("mail_queued", False) and has_app_context():
+        postman = current_app.extensions.get("postman")
+        if postman is not None:
+            postman.wake.set()
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_rolled_back_mail(session, _previous_transaction):
+    session.info.pop("mail_queued", None)
+
+
+@dataclass(frozen=True)
+class Smtp:
+    """A mail server, from MAIL_URL: smtp://host:25, smtp+starttls://user:password@host:587, smtps://…:465."""
+
+    host: str
+    port: int
+    security: str
+    username: str | None = None
+    password: str | None = None
+
+    SCHEMES = {"smtp": ("plain", 25), "smtp+starttls": ("starttls", 587), "smtps": ("tls", 465)}
+
+    @classmethod
+    def from_url(cls, url: str) -> "Smtp":
+        parts = urlsplit(url)
+        if parts.scheme not in cls.SCHEMES or not parts.hostname:
+            raise ValueError(
+                f"must read like smtp+starttls://user:password@host:587 (smtp, smtp+starttls or smtps), not {url!r}"
+            )
+        security, port = cls.SCHEMES[parts.scheme]
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        return cls(parts.hostname, parts.port or port, security, username, password)
+
+    def connect(self, timeout: float) -> smtplib.SMTP:
+        if self.security == "tls":
+            connection = smtplib.SMTP_SSL(self.host, self.port, timeout=timeout, context=ssl.create_default_context())
+        else:
+            connection = smtplib.SMTP(self.host, self.port, timeout=timeout)
+            if self.security == "starttls":
+                connection.starttls(context=ssl.create_default_context())
+        if self.username:
+            connection.login(self.username, self.password or "")
+        return connection
+
+
+def message(mail: OutboxMail, sender: str) -> EmailMessage:
+    email = EmailMessage()
+    email["From"] = sender
+    email["To"] = mail.recipient
+    email["Subject"] = mail.subject
+    email["Date"] = formatdate(mail.created_at.timestamp())
+    domain = parseaddr(sender)[1].rpartition("@")[2] or None
+    email["Message-ID"] = make_msgid(f"outbox{mail.id}", domain=domain)
+    # Vacation responders and the like do not answer this.
+    email["Auto-Submitted"] = "auto-generated"
+    email.set_content(mail.body)
+    return email
+
+
+def _refused_for_good(error: Exception) -> bool:
+    """A 5xx answer about this mail: sending it again would be refused again."""
+    if isinstance(error, smtplib.SMTPRecipientsRefused):
+        return all(code >= 500 for code, _ in error.recipients.values())
+    if isinstance(error, (smtplib.SMTPSenderRefused, smtplib.SMTPDataError)):
+        return error.smtp_code >= 500
+    return False
+
+
+def retry_delay(attempts: int) -> timedelta:
+    return timedelta(seconds=min(FIRST_RETRY_SECONDS * 2 ** (attempts - 1), LAST_RETRY_SECONDS))
+
+
+def _claim(mail_id: int, now) -> OutboxMail | None:
+    claimed = db.session.execute(
+        update(OutboxMail)
+        .where(
+            OutboxMail.id == mail_id,
+            OutboxMail.state == MailState.QUEUED,
+            or_(OutboxMail.claimed_until.is_(None), OutboxMail.claimed_until < now),
+        )
+        .values(claimed_until=now + CLAIM),
+        execution_options={"synchronize_session": False},
+    ).rowcount
+    db.session.commit()
+    return db.session.get(OutboxMail, mail_id) if claimed else None
+
+
+def deliver_due(limit: int = 100) -> Counter:
+    """Send the mails that are due, oldest first; returns how many were sent, retried later and failed.
+
+    Runs in an app context, outside any request. Each mail's outcome is committed on its own.
+    """
+    config = current_app.config
+    server = Smtp.from_url(config["MAIL_URL"]) if config["MAIL_URL"] else None
+    now = utcnow()
+    due = db.session.scalars(
+        select(OutboxMail.id)
+        .where(
+            OutboxMail.state == MailState.QUEUED,
+            OutboxMail.next_attempt_at <= now,
+            or_(OutboxMail.claimed_until.is_(None), OutboxMail.claimed_until < now),
+        )
+        .order_by(OutboxMail.id)
+        .limit(limit)
+    ).all()
+    db.session.commit()
+    outcome = Counter()
+    connection = None
+    try:
+        for mail_id in due:
+            mail = _claim(mail_id, now)
+            if mail is None:
+                continue  # another sender took it
+            try:
+                if server is None:
+                    log.info("mail to %s (no MAIL_URL, not sent): %s\n%s", mail.recipient, mail.subject, mail.body)
+                else:
+                    connection = connection or server.connect(config["MAIL_TIMEOUT"])
+                    connection.send_message(message(mail, config["MAIL_FROM"]))
+            except (smtplib.SMTPException, OSError) as error:
+                mail.attempts += 1
+                mail.claimed_until = None
+                mail.last_error = f"{type(error).__name__}: {error}"[:500]
+                if _refused_for_good(error):
+                    mail.state = MailState.FAILED
+                    outcome["failed"] += 1
+                    log.error("mail %s to %s refused for good: %s", mail.id, mail.recipient, mail.last_error)
+                else:
+                    mail.next_attempt_at = utcnow() + retry_delay(mail.attempts)
+                    outcome["retry"] += 1
+                    log.warning("mail %s not sent (attempt %s): %s", mail.id, mail.attempts, mail.last_error)
+                db.session.commit()
+                if not isinstance(error, smtplib.SMTPResponseException | smtplib.SMTPRecipientsRefused):
+                    break  # the server is out of reach: the rest wait for the next round
+                continue
+            mail.state = MailState.SENT
+            mail.sent_at = utcnow()
+            mail.claimed_until = None
+            mail.attempts += 1
+            db.session.commit()
+            outcome["sent"] += 1
+    finally:
+        if connection is not None:
+            try:
+                connection.quit()
+            except (smtplib.SMTPException, OSError):
+                connection.close()
+    return outcome
+
+
+class Postman:
+    """One sender thread per process, started with the first request it serves (a forked worker starts its own).
+
+    It wakes when this process commits a mail, and every MAIL_POLL_SECONDS for mail
+    other processes queued and for retries.
+    """
+
+    def __init__(self, app):
+        self.app = app
+        self.wake = threading.Event()
+        self._pid = None
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def start(self) -> None:
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            threading.Thread(target=self.run, name="mail-sender", daemon=True).start()
+
+    def stop(self) -> None:
+        """End the thread after its current round (tests; a process that ends takes it along)."""
+        self._stopped = True
+        self.wake.set()
+
+    def run(self, rounds: int | None = None) -> None:
+        """Deliver until the process ends (or for `rounds` rounds); an error in one round is logged, not fatal."""
+        while not self._stopped and (rounds is None or rounds > 0):
+            try:
+                with self.app.app_context():
+                    deliver_due()
+            except Exception:
+                log.exception("the mail sender's round failed; the next round tries again")
+            if rounds is not None:
+                rounds -= 1
+                if not rounds:
+                    return
+            self.wake.wait(self.app.config["MAIL_POLL_SECONDS"])
+            self.wake.clear()
