@@ -23,6 +23,8 @@ from app.models import MailState, OutboxMail, User, utcnow
 from tests import factories
 from tests.conftest import app_config
 from tests.servers import free_port, wait_for
+from tests.stripe_helpers import checkout_session, event
+from tests.stripe_helpers import deliver as deliver_event
 
 
 class Inbox:
@@ -221,7 +223,14 @@ def test_a_mail_server_that_hangs_delays_mail_and_nothing_else(make_app):
         for number in range(3):
             assert "Check your inbox" in web.register(f"hang{number}@example.com").get_data(as_text=True)
         assert app.test_client().get("/v1/balance", headers=customer.headers).status_code == 200
+        with app.app_context():
+            factories.starter_payment(customer.user_id, "cs_test_hang")
+            db.session.commit()
+        paid = event("checkout.session.completed", checkout_session(customer.user_id, session_id="cs_test_hang"))
+        assert deliver_event(app.test_client(), paid).status_code == 200
+        assert factories.balance(app, customer.user_id) == 10_000
         assert [row.state for row in factories.mails(app, kind="verify")] == [MailState.QUEUED] * 3
+        assert [row.state for row in factories.mails(app, kind="receipt")] == [MailState.QUEUED]
     finally:
         for connection in accepted:
             connection.close()
