@@ -41,7 +41,7 @@ from app.forms import (
     ResetForm,
     SignupForm,
 )
-from app.models import ApiKey, LedgerEntry, OutboxMail, Payment, SpeechRequest, User
+from app.models import ApiKey, LedgerEntry, OutboxMail, Payment, PaymentStatus, SpeechRequest, User, utcnow
 from app.urls import external_url, host_is_checked
 
 bp = Blueprint("dashboard", __name__)
@@ -518,7 +518,7 @@ def checkout():
             pack,
             current_app.config["STRIPE_CURRENCY"],
             success_url=external_url("dashboard.billing_success") + "?session_id={CHECKOUT_SESSION_ID}",
-            cancel_url=external_url("dashboard.billing_page"),
+            cancel_url=external_url("dashboard.billing_cancelled"),
         )
         db.session.commit()
     except stripe.StripeError:
@@ -527,6 +527,27 @@ def checkout():
         flash("Stripe could not start the payment. Nothing was charged; please try again.", "error")
         return redirect(url_for("dashboard.billing_page"))
     return redirect(url, 303)
+
+
+@bp.get("/billing/cancelled")
+@login_required
+def billing_cancelled():
+    """Back from Checkout's Cancel: the checkout just left is expired at Stripe and shown as such."""
+    client = current_app.extensions["stripe"]
+    left = db.session.scalar(
+        select(Payment)
+        .where(
+            Payment.user_id == current_user.id,
+            Payment.status == PaymentStatus.OPEN,
+            Payment.created_at > utcnow() - timedelta(days=1),
+        )
+        .order_by(Payment.id.desc())
+        .limit(1)
+    )
+    if left is not None and client is not None and payments.cancel_checkout(client, left):
+        db.session.commit()
+    flash("Checkout was cancelled: nothing was charged. Choose a pack to try again.", "info")
+    return redirect(url_for("dashboard.billing_page"))
 
 
 @bp.get("/billing/success")

@@ -48,6 +48,8 @@ class PaymentStatus(StrEnum):
     FAILED = "failed"
     REFUNDED = "refunded"
     DISPUTED = "disputed"
+    # Checkout was cancelled, or its session expired unpaid (Stripe's checkout.session.expired).
+    EXPIRED = "expired"
 
 
 def utcnow() -> datetime:
@@ -200,7 +202,7 @@ class Payment(db.Model):
     credits: Mapped[int] = mapped_column(BigInteger)
     amount_cents: Mapped[int]
     currency: Mapped[str] = mapped_column(String(3))
-    # open → paid (credited) | pending (async payment) → paid | failed; paid → refunded | disputed
+    # open → paid (credited) | pending (async payment) → paid | failed | expired; paid → refunded | disputed
     status: Mapped[str] = mapped_column(String(16), default=PaymentStatus.OPEN)
     # Credits owed back through refunds and lost disputes, including any the balance could not cover.
     credits_reversed: Mapped[int] = mapped_column(BigInteger, default=0)

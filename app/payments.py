@@ -4,6 +4,8 @@ import hashlib
 import logging
 from dataclasses import dataclass
 
+import stripe
+
 from sqlalchemy import func, select, text
 
 from app import billing, mail
@@ -100,6 +102,8 @@ def handle_event(event) -> str:
         outcome = _fulfill(obj)
     elif event.type == "checkout.session.async_payment_failed":
         outcome = _set_status(obj, PaymentStatus.FAILED)
+    elif event.type == "checkout.session.expired":
+        outcome = _set_status(obj, PaymentStatus.EXPIRED)
     elif event.type == "charge.refunded":
         # amount_refunded is the charge's running total, so a late, older event changes nothing.
         outcome = _record_reversal(
@@ -163,6 +167,20 @@ def _fulfill(session_obj) -> str:
     )
     waiting = _apply_reversals(payment)
     return outcome if waiting is None else f"{outcome}; {waiting}"
+
+
+def cancel_checkout(client, payment: Payment) -> bool:
+    """The customer came back from Checkout with Cancel: expire the session at Stripe, so it can no
+    longer be paid, and show the payment as such. False (nothing changed) when Stripe refuses,
+    e.g. because it was paid meanwhile in another tab; its webhook then tells the truth."""
+    try:
+        client.v1.checkout.sessions.expire(payment.checkout_session_id)
+    except stripe.StripeError as error:
+        log.info("checkout session %s not expired: %s", payment.checkout_session_id, error)
+        return False
+    if payment.paid_at is None:
+        payment.status = PaymentStatus.EXPIRED
+    return True
 
 
 def _receipt_url(stripe_object) -> str | None:

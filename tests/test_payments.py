@@ -65,7 +65,7 @@ def test_buying_a_pack_creates_a_checkout_session_and_redirects_to_stripe(app, w
     assert params["line_items[0][price_data][currency]"] == "usd"
     assert params["line_items[0][quantity]"] == "1"
     assert params["success_url"] == "http://localhost/billing/success?session_id={CHECKOUT_SESSION_ID}"
-    assert params["cancel_url"] == "http://localhost/billing"
+    assert params["cancel_url"] == "http://localhost/billing/cancelled"
     assert stripe_api.calls[0].request.headers["Authorization"] == "Bearer sk_test_kokoro"
     row = payment(app)
     assert (row.user_id, row.credits, row.amount_cents, row.status) == (buyer, 10000, 500, "open")
@@ -280,3 +280,53 @@ def test_a_refund_for_an_unknown_charge_changes_nothing(app, web, buyer, stripe_
     paid(app, web, buyer, stripe_api, client)
     deliver(client, event("charge.refunded", charge(payment_intent="pi_other")))
     assert factories.balance(app, buyer) == 10100
+
+
+# Checkouts that end without a payment
+
+
+def test_cancel_in_checkout_expires_the_session_and_says_nothing_was_charged(app, web, buyer, stripe_api):
+    buy(web, stripe_api)
+    expired = stripe_api.post(
+        "http://127.0.0.1:12111/v1/checkout/sessions/cs_test_1/expire",
+        json={"id": "cs_test_1", "object": "checkout.session", "status": "expired"},
+    )
+    response = web.get("/billing/cancelled")
+    assert response.headers["Location"] == "/billing" and expired.call_count == 1
+    page = web.get("/billing").get_data(as_text=True)
+    assert "Checkout was cancelled: nothing was charged." in page
+    assert payment(app).status == "expired" and '<span class="tag expired">expired</span>' in page
+    assert factories.balance(app, buyer) == 100
+
+
+def test_a_cancel_stripe_refuses_leaves_the_payment_to_its_webhook(app, web, buyer, stripe_api):
+    buy(web, stripe_api)
+    stripe_api.post(
+        "http://127.0.0.1:12111/v1/checkout/sessions/cs_test_1/expire",
+        status=400,
+        json={"error": {"message": "Only Checkout Sessions with a status in ['open'] can be expired."}},
+    )
+    web.get("/billing/cancelled")
+    assert payment(app).status == "open"
+    # Paid meanwhile in another tab: the webhook credits it as usual.
+    deliver(app.test_client(), event("checkout.session.completed", checkout_session(buyer)))
+    assert payment(app).status == "paid" and factories.balance(app, buyer) == 10_100
+
+
+def test_a_checkout_session_that_expires_unpaid_shows_as_expired(app, web, buyer, stripe_api):
+    buy(web, stripe_api)
+    expired = checkout_session(buyer, payment_status="unpaid", status="expired", payment_intent=None)
+    response = deliver(app.test_client(), event("checkout.session.expired", expired))
+    assert response.status_code == 200
+    assert payment(app).status == "expired" and factories.balance(app, buyer) == 100
+    # A late expiry of a session already paid changes nothing.
+    buy(web, stripe_api, session_id="cs_test_2")
+    deliver(
+        app.test_client(),
+        event("checkout.session.completed", checkout_session(buyer, "cs_test_2", payment_intent="pi_2")),
+    )
+    deliver(
+        app.test_client(),
+        event("checkout.session.expired", checkout_session(buyer, "cs_test_2", payment_intent="pi_2")),
+    )
+    assert payment(app, "cs_test_2").status == "paid"
