@@ -15,7 +15,7 @@ from sqlalchemy import event
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as settings
-from app import mail
+from app import mail, money
 from app.catalog import Names
 from app.extensions import csrf, db, login_manager, migrate
 from app.payments import parse_packs
@@ -53,7 +53,8 @@ def create_app(config: dict | None = None) -> Flask:
 
 
 CONTENT_SECURITY_POLICY = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; object-src 'none'; "
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self' blob:; "
+    "object-src 'none'; "
     "base-uri 'self'; frame-ancestors 'none'; form-action 'self' {checkout}"
 )
 
@@ -209,6 +210,7 @@ def register_extensions(app: Flask) -> None:
     app.extensions["stripe"] = stripe_client(app.config)
     app.extensions["throttle"] = Throttle(app.config)
     app.extensions["postman"] = mail.Postman(app)
+    money.register(app)
     if app.config["MAIL_WORKER"]:
         # Each process sends its mail from a thread of its own, started with its first request.
         app.before_request(app.extensions["postman"].start)
@@ -233,12 +235,13 @@ def stripe_client(config) -> stripe.StripeClient | None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from app import api, dashboard, health, webhooks
+    from app import api, dashboard, health, playground, webhooks
 
     csrf.exempt(api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
+    app.register_blueprint(playground.bp)
     app.register_blueprint(webhooks.bp)
 
 

@@ -120,6 +120,7 @@ def from_environment(environ: Mapping[str, str]) -> dict:
         "MAIL_WORKER": env.bool("MAIL_WORKER", True),
         "MAIL_POLL_SECONDS": env.float("MAIL_POLL_SECONDS", 5.0),
         "SIGNUP_CREDITS": env.int("SIGNUP_CREDITS", 0),
+        "SAMPLE_VOICES": env.list("SAMPLE_VOICES") or ["af_heart", "am_michael", "bf_emma"],
         "LOW_BALANCE_CREDITS": env.int("LOW_BALANCE_CREDITS", 1000),
         "VERIFY_HOURS": env.float("VERIFY_HOURS", 72.0),
         "RESET_MINUTES": env.float("RESET_MINUTES", 60.0),

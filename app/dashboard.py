@@ -26,7 +26,7 @@ from flask_login import current_user, login_required, logout_user
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, keys, mail, payments
+from app import accounts, catalog, keys, mail, payments, usage
 from app.extensions import db, login_manager
 from app.forms import (
     AlertForm,
@@ -41,7 +41,7 @@ from app.forms import (
     ResetForm,
     SignupForm,
 )
-from app.models import ApiKey, LedgerEntry, OutboxMail, Payment, PaymentStatus, SpeechRequest, User, utcnow
+from app.models import ApiKey, LedgerEntry, OutboxMail, Payment, PaymentStatus, User, utcnow
 from app.urls import external_url, host_is_checked
 
 bp = Blueprint("dashboard", __name__)
@@ -335,39 +335,53 @@ def sign_out_everywhere():
 
 
 @bp.get("/")
-@login_required
 def home():
+    """Visitors see what this is and what it costs; customers their overview."""
+    if not current_user.is_authenticated:
+        return render_template("public/landing.html", packs=_packs(), samples=_samples())
     ledger = db.session.scalars(
         select(LedgerEntry).where(LedgerEntry.user_id == current_user.id).order_by(LedgerEntry.id.desc()).limit(10)
     ).all()
-    usage = db.session.scalars(_usage_query().limit(10)).all()
-    return render_template("dashboard/home.html", ledger=ledger, usage=usage)
+    recent = db.session.scalars(_usage_query().limit(10)).all()
+    has_key = db.session.scalar(select(ApiKey.id).where(ApiKey.user_id == current_user.id).limit(1)) is not None
+    return render_template(
+        "dashboard/home.html",
+        ledger=ledger,
+        usage=recent,
+        has_key=has_key,
+        stripe_enabled=current_app.extensions["stripe"] is not None,
+    )
 
 
 @bp.get("/ledger")
 @login_required
 def ledger_page():
-    page = db.paginate(
-        select(LedgerEntry).where(LedgerEntry.user_id == current_user.id).order_by(LedgerEntry.id.desc()),
-        per_page=PER_PAGE,
-        max_per_page=PER_PAGE,
-    )
-    return render_template("dashboard/ledger.html", page=page)
+    filters = usage.Filters.from_args(request.args)
+    page = db.paginate(filters.ledger(current_user.id), per_page=PER_PAGE, max_per_page=PER_PAGE)
+    return render_template("dashboard/ledger.html", page=page, filters=filters)
 
 
 def _usage_query():
-    return (
-        select(SpeechRequest)
-        .where(SpeechRequest.user_id == current_user.id)
-        .order_by(SpeechRequest.created_at.desc(), SpeechRequest.id)
-    )
+    return usage.Filters().usage(current_user.id)
 
 
 @bp.get("/usage")
 @login_required
 def usage_page():
-    page = db.paginate(_usage_query(), per_page=PER_PAGE, max_per_page=PER_PAGE)
-    return render_template("dashboard/usage.html", page=page)
+    filters = usage.Filters.from_args(request.args)
+    page = db.paginate(filters.usage(current_user.id), per_page=PER_PAGE, max_per_page=PER_PAGE)
+    series = usage.credits_per_day(current_user.id, filters)
+    bars, top = usage.bars(series)
+    return render_template(
+        "dashboard/usage.html",
+        page=page,
+        filters=filters,
+        keys=usage.user_keys(current_user.id),
+        bars=bars,
+        top=top,
+        total=sum(credits for _, credits in series),
+        month=usage.this_month(current_user.id, filters),
+    )
 
 
 def csv_text(value: str) -> str:
@@ -375,56 +389,95 @@ def csv_text(value: str) -> str:
     return "'" + value if value.startswith(FORMULA_STARTS) else value
 
 
-@bp.get("/usage.csv")
-@login_required
-def usage_csv():
-    query = _usage_query().execution_options(yield_per=500)
+def _csv_download(name: str, header: list[str], rows) -> Response:
+    """A CSV file streamed as it is written, one database batch at a time; `rows()` runs while streaming."""
 
-    def rows():
+    def lines():
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(
-            [
-                "time",
-                "request_id",
-                "key",
-                "model",
-                "voice",
-                "format",
-                "characters",
-                "credits",
-                "state",
-                "bytes",
-                "duration_ms",
-                "error",
-            ]
-        )
-        for speech in db.session.scalars(query):
-            key = speech.api_key.prefix + "…" if speech.api_key else ""
-            writer.writerow(
-                [
-                    speech.created_at.isoformat(),
-                    speech.id,
-                    key,
-                    csv_text(speech.model),
-                    csv_text(speech.voice),
-                    csv_text(speech.response_format),
-                    speech.characters,
-                    speech.credits,
-                    speech.state,
-                    speech.bytes_sent,
-                    speech.duration_ms or "",
-                    csv_text(speech.error or ""),
-                ]
-            )
+        writer.writerow(header)
+        for row in rows():
+            writer.writerow(row)
             yield buffer.getvalue()
             buffer.seek(0)
             buffer.truncate()
         yield buffer.getvalue()
 
-    response = Response(stream_with_context(rows()), mimetype="text/csv")
-    response.headers["Content-Disposition"] = "attachment; filename=kokoro-pay-usage.csv"
+    response = Response(stream_with_context(lines()), mimetype="text/csv")
+    response.headers["Content-Disposition"] = f"attachment; filename={name}"
     return response
+
+
+@bp.get("/usage.csv")
+@login_required
+def usage_csv():
+    query = usage.Filters.from_args(request.args).usage(current_user.id).execution_options(yield_per=500)
+    header = [
+        "time",
+        "request_id",
+        "key",
+        "model",
+        "voice",
+        "format",
+        "characters",
+        "credits",
+        "credits_refunded",
+        "state",
+        "bytes",
+        "duration_ms",
+        "error",
+    ]
+    rows = lambda: (  # noqa: E731
+        [
+            speech.created_at.isoformat(),
+            speech.id,
+            speech.api_key.prefix + "…" if speech.api_key else usage.PLAYGROUND,
+            csv_text(speech.model),
+            csv_text(speech.voice),
+            csv_text(speech.response_format),
+            speech.characters,
+            speech.credits,
+            speech.credits_refunded,
+            speech.state,
+            speech.bytes_sent,
+            speech.duration_ms or "",
+            csv_text(speech.error or ""),
+        ]
+        for speech in db.session.scalars(query)
+    )
+    return _csv_download("kokoro-pay-usage.csv", header, rows)
+
+
+@bp.get("/ledger.csv")
+@login_required
+def ledger_csv():
+    query = usage.Filters.from_args(request.args).ledger(current_user.id).execution_options(yield_per=500)
+    header = ["time", "kind", "credits", "balance_after", "reference", "note"]
+    rows = lambda: (  # noqa: E731
+        [
+            entry.created_at.isoformat(),
+            entry.kind,
+            entry.amount,
+            entry.balance_after,
+            csv_text(entry.reference),
+            csv_text(entry.note or ""),
+        ]
+        for entry in db.session.scalars(query)
+    )
+    return _csv_download("kokoro-pay-ledger.csv", header, rows)
+
+
+def ledger_link(entry: LedgerEntry) -> str | None:
+    """Where a ledger entry's request or payment is shown: the usage row, or the payment on the billing page."""
+    kind, _, rest = entry.reference.partition(":")
+    if kind in ("speech", "refund"):
+        return url_for("dashboard.usage_page", request=rest)
+    if kind in ("topup", "payment_refund", "chargeback"):
+        return url_for("dashboard.billing_page", _anchor="payment-" + rest.split(":")[0])
+    return None
+
+
+bp.add_app_template_global(ledger_link)
 
 
 # Keys
@@ -473,6 +526,18 @@ def revoke_key(key_id: int):
             flash(f"Key {key.prefix}… is revoked. Requests with it now get 401.", "success")
         return redirect(url_for("dashboard.keys_page"))
     return render_template("dashboard/revoke.html", key=key, form=form)
+
+
+# Public pages
+
+
+def _samples() -> list[dict]:
+    return [catalog.describe(voice) for voice in current_app.config["SAMPLE_VOICES"]]
+
+
+@bp.get("/pricing")
+def pricing():
+    return render_template("public/pricing.html", packs=_packs())
 
 
 # Top-ups

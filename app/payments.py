@@ -5,7 +5,6 @@ import logging
 from dataclasses import dataclass
 
 import stripe
-
 from sqlalchemy import func, select, text
 
 from app import billing, mail

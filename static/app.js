@@ -21,3 +21,14 @@ const replaceUrl = document.querySelector("[data-replace-url]");
 if (replaceUrl) {
   history.replaceState(null, "", replaceUrl.dataset.replaceUrl);
 }
+
+// On a phone the header's links fold behind a Menu button (without JavaScript they simply wrap).
+document.documentElement.classList.add("js");
+const menu = document.querySelector(".menu-toggle");
+if (menu) {
+  menu.addEventListener("click", () => {
+    const open = menu.getAttribute("aria-expanded") !== "true";
+    menu.setAttribute("aria-expanded", String(open));
+    document.querySelector("#site-nav").classList.toggle("open", open);
+  });
+}

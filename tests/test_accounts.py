@@ -46,7 +46,7 @@ def test_sign_up_asks_to_check_the_inbox_and_signs_nobody_in(app, web):
     response = web.register("Someone@Example.com")
     text = response.get_data(as_text=True)
     assert response.status_code == 200 and "Check your inbox" in text and "someone@example.com" in text
-    assert web.get("/").status_code == 302  # not signed in
+    assert web.get("/keys").status_code == 302  # not signed in
     [verify] = mails(app, "someone@example.com")
     assert verify.kind == "verify" and verify.subject == "Confirm your email for kokoro-pay"
     assert "http://localhost/verify/" in verify.body and "72 hours" in verify.body and "300 free credits" in verify.body
@@ -162,7 +162,7 @@ def test_a_forgotten_password_is_reset_by_a_link_that_works_once(app, web):
     done = anonymous.post(link, {"password": NEW_PASSWORD, "confirm": NEW_PASSWORD})
     assert done.headers["Location"] == "/login"
     # Every sign-in ended; the old password is gone, the new one works.
-    assert web.get("/").status_code == 302 and elsewhere.get("/").status_code == 302
+    assert web.get("/keys").status_code == 302 and elsewhere.get("/keys").status_code == 302
     assert "Wrong email or password." in anonymous.login("forgetful@example.com").get_data(as_text=True)
     assert anonymous.login("forgetful@example.com", NEW_PASSWORD).status_code == 302
     assert mails(app, "forgetful@example.com")[-1].kind == "password_changed"
@@ -277,7 +277,7 @@ def test_deleting_an_account_erases_the_owner_and_keeps_the_books(app, web):
     assert web.post("/account/delete", {"current": PASSWORD, "understood": "y"}).headers["Location"] == "/login"
 
     assert app.test_client().get("/v1/balance", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
-    assert web.get("/").status_code == 302
+    assert web.get("/keys").status_code == 302
     assert "Wrong email or password." in web.login("leaving@example.com").get_data(as_text=True)
     gone = user(app, f"deleted-{leaving.id}@deleted.invalid")
     assert gone.password_hash is None and gone.deleted_at is not None and gone.balance == 300

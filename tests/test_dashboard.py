@@ -88,16 +88,16 @@ def test_sign_in_and_out(app, web):
     web.signup("me@example.com")
     web.get("/")
     assert web.logout().headers["Location"] == "/login"
-    assert web.get("/").status_code == 302
+    assert web.get("/keys").status_code == 302
     assert "Wrong email or password." in web.login("me@example.com", "wrong password").get_data(as_text=True)
     assert web.login("ME@example.com").status_code == 302
-    assert web.get("/").status_code == 200
+    assert web.get("/keys").status_code == 200
 
 
 def test_sign_out_needs_the_csrf_token(web):
     web.signup("me@example.com")
     web.post("/logout", csrf=False)
-    assert web.get("/").status_code == 200
+    assert web.get("/keys").status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -118,7 +118,7 @@ def test_next_redirects_only_within_this_site(web, target, expected):
 
 
 def test_pages_need_a_signed_in_user(client):
-    for path in ("/", "/keys", "/usage", "/ledger", "/usage.csv", "/billing"):
+    for path in ("/keys", "/usage", "/ledger", "/usage.csv", "/ledger.csv", "/billing", "/account", "/playground"):
         response = client.get(path)
         assert response.status_code == 302 and response.headers["Location"].startswith("/login?next=")
 

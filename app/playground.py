@@ -1,0 +1,126 @@
+"""The playground: a signed-in customer hears a voice without writing code.
+
+Metered exactly as `POST /v1/audio/speech`: the same checks, charge, relay and
+settlement (app/speech.py), the same usage row, with no API key (the usage pages show
+it as the playground's). The page's script posts JSON with the CSRF token in a header
+and plays the audio as it streams in.
+"""
+
+import threading
+import time
+from itertools import groupby
+
+from babel import Locale
+from flask import Blueprint, abort, current_app, render_template, request
+from flask_login import current_user, login_required
+
+from app import catalog, keys, speech
+from app.errors import ApiError
+from app.upstream import Busy, UpstreamError
+
+bp = Blueprint("playground", __name__, url_prefix="/playground")
+
+# Formats a browser's <audio> plays (raw pcm has no header to play it by).
+PLAYABLE = ("mp3", "opus", "aac", "flac", "wav")
+
+
+def language_name(code: str | None) -> str:
+    """ "en-gb" → "English (United Kingdom)", by Babel's locale data; unknown codes as they are."""
+    if not code:
+        return "Other"
+    try:
+        return Locale.parse(code, sep="-").get_display_name("en")
+    except (ValueError, TypeError):
+        return code
+
+
+def voice_groups() -> list[tuple[str, list[dict]]] | None:
+    """The upstream's voices by language, each with its speaker's gender; None when the catalog is unreachable."""
+    known = speech.upstream_catalog()
+    if known is None:
+        return None
+    voices = sorted(
+        (catalog.describe(voice) for voice in known.voices),
+        key=lambda voice: (language_name(voice["language"]), voice["name"]),
+    )
+    return [(language, list(members)) for language, members in groupby(voices, lambda v: language_name(v["language"]))]
+
+
+@bp.get("")
+@login_required
+def page():
+    return render_template(
+        "dashboard/playground.html",
+        groups=voice_groups(),
+        formats=PLAYABLE,
+        default_voice=speech.DEFAULT_VOICE,
+        max_chars=current_app.config["MAX_INPUT_CHARS"],
+    )
+
+
+@bp.post("/speech")
+@login_required
+def speak():
+    """The playground's speech request: JSON in, audio out, errors as `{"detail": …}` (as under /v1)."""
+    received = time.monotonic()
+    if not current_user.verified:
+        raise ApiError(403, "Confirm your email first: open the link we mailed you.", code="email_not_verified")
+    wait = current_app.extensions["throttle"].api_request(f"playground-{current_user.id}", current_user.id)
+    if wait is not None:
+        raise ApiError(429, "Rate limit reached.", {"Retry-After": str(wait)})
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise ApiError(400, "Send the request as a JSON object.", code="invalid_json")
+    if body.get("response_format", speech.DEFAULT_FORMAT) not in PLAYABLE:
+        raise ApiError(400, f"The playground plays {', '.join(PLAYABLE)}.", param="response_format")
+    order = speech.read_order(body, current_app.config["MAX_INPUT_CHARS"])
+    caller = keys.Caller(
+        key_id=None,
+        revoked_at=None,
+        last_used_at=None,
+        user_id=current_user.id,
+        balance=current_user.balance,
+        unlimited=current_user.unlimited,
+    )
+    return speech.serve(caller, order, received)
+
+
+# The landing page's samples: one fixed sentence per voice in SAMPLE_VOICES, synthesised once per
+# process and kept, so a visitor can hear the product without an account and nobody can make
+# the server synthesise anything else through it.
+SAMPLE_TEXT = "Hello! I am {name}, one of the voices you can use on kokoro-pay. One credit per character."
+_sample_lock = threading.Lock()
+
+
+@bp.get("/samples/<voice>.mp3")
+def sample(voice: str):
+    if voice not in current_app.config["SAMPLE_VOICES"]:
+        abort(404)
+    samples = current_app.extensions.setdefault("voice_samples", {})
+    with _sample_lock:
+        if voice not in samples:
+            samples[voice] = _synthesise_sample(voice)
+    response = current_app.response_class(samples[voice], mimetype="audio/mpeg")
+    response.headers["Cache-Control"] = "public, max-age=86400"
+    return response
+
+
+def _synthesise_sample(voice: str) -> bytes:
+    name = catalog.describe(voice)["name"]
+    payload = {"model": speech.DEFAULT_MODEL, "voice": voice, "input": SAMPLE_TEXT.format(name=name)}
+    payload["response_format"] = "mp3"
+    upstream = current_app.extensions["upstream"]
+    try:
+        slot = upstream.reserve()
+    except Busy:
+        abort(503, "The speech server is busy; try the sample again in a moment.")
+    try:
+        audio = upstream.open_speech(payload, current_app.config["STREAM_CHUNK_BYTES"], slot)
+        try:
+            return audio.first_chunk + b"".join(audio.rest)
+        finally:
+            audio.close()
+    except UpstreamError:
+        abort(503, "The speech server cannot be reached; try the sample again in a moment.")
+    finally:
+        slot.release()

@@ -1,0 +1,141 @@
+"""What a customer's usage and ledger pages show: filters, credits per day, this month's totals."""
+
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+
+from sqlalchemy import Select, func, select
+
+from app.extensions import db
+from app.models import ApiKey, LedgerEntry, SpeechRequest, utcnow
+
+CHART_DAYS = 30
+# The usage filter's value for requests made in the dashboard's playground (no API key).
+PLAYGROUND = "playground"
+
+
+@dataclass(frozen=True)
+class Filters:
+    """From the query string: `key` (an id of the user's keys, or "playground"), `from`/`to` (dates), `request`."""
+
+    key: str = ""
+    start: date | None = None
+    end: date | None = None
+    request_id: str = ""
+
+    @classmethod
+    def from_args(cls, args) -> "Filters":
+        return cls(
+            key=args.get("key", "").strip(),
+            start=_date(args.get("from")),
+            end=_date(args.get("to")),
+            request_id=args.get("request", "").strip()[:40],
+        )
+
+    def args(self) -> dict:
+        """The query string that repeats these filters (for pages and the CSV download)."""
+        values = {"key": self.key, "from": self.start, "to": self.end, "request": self.request_id}
+        return {name: str(value) for name, value in values.items() if value}
+
+    def dated(self, query: Select, column) -> Select:
+        if self.start:
+            query = query.where(column >= _midnight(self.start))
+        if self.end:
+            query = query.where(column < _midnight(self.end + timedelta(days=1)))
+        return query
+
+    def usage(self, user_id: int) -> Select:
+        query = select(SpeechRequest).where(SpeechRequest.user_id == user_id)
+        query = self.dated(self.keyed(query), SpeechRequest.created_at)
+        if self.request_id:
+            query = query.where(SpeechRequest.id == self.request_id)
+        return query.order_by(SpeechRequest.created_at.desc(), SpeechRequest.id)
+
+    def keyed(self, query: Select) -> Select:
+        if self.key == PLAYGROUND:
+            return query.where(SpeechRequest.api_key_id.is_(None))
+        if self.key.isdigit():
+            return query.where(SpeechRequest.api_key_id == int(self.key))
+        return query
+
+    def ledger(self, user_id: int) -> Select:
+        query = select(LedgerEntry).where(LedgerEntry.user_id == user_id)
+        return self.dated(query, LedgerEntry.created_at).order_by(LedgerEntry.id.desc())
+
+
+def _date(raw: str | None) -> date | None:
+    try:
+        return date.fromisoformat(raw) if raw else None
+    except ValueError:
+        return None
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, time(), tzinfo=timezone.utc)
+
+
+def _day(column):
+    """The UTC calendar day of a timestamp, as the database computes it."""
+    if db.session.get_bind().dialect.name == "postgresql":
+        return func.to_char(func.timezone("UTC", column), "YYYY-MM-DD")
+    return func.strftime("%Y-%m-%d", column)
+
+
+def credits_per_day(user_id: int, filters: Filters, days: int = CHART_DAYS) -> list[tuple[date, int]]:
+    """Credits kept (charged less refunded) per UTC day for the last `days` days, today included; zeros too."""
+    today = utcnow().date()
+    first = today - timedelta(days=days - 1)
+    day = _day(SpeechRequest.created_at)
+    kept = func.sum(SpeechRequest.credits - SpeechRequest.credits_refunded)
+    query = filters.keyed(
+        select(day, kept)
+        .where(SpeechRequest.user_id == user_id, SpeechRequest.created_at >= _midnight(first))
+        .group_by(day)
+    )
+    totals = {date.fromisoformat(row[0]): int(row[1] or 0) for row in db.session.execute(query)}
+    return [(first + timedelta(days=n), totals.get(first + timedelta(days=n), 0)) for n in range(days)]
+
+
+@dataclass(frozen=True)
+class Totals:
+    requests: int
+    characters: int
+    credits: int
+
+
+def this_month(user_id: int, filters: Filters) -> Totals:
+    start = utcnow().date().replace(day=1)
+    row = db.session.execute(
+        filters.keyed(
+            select(
+                func.count(SpeechRequest.id),
+                func.coalesce(func.sum(SpeechRequest.characters), 0),
+                func.coalesce(func.sum(SpeechRequest.credits - SpeechRequest.credits_refunded), 0),
+            ).where(SpeechRequest.user_id == user_id, SpeechRequest.created_at >= _midnight(start))
+        )
+    ).one()
+    return Totals(*(int(value) for value in row))
+
+
+def user_keys(user_id: int) -> list[ApiKey]:
+    return db.session.scalars(select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.id)).all()
+
+
+@dataclass(frozen=True)
+class Bar:
+    x: float
+    y: float
+    width: float
+    height: float
+    day: date
+    credits: int
+
+
+def bars(series: list[tuple[date, int]], width: int = 600, height: int = 160) -> tuple[list[Bar], int]:
+    """Bar geometry for the server-drawn SVG chart, and the highest day's credits (the scale)."""
+    top = max((credits for _, credits in series), default=0)
+    slot = width / max(len(series), 1)
+    shapes = []
+    for index, (day, credits) in enumerate(series):
+        bar_height = 0 if not top else max(1.0, height * credits / top) if credits else 0
+        shapes.append(Bar(index * slot + 1, height - bar_height, slot - 2, bar_height, day, credits))
+    return shapes, top
