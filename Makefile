@@ -32,7 +32,12 @@ NODE_CLIENTS := tests/clients/node
 $(NODE_CLIENTS)/node_modules/.package-lock.json: $(NODE_CLIENTS)/package.json $(NODE_CLIENTS)/package-lock.json
 	npm ci --prefix $(NODE_CLIENTS) --no-audit --no-fund --loglevel=error
 
-test: $(VENV)/.dev $(NODE_CLIENTS)/node_modules/.package-lock.json
+# axe-core, for the dashboard's accessibility check in Chromium (tests/test_browser.py).
+BROWSER_CHECKS := tests/browser
+$(BROWSER_CHECKS)/node_modules/.package-lock.json: $(BROWSER_CHECKS)/package.json $(BROWSER_CHECKS)/package-lock.json
+	npm ci --prefix $(BROWSER_CHECKS) --no-audit --no-fund --loglevel=error
+
+test: $(VENV)/.dev $(NODE_CLIENTS)/node_modules/.package-lock.json $(BROWSER_CHECKS)/node_modules/.package-lock.json
 	$(BIN)/python -m pytest
 
 # What the gateway adds on top of the upstream; needs PostgreSQL (BENCH_DATABASE_URL).

@@ -224,3 +224,144 @@ def test_a_page_on_another_origin_calls_the_api_only_when_the_operator_allows_it
 def upstream_for_browser():
     with serve(FakeUpstream()) as url:
         yield url
+
+
+AXE = Path(__file__).resolve().parent / "browser" / "node_modules" / "axe-core" / "axe.min.js"
+WIDTHS = {"desktop": {"width": 1280, "height": 800}, "phone": {"width": 390, "height": 844}}
+PUBLIC_PAGES = {"landing": "/", "pricing": "/pricing", "docs": "/docs", "sign-in": "/login", "sign-up": "/signup"}
+PUBLIC_PAGES["forgot"] = "/forgot"
+CUSTOMER_PAGES = {
+    "overview": "/",
+    "keys": "/keys",
+    "playground": "/playground",
+    "usage": "/usage",
+    "ledger": "/ledger",
+    "billing": "/billing",
+    "account": "/account",
+}
+
+# Every action on the page, scrolled to in turn: on screen, inside the width, and the thing a tap there hits.
+UNREACHABLE_ACTIONS = """() => {
+    const missed = [];
+    const actions = document.querySelectorAll(
+        "a[href], button, input:not([type=hidden]), select, textarea, audio[controls]");
+    for (const element of actions) {
+        if (!element.getClientRects().length || getComputedStyle(element).visibility === "hidden") continue;
+        if (element.closest(".skip")) continue;  // shown when focused, by design
+        element.scrollIntoView({block: "center", inline: "center"});
+        const box = element.getBoundingClientRect();
+        const hit = document.elementFromPoint(box.left + box.width / 2, box.top + box.height / 2);
+        const inside = box.left >= -1 && box.right <= window.innerWidth + 1 && box.width > 0;
+        const reached = hit && (
+            element.contains(hit) || hit.contains(element) || hit.closest("label")?.contains(element));
+        if (!inside || !reached) missed.push(element.outerHTML.slice(0, 120));
+    }
+    window.scrollTo(0, 0);
+    return missed;
+}"""
+
+
+def check_page(page, name, width, database_uri):
+    """A screenshot; the page fits the width, has one h1, every action can be tapped, axe finds nothing serious."""
+    wide = page.evaluate(
+        """(width) => [...document.querySelectorAll("body *")]
+            .filter((e) => e.getBoundingClientRect().right > width + 1)
+            .map((e) => `${e.tagName}.${e.className}: ${e.textContent.slice(0, 40)}`)""",
+        WIDTHS[width]["width"],
+    )
+    assert page.evaluate("document.documentElement.scrollWidth") <= WIDTHS[width]["width"], f"{name}: {wide}"
+    assert page.locator("h1").count() == 1, f"{name} has {page.locator('h1').count()} h1"
+    shot(page, f"{width}-{name}", database_uri)
+    if width == "phone" and page.locator(".menu-toggle").is_visible():
+        page.tap(".menu-toggle")
+        expect(page.locator("#site-nav")).to_be_visible()
+    assert page.evaluate(UNREACHABLE_ACTIONS) == [], f"{name} at {width}: actions out of reach"
+    page.evaluate(AXE.read_text())
+    violations = page.evaluate(
+        """async () => (await axe.run(document, {resultTypes: ["violations"]})).violations
+            .filter((v) => v.impact === "serious" || v.impact === "critical")
+            .map((v) => `${v.id}: ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`)"""
+    )
+    assert violations == [], f"{name} at {width}: {violations}"
+
+
+@pytest.fixture
+def furnished(make_app, upstream_for_browser):
+    """A server with a customer who has a key, a payment, usage and ledger entries; yields (app, url, email)."""
+    from app import billing
+    from app.extensions import db
+
+    app = make_app(UPSTREAM_URL=f"{upstream_for_browser}/v1", TRUSTED_HOSTS=["127.0.0.1", "localhost"])
+    customer = factories.customer(app, balance=5000, password="correct horse battery")
+    factories.charged(app, customer.user_id, count=3, characters=120)
+    with app.app_context():
+        factories.starter_payment(customer.user_id, "cs_test_pages", status="paid")
+        billing.grant(db.session.get(factories.User, customer.user_id), 250, "A welcome gift from the operator")
+        db.session.commit()
+    with serve(app) as url:
+        yield app, url, customer.email
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_every_page_fits_the_screen_every_action_can_be_tapped_and_axe_finds_nothing_serious(
+    browser, furnished, width, database_uri
+):
+    app, site, email = furnished
+    context = browser.new_context(viewport=WIDTHS[width], has_touch=True, is_mobile=width == "phone")
+    page = context.new_page()
+    for name, path in PUBLIC_PAGES.items():
+        page.goto(site + path)
+        check_page(page, name, width, database_uri)
+    page.goto(f"{site}/login")
+    page.fill("#email", email)
+    page.fill("#password", "correct horse battery")
+    page.click("main button[type=submit]")
+    page.wait_for_url(f"{site}/")
+    for name, path in CUSTOMER_PAGES.items():
+        page.goto(site + path)
+        check_page(page, name, width, database_uri)
+    # The header folds on a phone: the menu opens with a tap and its links work.
+    if width == "phone":
+        page.goto(f"{site}/keys")
+        expect(page.locator("#site-nav")).to_be_hidden()
+        page.tap(".menu-toggle")
+        page.tap("#site-nav >> text=Usage")
+        page.wait_for_url(f"{site}/usage")
+        expect(page.locator("nav a[aria-current=page]")).to_have_text("Usage")
+    context.close()
+
+
+def test_the_playground_shows_the_cost_plays_and_updates_the_balance(browser, furnished, database_uri):
+    app, site, email = furnished
+    page = browser.new_page(viewport=WIDTHS["desktop"])
+    errors = []
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.goto(f"{site}/login")
+    page.fill("#email", email)
+    page.fill("#password", "correct horse battery")
+    page.click("main button[type=submit]")
+    page.wait_for_url(f"{site}/")
+    page.goto(f"{site}/playground")
+    page.fill("#input", "Hello from the playground, héllo 👋")
+    expect(page.locator("#cost-credits")).to_have_text("34")  # code points, as the API counts
+    page.select_option("#voice", "bm_george")
+    page.select_option("#format", "wav")
+    user_id = _user_id(app, email)
+    before = factories.balance(app, user_id)
+    page.click("#play")
+    expect(page.locator("#playground-status")).to_contain_text("Charged 34 credits")
+    expect(page.locator("#balance")).to_have_text(f"{before - 34:,}")
+    assert page.get_attribute("#player", "src").startswith("blob:")
+    shot(page, "desktop-playground-played", database_uri)
+    # A request the balance cannot cover says so, and charges nothing.
+    with app.app_context():
+        from app import billing
+        from app.extensions import db
+
+        billing.deduct(db.session.get(factories.User, user_id), before - 34 - 10, "leave 10")
+        db.session.commit()
+    page.click("#play")
+    expect(page.locator("#playground-status")).to_contain_text("Insufficient credits")
+    assert factories.balance(app, user_id) == 10
+    assert errors == []
+    page.close()
