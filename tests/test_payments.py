@@ -319,6 +319,8 @@ def test_a_checkout_session_that_expires_unpaid_shows_as_expired(app, web, buyer
     response = deliver(app.test_client(), event("checkout.session.expired", expired))
     assert response.status_code == 200
     assert payment(app).status == "expired" and factories.balance(app, buyer) == 100
+    page = web.get("/billing/success?session_id=cs_test_1").get_data(as_text=True)
+    assert 'data-state="expired"' in page and 'http-equiv="refresh"' not in page
     # A late expiry of a session already paid changes nothing.
     buy(web, stripe_api, session_id="cs_test_2")
     deliver(
