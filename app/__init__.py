@@ -235,13 +235,14 @@ def stripe_client(config) -> stripe.StripeClient | None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from app import api, dashboard, health, playground, webhooks
+    from app import admin, api, dashboard, health, playground, webhooks
 
     csrf.exempt(api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(playground.bp)
+    app.register_blueprint(admin.bp)
     app.register_blueprint(webhooks.bp)
 
 

@@ -284,7 +284,7 @@ def load_signed_in(token: str) -> User | None:
     login = db.session.scalar(
         select(LoginSession).where(LoginSession.digest == _digest(token), LoginSession.expires_at > utcnow())
     )
-    if login is None:
+    if login is None or login.user.disabled_at is not None:
         return None
     login.user.login_token = token
     return login.user
@@ -303,6 +303,13 @@ def end_other_sign_ins(user: User) -> int:
     keep = _digest(user.login_token) if user.login_token else ""
     ended = db.session.execute(delete(LoginSession).where(LoginSession.user_id == user.id, LoginSession.digest != keep))
     return ended.rowcount
+
+
+def set_disabled(user: User, disabled: bool) -> None:
+    """Disable (keys refused, every sign-in ended, no new ones) or enable an account; the caller commits."""
+    user.disabled_at = utcnow() if disabled else None
+    if disabled:
+        db.session.execute(delete(LoginSession).where(LoginSession.user_id == user.id))
 
 
 def sign_ins(user: User) -> int:

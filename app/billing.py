@@ -265,6 +265,29 @@ def refund_speech(request_id: str, reason: str, **details) -> int | None:
     return refund
 
 
+class Settled(NamedTuple):
+    found: int
+    settled: int
+    credits: int
+
+
+def settle_stale(older_than_seconds: int) -> Settled:
+    """Refund what requests a dead worker left charged did not deliver; commits each on its own.
+
+    Only requests with no progress for `older_than_seconds` are touched (a live stream records
+    its progress every few seconds); one settled meanwhile, by its worker or another run, is skipped.
+    """
+    settled = credits = 0
+    stale = stale_charges(older_than_seconds)
+    for request_id in stale:
+        refund = refund_speech(request_id, STALE_REASON)
+        db.session.commit()
+        if refund is not None:
+            settled += 1
+            credits += refund
+    return Settled(len(stale), settled, credits)
+
+
 STALE_REASON = "Never settled: the worker serving it stopped (crash or lost database connection)."
 
 

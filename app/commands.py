@@ -72,6 +72,17 @@ def set_password(email):
     click.echo(f"Password set for {user.email}; {ended} sign-in(s) ended.")
 
 
+@users_cli.command("admin")
+@click.argument("email")
+@click.option("--on/--off", "enabled", default=True, help="Give (default) or take away the admin console.")
+def set_admin(email, enabled):
+    """Let an account use the admin console (/admin), or stop it."""
+    user = _user(email)
+    user.is_admin = enabled
+    db.session.commit()
+    click.echo(f"{user.email} is {'now' if enabled else 'no longer'} an admin.")
+
+
 @users_cli.command("show")
 @click.argument("email")
 @click.option("--limit", default=20, show_default=True, help="How many ledger entries to list.")
@@ -168,20 +179,11 @@ def settle_speech(older_than):
     records its progress every few seconds); each is refunded for the audio its last
     recorded progress does not cover, as when an upstream breaks off.
     """
-    from flask import current_app
-
     age = current_app.config["STALE_CHARGE_SECONDS"] if older_than is None else older_than
-    settled = credits = 0
-    stale = billing.stale_charges(age)
-    for request_id in stale:
-        # One transaction each; a request settled meanwhile (by its worker or another run) is skipped.
-        refund = billing.refund_speech(request_id, billing.STALE_REASON)
-        db.session.commit()
-        if refund is not None:
-            settled += 1
-            credits += refund
+    done = billing.settle_stale(age)
     click.echo(
-        f"{len(stale)} requests without progress for over {age} s; settled {settled}, refunding {credits} credits."
+        f"{done.found} requests without progress for over {age} s; settled {done.settled}, "
+        f"refunding {done.credits} credits."
     )
 
 

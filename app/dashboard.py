@@ -186,6 +186,9 @@ def login():
             response.headers["Retry-After"] = str(wait)
             return response
         user = accounts.authenticate(email, form.password.data)
+        if user is not None and user.disabled_at is not None:
+            form.password.errors.append("This account is disabled. Contact the operator of this service.")
+            return render_template("auth/login.html", form=form), 403
         if user is not None:
             _sign_in(user, remember=form.remember.data)
             return redirect(safe_next(request.args.get("next")))

@@ -54,6 +54,7 @@ _FIND = (
         User.id.label("user_id"),
         User.balance,
         User.unlimited,
+        User.disabled_at,
     )
     .join(User, ApiKey.user_id == User.id)
     .where(ApiKey.digest == bindparam("digest"))
@@ -69,6 +70,8 @@ class Caller(NamedTuple):
     user_id: int
     balance: int
     unlimited: bool
+    # Set when an admin disabled the account: its keys are refused like revoked ones.
+    disabled_at: datetime | None = None
 
 
 class KeyRefused(Exception):
@@ -99,6 +102,8 @@ def authenticate(authorization: Authorization | None, resolution_seconds: int) -
         raise KeyRefused("Invalid API key.")
     if caller.revoked_at is not None:
         raise KeyRefused("This API key has been revoked.")
+    if caller.disabled_at is not None:
+        raise KeyRefused("This account is disabled. Contact the operator of this service.")
     touch(caller.key_id, caller.last_used_at, resolution_seconds)
     return caller
 

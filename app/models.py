@@ -81,6 +81,8 @@ class User(UserMixin, db.Model):
     low_balance_sent_at: Mapped[Optional[datetime]]
     # Deleted by its owner: personal data erased, the ledger kept under this anonymous row.
     deleted_at: Mapped[Optional[datetime]]
+    # Disabled by an admin: its keys get 401 and it cannot sign in, until enabled again.
+    disabled_at: Mapped[Optional[datetime]]
 
     keys: Mapped[list["ApiKey"]] = relationship(back_populates="user")
 
@@ -181,6 +183,8 @@ class SpeechRequest(db.Model):
     # Written every few seconds while a stream is relayed: `flask speech settle` leaves live streams alone.
     progress_at: Mapped[Optional[datetime]]
     error: Mapped[Optional[str]] = mapped_column(String(500))
+    # The client's own X-Request-Id, when it sent a well-formed one (answered back as X-Request-Id).
+    client_request_id: Mapped[Optional[str]] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     first_byte_ms: Mapped[Optional[int]]
     duration_ms: Mapped[Optional[int]]
@@ -264,3 +268,19 @@ class OutboxMail(db.Model):
     last_error: Mapped[Optional[str]] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     sent_at: Mapped[Optional[datetime]]
+
+
+class AdminAction(db.Model):
+    """What an admin did in the console, and to whom; written with the change, never edited."""
+
+    __tablename__ = "admin_actions"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    admin_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    action: Mapped[str] = mapped_column(String(40))
+    user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"), index=True)
+    details: Mapped[str] = mapped_column(String(500), default="")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+    admin: Mapped["User"] = relationship(foreign_keys=[admin_id])
+    user: Mapped[Optional["User"]] = relationship(foreign_keys=[user_id])

@@ -38,9 +38,9 @@ class Filters:
 
     def dated(self, query: Select, column) -> Select:
         if self.start:
-            query = query.where(column >= _midnight(self.start))
+            query = query.where(column >= midnight(self.start))
         if self.end:
-            query = query.where(column < _midnight(self.end + timedelta(days=1)))
+            query = query.where(column < midnight(self.end + timedelta(days=1)))
         return query
 
     def usage(self, user_id: int) -> Select:
@@ -69,29 +69,33 @@ def _date(raw: str | None) -> date | None:
         return None
 
 
-def _midnight(day: date) -> datetime:
+def midnight(day: date) -> datetime:
     return datetime.combine(day, time(), tzinfo=timezone.utc)
 
 
-def _day(column):
+def day_of(column):
     """The UTC calendar day of a timestamp, as the database computes it."""
     if db.session.get_bind().dialect.name == "postgresql":
         return func.to_char(func.timezone("UTC", column), "YYYY-MM-DD")
     return func.strftime("%Y-%m-%d", column)
 
 
+def parse_day(value) -> date:
+    return value if isinstance(value, date) else date.fromisoformat(value)
+
+
 def credits_per_day(user_id: int, filters: Filters, days: int = CHART_DAYS) -> list[tuple[date, int]]:
     """Credits kept (charged less refunded) per UTC day for the last `days` days, today included; zeros too."""
     today = utcnow().date()
     first = today - timedelta(days=days - 1)
-    day = _day(SpeechRequest.created_at)
+    day = day_of(SpeechRequest.created_at)
     kept = func.sum(SpeechRequest.credits - SpeechRequest.credits_refunded)
     query = filters.keyed(
         select(day, kept)
-        .where(SpeechRequest.user_id == user_id, SpeechRequest.created_at >= _midnight(first))
+        .where(SpeechRequest.user_id == user_id, SpeechRequest.created_at >= midnight(first))
         .group_by(day)
     )
-    totals = {date.fromisoformat(row[0]): int(row[1] or 0) for row in db.session.execute(query)}
+    totals = {parse_day(row[0]): int(row[1] or 0) for row in db.session.execute(query)}
     return [(first + timedelta(days=n), totals.get(first + timedelta(days=n), 0)) for n in range(days)]
 
 
@@ -110,7 +114,7 @@ def this_month(user_id: int, filters: Filters) -> Totals:
                 func.count(SpeechRequest.id),
                 func.coalesce(func.sum(SpeechRequest.characters), 0),
                 func.coalesce(func.sum(SpeechRequest.credits - SpeechRequest.credits_refunded), 0),
-            ).where(SpeechRequest.user_id == user_id, SpeechRequest.created_at >= _midnight(start))
+            ).where(SpeechRequest.user_id == user_id, SpeechRequest.created_at >= midnight(start))
         )
     ).one()
     return Totals(*(int(value) for value in row))

@@ -365,3 +365,48 @@ def test_the_playground_shows_the_cost_plays_and_updates_the_balance(browser, fu
     assert factories.balance(app, user_id) == 10
     assert errors == []
     page.close()
+
+
+ADMIN_PAGES = {
+    "admin-totals": "/admin",
+    "admin-customers": "/admin/users?q=customer",
+    "admin-payments": "/admin/payments",
+    "admin-charged": "/admin/charged",
+    "admin-audit": "/admin/audit",
+    "admin-log": "/admin/log",
+}
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_an_admin_grants_credits_and_disables_an_account_in_the_browser(browser, furnished, width, database_uri):
+    app, site, email = furnished
+    runner = app.test_cli_runner()
+    runner.invoke(args=["users", "create", "boss@example.com", "--password", "correct horse battery", "--admin"])
+    user_id = _user_id(app, email)
+    context = browser.new_context(viewport=WIDTHS[width], has_touch=True, is_mobile=width == "phone")
+    page = context.new_page()
+    page.goto(f"{site}/login")
+    page.fill("#email", "boss@example.com")
+    page.fill("#password", "correct horse battery")
+    page.click("main button[type=submit]")
+    page.wait_for_url(f"{site}/")
+    for name, path in ADMIN_PAGES.items():
+        page.goto(site + path)
+        check_page(page, name, width, database_uri)
+
+    page.goto(f"{site}/admin/users?q={email}")
+    page.click(f"text={email}")
+    check_page(page, "admin-customer", width, database_uri)
+    before = factories.balance(app, user_id)
+    page.check("input[value=grant]")
+    page.fill("#amount", "1234")
+    page.fill("#reason", "Refund for a bad day")
+    page.click("text=Apply")
+    expect(page.locator(".flash.success")).to_contain_text("Granted 1,234 credits")
+    assert factories.balance(app, user_id) == before + 1234
+    page.click("text=Disable account")
+    expect(page.locator(".flash.success")).to_contain_text("disabled")
+    page.goto(f"{site}/admin/log")
+    expect(page.locator("#admin-log")).to_contain_text("Refund for a bad day")
+    expect(page.locator("#admin-log")).to_contain_text("disable")
+    context.close()

@@ -1,0 +1,159 @@
+"""The admin console: only admins see it; every action is ledgered or logged, CSRF-protected."""
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from app.extensions import db
+from app.models import AdminAction, SpeechRequest, User, utcnow
+from tests import factories
+from tests.stripe_helpers import checkout_session, deliver, event
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def admin(app, runner):
+    runner.invoke(args=["users", "create", "boss@example.com", "--password", PASSWORD])
+    result = runner.invoke(args=["users", "admin", "boss@example.com", "--on"])
+    assert "is now an admin" in result.output
+    web = factories.WebClient(app.test_client())
+    web.login("boss@example.com")
+    return web
+
+
+@pytest.fixture
+def shopper(app):
+    """A customer with 1,000 credits, a key, a paid starter pack and two speech requests."""
+    customer = factories.customer(app, balance=1000, password=PASSWORD)
+    with app.app_context():
+        factories.starter_payment(customer.user_id, "cs_test_admin", payment_intent_id="pi_admin")
+        db.session.commit()
+    paid = checkout_session(customer.user_id, "cs_test_admin", payment_intent="pi_admin")
+    assert deliver(app.test_client(), event("checkout.session.completed", paid)).status_code == 200
+    factories.charged(app, customer.user_id, count=2, characters=40)
+    return customer
+
+
+def actions(app):
+    with app.app_context():
+        return [(row.action, row.details) for row in db.session.scalars(select(AdminAction).order_by(AdminAction.id))]
+
+
+def test_the_console_is_not_there_for_anyone_but_admins(app, web, shopper):
+    for path in ("/admin", "/admin/users?q=a", f"/admin/users/{shopper.user_id}", "/admin/payments", "/admin/audit"):
+        assert app.test_client().get(path).status_code == 404
+    web.login(shopper.email)
+    assert web.get("/admin").status_code == 404
+    assert web.post(f"/admin/users/{shopper.user_id}/unlimited").status_code == 404
+    assert "Admin" not in web.get("/keys").get_data(as_text=True).split("</nav>")[0]
+
+
+def test_an_admin_finds_a_customer_and_sees_their_money_on_one_page(app, admin, shopper):
+    found = admin.get("/admin/users?q=CUSTOMER").get_data(as_text=True)
+    assert f'href="/admin/users/{shopper.user_id}">{shopper.email}</a>' in found
+    page = admin.get(f"/admin/users/{shopper.user_id}").get_data(as_text=True)
+    assert "10,920" in page  # 1,000 + 10,000 − 2 × 40
+    assert "cs_test_admin" in page and "pi_admin" in page and '<span class="tag paid">paid</span>' in page
+    assert page.count('data-label="Voice"') == 2 and "topup" in page and "kp_live_" in page
+
+
+def test_grants_and_deductions_are_ledgered_with_the_reason_and_the_admin(app, admin, shopper):
+    url = f"/admin/users/{shopper.user_id}/credits"
+    admin.get(f"/admin/users/{shopper.user_id}")
+    admin.post(url, {"direction": "grant", "amount": "500", "reason": "Sorry for the outage"})
+    admin.get(f"/admin/users/{shopper.user_id}")
+    too_much = admin.client.post(
+        url,
+        data={"direction": "deduct", "amount": "99999", "reason": "x", "csrf_token": admin.token},
+        follow_redirects=True,
+    )
+    assert "cannot be deducted. Nothing changed." in too_much.get_data(as_text=True)
+    admin.post(url, {"direction": "deduct", "amount": "20", "reason": "Goodwill taken back"})
+    assert factories.ledger_notes(app, shopper.user_id)[-2:] == [
+        ("grant", 500, "Sorry for the outage (by admin boss@example.com)"),
+        ("deduction", -20, "Goodwill taken back (by admin boss@example.com)"),
+    ]
+    assert factories.balance(app, shopper.user_id) == 10_920 + 500 - 20
+    assert actions(app) == [
+        ("grant", "500 credits: Sorry for the outage"),
+        ("deduct", "20 credits: Goodwill taken back"),
+    ]
+    # Without its CSRF token nothing happens; a bad amount is refused.
+    assert admin.post(url, {"direction": "grant", "amount": "5", "reason": "forged"}, csrf=False).status_code == 400
+    admin.get(f"/admin/users/{shopper.user_id}")
+    admin.post(url, {"direction": "grant", "amount": "-5", "reason": "negative"})
+    assert factories.balance(app, shopper.user_id) == 11_400 and len(actions(app)) == 2
+    factories.assert_books_balance(app, shopper.user_id)
+
+
+def test_unlimited_revoke_and_disable_take_effect_at_once(app, admin, shopper):
+    api = app.test_client()
+    assert api.get("/v1/balance", headers=shopper.headers).json["unlimited"] is False
+    admin.get(f"/admin/users/{shopper.user_id}")
+    admin.post(f"/admin/users/{shopper.user_id}/unlimited")
+    assert api.get("/v1/balance", headers=shopper.headers).json["unlimited"] is True
+
+    customer_web = factories.WebClient(app.test_client())
+    customer_web.login(shopper.email)
+    admin.get(f"/admin/users/{shopper.user_id}")
+    admin.post(f"/admin/users/{shopper.user_id}/disabled")
+    refused = api.get("/v1/balance", headers=shopper.headers)
+    assert refused.status_code == 401 and "disabled" in refused.json["detail"]
+    assert customer_web.get("/keys").status_code == 302  # signed out
+    assert customer_web.login(shopper.email).status_code == 403
+    admin.get(f"/admin/users/{shopper.user_id}")
+    admin.post(f"/admin/users/{shopper.user_id}/disabled")
+    assert api.get("/v1/balance", headers=shopper.headers).status_code == 200
+    assert customer_web.login(shopper.email).status_code == 302
+
+    admin.get(f"/admin/users/{shopper.user_id}")
+    admin.post(f"/admin/keys/{shopper.key_id}/revoke")
+    assert api.get("/v1/balance", headers=shopper.headers).status_code == 401
+    assert [action for action, _ in actions(app)] == ["unlimited on", "disable", "enable", "revoke key"]
+
+
+def test_payments_and_charged_requests_are_listed_and_stale_ones_settled(app, admin, shopper):
+    payments = admin.get("/admin/payments").get_data(as_text=True)
+    assert "cs_test_admin" in payments and "pi_admin" in payments and "$5.00" in payments
+    with app.app_context():
+        # One request's worker died ten minutes ago; the other is live.
+        stale, live = db.session.scalars(select(SpeechRequest.id).where(SpeechRequest.user_id == shopper.user_id))
+        db.session.execute(
+            update(SpeechRequest).where(SpeechRequest.id == stale).values(created_at=utcnow() - timedelta(hours=1))
+        )
+        db.session.commit()
+    page = admin.get("/admin/charged").get_data(as_text=True)
+    assert stale in page and live in page
+    admin.post("/admin/charged/settle")
+    assert "settled 1, refunding 40 credits" in admin.get("/admin/charged").get_data(as_text=True)
+    states = {row.id: row.state for row in factories.speech_requests(app, shopper.user_id)}
+    assert states == {stale: "refunded", live: "charged"}
+    assert actions(app) == [("settle", "1 stale, 1 settled, 40 credits refunded")]
+
+
+def test_the_audit_page_runs_the_audits_checks(app, admin, shopper):
+    assert 'data-state="passed"' in admin.get("/admin/audit").get_data(as_text=True)
+    with app.app_context():
+        db.session.execute(update(User).where(User.id == shopper.user_id).values(balance=User.balance + 7))
+        db.session.commit()
+    page = admin.get("/admin/audit").get_data(as_text=True)
+    assert 'data-state="failed"' in page and f"user {shopper.user_id}" in page
+
+
+def test_totals_per_day(app, admin, shopper):
+    page = admin.get("/admin").get_data(as_text=True)
+    today = page.split("<tbody>")[1].split("</tr>")[0]
+    for cell in ('data-label="Credits sold" class="num">10,000', "$5.00", 'data-label="Credits spent" class="num">80'):
+        assert cell in today
+    assert 'data-label="Requests" class="num">2' in today and 'data-label="Failures" class="num">0' in today
+
+
+def test_the_admin_log_cannot_be_changed_from_the_console(app, admin, shopper):
+    admin.get(f"/admin/users/{shopper.user_id}")
+    admin.post(f"/admin/users/{shopper.user_id}/unlimited")
+    log = admin.get("/admin/log").get_data(as_text=True)
+    assert "boss@example.com" in log and "unlimited on" in log
+    for method in ("post", "put", "delete"):
+        assert getattr(admin.client, method)("/admin/log").status_code == 405
