@@ -22,7 +22,8 @@ timeout = int(_setting("GUNICORN_TIMEOUT", "120"))
 keepalive = 5
 accesslog = "-"
 # The request line and status only: never headers, so keys stay out of the logs.
-access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(D)sus'
+# The last field is the answer's X-Request-Id: the id the app's own log lines carry.
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(D)sus %({x-request-id}o)s'
 
 
 def on_starting(server):

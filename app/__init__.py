@@ -8,16 +8,17 @@ from urllib.parse import urlsplit
 import limits
 import stripe
 from dotenv import load_dotenv
-from flask import Flask, request
+from flask import Flask, g, request
 from flask_cors import CORS
 from flask_login import current_user
 from sqlalchemy import event
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as settings
-from app import mail, money
+from app import logs, mail, money
 from app.catalog import Names
 from app.extensions import csrf, db, login_manager, migrate
+from app.models import new_request_id
 from app.payments import parse_packs
 from app.throttle import Throttle
 from app.upstream import Upstream, base_urls
@@ -44,6 +45,7 @@ def create_app(config: dict | None = None) -> Flask:
         # Behind N reverse proxies, take the client's address and scheme from their headers.
         hops = app.config["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
+    logs.configure(app)
     register_extensions(app)
     register_blueprints(app)
     register_errorhandlers(app)
@@ -68,6 +70,9 @@ def register_security_headers(app: Flask) -> None:
     @app.after_request
     def security_headers(response):
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        if is_api_request():
+            # Every /v1 answer, errors of routing included: the id its log lines carry (app/api.py).
+            response.headers.setdefault("X-Request-Id", g.get("request_id") or new_request_id())
         if app.config["SESSION_COOKIE_SECURE"]:
             # Served over HTTPS: browsers are to come back only that way.
             response.headers.setdefault("Strict-Transport-Security", "max-age=31536000; includeSubDomains")
@@ -148,6 +153,8 @@ def check_settings(config) -> None:
         if not config["PUBLIC_BASE_URL"]:
             # Links in mail must not take their host from a request's Host header (reset-link poisoning).
             raise settings.SettingError("MAIL_URL needs PUBLIC_BASE_URL: the address the links in mail point to.")
+    if config["LOG_FORMAT"] not in ("text", "json"):
+        raise settings.SettingError(f"LOG_FORMAT must be text or json, not {config['LOG_FORMAT']!r}.")
     for key in RATE_LIMITS:
         try:
             limits.parse(config[key])

@@ -6,6 +6,7 @@ starts for it. The metered speech request itself lives in app/speech.py.
 """
 
 import json
+import re
 import time
 
 from flask import Blueprint, current_app, g, jsonify, request
@@ -14,6 +15,7 @@ from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from app import catalog, keys, speech
 from app.errors import ApiError
 from app.extensions import db
+from app.models import new_request_id
 from app.upstream import UpstreamError
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
@@ -23,9 +25,16 @@ bp = Blueprint("api", __name__, url_prefix="/v1")
 CATALOG_ENDPOINTS = ("api.models", "api.audio_models", "api.voices")
 
 
+# A client's own X-Request-Id is kept (answered back, logged, stored with a speech request) when it looks like one.
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
+
+
 @bp.before_request
 def authenticate():
     g.received = time.monotonic()
+    own = request.headers.get("X-Request-Id", "")
+    g.client_request_id = own if _CLIENT_REQUEST_ID.fullmatch(own) else None
+    g.request_id = g.client_request_id or new_request_id()
     config = current_app.config
     throttle = current_app.extensions["throttle"]
     ip = request.remote_addr or "-"

@@ -153,6 +153,8 @@ def charge_speech(
     response_format: str,
     speed: float = 1.0,
     max_streams: int | None = None,
+    request_id: str | None = None,
+    client_request_id: str | None = None,
 ) -> Charge:
     """Record a speech request and debit `characters` credits for it.
 
@@ -164,7 +166,7 @@ def charge_speech(
     unlimited accounts), so concurrent charges of one account are counted one by one.
     """
     credits = 0 if unlimited else characters
-    request_id = new_request_id()
+    request_id = request_id or new_request_id()
     if credits:
         note = f"{characters} characters"
         balance = apply(user_id, -credits, kind=LedgerKind.DEBIT, reference=f"speech:{request_id}", note=note)
@@ -173,21 +175,21 @@ def charge_speech(
         balance = db.session.execute(_CHANGE, {"user_id": user_id, "amount": 0}).scalar()
     if max_streams is not None and db.session.execute(_IN_FLIGHT, {"user_id": user_id}).scalar() >= max_streams:
         raise TooManyStreams(max_streams)
-    db.session.execute(
-        _RECORD_SPEECH,
-        {
-            "id": request_id,
-            "user_id": user_id,
-            "api_key_id": key_id,
-            "model": model,
-            "voice": voice,
-            "response_format": response_format,
-            "speed": speed,
-            "characters": characters,
-            "credits": credits,
-            # state charged, nothing refunded or relayed yet, created now: the model's defaults.
-        },
-    )
+    row = {
+        "id": request_id,
+        "user_id": user_id,
+        "api_key_id": key_id,
+        "model": model,
+        "voice": voice,
+        "response_format": response_format,
+        "speed": speed,
+        "characters": characters,
+        "credits": credits,
+        # state charged, nothing refunded or relayed yet, created now: the model's defaults.
+    }
+    if client_request_id:
+        row["client_request_id"] = client_request_id
+    db.session.execute(_RECORD_SPEECH, row)
     return Charge(request_id, credits, balance)
 
 

@@ -114,6 +114,8 @@ def from_environment(environ: Mapping[str, str]) -> dict:
         "STRIPE_CHECKOUT_ORIGIN": env.str("STRIPE_CHECKOUT_ORIGIN", "https://checkout.stripe.com"),
         "STRIPE_CURRENCY": env.str("STRIPE_CURRENCY", "usd").lower(),
         "CREDIT_PACKS": env.str("CREDIT_PACKS", DEFAULT_PACKS),
+        "LOG_FORMAT": env.str("LOG_FORMAT", "text").lower(),
+        "METRICS_TOKEN": env.str("METRICS_TOKEN"),
         "MAIL_URL": env.str("MAIL_URL"),
         "MAIL_FROM": env.str("MAIL_FROM", "kokoro-pay <noreply@localhost>"),
         "MAIL_TIMEOUT": env.float("MAIL_TIMEOUT", 10.0),

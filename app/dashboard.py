@@ -429,6 +429,7 @@ def usage_csv():
         "bytes",
         "duration_ms",
         "error",
+        "client_request_id",
     ]
     rows = lambda: (  # noqa: E731
         [
@@ -445,6 +446,7 @@ def usage_csv():
             speech.bytes_sent,
             speech.duration_ms or "",
             csv_text(speech.error or ""),
+            speech.client_request_id or "",
         ]
         for speech in db.session.scalars(query)
     )

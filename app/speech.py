@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, replace
 
 import requests
-from flask import current_app, stream_with_context
+from flask import current_app, g, stream_with_context
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import audio_meter, billing, catalog, keys
@@ -234,7 +234,7 @@ def serve(caller: keys.Caller, order: Order, received: float):
     else:
         body, content_type = relay.chunks(), audio.content_type
     response = current_app.response_class(stream_with_context(body), status=200, content_type=content_type)
-    response.headers["X-Request-Id"] = paid.request_id
+    response.headers["X-Request-Id"] = public_id(paid.request_id)
     # What this request cost and what was left right after it was charged (as GET /v1/balance says).
     response.headers["X-Credits-Charged"] = str(paid.credits)
     response.headers["X-Credits-Remaining"] = str(paid.balance)
@@ -250,6 +250,11 @@ def serve(caller: keys.Caller, order: Order, received: float):
     # Closes the upstream connection (and frees its server's place) even when the body is never iterated.
     response.call_on_close(audio.close)
     return response
+
+
+def public_id(request_id: str) -> str:
+    """The id a client sees: its own X-Request-Id when it sent one (kept with the request), else the request's."""
+    return g.get("client_request_id") or request_id
 
 
 def reserve() -> Slot:
@@ -279,6 +284,9 @@ def charge(caller: keys.Caller, order: Order) -> billing.Charge:
             response_format=order.response_format,
             speed=order.speed,
             max_streams=config["MAX_STREAMS_PER_ACCOUNT"],
+            # The id this request is logged under (app/api.py) is its id in the usage list too.
+            request_id=None if g.get("client_request_id") else g.get("request_id"),
+            client_request_id=g.get("client_request_id"),
         )
         db.session.commit()
     except billing.InsufficientCredits as short:
@@ -313,7 +321,7 @@ def open_upstream(request_id: str, order: Order, started: float, slot: Slot) -> 
         return upstream.open_speech(order.payload, current_app.config["STREAM_CHUNK_BYTES"], slot)
     except UpstreamError as failure:
         _settle_refund(request_id, failure.detail, audio_ms=0, upstream_status=failure.status, duration_ms=_ms(started))
-        headers = {"X-Request-Id": request_id}
+        headers = {"X-Request-Id": public_id(request_id)}
         if failure.blames_request:
             raise ApiError(
                 400, f"The speech server refused this request: {failure.reason} The charge was refunded.", headers
