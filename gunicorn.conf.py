@@ -1,6 +1,8 @@
 """gunicorn settings. Threaded workers: a sync worker would hold one audio stream at a time."""
 
+import glob
 import os
+import tempfile
 
 from dotenv import dotenv_values
 
@@ -33,3 +35,20 @@ def on_starting(server):
             f"{server.cfg.workers} workers with RATELIMIT_STORAGE_URI=memory://: each worker would keep its own "
             "rate limits. Set RATELIMIT_STORAGE_URI=redis://… (see .env.example) or run one worker."
         )
+
+
+# Prometheus metrics summed over the workers (app/metrics.py): each worker writes its samples
+# to files in one directory, emptied at start. An operator may name it (PROMETHEUS_MULTIPROC_DIR);
+# otherwise a fresh temporary one. It must be set before a worker imports prometheus_client.
+_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="kokoro-pay-metrics-")
+os.makedirs(_metrics_dir, exist_ok=True)
+for _samples in glob.glob(os.path.join(_metrics_dir, "*.db")):
+    os.remove(_samples)  # the last run's: its counts are not this run's
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
+
+
+def child_exit(server, worker):
+    """A worker that ends leaves its counters in the sums; its gauges of live streams go with it."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)

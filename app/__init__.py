@@ -242,10 +242,12 @@ def stripe_client(config) -> stripe.StripeClient | None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from app import admin, api, dashboard, health, playground, webhooks
+    from app import admin, api, dashboard, health, metrics, playground, webhooks
 
     csrf.exempt(api.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(metrics.bp)
+    app.after_request(metrics.count_request)
     app.register_blueprint(api.bp)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(playground.bp)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 from flask import current_app
 from sqlalchemy import bindparam, func, insert, select, update
 
-from app import mail
+from app import mail, metrics
 from app.extensions import db
 from app.models import LedgerEntry, LedgerKind, SpeechRequest, SpeechState, User, new_request_id, utcnow
 from app.urls import external_url
@@ -264,6 +264,7 @@ def refund_speech(request_id: str, reason: str, **details) -> int | None:
     if refund:
         db.session.execute(update(_speech).where(_speech.c.id == request_id).values(credits_refunded=refund))
         apply(user_id, refund, kind=LedgerKind.REFUND, reference=f"refund:{request_id}", note=reason)
+        metrics.CREDITS_REFUNDED.inc(refund)
     return refund
 
 

@@ -32,7 +32,7 @@ import requests
 from flask import current_app, g, stream_with_context
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import audio_meter, billing, catalog, keys
+from app import audio_meter, billing, catalog, keys, metrics
 from app.errors import ApiError
 from app.extensions import db
 from app.upstream import Busy, Slot, SpeechStream, UpstreamError, timed_out
@@ -241,6 +241,8 @@ def serve(caller: keys.Caller, order: Order, received: float):
     # The gateway's own time before the upstream call (its wait for a free server apart),
     # and the upstream's time to its first audio bytes.
     own = (started - received) * 1000 - slot.waited * 1000
+    metrics.GATEWAY.observe(own / 1000)
+    metrics.FIRST_BYTE.observe(started - received + audio.first_byte_ms / 1000)
     response.headers["Server-Timing"] = (
         f"gateway;dur={own:.2f}, queue;dur={slot.waited * 1000:.2f}, upstream;dur={audio.first_byte_ms:.2f}"
     )
@@ -307,6 +309,7 @@ def charge(caller: keys.Caller, order: Order) -> billing.Charge:
     except BaseException:
         db.session.rollback()
         raise
+    metrics.CREDITS_CHARGED.inc(paid.credits)
     return paid
 
 
@@ -394,6 +397,7 @@ class Relay:
 
     def chunks(self):
         """Yield the audio as it arrives; settle the charge however the stream ends."""
+        metrics.STREAMS.inc()
         try:
             for chunk in self._upstream_chunks():
                 self._check_deadline()
@@ -407,12 +411,14 @@ class Relay:
             _settle(billing.mark_delivered, self.request_id, **self.outcome(error="client disconnected"))
             raise
         except requests.RequestException as exc:
+            metrics.UPSTREAM_FAILURES.labels("stalled" if timed_out(exc) else "broke_off").inc()
             reason = "Upstream stalled mid-stream." if timed_out(exc) else "Upstream broke off mid-stream."
             _settle_refund(self.request_id, reason, **self.outcome())
             raise StreamAborted(self.request_id, f"{reason} The undelivered part was refunded.") from exc
         finally:
             # The upstream's part is over: its server's place is free before the client sees the end.
             self.audio.close()
+            metrics.STREAMS.dec()
         _settle(billing.mark_delivered, self.request_id, **self.outcome())
 
     def _upstream_chunks(self):

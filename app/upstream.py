@@ -22,6 +22,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 
+from app import metrics
+
 # Statuses with which an upstream blames the request itself (FastAPI's validation errors are 422).
 REQUEST_REFUSED = (400, 422)
 MAX_REASON = 160
@@ -49,6 +51,17 @@ class UpstreamError(Exception):
     @property
     def blames_request(self) -> bool:
         return self.status in REQUEST_REFUSED
+
+    @property
+    def kind(self) -> str:
+        """For the metrics: refused (the request), timeout, unreachable, status (not 2xx), no_audio."""
+        if self.blames_request:
+            return "refused"
+        if not self.retry:
+            return "timeout"
+        if self.status is None:
+            return "unreachable"
+        return "no_audio" if 200 <= self.status < 300 else "status"
 
 
 def one_line(text: str, limit: int = MAX_REASON) -> str:
@@ -311,6 +324,7 @@ class Upstream:
                 try:
                     stream = self._open(payload, chunk_size, slot)
                 except UpstreamError as failure:
+                    metrics.UPSTREAM_FAILURES.labels(failure.kind).inc()
                     if failure.blames_request:
                         raise
                     self.upstreams.failed(slot.server)

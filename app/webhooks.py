@@ -4,7 +4,7 @@ import stripe
 from flask import Blueprint, current_app, jsonify, request
 from sqlalchemy.exc import IntegrityError
 
-from app import payments
+from app import metrics, payments
 from app.extensions import csrf, db
 
 bp = Blueprint("stripe", __name__, url_prefix="/stripe")
@@ -19,6 +19,7 @@ def webhook():
     try:
         event = stripe.Webhook.construct_event(request.get_data(), request.headers.get("Stripe-Signature", ""), secret)
     except (ValueError, stripe.SignatureVerificationError):
+        metrics.WEBHOOK_EVENTS.labels("unverified", "refused").inc()
         return jsonify(detail="Invalid payload or signature."), 400
     except (AttributeError, TypeError):
         # Correctly signed JSON that is not an event object (null, a list, …).
@@ -35,4 +36,5 @@ def webhook():
         # The event id (or the session's ledger reference) is taken: a redelivery, already applied.
         db.session.rollback()
         outcome = "already processed"
+    metrics.WEBHOOK_EVENTS.labels(event.type, metrics.webhook_outcome(outcome)).inc()
     return jsonify(received=True, outcome=outcome)
