@@ -77,10 +77,14 @@ def set_password(email):
 @click.option("--on/--off", "enabled", default=True, help="Give (default) or take away the admin console.")
 def set_admin(email, enabled):
     """Let an account use the admin console (/admin), or stop it."""
+    _set_flag(email, "is_admin", enabled, "an admin")
+
+
+def _set_flag(email: str, flag: str, enabled: bool, what: str) -> None:
     user = _user(email)
-    user.is_admin = enabled
+    setattr(user, flag, enabled)
     db.session.commit()
-    click.echo(f"{user.email} is {'now' if enabled else 'no longer'} an admin.")
+    click.echo(f"{user.email} is {'now' if enabled else 'no longer'} {what}.")
 
 
 @users_cli.command("show")
@@ -111,10 +115,7 @@ def show_user(email, limit):
 @click.option("--on/--off", "enabled", default=True, help="Set (default) or clear the unlimited flag.")
 def set_unlimited(email, enabled):
     """Set or clear an account's unlimited flag."""
-    user = _user(email)
-    user.unlimited = enabled
-    db.session.commit()
-    click.echo(f"{user.email} is {'now' if enabled else 'no longer'} unlimited.")
+    _set_flag(email, "unlimited", enabled, "unlimited")
 
 
 @credits_cli.command("grant")

@@ -1,6 +1,9 @@
 """Test data made through the same domain code the product uses."""
 
 import re
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -46,6 +49,35 @@ def charged(app, user_id: int, count: int = 1, characters: int = 10) -> list[str
         ids = [charge_speech(user_id, characters).id for _ in range(count)]
         db.session.commit()
         return ids
+
+
+def race_charges(app, customer: "Customer", count: int, characters: int) -> Counter:
+    """`count` threads charge `characters` each to the customer's key at once; how many were "charged" or "short"."""
+    barrier = threading.Barrier(count)
+
+    def charge(_):
+        with app.app_context():
+            barrier.wait(timeout=30)
+            try:
+                billing.charge_speech(
+                    customer.user_id,
+                    customer.key_id,
+                    unlimited=False,
+                    characters=characters,
+                    model="kokoro",
+                    voice="af_sky",
+                    response_format="mp3",
+                )
+                db.session.commit()
+                return "charged"
+            except billing.InsufficientCredits:
+                db.session.rollback()
+                return "short"
+            finally:
+                db.session.remove()
+
+    with ThreadPoolExecutor(count) as pool:
+        return Counter(pool.map(charge, range(count)))
 
 
 def charge_speech(user_id: int, characters: int) -> SpeechRequest:
@@ -117,6 +149,17 @@ def speech_requests(app, user_id: int) -> list[SpeechRequest]:
 def assert_books_balance(app, user_id: int) -> None:
     """Invariant 2: the ledger of a user sums to the balance."""
     assert ledger_sum(app, user_id) == balance(app, user_id)
+
+
+def signed_up(app, web: "WebClient", email: str, credits: int = 0) -> int:
+    """Sign up, verify and sign in `web` as a customer does, then grant `credits`; the new account's id."""
+    web.signup(email)
+    with app.app_context():
+        user = db.session.scalar(select(User).where(User.email == email))
+        if credits:
+            billing.grant(user, credits, "welcome")
+            db.session.commit()
+        return user.id
 
 
 def mails(app, recipient: str | None = None, kind: str | None = None) -> list[OutboxMail]:

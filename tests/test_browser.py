@@ -261,6 +261,14 @@ UNREACHABLE_ACTIONS = """() => {
 }"""
 
 
+def sign_in(page, site, email, password="correct horse battery"):
+    page.goto(f"{site}/login")
+    page.fill("#email", email)
+    page.fill("#password", password)
+    page.click("main button[type=submit]")
+    page.wait_for_url(f"{site}/")
+
+
 def check_page(page, name, width, database_uri):
     """A screenshot; the page fits the width, has one h1, every action can be tapped, axe finds nothing serious."""
     wide = page.evaluate(
@@ -312,11 +320,7 @@ def test_every_page_fits_the_screen_every_action_can_be_tapped_and_axe_finds_not
     for name, path in PUBLIC_PAGES.items():
         page.goto(site + path)
         check_page(page, name, width, database_uri)
-    page.goto(f"{site}/login")
-    page.fill("#email", email)
-    page.fill("#password", "correct horse battery")
-    page.click("main button[type=submit]")
-    page.wait_for_url(f"{site}/")
+    sign_in(page, site, email)
     for name, path in CUSTOMER_PAGES.items():
         page.goto(site + path)
         check_page(page, name, width, database_uri)
@@ -336,11 +340,7 @@ def test_the_playground_shows_the_cost_plays_and_updates_the_balance(browser, fu
     page = browser.new_page(viewport=WIDTHS["desktop"])
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(f"{site}/login")
-    page.fill("#email", email)
-    page.fill("#password", "correct horse battery")
-    page.click("main button[type=submit]")
-    page.wait_for_url(f"{site}/")
+    sign_in(page, site, email)
     page.goto(f"{site}/playground")
     page.fill("#input", "Hello from the playground, héllo 👋")
     expect(page.locator("#cost-credits")).to_have_text("34")  # code points, as the API counts
@@ -385,11 +385,7 @@ def test_an_admin_grants_credits_and_disables_an_account_in_the_browser(browser,
     user_id = _user_id(app, email)
     context = browser.new_context(viewport=WIDTHS[width], has_touch=True, is_mobile=width == "phone")
     page = context.new_page()
-    page.goto(f"{site}/login")
-    page.fill("#email", "boss@example.com")
-    page.fill("#password", "correct horse battery")
-    page.click("main button[type=submit]")
-    page.wait_for_url(f"{site}/")
+    sign_in(page, site, "boss@example.com")
     for name, path in ADMIN_PAGES.items():
         page.goto(site + path)
         check_page(page, name, width, database_uri)

@@ -7,8 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from app import billing
-from app.extensions import db
 from tests import factories
 from tests.fake_upstream import Failing, FakeUpstream
 from tests.servers import gunicorn, serve, shared_limits
@@ -18,32 +16,7 @@ pytestmark = pytest.mark.usefixtures("postgres_only")
 
 def test_threads_racing_on_one_balance_in_the_billing_module(app):
     customer = factories.customer(app, balance=1005)
-    barrier = threading.Barrier(40)
-
-    def charge(_):
-        with app.app_context():
-            barrier.wait(timeout=30)
-            try:
-                billing.charge_speech(
-                    customer.user_id,
-                    customer.key_id,
-                    unlimited=False,
-                    characters=50,
-                    model="kokoro",
-                    voice="af_sky",
-                    response_format="mp3",
-                )
-                db.session.commit()
-                return "charged"
-            except billing.InsufficientCredits:
-                db.session.rollback()
-                return "short"
-            finally:
-                db.session.remove()
-
-    with ThreadPoolExecutor(40) as pool:
-        outcomes = Counter(pool.map(charge, range(40)))
-    assert outcomes == {"charged": 20, "short": 20}
+    assert factories.race_charges(app, customer, count=40, characters=50) == {"charged": 20, "short": 20}
     assert factories.balance(app, customer.user_id) == 5
     factories.assert_books_balance(app, customer.user_id)
 

@@ -22,13 +22,7 @@ def user_count(app):
 
 def signed_in(web, app, email="owner@example.com", balance=0):
     factories.customer(app, balance=balance)  # someone else, so ids differ
-    web.signup(email)
-    with app.app_context():
-        user = db.session.scalar(select(User).where(User.email == email))
-        if balance:
-            billing.grant(user, balance, "welcome")
-            db.session.commit()
-        return user.id
+    return factories.signed_up(app, web, email, balance)
 
 
 # Accounts

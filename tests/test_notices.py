@@ -1,9 +1,5 @@
 """Mail about money: receipts for top-ups, notices of refunds and disputes, one low-balance alert."""
 
-import threading
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 from sqlalchemy import select
 
@@ -153,28 +149,7 @@ def test_unlimited_accounts_get_no_alert(make_app):
 def test_twenty_concurrent_debits_that_cross_the_threshold_send_one_alert(make_app):
     app = make_app(LOW_BALANCE_CREDITS=1000)
     customer = factories.customer(app, balance=1990)
-    barrier = threading.Barrier(20)
-
-    def charge_one(_):
-        with app.app_context():
-            barrier.wait(timeout=30)
-            try:
-                billing.charge_speech(
-                    customer.user_id,
-                    customer.key_id,
-                    unlimited=False,
-                    characters=99,
-                    model="kokoro",
-                    voice="af_sky",
-                    response_format="mp3",
-                )
-                db.session.commit()
-                return "charged"
-            finally:
-                db.session.remove()
-
-    with ThreadPoolExecutor(20) as pool:
-        assert Counter(pool.map(charge_one, range(20))) == {"charged": 20}
+    assert factories.race_charges(app, customer, count=20, characters=99) == {"charged": 20}
     assert factories.balance(app, customer.user_id) == 10
     [alert] = mails(app, customer.email)
     assert alert.kind == "low_balance"

@@ -33,13 +33,7 @@ def app(make_app, upstream):
 
 
 def signed_in(app, web, email="pages@example.com", credits=1000) -> int:
-    web.signup(email)
-    with app.app_context():
-        user = db.session.scalar(select(User).where(User.email == email))
-        if credits:
-            billing.grant(user, credits, "test credits")
-        db.session.commit()
-        return user.id
+    return factories.signed_up(app, web, email, credits)
 
 
 # Public pages
