@@ -19,10 +19,10 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt engine/requirements.txt benc
 	$(BIN)/pip install -q -r requirements-dev.txt
 	touch $@
 
-# A development .env with a fresh random SECRET_KEY and a free trial; never overwritten.
+# A development .env with a fresh random SECRET_KEY, a free trial and the development outbox; never overwritten.
 .env:
 	sed -e "s/^SECRET_KEY=.*/SECRET_KEY=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(32))')/" \
-	    -e "s/^SIGNUP_CREDITS=.*/SIGNUP_CREDITS=1000/" .env.example > $@
+	    -e "s/^SIGNUP_CREDITS=.*/SIGNUP_CREDITS=1000/" -e "s/^DEV_OUTBOX=.*/DEV_OUTBOX=true/" .env.example > $@
 
 run: $(VENV)/.runtime .env
 	bin/run

@@ -121,6 +121,7 @@ def from_environment(environ: Mapping[str, str]) -> dict:
         "MAIL_TIMEOUT": env.float("MAIL_TIMEOUT", 10.0),
         "MAIL_WORKER": env.bool("MAIL_WORKER", True),
         "MAIL_POLL_SECONDS": env.float("MAIL_POLL_SECONDS", 5.0),
+        "DEV_OUTBOX": env.bool("DEV_OUTBOX", False),
         "SIGNUP_CREDITS": env.int("SIGNUP_CREDITS", 0),
         "SAMPLE_VOICES": env.list("SAMPLE_VOICES") or ["af_heart", "am_michael", "bf_emma"],
         "LOW_BALANCE_CREDITS": env.int("LOW_BALANCE_CREDITS", 1000),

@@ -637,8 +637,10 @@ def billing_success():
 
 
 def _dev_outbox_open() -> bool:
-    """Only with no mail server configured, and only to this machine: the mails hold sign-in links."""
-    if current_app.config["MAIL_URL"]:
+    """Only when DEV_OUTBOX is on (the development .env), with no mail server configured, and only to
+    this machine: the mails hold sign-in links. Behind a proxy on the same host every request would
+    come from loopback, hence the setting, which production leaves off."""
+    if not current_app.config["DEV_OUTBOX"] or current_app.config["MAIL_URL"]:
         return False
     try:
         return ipaddress.ip_address(request.remote_addr or "").is_loopback

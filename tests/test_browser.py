@@ -48,7 +48,7 @@ def browser():
 @pytest.fixture
 def app(make_app):
     # The docs page shows this server's address only when the Host header is checked.
-    return make_app(TRUSTED_HOSTS=["127.0.0.1", "localhost"])
+    return make_app(TRUSTED_HOSTS=["127.0.0.1", "localhost"], DEV_OUTBOX=True)
 
 
 @pytest.fixture

@@ -248,7 +248,7 @@ def _accept(listener, accepted: list) -> bool:
 
 
 def test_without_a_mail_server_mail_goes_to_the_log_and_the_development_outbox(make_app, caplog):
-    app = make_app()  # no MAIL_URL
+    app = make_app(DEV_OUTBOX=True)  # no MAIL_URL
     web = factories.WebClient(app.test_client())
     web.register("dev@example.com")
     with caplog.at_level(logging.INFO, logger="app.mail"):
@@ -263,8 +263,17 @@ def test_without_a_mail_server_mail_goes_to_the_log_and_the_development_outbox(m
     assert app.test_client().get("/dev/outbox", environ_base={"REMOTE_ADDR": "203.0.113.9"}).status_code == 404
 
 
-def test_the_development_outbox_is_closed_once_a_mail_server_is_configured(mail_app):
-    assert mail_app.test_client().get("/dev/outbox", environ_base={"REMOTE_ADDR": "127.0.0.1"}).status_code == 404
+def test_the_development_outbox_is_closed_once_a_mail_server_is_configured(make_app, port):
+    app = make_app(DEV_OUTBOX=True, MAIL_URL=f"smtp://127.0.0.1:{port}", PUBLIC_BASE_URL="https://pay.example.test")
+    assert app.test_client().get("/dev/outbox", environ_base={"REMOTE_ADDR": "127.0.0.1"}).status_code == 404
+
+
+def test_the_development_outbox_is_closed_unless_the_development_setting_opens_it(make_app):
+    # Behind a proxy on the same host every visitor comes from loopback: off is the default.
+    app = make_app()
+    assert app.test_client().get("/dev/outbox", environ_base={"REMOTE_ADDR": "127.0.0.1"}).status_code == 404
+    page = factories.WebClient(app.test_client()).register("someone@example.com").get_data(as_text=True)
+    assert "Check your inbox" in page and "development outbox" not in page  # nor does the page point at it
 
 
 @pytest.mark.parametrize(
