@@ -9,8 +9,10 @@ lets its claim lapse and the mail goes out later (at least once, never lost). A 
 that cannot be reached, or answers 4xx, is tried again with a doubling wait (30 s, at
 most an hour); a 5xx refusal is kept as `failed`, with the answer, for the operator.
 
-With no MAIL_URL (development) a mail is written to the log instead of sent, and the
-development outbox page shows it, so every flow works on a fresh machine.
+With no MAIL_URL a mail is not sent. In development (DEV_OUTBOX) it is written to the log
+and the development outbox page shows it, so every flow works on a fresh machine;
+otherwise it is kept as failed and only its recipient and subject are logged, as a
+warning: a body can hold a reset link, a secret that never goes to a log.
 """
 
 import logging
@@ -193,8 +195,20 @@ def deliver_due(limit: int = 100) -> Counter:
             if mail is None:
                 continue  # another sender took it
             try:
-                if server is None:
+                if server is None and config["DEV_OUTBOX"]:
                     log.info("mail to %s (no MAIL_URL, not sent): %s\n%s", mail.recipient, mail.subject, mail.body)
+                elif server is None:
+                    # Outside development a body may hold a reset link: a secret, never logged. The mail
+                    # is kept as failed, for the operator to see; nothing could send it.
+                    log.warning(
+                        "mail %s to %s not sent: no MAIL_URL is configured (%s)", mail.id, mail.recipient, mail.subject
+                    )
+                    mail.state = MailState.FAILED
+                    mail.last_error = "Not sent: no MAIL_URL is configured."
+                    mail.claimed_until = None
+                    db.session.commit()
+                    outcome["failed"] += 1
+                    continue
                 else:
                     connection = connection or server.connect(config["MAIL_TIMEOUT"])
                     connection.send_message(message(mail, config["MAIL_FROM"]))

@@ -268,6 +268,19 @@ def test_the_development_outbox_is_closed_once_a_mail_server_is_configured(make_
     assert app.test_client().get("/dev/outbox", environ_base={"REMOTE_ADDR": "127.0.0.1"}).status_code == 404
 
 
+def test_without_a_mail_server_or_the_development_outbox_no_link_reaches_the_log(make_app, caplog):
+    app = make_app()
+    web = factories.WebClient(app.test_client())
+    web.signup("prod@example.com")
+    web.get("/forgot")
+    web.post("/forgot", {"email": "prod@example.com"})
+    with caplog.at_level(logging.INFO, logger="app.mail"):
+        assert deliver(app) == {"failed": 2}
+    assert "not sent: no MAIL_URL is configured (Reset your kokoro-pay password)" in caplog.text
+    assert {row.state for row in factories.mails(app)} == {MailState.FAILED}
+    assert "/reset/" not in caplog.text and "/verify/" not in caplog.text
+
+
 def test_the_development_outbox_is_closed_unless_the_development_setting_opens_it(make_app):
     # Behind a proxy on the same host every visitor comes from loopback: off is the default.
     app = make_app()
