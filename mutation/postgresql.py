@@ -21,6 +21,8 @@ TESTS = [
     "tests/test_concurrency.py",
     "tests/test_books.py::test_a_storm_of_concurrent_partial_refunds_takes_back_at_most_the_pack",
     "tests/test_books.py::test_refunds_racing_the_payment_they_reverse_are_all_applied",
+    "tests/test_books.py::test_a_refund_that_arrives_while_its_payment_is_being_credited_waits_for_the_credit",
+    "tests/test_notices.py::test_twenty_concurrent_debits_that_cross_the_threshold_send_one_alert",
 ]
 FAILED = re.compile(r"^FAILED (\S+)", re.M)
 

@@ -7,9 +7,11 @@ and what every kind of Stripe event answers and records.
 """
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
+import stripe
 from sqlalchemy import delete, select, update
 
 from app import billing, payments
@@ -17,7 +19,7 @@ from app.audit import audit
 from app.extensions import db
 from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, StripeEvent, User, utcnow
 from tests import factories
-from tests.stripe_helpers import charge, checkout_session, deliver, event
+from tests.stripe_helpers import WEBHOOK_SECRET, charge, checkout_session, deliver, event, sign
 
 
 def problems(app) -> list[str]:
@@ -592,3 +594,52 @@ def test_every_event_is_acknowledged_and_its_outcome_recorded(app, client, event
         assert (row.type, row.outcome) == (event_type, outcome)
     again = deliver(client, payload)
     assert again.status_code == 200 and again.get_json()["outcome"] == "already processed"
+
+
+def test_a_refund_that_arrives_while_its_payment_is_being_credited_waits_for_the_credit(make_app, postgres_only):
+    """The race above, made certain: the credit's transaction is held open while the refund arrives."""
+    app = make_app()
+    customer = factories.customer(app, balance=0)
+    with app.app_context():
+        factories.starter_payment(customer.user_id, "cs_held")
+        db.session.commit()
+    credit = event(
+        "checkout.session.completed", checkout_session(customer.user_id, "cs_held", payment_intent="pi_held")
+    )
+    refund = event("charge.refunded", charge(payment_intent="pi_held", amount_refunded=250))
+    credited, finished = threading.Event(), threading.Event()
+
+    def credit_and_hold():
+        with app.test_request_context():
+            # The credit is applied, with its locks, and not committed until the refund has had its chance.
+            payments.handle_event(stripe.Webhook.construct_event(credit, sign(credit), WEBHOOK_SECRET))
+            credited.set()
+            time.sleep(1.0)
+            assert not finished.is_set(), "the refund went ahead while its payment's credit was uncommitted"
+            db.session.commit()
+            db.session.remove()
+
+    def refund_now():
+        credited.wait(10)
+        assert deliver(app.test_client(), refund).status_code == 200
+        finished.set()
+
+    failures = []
+    threads = [threading.Thread(target=_recording(failures, step)) for step in (credit_and_hold, refund_now)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert failures == []
+    assert _taken_back(app, "cs_held") == 5000 and factories.balance(app, customer.user_id) == 5000
+    assert problems(app) == []
+
+
+def _recording(failures: list, step):
+    def run():
+        try:
+            step()
+        except AssertionError as failure:
+            failures.append(str(failure))
+
+    return run
