@@ -93,7 +93,7 @@ def apply(user_id: int, amount: int, *, kind: str, reference: str, note: str | N
     )
     if threshold is None:
         threshold = current_app.config["LOW_BALANCE_CREDITS"]
-    if amount < 0 and alerted_at is None and balance < threshold <= balance - amount:
+    if alerted_at is None and balance < threshold <= balance - amount:
         _low_balance_alert(user_id, balance, threshold)
     elif alerted_at is not None and kind in _REARMING and balance >= threshold:
         db.session.execute(update(_users).where(_users.c.id == user_id).values(low_balance_sent_at=None))
@@ -107,25 +107,19 @@ _REARMING = (LedgerKind.TOPUP, LedgerKind.GRANT, LedgerKind.TRIAL)
 def _low_balance_alert(user_id: int, balance: int, threshold: int) -> None:
     """The one mail for a balance that crossed its threshold, queued with the debit that crossed it.
 
-    Debits of one account take its row lock in turn, so exactly one of any number of
-    concurrent debits sees the balance cross; the conditional update makes sure of it.
+    The debit's UPDATE holds the account's row lock until this transaction ends, so the alert
+    state it returned cannot change meanwhile: of any number of concurrent debits, exactly one
+    sees the balance cross while the alert is armed.
     """
-    first = db.session.execute(
-        update(_users)
-        .where(_users.c.id == user_id, _users.c.low_balance_sent_at.is_(None))
-        .values(low_balance_sent_at=utcnow())
-        .returning(_users.c.id)
-    ).first()
-    if first is not None:
-        user = db.session.get(User, user_id)
-        mail.notify(
-            user,
-            "low_balance",
-            balance=balance,
-            threshold=threshold,
-            billing_url=external_url("dashboard.billing_page"),
-            account_url=external_url("dashboard.account"),
-        )
+    db.session.execute(update(_users).where(_users.c.id == user_id).values(low_balance_sent_at=utcnow()))
+    mail.notify(
+        db.session.get(User, user_id),
+        "low_balance",
+        balance=balance,
+        threshold=threshold,
+        billing_url=external_url("dashboard.billing_page"),
+        account_url=external_url("dashboard.account"),
+    )
 
 
 def grant(user: User, amount: int, reason: str) -> int:

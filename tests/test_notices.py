@@ -111,6 +111,47 @@ def test_crossing_the_threshold_sends_one_alert_until_a_top_up_re_arms_it(make_a
     assert [row.kind for row in mails(app, customer.email)] == ["low_balance", "receipt", "low_balance"]
 
 
+def test_the_threshold_itself_is_not_below_it(make_app):
+    app = make_app(LOW_BALANCE_CREDITS=1000)
+    customer = factories.customer(app, balance=1100)
+    debit(app, customer.user_id, 100)  # exactly 1,000: not below
+    assert mails(app, customer.email) == []
+    debit(app, customer.user_id, 1)  # 999, from exactly the threshold: crossed
+    assert [row.kind for row in mails(app, customer.email)] == ["low_balance"]
+
+
+def test_only_credits_the_customer_paid_for_or_was_given_re_arm_the_alert(make_app):
+    app = make_app(LOW_BALANCE_CREDITS=1000)
+    customer = factories.customer(app, balance=1500)
+    debit(app, customer.user_id, 600)  # 900: alert one
+    # A refund of a failed request back above the threshold does not re-arm it ...
+    with app.app_context():
+        request_id = billing.charge_speech(
+            customer.user_id,
+            customer.key_id,
+            unlimited=False,
+            characters=100,
+            model="kokoro",
+            voice="af_sky",
+            response_format="mp3",
+        ).request_id
+        db.session.commit()
+        billing.grant(db.session.get(User, customer.user_id), 150, "to cross back with the refund")
+        db.session.commit()
+    # (a grant to 950 is still below: nothing re-armed)
+    with app.app_context():
+        billing.refund_speech(request_id, "upstream failed", audio_ms=0)  # 1,050
+        db.session.commit()
+    debit(app, customer.user_id, 100)  # 950 again: no second mail
+    assert len(mails(app, customer.email, "low_balance")) == 1
+    # ... a grant that reaches exactly the threshold does.
+    with app.app_context():
+        billing.grant(db.session.get(User, customer.user_id), 50, "back to 1,000")
+        db.session.commit()
+    debit(app, customer.user_id, 1)
+    assert len(mails(app, customer.email, "low_balance")) == 2
+
+
 def test_a_balance_that_starts_below_the_threshold_is_not_alerted_until_it_crosses_it(make_app):
     app = make_app(LOW_BALANCE_CREDITS=1000)
     customer = factories.customer(app, balance=500)
