@@ -146,7 +146,7 @@ def request_password_reset(email: str) -> None:
     user = find_by_email(email)
     if user is None or user.deleted_at is not None or mail.sent_recently(user.email, "reset", MAIL_INTERVAL):
         return
-    token = _tokens("reset").dumps([user.id, _password_stamp(user)])
+    token = _tokens("reset").dumps([user.id, user.email, _password_stamp(user)])
     mail.notify(
         user,
         "reset",
@@ -161,9 +161,10 @@ def _password_stamp(user: User) -> str:
 
 
 def user_for_reset(token: str) -> User:
-    user_id, stamp = _read("reset", token, timedelta(minutes=current_app.config["RESET_MINUTES"]))
+    user_id, email, stamp = _read("reset", token, timedelta(minutes=current_app.config["RESET_MINUTES"]))
     user = db.session.get(User, user_id)
-    if user is None or user.deleted_at is not None or _password_stamp(user) != stamp:
+    # Sent to an address the account has since left: that mailbox may no longer be the owner's.
+    if user is None or user.deleted_at is not None or user.email != email or _password_stamp(user) != stamp:
         raise TokenError("This link has been used already. Ask for a new one if you still need it.")
     return user
 

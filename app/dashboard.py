@@ -116,6 +116,10 @@ def verify_email(token: str):
         db.session.commit()
     except accounts.TokenError as error:
         flash(str(error), "error")
+    except IntegrityError:
+        # The same link opened twice at once: the other request verified it and granted the trial.
+        db.session.rollback()
+        flash("Your email is confirmed.", "success")
     else:
         credits = current_app.config["SIGNUP_CREDITS"]
         trial = f" {credits:,} free credits are on your balance to try it." if credits else ""

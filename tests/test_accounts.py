@@ -171,6 +171,20 @@ def test_a_forgotten_password_is_reset_by_a_link_that_works_once(app, web):
     assert again.headers["Location"] == "/forgot"
 
 
+def test_a_reset_link_sent_to_an_address_the_account_has_left_does_not_work(app, web):
+    web.signup("moving@example.com")
+    web.logout()
+    web.get("/forgot")
+    web.post("/forgot", {"email": "moving@example.com"})
+    link = mail_link(app, "moving@example.com", "reset")
+    web.login("moving@example.com")
+    web.get("/account")
+    web.post("/account/email", {"email": "moved@example.com", "current": PASSWORD})
+    web.post(mail_link(app, "moved@example.com", "email_change"), {})
+    assert user(app, "moved@example.com") is not None
+    assert factories.WebClient(app.test_client()).get(link).headers["Location"] == "/forgot"
+
+
 def test_forgot_password_says_the_same_for_an_email_without_an_account(app, web):
     web.signup("known@example.com")
     answers = []
