@@ -20,6 +20,9 @@ from tests.fake_upstream import FakeUpstream
 from tests.servers import serve
 from tests.stripe_helpers import checkout_session, deliver, event, stub_checkout
 
+pytestmark = pytest.mark.browser
+
+
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM_ARGS = [

@@ -22,6 +22,9 @@ from tests import factories
 from tests.fake_upstream import FakeUpstream
 from tests.servers import free_port, gunicorn, serve, wait_for
 
+pytestmark = pytest.mark.proxy
+
+
 ROOT = Path(__file__).resolve().parent.parent
 LOCATIONS = ROOT / "deploy" / "nginx" / "kokoro-pay-locations.conf"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
