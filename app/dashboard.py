@@ -618,7 +618,8 @@ def billing_cancelled():
         .order_by(Payment.id.desc())
         .limit(1)
     )
-    if left is not None and client is not None and payments.cancel_checkout(client, left):
+    if left is not None and client is not None:
+        payments.cancel_checkout(client, left)
         db.session.commit()
     flash("Checkout was cancelled: nothing was charged. Choose a pack to try again.", "info")
     return redirect(url_for("dashboard.billing_page"))

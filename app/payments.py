@@ -106,7 +106,7 @@ def handle_event(event) -> str:
     elif event.type == "charge.refunded":
         # amount_refunded is the charge's running total, so a late, older event changes nothing.
         outcome = _record_reversal(
-            obj.payment_intent, ReversalKind.REFUND, obj.amount_refunded, event.id, _receipt_url(obj)
+            obj.payment_intent, ReversalKind.REFUND, obj.amount_refunded, event.id, getattr(obj, "receipt_url", None)
         )
     elif event.type == "charge.dispute.closed" and obj.status == "lost":
         outcome = _record_reversal(obj.payment_intent, ReversalKind.DISPUTE, obj.amount, event.id)
@@ -156,36 +156,28 @@ def _fulfill(session_obj) -> str:
         note=f"{payment.pack} pack, {payment.amount_cents / 100:.2f} {payment.currency.upper()}",
     )
     outcome = f"credited {payment.credits} to user {payment.user_id}; balance {balance}"
+    # Stripe's own receipt page belongs to the charge; a Checkout Session does not name it.
     mail.notify(
         db.session.get(User, payment.user_id),
         "receipt",
         payment=payment,
         balance=balance,
-        receipt_url=_receipt_url(session_obj),
         billing_url=external_url("dashboard.billing_page"),
     )
     waiting = _apply_reversals(payment)
     return outcome if waiting is None else f"{outcome}; {waiting}"
 
 
-def cancel_checkout(client, payment: Payment) -> bool:
-    """The customer came back from Checkout with Cancel: expire the session at Stripe, so it can no
-    longer be paid, and show the payment as such. False (nothing changed) when Stripe refuses,
-    e.g. because it was paid meanwhile in another tab; its webhook then tells the truth."""
+def cancel_checkout(client, payment: Payment) -> None:
+    """The customer came back from Checkout with Cancel: expire the open session at Stripe, so it can
+    no longer be paid, and show the payment as such. Nothing changes when Stripe refuses, e.g.
+    because it was paid meanwhile in another tab; its webhook then tells the truth."""
     try:
         client.v1.checkout.sessions.expire(payment.checkout_session_id)
     except stripe.StripeError as error:
         log.info("checkout session %s not expired: %s", payment.checkout_session_id, error)
-        return False
-    if payment.paid_at is None:
-        payment.status = PaymentStatus.EXPIRED
-    return True
-
-
-def _receipt_url(stripe_object) -> str | None:
-    """Stripe's own receipt page, when the event's object carries one (a charge does; a Checkout Session does not)."""
-    url = getattr(stripe_object, "receipt_url", None)
-    return url if isinstance(url, str) and url.startswith("https://") else None
+        return
+    payment.status = PaymentStatus.EXPIRED
 
 
 def _set_status(session_obj, status: str) -> str:

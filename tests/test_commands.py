@@ -1,8 +1,13 @@
 """Operator commands, run through Flask's CLI runner."""
 
 import re
+from datetime import timedelta
+
+from sqlalchemy import update
 
 from app import keys
+from app.extensions import db
+from app.models import SpeechRequest, utcnow
 from tests import factories
 
 
@@ -63,3 +68,14 @@ def test_revoke_and_show(app, runner, customer):
     assert "revoked" in result.output and "grant" in result.output and "test credits" in result.output
     assert customer.secret not in result.output
     assert customer.secret[: len(keys.KEY_PREFIX) + 4] in result.output
+
+
+def test_settle_counts_every_request_it_settles(app, runner):
+    customer = factories.customer(app, balance=1000)
+    factories.charged(app, customer.user_id, count=3, characters=30)
+    with app.app_context():
+        db.session.execute(update(SpeechRequest).values(created_at=utcnow() - timedelta(hours=1)))
+        db.session.commit()
+    result = runner.invoke(args=["speech", "settle"])
+    assert "3 requests without progress for over 600 s; settled 3, refunding 90 credits." in result.output
+    assert factories.balance(app, customer.user_id) == 1000

@@ -77,6 +77,18 @@ def test_a_refund_sends_a_notice_of_what_was_taken_back_with_stripes_receipt(app
     assert "was refunded: 2.50 of 5.00 USD in all so far" in notice.body
     assert "Credits taken back now:  5,000" in notice.body and "New balance:             5,000 credits" in notice.body
     assert "Stripe's receipt: https://pay.stripe.com/receipts/acct_1/ch_1/rcpt_1" in notice.body
+    assert "Your payments: http://localhost/billing" in notice.body
+
+
+def test_a_dispute_after_a_partial_refund_tells_what_was_taken_back_in_all(app):
+    customer = factories.customer(app)
+    pay_starter(app, customer)
+    deliver(app.test_client(), event("charge.refunded", charge(amount_refunded=100)))
+    deliver(app.test_client(), event("charge.dispute.closed", dispute(amount=400)))
+    first, second = mails(app, customer.email, "reversal")
+    assert "1.00 of 5.00 USD in all so far" in first.body and "Credits taken back now:  2,000" in first.body
+    assert "was decided against it: 5.00 of 5.00 USD in all so far" in second.body
+    assert "Credits taken back now:  8,000" in second.body and "New balance:             0 credits" in second.body
 
 
 def test_a_lost_dispute_after_the_credits_were_spent_says_what_could_not_be_taken(app):
