@@ -112,7 +112,7 @@ def daily_totals(days: int) -> list[dict]:
     add(
         select(
             day,
-            func.sum(SpeechRequest.credits - SpeechRequest.credits_refunded),
+            func.sum(usage.KEPT),
             func.count(SpeechRequest.id),
             failed,
         )

@@ -214,7 +214,7 @@ def _account_page(**forms):
     forms = {
         "form": PasswordForm(formdata=None),
         "email_form": EmailForm(formdata=None),
-        "alert_form": AlertForm(formdata=None, threshold=_threshold(current_user)),
+        "alert_form": AlertForm(formdata=None, threshold=alert_threshold(current_user)),
         "delete_form": DeleteForm(formdata=None),
         **forms,
     }
@@ -225,8 +225,12 @@ def _account_page(**forms):
     return page, status
 
 
-def _threshold(user: User) -> int:
+def alert_threshold(user: User) -> int:
+    """The balance below which the account is alerted: its own setting, else LOW_BALANCE_CREDITS."""
     return current_app.config["LOW_BALANCE_CREDITS"] if user.low_balance_credits is None else user.low_balance_credits
+
+
+bp.add_app_template_global(alert_threshold)
 
 
 def _current_password_ok(form) -> bool:

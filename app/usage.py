@@ -9,6 +9,8 @@ from app.extensions import db
 from app.models import ApiKey, LedgerEntry, SpeechRequest, utcnow
 
 CHART_DAYS = 30
+# What a speech request cost in the end: its charge less what was refunded.
+KEPT = SpeechRequest.credits - SpeechRequest.credits_refunded
 # The usage filter's value for requests made in the dashboard's playground (no API key).
 PLAYGROUND = "playground"
 
@@ -89,7 +91,7 @@ def credits_per_day(user_id: int, filters: Filters, days: int = CHART_DAYS) -> l
     today = utcnow().date()
     first = today - timedelta(days=days - 1)
     day = day_of(SpeechRequest.created_at)
-    kept = func.sum(SpeechRequest.credits - SpeechRequest.credits_refunded)
+    kept = func.sum(KEPT)
     query = filters.keyed(
         select(day, kept)
         .where(SpeechRequest.user_id == user_id, SpeechRequest.created_at >= midnight(first))
@@ -113,7 +115,7 @@ def this_month(user_id: int, filters: Filters) -> Totals:
             select(
                 func.count(SpeechRequest.id),
                 func.coalesce(func.sum(SpeechRequest.characters), 0),
-                func.coalesce(func.sum(SpeechRequest.credits - SpeechRequest.credits_refunded), 0),
+                func.coalesce(func.sum(KEPT), 0),
             ).where(SpeechRequest.user_id == user_id, SpeechRequest.created_at >= midnight(start))
         )
     ).one()

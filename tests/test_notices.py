@@ -22,17 +22,7 @@ def pay_starter(app, customer, session_id="cs_test_1", payment_intent="pi_1"):
 
 
 def debit(app, user_id, credits):
-    with app.app_context():
-        billing.charge_speech(
-            user_id,
-            db.session.get(User, user_id).keys[0].id,
-            unlimited=False,
-            characters=credits,
-            model="kokoro",
-            voice="af_sky",
-            response_format="mp3",
-        )
-        db.session.commit()
+    factories.charged(app, user_id, characters=credits)
 
 
 # Receipts and reversals
