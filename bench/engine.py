@@ -1,8 +1,9 @@
 """The embedded engine, measured side by side against its earlier self in one run.
 
 "before": one plain lock around the model and whole sentences as pieces (the engine until
-2026-11-26). "now": the first sentence spoken from its first clause on its own, and turns
-that go first to requests still waiting for their first audio (engine/server.py).
+2026-11-26). "now": the first sentence spoken from its first clause on its own, turns that go first to
+requests still waiting for their first audio, and phonemising under a lock of its own, never
+waiting for the model (engine/server.py).
 
     python -m bench.engine            # the full run
     python -m bench.engine --smoke    # a short run (the test suite's engine tests)
@@ -172,6 +173,8 @@ def main(argv=None) -> dict:
     now_synth = Synthesizer(str(model), str(voices))
     before_synth = copy.copy(now_synth)
     before_synth.turns = OneLock()
+    # Before, phonemising took the model's lock too.
+    before_synth._phonemizer = before_synth.turns._lock
     report = {
         "when": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{os.cpu_count()} cores, {platform.machine()}",

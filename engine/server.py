@@ -87,6 +87,9 @@ class Synthesizer:
         self._kokoro = Kokoro(model_path, voices_path)
         self.voices = sorted(self._kokoro.get_voices())
         self.turns = turns or Turns()
+        # espeak-ng is not thread-safe; it has a lock of its own, so phonemising a new request
+        # never waits for the model, nor makes it lose its place in the model's turns.
+        self._phonemizer = threading.Lock()
 
     def style(self, voice: str) -> np.ndarray:
         """A voice id, or a blend as Kokoro-FastAPI takes it, as a style array.
@@ -111,7 +114,7 @@ class Synthesizer:
         piece that cannot be spoken (private-use characters, digits of a script espeak-ng
         does not read, a lone surrogate) is known before the stream starts, not halfway.
         """
-        with self.turns.turn(first=True):
+        with self._phonemizer:
             try:
                 phonemes = " ".join(self._kokoro.tokenizer.phonemize(text, lang).split())
             except (UnicodeError, ValueError, RuntimeError):

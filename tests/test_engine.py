@@ -176,6 +176,31 @@ def test_concurrent_requests_are_served_one_synthesis_at_a_time(synthesizer):
     assert [status for status, _ in results] == [200] * 3 and all(seconds > 0.3 for _, seconds in results)
 
 
+def test_a_new_request_is_phonemised_while_the_model_speaks_another(synthesizer):
+    # Phonemising used to take a model turn: a new request then waited for one piece of a
+    # long request to phonemise, and could lose its place to the long one's next piece.
+    speaking, done = threading.Event(), threading.Event()
+
+    def long_piece():
+        with synthesizer.turns.turn(first=False):
+            speaking.set()
+            done.wait(30)
+
+    holder = threading.Thread(target=long_piece)
+    holder.start()
+    try:
+        assert speaking.wait(5)
+        phonemised = []
+        worker = threading.Thread(target=lambda: phonemised.append(synthesizer.phonemes("Hello.", "en-us")))
+        worker.start()
+        worker.join(5)
+        assert phonemised and phonemised[0], "phonemising waited for the model's turn"
+    finally:
+        done.set()
+        holder.join()
+        worker.join()
+
+
 def test_a_short_request_is_not_stuck_behind_a_long_one(synthesizer):
     spoken = []
     original = synthesizer.sentence
