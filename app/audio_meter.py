@@ -147,7 +147,7 @@ class _FrameMeter(Meter):
         if not self.prefix():
             return
         buffer, position = self._buffer, 0
-        known = self._known
+        known, last = self._known, None
         while position + self.header_size <= len(buffer):
             header = bytes(buffer[position : position + self.header_size])
             # A constant-bitrate stream repeats a handful of headers: each is parsed once.
@@ -166,15 +166,31 @@ class _FrameMeter(Meter):
             length, samples, rate = found
             if position + length > len(buffer):
                 break
-            self.samples += samples
+            # A constant-bitrate stream repeats one header: when the last frame had it too and every
+            # whole frame left in the buffer starts with it, they are counted at once, not one by one.
+            frames = (len(buffer) - position) // length
+            if header == last and frames > 1 and self._repeats(buffer, position, length, frames, header):
+                self.samples += samples * frames
+                position += length * frames
+            else:
+                self.samples += samples
+                position += length
             self.rate = rate
             self._lost = 0
-            position += length
+            last = header
         del buffer[:position]
         if self._lost > 1 << 14:
             # Nothing recognisable in 16 KiB: not this format.
             self.understood = False
             buffer.clear()
+
+    def _repeats(self, buffer: bytearray, position: int, length: int, frames: int, header: bytes) -> bool:
+        """Whether the `frames` frames of `length` bytes from `position` all start with `header`."""
+        end = position + length * frames
+        return all(
+            buffer[position + offset : end : length] == header[offset : offset + 1] * frames
+            for offset in range(self.header_size)
+        )
 
 
 class Mp3Meter(_FrameMeter):

@@ -104,3 +104,25 @@ def test_no_bytes_is_no_audio():
     wav_header_only = encoded("wav", 0.0)[:44]
     assert metered(wav_header_only, "wav", 44).seconds == 0.0
     assert struct.unpack_from("<4s", wav_header_only)[0] == b"RIFF"
+
+
+def mp3_frame(kbps_index: int) -> bytes:
+    """An MPEG-2 Layer III frame at 24 kHz (576 samples): index 12 is 128 kbit/s (384 bytes), 8 is 64 (192)."""
+    header = bytes([0xFF, 0xF3, kbps_index << 4 | 0x4, 0xC0])
+    return header + bytes(576 // 8 * (128 if kbps_index == 12 else 64) * 1000 // 24000 - 4)
+
+
+@pytest.mark.parametrize("chunk", [1, 383, 384, 1000, 1 << 16])
+def test_runs_of_one_frame_header_and_changes_between_them_are_each_counted(chunk):
+    fast, slow, garbage = mp3_frame(12), mp3_frame(8), b"\x00\x12\xfe"
+    # Runs of one header, a change of bitrate inside a chunk, garbage between frames, a lone different frame.
+    data = fast * 9 + slow * 3 + fast * 5 + garbage + fast * 4 + slow + fast * 7
+    meter = metered(data, "mp3", chunk)
+    assert meter.understood and meter.samples == 29 * 576
+    # The last frame counts once it has fully arrived.
+    assert metered(data[:-1], "mp3", chunk).samples == 28 * 576
+    # A header that breaks a run halfway through a chunk is read, not skipped over with the run.
+    broken = bytearray(fast * 10)
+    broken[384 * 6 + 2] = 8 << 4 | 0x4  # frame 7 says 64 kbit/s: 192 bytes, then a 128 kbit/s header
+    # (seven frames, the 192 bytes after the short one skipped as garbage, three frames)
+    assert metered(bytes(broken), "mp3", 1 << 16).samples == metered(bytes(broken), "mp3", 1).samples == 10 * 576
