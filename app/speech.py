@@ -22,6 +22,7 @@ steps, in this order:
 """
 
 import base64
+import itertools
 import json
 import math
 import re
@@ -400,11 +401,12 @@ class Relay:
         metrics.STREAMS.inc()
         try:
             for chunk in self._upstream_chunks():
-                self._check_deadline()
+                now = time.monotonic()
+                self._check_deadline(now)
                 self.sent += len(chunk)
                 self.meter.feed(chunk)
                 # Progress is written before the chunk is handed over: what settle sees covers it.
-                self._beat()
+                self._beat(now)
                 yield chunk
         except GeneratorExit:
             # The client hung up: what it received was synthesised for it, so the charge stands.
@@ -422,21 +424,18 @@ class Relay:
         _settle(billing.mark_delivered, self.request_id, **self.outcome())
 
     def _upstream_chunks(self):
-        yield self.audio.first_chunk
-        for chunk in self.audio.rest:
-            if chunk:
-                yield chunk
+        # The first chunk, then the rest without empty ones.
+        return itertools.chain((self.audio.first_chunk,), filter(None, self.audio.rest))
 
-    def _check_deadline(self) -> None:
-        if time.monotonic() > self.deadline:
+    def _check_deadline(self, now: float) -> None:
+        if now > self.deadline:
             limit = current_app.config["MAX_STREAM_SECONDS"]
             reason = f"The stream ran past the longest allowed ({limit:g} s)."
             self.audio.close()
             _settle_refund(self.request_id, reason, **self.outcome())
             raise StreamAborted(self.request_id, f"{reason} The undelivered part was refunded.")
 
-    def _beat(self) -> None:
-        now = time.monotonic()
+    def _beat(self, now: float) -> None:
         if now - self.last_beat < self.heartbeat:
             return
         self.last_beat = now
