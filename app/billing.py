@@ -163,6 +163,7 @@ def deduct(user: User, amount: int, reason: str) -> int:
     return apply(user.id, -amount, kind=LedgerKind.DEDUCTION, reference=f"deduction:{uuid.uuid4().hex}", note=reason)
 
 
+# The stream limit when none is set: a count no account reaches.
 _NO_LIMIT = 2**31 - 1
 
 
@@ -208,7 +209,6 @@ def charge_speech(
         "characters": characters,
         "credits": credits,
         "client_request_id": client_request_id,
-        # No limit: a count no account reaches.
         "max_streams": _NO_LIMIT if max_streams is None else max_streams,
     }
     if db.session.execute(_RECORD_SPEECH, row).first() is None:
