@@ -186,19 +186,20 @@ def test_a_new_request_is_phonemised_while_the_model_speaks_another(synthesizer)
             speaking.set()
             done.wait(30)
 
+    phonemised = []
     holder = threading.Thread(target=long_piece)
+    worker = threading.Thread(target=lambda: phonemised.append(synthesizer.phonemes("Hello.", "en-us")))
     holder.start()
     try:
         assert speaking.wait(5)
-        phonemised = []
-        worker = threading.Thread(target=lambda: phonemised.append(synthesizer.phonemes("Hello.", "en-us")))
         worker.start()
         worker.join(5)
         assert phonemised and phonemised[0], "phonemising waited for the model's turn"
     finally:
         done.set()
         holder.join()
-        worker.join()
+        if worker.is_alive():
+            worker.join()
 
 
 def test_a_short_request_is_not_stuck_behind_a_long_one(synthesizer):
