@@ -27,7 +27,7 @@ def generate() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(RANDOM_BYTES)
 
 
-def create_key(user: User, name: str = "") -> tuple[ApiKey, str]:
+def create_key(user: User, name: str) -> tuple[ApiKey, str]:
     """Add a key for `user` to the session; return it with its secret, which is never stored."""
     secret = generate()
     key = ApiKey(

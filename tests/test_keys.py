@@ -38,7 +38,7 @@ def test_only_the_digest_and_a_short_prefix_are_stored(app):
 def test_a_key_is_found_by_its_secret_and_nothing_else(app):
     with app.app_context():
         user = accounts.create_user("a@example.com")
-        key, secret = keys.create_key(user)
+        key, secret = keys.create_key(user, "")
         db.session.commit()
         found = keys.lookup(keys.stored_digest(secret))
         assert (found.key_id, found.user_id, found.revoked_at) == (key.id, user.id, None)
@@ -49,7 +49,7 @@ def test_a_key_is_found_by_its_secret_and_nothing_else(app):
 
 def test_revoke_is_remembered_and_reported_once(app):
     with app.app_context():
-        key, secret = keys.create_key(accounts.create_user("a@example.com"))
+        key, secret = keys.create_key(accounts.create_user("a@example.com"), "")
         db.session.commit()
         assert keys.revoke(key) is True
         assert keys.revoke(key) is False
@@ -59,7 +59,7 @@ def test_revoke_is_remembered_and_reported_once(app):
 
 def test_last_use_is_written_at_most_once_per_resolution(app):
     with app.app_context():
-        key, _ = keys.create_key(accounts.create_user("a@example.com"))
+        key, _ = keys.create_key(accounts.create_user("a@example.com"), "")
         db.session.commit()
         now = utcnow()
         assert keys.touch(key.id, key.last_used_at, 60, now) is True
