@@ -119,3 +119,35 @@ def test_upstream_failures_and_refunds_are_counted(make_app):
     ):
         app_metrics[name] = sample(after, name, **labels) - sample(before, name, **labels)
         assert app_metrics[name] == grown, name
+
+
+@pytest.mark.parametrize("kind", ["broke_off", "stalled"])
+def test_a_stream_that_breaks_off_or_stalls_is_counted_under_its_kind(make_app, kind):
+    from app.speech import StreamAborted
+
+    gate = threading.Event()
+    if kind == "stalled":
+        upstream = FakeUpstream([b"ID3first", b"after the stall"], gate=gate)
+    else:
+        upstream = FakeUpstream([b"ID3first", b"never sent"], break_after=1)
+    kinds = ("broke_off", "stalled")
+    with serve(upstream) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", METRICS_TOKEN=TOKEN, UPSTREAM_READ_TIMEOUT=0.3)
+        customer = factories.customer(app, balance=100)
+        client = app.test_client()
+
+        def failures():
+            text = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).get_data(as_text=True)
+            return {name: sample(text, "kokoro_upstream_failures_total", kind=name) for name in kinds}
+
+        before = failures()
+        response = client.post(
+            "/v1/audio/speech", headers=customer.headers, json={"input": "Hello.", "voice": "af_sky"}, buffered=False
+        )
+        try:
+            with pytest.raises(StreamAborted):
+                response.get_data()
+        finally:
+            gate.set()
+        after = failures()
+    assert {name: after[name] - before[name] for name in kinds} == {name: float(name == kind) for name in kinds}
