@@ -311,7 +311,7 @@ def test_settle_leaves_a_slow_live_stream_alone_and_it_is_delivered(make_app):
     assert factories.balance(app, customer.user_id) == 10_000 - len(PROSE)
 
 
-def test_a_stream_settled_meanwhile_sends_not_one_more_byte(make_app):
+def test_a_stream_settled_meanwhile_sends_not_one_more_byte(make_app, caplog):
     # Chunks no larger than the gateway's reads, so it relays them one for one.
     chunks = in_chunks(pcm_of(PROSE_SECONDS), 80)
     assert len(chunks[0]) <= 16384
@@ -350,6 +350,9 @@ def test_a_stream_settled_meanwhile_sends_not_one_more_byte(make_app):
     assert kept == billing.kept_credits(row.credits, row.characters, 1.0, len(chunks[0]) * 1000 // 48000, 20)
     assert 0 < kept < row.credits
     assert app.test_cli_runner().invoke(args=["audit"]).exit_code == 0
+    # The server's log of the cut-off response names the request and why.
+    said = f"speech request {row.id}: The request was settled while it streamed."
+    wait_for(lambda: said in caplog.text, what="the log line")
 
 
 def test_no_stream_lasts_past_the_maximum_and_it_is_charged_for_what_it_delivered(make_app, caplog):
