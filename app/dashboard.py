@@ -452,7 +452,7 @@ def usage_csv():
             speech.credits_refunded,
             speech.state,
             speech.bytes_sent,
-            speech.duration_ms or "",
+            "" if speech.duration_ms is None else speech.duration_ms,
             csv_text(speech.error or ""),
             speech.client_request_id or "",
         ]

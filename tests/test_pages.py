@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
-from app import billing
+from app import billing, keys
 from app.extensions import db
 from app.models import ApiKey, LedgerEntry, SpeechRequest, User, utcnow
 from tests import factories
@@ -100,6 +100,23 @@ def test_the_playground_is_metered_like_the_api(app, web, upstream):
     assert "playground" in web.get("/usage").get_data(as_text=True)
     rows = list(csv.DictReader(io.StringIO(web.get("/usage.csv").get_data(as_text=True))))
     assert rows[0]["key"] == "playground"
+
+
+def test_a_request_the_speech_server_refused_is_exported_refunded_with_its_duration(app, web):
+    user_id = signed_in(app, web)
+    with app.app_context():
+        _, secret = keys.create_key(db.session.get(User, user_id), "export")
+        db.session.commit()
+    # Listed by the stand-in, refused when asked for: the upstream fails before any audio.
+    refused = app.test_client().post(
+        "/v1/audio/speech",
+        headers={"Authorization": f"Bearer {secret}"},
+        json={"input": "Hello.", "voice": "af_nicole"},
+    )
+    assert refused.status_code == 400
+    [row] = csv.DictReader(io.StringIO(web.get("/usage.csv").get_data(as_text=True)))
+    assert (row["state"], row["credits"], row["credits_refunded"], row["bytes"]) == ("refunded", "6", "6", "0")
+    assert row["duration_ms"].isdigit() and "af_nicole' not found" in row["error"]
 
 
 def test_playground_errors_are_the_apis_and_change_nothing(app, web):

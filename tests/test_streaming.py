@@ -219,3 +219,16 @@ def test_the_error_a_cut_stream_ends_with_names_the_request_and_the_reason(make_
     [speech] = factories.speech_requests(app, customer.user_id)
     assert str(aborted.value) == f"speech request {speech.id}: {reason} The undelivered part was refunded."
     assert aborted.value.reason == f"{reason} The undelivered part was refunded."
+
+
+def test_audio_goes_out_in_pieces_of_at_most_stream_chunk_bytes(make_app):
+    audio = b"ID3" + bytes(range(256)) * 160  # one 40,963-byte chunk from the upstream
+    with serve(FakeUpstream([audio])) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", STREAM_CHUNK_BYTES=4096)
+        customer = factories.customer(app, balance=1000)
+        response = app.test_client().post(
+            "/v1/audio/speech", json={"input": "Hello.", "voice": "af_sky"}, headers=customer.headers, buffered=False
+        )
+        pieces = list(response.response)
+    assert b"".join(pieces) == audio
+    assert max(map(len, pieces)) <= 4096 and len(pieces) >= len(audio) // 4096
