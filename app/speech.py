@@ -325,12 +325,12 @@ def open_upstream(request_id: str, order: Order, started: float, slot: Slot) -> 
         return upstream.open_speech(order.payload, current_app.config["STREAM_CHUNK_BYTES"], slot)
     except UpstreamError as failure:
         _settle_refund(request_id, failure.detail, audio_ms=0, upstream_status=failure.status, duration_ms=_ms(started))
-        headers = {"X-Request-Id": public_id(request_id)}
+        # The answer carries the request's id, as every /v1 answer does (security_headers in app/__init__.py).
         if failure.blames_request:
             raise ApiError(
-                400, f"The speech server refused this request: {failure.reason} The charge was refunded.", headers
+                400, f"The speech server refused this request: {failure.reason} The charge was refunded."
             ) from None
-        raise ApiError(502, f"{failure.detail} Any charge for this request was refunded.", headers) from None
+        raise ApiError(502, f"{failure.detail} Any charge for this request was refunded.") from None
     except BaseException:
         _settle_refund(request_id, "The gateway failed before any audio was sent.", audio_ms=0)
         raise

@@ -516,6 +516,22 @@ def test_an_unexpected_error_is_json_500_without_a_trace(app, customer, monkeypa
     assert factories.balance(app, customer.user_id) == 1000
 
 
+def test_a_gateway_error_after_the_charge_is_refunded_at_once(app, customer, upstream, monkeypatch):
+    def explode(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    # Charged, then the gateway itself fails before any audio: no waiting for `flask speech settle`.
+    monkeypatch.setattr("app.upstream.Upstream.open_speech", explode)
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    response = app.test_client().post(SPEECH, json=HELLO, headers=customer.headers)
+    assert response.status_code == 500
+    assert response.get_json() == error("Internal server error.", "server_error", kind="server_error")
+    [speech] = factories.speech_requests(app, customer.user_id)
+    assert (speech.state, speech.credits_refunded) == ("refunded", speech.credits)
+    assert speech.error == "The gateway failed before any audio was sent."
+    assert factories.balance(app, customer.user_id) == 1000
+
+
 def test_speech_request_rows_are_kept_per_request(app, client, customer, upstream):
     stub_audio(upstream)
     for _ in range(3):
