@@ -185,7 +185,7 @@ def in_chunks(data: bytes, count: int) -> list[bytes]:
 def stream_through(make_app):
     """Relay `chunks` from a stand-in upstream through the app on real sockets; the request row after."""
 
-    def run(chunks, break_after=None, response_format="pcm", **overrides):
+    def run(chunks, break_after=None, response_format="pcm", speed=1.0, **overrides):
         with serve(FakeUpstream(chunks, break_after=break_after)) as upstream_url:
             app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", **overrides)
             customer = factories.customer(app, balance=10_000)
@@ -193,7 +193,7 @@ def stream_through(make_app):
                 received = bytearray()
                 with requests.post(
                     f"{url}{SPEECH}",
-                    json=speech_body(response_format=response_format),
+                    json=speech_body(response_format=response_format, speed=speed),
                     headers=customer.headers,
                     stream=True,
                     timeout=30,
@@ -236,6 +236,16 @@ def test_a_break_after_a_tenth_of_the_audio_refunds_most_of_it(stream_through, r
     row, _ = stream_through(in_chunks(make(PROSE_SECONDS), 20), break_after=2, response_format=response_format)
     assert row.state == "refunded"
     assert 0 < row.credits - row.credits_refunded <= 0.2 * row.credits
+
+
+def test_a_fast_request_that_breaks_off_keeps_the_share_its_speed_delivered(stream_through):
+    # At speed 2 the text lasts half as long, so the same audio delivered pays for twice the share.
+    row, received = stream_through(in_chunks(pcm_of(PROSE_SECONDS / 2), 20), break_after=5, speed=2.0)
+    audio_ms = len(received) * 1000 // 48000
+    assert row.state == "refunded" and row.speed == 2.0 and row.audio_ms == audio_ms
+    kept = row.credits - row.credits_refunded
+    assert kept == billing.kept_credits(row.credits, row.characters, 2.0, audio_ms, 20)
+    assert kept > billing.kept_credits(row.credits, row.characters, 1.0, audio_ms, 20)
 
 
 def test_a_break_before_any_audio_byte_refunds_everything(stream_through):
