@@ -14,6 +14,7 @@ from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import Failing, FakeUpstream, Silent, stub_catalog
 from tests.servers import gunicorn, serve, wait_for
+from tests.test_metrics import TOKEN, sample
 
 SPEECH = "/v1/audio/speech"
 HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
@@ -168,6 +169,32 @@ def test_every_api_answer_says_where_its_time_went(make_app):
         ):
             name, duration = response.headers["Server-Timing"].split(";dur=")
             assert name == "gateway" and float(duration) >= 0
+
+
+def test_the_wait_for_a_free_server_is_told_apart_from_the_gateways_own_time(make_app):
+    held = threading.Event()
+    with serve(FakeUpstream(gate=held)) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", UPSTREAM_MAX_STREAMS=1, METRICS_TOKEN=TOKEN)
+        upstreams = app.extensions["upstream"].upstreams
+        customer = factories.customer(app, balance=1000)
+        first = app.test_client().post(SPEECH, json=HELLO, headers=customer.headers, buffered=False)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(app.test_client().post, SPEECH, json=HELLO, headers=customer.headers, buffered=True)
+            wait_for(lambda: upstreams.waiting == 1)
+            time.sleep(0.3)  # the wait being measured
+            held.set()
+            assert first.get_data() == AUDIO
+            second = waiting.result()
+        scrape = app.test_client().get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).get_data(as_text=True)
+    assert second.data == AUDIO
+    timings = {
+        name: float(value)
+        for name, value in (part.split(";dur=") for part in second.headers["Server-Timing"].split(", "))
+    }
+    # The queue is the wait; the gateway's own time leaves it out, in the header and in the metric.
+    assert timings["queue"] >= 300 and 0 <= timings["gateway"] < 300
+    assert sample(scrape, "kokoro_speech_gateway_seconds_count") == 2
+    assert 0 <= sample(scrape, "kokoro_speech_gateway_seconds_sum") < 0.3
 
 
 # Faults before audio
