@@ -195,6 +195,13 @@ def test_the_wait_for_a_free_server_is_told_apart_from_the_gateways_own_time(mak
     assert timings["queue"] >= 300 and 0 <= timings["gateway"] < 300
     assert sample(scrape, "kokoro_speech_gateway_seconds_count") == 2
     assert 0 <= sample(scrape, "kokoro_speech_gateway_seconds_sum") < 0.3
+    # The time to first byte is all three: the gateway's own, the wait, the upstream's.
+    told = sum(
+        float(part.split(";dur=")[1])
+        for response in (first, second)
+        for part in response.headers["Server-Timing"].split(", ")
+    )
+    assert sample(scrape, "kokoro_speech_first_byte_seconds_sum") == pytest.approx(told / 1000, abs=1e-4)
 
 
 # Faults before audio
