@@ -177,6 +177,8 @@ def test_the_wait_for_a_free_server_is_told_apart_from_the_gateways_own_time(mak
         app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", UPSTREAM_MAX_STREAMS=1, METRICS_TOKEN=TOKEN)
         upstreams = app.extensions["upstream"].upstreams
         customer = factories.customer(app, balance=1000)
+        metrics = {"Authorization": f"Bearer {TOKEN}"}
+        before = app.test_client().get("/metrics", headers=metrics).get_data(as_text=True)
         first = app.test_client().post(SPEECH, json=HELLO, headers=customer.headers, buffered=False)
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(app.test_client().post, SPEECH, json=HELLO, headers=customer.headers, buffered=True)
@@ -185,7 +187,7 @@ def test_the_wait_for_a_free_server_is_told_apart_from_the_gateways_own_time(mak
             held.set()
             assert first.get_data() == AUDIO
             second = waiting.result()
-        scrape = app.test_client().get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).get_data(as_text=True)
+        after = app.test_client().get("/metrics", headers=metrics).get_data(as_text=True)
     assert second.data == AUDIO
     timings = {
         name: float(value)
@@ -193,15 +195,19 @@ def test_the_wait_for_a_free_server_is_told_apart_from_the_gateways_own_time(mak
     }
     # The queue is the wait; the gateway's own time leaves it out, in the header and in the metric.
     assert timings["queue"] >= 300 and 0 <= timings["gateway"] < 300
-    assert sample(scrape, "kokoro_speech_gateway_seconds_count") == 2
-    assert 0 <= sample(scrape, "kokoro_speech_gateway_seconds_sum") < 0.3
+
+    def grown(name):  # the metrics are the process's: what these two requests added
+        return sample(after, name) - sample(before, name)
+
+    assert grown("kokoro_speech_gateway_seconds_count") == 2
+    assert 0 <= grown("kokoro_speech_gateway_seconds_sum") < 0.3
     # The time to first byte is all three: the gateway's own, the wait, the upstream's.
     told = sum(
         float(part.split(";dur=")[1])
         for response in (first, second)
         for part in response.headers["Server-Timing"].split(", ")
     )
-    assert sample(scrape, "kokoro_speech_first_byte_seconds_sum") == pytest.approx(told / 1000, abs=1e-4)
+    assert grown("kokoro_speech_first_byte_seconds_sum") == pytest.approx(told / 1000, abs=1e-4)
 
 
 # Faults before audio
