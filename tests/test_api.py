@@ -503,29 +503,29 @@ def test_a_too_large_body_is_json_413_and_charges_nothing(make_app, customer):
     assert factories.balance(client.application, customer.user_id) == 1000
 
 
-def test_an_unexpected_error_is_json_500_without_a_trace(app, customer, monkeypatch):
+def fails_inside(app, customer, monkeypatch, target: str):
+    """A speech request while `target` raises an error of the gateway's own: answered 500, JSON, no trace."""
+
     def explode(*args, **kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr("app.billing.charge_speech", explode)
+    monkeypatch.setattr(target, explode)
     app.config["PROPAGATE_EXCEPTIONS"] = False
     response = app.test_client().post(SPEECH, json=HELLO, headers=customer.headers)
     assert response.status_code == 500
     assert response.get_json() == error("Internal server error.", "server_error", kind="server_error")
     assert b"secret internals" not in response.data and b"Traceback" not in response.data
+    return response
+
+
+def test_an_unexpected_error_is_json_500_without_a_trace(app, customer, monkeypatch):
+    fails_inside(app, customer, monkeypatch, "app.billing.charge_speech")
     assert factories.balance(app, customer.user_id) == 1000
 
 
 def test_a_gateway_error_after_the_charge_is_refunded_at_once(app, customer, upstream, monkeypatch):
-    def explode(*args, **kwargs):
-        raise RuntimeError("secret internals")
-
     # Charged, then the gateway itself fails before any audio: no waiting for `flask speech settle`.
-    monkeypatch.setattr("app.upstream.Upstream.open_speech", explode)
-    app.config["PROPAGATE_EXCEPTIONS"] = False
-    response = app.test_client().post(SPEECH, json=HELLO, headers=customer.headers)
-    assert response.status_code == 500
-    assert response.get_json() == error("Internal server error.", "server_error", kind="server_error")
+    fails_inside(app, customer, monkeypatch, "app.upstream.Upstream.open_speech")
     [speech] = factories.speech_requests(app, customer.user_id)
     assert (speech.state, speech.credits_refunded) == ("refunded", speech.credits)
     assert speech.error == "The gateway failed before any audio was sent."

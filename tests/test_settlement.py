@@ -75,17 +75,22 @@ def test_a_killed_worker_leaves_the_charge_visible_and_settle_refunds_it_once(ap
     assert runner.invoke(args=["audit"]).exit_code == 0
 
 
+def speak(app, customer):
+    """A speech request answered by a stubbed upstream with eight bytes of audio."""
+    with responses.RequestsMock() as upstream:
+        stub_catalog(upstream, STUB_UPSTREAM)
+        upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3audio", content_type="audio/mpeg")
+        return app.test_client().post("/v1/audio/speech", json=HELLO, headers=customer.headers)
+
+
 def database_gone(*args, **kwargs):
     raise OperationalError("UPDATE speech_requests", {}, Exception("server closed the connection"))
 
 
 def test_a_lost_database_at_settlement_leaves_the_request_for_settle(app, runner, customer, monkeypatch, caplog):
     monkeypatch.setattr(billing, "mark_delivered", database_gone)
-    with responses.RequestsMock() as upstream:
-        stub_catalog(upstream, STUB_UPSTREAM)
-        upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3audio", content_type="audio/mpeg")
-        response = app.test_client().post("/v1/audio/speech", json=HELLO, headers=customer.headers)
-        assert response.status_code == 200 and response.data == b"ID3audio"
+    response = speak(app, customer)
+    assert response.status_code == 200 and response.data == b"ID3audio"
     assert states(app, customer) == ["charged"]
     # The operator's log names the request left for settle, with the database's error.
     [row] = factories.speech_requests(app, customer.user_id)
@@ -101,12 +106,9 @@ def test_a_stream_whose_progress_cannot_be_written_goes_on_and_the_log_names_it(
     app = make_app(STREAM_HEARTBEAT_SECONDS=0)
     customer = factories.customer(app, balance=1000)
     monkeypatch.setattr(billing, "record_progress", database_gone)
-    with responses.RequestsMock() as upstream:
-        stub_catalog(upstream, STUB_UPSTREAM)
-        upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3audio", content_type="audio/mpeg")
-        response = app.test_client().post("/v1/audio/speech", json=HELLO, headers=customer.headers)
-        # Progress is a safeguard for settle, not a reason to cut off audio that was paid for.
-        assert response.status_code == 200 and response.data == b"ID3audio"
+    response = speak(app, customer)
+    # Progress is a safeguard for settle, not a reason to cut off audio that was paid for.
+    assert response.status_code == 200 and response.data == b"ID3audio"
     [row] = factories.speech_requests(app, customer.user_id)
     assert row.state == "delivered" and row.bytes_sent == len(b"ID3audio")
     [record] = [record for record in caplog.records if record.getMessage().startswith("could not record progress")]
