@@ -79,6 +79,7 @@ def test_text_the_engine_cannot_speak_is_400_naming_the_field(
     assert response.status_code == 400
     detail = response.get_json()["detail"]
     assert detail.startswith(f"'{field}' contains {kind}") and "remove it" in detail
+    assert response.get_json()["error"]["param"] == field
     assert syntheses(counted_upstream) == 0
     assert factories.balance(app, customer.user_id) == 1000 and factories.speech_requests(app, customer.user_id) == []
 

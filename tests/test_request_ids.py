@@ -84,6 +84,8 @@ def test_log_lines_carry_the_request_id(make_app):
     app.test_client().post("/v1/audio/speech", headers=headers, json=SPEECH)
     lines = [line for line in stream.getvalue().splitlines() if "catalog unavailable" in line]
     assert lines and all("[find-me-in-the-log] app:" in line for line in lines)
+    # The operator reads why: the speech server's fault, not just that names went unchecked.
+    assert all(line.endswith("names go unchecked: The speech server could not be reached.") for line in lines)
 
 
 def test_json_logs_are_one_object_per_line_with_the_request_id(make_app):
