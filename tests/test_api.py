@@ -86,6 +86,15 @@ def test_the_clients_fields_are_passed_through_upstream(client, customer, upstre
     assert response.status_code == 200 and response.headers["Content-Type"] == "audio/wav"
 
 
+@pytest.mark.parametrize("speed", [0.25, 4.0, 4])
+def test_the_slowest_and_fastest_speeds_are_accepted(client, customer, upstream, speed):
+    # OpenAI's range, 0.25 to 4.0, both ends included.
+    upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3", content_type="audio/mpeg")
+    response = post_speech(client, customer, {**HELLO, "speed": speed})
+    assert response.status_code == 200
+    assert json.loads(upstream.calls[-1].request.body)["speed"] == speed
+
+
 def test_the_upstream_key_is_sent_when_configured(make_app, customer, upstream):
     app = make_app(UPSTREAM_API_KEY="upstream-secret")
     upstream.post(
