@@ -75,6 +75,7 @@ def test_the_clients_fields_are_passed_through_upstream(client, customer, upstre
         "lang_code": "a",
         "normalization_options": {"normalize": False},
         "volume_multiplier": 0.8,
+        "download_format": "mp3",
     }
     upstream.post(
         f"{STUB_UPSTREAM}/audio/speech",
