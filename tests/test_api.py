@@ -87,6 +87,13 @@ def test_the_clients_fields_are_passed_through_upstream(client, customer, upstre
     assert response.status_code == 200 and response.headers["Content-Type"] == "audio/wav"
 
 
+@pytest.mark.parametrize("field", ["download_format", "lang_code", "volume_multiplier", "normalization_options"])
+def test_an_optional_field_sent_as_null_is_left_out(client, customer, upstream, field):
+    upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3", content_type="audio/mpeg")
+    assert post_speech(client, customer, {**HELLO, field: None}).status_code == 200
+    assert field not in json.loads(upstream.calls[-1].request.body)
+
+
 @pytest.mark.parametrize("speed", [0.25, 4.0, 4])
 def test_the_slowest_and_fastest_speeds_are_accepted(client, customer, upstream, speed):
     # OpenAI's range, 0.25 to 4.0, both ends included.
@@ -226,6 +233,7 @@ def test_a_body_that_is_not_a_json_object_is_400(app, client, customer, raw, det
         ({"speed": True}, "'speed' must be a number from 0.25 to 4.0."),
         ({"speed": 4.5}, "'speed' must be a number from 0.25 to 4.0."),
         ({"speed": 0.1}, "'speed' must be a number from 0.25 to 4.0."),
+        ({"download_format": "ogg"}, "'download_format' must be one of mp3, opus, aac, flac, wav, pcm."),
         ({"stream": "yes"}, "'stream' must be true or false."),
         ({"stream_format": "ogg"}, "'stream_format' must be 'audio' or 'sse'."),
     ],
