@@ -24,6 +24,11 @@ def sample(text: str, name: str, **labels) -> float:
     return 0.0
 
 
+def scrape(client) -> str:
+    """What /metrics says now, asked with the token."""
+    return client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).get_data(as_text=True)
+
+
 def test_metrics_answer_only_with_the_token(make_app):
     closed = make_app()  # no METRICS_TOKEN
     assert closed.test_client().get("/metrics", headers={"Authorization": "Bearer "}).status_code == 404
@@ -108,10 +113,10 @@ def test_upstream_failures_and_refunds_are_counted(make_app):
         app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", METRICS_TOKEN=TOKEN)
         customer = factories.customer(app, balance=100)
         client = app.test_client()
-        before = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).get_data(as_text=True)
+        before = scrape(client)
         answer = client.post("/v1/audio/speech", headers=customer.headers, json={"input": "Hello.", "voice": "af_sky"})
         assert answer.status_code == 502
-        after = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).get_data(as_text=True)
+        after = scrape(client)
     for name, labels, grown in (
         ("kokoro_upstream_failures_total", {"kind": "status"}, 1),
         ("kokoro_credits_refunded_total", {}, 6),
@@ -137,7 +142,7 @@ def test_a_stream_that_breaks_off_or_stalls_is_counted_under_its_kind(make_app, 
         client = app.test_client()
 
         def failures():
-            text = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).get_data(as_text=True)
+            text = scrape(client)
             return {name: sample(text, "kokoro_upstream_failures_total", kind=name) for name in kinds}
 
         before = failures()
