@@ -89,7 +89,7 @@ def test_the_clients_fields_are_passed_through_upstream(client, customer, upstre
 
 @pytest.mark.parametrize("field", ["download_format", "lang_code", "volume_multiplier", "normalization_options"])
 def test_an_optional_field_sent_as_null_is_left_out(client, customer, upstream, field):
-    upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3", content_type="audio/mpeg")
+    stub_audio(upstream)
     assert post_speech(client, customer, {**HELLO, field: None}).status_code == 200
     assert field not in json.loads(upstream.calls[-1].request.body)
 
@@ -97,7 +97,7 @@ def test_an_optional_field_sent_as_null_is_left_out(client, customer, upstream, 
 @pytest.mark.parametrize("speed", [0.25, 4.0, 4])
 def test_the_slowest_and_fastest_speeds_are_accepted(client, customer, upstream, speed):
     # OpenAI's range, 0.25 to 4.0, both ends included.
-    upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3", content_type="audio/mpeg")
+    stub_audio(upstream)
     response = post_speech(client, customer, {**HELLO, "speed": speed})
     assert response.status_code == 200
     assert json.loads(upstream.calls[-1].request.body)["speed"] == speed
