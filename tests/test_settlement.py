@@ -87,6 +87,13 @@ def database_gone(*args, **kwargs):
     raise OperationalError("UPDATE speech_requests", {}, Exception("server closed the connection"))
 
 
+def assert_logged_database_error(caplog, message: str) -> None:
+    """`message` was logged once, as an error carrying the database's exception."""
+    [record] = [record for record in caplog.records if record.getMessage().startswith(message.rsplit(" ", 1)[0])]
+    assert record.getMessage() == message
+    assert record.levelname == "ERROR" and record.exc_info[0] is OperationalError
+
+
 def test_a_lost_database_at_settlement_leaves_the_request_for_settle(app, runner, customer, monkeypatch, caplog):
     monkeypatch.setattr(billing, "mark_delivered", database_gone)
     response = speak(app, customer)
@@ -94,9 +101,7 @@ def test_a_lost_database_at_settlement_leaves_the_request_for_settle(app, runner
     assert states(app, customer) == ["charged"]
     # The operator's log names the request left for settle, with the database's error.
     [row] = factories.speech_requests(app, customer.user_id)
-    [record] = [record for record in caplog.records if record.getMessage().startswith("could not settle")]
-    assert record.getMessage() == f"could not settle speech request {row.id}"
-    assert record.levelname == "ERROR" and record.exc_info[0] is OperationalError
+    assert_logged_database_error(caplog, f"could not settle speech request {row.id}")
     monkeypatch.undo()
     assert "settled 1" in runner.invoke(args=["speech", "settle", "--older-than", "0"]).output
     assert factories.balance(app, customer.user_id) == 1000
@@ -111,9 +116,7 @@ def test_a_stream_whose_progress_cannot_be_written_goes_on_and_the_log_names_it(
     assert response.status_code == 200 and response.data == b"ID3audio"
     [row] = factories.speech_requests(app, customer.user_id)
     assert row.state == "delivered" and row.bytes_sent == len(b"ID3audio")
-    [record] = [record for record in caplog.records if record.getMessage().startswith("could not record progress")]
-    assert record.getMessage() == f"could not record progress of speech request {row.id}"
-    assert record.levelname == "ERROR" and record.exc_info[0] is OperationalError
+    assert_logged_database_error(caplog, f"could not record progress of speech request {row.id}")
 
 
 def test_settle_racing_itself_and_live_traffic_refunds_each_request_once(app, customer):
