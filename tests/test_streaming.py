@@ -226,9 +226,7 @@ def test_audio_goes_out_in_pieces_of_at_most_stream_chunk_bytes(make_app):
     with serve(FakeUpstream([audio])) as upstream_url:
         app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", STREAM_CHUNK_BYTES=4096)
         customer = factories.customer(app, balance=1000)
-        response = app.test_client().post(
-            "/v1/audio/speech", json={"input": "Hello.", "voice": "af_sky"}, headers=customer.headers, buffered=False
-        )
+        response = app.test_client().post("/v1/audio/speech", json=HELLO, headers=customer.headers, buffered=False)
         pieces = list(response.response)
     assert b"".join(pieces) == audio
     assert max(map(len, pieces)) <= 4096 and len(pieces) >= len(audio) // 4096
@@ -239,9 +237,7 @@ def test_a_delivered_request_records_its_first_byte_and_its_duration_in_millisec
     with serve(Paced([b"ID3one", b"two", b"three"], 0.25)) as upstream_url:
         app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
         customer = factories.customer(app, balance=1000)
-        response = app.test_client().post(
-            "/v1/audio/speech", json={"input": "Hello.", "voice": "af_sky"}, headers=customer.headers
-        )
+        response = app.test_client().post("/v1/audio/speech", json=HELLO, headers=customer.headers)
         assert response.data == b"ID3onetwothree"
     [row] = factories.speech_requests(app, customer.user_id)
     # Half a second of pacing at least came after the first byte, however slow the machine.
