@@ -235,7 +235,6 @@ def serve(caller: keys.Caller, order: Order, received: float):
     else:
         body, content_type = relay.chunks(), audio.content_type
     response = current_app.response_class(stream_with_context(body), status=200, content_type=content_type)
-    response.headers["X-Request-Id"] = public_id(paid.request_id)
     # What this request cost and what was left right after it was charged (as GET /v1/balance says).
     response.headers["X-Credits-Charged"] = str(paid.credits)
     response.headers["X-Credits-Remaining"] = str(paid.balance)
@@ -253,11 +252,6 @@ def serve(caller: keys.Caller, order: Order, received: float):
     # Closes the upstream connection (and frees its server's place) even when the body is never iterated.
     response.call_on_close(audio.close)
     return response
-
-
-def public_id(request_id: str) -> str:
-    """The id a client sees: its own X-Request-Id when it sent one (kept with the request), else the request's."""
-    return g.get("client_request_id") or request_id
 
 
 def reserve() -> Slot:
