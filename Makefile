@@ -49,7 +49,8 @@ bench: $(VENV)/.dev
 # mutmut runs on SQLite, two mutants at a time; with TEST_DATABASE_URL set, each survivor then
 # meets the PostgreSQL-only tests (locks, races), one at a time (mutation/postgresql.py).
 mutate: $(VENV)/.dev
-	rm -rf mutants
+	$(BIN)/python -m mutation.state restore
 	env -u TEST_DATABASE_URL $(BIN)/mutmut run --max-children 2
+	$(BIN)/python -m mutation.state save
 	$(if $(TEST_DATABASE_URL),$(BIN)/python -m mutation.postgresql)
 	$(BIN)/python -m mutation.report $(if $(TEST_DATABASE_URL),PostgreSQL)

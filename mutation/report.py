@@ -1,22 +1,25 @@
-"""The mutation run's scores, per money module: `python -m mutation.report` after `mutmut run`.
+"""The mutation runs' scores, per money module: `python -m mutation.report` after `make mutate`.
 
-Reads mutmut's own results (mutants/app/*.py.meta, via its status table) and the
-checked-in list of equivalent mutants (mutation/equivalent.txt: one mutant name, then
-" # " and the one-line reason no user or book could notice it). Writes
-mutation/RESULTS.md and exits 1 when a module kills less than TARGET of its
-non-equivalent mutants, or an equivalent listed there no longer exists.
+Reads the results kept in the repository (mutation/state/, written by `mutation.state save`
+from mutmut's own) and counts a result only while the function it mutated is unchanged in
+the source as it is now (mutmut's hash of it). Reads the checked-in list of equivalent
+mutants (mutation/equivalent.txt: one mutant name, then " # " and the one-line reason no
+user or book could notice it). Writes mutation/RESULTS.md and exits 1 when a module has
+mutants not checked or kills less than TARGET of its non-equivalent mutants, or an
+equivalent listed there no longer exists.
 """
 
-import json
 import sys
 from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mutmut.mutation.file_mutation import mutate_file_contents
 from mutmut.stats import status_by_exit_code
+from mutmut.utils.format_utils import get_mutant_name
 
-ROOT = Path(__file__).resolve().parent.parent
-MODULES = ("app/billing.py", "app/payments.py", "app/keys.py", "app/audit.py", "app/speech.py", "app/catalog.py")
+from mutation.state import MODULES, ROOT, function_of, load
+
 EQUIVALENT = ROOT / "mutation" / "equivalent.txt"
 # Survivors of the SQLite run that the PostgreSQL tests kill (written by mutation/postgresql.py).
 POSTGRES = ROOT / "mutation" / "postgresql.txt"
@@ -34,11 +37,18 @@ def equivalents(path: Path = EQUIVALENT) -> dict[str, str]:
 
 
 def statuses(module: str) -> dict[str, str]:
-    meta = ROOT / "mutants" / f"{module}.meta"
-    if not meta.exists():
-        return {}
-    codes = json.loads(meta.read_text())["exit_code_by_key"]
-    return {name: status_by_exit_code[code] for name, code in codes.items()}
+    """Every mutant mutmut makes of `module` as it is now, with its kept result; "not checked" when it has
+    none or the function it mutates changed after it was checked."""
+    path = ROOT / module
+    now = mutate_file_contents(module, path.read_text())
+    kept = load(module)
+    found = {}
+    for name in now.mutant_names:
+        mutant = get_mutant_name(Path(module), name)
+        function = function_of(mutant)
+        current = kept["hash_by_function_name"].get(function) == now.hash_by_function_name.get(function)
+        found[mutant] = status_by_exit_code[kept["exit_code_by_key"].get(mutant) if current else None]
+    return found
 
 
 def main() -> int:
@@ -73,8 +83,10 @@ def main() -> int:
     lines = [
         "# Mutation testing: the money modules",
         "",
-        f"`make mutate` (mutmut, on SQLite{'' if len(sys.argv) < 2 else ' and ' + sys.argv[1]}), "
-        f"{datetime.now(timezone.utc):%Y-%m-%d}. A mutant is killed when a test fails on it; "
+        f"`make mutate` (mutmut, on SQLite{'' if len(sys.argv) < 2 else ' and ' + sys.argv[1]}), report of "
+        f"{datetime.now(timezone.utc):%Y-%m-%d}. Each module's results are those kept in mutation/state/ by the "
+        "runs so far, each counted only while the function it mutated is unchanged (a changed function's mutants "
+        "are not checked until the next run). A mutant is killed when a test fails on it; "
         '"equivalent" survivors are listed with their reason in mutation/equivalent.txt; survivors of the '
         "SQLite run that the PostgreSQL-only tests kill are counted as killed and listed in mutation/postgresql.txt.",
         "",
@@ -88,8 +100,8 @@ def main() -> int:
         "",
         *(
             [
-                "This run was stopped before every mutant was checked: the scores of modules with mutants "
-                "not checked yet are partial.",
+                "Some mutants are not checked yet (a run was stopped, or their function changed since): "
+                "the scores of their modules are partial.",
                 "",
             ]
             if any(row[2] for row in rows)

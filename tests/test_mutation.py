@@ -1,0 +1,81 @@
+"""The mutation report counts only results that still describe the code (mutation/state.py, mutation/report.py)."""
+
+import json
+
+import pytest
+from mutmut.mutation.file_mutation import mutate_file_contents
+
+from mutation import report, state
+
+TINY = '''
+def double(n):
+    return n * 2
+
+
+def is_small(n):
+    return n < 10
+'''
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project of one module, app/tiny.py, whose results are kept under tmp_path/state."""
+    (tmp_path / "app").mkdir()
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    monkeypatch.setattr(state, "STATE", tmp_path / "state")
+    monkeypatch.setattr(state, "MUTANTS", tmp_path / "mutants")
+    monkeypatch.setattr(state, "MODULES", ("app/tiny.py",))
+    return tmp_path
+
+
+def run_result(source: str, code_of) -> dict:
+    """mutmut's meta for app/tiny.py as `source` is: each mutant's exit code from `code_of(function)`."""
+    mutated = mutate_file_contents("app/tiny.py", source)
+    codes = {f"app.tiny.{name}": code_of(state.function_of(f"app.tiny.{name}")) for name in mutated.mutant_names}
+    return {"hash_by_function_name": mutated.hash_by_function_name, "exit_code_by_key": codes}
+
+
+def save_run(project, source: str, code_of) -> None:
+    meta = project / "mutants" / "app" / "tiny.py.meta"
+    meta.parent.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps(run_result(source, code_of)))
+    state.save()
+
+
+def test_a_killed_mutant_stops_counting_once_its_function_changes(project):
+    (project / "app" / "tiny.py").write_text(TINY)
+    save_run(project, TINY, lambda function: 1)  # every mutant killed
+    assert set(report.statuses("app/tiny.py").values()) == {"killed"}
+
+    changed = TINY.replace("n < 10", "n <= 10")
+    (project / "app" / "tiny.py").write_text(changed)
+    found = report.statuses("app/tiny.py")
+
+    assert {status for name, status in found.items() if "x_is_small" in name} == {"not checked"}
+    assert {status for name, status in found.items() if "x_double" in name} == {"killed"}
+
+
+def test_a_run_of_some_functions_keeps_what_earlier_runs_found_for_the_others(project):
+    (project / "app" / "tiny.py").write_text(TINY)
+    save_run(project, TINY, lambda function: 1 if function == "x_double" else 0)
+    # A later run given only is_small's mutants: double's are left unchecked in its meta.
+    save_run(project, TINY, lambda function: 1 if function == "x_is_small" else None)
+
+    found = report.statuses("app/tiny.py")
+    assert found and set(found.values()) == {"killed"}
+
+
+def test_restore_seeds_a_fresh_mutants_directory_and_never_overwrites_one(project):
+    (project / "app" / "tiny.py").write_text(TINY)
+    save_run(project, TINY, lambda function: 0)
+    meta = project / "mutants" / "app" / "tiny.py.meta"
+    meta.write_text("newer")
+
+    state.restore()
+    assert meta.read_text() == "newer"
+
+    (project / "mutants").rename(project / "old")
+    state.restore()
+    restored = json.loads(meta.read_text())
+    assert set(restored["exit_code_by_key"].values()) == {0}
+    assert restored["hash_by_function_name"] == run_result(TINY, lambda function: 0)["hash_by_function_name"]
