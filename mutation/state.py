@@ -68,8 +68,7 @@ def save() -> int:
         merged = merge(load(module), json.loads(meta.read_text()))
         kept_path(module).write_text(json.dumps(merged, indent=1) + "\n")
         checked = sum(code is not None for code in merged["exit_code_by_key"].values())
-        kept = kept_path(module).relative_to(ROOT)
-        print(f"{module}: {checked} of {len(merged['exit_code_by_key'])} mutants checked, kept in {kept}")
+        print(f"{module}: {checked} of {len(merged['exit_code_by_key'])} mutants checked, kept in {kept_path(module)}")
     return 0
 
 
