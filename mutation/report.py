@@ -88,7 +88,8 @@ def main() -> int:
         "runs so far, each counted only while the function it mutated is unchanged (a changed function's mutants "
         "are not checked until the next run). A mutant is killed when a test fails on it; "
         '"equivalent" survivors are listed with their reason in mutation/equivalent.txt; survivors of the '
-        "SQLite run that the PostgreSQL-only tests kill are counted as killed and listed in mutation/postgresql.txt.",
+        "SQLite run that the PostgreSQL-only tests kill are counted as killed and listed in mutation/postgresql.txt. "
+        "What the survivors showed, and the tests written for them: mutation/FINDINGS.md.",
         "",
         "| module | mutants | not checked yet | killed | survived | no test ran | equivalent "
         "| killed of non-equivalent |",
