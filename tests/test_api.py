@@ -67,12 +67,14 @@ def test_speech_streams_audio_and_charges_one_credit_per_character(app, client, 
 
 
 @pytest.mark.parametrize("stream_format", ["audio", "sse"])
-def test_paid_audio_is_never_kept_by_a_cache(client, customer, upstream, stream_format):
-    """Each answer is one customer's paid audio: no proxy or browser cache may keep it or replay it."""
+def test_paid_audio_is_never_kept_by_a_cache_nor_held_back_by_a_proxy(client, customer, upstream, stream_format):
+    """Each answer is one customer's paid audio: no proxy or browser cache may keep it or replay it,
+    and an nginx in front (whatever its own buffering setting) passes each piece on as it comes."""
     stub_audio(upstream)
     response = post_speech(client, customer, body={**HELLO, "stream_format": stream_format})
     assert response.status_code == 200
     assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["X-Accel-Buffering"] == "no"
 
 
 def test_the_clients_fields_are_passed_through_upstream(client, customer, upstream):
