@@ -105,13 +105,23 @@ def test_an_optional_field_sent_as_null_is_left_out(client, customer, upstream, 
     assert field not in json.loads(upstream.calls[-1].request.body)
 
 
-@pytest.mark.parametrize("speed", [0.25, 4.0, 4])
-def test_the_slowest_and_fastest_speeds_are_accepted(client, customer, upstream, speed):
-    # OpenAI's range, 0.25 to 4.0, both ends included.
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        # OpenAI's range of speeds, 0.25 to 4.0, both ends included.
+        ("speed", 0.25),
+        ("speed", 4.0),
+        ("speed", 4),
+        # Kokoro's volume, silent to ten times as loud, both ends included.
+        ("volume_multiplier", 0),
+        ("volume_multiplier", 10.0),
+    ],
+)
+def test_the_ends_of_each_numeric_range_are_accepted(client, customer, upstream, field, value):
     stub_audio(upstream)
-    response = post_speech(client, customer, {**HELLO, "speed": speed})
+    response = post_speech(client, customer, {**HELLO, field: value})
     assert response.status_code == 200
-    assert json.loads(upstream.calls[-1].request.body)["speed"] == speed
+    assert json.loads(upstream.calls[-1].request.body)[field] == value
 
 
 def test_the_upstream_key_is_sent_when_configured(make_app, customer, upstream):
