@@ -234,6 +234,13 @@ def test_a_body_that_is_not_a_json_object_is_400(app, client, customer, raw, det
     assert_untouched(app, customer)
 
 
+NORMALIZATION_SHAPE = (
+    "'normalization_options' must be an object of true/false switches among normalize, unit_normalization, "
+    "url_normalization, email_normalization, optional_pluralization_normalization, phone_normalization, "
+    "replace_remaining_symbols."
+)
+
+
 @pytest.mark.parametrize(
     "change,detail",
     [
@@ -257,6 +264,13 @@ def test_a_body_that_is_not_a_json_object_is_400(app, client, customer, raw, det
         ({"download_format": "ogg"}, "'download_format' must be one of mp3, opus, aac, flac, wav, pcm."),
         ({"stream": "yes"}, "'stream' must be true or false."),
         ({"stream_format": "ogg"}, "'stream_format' must be 'audio' or 'sse'."),
+        ({"volume_multiplier": 10.5}, "'volume_multiplier' must be a number from 0 to 10.0."),
+        ({"volume_multiplier": -1}, "'volume_multiplier' must be a number from 0 to 10.0."),
+        ({"lang_code": "english please"}, "'lang_code' must be a language code such as 'a' or 'en-us'."),
+        ({"normalization_options": {"shout": True}}, NORMALIZATION_SHAPE),
+        ({"normalization_options": {"normalize": "yes"}}, NORMALIZATION_SHAPE),
+        ({"instructions": 5}, "'instructions' must be a string."),
+        ({"return_download_link": "yes"}, "'return_download_link' must be true or false."),
     ],
 )
 def test_invalid_fields_are_400_and_charge_nothing(app, client, customer, change, detail):
