@@ -98,7 +98,9 @@ def test_the_clients_fields_are_passed_through_upstream(client, customer, upstre
     assert response.status_code == 200 and response.headers["Content-Type"] == "audio/wav"
 
 
-@pytest.mark.parametrize("field", ["download_format", "lang_code", "volume_multiplier", "normalization_options"])
+@pytest.mark.parametrize(
+    "field", ["download_format", "lang_code", "volume_multiplier", "normalization_options", "instructions"]
+)
 def test_an_optional_field_sent_as_null_is_left_out(client, customer, upstream, field):
     stub_audio(upstream)
     assert post_speech(client, customer, {**HELLO, field: None}).status_code == 200
