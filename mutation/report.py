@@ -76,7 +76,9 @@ def main() -> int:
         if score is None:
             failures.append(f"{module}: not mutated in this run")
         elif unchecked:
-            failures.append(f"{module}: {unchecked} mutants not checked yet (the run was stopped)")
+            failures.append(
+                f"{module}: {unchecked} mutants not checked yet (a run stopped before them, or they changed)"
+            )
         elif score < TARGET:
             failures.append(f"{module}: {score:.1%} of non-equivalent mutants killed (target {TARGET:.0%})")
     stale = sorted(name for name in {**listed, **on_postgres} if seen and name not in seen)
@@ -95,7 +97,8 @@ def main() -> int:
         "| killed of non-equivalent |",
         "|---|---|---|---|---|---|---|---|",
         *(
-            f"| `{m}` | {n} | {c} | {k} | {s} | {u} | {e} | {'not run' if score is None else f'{score:.1%}'} |"
+            f"| `{m}` | {n} | {c} | {k} | {s} | {u} | {e} | {'not run' if score is None else f'{score:.1%}'}"
+            f"{' of those checked' if c and score is not None else ''} |"
             for m, n, c, k, s, u, e, score in rows
         ),
         "",
