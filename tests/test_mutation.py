@@ -7,14 +7,14 @@ from mutmut.mutation.file_mutation import mutate_file_contents
 
 from mutation import report, state
 
-TINY = '''
+TINY = """
 def double(n):
     return n * 2
 
 
 def is_small(n):
     return n < 10
-'''
+"""
 
 
 @pytest.fixture
