@@ -126,6 +126,13 @@ def test_the_ends_of_each_numeric_range_are_accepted(client, customer, upstream,
     assert json.loads(upstream.calls[-1].request.body)[field] == value
 
 
+def test_stream_format_sent_as_null_streams_plain_audio(client, customer, upstream):
+    stub_audio(upstream)
+    response = post_speech(client, customer, {**HELLO, "stream_format": None})
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "audio/mpeg"
+
+
 def test_the_upstream_key_is_sent_when_configured(make_app, customer, upstream):
     app = make_app(UPSTREAM_API_KEY="upstream-secret")
     upstream.post(
