@@ -18,7 +18,7 @@ from mutmut.mutation.file_mutation import mutate_file_contents
 from mutmut.stats import status_by_exit_code
 from mutmut.utils.format_utils import get_mutant_name
 
-from mutation.state import MODULES, ROOT, function_of, load
+from mutation.state import MODULES, ROOT, kept_code, load
 
 EQUIVALENT = ROOT / "mutation" / "equivalent.txt"
 # Survivors of the SQLite run that the PostgreSQL tests kill (written by mutation/postgresql.py).
@@ -42,13 +42,8 @@ def statuses(module: str) -> dict[str, str]:
     path = ROOT / module
     now = mutate_file_contents(module, path.read_text())
     kept = load(module)
-    found = {}
-    for name in now.mutant_names:
-        mutant = get_mutant_name(Path(module), name)
-        function = function_of(mutant)
-        current = kept["hash_by_function_name"].get(function) == now.hash_by_function_name.get(function)
-        found[mutant] = status_by_exit_code[kept["exit_code_by_key"].get(mutant) if current else None]
-    return found
+    mutants = (get_mutant_name(Path(module), name) for name in now.mutant_names)
+    return {mutant: status_by_exit_code[kept_code(kept, now.hash_by_function_name, mutant)] for mutant in mutants}
 
 
 def main() -> int:

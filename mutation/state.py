@@ -46,16 +46,21 @@ def load(module: str) -> dict:
     return json.loads(path.read_text())
 
 
+def kept_code(kept: dict, hashes: dict[str, str], mutant: str) -> int | None:
+    """The kept exit code of `mutant` while its function's hash is still the one in `hashes`; None otherwise."""
+    function = function_of(mutant)
+    if kept["hash_by_function_name"].get(function) != hashes.get(function):
+        return None
+    return kept["exit_code_by_key"].get(mutant)
+
+
 def merge(kept: dict, run: dict) -> dict:
     """The run's results over the kept ones; a kept result stays where the run left its mutant unchecked
     and the function is unchanged (a run given names re-checks only those)."""
     hashes = run["hash_by_function_name"]
     codes = {}
     for mutant, code in run["exit_code_by_key"].items():
-        function = function_of(mutant)
-        if code is None and kept["hash_by_function_name"].get(function) == hashes.get(function):
-            code = kept["exit_code_by_key"].get(mutant)
-        codes[mutant] = code
+        codes[mutant] = kept_code(kept, hashes, mutant) if code is None else code
     return {"hash_by_function_name": dict(sorted(hashes.items())), "exit_code_by_key": dict(sorted(codes.items()))}
 
 
