@@ -69,7 +69,12 @@ def one_line(text: str, limit: int = MAX_REASON) -> str:
     line = " ".join(str(text).split())
     if len(line) > limit:
         first = re.match(r".+?[.!?](?=\s)", line)
-        line = first.group() if first and len(first.group()) <= limit else line[: line.rfind(" ", 0, limit)] + " …"
+        if first and len(first.group()) <= limit:
+            line = first.group()
+        else:
+            # At the last space before the limit; at the limit itself when there is none.
+            space = line.rfind(" ", 0, limit)
+            line = line[: space if space > 0 else limit] + " …"
     return line if line.endswith((".", "!", "?", "…")) else line + "."
 
 

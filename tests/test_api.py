@@ -448,6 +448,12 @@ def test_an_upstream_4xx_is_a_400_with_its_reason_on_one_line_and_refunded(app, 
     assert "af_nicole" in note and "zm_yunyang" not in note
 
 
+def test_an_upstream_refusal_of_one_long_unbroken_word_is_cut_short_too(app, client, customer, upstream):
+    # A reason with no space to cut at (a blob, a long path) is cut at the limit, not passed on whole.
+    upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=400, json={"detail": "x" * 2000})
+    assert_refunded_400(app, customer, post_speech(client, customer), "x" * 160 + " …")
+
+
 def test_an_upstream_422_validation_list_is_a_readable_400(app, client, customer, upstream):
     upstream.post(
         f"{STUB_UPSTREAM}/audio/speech",

@@ -57,6 +57,18 @@ def test_refund_returns_the_charge_exactly_once(app, customer):
     factories.assert_books_balance(app, customer.user_id)
 
 
+def test_a_refund_with_a_long_reason_is_still_made_and_its_reason_kept_to_500_characters(app, customer):
+    # The reason column holds 500 characters; PostgreSQL refuses a longer value, which would lose the refund.
+    with app.app_context():
+        request_id = _charge(customer.user_id, customer.key_id, 100).id
+        db.session.commit()
+        assert billing.refund_speech(request_id, "r" * 600) == 100
+        db.session.commit()
+        assert db.session.get(SpeechRequest, request_id).error == "r" * 500
+    assert factories.balance(app, customer.user_id) == 1000
+    factories.assert_books_balance(app, customer.user_id)
+
+
 def test_a_delivered_request_is_never_refunded(app, customer):
     with app.app_context():
         request_id = _charge(customer.user_id, customer.key_id, 100).id
