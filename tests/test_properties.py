@@ -112,6 +112,39 @@ def test_the_charge_is_the_number_of_code_points(app, customer, stubbed_upstream
         assert response.status_code == 402
 
 
+# What a speech server may say instead of audio: FastAPI's shapes, long words, long lists, or anything.
+upstream_reasons = (
+    st.text(max_size=400)
+    | st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=150, max_size=3000)
+    | st.lists(st.text(max_size=80), max_size=60).map(" ".join)
+)
+upstream_refusals = st.one_of(
+    st.builds(lambda reason: {"detail": reason}, upstream_reasons | json_values),
+    st.builds(lambda reason: {"detail": {"error": "x", "message": reason}}, upstream_reasons),
+    st.builds(
+        lambda reasons: {"detail": [{"loc": ["body", "input"], "msg": r} for r in reasons]},
+        st.lists(upstream_reasons, max_size=30),
+    ),
+    json_values,
+).map(json.dumps)
+
+
+@PROPERTY_SETTINGS
+@given(status=st.sampled_from([400, 404, 422, 500, 503]), body=upstream_refusals | st.text(max_size=300))
+def test_whatever_the_speech_server_says_instead_of_audio_the_client_gets_one_short_line_and_its_credits_back(
+    app, customer, stubbed_upstream, status, body
+):
+    stubbed_upstream.replace(responses.POST, f"{STUB_UPSTREAM}/audio/speech", status=status, body=body)
+    response = app.test_client().post(
+        "/v1/audio/speech", json={"input": "Hello.", "voice": "af_sky"}, headers=customer.headers
+    )
+    assert response.status_code == (400 if status in (400, 422) else 502)
+    detail = response.get_json()["detail"]
+    assert "\n" not in detail and len(detail) <= 250, detail
+    assert factories.balance(app, customer.user_id) == 1000
+    factories.assert_books_balance(app, customer.user_id)
+
+
 @PROPERTY_SETTINGS
 @given(
     method=st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH"]),
