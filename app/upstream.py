@@ -64,9 +64,14 @@ class UpstreamError(Exception):
         return "no_audio" if 200 <= self.status < 300 else "status"
 
 
+# A server's message is shown to clients and written to the database: no control characters
+# (the database refuses NUL) and no lone surrogates (half a UTF-16 pair, which no encoder writes).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def one_line(text: str, limit: int = MAX_REASON) -> str:
-    """`text` on one line, cut to its first sentence when it is longer than `limit` (a voice list, say)."""
-    line = " ".join(str(text).split())
+    """`text` on one printable line, cut to its first sentence when longer than `limit` (a voice list, say)."""
+    line = " ".join(_UNPRINTABLE.sub(" ", str(text)).split())
     if len(line) > limit:
         first = re.match(r".+?[.!?](?=\s)", line)
         if first and len(first.group()) <= limit:
@@ -96,7 +101,8 @@ def _validation_message(item) -> str:
     """One of FastAPI's 422 entries, as "'speed': Input should be …"."""
     if not isinstance(item, dict):
         return str(item)
-    location = [str(part) for part in item.get("loc", []) if part != "body"]
+    loc = item.get("loc")
+    location = [str(part) for part in loc if part != "body"] if isinstance(loc, list) else []
     return f"'{location[-1]}': {item.get('msg', '')}" if location else str(item.get("msg", item))
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import responses
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests import factories
@@ -125,12 +125,23 @@ upstream_refusals = st.one_of(
         lambda reasons: {"detail": [{"loc": ["body", "input"], "msg": r} for r in reasons]},
         st.lists(upstream_reasons, max_size=30),
     ),
+    # A 422 list whose entries are not quite FastAPI's.
+    st.builds(
+        lambda items: {"detail": items},
+        st.lists(st.fixed_dictionaries({}, optional={"loc": json_values, "msg": json_values}), max_size=5),
+    ),
     json_values,
 ).map(json.dumps)
 
 
 @PROPERTY_SETTINGS
 @given(status=st.sampled_from([400, 404, 422, 500, 503]), body=upstream_refusals | st.text(max_size=300))
+# Each seen to fail once: one long word; a lone surrogate and a NUL (no database takes either);
+# a 422 entry whose location is not a list.
+@example(status=400, body=json.dumps({"detail": "0" * 200}))
+@example(status=400, body=json.dumps({"detail": "half a pair \udfff."}))
+@example(status=500, body=json.dumps({"detail": "a NUL \x00 here."}))
+@example(status=422, body=json.dumps({"detail": [{"loc": None, "msg": "Field required"}]}))
 def test_whatever_the_speech_server_says_instead_of_audio_the_client_gets_one_short_line_and_its_credits_back(
     app, customer, stubbed_upstream, status, body
 ):
