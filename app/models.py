@@ -185,12 +185,31 @@ class SpeechRequest(db.Model):
     error: Mapped[Optional[str]] = mapped_column(String(500))
     # The client's own X-Request-Id, when it sent a well-formed one (answered back as X-Request-Id).
     client_request_id: Mapped[Optional[str]] = mapped_column(String(128))
+    # The gateway process serving it (GatewayProcess): settled by time only once that process is gone.
+    process_id: Mapped[Optional[str]] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     first_byte_ms: Mapped[Optional[int]]
     duration_ms: Mapped[Optional[int]]
     finished_at: Mapped[Optional[datetime]]
 
     api_key: Mapped[Optional[ApiKey]] = relationship()
+
+
+class GatewayProcess(db.Model):
+    """A gateway process that serves speech, alive while its lease is renewed (app/liveness.py).
+
+    The process renews `lease_until` from a thread of its own every third of the lease; a
+    process that crashed, was killed or lost its database stops renewing, and once the lease
+    has run out `flask speech settle` may settle the requests it left charged.
+    """
+
+    __tablename__ = "gateway_processes"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int]
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    lease_until: Mapped[datetime]
 
 
 class Payment(db.Model):
