@@ -13,6 +13,12 @@ from app.models import LedgerKind, Payment, PaymentReversal, PaymentStatus, Reve
 from app.urls import external_url
 
 log = logging.getLogger(__name__)
+# The most cents a BIGINT column holds; Stripe's own limits are far below it.
+MAX_CENTS = 2**63 - 1
+
+
+class MalformedEvent(ValueError):
+    """A signed event carries an amount Stripe never sends (negative, "lots", 2.5, true): refused, nothing stored."""
 
 
 @dataclass(frozen=True)
@@ -93,8 +99,9 @@ def handle_event(event) -> str:
     before the payment it reverses is credited. It is kept (payment_reversals) and applied
     when the payment is credited, so any order of arrival gives the same books.
     """
-    record_event(event)
     obj = event.data.object
+    check_amounts(event.type, obj)
+    record_event(event)
     if event.type == "checkout.session.completed":
         outcome = _fulfill(obj) if obj.payment_status == "paid" else _set_status(obj, PaymentStatus.PENDING)
     elif event.type == "checkout.session.async_payment_succeeded":
@@ -115,6 +122,27 @@ def handle_event(event) -> str:
     db.session.get(StripeEvent, event.id).outcome = outcome[:200]
     log.info("stripe event %s (%s): %s", event.id, event.type, outcome)
     return outcome
+
+
+def check_amounts(event_type: str, obj) -> None:
+    """Every amount an event of this type carries is a whole number of cents, at least 0 (bools are not).
+
+    Raises MalformedEvent before anything is recorded. A Checkout Session's amount_total may be null.
+    """
+    if event_type.startswith("checkout.session."):
+        fields, nullable = ("amount_total",), True
+    elif event_type == "charge.refunded":
+        fields, nullable = ("amount_refunded",), False
+    elif event_type == "charge.dispute.closed":
+        fields, nullable = ("amount",), False
+    else:
+        return
+    for field in fields:
+        value = getattr(obj, field, None) if nullable else getattr(obj, field)
+        if value is None and nullable:
+            continue
+        if type(value) is not int or not 0 <= value <= MAX_CENTS:
+            raise MalformedEvent(f"{field} is {value!r}, not a whole number of cents")
 
 
 def _lock_intent(payment_intent: str | None) -> None:

@@ -27,6 +27,12 @@ def webhook():
     try:
         outcome = payments.handle_event(event)
         db.session.commit()
+    except payments.MalformedEvent as error:
+        # Signed, but an amount no payment has: refused before anything is stored. Stripe retries
+        # it for a few days, and the log says why each time.
+        db.session.rollback()
+        current_app.logger.warning("stripe event %r refused: %s", getattr(event, "id", None), error)
+        return jsonify(detail="Malformed event."), 400
     except (AttributeError, KeyError, TypeError):
         # Signed, but not shaped like the event its type names.
         db.session.rollback()

@@ -6,10 +6,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import responses
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from app.extensions import db
-from app.models import Payment, StripeEvent
+from app.models import LedgerEntry, Payment, PaymentReversal, StripeEvent
 from tests import factories
 from tests.conftest import STRIPE_CHECKOUT
 from tests.stripe_helpers import charge, checkout_session, deliver, dispute, event, sign, stub_checkout
@@ -332,3 +332,62 @@ def test_a_checkout_session_that_expires_unpaid_shows_as_expired(app, web, buyer
         event("checkout.session.expired", checkout_session(buyer, "cs_test_2", payment_intent="pi_2")),
     )
     assert payment(app, "cs_test_2").status == "paid"
+
+
+# Amounts Stripe's events carry: whole, non-negative numbers of cents, or the event is refused
+
+
+def stored(app) -> tuple:
+    """What an event can leave behind: its row, reversals, ledger lines, payment states."""
+    with app.app_context():
+        return (
+            db.session.scalars(select(StripeEvent.id).order_by(StripeEvent.id)).all(),
+            db.session.scalars(select(PaymentReversal.amount_cents)).all(),
+            db.session.scalar(select(func.count(LedgerEntry.id))),
+            db.session.scalars(select(Payment.status).order_by(Payment.id)).all(),
+        )
+
+
+BAD_AMOUNTS = [-500, -1, "lots", "500", 2.5, 500.0, True, False, None, [500], {"value": 500}, 10**30]
+
+
+@pytest.mark.parametrize("amount", BAD_AMOUNTS, ids=repr)
+@pytest.mark.parametrize("kind", ["refund", "dispute"])
+def test_a_signed_reversal_whose_amount_is_not_whole_cents_is_refused_logged_and_not_stored(
+    app, web, buyer, stripe_api, client, caplog, kind, amount
+):
+    paid(app, web, buyer, stripe_api, client)
+    before = stored(app)
+    caplog.set_level("WARNING")
+    if kind == "refund":
+        payload = event("charge.refunded", charge(amount_refunded=amount), "evt_bad_amount")
+    else:
+        payload = event("charge.dispute.closed", dispute(amount=amount), "evt_bad_amount")
+    response = deliver(client, payload)
+    assert response.status_code == 400 and response.get_json() == {"detail": "Malformed event."}
+    assert any("evt_bad_amount" in message and "cents" in message for message in caplog.messages)
+    assert stored(app) == before and factories.balance(app, buyer) == 10100
+    audit = app.test_cli_runner().invoke(args=["audit"])
+    assert audit.exit_code == 0 and "Audit passed" in audit.output
+
+
+@pytest.mark.parametrize("amount", [-500, "lots", 2.5, True, 10**30], ids=repr)
+def test_a_paid_checkout_whose_amount_total_is_not_whole_cents_is_refused_and_credits_nothing(
+    app, web, buyer, stripe_api, client, amount
+):
+    buy(web, stripe_api)
+    before = stored(app)
+    response = deliver(client, event("checkout.session.completed", checkout_session(buyer, amount_total=amount)))
+    assert response.status_code == 400 and stored(app) == before and factories.balance(app, buyer) == 100
+
+
+def test_a_checkout_without_an_amount_total_is_credited_as_recorded(app, web, buyer, stripe_api, client):
+    buy(web, stripe_api)
+    response = deliver(client, event("checkout.session.completed", checkout_session(buyer, amount_total=None)))
+    assert response.status_code == 200 and factories.balance(app, buyer) == 10100
+
+
+def test_a_zero_refund_is_a_whole_amount_and_takes_nothing(app, web, buyer, stripe_api, client):
+    paid(app, web, buyer, stripe_api, client)
+    assert deliver(client, event("charge.refunded", charge(amount_refunded=0))).status_code == 200
+    assert factories.balance(app, buyer) == 10100
