@@ -41,7 +41,7 @@ from app.forms import (
     ResetForm,
     SignupForm,
 )
-from app.models import ApiKey, LedgerEntry, OutboxMail, Payment, PaymentStatus, User, utcnow
+from app.models import ApiKey, LedgerEntry, OutboxMail, Payment, User
 from app.urls import external_url, host_is_checked
 
 bp = Blueprint("dashboard", __name__)
@@ -596,7 +596,9 @@ def checkout():
             pack,
             current_app.config["STRIPE_CURRENCY"],
             success_url=external_url("dashboard.billing_success") + "?session_id={CHECKOUT_SESSION_ID}",
-            cancel_url=external_url("dashboard.billing_cancelled"),
+            cancel_url=external_url(
+                "dashboard.billing_cancelled", token=payments.cancel_token(current_user, current_app.secret_key)
+            ),
         )
         db.session.commit()
     except stripe.StripeError:
@@ -610,18 +612,14 @@ def checkout():
 @bp.get("/billing/cancelled")
 @login_required
 def billing_cancelled():
-    """Back from Checkout's Cancel: the checkout just left is expired at Stripe and shown as such."""
+    """Back from Checkout's Cancel: the checkout its link names is expired at Stripe and shown as such.
+
+    Any other GET of this page (an image on another site, a link without the checkout's token)
+    shows the message and changes nothing: Stripe's redirect is cross-site too, so only the
+    token tells them apart (payments.cancel_token).
+    """
     client = current_app.extensions["stripe"]
-    left = db.session.scalar(
-        select(Payment)
-        .where(
-            Payment.user_id == current_user.id,
-            Payment.status == PaymentStatus.OPEN,
-            Payment.created_at > utcnow() - timedelta(days=1),
-        )
-        .order_by(Payment.id.desc())
-        .limit(1)
-    )
+    left = payments.checkout_left(current_user, request.args.get("token", ""), current_app.secret_key)
     if left is not None and client is not None:
         payments.cancel_checkout(client, left)
         db.session.commit()

@@ -3,8 +3,10 @@
 import hashlib
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 import stripe
+from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import func, select, text
 
 from app import billing, mail
@@ -194,6 +196,44 @@ def _fulfill(session_obj) -> str:
     )
     waiting = _apply_reversals(payment)
     return outcome if waiting is None else f"{outcome}; {waiting}"
+
+
+# Checkout Sessions expire at Stripe after a day; a way back from one is no older.
+CHECKOUT_HOURS = 24
+
+
+def _cancel_tokens(secret: str) -> URLSafeTimedSerializer:
+    return URLSafeTimedSerializer(secret, salt="kokoro-pay checkout cancel")
+
+
+def cancel_token(user: User, secret: str) -> str:
+    """The token in the cancel_url of the checkout `user` is about to start: the user and this instant, signed.
+
+    Only Stripe's Cancel redirect carries it, so only the real way back from that checkout can
+    cancel it (any other GET of the page, such as an image on another site, changes nothing).
+    The session's id is not known before Stripe creates it; the token names the instant
+    instead, and checkout_left matches it to the payment recorded right after.
+    """
+    return _cancel_tokens(secret).dumps({"user": user.id, "at": utcnow().isoformat()})
+
+
+def checkout_left(user: User, token: str, secret: str) -> Payment | None:
+    """The checkout a valid cancel token of `user` was made for, while it is still open; else None.
+
+    That is the first payment the user started after the token's instant: once expired or
+    paid, the same link (the back button, the history) cancels no later checkout.
+    """
+    try:
+        claims = _cancel_tokens(secret).loads(token, max_age=CHECKOUT_HOURS * 3600)
+        issued = datetime.fromisoformat(claims["at"])
+    except (BadSignature, KeyError, TypeError, ValueError):
+        return None
+    if claims.get("user") != user.id:
+        return None
+    payment = db.session.scalar(
+        select(Payment).where(Payment.user_id == user.id, Payment.created_at >= issued).order_by(Payment.id).limit(1)
+    )
+    return payment if payment is not None and payment.status == PaymentStatus.OPEN else None
 
 
 def cancel_checkout(client, payment: Payment) -> None:

@@ -65,7 +65,7 @@ def test_buying_a_pack_creates_a_checkout_session_and_redirects_to_stripe(app, w
     assert params["line_items[0][price_data][currency]"] == "usd"
     assert params["line_items[0][quantity]"] == "1"
     assert params["success_url"] == "http://localhost/billing/success?session_id={CHECKOUT_SESSION_ID}"
-    assert params["cancel_url"] == "http://localhost/billing/cancelled"
+    assert params["cancel_url"].startswith("http://localhost/billing/cancelled?token=")
     assert stripe_api.calls[0].request.headers["Authorization"] == "Bearer sk_test_kokoro"
     row = payment(app)
     assert (row.user_id, row.credits, row.amount_cents, row.status) == (buyer, 10000, 500, "open")
@@ -285,13 +285,22 @@ def test_a_refund_for_an_unknown_charge_changes_nothing(app, web, buyer, stripe_
 # Checkouts that end without a payment
 
 
-def test_cancel_in_checkout_expires_the_session_and_says_nothing_was_charged(app, web, buyer, stripe_api):
-    buy(web, stripe_api)
-    expired = stripe_api.post(
-        "http://127.0.0.1:12111/v1/checkout/sessions/cs_test_1/expire",
-        json={"id": "cs_test_1", "object": "checkout.session", "status": "expired"},
+def expire_at_stripe(stripe_api, session_id="cs_test_1"):
+    return stripe_api.post(
+        f"http://127.0.0.1:12111/v1/checkout/sessions/{session_id}/expire",
+        json={"id": session_id, "object": "checkout.session", "status": "expired"},
     )
-    response = web.get("/billing/cancelled")
+
+
+def cancel_link(sent) -> str:
+    """Where Checkout's Cancel sends the customer back to: the cancel_url we gave Stripe, as a path."""
+    return sent[-1]["cancel_url"].removeprefix("http://localhost")
+
+
+def test_cancel_in_checkout_expires_the_session_and_says_nothing_was_charged(app, web, buyer, stripe_api):
+    _, sent = buy(web, stripe_api)
+    expired = expire_at_stripe(stripe_api)
+    response = web.get(cancel_link(sent), headers={"Sec-Fetch-Site": "cross-site"})
     assert response.headers["Location"] == "/billing" and expired.call_count == 1
     page = web.get("/billing").get_data(as_text=True)
     assert "Checkout was cancelled: nothing was charged." in page
@@ -300,17 +309,49 @@ def test_cancel_in_checkout_expires_the_session_and_says_nothing_was_charged(app
 
 
 def test_a_cancel_stripe_refuses_leaves_the_payment_to_its_webhook(app, web, buyer, stripe_api):
-    buy(web, stripe_api)
+    _, sent = buy(web, stripe_api)
     stripe_api.post(
         "http://127.0.0.1:12111/v1/checkout/sessions/cs_test_1/expire",
         status=400,
         json={"error": {"message": "Only Checkout Sessions with a status in ['open'] can be expired."}},
     )
-    web.get("/billing/cancelled")
+    web.get(cancel_link(sent))
     assert payment(app).status == "open"
     # Paid meanwhile in another tab: the webhook credits it as usual.
     deliver(app.test_client(), event("checkout.session.completed", checkout_session(buyer)))
     assert payment(app).status == "paid" and factories.balance(app, buyer) == 10_100
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["", "?token=", "?token=forged", "?token=eyJ1c2VyIjoxfQ.forged.signature", "?token=%C2%B2&token=x"],
+)
+def test_a_cross_site_get_of_the_cancel_page_shows_the_message_and_changes_nothing(app, web, buyer, stripe_api, query):
+    buy(web, stripe_api)
+    # An <img> on another site, loaded while the customer is signed in here.
+    response = web.get("/billing/cancelled" + query, headers={"Sec-Fetch-Site": "cross-site"}, follow_redirects=True)
+    assert "Checkout was cancelled: nothing was charged." in response.get_data(as_text=True)
+    assert payment(app).status == "open"
+    assert [call.request.url for call in stripe_api.calls] == ["http://127.0.0.1:12111/v1/checkout/sessions"]
+
+
+def test_a_cancel_link_cancels_only_its_own_checkout_and_only_for_its_customer(app, web, buyer, stripe_api):
+    _, first = buy(web, stripe_api, session_id="cs_test_1")
+    expire_at_stripe(stripe_api, "cs_test_1")
+    web.get(cancel_link(first))
+    assert payment(app, "cs_test_1").status == "expired"
+    # A new checkout, then the first one's link again (the back button, the history): the new one stays open.
+    buy(web, stripe_api, session_id="cs_test_2")
+    web.get(cancel_link(first))
+    assert payment(app, "cs_test_2").status == "open"
+    # Another signed-in customer given this customer's link changes nothing either.
+    _, second = buy(web, stripe_api, session_id="cs_test_3")
+    other = factories.WebClient(app.test_client())
+    factories.signed_up(app, other, "other@example.com")
+    other.get(cancel_link(second))
+    assert payment(app, "cs_test_3").status == "open"
+    assert [call.request.url.rsplit("/", 2)[-2:] for call in stripe_api.calls].count(["cs_test_1", "expire"]) == 1
+    assert len(stripe_api.calls) == 4  # three checkouts created, one expired
 
 
 def test_a_checkout_session_that_expires_unpaid_shows_as_expired(app, web, buyer, stripe_api):
