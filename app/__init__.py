@@ -15,7 +15,7 @@ from sqlalchemy import event
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as settings
-from app import logs, mail, money
+from app import liveness, logs, mail, money
 from app.catalog import Names
 from app.extensions import csrf, db, login_manager, migrate
 from app.models import new_request_id
@@ -96,6 +96,8 @@ POSITIVE = {
     "MAX_INPUT_CHARS": "MAX_INPUT_CHARS",
     "MAX_CONTENT_LENGTH": "MAX_REQUEST_BYTES",
     "STALE_CHARGE_SECONDS": "STALE_CHARGE_SECONDS",
+    "PROCESS_LEASE_SECONDS": "PROCESS_LEASE_SECONDS",
+    "CLIENT_IDLE_SECONDS": "CLIENT_IDLE_SECONDS",
     "MAX_STREAM_SECONDS": "MAX_STREAM_SECONDS",
     "SPEECH_CHARS_PER_SECOND": "SPEECH_CHARS_PER_SECOND",
     "UPSTREAM_RETRY_SECONDS": "UPSTREAM_RETRY_SECONDS",
@@ -116,6 +118,7 @@ NOT_NEGATIVE = (
     "UPSTREAM_MAX_STREAMS",
     "UPSTREAM_QUEUE",
     "UPSTREAM_QUEUE_SECONDS",
+    "UPSTREAM_QUEUE_PER_ACCOUNT",
     "SIGNUP_CREDITS",
     "LOW_BALANCE_CREDITS",
 )
@@ -153,6 +156,9 @@ def check_settings(config) -> None:
         if not config["PUBLIC_BASE_URL"]:
             # Links in mail must not take their host from a request's Host header (reset-link poisoning).
             raise settings.SettingError("MAIL_URL needs PUBLIC_BASE_URL: the address the links in mail point to.")
+    stale, lease = config["STALE_CHARGE_SECONDS"], config["PROCESS_LEASE_SECONDS"]
+    if stale < lease:
+        raise settings.SettingError("STALE_CHARGE_SECONDS: " + liveness.too_short(stale, lease))
     if config["LOG_FORMAT"] not in ("text", "json"):
         raise settings.SettingError(f"LOG_FORMAT must be text or json, not {config['LOG_FORMAT']!r}.")
     for key in RATE_LIMITS:
@@ -217,6 +223,7 @@ def register_extensions(app: Flask) -> None:
     app.extensions["stripe"] = stripe_client(app.config)
     app.extensions["throttle"] = Throttle(app.config)
     app.extensions["postman"] = mail.Postman(app)
+    app.extensions["lease"] = liveness.Lease(app, app.config["PROCESS_LEASE_SECONDS"])
     money.register(app)
     if app.config["MAIL_WORKER"]:
         # Each process sends its mail from a thread of its own, started with its first request.

@@ -10,7 +10,7 @@ from datetime import timedelta
 from flask import current_app
 from sqlalchemy import and_, case, func, literal, select
 
-from app.billing import kept_credits
+from app.billing import kept_credits, stale_charges
 from app.extensions import db
 from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, SpeechState, User, utcnow
 from app.payments import owed_credits, reversed_cents
@@ -116,16 +116,13 @@ def ledger_rows_have_requests() -> list[str]:
 
 
 def no_stale_charges() -> list[str]:
-    """No request is still `charged` without progress past STALE_CHARGE_SECONDS: settle has run."""
-    seconds = current_app.config["STALE_CHARGE_SECONDS"]
-    cutoff = utcnow() - timedelta(seconds=seconds)
+    """No request is left `charged` by a gateway process that is gone (billing.stale_charges): settle has run."""
+    stale = stale_charges(current_app.config["STALE_CHARGE_SECONDS"])
     last_seen = func.coalesce(SpeechRequest.progress_at, SpeechRequest.created_at)
-    rows = db.session.execute(
-        select(SpeechRequest.id, last_seen).where(SpeechRequest.state == SpeechState.CHARGED, last_seen < cutoff)
-    )
+    rows = db.session.execute(select(SpeechRequest.id, last_seen).where(SpeechRequest.id.in_(stale)))
     return [
         f"request {request_id}: still charged, no progress since {seen:%Y-%m-%d %H:%M:%S} (run `flask speech settle`)"
-        for request_id, seen in rows
+        for request_id, seen in sorted(rows)
     ]
 
 

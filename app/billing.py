@@ -7,7 +7,7 @@ not at all.
 
 import math
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta
 from fractions import Fraction
 from typing import NamedTuple
 
@@ -16,7 +16,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 
 from app import mail, metrics
 from app.extensions import db
-from app.models import LedgerEntry, LedgerKind, SpeechRequest, SpeechState, User, new_request_id, utcnow
+from app.models import GatewayProcess, LedgerEntry, LedgerKind, SpeechRequest, SpeechState, User, new_request_id, utcnow
 from app.urls import external_url
 
 
@@ -69,6 +69,7 @@ _SPEECH_FIELDS = (
     "characters",
     "credits",
     "client_request_id",
+    "process_id",
 )
 # An account's streams in flight: its requests still charged.
 _IN_FLIGHT = (
@@ -180,6 +181,7 @@ def charge_speech(
     max_streams: int | None = None,
     request_id: str | None = None,
     client_request_id: str | None = None,
+    process_id: str | None = None,
 ) -> Charge:
     """Record a speech request and debit `characters` credits for it.
 
@@ -189,6 +191,8 @@ def charge_speech(
     caller rolls back. The count is exact across processes and hosts: it is taken after
     this transaction has locked the account's row (the debit, or a no-op update for
     unlimited accounts), so concurrent charges of one account are counted one by one.
+    `process_id` names the gateway process serving it (app/liveness.py): settle leaves the
+    request alone while that process's lease is alive.
     """
     credits = 0 if unlimited else characters
     request_id = request_id or new_request_id()
@@ -209,11 +213,17 @@ def charge_speech(
         "characters": characters,
         "credits": credits,
         "client_request_id": client_request_id,
+        "process_id": process_id,
         "max_streams": _NO_LIMIT if max_streams is None else max_streams,
     }
     if db.session.execute(_RECORD_SPEECH, row).first() is None:
         raise TooManyStreams(max_streams)
     return Charge(request_id, credits, balance)
+
+
+def streams_in_flight(user_id: int) -> int:
+    """How many of the account's speech requests are still charged: its streams open now."""
+    return db.session.scalar(select(_IN_FLIGHT), {"user_id": user_id})
 
 
 def record_progress(request_id: str, bytes_sent: int, audio_ms: int | None) -> bool:
@@ -292,14 +302,14 @@ class Settled(NamedTuple):
     credits: int
 
 
-def settle_stale(older_than_seconds: int) -> Settled:
-    """Refund what requests a dead worker left charged did not deliver; commits each on its own.
+def settle_stale(older_than_seconds: float, now: datetime | None = None) -> Settled:
+    """Refund what requests a dead gateway process left charged did not deliver; commits each on its own.
 
-    Only requests with no progress for `older_than_seconds` are touched (a live stream records
-    its progress every few seconds); one settled meanwhile, by its worker or another run, is skipped.
+    Only requests whose process is gone (see stale_charges) are touched; one settled meanwhile,
+    by its process or another run, is skipped.
     """
     settled = credits = 0
-    stale = stale_charges(older_than_seconds)
+    stale = stale_charges(older_than_seconds, now)
     for request_id in stale:
         refund = refund_speech(request_id, STALE_REASON)
         db.session.commit()
@@ -311,15 +321,29 @@ def settle_stale(older_than_seconds: int) -> Settled:
 
 STALE_REASON = "Never settled: the worker serving it stopped (crash or lost database connection)."
 
+_processes = GatewayProcess.__table__
 
-def stale_charges(older_than_seconds: int) -> list[str]:
-    """Ids of requests still `charged` with no progress for `older_than_seconds`: their worker is gone."""
-    cutoff = utcnow() - timedelta(seconds=older_than_seconds)
+
+def stale_charges(older_than_seconds: float, now: datetime | None = None) -> list[str]:
+    """Ids of requests still `charged` whose gateway process is gone, with no progress for `older_than_seconds`.
+
+    A process is gone when its lease has run out (or it never had one: requests from before
+    leases, and those charged outside a gateway process). A live process's request is never
+    stale, however long its stream has been silent: a reader that pauses does not get its
+    audio refunded; the stream ends when the reader has taken nothing for CLIENT_IDLE_SECONDS.
+    """
+    now = now or utcnow()
+    cutoff = now - timedelta(seconds=older_than_seconds)
     last_seen = func.coalesce(SpeechRequest.progress_at, SpeechRequest.created_at)
+    process_alive = (
+        select(_processes.c.id)
+        .where(_processes.c.id == SpeechRequest.process_id, _processes.c.lease_until >= now)
+        .exists()
+    )
     return list(
         db.session.scalars(
             select(SpeechRequest.id)
-            .where(SpeechRequest.state == SpeechState.CHARGED, last_seen < cutoff)
-            .order_by(SpeechRequest.created_at)
+            .where(SpeechRequest.state == SpeechState.CHARGED, last_seen < cutoff, ~process_alive)
+            .order_by(SpeechRequest.created_at, SpeechRequest.id)
         )
     )

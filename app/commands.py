@@ -6,7 +6,7 @@ from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, billing, keys, mail
+from app import accounts, billing, keys, liveness, mail
 from app.audit import audit
 from app.extensions import db
 from app.forms import MIN_PASSWORD
@@ -169,21 +169,26 @@ def revoke_key(key_id):
 @speech_cli.command("settle")
 @click.option(
     "--older-than",
-    type=click.IntRange(min=0),
+    type=click.FloatRange(min=0),
     default=None,
-    help="Seconds a request may stay charged (default STALE_CHARGE_SECONDS).",
+    help="Seconds without progress before a request of a dead process is settled (default STALE_CHARGE_SECONDS; "
+    "at least PROCESS_LEASE_SECONDS).",
 )
 def settle_speech(older_than):
-    """Settle requests a dead worker left charged. Safe from cron, and beside live traffic.
+    """Settle requests a dead gateway process left charged. Safe from cron, and beside live traffic.
 
-    Only requests with no progress recorded for the given time are touched (a live stream
-    records its progress every few seconds); each is refunded for the audio its last
-    recorded progress does not cover, as when an upstream breaks off.
+    Only requests whose gateway process is gone (its lease ran out) and that show no progress
+    for the given time are touched; a live process's stream is never settled, however long
+    its reader pauses. Each is refunded for the audio its last recorded progress does not
+    cover, as when an upstream breaks off.
     """
-    age = current_app.config["STALE_CHARGE_SECONDS"] if older_than is None else older_than
+    config = current_app.config
+    age = config["STALE_CHARGE_SECONDS"] if older_than is None else older_than
+    if age < config["PROCESS_LEASE_SECONDS"]:
+        raise click.BadParameter(liveness.too_short(age, config["PROCESS_LEASE_SECONDS"]), param_hint="--older-than")
     done = billing.settle_stale(age)
     click.echo(
-        f"{done.found} requests without progress for over {age} s; settled {done.settled}, "
+        f"{done.found} requests of gone processes without progress for over {age:g} s; settled {done.settled}, "
         f"refunding {done.credits} credits."
     )
 

@@ -7,21 +7,30 @@ steps, in this order:
    so nothing a client sends can make the upstream break off after audio has gone out.
 2. `check_names`: OpenAI's voice and model names become Kokoro's (app/catalog.py), and
    each is checked against the upstream's cached catalog: 400 before anything is charged.
-3. `reserve`: a place on the least busy speech server (app/upstream.py), waiting a
-   bounded time when all are full; 503 with nothing charged when none frees up.
-4. `charge`: one committed transaction records the request, debits it and counts the
-   account's open streams (402, 429); nothing upstream starts before it.
-5. `open_upstream`: the synthesis starts; a failure before any audio is refunded in
+3. `admit`: what the charge will decide is checked first (402 for a balance short of the
+   cost, 429 for an account at its stream cap), so a request that cannot be charged never
+   takes a place in the wait for a speech server.
+4. `reserve`: a place on the least busy speech server (app/upstream.py), waiting a
+   bounded time when all are full, behind at most the account's share of the wait (429
+   beyond it); 503 with nothing charged when none frees up.
+5. `charge`: one committed transaction records the request, debits it and counts the
+   account's open streams (402, 429), naming this gateway process (app/liveness.py);
+   nothing upstream starts before it.
+6. `open_upstream`: the synthesis starts; a failure before any audio is refunded in
    full and answered 502, or 400 when the upstream refused the request itself.
-6. `Relay`: audio goes out chunk by chunk as it arrives, metered (app/audio_meter.py),
-   with progress written every few seconds so `flask speech settle` leaves it alone;
-   as plain bytes, or as server-sent events (`sse_events`) when the client asks.
-7. Settlement: delivered; or, when the upstream breaks off or the stream outlives
-   MAX_STREAM_SECONDS, refunded for the audio not delivered; a client that hangs up
-   keeps its charge.
+7. `Relay`: audio goes out chunk by chunk as it arrives, metered (app/audio_meter.py),
+   with progress written at least every STREAM_HEARTBEAT_SECONDS of time and of audio,
+   so a crash can refund at most that much audio that went out; as plain bytes, or as
+   server-sent events (`sse_events`) when the client asks.
+8. Settlement: delivered; or, when the upstream breaks off or the stream outlives
+   MAX_STREAM_SECONDS, refunded for the audio not delivered; a client that hangs up, or
+   takes nothing for CLIENT_IDLE_SECONDS, keeps its charge. `flask speech settle`
+   refunds only requests whose gateway process is gone, never a paused reader's.
 """
 
 import base64
+import contextlib
+import functools
 import itertools
 import json
 import math
@@ -30,13 +39,13 @@ import time
 from dataclasses import dataclass, replace
 
 import requests
-from flask import current_app, g, stream_with_context
+from flask import current_app, g, request, stream_with_context
 from sqlalchemy.exc import SQLAlchemyError
 
 from app import audio_meter, billing, catalog, keys, metrics
 from app.errors import ApiError
 from app.extensions import db
-from app.upstream import Busy, Slot, SpeechStream, UpstreamError, timed_out
+from app.upstream import AccountQueueFull, Busy, Slot, SpeechStream, UpstreamError, timed_out
 
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 DEFAULT_MODEL = "kokoro"
@@ -221,7 +230,8 @@ def serve(caller: keys.Caller, order: Order, received: float):
     failed (refunded in full). `received` is when the request arrived (time.monotonic()).
     """
     order = check_names(order)
-    slot = reserve()
+    admit(caller, order)
+    slot = reserve(caller.user_id)
     try:
         paid = charge(caller, order)
         started = time.monotonic()
@@ -251,13 +261,54 @@ def serve(caller: keys.Caller, order: Order, received: float):
     response.headers["X-Accel-Buffering"] = "no"
     # Closes the upstream connection (and frees its server's place) even when the body is never iterated.
     response.call_on_close(audio.close)
+    response.call_on_close(_limit_client_writes(request.environ, relay.idle_seconds))
     return response
 
 
-def reserve() -> Slot:
-    """A place on the least busy speech server, before anything is charged; 503 when all stay full."""
+def admit(caller: keys.Caller, order: Order) -> None:
+    """402 or 429 at once for a request its charge would refuse, before it waits for a speech server.
+
+    The charge decides again, atomically (a balance can change meanwhile); this only keeps a
+    client that cannot pay from holding a place in the wait that a paying one needs.
+    """
+    if not caller.unlimited and caller.balance < len(order.text):
+        raise _insufficient(len(order.text), caller.balance)
+    limit = current_app.config["MAX_STREAMS_PER_ACCOUNT"]
+    if billing.streams_in_flight(caller.user_id) >= limit:
+        db.session.rollback()
+        raise _too_many_streams(limit)
+    db.session.rollback()
+
+
+def _insufficient(cost: int, balance: int) -> ApiError:
+    return ApiError(
+        402,
+        f"Insufficient credits: this request costs {cost} credits and your balance is {balance}. Top up your balance.",
+    )
+
+
+def _too_many_streams(limit: int) -> ApiError:
+    return ApiError(
+        429,
+        f"Too many concurrent speech streams for this account (at most {limit}). Retry when one has finished.",
+        {"Retry-After": "1"},
+        code="too_many_streams",
+    )
+
+
+def reserve(account: int) -> Slot:
+    """A place on the least busy speech server, before anything is charged; 503 when all stay full,
+    429 when `account` already has its share of the wait."""
     try:
-        return current_app.extensions["upstream"].reserve()
+        return current_app.extensions["upstream"].reserve(account)
+    except AccountQueueFull as full:
+        raise ApiError(
+            429,
+            f"This account already has {full.limit} requests waiting for a speech server; "
+            "nothing was charged. Retry when one has started.",
+            {"Retry-After": str(full.retry_after)},
+            code="too_many_waiting",
+        ) from None
     except Busy as busy:
         raise ApiError(
             503,
@@ -284,23 +335,15 @@ def charge(caller: keys.Caller, order: Order) -> billing.Charge:
             # The id this request is logged under (app/api.py) is its id in the usage list too.
             request_id=None if g.get("client_request_id") else g.get("request_id"),
             client_request_id=g.get("client_request_id"),
+            process_id=current_app.extensions["lease"].process_id(),
         )
         db.session.commit()
     except billing.InsufficientCredits as short:
         db.session.rollback()
-        raise ApiError(
-            402,
-            f"Insufficient credits: this request costs {short.cost} credits and your balance is "
-            f"{short.balance}. Top up your balance.",
-        ) from None
+        raise _insufficient(short.cost, short.balance) from None
     except billing.TooManyStreams as busy:
         db.session.rollback()
-        raise ApiError(
-            429,
-            f"Too many concurrent speech streams for this account (at most {busy.limit}). Retry when one has finished.",
-            {"Retry-After": "1"},
-            code="too_many_streams",
-        ) from None
+        raise _too_many_streams(busy.limit) from None
     except BaseException:
         db.session.rollback()
         raise
@@ -374,7 +417,11 @@ class Relay:
         self.sent = 0
         self.heartbeat = config["STREAM_HEARTBEAT_SECONDS"]
         self.deadline = started + config["MAX_STREAM_SECONDS"]
+        self.idle_seconds = config["CLIENT_IDLE_SECONDS"]
         self.last_beat = time.monotonic()
+        # The audio the last progress record covers, and when the last chunk was handed to the client.
+        self.recorded_ms = 0
+        self.handed_at = None
 
     def audio_ms(self) -> int | None:
         """The audio in what was handed to the client so far; None when it cannot be measured."""
@@ -401,10 +448,12 @@ class Relay:
                 self.meter.feed(chunk)
                 # Progress is written before the chunk is handed over: what settle sees covers it.
                 self._beat(now)
+                self.handed_at = time.monotonic()
                 yield chunk
         except GeneratorExit:
-            # The client hung up: what it received was synthesised for it, so the charge stands.
-            _settle(billing.mark_delivered, self.request_id, **self.outcome(error="client disconnected"))
+            # The client hung up, or took nothing for CLIENT_IDLE_SECONDS (its socket's writes timed
+            # out): what it received was synthesised for it, so the charge stands.
+            _settle(billing.mark_delivered, self.request_id, **self.outcome(error=self._why_closed()))
             raise
         except requests.RequestException as exc:
             metrics.UPSTREAM_FAILURES.labels("stalled" if timed_out(exc) else "broke_off").inc()
@@ -429,12 +478,24 @@ class Relay:
             _settle_refund(self.request_id, reason, **self.outcome())
             raise StreamAborted(self.request_id, f"{reason} The undelivered part was refunded.")
 
+    def _why_closed(self) -> str:
+        if self.handed_at is not None and time.monotonic() - self.handed_at >= self.idle_seconds:
+            return f"client took nothing for {self.idle_seconds:g} s"
+        return "client disconnected"
+
     def _beat(self, now: float) -> None:
-        if now - self.last_beat < self.heartbeat:
+        """Record progress once STREAM_HEARTBEAT_SECONDS have passed, or as much audio has gone out unrecorded.
+
+        Audio outpaces the clock when synthesis is faster than real time: counting both keeps
+        what a crash could refund of delivered audio to one heartbeat's worth.
+        """
+        audio_ms = self.audio_ms()
+        unrecorded_ms = 0 if audio_ms is None else audio_ms - self.recorded_ms
+        if now - self.last_beat < self.heartbeat and unrecorded_ms < self.heartbeat * 1000:
             return
-        self.last_beat = now
+        self.last_beat, self.recorded_ms = now, audio_ms or 0
         try:
-            live = billing.record_progress(self.request_id, self.sent, self.audio_ms())
+            live = billing.record_progress(self.request_id, self.sent, audio_ms)
             db.session.commit()
         except SQLAlchemyError:
             db.session.rollback()
@@ -446,6 +507,29 @@ class Relay:
             raise StreamAborted(self.request_id, "The request was settled while it streamed.")
 
 
+def _limit_client_writes(environ: dict, seconds: float):
+    """Make writes to this request's client time out after `seconds` without progress; returns the undo.
+
+    A client that stops reading blocks the relay in a socket write once the buffers between
+    are full; the timeout ends such a write, and the server then closes the response like a
+    hang-up (the charge stands, the upstream is closed, the thread is free). The socket is
+    the server's own (gunicorn and Werkzeug put it in the environ); where there is none the
+    stream is left as it is.
+    """
+    client = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    try:
+        before = client.gettimeout()
+        client.settimeout(seconds)
+    except (AttributeError, OSError):
+        return lambda: None
+
+    def undo():
+        with contextlib.suppress(OSError):
+            client.settimeout(before)
+
+    return undo
+
+
 def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
@@ -455,9 +539,11 @@ def _settle(settle, request_id: str, *args, **details) -> None:
         settle(request_id, *args, **details)
         db.session.commit()
     except SQLAlchemyError:
-        # The request stays `charged`; the settle command settles it later.
+        # The request stays `charged`: this process tries again with each renewal of its lease
+        # (app/liveness.py), and should it die first, `flask speech settle` settles it.
         db.session.rollback()
         current_app.logger.exception("could not settle speech request %s", request_id)
+        current_app.extensions["lease"].retry_later(functools.partial(settle, request_id, *args, **details))
 
 
 def _settle_refund(request_id: str, reason: str, **details) -> None:

@@ -8,14 +8,17 @@ more; when all are full a request waits, at most UPSTREAM_QUEUE of them for at m
 UPSTREAM_QUEUE_SECONDS, and is then refused (`Busy`) with nothing charged. A server that
 fails before sending audio (no connection, a timeout, a 5xx) is taken out for
 UPSTREAM_RETRY_SECONDS, doubling while it keeps failing, and the request moves on to the
-next; once that time is up the next request tries it again, which brings it back. The
-counts are per gateway process.
+next; once that time is up the next request tries it again, which brings it back. One
+account holds at most UPSTREAM_QUEUE_PER_ACCOUNT places in the wait (a quarter of it by
+default); its next request is refused at once (`AccountQueueFull`), so one client cannot
+crowd out the others. The counts are per gateway process.
 """
 
 import math
 import re
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import requests
@@ -129,6 +132,14 @@ class Busy(Exception):
         self.retry_after = retry_after
 
 
+class AccountQueueFull(Busy):
+    """The account already has its share of the requests waiting for a server."""
+
+    def __init__(self, limit: int, retry_after: int):
+        super().__init__(retry_after)
+        self.limit = limit
+
+
 class Server:
     """One Kokoro server: its address, its streams in flight, and whether it is taken out."""
 
@@ -164,21 +175,39 @@ class Slot:
 class Upstreams:
     """The servers, least busy first; see the module's docstring."""
 
-    def __init__(self, base_urls: list[str], limit: int, queue: int, queue_seconds: float, retry_seconds: float):
+    def __init__(
+        self,
+        base_urls: list[str],
+        limit: int,
+        queue: int,
+        queue_seconds: float,
+        retry_seconds: float,
+        queue_per_account: int = 0,
+    ):
         self.servers = [Server(url, limit) for url in base_urls]
         self.queue = queue
         self.queue_seconds = queue_seconds
         self.retry_seconds = retry_seconds
+        # 0: a quarter of the wait, at least one place.
+        self.queue_per_account = queue_per_account or max(1, queue // 4)
         self.waiting = 0
+        self._waiting_by_account: Counter = Counter()
         self._changed = threading.Condition()
 
-    def reserve(self, exclude: tuple[Server, ...] = (), wait: bool = True) -> Slot:
-        """A place on the least busy server not in `exclude`; Busy when none frees up in time."""
+    def reserve(self, exclude: tuple[Server, ...] = (), wait: bool = True, account: int | None = None) -> Slot:
+        """A place on the least busy server not in `exclude`; Busy when none frees up in time.
+
+        AccountQueueFull, at once, when `account` already has its share of the wait.
+        """
         started = time.monotonic()
+        retry_after = max(1, math.ceil(self.queue_seconds))
         with self._changed:
             server = self._pick(exclude)
             if server is None and wait and self.waiting < self.queue:
+                if account is not None and self._waiting_by_account[account] >= self.queue_per_account:
+                    raise AccountQueueFull(self.queue_per_account, retry_after)
                 self.waiting += 1
+                self._waiting_by_account[account] += 1
                 try:
                     deadline = started + self.queue_seconds
                     while server is None and (left := deadline - time.monotonic()) > 0:
@@ -186,8 +215,11 @@ class Upstreams:
                         server = self._pick(exclude)
                 finally:
                     self.waiting -= 1
+                    self._waiting_by_account[account] -= 1
+                    if not self._waiting_by_account[account]:
+                        del self._waiting_by_account[account]
             if server is None:
-                raise Busy(max(1, math.ceil(self.queue_seconds)))
+                raise Busy(retry_after)
             server.in_flight += 1
         slot = Slot(self, server)
         slot.waited = time.monotonic() - started
@@ -283,6 +315,7 @@ class Upstream:
             config["UPSTREAM_QUEUE"],
             config["UPSTREAM_QUEUE_SECONDS"],
             config["UPSTREAM_RETRY_SECONDS"],
+            config["UPSTREAM_QUEUE_PER_ACCOUNT"],
         )
         return cls(
             upstreams,
@@ -293,9 +326,9 @@ class Upstream:
             config["UPSTREAM_CATALOG_TTL"],
         )
 
-    def reserve(self) -> Slot:
-        """A place on the least busy server for one speech request; Busy when there is none in time."""
-        return self.upstreams.reserve()
+    def reserve(self, account: int | None = None) -> Slot:
+        """A place on the least busy server for one speech request of `account`; Busy when there is none in time."""
+        return self.upstreams.reserve(account=account)
 
     def _request(self, method: str, url: str, **kwargs) -> requests.Response:
         try:

@@ -161,6 +161,7 @@ def make_app(database_uri):
     yield make
     for app in apps:
         app.extensions["postman"].stop()
+        app.extensions["lease"].stop()
         with app.app_context():
             db.session.remove()
             db.engine.dispose()

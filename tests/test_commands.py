@@ -77,5 +77,7 @@ def test_settle_counts_every_request_it_settles(app, runner):
         db.session.execute(update(SpeechRequest).values(created_at=utcnow() - timedelta(hours=1)))
         db.session.commit()
     result = runner.invoke(args=["speech", "settle"])
-    assert "3 requests without progress for over 600 s; settled 3, refunding 90 credits." in result.output
+    assert "3 requests of gone processes without progress for over 600 s; settled 3, refunding 90 credits." in (
+        result.output
+    )
     assert factories.balance(app, customer.user_id) == 1000

@@ -22,7 +22,7 @@ from sqlalchemy import func, select, update
 
 from app import billing
 from app.extensions import db
-from app.models import PaymentReversal, SpeechRequest, User, utcnow
+from app.models import GatewayProcess, PaymentReversal, SpeechRequest, User, utcnow
 from engine.audio import Encoder
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
@@ -300,7 +300,12 @@ def test_a_fast_request_cut_off_is_refunded_by_the_speed_it_was_asked_at(app, cu
 def test_settle_leaves_a_slow_live_stream_alone_and_it_is_delivered(make_app):
     chunks = in_chunks(pcm_of(PROSE_SECONDS), 12)
     with serve(Paced(chunks, 0.1)) as upstream_url:
-        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", STREAM_HEARTBEAT_SECONDS=0.2)
+        app = make_app(
+            UPSTREAM_URL=f"{upstream_url}/v1",
+            STREAM_HEARTBEAT_SECONDS=0.2,
+            PROCESS_LEASE_SECONDS=1.0,
+            STALE_CHARGE_SECONDS=1,
+        )
         customer = factories.customer(app, balance=10_000)
         runner = app.test_cli_runner()
         with serve(app) as url:
@@ -312,7 +317,7 @@ def test_settle_leaves_a_slow_live_stream_alone_and_it_is_delivered(make_app):
                 for chunk in response.iter_content(chunk_size=None):
                     received += chunk
                     # Settle, run while the stream is live, finds a stream older than its age
-                    # but with fresh progress, and leaves it alone.
+                    # of a live process, and leaves it alone.
                     time.sleep(0.3)
                     settled.append(runner.invoke(args=["speech", "settle", "--older-than", "1"]).output)
         [row] = wait_settled(app, customer)
@@ -338,13 +343,19 @@ def test_a_stream_settled_meanwhile_sends_not_one_more_byte(make_app, caplog):
                 first = b""
                 while len(first) < len(chunks[0]):
                     first += next(parts)
-                # The stream looks dead (a stalled reader, a lost worker): settle refunds the rest.
+                # The stream looks dead, its process's lease run out (a process that lost its
+                # database for longer than the lease): settle refunds the rest.
                 with app.app_context():
                     [row] = factories.speech_requests(app, customer.user_id)
                     db.session.execute(
                         update(SpeechRequest)
                         .where(SpeechRequest.id == row.id)
                         .values(progress_at=utcnow() - timedelta(hours=1))
+                    )
+                    db.session.execute(
+                        update(GatewayProcess)
+                        .where(GatewayProcess.id == row.process_id)
+                        .values(lease_until=utcnow() - timedelta(minutes=1))
                     )
                     db.session.commit()
                 assert "settled 1" in app.test_cli_runner().invoke(args=["speech", "settle"]).output

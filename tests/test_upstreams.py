@@ -256,3 +256,80 @@ def test_a_single_thread_worker_is_free_again_after_each_fault(app, database_uri
     assert sorted(row.state for row in rows) == ["delivered"] * 4 + ["refunded"] * 4
     assert factories.balance(app, customer.user_id) == 1000 - 4 * STREAMING_TEXT
     factories.assert_books_balance(app, customer.user_id)
+
+
+# The wait for a speech server is for requests that can be charged, each account its share.
+
+
+def test_a_client_with_no_credits_gets_402_at_once_and_a_paying_one_behind_it_is_served(make_app):
+    held = threading.Event()
+    only = FakeUpstream(gate=held)
+    with serve(only) as a:
+        app = make_app(UPSTREAM_URL=f"{a}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE=4, UPSTREAM_QUEUE_SECONDS=20)
+        upstreams = app.extensions["upstream"].upstreams
+        payer, broke, other = (factories.customer(app, balance=balance) for balance in (1000, 0, 1000))
+        with serve(app) as url:
+            stream = _open(url, payer)
+            with ThreadPoolExecutor(5) as pool:
+                started = time.monotonic()
+                squatters = list(pool.map(lambda _: _speak(url, broke), range(4)))
+                # Refused before the wait, not when they would have reached its front.
+                assert time.monotonic() - started < 5 and upstreams.waiting == 0
+                assert [response.status_code for response in squatters] == [402] * 4
+                assert squatters[0].json()["detail"] == (
+                    f"Insufficient credits: this request costs {COST} credits and your balance is 0. "
+                    "Top up your balance."
+                )
+                served = pool.submit(_speak, url, other)
+                wait_for(lambda: upstreams.waiting == 1)
+                held.set()
+                assert served.result().status_code == 200 and served.result().content == AUDIO
+            assert stream.content == AUDIO
+    assert len(only.received) == 2
+    assert factories.speech_requests(app, broke.user_id) == []
+    assert factories.balance(app, broke.user_id) == 0
+
+
+def test_an_account_at_its_stream_cap_is_refused_before_the_wait(make_app):
+    held = threading.Event()
+    with serve(FakeUpstream(gate=held)) as a:
+        app = make_app(UPSTREAM_URL=f"{a}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE=4, MAX_STREAMS_PER_ACCOUNT=1)
+        upstreams = app.extensions["upstream"].upstreams
+        customer = factories.customer(app, balance=1000)
+        with serve(app) as url:
+            stream = _open(url, customer)
+            refused = _speak(url, customer)
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_streams"
+            assert upstreams.waiting == 0
+            held.set()
+            assert stream.content == AUDIO
+    assert factories.balance(app, customer.user_id) == 1000 - COST
+
+
+def test_one_account_holds_at_most_its_share_of_the_wait_and_others_still_get_in(make_app):
+    held = threading.Event()
+    with serve(FakeUpstream(gate=held)) as a:
+        # A wait of 4 places: a quarter of it, one place, per account.
+        app = make_app(UPSTREAM_URL=f"{a}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE=4, UPSTREAM_QUEUE_SECONDS=20)
+        upstreams = app.extensions["upstream"].upstreams
+        greedy, other = factories.customer(app, balance=1000), factories.customer(app, balance=1000)
+        with serve(app) as url:
+            stream = _open(url, greedy)
+            with ThreadPoolExecutor(3) as pool:
+                waiting = pool.submit(_speak, url, greedy)
+                wait_for(lambda: upstreams.waiting == 1)
+                crowding = _speak(url, greedy)
+                assert crowding.status_code == 429
+                assert crowding.json()["error"]["code"] == "too_many_waiting"
+                assert crowding.json()["detail"] == (
+                    "This account already has 1 requests waiting for a speech server; nothing was charged. "
+                    "Retry when one has started."
+                )
+                assert crowding.headers["Retry-After"] == "20"
+                behind = pool.submit(_speak, url, other)
+                wait_for(lambda: upstreams.waiting == 2)
+                held.set()
+                assert waiting.result().status_code == 200 and behind.result().status_code == 200
+            assert stream.content == AUDIO
+    assert factories.balance(app, greedy.user_id) == 1000 - 2 * COST
+    assert factories.balance(app, other.user_id) == 1000 - COST

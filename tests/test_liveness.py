@@ -1,0 +1,265 @@
+"""Delivered audio is paid for, even when a reader pauses: a request is settled by time only once the
+gateway process serving it is gone (its lease ran out), and a reader that takes nothing for
+CLIENT_IDLE_SECONDS is ended like a hang-up, its charge kept."""
+
+import itertools
+import json
+import os
+import socket
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+from sqlalchemy import delete, select, update
+
+from app import billing, create_app
+from app.config import SettingError
+from app.extensions import db
+from app.models import GatewayProcess, LedgerEntry, SpeechRequest, utcnow
+from tests import factories
+from tests.conftest import app_config
+from tests.fake_upstream import FakeUpstream
+from tests.servers import gunicorn, serve, wait_for
+from tests.test_paid_audio import PROSE, in_chunks, pcm_of, speech_body
+
+SPEECH = "/v1/audio/speech"
+
+
+def lease_of(app, process_id):
+    with app.app_context():
+        return db.session.get(GatewayProcess, process_id)
+
+
+def end_lease(app, process_id):
+    """As if the process died a while ago: its lease ran out."""
+    with app.app_context():
+        db.session.execute(
+            update(GatewayProcess)
+            .where(GatewayProcess.id == process_id)
+            .values(lease_until=utcnow() - timedelta(hours=2))
+        )
+        db.session.commit()
+
+
+def quiet_for_hours(app, request_ids):
+    """Made two hours ago, a second apart, in the order given."""
+    with app.app_context():
+        for second, request_id in enumerate(request_ids):
+            made = utcnow() - timedelta(hours=2) + timedelta(seconds=second)
+            db.session.execute(update(SpeechRequest).where(SpeechRequest.id == request_id).values(created_at=made))
+        db.session.commit()
+
+
+def served_by(app, customer, process_id, count=1):
+    """`count` charged requests, as a speech request of process `process_id` records them."""
+    with app.app_context():
+        ids = []
+        for _ in range(count):
+            paid = billing.charge_speech(
+                customer.user_id,
+                customer.key_id,
+                unlimited=False,
+                characters=10,
+                model="kokoro",
+                voice="af_sky",
+                response_format="pcm",
+                process_id=process_id,
+            )
+            ids.append(paid.request_id)
+        db.session.commit()
+    return ids
+
+
+def test_settle_never_refunds_a_request_of_a_live_process_however_quiet_it_is(app, runner, customer):
+    lease = app.extensions["lease"]
+    alive = lease.process_id()
+    [quiet] = served_by(app, customer, alive)
+    quiet_for_hours(app, [quiet])
+    result = runner.invoke(args=["speech", "settle"])
+    assert result.exit_code == 0 and "settled 0" in result.output
+    assert runner.invoke(args=["audit"]).exit_code == 0
+    assert [row.state for row in factories.speech_requests(app, customer.user_id)] == ["charged"]
+
+    end_lease(app, alive)
+    result = runner.invoke(args=["speech", "settle"])
+    assert "1 requests of gone processes without progress for over 600 s; settled 1, refunding 10 credits." in (
+        result.output
+    )
+    assert factories.balance(app, customer.user_id) == 1000
+    factories.assert_books_balance(app, customer.user_id)
+
+
+def test_a_process_is_alive_until_the_exact_end_of_its_lease(app, customer):
+    alive = app.extensions["lease"].process_id()
+    [request_id] = served_by(app, customer, alive)
+    quiet_for_hours(app, [request_id])
+    until = lease_of(app, alive).lease_until
+    with app.app_context():
+        assert billing.stale_charges(600, now=until) == []
+        assert billing.stale_charges(600, now=until + timedelta(microseconds=1)) == [request_id]
+        # A request names a process that never registered (or whose row is gone): it is gone.
+        db.session.execute(delete(GatewayProcess))
+        db.session.commit()
+        assert billing.stale_charges(600) == [request_id]
+
+
+def test_stale_requests_are_settled_oldest_first_so_the_books_read_the_same_every_run(app, runner, customer):
+    gone = "0" * 32
+    ids = served_by(app, customer, gone, count=5)
+    quiet_for_hours(app, ids)
+    with app.app_context():
+        assert billing.stale_charges(600) == ids
+    assert "settled 5, refunding 50 credits" in runner.invoke(args=["speech", "settle"]).output
+    with app.app_context():
+        refunds = db.session.scalars(
+            select(LedgerEntry.reference).where(LedgerEntry.kind == "refund").order_by(LedgerEntry.id)
+        ).all()
+    assert refunds == [f"refund:{request_id}" for request_id in ids]
+
+
+def test_a_settle_threshold_shorter_than_the_lease_is_refused_with_the_reason(app, runner, database_uri):
+    result = runner.invoke(args=["speech", "settle", "--older-than", "59"])
+    assert result.exit_code == 2
+    assert (
+        "59 s is shorter than a gateway process's lease (PROCESS_LEASE_SECONDS, 60 s), the time it takes to tell "
+        "that the process serving a request is gone; use at least 60 s." in " ".join(result.output.split())
+    )
+    with pytest.raises(SettingError, match=r"^STALE_CHARGE_SECONDS: 30 s is shorter than a gateway process's lease"):
+        create_app(app_config(database_uri, STALE_CHARGE_SECONDS=30))
+    assert runner.invoke(args=["speech", "settle", "--older-than", "60"]).exit_code == 0
+
+
+def test_the_lease_is_pushed_on_by_each_renewal_and_comes_back_when_its_row_was_removed(app):
+    lease = app.extensions["lease"]
+    process_id = lease.process_id()
+    first = lease_of(app, process_id)
+    assert first.pid == os.getpid() and first.host == socket.gethostname()
+    assert timedelta(seconds=59) < first.lease_until - first.started_at <= timedelta(seconds=60)
+    lease.renew()
+    assert lease_of(app, process_id).lease_until > first.lease_until
+    with app.app_context():
+        db.session.execute(delete(GatewayProcess))
+        db.session.commit()
+    lease.renew()
+    assert lease_of(app, process_id) is not None
+    # One registration per process: the id a request names does not change.
+    assert lease.process_id() == process_id
+
+
+def test_a_settlement_the_database_refused_is_written_by_its_process_when_the_database_is_back(
+    app, runner, customer, monkeypatch
+):
+    from tests.test_settlement import database_gone, speak
+
+    # The database goes away under the settlement itself (what mark_delivered writes with).
+    monkeypatch.setattr(billing, "_close_speech", database_gone)
+    response = speak(app, customer)
+    assert response.status_code == 200 and response.data == b"ID3audio"
+    [row] = factories.speech_requests(app, customer.user_id)
+    assert row.state == "charged" and row.process_id == app.extensions["lease"].process_id()
+    lease = app.extensions["lease"]
+    # Still away at the next renewal: kept for the one after.
+    assert lease.settle_pending() == 1
+    monkeypatch.undo()
+    assert lease.settle_pending() == 0
+    [row] = factories.speech_requests(app, customer.user_id)
+    # The audio went out: the charge stands, as it would have without the lost database.
+    assert row.state == "delivered" and row.credits_refunded == 0
+    assert factories.balance(app, customer.user_id) == 1000 - len("Hello from kokoro-pay.")
+    assert runner.invoke(args=["audit"]).exit_code == 0
+
+
+def test_progress_is_recorded_for_every_heartbeat_of_audio_however_fast_it_arrives(make_app, monkeypatch):
+    # 30 one-second chunks, sent as fast as they are read: far faster than real time.
+    chunks = in_chunks(pcm_of(30), 30)
+    recorded = []
+    record = billing.record_progress
+
+    def spy(request_id, bytes_sent, audio_ms):
+        recorded.append(audio_ms)
+        return record(request_id, bytes_sent, audio_ms)
+
+    monkeypatch.setattr(billing, "record_progress", spy)
+    with serve(FakeUpstream(chunks)) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
+        customer = factories.customer(app, balance=10_000)
+        with serve(app) as url:
+            response = requests.post(f"{url}{SPEECH}", json=speech_body(), headers=customer.headers, timeout=30)
+            assert response.content == b"".join(chunks)
+    heartbeat_ms = app.config["STREAM_HEARTBEAT_SECONDS"] * 1000
+    # What a crash could refund of audio that went out is what the last record does not cover: under a heartbeat.
+    covered = [0, *recorded]
+    assert all(0 < later - earlier <= heartbeat_ms for earlier, later in itertools.pairwise(covered))
+    assert 30_000 - covered[-1] < heartbeat_ms
+
+
+def quiet_since(app, customer) -> timedelta:
+    [row] = factories.speech_requests(app, customer.user_id)
+    return utcnow() - (row.progress_at or row.created_at)
+
+
+def raw_speech_request(url: str, customer, body: dict) -> socket.socket:
+    """A client that sends a speech request, reads the answer's status line, then stops reading.
+
+    Its receive buffer is small, so the gateway's writes soon block, as a paused player's would.
+    """
+    address = urlsplit(url)
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect((address.hostname, address.port))
+    payload = json.dumps(body).encode()
+    client.sendall(
+        f"POST {SPEECH} HTTP/1.1\r\nHost: {address.netloc}\r\nAuthorization: {customer.headers['Authorization']}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
+    assert client.recv(64).startswith(b"HTTP/1.1 200")
+    return client
+
+
+def read_to_the_end(client: socket.socket) -> bytes:
+    client.settimeout(30)
+    received = bytearray()
+    while data := client.recv(1 << 16):
+        received += data
+    client.close()
+    return bytes(received)
+
+
+def test_a_reader_who_pauses_past_settle_pays_for_the_audio_it_gets_and_is_ended_like_a_hang_up(make_app, database_uri):
+    """The attack: read the headers, stop reading, wait for `flask speech settle`, then read the audio."""
+    upstream = FakeUpstream(in_chunks(pcm_of(4), 4), endless=True)
+    settings = {"PROCESS_LEASE_SECONDS": "1", "STALE_CHARGE_SECONDS": "1", "CLIENT_IDLE_SECONDS": "3"}
+    app = make_app(**{name: float(value) for name, value in settings.items()})
+    customer = factories.customer(app, balance=10_000)
+    with serve(upstream) as upstream_url:
+        env = {"DATABASE_URL": database_uri, "UPSTREAM_URL": f"{upstream_url}/v1", "SECRET_KEY": "pause", **settings}
+        # One thread: that it serves another request afterwards shows the paused one let it go.
+        with gunicorn("wsgi:app", env, workers=1, threads=1) as (url, _master):
+            client = raw_speech_request(url, customer, speech_body())
+            wait_for(lambda: factories.speech_requests(app, customer.user_id), what="the charge")
+            # Paused past the lease and the threshold, with no progress since: settle leaves the request
+            # of a live process alone.
+            wait_for(lambda: quiet_since(app, customer) > timedelta(seconds=1.5), what="a quiet stream")
+            result = app.test_cli_runner().invoke(args=["speech", "settle", "--older-than", "1"])
+            assert result.exit_code == 0 and "settled 0" in result.output
+            # Taking nothing for CLIENT_IDLE_SECONDS ends the stream as a hang-up would: the charge stands.
+            [row] = wait_for(
+                lambda: [r for r in factories.speech_requests(app, customer.user_id) if r.state != "charged"],
+                timeout=20,
+                what="the paused stream to end",
+            )
+            assert row.state == "delivered" and row.error == "client took nothing for 3 s"
+            assert upstream.stream_closed.wait(5), "the upstream was left synthesising"
+            assert requests.get(f"{url}/v1/balance", headers=customer.headers, timeout=10).status_code == 200
+            received = read_to_the_end(client)
+    assert row.credits_refunded == 0 and row.bytes_sent > 0
+    # Every byte the client got was handed over by the relay, and all of it is paid for.
+    assert len(received.partition(b"\r\n\r\n")[2]) <= row.bytes_sent + 64 * 1024
+    assert factories.balance(app, customer.user_id) == 10_000 - len(PROSE)
+    with app.app_context():
+        kinds = db.session.scalars(select(LedgerEntry.kind).where(LedgerEntry.user_id == customer.user_id)).all()
+    assert sorted(kinds) == ["debit", "grant"]
+    assert "settled 0" in app.test_cli_runner().invoke(args=["speech", "settle", "--older-than", "1"]).output
+    assert app.test_cli_runner().invoke(args=["audit"]).exit_code == 0
