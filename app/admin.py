@@ -21,6 +21,7 @@ from wtforms.validators import DataRequired, Length, NumberRange
 
 from app import accounts, billing, keys, usage
 from app.audit import audit
+from app.dashboard import refuse_control_characters
 from app.extensions import db
 from app.forms import ConfirmForm
 from app.models import (
@@ -53,6 +54,11 @@ class CreditForm(FlaskForm):
 def admins_only():
     if not current_user.is_authenticated or not current_user.is_admin:
         abort(404)
+
+
+# Query parameters follow the dashboard's rule (app/usage.py): unreadable values are ignored,
+# control characters refused with 400, which also keeps NUL out of the reasons in the ledger.
+bp.before_request(refuse_control_characters)
 
 
 def record(action: str, user: User | None = None, details: str = "") -> None:
@@ -132,15 +138,16 @@ def users():
     if query:
         found = db.session.scalars(
             select(User)
-            .where(or_(User.email.contains(accounts.normalize_email(query), autoescape=True), User.id == _int(query)))
+            .where(
+                or_(
+                    User.email.contains(accounts.normalize_email(query), autoescape=True),
+                    User.id == (usage.whole_number(query, usage.MAX_ID) or -1),
+                )
+            )
             .order_by(User.id)
             .limit(PER_PAGE)
         ).all()
     return render_template("admin/users.html", query=query, users=found)
-
-
-def _int(text: str) -> int:
-    return int(text) if text.isdigit() and len(text) < 12 else -1
 
 
 @bp.get("/users/<int:user_id>")
@@ -233,7 +240,9 @@ def revoke_key(key_id: int):
 
 @bp.get("/payments")
 def payments():
-    page = db.paginate(select(Payment).order_by(Payment.id.desc()), per_page=PER_PAGE, max_per_page=PER_PAGE)
+    page = db.paginate(
+        select(Payment).order_by(Payment.id.desc()), page=usage.page_number(request.args), per_page=PER_PAGE
+    )
     return render_template("admin/payments.html", page=page)
 
 
@@ -276,5 +285,7 @@ def audit_page():
 
 @bp.get("/log")
 def log():
-    page = db.paginate(select(AdminAction).order_by(AdminAction.id.desc()), per_page=PER_PAGE, max_per_page=PER_PAGE)
+    page = db.paginate(
+        select(AdminAction).order_by(AdminAction.id.desc()), page=usage.page_number(request.args), per_page=PER_PAGE
+    )
     return render_template("admin/log.html", page=page)

@@ -368,7 +368,7 @@ def home():
 @login_required
 def ledger_page():
     filters = usage.Filters.from_args(request.args)
-    page = db.paginate(filters.ledger(current_user.id), per_page=PER_PAGE, max_per_page=PER_PAGE)
+    page = db.paginate(filters.ledger(current_user.id), page=usage.page_number(request.args), per_page=PER_PAGE)
     return render_template("dashboard/ledger.html", page=page, filters=filters)
 
 
@@ -380,7 +380,7 @@ def _usage_query():
 @login_required
 def usage_page():
     filters = usage.Filters.from_args(request.args)
-    page = db.paginate(filters.usage(current_user.id), per_page=PER_PAGE, max_per_page=PER_PAGE)
+    page = db.paginate(filters.usage(current_user.id), page=usage.page_number(request.args), per_page=PER_PAGE)
     series = usage.credits_per_day(current_user.id, filters)
     bars, top = usage.bars(series)
     return render_template(

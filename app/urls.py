@@ -1,6 +1,7 @@
-"""Absolute addresses of this server, for mail, Stripe's return pages and the docs."""
+"""Absolute addresses of this server, for mail, Stripe's return pages and the docs; the ids a path may hold."""
 
 from flask import current_app, has_request_context, url_for
+from werkzeug.routing import IntegerConverter
 
 
 def host_is_checked() -> bool:
@@ -20,3 +21,14 @@ def external_url(endpoint: str, **values) -> str:
     if has_request_context():
         return url_for(endpoint, _external=True, **values)
     return current_app.url_map.bind("localhost").build(endpoint, values)
+
+
+class DatabaseId(IntegerConverter):
+    """`<int:…>` in a route: a number an INTEGER column holds (PostgreSQL's 32 bits), else 404.
+
+    Werkzeug's own converter takes any run of digits, and the database then refuses the
+    query with a 500 for an id no row can have.
+    """
+
+    def __init__(self, map, fixed_digits=0, min=None, max=2**31 - 1, signed=False):
+        super().__init__(map, fixed_digits=fixed_digits, min=min, max=max, signed=signed)

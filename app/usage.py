@@ -9,10 +9,35 @@ from app.extensions import db
 from app.models import ApiKey, LedgerEntry, SpeechRequest, utcnow
 
 CHART_DAYS = 30
+# The largest id an INTEGER column holds on PostgreSQL (SQLite's hold more).
+MAX_ID = 2**31 - 1
+# Pages beyond this are not asked for: their offset would outgrow the database's integers.
+MAX_PAGE = 1_000_000
 # What a speech request cost in the end: its charge less what was refunded.
 KEPT = SpeechRequest.credits - SpeechRequest.credits_refunded
 # The usage filter's value for requests made in the dashboard's playground (no API key).
 PLAYGROUND = "playground"
+
+
+# The rule for every query parameter of the dashboard's and the admin console's pages: a value
+# that cannot be read as what it stands for (not a date, not an id or a page number the
+# database can hold, '²' for a digit, a day with no day after it) is ignored, as if it were
+# absent, and the page shows what it did apply; only the first of a repeated parameter counts.
+# A control character anywhere is refused with 400 before any view runs (app/dashboard.py).
+
+
+def whole_number(raw: str | None, largest: int) -> int | None:
+    """`raw` as a number from 1 to `largest`, written in ASCII digits; else None."""
+    raw = (raw or "").strip()
+    if not raw.isascii() or not raw.isdigit() or len(raw) > len(str(largest)):
+        return None
+    number = int(raw)
+    return number if 1 <= number <= largest else None
+
+
+def page_number(args) -> int:
+    """The `page` asked for, or the first page when it is not one (db.paginate reads no other argument)."""
+    return whole_number(args.get("page"), MAX_PAGE) or 1
 
 
 @dataclass(frozen=True)
@@ -26,10 +51,12 @@ class Filters:
 
     @classmethod
     def from_args(cls, args) -> "Filters":
+        key = args.get("key", "").strip()
         return cls(
-            key=args.get("key", "").strip(),
+            key=key if key == PLAYGROUND or whole_number(key, MAX_ID) else "",
             start=_date(args.get("from")),
-            end=_date(args.get("to")),
+            # The last day has no day after it to end the range at: no end, as when absent.
+            end=_date(args.get("to"), latest=date.max - timedelta(days=1)),
             request_id=args.get("request", "").strip()[:40],
         )
 
@@ -55,7 +82,7 @@ class Filters:
     def keyed(self, query: Select) -> Select:
         if self.key == PLAYGROUND:
             return query.where(SpeechRequest.api_key_id.is_(None))
-        if self.key.isdigit():
+        if self.key:
             return query.where(SpeechRequest.api_key_id == int(self.key))
         return query
 
@@ -64,11 +91,12 @@ class Filters:
         return self.dated(query, LedgerEntry.created_at).order_by(LedgerEntry.id.desc())
 
 
-def _date(raw: str | None) -> date | None:
+def _date(raw: str | None, latest: date = date.max) -> date | None:
     try:
-        return date.fromisoformat(raw) if raw else None
+        day = date.fromisoformat(raw) if raw else None
     except ValueError:
         return None
+    return day if day is None or day <= latest else None
 
 
 def midnight(day: date) -> datetime:

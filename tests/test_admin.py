@@ -158,3 +158,31 @@ def test_the_admin_log_cannot_be_changed_from_the_console(app, admin, shopper):
     assert "boss@example.com" in log and "unlimited on" in log
     for method in ("post", "put", "delete"):
         assert getattr(admin.client, method)("/admin/log").status_code == 405
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/admin/users?q=%C2%B2",
+        "/admin/users?q=99999999999999999999",
+        "/admin/users?q=2147483648",
+        "/admin/payments?page=99999999999999999999",
+        "/admin/payments?page=%C2%B2",
+        "/admin/log?page=-1",
+        "/admin/log?page=0&per_page=99999999999999999999",
+    ],
+)
+def test_an_admin_filter_the_database_cannot_hold_is_ignored_not_a_500(app, admin, shopper, path):
+    response = admin.get(path)
+    assert response.status_code == 200
+
+
+def test_an_admin_search_for_a_control_character_is_refused_with_400(app, admin, shopper):
+    response = admin.get("/admin/users?q=a%00b")
+    assert response.status_code == 400 and "control character" in response.get_data(as_text=True)
+
+
+def test_an_id_too_big_for_the_database_in_a_path_is_404_not_a_500(app, admin, shopper, web):
+    assert admin.get("/admin/users/99999999999999999999").status_code == 404
+    web.login(shopper.email, PASSWORD)
+    assert web.get("/keys/99999999999999999999/revoke").status_code == 404

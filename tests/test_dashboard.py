@@ -248,3 +248,35 @@ def test_the_docs_show_this_servers_base_url(make_app):
 def test_dashboard_errors_are_html_pages(client):
     response = client.get("/no-such-page")
     assert response.status_code == 404 and response.mimetype == "text/html"
+
+
+# Filters the pages cannot use are ignored, as if absent (app/usage.py): never a 500.
+
+UNUSABLE_FILTERS = [
+    "key=%C2%B2",  # '²' is a digit to str.isdigit, not to int()
+    "key=99999999999999999999",  # more than the database's integer holds
+    "key=2147483648",
+    "key=-1",
+    "to=9999-12-31",  # the day after it does not exist
+    "page=99999999999999999999",
+    "page=%C2%B2",
+    "page=0",
+    "page=-3",
+    "per_page=99999999999999999999",
+    "key=%C2%B2&key=1&to=9999-12-31&to=2020-01-01",  # repeated: the first counts
+]
+
+
+@pytest.mark.parametrize("path", ["/usage", "/ledger", "/usage.csv", "/ledger.csv"])
+@pytest.mark.parametrize("query", UNUSABLE_FILTERS)
+def test_a_filter_the_database_cannot_hold_is_ignored_and_the_page_shows_everything(app, web, path, query):
+    user_id = signed_in(web, app, balance=100)
+    create_key(web)
+    add_usage(app, user_id, 2)
+    unfiltered = web.get(path)
+    response = web.get(f"{path}?{query}")
+    assert response.status_code == 200
+    if path.endswith(".csv"):
+        assert response.get_data(as_text=True).count("\n") == unfiltered.get_data(as_text=True).count("\n") > 2
+    else:
+        assert response.get_data(as_text=True).count("<tr>") == unfiltered.get_data(as_text=True).count("<tr>") > 1

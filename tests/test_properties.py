@@ -3,14 +3,18 @@ errors, and the balance moves only by the documented amount."""
 
 import json
 import re
+from urllib.parse import quote_from_bytes, urlencode
 
 import pytest
 import responses
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from sqlalchemy import select
 
+from app.extensions import db
+from app.models import User
 from tests import factories
-from tests.conftest import STUB_UPSTREAM
+from tests.conftest import STRIPE_API, STUB_UPSTREAM
 from tests.fake_upstream import stub_catalog
 from tests.stripe_helpers import deliver, sign
 
@@ -185,3 +189,102 @@ def test_the_webhook_never_fails_and_credits_nothing_unverified(app, customer, r
     if response.status_code == 400:
         assert response.get_json()["detail"] in ("Invalid payload or signature.", "Malformed event.")
     assert factories.balance(app, customer.user_id) == 1000
+
+
+# Query strings, as a visitor might type them or a scanner send them: any text, numbers past
+# every integer type, dates at the ends of the calendar, parameters repeated or unknown.
+QUERY_NAMES = ["page", "per_page", "key", "from", "to", "request", "session_id", "q", "next", "token"]
+query_values = (
+    st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
+    | st.integers().map(str)
+    | huge_numbers.map(str)
+    | st.dates().map(str)
+    | st.sampled_from(
+        ["²", "٣", "0", "-1", "2147483648", "9223372036854775808", "9999-12-31", "0001-01-01", "+10000-01-01"]
+    )
+    | st.sampled_from(["playground", "1e9", " 7 ", "2024-02-30", "20240101", "2024-W01-1", "", "%", "//evil.example"])
+)
+query_pairs = st.lists(st.tuples(st.sampled_from(QUERY_NAMES) | st.text(max_size=5), query_values), max_size=6)
+# Bytes that are not UTF-8 at all, percent-encoded.
+undecodable = st.binary(max_size=30).map(lambda raw: "key=" + quote_from_bytes(raw))
+query_strings = query_pairs.map(urlencode) | undecodable
+CUSTOMER_PAGES = [
+    "/",
+    "/usage",
+    "/ledger",
+    "/usage.csv",
+    "/ledger.csv",
+    "/billing",
+    "/billing/success",
+    "/billing/cancelled",
+    "/keys",
+    "/keys/{key_id}/revoke",
+    "/account",
+    "/docs",
+    "/pricing",
+    "/login",
+]
+ADMIN_PAGES = [
+    "/admin",
+    "/admin/users",
+    "/admin/users/{user_id}",
+    "/admin/payments",
+    "/admin/charged",
+    "/admin/audit",
+    "/admin/log",
+]
+# Every table a GET could wrongly change: money, keys, sign-ins, mail, the admin log.
+WATCHED_TABLES = [
+    "users",
+    "ledger_entries",
+    "payments",
+    "payment_reversals",
+    "stripe_events",
+    "api_keys",
+    "speech_requests",
+    "login_sessions",
+    "outbox",
+    "admin_actions",
+]
+
+
+def database_state(app) -> dict:
+    with app.app_context():
+        return {
+            name: sorted(map(tuple, db.session.execute(select(db.metadata.tables[name])).all()), key=repr)
+            for name in WATCHED_TABLES
+        }
+
+
+@pytest.fixture
+def browsing(app):
+    """A signed-in customer with usage, a ledger and a checkout left open, and a signed-in admin."""
+    shopper = factories.customer(app, balance=1000, password="correct horse battery")
+    factories.charged(app, shopper.user_id, count=3, characters=5)
+    boss = factories.customer(app, password="correct horse battery")
+    with app.app_context():
+        factories.starter_payment(shopper.user_id, "cs_test_open")
+        db.session.get(User, boss.user_id).is_admin = True
+        db.session.commit()
+    customer_web, admin_web = factories.WebClient(app.test_client()), factories.WebClient(app.test_client())
+    customer_web.login(shopper.email)
+    admin_web.login(boss.email)
+    ids = {"key_id": shopper.key_id, "user_id": shopper.user_id}
+    return {"customer": (customer_web, CUSTOMER_PAGES, ids), "admin": (admin_web, ADMIN_PAGES + CUSTOMER_PAGES, ids)}
+
+
+@settings(PROPERTY_SETTINGS, max_examples=25)
+@given(role=st.sampled_from(["customer", "admin"]), query=query_strings)
+@example(role="customer", query="key=%C2%B2&to=9999-12-31&page=99999999999999999999")
+@example(role="admin", query="q=%C2%B2&page=99999999999999999999")
+def test_no_query_string_gets_a_500_or_changes_anything_on_a_dashboard_or_admin_page(app, browsing, role, query):
+    web, pages, ids = browsing[role]
+    before = database_state(app)
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as stripe_api:
+        stripe_api.post(re.compile(f"{STRIPE_API}/.*"), json={"id": "cs_test_open", "status": "expired"})
+        for page in pages:
+            response = web.client.get(f"{page.format(**ids)}?{query}")
+            response.get_data()  # a CSV download runs its queries while it streams
+            assert response.status_code < 500, (page, query, response.status_code)
+        assert [call.request.url for call in stripe_api.calls if call.request.url.startswith(STRIPE_API)] == []
+    assert database_state(app) == before
