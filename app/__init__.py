@@ -250,7 +250,10 @@ def stripe_client(config) -> stripe.StripeClient | None:
 
 def register_blueprints(app: Flask) -> None:
     from app import admin, api, dashboard, health, metrics, playground, webhooks
+    from app.urls import DatabaseId
 
+    # Before any route is added: an id in a path the database cannot hold is 404, not a 500.
+    app.url_map.converters["int"] = DatabaseId
     csrf.exempt(api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
