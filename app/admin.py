@@ -19,7 +19,7 @@ from wtforms import IntegerField, RadioField, StringField
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Length, NumberRange
 
-from app import accounts, billing, keys, usage
+from app import accounts, billing, keys, liveness, usage
 from app.audit import audit
 from app.dashboard import refuse_control_characters
 from app.extensions import db
@@ -257,6 +257,7 @@ def charged():
     return render_template(
         "admin/charged.html",
         requests=requests,
+        alive=liveness.alive_processes([speech.process_id for speech in requests]),
         confirm=ConfirmForm(),
         older_than=current_app.config["STALE_CHARGE_SECONDS"],
         now=utcnow(),
@@ -271,7 +272,7 @@ def settle():
         record("settle", details=f"{done.found} stale, {done.settled} settled, {done.credits} credits refunded")
         db.session.commit()
         flash(
-            f"{done.found} requests without progress for over {age} s; settled {done.settled}, "
+            f"{done.found} requests of gone processes without progress for over {age} s; settled {done.settled}, "
             f"refunding {done.credits:,} credits.",
             "success",
         )

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.extensions import db
@@ -114,3 +114,12 @@ def too_short(stale: float, lease: float) -> str:
         f"{stale:g} s is shorter than a gateway process's lease (PROCESS_LEASE_SECONDS, {lease:g} s), "
         f"the time it takes to tell that the process serving a request is gone; use at least {lease:g} s."
     )
+
+
+def alive_processes(process_ids) -> set[str]:
+    """Those of `process_ids` whose lease has not run out."""
+    ids = {process_id for process_id in process_ids if process_id}
+    if not ids:
+        return set()
+    alive = select(_processes.c.id).where(_processes.c.id.in_(ids), _processes.c.lease_until >= utcnow())
+    return set(db.session.scalars(alive))

@@ -118,15 +118,21 @@ def test_unlimited_revoke_and_disable_take_effect_at_once(app, admin, shopper):
 def test_payments_and_charged_requests_are_listed_and_stale_ones_settled(app, admin, shopper):
     payments = admin.get("/admin/payments").get_data(as_text=True)
     assert "cs_test_admin" in payments and "pi_admin" in payments and "$5.00" in payments
+    alive = app.extensions["lease"].process_id()
     with app.app_context():
-        # One request's worker died ten minutes ago; the other is live.
+        # Both quiet for an hour: one request's worker died; the other's process is alive (a paused reader).
         stale, live = db.session.scalars(select(SpeechRequest.id).where(SpeechRequest.user_id == shopper.user_id))
         db.session.execute(
-            update(SpeechRequest).where(SpeechRequest.id == stale).values(created_at=utcnow() - timedelta(hours=1))
+            update(SpeechRequest)
+            .where(SpeechRequest.id.in_([stale, live]))
+            .values(created_at=utcnow() - timedelta(hours=1))
         )
+        db.session.execute(update(SpeechRequest).where(SpeechRequest.id == live).values(process_id=alive))
         db.session.commit()
     page = admin.get("/admin/charged").get_data(as_text=True)
     assert stale in page and live in page
+    rows = {row.split("<code>")[1].split("</code>")[0]: row for row in page.split("<tr>")[2:]}
+    assert ">gone</td>" in rows[stale] and ">alive</td>" in rows[live]
     admin.post("/admin/charged/settle")
     assert "settled 1, refunding 40 credits" in admin.get("/admin/charged").get_data(as_text=True)
     states = {row.id: row.state for row in factories.speech_requests(app, shopper.user_id)}
