@@ -1,43 +1,120 @@
-"""Customer accounts: a normalised, unique email, a hashed password, and sign-ins kept on the server.
+"""Customer accounts: one plain email, a hashed password, and sign-ins kept on the server.
 
 Each sign-in is a row (`LoginSession`) whose random token is what Flask-Login keeps in
 the session and remember-me cookies; the database holds only the token's SHA-256.
 Signing out deletes the row, so every cookie that carried it stops working at once.
 
+An email is one plain address, as the `email-validator` package reads it: no display name,
+comment, list, quotes or invisible character. What it delivers to, its canonical mailbox
+(`canonical_mailbox`: case, a +tag, Gmail's dots), is what the free trial and the mail
+limits count: one trial per mailbox ever (`TrialClaim`, kept after the account is deleted)
+and one mail of a kind per mailbox per MAIL_INTERVAL (`MailStamp`), each decided by one
+unique row, whatever the concurrency. A client address triggers at most MAILS_PER_IP mails
+and TRIALS_PER_IP_PER_DAY trials.
+
 The links mailed to verify an email, reset a password or change the email are signed
 (itsdangerous, with SECRET_KEY and a salt per purpose), expire, and work once: each
-names the state it changes (the email not yet verified, the password hash it replaces,
-the email it replaces), so it stops working once that state has changed.
+names the state it changes (the account's email and its version, which goes up at every
+change of the email, and the password hash a reset replaces), so it stops working once
+that state has changed, even if the email changes back.
 """
 
 import hashlib
-import re
+import hmac
+import ipaddress
 import secrets
+import unicodedata
+from dataclasses import dataclass
 from datetime import timedelta
 
+from email_validator import EmailNotValidError, validate_email
 from flask import current_app, session
 from flask_login import login_user, logout_user
 from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from app import billing, mail
-from app.extensions import db
-from app.models import LedgerEntry, LedgerKind, LoginSession, OutboxMail, User, utcnow
+from app.extensions import db, insert
+from app.models import LedgerEntry, LedgerKind, LoginSession, OutboxMail, TrialClaim, User, utcnow
 from app.urls import external_url
 
-EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
 # Checked against when the email has no account (or no password), so that a sign-in costs the
 # same whether or not the account exists: its timing says nothing about who has one.
 _DUMMY_HASH = generate_password_hash(secrets.token_urlsafe(16))
+# Providers that deliver a.b@ and ab@ to one mailbox, and their other names.
+DOTS_IGNORED = {"gmail.com"}
+SAME_PROVIDER = {"googlemail.com": "gmail.com"}
 
 
 class AccountError(ValueError):
     pass
 
 
+def parse_email(raw: str) -> str:
+    """The email to store for what someone typed: one plain address, lower-cased. AccountError otherwise."""
+    try:
+        found = validate_email(raw.strip(), check_deliverability=False)
+    except EmailNotValidError as error:
+        raise AccountError(f"Enter one plain email address, like name@example.com. {error}") from None
+    return f"{found.local_part.lower()}@{found.domain}"
+
+
 def normalize_email(email: str) -> str:
-    return email.strip().lower()
+    """The stored form of an email, for looking an account up: as `parse_email` stores it, when it is one."""
+    try:
+        return parse_email(email)
+    except AccountError:
+        return email.strip().lower()
+
+
+def canonical_mailbox(email: str) -> str:
+    """The mailbox an address delivers to, as far as can be told from the address: Unicode case
+    folded (and compatibility forms joined), the domain in ASCII, no +tag, and no dots where the
+    provider ignores them (Gmail, also as googlemail.com). What the trial and mail limits count."""
+    try:
+        found = validate_email(email.strip(), check_deliverability=False)
+        local, domain = found.local_part, found.ascii_domain
+    except EmailNotValidError:
+        local, _, domain = email.strip().rpartition("@")
+    local = unicodedata.normalize("NFKC", local).casefold().partition("+")[0]
+    domain = SAME_PROVIDER.get(domain.lower(), domain.lower())
+    if domain in DOTS_IGNORED:
+        local = local.replace(".", "")
+    return f"{local}@{domain}"
+
+
+def _keyed(purpose: str, value: str) -> str:
+    message = f"kokoro-pay {purpose}\0{value}".encode()
+    return hmac.new(current_app.secret_key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def mailbox_digest(email: str) -> str:
+    """What the database keeps of a mailbox once its account is deleted.
+
+    An HMAC keyed with SECRET_KEY, not a bare SHA-256: addresses are easily guessed, so a bare
+    hash in a copy of the database would name the mailboxes of deleted accounts to anyone who
+    tries a list of them; keyed, it names nothing without the key. The price: a new SECRET_KEY
+    forgets which mailboxes had their trial (each may have one more) and the mail stamps.
+    """
+    return _keyed("mailbox", canonical_mailbox(email))
+
+
+def client_network(address: str | None) -> str:
+    """The client a limit per address counts: an IPv4 address, or the /64 of an IPv6 one (one
+    subscriber's usual share, which its owner can spread requests across)."""
+    try:
+        ip = ipaddress.ip_address(address or "")
+    except ValueError:
+        return address or "unknown"
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def client_digest(address: str | None) -> str:
+    """A client's network, as a verification link carries it: it says nothing of the address to its reader."""
+    return _keyed("client", client_network(address))[:16]
 
 
 def find_by_email(email: str) -> User | None:
@@ -45,14 +122,12 @@ def find_by_email(email: str) -> User | None:
 
 
 def create_user(email: str, password: str | None = None) -> User:
-    """Add a user to the session. Raises AccountError for a malformed or taken email.
+    """Add a user to the session. Raises AccountError for an email that is not one plain address, or taken.
 
     The unique constraint on the email still decides under a race; the caller
     treats an IntegrityError on commit as "taken".
     """
-    email = normalize_email(email)
-    if not EMAIL_PATTERN.match(email) or len(email) > 254:
-        raise AccountError("That does not look like an email address.")
+    email = parse_email(email)
     if find_by_email(email) is not None:
         raise AccountError("An account with that email already exists.")
     user = User(email=email, balance=0)
@@ -66,24 +141,36 @@ def set_password(user: User, password: str) -> None:
     user.password_hash = generate_password_hash(password)
 
 
-# At most one mail of a kind to one address in this time: a form cannot be used to flood a mailbox.
+# At most one mail of a kind to one mailbox in this time: a form cannot be used to flood it.
 MAIL_INTERVAL = timedelta(minutes=2)
 
 
-def register(email: str, password: str) -> None:
+def may_mail(email: str, kind: str, client: str | None) -> bool:
+    """Whether a request from `client` may queue a mail of `kind` to the mailbox of `email` now.
+
+    The client's count (MAILS_PER_IP) goes up first, whatever the answer after it; then the
+    mailbox's stamp is taken (`mail.first_in`), in the caller's transaction.
+    """
+    if not current_app.extensions["throttle"].mail_allowed(client_network(client)):
+        return False
+    return mail.first_in(mailbox_digest(email), kind, MAIL_INTERVAL)
+
+
+def register(email: str, password: str, client: str | None) -> None:
     """Sign up: a new, unverified account and its verification mail, or, when the email is taken,
     a mail to its owner saying someone tried. The caller commits and answers the same either way.
 
-    Raises AccountError for a malformed email.
+    Raises AccountError for an email that is not one plain address.
     """
+    email = parse_email(email)
     existing = find_by_email(email)
     if existing is None:
         user = create_user(email, password)
         db.session.flush()
-        send_verification(user)
+        send_verification(user, client)
         return
     generate_password_hash(password)  # the same work as a new account: the time taken says nothing
-    if not mail.sent_recently(existing.email, "signup_taken", MAIL_INTERVAL):
+    if may_mail(existing.email, "signup_taken", client):
         mail.notify(existing, "signup_taken", forgot_url=external_url("dashboard.forgot_password"))
 
 
@@ -95,64 +182,107 @@ class TokenError(AccountError):
     """A mailed link that is malformed, expired or already used; the message says which, for people."""
 
 
-def _read(purpose: str, token: str, max_age: timedelta) -> list:
+def _read(purpose: str, token: str, max_age: timedelta, fields: int) -> list:
     try:
-        return _tokens(purpose).loads(token, max_age=max_age.total_seconds())
+        values = _tokens(purpose).loads(token, max_age=max_age.total_seconds())
     except SignatureExpired:
         raise TokenError("This link has expired. Ask for a new one.") from None
     except BadSignature:
         raise TokenError("This link is not valid. Check that you copied all of it.") from None
+    if not isinstance(values, list) or len(values) != fields:
+        # Signed by us, for another version of this link: ones mailed before an upgrade.
+        raise TokenError("This link is not valid any more. Ask for a new one.")
+    return values
 
 
-def send_verification(user: User) -> bool:
-    """Queue the verification mail (at most one per MAIL_INTERVAL); False when one was sent just now."""
-    if user.verified or mail.sent_recently(user.email, "verify", MAIL_INTERVAL):
+def _trial_ahead(user: User) -> int:
+    """The credits a verification would grant this account, as far as can be told before it is opened."""
+    credits = current_app.config["SIGNUP_CREDITS"]
+    if not credits or user.unlimited or _trial_claimed(mailbox_digest(user.email)):
+        return 0
+    return credits
+
+
+def send_verification(user: User, client: str | None) -> bool:
+    """Queue the verification mail (at most one per mailbox per MAIL_INTERVAL, and within the client's
+    MAILS_PER_IP); False when none was queued. The link carries the client's network: the trial it
+    grants counts against the client that signed up (TRIALS_PER_IP_PER_DAY)."""
+    if user.verified or not may_mail(user.email, "verify", client):
         return False
-    token = _tokens("verify").dumps([user.id, user.email])
+    token = _tokens("verify").dumps([user.id, user.email, user.email_version, client_digest(client)])
     mail.notify(
         user,
         "verify",
         link=external_url("dashboard.verify_email", token=token),
         hours=round(current_app.config["VERIFY_HOURS"]),
+        trial=_trial_ahead(user),
     )
     return True
 
 
-def verify_email(token: str) -> User:
-    """Mark the account of a verification link as verified and grant the free trial; the caller commits."""
-    user_id, email = _read("verify", token, timedelta(hours=current_app.config["VERIFY_HOURS"]))
+def verify_email(token: str) -> int:
+    """Mark the account of a verification link as verified and grant the free trial if it is due;
+    the credits granted. The caller commits."""
+    user_id, email, version, client = _read(
+        "verify", token, timedelta(hours=current_app.config["VERIFY_HOURS"]), fields=4
+    )
     user = db.session.get(User, user_id)
-    if user is None or user.email != email or user.deleted_at is not None:
+    if user is None or user.email != email or user.email_version != version or user.deleted_at is not None:
         raise TokenError("This link is not valid any more.")
     if user.verified:
-        return user
-    mark_verified(user)
-    return user
+        return 0
+    return mark_verified(user, client)
 
 
-def mark_verified(user: User) -> None:
-    """The email is the owner's: keys and purchases open, and the free trial (SIGNUP_CREDITS) is granted once."""
+def _trial_claimed(mailbox: str) -> bool:
+    return db.session.scalar(select(TrialClaim.id).where(TrialClaim.mailbox == mailbox)) is not None
+
+
+def mark_verified(user: User, client: str) -> int:
+    """The email is the owner's: keys and purchases open. The free trial (SIGNUP_CREDITS) is granted
+    once per mailbox, ever, and to at most TRIALS_PER_IP_PER_DAY mailboxes a day from one client
+    (`client`: its `client_digest`, the one that signed up). The credits granted; the caller commits."""
     user.email_verified_at = utcnow()
     credits = current_app.config["SIGNUP_CREDITS"]
-    if credits and not user.unlimited:
-        # Its reference is unique per account: a second verification (a new email) grants nothing.
-        reference = f"trial:{user.id}"
-        if db.session.scalar(select(func.count()).where(LedgerEntry.reference == reference)) == 0:
-            billing.apply(user.id, credits, kind=LedgerKind.TRIAL, reference=reference, note="free trial")
+    reference = f"trial:{user.id}"
+    if not credits or user.unlimited:
+        return 0
+    # Its reference is unique per account: a second verification (a new email) grants nothing.
+    if db.session.scalar(select(func.count()).where(LedgerEntry.reference == reference)):
+        return 0
+    mailbox = mailbox_digest(user.email)
+    if _trial_claimed(mailbox) or not current_app.extensions["throttle"].trial_allowed(client):
+        return 0
+    # The unique mailbox decides between two accounts of one mailbox verified at once: one row is
+    # inserted, the other statement changes nothing and its account gets no trial.
+    claim = insert(TrialClaim).values(mailbox=mailbox, claimed_at=utcnow())
+    claimed = claim.on_conflict_do_nothing(index_elements=[TrialClaim.mailbox]).returning(TrialClaim.id)
+    if db.session.execute(claimed).first() is None:
+        return 0
+    billing.apply(user.id, credits, kind=LedgerKind.TRIAL, reference=reference, note="free trial")
+    return credits
 
 
-def request_password_reset(email: str) -> None:
-    """Mail a reset link to the account with this email, if there is one; the caller says the same either way."""
-    user = find_by_email(email)
-    if user is None or user.deleted_at is not None or mail.sent_recently(user.email, "reset", MAIL_INTERVAL):
+def request_password_reset(email: str, client: str | None) -> None:
+    """Mail a reset link to the account with this email, if there is one; the caller says the same either way.
+
+    Whether or not there is one, the same work is done (the limits counted, a link signed, the mail
+    written); only queuing it differs: how long the request takes says nothing about who has an account.
+    """
+    if not may_mail(email, "reset", client):
         return
-    token = _tokens("reset").dumps([user.id, user.email, _password_stamp(user)])
-    mail.notify(
-        user,
+    user = find_by_email(email)
+    found = user is not None and user.deleted_at is None
+    someone = user if found else User(id=0, email=normalize_email(email), email_version=0)
+    token = _tokens("reset").dumps([someone.id, someone.email, someone.email_version, _password_stamp(someone)])
+    written = mail.compose(
         "reset",
+        user=someone,
         link=external_url("dashboard.reset_password", token=token),
         minutes=round(current_app.config["RESET_MINUTES"]),
     )
+    if found:
+        mail.queue(written, user.email, user_id=user.id)
 
 
 def _password_stamp(user: User) -> str:
@@ -161,44 +291,48 @@ def _password_stamp(user: User) -> str:
 
 
 def user_for_reset(token: str) -> User:
-    user_id, email, stamp = _read("reset", token, timedelta(minutes=current_app.config["RESET_MINUTES"]))
+    user_id, email, version, stamp = _read(
+        "reset", token, timedelta(minutes=current_app.config["RESET_MINUTES"]), fields=4
+    )
     user = db.session.get(User, user_id)
-    # Sent to an address the account has since left: that mailbox may no longer be the owner's.
-    if user is None or user.deleted_at is not None or user.email != email or _password_stamp(user) != stamp:
+    # Sent before the account's email changed (even if it changed back): that mailbox may not be the owner's.
+    if (
+        user is None
+        or user.deleted_at is not None
+        or user.email != email
+        or user.email_version != version
+        or _password_stamp(user) != stamp
+    ):
         raise TokenError("This link has been used already. Ask for a new one if you still need it.")
     return user
 
 
-def reset_password(user: User, password: str) -> int:
+def reset_password(user: User, password: str, client: str | None) -> int:
     """Set a new password from a reset link: every sign-in ends; the mailbox is proven, so the email is
-    verified too. Returns how many sign-ins ended; the caller commits."""
+    verified too (the trial counted against `client`). Returns how many sign-ins ended; the caller commits."""
     set_password(user, password)
     if not user.verified:
-        mark_verified(user)
+        mark_verified(user, client_digest(client))
     ended = db.session.execute(delete(LoginSession).where(LoginSession.user_id == user.id)).rowcount
     mail.notify(user, "password_changed", forgot_url=external_url("dashboard.forgot_password"))
     return ended
 
 
-def request_email_change(user: User, new_email: str) -> None:
+def request_email_change(user: User, new_email: str, client: str | None) -> None:
     """Mail a confirmation link to the new address; nothing changes until it is opened.
 
     When the address has an account already, its owner is told instead; the caller says the same either way.
     """
-    new_email = normalize_email(new_email)
-    if not EMAIL_PATTERN.match(new_email) or len(new_email) > 254:
-        raise AccountError("That does not look like an email address.")
+    new_email = parse_email(new_email)
     if new_email == user.email:
         raise AccountError("That is your email already.")
-    if mail.sent_recently(new_email, "email_change", MAIL_INTERVAL) or mail.sent_recently(
-        new_email, "signup_taken", MAIL_INTERVAL
-    ):
-        return
     owner = find_by_email(new_email)
+    if not may_mail(new_email, "email_change" if owner is None else "signup_taken", client):
+        return
     if owner is not None:
         mail.notify(owner, "signup_taken", forgot_url=external_url("dashboard.forgot_password"))
         return
-    token = _tokens("email").dumps([user.id, user.email, new_email])
+    token = _tokens("email").dumps([user.id, user.email, user.email_version, new_email])
     mail.send(
         "email_change",
         new_email,
@@ -208,26 +342,45 @@ def request_email_change(user: User, new_email: str) -> None:
     )
 
 
-def read_email_change(token: str) -> tuple[User, str]:
-    """The account and new email of a confirmation link still good to use."""
-    user_id, old_email, new_email = _read("email", token, timedelta(hours=current_app.config["VERIFY_HOURS"]))
+@dataclass(frozen=True)
+class EmailChange:
+    """A confirmation link still good to use: the account, the email (and its version) it leaves, the new one."""
+
+    user: User
+    old_email: str
+    version: int
+    new_email: str
+
+
+def read_email_change(token: str) -> EmailChange:
+    user_id, old_email, version, new_email = _read(
+        "email", token, timedelta(hours=current_app.config["VERIFY_HOURS"]), fields=4
+    )
     user = db.session.get(User, user_id)
-    if user is None or user.email != old_email or user.deleted_at is not None:
+    if user is None or user.email != old_email or user.email_version != version or user.deleted_at is not None:
         raise TokenError("This link has been used already, or the account's email changed since.")
-    return user, new_email
+    return EmailChange(user, old_email, version, new_email)
 
 
-def change_email(user: User, new_email: str) -> None:
+def change_email(change: EmailChange) -> None:
     """Move the account to its confirmed new email and tell the old one; the caller commits.
 
-    Raises AccountError when the new email got an account meanwhile.
+    One conditional UPDATE makes the change, only from the email and version the link names: of two
+    links confirmed at once, the second finds them changed and changes nothing. Raises AccountError
+    when that happened, or when the new email got an account meanwhile.
     """
-    if find_by_email(new_email) is not None:
+    if find_by_email(change.new_email) is not None:
         raise AccountError("That email has an account now; nothing changed.")
-    old_email = user.email
-    user.email = new_email
-    user.email_verified_at = utcnow()
-    mail.send("email_changed", old_email, user_id=user.id, new_email=new_email)
+    moved = db.session.execute(
+        update(User)
+        .where(User.id == change.user.id, User.email == change.old_email, User.email_version == change.version)
+        .values(email=change.new_email, email_version=User.email_version + 1, email_verified_at=utcnow()),
+        execution_options={"synchronize_session": False},
+    ).rowcount
+    if moved != 1:
+        raise AccountError("The account's email changed since this link was sent; nothing changed.")
+    db.session.expire(change.user)
+    mail.send("email_changed", change.old_email, user_id=change.user.id, new_email=change.new_email)
 
 
 def delete_account(user: User) -> None:
@@ -244,6 +397,7 @@ def delete_account(user: User) -> None:
     db.session.execute(delete(LoginSession).where(LoginSession.user_id == user.id))
     db.session.execute(delete(OutboxMail).where(OutboxMail.user_id == user.id))
     user.email = f"deleted-{user.id}@deleted.invalid"
+    user.email_version += 1
     user.password_hash = None
     user.stripe_customer_id = None
     user.email_verified_at = None

@@ -93,7 +93,7 @@ def signup():
     form = SignupForm()
     if form.validate_on_submit():
         try:
-            accounts.register(form.email.data, form.password.data)
+            accounts.register(form.email.data, form.password.data, request.remote_addr)
             db.session.commit()
         except accounts.AccountError as error:
             form.email.errors.append(str(error))
@@ -102,7 +102,8 @@ def signup():
             db.session.rollback()
         if not form.email.errors:
             return _check_inbox(accounts.normalize_email(form.email.data))
-    return render_template("auth/signup.html", form=form)
+    # A form that was sent and refused (not one plain address, say) is a 400: nothing was done.
+    return render_template("auth/signup.html", form=form), 400 if form.errors else 200
 
 
 def _check_inbox(email: str):
@@ -112,7 +113,7 @@ def _check_inbox(email: str):
 @bp.get("/verify/<token>")
 def verify_email(token: str):
     try:
-        accounts.verify_email(token)
+        granted = accounts.verify_email(token)
         db.session.commit()
     except accounts.TokenError as error:
         flash(str(error), "error")
@@ -121,8 +122,8 @@ def verify_email(token: str):
         db.session.rollback()
         flash("Your email is confirmed.", "success")
     else:
-        credits = current_app.config["SIGNUP_CREDITS"]
-        trial = f" {credits:,} free credits are on your balance to try it." if credits else ""
+        # Only credits that were granted: a mailbox that had its trial already gets none.
+        trial = f" {granted:,} free credits are on your balance to try it." if granted else ""
         flash("Your email is confirmed: you can create API keys and buy credits." + trial, "success")
     return redirect(url_for("dashboard.keys_page" if current_user.is_authenticated else "dashboard.login"))
 
@@ -131,7 +132,7 @@ def verify_email(token: str):
 @login_required
 def resend_verification():
     if ConfirmForm().validate_on_submit() and not current_user.verified:
-        if accounts.send_verification(current_user):
+        if accounts.send_verification(current_user, request.remote_addr):
             db.session.commit()
             flash(f"We sent a new link to {current_user.email}.", "success")
         else:
@@ -151,7 +152,7 @@ def verified_only():
 def forgot_password():
     form = ForgotForm()
     if form.validate_on_submit():
-        accounts.request_password_reset(form.email.data)
+        accounts.request_password_reset(form.email.data, request.remote_addr)
         db.session.commit()
         return _check_inbox(accounts.normalize_email(form.email.data))
     return render_template("auth/forgot.html", form=form)
@@ -166,7 +167,7 @@ def reset_password(token: str):
         return redirect(url_for("dashboard.forgot_password"))
     form = ResetForm()
     if form.validate_on_submit():
-        accounts.reset_password(user, form.password.data)
+        accounts.reset_password(user, form.password.data, request.remote_addr)
         db.session.commit()
         if current_user.is_authenticated:
             logout_user()
@@ -263,7 +264,7 @@ def request_email_change():
     form = EmailForm()
     if form.validate_on_submit() and _current_password_ok(form):
         try:
-            accounts.request_email_change(current_user, form.email.data)
+            accounts.request_email_change(current_user, form.email.data, request.remote_addr)
         except accounts.AccountError as error:
             form.email.errors.append(str(error))
         else:
@@ -280,22 +281,22 @@ def request_email_change():
 def change_email(token: str):
     """A link from the mail asks first (mail scanners open links); the button makes the change."""
     try:
-        user, new_email = accounts.read_email_change(token)
+        change = accounts.read_email_change(token)
     except accounts.TokenError as error:
         flash(str(error), "error")
         return redirect(url_for("dashboard.account" if current_user.is_authenticated else "dashboard.login"))
     form = ConfirmForm()
     if form.validate_on_submit():
         try:
-            accounts.change_email(user, new_email)
+            accounts.change_email(change)
             db.session.commit()
         except (accounts.AccountError, IntegrityError) as error:
             db.session.rollback()
             flash(str(error) if isinstance(error, accounts.AccountError) else "That email has an account now.", "error")
         else:
-            flash(f"Your email is now {new_email}.", "success")
+            flash(f"Your email is now {change.new_email}.", "success")
         return redirect(url_for("dashboard.account" if current_user.is_authenticated else "dashboard.login"))
-    return render_template("auth/change_email.html", form=form, new_email=new_email)
+    return render_template("auth/change_email.html", form=form, new_email=change.new_email)
 
 
 @bp.post("/account/alert")

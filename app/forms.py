@@ -2,9 +2,9 @@
 
 from flask_wtf import FlaskForm
 from wtforms import BooleanField, EmailField, HiddenField, IntegerField, PasswordField, StringField
-from wtforms.validators import DataRequired, EqualTo, Length, NumberRange, Optional, Regexp
+from wtforms.validators import DataRequired, EqualTo, Length, NumberRange, Optional, ValidationError
 
-from app.accounts import EMAIL_PATTERN
+from app.accounts import AccountError, parse_email
 
 MIN_PASSWORD = 10
 
@@ -23,11 +23,16 @@ def repeated(label: str) -> PasswordField:
     return PasswordField(label, validators=[DataRequired(), EqualTo("password", message="The passwords do not match.")])
 
 
+def one_plain_address(form, field) -> None:
+    """The field holds one plain email address, as accounts.parse_email reads it (which says what is wrong)."""
+    try:
+        parse_email(field.data)
+    except AccountError as error:
+        raise ValidationError(str(error)) from None
+
+
 def email_field(label: str) -> EmailField:
-    return EmailField(
-        label,
-        validators=[DataRequired(), Length(max=254), Regexp(EMAIL_PATTERN, message="Enter a valid email address.")],
-    )
+    return EmailField(label, validators=[DataRequired(), Length(max=254), one_plain_address])
 
 
 def current_password() -> PasswordField:

@@ -8,6 +8,9 @@ sending it, so several senders never send one mail at once; a sender that dies m
 lets its claim lapse and the mail goes out later (at least once, never lost). A server
 that cannot be reached, or answers 4xx, is tried again with a doubling wait (30 s, at
 most an hour); a 5xx refusal is kept as `failed`, with the answer, for the operator.
+Each mail's failures are its own: a recipient the server refuses never holds back the
+mails behind it (`deliver_due`). A mail goes to its stored address alone, named in the
+SMTP envelope; no header is read to find recipients.
 
 With no MAIL_URL a mail is not sent. In development (DEV_OUTBOX) it is written to the log
 and the development outbox page shows it, so every flow works on a fresh machine;
@@ -27,12 +30,13 @@ from email.message import EmailMessage
 from email.utils import formatdate, make_msgid, parseaddr
 from urllib.parse import unquote, urlsplit
 
+from email_validator import EmailNotValidError, validate_email
 from flask import current_app, has_app_context, render_template
 from flask_sqlalchemy.session import Session
 from sqlalchemy import event, or_, select, update
 
-from app.extensions import db
-from app.models import MailState, OutboxMail, User, utcnow
+from app.extensions import db, insert
+from app.models import MailStamp, MailState, OutboxMail, User, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -42,23 +46,35 @@ FIRST_RETRY_SECONDS = 30
 LAST_RETRY_SECONDS = 3600
 
 
-def send(kind: str, recipient: str, *, user_id: int | None = None, **context) -> OutboxMail:
-    """Queue the mail `templates/mail/<kind>.txt` in the caller's transaction.
+@dataclass(frozen=True)
+class Composed:
+    """A mail written from its template, not yet queued to anyone."""
 
-    The template's first paragraph is its `Subject:` line; the rest is the body.
-    """
+    kind: str
+    subject: str
+    body: str
+
+
+def compose(kind: str, **context) -> Composed:
+    """Render `templates/mail/<kind>.txt`: its first paragraph is its `Subject:` line, the rest the body."""
     text = render_template(f"mail/{kind}.txt", **context)
     head, _, body = text.strip().partition("\n\n")
+    return Composed(kind, head.removeprefix("Subject:").strip()[:200], body.strip() + "\n")
+
+
+def queue(composed: Composed, recipient: str, *, user_id: int | None = None) -> OutboxMail:
+    """Add a composed mail to the caller's transaction; a rollback takes it along, a commit wakes the sender."""
     mail = OutboxMail(
-        user_id=user_id,
-        recipient=recipient,
-        kind=kind,
-        subject=head.removeprefix("Subject:").strip()[:200],
-        body=body.strip() + "\n",
+        user_id=user_id, recipient=recipient, kind=composed.kind, subject=composed.subject, body=composed.body
     )
     db.session.add(mail)
     db.session.info["mail_queued"] = True
     return mail
+
+
+def send(kind: str, recipient: str, *, user_id: int | None = None, **context) -> OutboxMail:
+    """Queue the mail `templates/mail/<kind>.txt` in the caller's transaction."""
+    return queue(compose(kind, **context), recipient, user_id=user_id)
 
 
 def notify(user: User, kind: str, **context) -> OutboxMail | None:
@@ -68,13 +84,22 @@ def notify(user: User, kind: str, **context) -> OutboxMail | None:
     return send(kind, user.email, user_id=user.id, user=user, **context)
 
 
-def sent_recently(recipient: str, kind: str, within: timedelta) -> bool:
-    """True when a mail of this kind was queued to this address within `within`: one per window, not a flood."""
-    since = utcnow() - within
-    found = select(OutboxMail.id).where(
-        OutboxMail.recipient == recipient, OutboxMail.kind == kind, OutboxMail.created_at > since
+def first_in(mailbox: str, kind: str, interval: timedelta) -> bool:
+    """Take the one turn per `interval` to mail `kind` to `mailbox` (a hash): True for the caller that got it.
+
+    One statement decides, so that of many requests at once only one is told yes: it inserts the
+    mailbox's stamp, or moves a stamp older than `interval` to now, and a row comes back; a stamp
+    newer than that (or one another transaction is writing, which it waits for) returns none. The stamp is part of
+    the caller's transaction: a rollback gives the turn back.
+    """
+    now = utcnow()
+    stamp = insert(MailStamp).values(mailbox=mailbox, kind=kind, sent_at=now)
+    taken = stamp.on_conflict_do_update(
+        index_elements=[MailStamp.mailbox, MailStamp.kind],
+        set_={"sent_at": now},
+        where=MailStamp.sent_at <= now - interval,
     )
-    return db.session.scalar(found.limit(1)) is not None
+    return db.session.execute(taken.returning(MailStamp.kind)).first() is not None
 
 
 @event.listens_for(Session, "after_commit")
@@ -121,15 +146,36 @@ class Smtp:
             connection = smtplib.SMTP(self.host, self.port, timeout=timeout)
             if self.security == "starttls":
                 connection.starttls(context=ssl.create_default_context())
+        # The server's extensions known before the first mail: smtplib asks whether it offers SMTPUTF8
+        # before it would greet the server itself, and would refuse a Unicode address unasked.
+        connection.ehlo_or_helo_if_needed()
         if self.username:
             connection.login(self.username, self.password or "")
         return connection
 
 
+class Unsendable(ValueError):
+    """A queued mail no server could send as it stands (its recipient is not one plain address)."""
+
+
+def envelope_address(recipient: str) -> str:
+    """The one address a mail to `recipient` is delivered to: the SMTP envelope names it, and nothing else.
+
+    Only one plain address passes (the validator's), so no stored string can read as a list of
+    recipients. A Unicode domain goes in its ASCII (IDNA) form, which every server takes; a Unicode
+    name before the @ stays as it is and needs a server that offers SMTPUTF8.
+    """
+    try:
+        found = validate_email(recipient, check_deliverability=False)
+    except EmailNotValidError as error:
+        raise Unsendable(f"the recipient {recipient!r} is not one plain address: {error}") from None
+    return found.ascii_email or found.normalized
+
+
 def message(mail: OutboxMail, sender: str) -> EmailMessage:
     email = EmailMessage()
     email["From"] = sender
-    email["To"] = mail.recipient
+    email["To"] = envelope_address(mail.recipient)
     email["Subject"] = mail.subject
     email["Date"] = formatdate(mail.created_at.timestamp())
     domain = parseaddr(sender)[1].rpartition("@")[2] or None
@@ -141,12 +187,23 @@ def message(mail: OutboxMail, sender: str) -> EmailMessage:
 
 
 def _refused_for_good(error: Exception) -> bool:
-    """A 5xx answer about this mail: sending it again would be refused again."""
+    """A 5xx answer about this mail, or an address this server cannot take: sending it again would fail again."""
+    if isinstance(error, (Unsendable, smtplib.SMTPNotSupportedError)):
+        return True
     if isinstance(error, smtplib.SMTPRecipientsRefused):
         return all(code >= 500 for code, _ in error.recipients.values())
     if isinstance(error, (smtplib.SMTPSenderRefused, smtplib.SMTPDataError)):
         return error.smtp_code >= 500
     return False
+
+
+# Answers about one mail: the connection is still good for the next.
+ABOUT_THIS_MAIL = (
+    smtplib.SMTPNotSupportedError,
+    smtplib.SMTPRecipientsRefused,
+    smtplib.SMTPSenderRefused,
+    smtplib.SMTPDataError,
+)
 
 
 def retry_delay(attempts: int) -> timedelta:
@@ -168,17 +225,29 @@ def _claim(mail_id: int, now) -> OutboxMail | None:
     return db.session.get(OutboxMail, mail_id) if claimed else None
 
 
-def deliver_due(limit: int = 100) -> Counter:
-    """Send the mails that are due, oldest first; returns how many were sent, retried later and failed.
+def _not_sent(mail: OutboxMail, error: Exception, outcome: Counter) -> None:
+    """Record a failed try of this mail alone: kept as failed when it cannot ever go, else tried again later."""
+    mail.attempts += 1
+    mail.claimed_until = None
+    mail.last_error = f"{type(error).__name__}: {error}"[:500]
+    if _refused_for_good(error):
+        mail.state = MailState.FAILED
+        outcome["failed"] += 1
+        log.error("mail %s to %s refused for good: %s", mail.id, mail.recipient, mail.last_error)
+    else:
+        # Its own wait, doubling with its own attempts: another mail's failures never add to it.
+        mail.next_attempt_at = utcnow() + retry_delay(mail.attempts)
+        outcome["retry"] += 1
+        log.warning("mail %s not sent (attempt %s): %s", mail.id, mail.attempts, mail.last_error)
+    db.session.commit()
 
-    Runs in an app context, outside any request. Each mail's outcome is committed on its own.
-    """
-    config = current_app.config
-    server = Smtp.from_url(config["MAIL_URL"]) if config["MAIL_URL"] else None
+
+def _due(after_id: int, limit: int) -> list[int]:
     now = utcnow()
     due = db.session.scalars(
         select(OutboxMail.id)
         .where(
+            OutboxMail.id > after_id,
             OutboxMail.state == MailState.QUEUED,
             OutboxMail.next_attempt_at <= now,
             or_(OutboxMail.claimed_until.is_(None), OutboxMail.claimed_until < now),
@@ -187,60 +256,93 @@ def deliver_due(limit: int = 100) -> Counter:
         .limit(limit)
     ).all()
     db.session.commit()
+    return due
+
+
+def deliver_due(limit: int = 100) -> Counter:
+    """Send the mails that are due, oldest first; returns how many were sent, retried later and failed.
+
+    Runs in an app context, outside any request. Each mail's outcome is committed on its own, and
+    is that mail's alone: a recipient the server refuses (for good, for now, or because it takes no
+    Unicode address) fails or waits by itself and the round goes on, `limit` mails at a time, until
+    every due mail was looked at; so however many bad mails are queued, a good one goes out in the
+    same round. A connection that breaks is opened again for the next mail; only a server that
+    cannot be reached at all ends the round (the rest wait for the next one).
+    """
+    config = current_app.config
+    server = Smtp.from_url(config["MAIL_URL"]) if config["MAIL_URL"] else None
     outcome = Counter()
     connection = None
+    last_id = 0
     try:
-        for mail_id in due:
-            mail = _claim(mail_id, now)
-            if mail is None:
-                continue  # another sender took it
-            try:
-                if server is None and config["DEV_OUTBOX"]:
-                    log.info("mail to %s (no MAIL_URL, not sent): %s\n%s", mail.recipient, mail.subject, mail.body)
-                elif server is None:
-                    # Outside development a body may hold a reset link: a secret, never logged. The mail
-                    # is kept as failed, for the operator to see; nothing could send it.
-                    log.warning(
-                        "mail %s to %s not sent: no MAIL_URL is configured (%s)", mail.id, mail.recipient, mail.subject
-                    )
-                    mail.state = MailState.FAILED
-                    mail.last_error = "Not sent: no MAIL_URL is configured."
-                    mail.claimed_until = None
-                    db.session.commit()
-                    outcome["failed"] += 1
+        while due := _due(last_id, limit):
+            last_id = due[-1]
+            for mail_id in due:
+                mail = _claim(mail_id, utcnow())
+                if mail is None:
+                    continue  # another sender took it
+                if server is None:
+                    _without_a_server(mail, config["DEV_OUTBOX"], outcome)
                     continue
-                else:
+                try:
+                    email = message(mail, config["MAIL_FROM"])
+                except Unsendable as error:
+                    _not_sent(mail, error, outcome)
+                    continue
+                try:
                     connection = connection or server.connect(config["MAIL_TIMEOUT"])
-                    connection.send_message(message(mail, config["MAIL_FROM"]))
-            except (smtplib.SMTPException, OSError) as error:
-                mail.attempts += 1
+                except (smtplib.SMTPException, OSError) as error:
+                    _not_sent(mail, error, outcome)
+                    return outcome  # the server is out of reach: the rest wait for the next round
+                try:
+                    connection.send_message(email, to_addrs=[email["To"]])
+                except ABOUT_THIS_MAIL as error:
+                    _not_sent(mail, error, outcome)
+                    continue
+                except (smtplib.SMTPException, OSError) as error:
+                    # The connection broke (a drop, a timeout, a garbled answer): this mail waits its
+                    # turn, and the next is tried on a new connection.
+                    _not_sent(mail, error, outcome)
+                    _close(connection)
+                    connection = None
+                    continue
+                mail.state = MailState.SENT
+                mail.sent_at = utcnow()
                 mail.claimed_until = None
-                mail.last_error = f"{type(error).__name__}: {error}"[:500]
-                if _refused_for_good(error):
-                    mail.state = MailState.FAILED
-                    outcome["failed"] += 1
-                    log.error("mail %s to %s refused for good: %s", mail.id, mail.recipient, mail.last_error)
-                else:
-                    mail.next_attempt_at = utcnow() + retry_delay(mail.attempts)
-                    outcome["retry"] += 1
-                    log.warning("mail %s not sent (attempt %s): %s", mail.id, mail.attempts, mail.last_error)
+                mail.attempts += 1
                 db.session.commit()
-                if not isinstance(error, smtplib.SMTPResponseException | smtplib.SMTPRecipientsRefused):
-                    break  # the server is out of reach: the rest wait for the next round
-                continue
-            mail.state = MailState.SENT
-            mail.sent_at = utcnow()
-            mail.claimed_until = None
-            mail.attempts += 1
-            db.session.commit()
-            outcome["sent"] += 1
+                outcome["sent"] += 1
     finally:
         if connection is not None:
-            try:
-                connection.quit()
-            except (smtplib.SMTPException, OSError):
-                connection.close()
+            _close(connection)
     return outcome
+
+
+def _without_a_server(mail: OutboxMail, dev_outbox: bool, outcome: Counter) -> None:
+    if dev_outbox:
+        log.info("mail to %s (no MAIL_URL, not sent): %s\n%s", mail.recipient, mail.subject, mail.body)
+        mail.state = MailState.SENT
+        mail.sent_at = utcnow()
+        mail.claimed_until = None
+        mail.attempts += 1
+        db.session.commit()
+        outcome["sent"] += 1
+        return
+    # Outside development a body may hold a reset link: a secret, never logged. The mail is kept
+    # as failed, for the operator to see; nothing could send it.
+    log.warning("mail %s to %s not sent: no MAIL_URL is configured (%s)", mail.id, mail.recipient, mail.subject)
+    mail.state = MailState.FAILED
+    mail.last_error = "Not sent: no MAIL_URL is configured."
+    mail.claimed_until = None
+    db.session.commit()
+    outcome["failed"] += 1
+
+
+def _close(connection: smtplib.SMTP) -> None:
+    try:
+        connection.quit()
+    except (smtplib.SMTPException, OSError):
+        connection.close()
 
 
 class Postman:

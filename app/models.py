@@ -23,7 +23,7 @@ class LedgerKind(StrEnum):
     TOPUP = "topup"
     PAYMENT_REFUND = "payment_refund"
     CHARGEBACK = "chargeback"
-    # The free credits SIGNUP_CREDITS grants once per account, when its email is verified.
+    # The free credits SIGNUP_CREDITS grants once per mailbox (TrialClaim), when an account of it is verified.
     TRIAL = "trial"
 
 
@@ -83,6 +83,9 @@ class User(UserMixin, db.Model):
     deleted_at: Mapped[Optional[datetime]]
     # Disabled by an admin: its keys get 401 and it cannot sign in, until enabled again.
     disabled_at: Mapped[Optional[datetime]]
+    # Goes up by one at every change of the email: a mailed link names it, so any change
+    # (A→B→A too) ends the links sent before it (app/accounts.py).
+    email_version: Mapped[int] = mapped_column(default=0, server_default="0")
 
     keys: Mapped[list["ApiKey"]] = relationship(back_populates="user")
 
@@ -287,6 +290,33 @@ class OutboxMail(db.Model):
     last_error: Mapped[Optional[str]] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     sent_at: Mapped[Optional[datetime]]
+
+
+class TrialClaim(db.Model):
+    """A mailbox that has had its free trial; kept when its account is deleted (app/accounts.py).
+
+    Only a keyed hash of the canonical mailbox is stored, unique: two accounts of one mailbox
+    verified at once cannot both be granted a trial.
+    """
+
+    __tablename__ = "trial_claims"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mailbox: Mapped[str] = mapped_column(String(64), unique=True)
+    claimed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class MailStamp(db.Model):
+    """When the last mail of a kind was queued to a mailbox (a keyed hash of it): one a MAIL_INTERVAL.
+
+    Taken by one conditional upsert (app/mail.py), so concurrent requests cannot both send.
+    """
+
+    __tablename__ = "mail_stamps"
+
+    mailbox: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(30), primary_key=True)
+    sent_at: Mapped[datetime]
 
 
 class AdminAction(db.Model):

@@ -1,5 +1,5 @@
 """Abuse limits: request rates per key and per account, failed sign-ins per account and per IP,
-failed API key look-ups per IP.
+failed API key look-ups per IP, mails asked for and free trials granted per client address.
 
 Windows are kept by the `limits` library (the core of Flask-Limiter) in memory by
 default, or in Redis (`RATELIMIT_STORAGE_URI=redis://…`) so several processes and
@@ -54,6 +54,10 @@ class Throttle:
         self.logins_per_account = limits.parse(config["LOGIN_LIMIT_PER_ACCOUNT"])
         self.logins_per_ip = limits.parse(config["LOGIN_LIMIT_PER_IP"])
         self.key_failures_per_ip = limits.parse(config["KEY_FAILURES_PER_IP"])
+        self.samples_per_ip = limits.parse(config["SAMPLE_LIMIT_PER_IP"])
+        self.mails_per_ip = limits.parse(config["MAILS_PER_IP"])
+        trials = config["TRIALS_PER_IP_PER_DAY"]
+        self.trials_per_ip = limits.RateLimitItemPerDay(trials) if trials else None
 
     def _retry_after(self, item, *identifiers) -> int:
         reset_at = self._windows.get_window_stats(item, *identifiers).reset_time
@@ -76,11 +80,25 @@ class Throttle:
     def key_failed(self, ip: str) -> None:
         self._windows.hit(self.key_failures_per_ip, "key-failure-ip", ip)
 
+    def sample_request(self, ip: str) -> int | None:
+        """Count one landing-page sample fetched from `ip`; the seconds to wait past SAMPLE_LIMIT_PER_IP, else None."""
+        if not self._windows.hit(self.samples_per_ip, "sample-ip", ip):
+            return self._retry_after(self.samples_per_ip, "sample-ip", ip)
+        return None
+
     def anonymous_request(self, ip: str) -> int | None:
         """Count one keyless request (the public catalog) from `ip`, at the per-key rate."""
         if not self._windows.hit(self.per_key, "anonymous-ip", ip):
             return self._retry_after(self.per_key, "anonymous-ip", ip)
         return None
+
+    def mail_allowed(self, ip: str) -> bool:
+        """Count one mail that a request from `ip` asks for (sign-up, reset, …); False past MAILS_PER_IP."""
+        return self._windows.hit(self.mails_per_ip, "mail-ip", ip)
+
+    def trial_allowed(self, client: str) -> bool:
+        """Count one free trial granted to `client`; False past TRIALS_PER_IP_PER_DAY in the last 24 hours."""
+        return self.trials_per_ip is not None and self._windows.hit(self.trials_per_ip, "trial-ip", client)
 
     def login_blocked(self, email: str, ip: str) -> int | None:
         """Seconds until another sign-in may be tried, when failures have used up a window."""

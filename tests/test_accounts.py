@@ -5,14 +5,20 @@ sends it through a real SMTP server).
 """
 
 import re
+import threading
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
+from flask_migrate import downgrade, upgrade
 from sqlalchemy import func, select
 
+from app import accounts, mail
 from app.audit import audit
 from app.extensions import db
-from app.models import LedgerEntry, LoginSession, OutboxMail, User
+from app.models import LedgerEntry, LoginSession, MailStamp, OutboxMail, TrialClaim, User
 from tests import factories
 from tests.factories import mail_link, mails
 from tests.fake_upstream import FakeUpstream
@@ -312,3 +318,283 @@ def _keys(app, user_id):
         found = db.session.get(User, user_id).keys
         db.session.expunge_all()
         return found
+
+
+# One free trial per person (issue 28: trial farming)
+
+
+def time_passes(app, minutes=5):
+    """The mail stamps are `minutes` older: as if that time had passed since each mail was queued."""
+    with app.app_context():
+        for stamp in db.session.scalars(select(MailStamp)):
+            stamp.sent_at -= timedelta(minutes=minutes)
+        db.session.commit()
+
+
+def sign_up_and_verify(app, email, ip="192.0.2.10"):
+    """A visitor from `ip` signs up and opens the link; the flash message the link leaves, and the account."""
+    web = factories.WebClient(app.test_client())
+    web.get("/signup", environ_base={"REMOTE_ADDR": ip})
+    web.post("/signup", {"email": email, "password": PASSWORD, "confirm": PASSWORD}, environ_base={"REMOTE_ADDR": ip})
+    stored = email.strip().lower()
+    web.client.get(mail_link(app, stored, "verify"), environ_base={"REMOTE_ADDR": ip})
+    message = web.get("/login", environ_base={"REMOTE_ADDR": ip}).get_data(as_text=True)
+    return message, user(app, stored)
+
+
+@pytest.mark.parametrize(
+    "typed",
+    [
+        '"x" <victim@example.com>',
+        "junk,victim@example.com",
+        "(c)victim@example.com",
+        "victim(c)@example.com",
+        '"victim"@example.com',
+        "victim\u200b@example.com",
+        "vic\u2060tim@example.com",
+        "victim@example.com, other@example.com",
+        "victim@example.com\u00ad",
+    ],
+)
+def test_anything_but_one_plain_address_is_refused_and_mails_nobody(app, web, typed):
+    response = web.register(typed)
+    assert response.status_code == 400
+    assert "Enter one plain email address" in response.get_data(as_text=True)
+    with app.app_context():
+        assert db.session.scalar(select(func.count(User.id))) == 0
+    assert mails(app) == []
+
+
+def test_twenty_sign_ups_as_a_commented_victim_address_are_refused_and_queue_nothing(app):
+    for number in range(20):
+        visitor = factories.WebClient(app.test_client())
+        response = visitor.register(f"({number})victim@example.com")
+        assert response.status_code == 400 and "Enter one plain email address" in response.get_data(as_text=True)
+    assert mails(app) == []
+
+
+@pytest.mark.parametrize("again", ["me+1@gmail.com", "m.e@gmail.com", "ME@googlemail.com", "M.e+trial@GoogleMail.com"])
+def test_a_second_sign_up_with_another_spelling_of_the_mailbox_gets_no_second_trial(app, again):
+    message, first = sign_up_and_verify(app, "me@gmail.com")
+    assert first.balance == 300 and "300 free credits are on your balance" in message
+    time_passes(app)
+    message, second = sign_up_and_verify(app, again)
+    # The account works; it just has no free credits, and nothing said it would.
+    assert second.verified and second.balance == 0 and factories.ledger(app, second.id) == []
+    assert "Your email is confirmed" in message and "free credits" not in message
+    assert "free credits" not in mails(app, again.lower(), "verify")[0].body
+    assert books_are_clean(app)
+
+
+def test_deleting_the_account_and_signing_up_again_gets_no_second_trial(app):
+    _, first = sign_up_and_verify(app, "again@example.com")
+    assert first.balance == 300
+    web = factories.WebClient(app.test_client())
+    web.login("again@example.com")
+    web.get("/account")
+    web.post("/account/delete", {"current": PASSWORD, "understood": "y"})
+    time_passes(app)
+    message, second = sign_up_and_verify(app, "again@example.com")
+    assert second.id != first.id and second.verified and second.balance == 0
+    assert "free credits" not in message
+    # What is remembered of the address is a keyed hash, not the address.
+    with app.app_context():
+        [claim] = db.session.scalars(select(TrialClaim)).all()
+        assert "again" not in claim.mailbox and len(claim.mailbox) == 64
+
+
+def test_trials_per_client_address_stop_at_the_daily_cap(make_app):
+    app = make_app(SIGNUP_CREDITS=300, TRIALS_PER_IP_PER_DAY=2)
+    granted = [sign_up_and_verify(app, f"person{n}@example.com", ip="198.51.100.7")[1].balance for n in range(3)]
+    assert granted == [300, 300, 0]
+    # Another client's sign-up still gets its trial; a link opened elsewhere counts for who signed up.
+    assert sign_up_and_verify(app, "elsewhere@example.com", ip="198.51.100.8")[1].balance == 300
+    # An IPv6 client counts by its /64.
+    ipv6 = [sign_up_and_verify(app, f"six{n}@example.com", ip=f"2001:db8:1:2::{n + 1}")[1].balance for n in range(3)]
+    assert ipv6 == [300, 300, 0]
+
+
+def test_with_no_trials_per_client_address_verification_grants_nothing(make_app):
+    app = make_app(SIGNUP_CREDITS=300, TRIALS_PER_IP_PER_DAY=0)
+    message, verified = sign_up_and_verify(app, "capped@example.com")
+    assert verified.verified and verified.balance == 0 and "free credits" not in message
+
+
+def test_trials_claimed_before_the_upgrade_count_for_their_mailbox(app):
+    _, had_one = sign_up_and_verify(app, "early@gmail.com")
+    assert had_one.balance == 300
+    with app.app_context():
+        downgrade(revision="0007")
+        upgrade()
+    web = factories.WebClient(app.test_client())
+    web.login("early@gmail.com")
+    web.get("/account")
+    web.post("/account/delete", {"current": PASSWORD, "understood": "y"})
+    assert sign_up_and_verify(app, "e.arly+2@gmail.com")[1].balance == 0
+
+
+# Mail limits (issue 28: mail floods)
+
+
+def test_sign_ups_from_one_client_stop_queuing_mail_past_its_cap_and_say_the_same(make_app):
+    app = make_app(MAILS_PER_IP="10/hour")
+    pages = set()
+    for number in range(20):
+        visitor = factories.WebClient(app.test_client())
+        page = visitor.register(f"flood{number}@example.com").get_data(as_text=True)
+        pages.add(page.replace(f"flood{number}@example.com", "EMAIL"))
+    assert len(pages) == 1 and "Check your inbox" in pages.pop()
+    assert len(mails(app, kind="verify")) == 10
+    # Another client is not held back by this one.
+    other = factories.WebClient(app.test_client())
+    elsewhere = {"REMOTE_ADDR": "192.0.2.99"}
+    other.get("/signup", environ_base=elsewhere)
+    other.post(
+        "/signup", {"email": "other@example.com", "password": PASSWORD, "confirm": PASSWORD}, environ_base=elsewhere
+    )
+    assert len(mails(app, "other@example.com", "verify")) == 1
+
+
+def test_one_mailbox_gets_one_mail_of_a_kind_in_the_interval_however_it_is_spelled(app):
+    for typed in ("box@gmail.com", "b.o.x+1@gmail.com", "BOX+2@googlemail.com"):
+        factories.WebClient(app.test_client()).register(typed)
+    assert len(mails(app, kind="verify")) == 1
+    time_passes(app)
+    factories.WebClient(app.test_client()).register("box+3@gmail.com")
+    assert len(mails(app, kind="verify")) == 2
+
+
+def test_thirty_concurrent_forgot_password_requests_send_one_mail(app, postgres_only):
+    web = factories.WebClient(app.test_client())
+    web.signup("target@example.com")
+    visitors = []
+    for _ in range(30):
+        visitor = factories.WebClient(app.test_client())
+        visitor.get("/forgot")
+        visitors.append(visitor)
+    barrier = threading.Barrier(30)
+
+    def forgot(number):
+        barrier.wait(timeout=30)
+        # Each from its own address: the per-client cap is not what stops them.
+        address = {"REMOTE_ADDR": f"203.0.113.{number + 1}"}
+        return visitors[number].post("/forgot", {"email": "target@example.com"}, environ_base=address).status_code
+
+    with ThreadPoolExecutor(30) as pool:
+        statuses = list(pool.map(forgot, range(30)))
+    assert statuses == [200] * 30
+    assert len(mails(app, "target@example.com", "reset")) == 1
+
+
+def test_forgot_password_does_the_same_work_whether_or_not_the_address_has_an_account(app, web, monkeypatch):
+    web.signup("known@example.com")
+    calls = Counter()
+    for name, module in (("compose", mail), ("first_in", mail), ("_tokens", accounts), ("find_by_email", accounts)):
+        original = getattr(module, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, counted)
+    work = {}
+    for email in ("known@example.com", "nobody@example.com"):
+        calls.clear()
+        visitor = factories.WebClient(app.test_client())
+        visitor.get("/forgot")
+        visitor.post("/forgot", {"email": email})
+        work[email] = dict(calls)
+    assert work["known@example.com"] == work["nobody@example.com"]
+    assert work["nobody@example.com"]["compose"] == 1 and work["nobody@example.com"]["_tokens"] == 1
+    # The limit's stamp is written either way; only the known address gets mail.
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(MailStamp).where(MailStamp.kind == "reset")) == 2
+    assert mails(app, "nobody@example.com") == [] and len(mails(app, "known@example.com", "reset")) == 1
+
+
+# Links bound to the account's state (issue 28, point 6)
+
+
+def change_email(app, web, new_email):
+    web.get("/account")
+    web.post("/account/email", {"email": new_email, "current": PASSWORD})
+    time_passes(app)
+    return web.post(mail_link(app, new_email, "email_change"), {}, follow_redirects=True).get_data(as_text=True)
+
+
+def test_a_reset_link_stops_working_once_the_email_goes_away_and_back(app, web):
+    web.signup("a@example.com")
+    anonymous = factories.WebClient(app.test_client())
+    anonymous.get("/forgot")
+    anonymous.post("/forgot", {"email": "a@example.com"})
+    link = mail_link(app, "a@example.com", "reset")
+    assert "Your email is now b@example.com" in change_email(app, web, "b@example.com")
+    assert "Your email is now a@example.com" in change_email(app, web, "a@example.com")
+    assert factories.WebClient(app.test_client()).get(link).headers["Location"] == "/forgot"
+
+
+def test_an_email_change_link_stops_working_once_the_email_goes_away_and_back(app, web):
+    web.signup("a@example.com")
+    web.get("/account")
+    web.post("/account/email", {"email": "c@example.com", "current": PASSWORD})
+    old_link = mail_link(app, "c@example.com", "email_change")
+    change_email(app, web, "b@example.com")
+    change_email(app, web, "a@example.com")
+    page = web.post(old_link, {}, follow_redirects=True).get_data(as_text=True)
+    assert "changed since" in page and user(app, "a@example.com") is not None and user(app, "c@example.com") is None
+
+
+def two_change_links(app, web):
+    web.signup("a@example.com")
+    web.get("/account")
+    for new_email in ("b@example.com", "c@example.com"):
+        web.post("/account/email", {"email": new_email, "current": PASSWORD})
+    return [
+        mail_link(app, new_email, "email_change").rpartition("/")[2] for new_email in ("b@example.com", "c@example.com")
+    ]
+
+
+def confirm(app, token, barrier=None) -> str:
+    """Confirm an email change as the view does, waiting at `barrier` between reading the link and changing."""
+    with app.app_context():
+        change = accounts.read_email_change(token)
+        if barrier is not None:
+            barrier.wait(timeout=10)
+        try:
+            accounts.change_email(change)
+            db.session.commit()
+        except accounts.AccountError as error:
+            db.session.rollback()
+            return str(error)
+        finally:
+            db.session.remove()
+        return "changed"
+
+
+def test_of_two_email_change_links_read_before_either_is_confirmed_only_the_first_changes_it(app, web):
+    first, second = two_change_links(app, web)
+    with app.app_context():
+        changes = [accounts.read_email_change(token) for token in (first, second)]
+        accounts.change_email(changes[0])
+        db.session.commit()
+        with pytest.raises(accounts.AccountError, match="changed since"):
+            accounts.change_email(changes[1])
+        db.session.rollback()
+    assert user(app, "b@example.com") is not None and user(app, "c@example.com") is None
+    assert len(mails(app, "a@example.com", "email_changed")) == 1
+
+
+def test_two_email_change_links_confirmed_at_the_same_moment_one_wins_and_the_other_is_told(app, web, postgres_only):
+    tokens = two_change_links(app, web)
+    barrier = threading.Barrier(2)
+    with ThreadPoolExecutor(2) as pool:
+        answers = list(pool.map(lambda token: confirm(app, token, barrier), tokens))
+    assert sorted(answers) == ["The account's email changed since this link was sent; nothing changed.", "changed"]
+    winner = ["b@example.com", "c@example.com"][answers.index("changed")]
+    assert user(app, winner) is not None and user(app, "a@example.com") is None
+    assert [row.body.count(winner) for row in mails(app, "a@example.com", "email_changed")] == [1]
+
+
+def test_the_operator_cannot_create_an_account_for_anything_but_one_plain_address(runner):
+    result = runner.invoke(args=["users", "create", "(c)op@example.com"])
+    assert result.exit_code == 1 and "Enter one plain email address" in result.output

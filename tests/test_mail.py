@@ -28,20 +28,24 @@ from tests.stripe_helpers import deliver as deliver_event
 
 
 class Inbox:
-    """An aiosmtpd handler that keeps what it receives, or refuses recipients with `refuse` ("550 …", "451 …")."""
+    """An aiosmtpd handler that keeps what it receives (and each message's envelope recipients), or
+    refuses recipients with `refuse` ("550 …", "451 …"), or some of them with `refuse_to` {address: answer}."""
 
-    def __init__(self, refuse: str | None = None):
+    def __init__(self, refuse: str | None = None, refuse_to: dict | None = None):
         self.messages: list[email.message.Message] = []
+        self.envelopes: list[list[str]] = []
         self.refuse = refuse
+        self.refuse_to = refuse_to or {}
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
-        if self.refuse:
-            return self.refuse
+        if self.refuse or address in self.refuse_to:
+            return self.refuse or self.refuse_to[address]
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
         self.messages.append(email.message_from_bytes(envelope.content))
+        self.envelopes.append(list(envelope.rcpt_tos))
         return "250 Message accepted"
 
 
@@ -146,6 +150,82 @@ def test_a_refusal_for_good_is_kept_as_failed_and_a_temporary_one_is_tried_again
     with smtp_server(port, Inbox(refuse="451 4.3.0 Try again later")):
         assert deliver(mail_app) == {"retry": 1}
     assert outbox(mail_app)[-1].state == MailState.QUEUED
+
+
+def queue_to(app, *recipients):
+    """A mail to each of `recipients`, as stored (whatever they are), committed."""
+    with app.app_context():
+        for recipient in recipients:
+            mail.send("email_changed", recipient, new_email="elsewhere@example.com")
+        db.session.commit()
+
+
+def test_two_hundred_mails_the_server_cannot_take_do_not_hold_back_a_good_one(mail_app, port):
+    # The attack: sign-ups with Unicode addresses, to a relay that does not offer SMTPUTF8.
+    queue_to(mail_app, *(f"jörg{number}@example.com" for number in range(200)))
+    web = factories.WebClient(mail_app.test_client())
+    web.register("good@example.com")
+    with smtp_server(port, Inbox(), enable_SMTPUTF8=False) as inbox:
+        assert deliver(mail_app) == {"failed": 200, "sent": 1}
+    [received] = inbox.messages
+    assert received["To"] == "good@example.com" and "Confirm your email" in received["Subject"]
+    bad = factories.mails(mail_app, "jörg7@example.com")[0]
+    assert bad.state == MailState.FAILED and "SMTPUTF8" in bad.last_error
+
+
+def test_a_good_mail_goes_out_within_seconds_of_two_hundred_bad_ones(make_app, port):
+    # The sender polls once a minute here: the good mail cannot wait for a later round.
+    app = make_app(
+        MAIL_URL=f"smtp://127.0.0.1:{port}",
+        PUBLIC_BASE_URL="https://pay.example.test",
+        MAIL_WORKER=True,
+        MAIL_POLL_SECONDS=60,
+    )
+    web = factories.WebClient(app.test_client())
+    with smtp_server(port, Inbox(), enable_SMTPUTF8=False) as inbox:
+        web.get("/signup")  # starts the sender; its first round finds nothing
+        queue_to(app, *(f"jörg{number}@example.com" for number in range(200)))
+        web.register("good@example.com")
+        wait_for(lambda: inbox.messages, timeout=10, what="the verification mail")
+    assert [message["To"] for message in inbox.messages] == ["good@example.com"]
+
+
+def test_each_refused_recipient_fails_or_waits_alone_and_the_round_goes_on(mail_app, port):
+    queue_to(mail_app, "later@example.com", "never@example.com", "fine@example.com")
+    refusals = {"later@example.com": "451 4.7.1 Greylisted", "never@example.com": "550 5.1.1 No such user"}
+    with smtp_server(port, Inbox(refuse_to=refusals)) as inbox:
+        assert deliver(mail_app) == {"retry": 1, "failed": 1, "sent": 1}
+        # The greylisted mail waits its own 30 s; nothing else is due, nothing is tried again.
+        assert deliver(mail_app) == {}
+    assert inbox.envelopes == [["fine@example.com"]]
+    later, never, fine = outbox(mail_app)
+    assert later.state == MailState.QUEUED and later.attempts == 1
+    assert timedelta(seconds=25) < later.next_attempt_at - utcnow() <= timedelta(seconds=30)
+    assert never.state == MailState.FAILED and fine.state == MailState.SENT
+
+
+@pytest.mark.parametrize(
+    "stored",
+    ['"x" <me@example.com>', "junk,me@example.com", "(c)me@example.com", "me@example.com, you@example.com"],
+)
+def test_mail_goes_only_to_the_one_stored_address_never_to_what_a_header_parses_to(mail_app, port, stored):
+    # Rows from before addresses were checked: sent to nobody, kept as failed for the operator.
+    queue_to(mail_app, stored, "plain@example.com")
+    with smtp_server(port, Inbox()) as inbox:
+        assert deliver(mail_app) == {"failed": 1, "sent": 1}
+    assert inbox.envelopes == [["plain@example.com"]]
+    assert "not one plain address" in outbox(mail_app)[0].last_error
+
+
+def test_a_unicode_domain_goes_in_ascii_and_a_unicode_name_to_a_server_that_offers_smtputf8(mail_app, port):
+    queue_to(mail_app, "me@bücher.de")
+    with smtp_server(port, Inbox(), enable_SMTPUTF8=False) as inbox:
+        assert deliver(mail_app) == {"sent": 1}
+    assert inbox.envelopes == [["me@xn--bcher-kva.de"]]
+    queue_to(mail_app, "jörg@bücher.de")
+    with smtp_server(port, Inbox()) as inbox:  # aiosmtpd offers SMTPUTF8 by default
+        assert deliver(mail_app) == {"sent": 1}
+    assert inbox.envelopes == [["jörg@bücher.de"]]
 
 
 def test_two_senders_at_once_send_each_mail_once(mail_app, port):
