@@ -6,6 +6,7 @@ it as the playground's). The page's script posts JSON with the CSRF token in a h
 and plays the audio as it streams in.
 """
 
+import math
 import threading
 import time
 from itertools import groupby
@@ -87,21 +88,48 @@ def speak():
 
 # The landing page's samples: one fixed sentence per voice in SAMPLE_VOICES, synthesised once per
 # process and kept, so a visitor can hear the product without an account and nobody can make
-# the server synthesise anything else through it.
+# the server synthesise anything else through it. Each client address may fetch
+# SAMPLE_LIMIT_PER_IP of them (429 beyond); a failed synthesis is remembered for
+# SAMPLE_FAILURE_SECONDS and every visitor meanwhile shares its 503, so a speech server that is
+# down is asked once, not once per visitor.
 SAMPLE_TEXT = "Hello! I am {name}, one of the voices you can use on kokoro-pay. One credit per character."
+SAMPLE_FAILURE_SECONDS = 10.0
 _sample_lock = threading.Lock()
+# The samples' clock; tests move it by hand.
+clock = time.monotonic
+
+
+class SampleUnavailable(Exception):
+    """The speech server gave no sample; the message is for the visitor."""
 
 
 @bp.get("/samples/<voice>.mp3")
 def sample(voice: str):
+    wait = current_app.extensions["throttle"].sample_request(request.remote_addr or "unknown")
+    if wait is not None:
+        return _refusal(429, "Too many samples from your address; try again in a minute.", wait)
     if voice not in current_app.config["SAMPLE_VOICES"]:
         abort(404)
     samples = current_app.extensions.setdefault("voice_samples", {})
+    failed_until = current_app.extensions.setdefault("voice_sample_failures", {})
     with _sample_lock:
         if voice not in samples:
-            samples[voice] = _synthesise_sample(voice)
+            now = clock()
+            if now < failed_until.get(voice, now):
+                return _refusal(503, "The speech server cannot make the sample just now.", failed_until[voice] - now)
+            try:
+                samples[voice] = _synthesise_sample(voice)
+            except SampleUnavailable as failure:
+                failed_until[voice] = clock() + SAMPLE_FAILURE_SECONDS
+                return _refusal(503, str(failure), SAMPLE_FAILURE_SECONDS)
     response = current_app.response_class(samples[voice], mimetype="audio/mpeg")
     response.headers["Cache-Control"] = "public, max-age=86400"
+    return response
+
+
+def _refusal(status: int, message: str, retry_after: float):
+    response = current_app.response_class(message + "\n", status=status, mimetype="text/plain")
+    response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return response
 
 
@@ -113,7 +141,7 @@ def _synthesise_sample(voice: str) -> bytes:
     try:
         slot = upstream.reserve()
     except Busy:
-        abort(503, "The speech server is busy; try the sample again in a moment.")
+        raise SampleUnavailable("The speech server is busy; try the sample again in a moment.") from None
     try:
         audio = upstream.open_speech(payload, current_app.config["STREAM_CHUNK_BYTES"], slot)
         try:
@@ -121,6 +149,6 @@ def _synthesise_sample(voice: str) -> bytes:
         finally:
             audio.close()
     except UpstreamError:
-        abort(503, "The speech server cannot be reached; try the sample again in a moment.")
+        raise SampleUnavailable("The speech server cannot be reached; try the sample again in a moment.") from None
     finally:
         slot.release()

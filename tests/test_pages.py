@@ -9,12 +9,15 @@ import io
 from datetime import timedelta
 
 import pytest
+import responses
 from sqlalchemy import select, update
 
-from app import billing, keys
+from app import billing, keys, playground
+from app.config import SettingError
 from app.extensions import db
 from app.models import ApiKey, LedgerEntry, SpeechRequest, User, utcnow
 from tests import factories
+from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import FakeUpstream
 from tests.servers import serve
 
@@ -66,6 +69,73 @@ def test_a_voice_sample_is_synthesised_once_and_only_for_the_listed_voices(app, 
 def test_a_sample_when_the_speech_server_is_down_is_503_and_tried_again_later(make_app):
     app = make_app()  # the stub address: nothing listens
     assert app.test_client().get("/playground/samples/af_heart.mp3").status_code == 503
+
+
+@pytest.fixture
+def failing_speech_server():
+    """The speech server answers every synthesis with a 500; returns the mock, whose calls count the attempts."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        mock.post(f"{STUB_UPSTREAM}/audio/speech", status=500, json={"detail": "model not loaded"})
+        yield mock
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The samples' clock, moved by hand: [seconds]."""
+    now = [1000.0]
+    monkeypatch.setattr(playground, "clock", lambda: now[0])
+    return now
+
+
+def syntheses(mock) -> int:
+    return sum(call.request.url.endswith("/audio/speech") for call in mock.calls)
+
+
+def sample_from(client, address: str, voice="af_heart"):
+    return client.get(f"/playground/samples/{voice}.mp3", environ_base={"REMOTE_ADDR": address})
+
+
+def test_visitors_share_one_failed_sample_synthesis_instead_of_each_asking_the_speech_server(
+    make_app, failing_speech_server, clock
+):
+    client = make_app().test_client()
+    answers = [sample_from(client, f"203.0.113.{n}") for n in range(10)]
+    answers += [sample_from(client, "198.51.100.7") for _ in range(10)]
+    assert [answer.status_code for answer in answers] == [503] * 20
+    assert all(int(answer.headers["Retry-After"]) >= 1 for answer in answers)
+    asked = syntheses(failing_speech_server)
+    assert 1 <= asked <= 2  # one synthesis, which may try the server twice
+    # Once the failure is old enough, the next visitor tries again (once).
+    clock[0] += playground.SAMPLE_FAILURE_SECONDS
+    assert sample_from(client, "203.0.113.1").status_code == 503
+    assert sample_from(client, "203.0.113.2").status_code == 503
+    assert asked < syntheses(failing_speech_server) <= 2 * asked
+
+
+def test_samples_beyond_the_per_address_limit_get_429_and_ask_the_speech_server_nothing(
+    make_app, failing_speech_server, clock
+):
+    client = make_app(SAMPLE_LIMIT_PER_IP="5/minute").test_client()
+
+    def again():
+        clock[0] += playground.SAMPLE_FAILURE_SECONDS  # each request may try the speech server again
+        return sample_from(client, "192.0.2.9")
+
+    assert [again().status_code for _ in range(5)] == [503] * 5
+    asked = syntheses(failing_speech_server)
+    limited = [again() for _ in range(3)]
+    assert [answer.status_code for answer in limited] == [429] * 3
+    assert all(1 <= int(answer.headers["Retry-After"]) <= 60 for answer in limited)
+    assert syntheses(failing_speech_server) == asked
+    # Another address is not held back by this one's limit.
+    clock[0] += playground.SAMPLE_FAILURE_SECONDS
+    assert sample_from(client, "192.0.2.10").status_code == 503
+    assert syntheses(failing_speech_server) > asked
+
+
+def test_a_sample_limit_that_is_not_a_rate_stops_the_start(make_app):
+    with pytest.raises(SettingError, match="SAMPLE_LIMIT_PER_IP"):
+        make_app(SAMPLE_LIMIT_PER_IP="lots")
 
 
 # The playground
