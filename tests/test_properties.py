@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from app.extensions import db
-from app.models import User
+from app.models import PaymentReversal, StripeEvent, User
 from tests import factories
 from tests.conftest import STRIPE_API, STUB_UPSTREAM
 from tests.fake_upstream import stub_catalog
-from tests.stripe_helpers import deliver, sign
+from tests.stripe_helpers import charge, checkout_session, deliver, dispute, event, sign
 
 PROPERTY_SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
@@ -288,3 +288,29 @@ def test_no_query_string_gets_a_500_or_changes_anything_on_a_dashboard_or_admin_
             assert response.status_code < 500, (page, query, response.status_code)
         assert [call.request.url for call in stripe_api.calls if call.request.url.startswith(STRIPE_API)] == []
     assert database_state(app) == before
+
+
+@settings(PROPERTY_SETTINGS, max_examples=60)
+@given(
+    kind=st.sampled_from(["charge.refunded", "charge.dispute.closed", "checkout.session.completed"]), amount=json_values
+)
+@example(kind="charge.refunded", amount=-500)
+@example(kind="charge.refunded", amount="lots")
+@example(kind="charge.dispute.closed", amount=True)
+def test_a_signed_event_is_stored_only_when_its_amount_is_whole_cents(app, customer, kind, amount):
+    if kind == "charge.refunded":
+        obj = charge(payment_intent="pi_property", amount_refunded=amount)
+    elif kind == "charge.dispute.closed":
+        obj = dispute(payment_intent="pi_property", amount=amount)
+    else:
+        obj = checkout_session(customer.user_id, "cs_unknown", amount_total=amount)
+    payload = event(kind, obj)
+    response = deliver(app.test_client(), payload)
+    whole_cents = type(amount) is int and 0 <= amount < 2**63 or (amount is None and kind.startswith("checkout"))
+    assert response.status_code == (200 if whole_cents else 400)
+    with app.app_context():
+        event_id = json.loads(payload)["id"]
+        recorded = db.session.get(StripeEvent, event_id) is not None
+        reversals = db.session.scalars(select(PaymentReversal.amount_cents).where(PaymentReversal.event_id == event_id))
+        assert recorded == whole_cents and all(cents >= 0 for cents in reversals)
+    assert factories.balance(app, customer.user_id) == 1000
