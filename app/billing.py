@@ -119,10 +119,13 @@ def apply(user_id: int, amount: int, *, kind: str, reference: str, note: str | N
             "note": note[:500] if note else None,
         },
     )
-    if threshold is None:
+    own_threshold = threshold is not None
+    if not own_threshold:
         threshold = current_app.config["LOW_BALANCE_CREDITS"]
     if alerted_at is None and balance < threshold <= balance - amount:
-        _low_balance_alert(user_id, balance, threshold)
+        # Asked only at the crossing, so the debit's hot path never pays for it.
+        if own_threshold or funded(user_id):
+            _low_balance_alert(user_id, balance, threshold)
     elif alerted_at is not None and kind in _REARMING and balance >= threshold:
         db.session.execute(update(_users).where(_users.c.id == user_id).values(low_balance_sent_at=None))
     return balance
@@ -130,6 +133,26 @@ def apply(user_id: int, amount: int, *, kind: str, reference: str, note: str | N
 
 # Credits that bring a balance back to its alert threshold or above arm the alert again.
 _REARMING = (LedgerKind.TOPUP, LedgerKind.GRANT, LedgerKind.TRIAL)
+# Credits a customer bought or an operator gave: unlike the free trial, they arm the default alert.
+_FUNDING = (LedgerKind.TOPUP, LedgerKind.GRANT)
+
+
+def funded(user_id: int) -> bool:
+    """Whether the account ever had credits other than its free trial (bought, or an operator's grant)."""
+    first = select(_ledger.c.id).where(_ledger.c.user_id == user_id, _ledger.c.kind.in_(_FUNDING)).limit(1)
+    return db.session.scalar(first) is not None
+
+
+def alert_threshold(user: User) -> int:
+    """The balance below which the account is alerted (0: never).
+
+    Its own setting; else LOW_BALANCE_CREDITS once it has been funded. An account living on its
+    free trial is not alerted by default: a trial as small as the threshold would cross it with
+    its first sentence, and a visitor trying the service should not be greeted with an alarm.
+    """
+    if user.low_balance_credits is not None:
+        return user.low_balance_credits
+    return current_app.config["LOW_BALANCE_CREDITS"] if funded(user.id) else 0
 
 
 def _low_balance_alert(user_id: int, balance: int, threshold: int) -> None:

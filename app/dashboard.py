@@ -26,7 +26,7 @@ from flask_login import current_user, login_required, logout_user
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, catalog, keys, mail, payments, usage
+from app import accounts, billing, catalog, keys, mail, payments, usage
 from app.extensions import db, login_manager
 from app.forms import (
     AlertForm,
@@ -215,7 +215,7 @@ def _account_page(**forms):
     forms = {
         "form": PasswordForm(formdata=None),
         "email_form": EmailForm(formdata=None),
-        "alert_form": AlertForm(formdata=None, threshold=alert_threshold(current_user)),
+        "alert_form": AlertForm(formdata=None, threshold=billing.alert_threshold(current_user)),
         "delete_form": DeleteForm(formdata=None),
         **forms,
     }
@@ -226,12 +226,7 @@ def _account_page(**forms):
     return page, status
 
 
-def alert_threshold(user: User) -> int:
-    """The balance below which the account is alerted: its own setting, else LOW_BALANCE_CREDITS."""
-    return current_app.config["LOW_BALANCE_CREDITS"] if user.low_balance_credits is None else user.low_balance_credits
-
-
-bp.add_app_template_global(alert_threshold)
+bp.add_app_template_global(billing.alert_threshold)
 
 
 def _current_password_ok(form) -> bool:

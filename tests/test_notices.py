@@ -154,6 +154,36 @@ def test_only_credits_the_customer_paid_for_or_was_given_re_arm_the_alert(make_a
     assert len(mails(app, customer.email, "low_balance")) == 2
 
 
+def test_a_free_trial_spent_below_the_threshold_shows_no_banner_and_sends_no_mail(make_app):
+    # The development .env's trial (1,000) is the default threshold (1,000): one sentence crossed it.
+    app = make_app(SIGNUP_CREDITS=1000, LOW_BALANCE_CREDITS=1000)
+    web = factories.WebClient(app.test_client())
+    web.signup("trial@example.com")
+    web.login("trial@example.com")
+    with app.app_context():
+        user_id = db.session.scalar(select(User.id).where(User.email == "trial@example.com"))
+    factories.add_key(app, user_id)
+    debit(app, user_id, 88)  # 912 left
+    for page in ("/", "/keys", "/playground", "/account"):
+        assert "Your balance is low" not in web.get(page).get_data(as_text=True), page
+    assert mails(app, "trial@example.com", "low_balance") == []
+
+
+def test_once_credits_are_bought_the_default_alert_applies_to_the_whole_balance(make_app):
+    app = make_app(SIGNUP_CREDITS=1000, LOW_BALANCE_CREDITS=1000)
+    web = factories.WebClient(app.test_client())
+    web.signup("buyer@example.com")
+    web.login("buyer@example.com")
+    with app.app_context():
+        user_id = db.session.scalar(select(User.id).where(User.email == "buyer@example.com"))
+    factories.add_key(app, user_id)
+    customer = factories.Customer(user_id, "buyer@example.com", None, None)
+    pay_starter(app, customer)  # 11,000
+    debit(app, user_id, 10_100)  # 900
+    assert len(mails(app, "buyer@example.com", "low_balance")) == 1
+    assert "Your balance is low: 900 credits left." in web.get("/keys").get_data(as_text=True)
+
+
 def test_a_balance_that_starts_below_the_threshold_is_not_alerted_until_it_crosses_it(make_app):
     app = make_app(LOW_BALANCE_CREDITS=1000)
     customer = factories.customer(app, balance=500)
