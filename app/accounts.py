@@ -253,14 +253,18 @@ def mark_verified(user: User, client: str) -> int:
     mailbox = mailbox_digest(user.email)
     if _trial_claimed(mailbox) or not current_app.extensions["throttle"].trial_allowed(client):
         return 0
-    # The unique mailbox decides between two accounts of one mailbox verified at once: one row is
-    # inserted, the other statement changes nothing and its account gets no trial.
-    claim = insert(TrialClaim).values(mailbox=mailbox, claimed_at=utcnow())
-    claimed = claim.on_conflict_do_nothing(index_elements=[TrialClaim.mailbox]).returning(TrialClaim.id)
-    if db.session.execute(claimed).first() is None:
+    if not _claim_trial(mailbox):
         return 0
     billing.apply(user.id, credits, kind=LedgerKind.TRIAL, reference=reference, note="free trial")
     return credits
+
+
+def _claim_trial(mailbox: str) -> bool:
+    """Record that `mailbox` had its trial; False when it had already. The unique mailbox decides between
+    two accounts of one mailbox verified at once: one row is inserted, the other statement changes nothing."""
+    claim = insert(TrialClaim).values(mailbox=mailbox, claimed_at=utcnow())
+    claimed = claim.on_conflict_do_nothing(index_elements=[TrialClaim.mailbox]).returning(TrialClaim.id)
+    return db.session.execute(claimed).first() is not None
 
 
 def request_password_reset(email: str, client: str | None) -> None:
@@ -380,6 +384,9 @@ def change_email(change: EmailChange) -> None:
     if moved != 1:
         raise AccountError("The account's email changed since this link was sent; nothing changed.")
     db.session.expire(change.user)
+    if db.session.scalar(select(LedgerEntry.id).where(LedgerEntry.reference == f"trial:{change.user.id}")):
+        # The person who had a trial now reads this mailbox too: it gets none of its own later.
+        _claim_trial(mailbox_digest(change.new_email))
     mail.send("email_changed", change.old_email, user_id=change.user.id, new_email=change.new_email)
 
 

@@ -242,12 +242,13 @@ def _not_sent(mail: OutboxMail, error: Exception, outcome: Counter) -> None:
     db.session.commit()
 
 
-def _due(after_id: int, limit: int) -> list[int]:
+def _due(after_id: int, limit: int, tried: bool) -> list[int]:
     now = utcnow()
     due = db.session.scalars(
         select(OutboxMail.id)
         .where(
             OutboxMail.id > after_id,
+            OutboxMail.attempts > 0 if tried else OutboxMail.attempts == 0,
             OutboxMail.state == MailState.QUEUED,
             OutboxMail.next_attempt_at <= now,
             or_(OutboxMail.claimed_until.is_(None), OutboxMail.claimed_until < now),
@@ -260,62 +261,86 @@ def _due(after_id: int, limit: int) -> list[int]:
 
 
 def deliver_due(limit: int = 100) -> Counter:
-    """Send the mails that are due, oldest first; returns how many were sent, retried later and failed.
+    """Send the mails that are due; returns how many were sent, retried later and failed.
 
     Runs in an app context, outside any request. Each mail's outcome is committed on its own, and
     is that mail's alone: a recipient the server refuses (for good, for now, or because it takes no
     Unicode address) fails or waits by itself and the round goes on, `limit` mails at a time, until
     every due mail was looked at; so however many bad mails are queued, a good one goes out in the
-    same round. A connection that breaks is opened again for the next mail; only a server that
-    cannot be reached at all ends the round (the rest wait for the next one).
+    same round. Mails never tried go first (oldest first), then those due again. A connection that
+    breaks is opened again for the next mail; only a server that cannot be reached at all ends the
+    round (the rest wait for the next one).
     """
-    config = current_app.config
-    server = Smtp.from_url(config["MAIL_URL"]) if config["MAIL_URL"] else None
     outcome = Counter()
-    connection = None
-    last_id = 0
+    sender = _Sender(current_app.config, outcome)
     try:
-        while due := _due(last_id, limit):
-            last_id = due[-1]
-            for mail_id in due:
-                mail = _claim(mail_id, utcnow())
-                if mail is None:
-                    continue  # another sender took it
-                if server is None:
-                    _without_a_server(mail, config["DEV_OUTBOX"], outcome)
-                    continue
-                try:
-                    email = message(mail, config["MAIL_FROM"])
-                except Unsendable as error:
-                    _not_sent(mail, error, outcome)
-                    continue
-                try:
-                    connection = connection or server.connect(config["MAIL_TIMEOUT"])
-                except (smtplib.SMTPException, OSError) as error:
-                    _not_sent(mail, error, outcome)
-                    return outcome  # the server is out of reach: the rest wait for the next round
-                try:
-                    connection.send_message(email, to_addrs=[email["To"]])
-                except ABOUT_THIS_MAIL as error:
-                    _not_sent(mail, error, outcome)
-                    continue
-                except (smtplib.SMTPException, OSError) as error:
-                    # The connection broke (a drop, a timeout, a garbled answer): this mail waits its
-                    # turn, and the next is tried on a new connection.
-                    _not_sent(mail, error, outcome)
-                    _close(connection)
-                    connection = None
-                    continue
-                mail.state = MailState.SENT
-                mail.sent_at = utcnow()
-                mail.claimed_until = None
-                mail.attempts += 1
-                db.session.commit()
-                outcome["sent"] += 1
+        for tried in (False, True):
+            last_id = 0
+            while due := _due(last_id, limit, tried):
+                last_id = due[-1]
+                for mail_id in due:
+                    mail = _claim(mail_id, utcnow())
+                    # None: another sender took it.
+                    if mail is not None and not sender.deliver(mail):
+                        return outcome
     finally:
-        if connection is not None:
-            _close(connection)
+        sender.close()
     return outcome
+
+
+class _Sender:
+    """One round's connection to the mail server, opened for the first mail that needs it."""
+
+    def __init__(self, config, outcome: Counter):
+        self.config = config
+        self.server = Smtp.from_url(config["MAIL_URL"]) if config["MAIL_URL"] else None
+        self.outcome = outcome
+        self.connection = None
+
+    def deliver(self, mail: OutboxMail) -> bool:
+        """Send one claimed mail and record what came of it; False when the server is out of reach."""
+        if self.server is None:
+            _without_a_server(mail, self.config["DEV_OUTBOX"], self.outcome)
+            return True
+        try:
+            email = message(mail, self.config["MAIL_FROM"])
+        except Unsendable as error:
+            _not_sent(mail, error, self.outcome)
+            return True
+        try:
+            self.connection = self.connection or self.server.connect(self.config["MAIL_TIMEOUT"])
+        except (smtplib.SMTPException, OSError) as error:
+            _not_sent(mail, error, self.outcome)
+            return False
+        try:
+            self.connection.send_message(email, to_addrs=[email["To"]])
+        except ABOUT_THIS_MAIL as error:
+            _not_sent(mail, error, self.outcome)
+            if self.connection.sock is None:
+                # smtplib hung up after a 421 ("closing"): the next mail gets a connection of its own.
+                self.connection = None
+            return True
+        except (smtplib.SMTPException, OSError) as error:
+            # The connection broke (a drop, a timeout, a garbled answer): this mail waits its turn,
+            # and the next is tried on a new connection.
+            _not_sent(mail, error, self.outcome)
+            self.close()
+            return True
+        mail.state = MailState.SENT
+        mail.sent_at = utcnow()
+        mail.claimed_until = None
+        mail.attempts += 1
+        db.session.commit()
+        self.outcome["sent"] += 1
+        return True
+
+    def close(self) -> None:
+        if self.connection is not None:
+            try:
+                self.connection.quit()
+            except (smtplib.SMTPException, OSError):
+                self.connection.close()
+            self.connection = None
 
 
 def _without_a_server(mail: OutboxMail, dev_outbox: bool, outcome: Counter) -> None:
@@ -336,13 +361,6 @@ def _without_a_server(mail: OutboxMail, dev_outbox: bool, outcome: Counter) -> N
     mail.claimed_until = None
     db.session.commit()
     outcome["failed"] += 1
-
-
-def _close(connection: smtplib.SMTP) -> None:
-    try:
-        connection.quit()
-    except (smtplib.SMTPException, OSError):
-        connection.close()
 
 
 class Postman:

@@ -403,6 +403,18 @@ def test_deleting_the_account_and_signing_up_again_gets_no_second_trial(app):
         assert "again" not in claim.mailbox and len(claim.mailbox) == 64
 
 
+def test_a_mailbox_an_account_with_a_trial_moved_to_gets_no_trial_of_its_own(app):
+    _, first = sign_up_and_verify(app, "first@example.com")
+    web = factories.WebClient(app.test_client())
+    web.login("first@example.com")
+    change_email(app, web, "second@example.com")
+    web.get("/account")
+    web.post("/account/delete", {"current": PASSWORD, "understood": "y"})
+    time_passes(app)
+    assert sign_up_and_verify(app, "second@example.com")[1].balance == 0
+    assert sign_up_and_verify(app, "first+again@example.com")[1].balance == 0
+
+
 def test_trials_per_client_address_stop_at_the_daily_cap(make_app):
     app = make_app(SIGNUP_CREDITS=300, TRIALS_PER_IP_PER_DAY=2)
     granted = [sign_up_and_verify(app, f"person{n}@example.com", ip="198.51.100.7")[1].balance for n in range(3)]

@@ -204,6 +204,27 @@ def test_each_refused_recipient_fails_or_waits_alone_and_the_round_goes_on(mail_
     assert never.state == MailState.FAILED and fine.state == MailState.SENT
 
 
+def test_a_server_that_hangs_up_over_one_recipient_costs_the_next_mail_nothing(mail_app, port):
+    queue_to(mail_app, "closing@example.com", "next@example.com")
+    with smtp_server(port, Inbox(refuse_to={"closing@example.com": "421 4.3.2 Closing"})) as inbox:
+        assert deliver(mail_app) == {"retry": 1, "sent": 1}
+    assert inbox.envelopes == [["next@example.com"]]
+    assert [row.attempts for row in outbox(mail_app)] == [1, 1]
+
+
+def test_mail_never_tried_goes_before_mail_due_again(mail_app, port):
+    queue_to(mail_app, "again1@example.com", "again2@example.com")
+    with smtp_server(port, Inbox(refuse="451 4.7.1 Greylisted")):
+        assert deliver(mail_app) == {"retry": 2}
+    with mail_app.app_context():
+        db.session.execute(update(OutboxMail).values(next_attempt_at=utcnow()))
+        db.session.commit()
+    queue_to(mail_app, "fresh@example.com")
+    with smtp_server(port, Inbox()) as inbox:
+        assert deliver(mail_app) == {"sent": 3}
+    assert inbox.envelopes == [["fresh@example.com"], ["again1@example.com"], ["again2@example.com"]]
+
+
 @pytest.mark.parametrize(
     "stored",
     ['"x" <me@example.com>', "junk,me@example.com", "(c)me@example.com", "me@example.com, you@example.com"],
