@@ -241,6 +241,7 @@ CUSTOMER_PAGES = {
     "ledger": "/ledger",
     "billing": "/billing",
     "account": "/account",
+    "docs-signed-in": "/docs",
 }
 
 # Every action on the page, scrolled to in turn: on screen, inside the width, and the thing a tap there hits.
@@ -288,12 +289,26 @@ def check_page(page, name, width, database_uri):
         expect(page.locator("#site-nav")).to_be_visible()
     assert page.evaluate(UNREACHABLE_ACTIONS) == [], f"{name} at {width}: actions out of reach"
     page.evaluate(AXE.read_text())
-    violations = page.evaluate(
-        """async () => (await axe.run(document, {resultTypes: ["violations"]})).violations
-            .filter((v) => v.impact === "serious" || v.impact === "critical")
-            .map((v) => `${v.id}: ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`)"""
-    )
+    violations = page.evaluate(AXE_FINDINGS)
     assert violations == [], f"{name} at {width}: {violations}"
+
+
+# axe's serious and critical violations, and the text whose contrast axe measured but filed as
+# "incomplete" rather than failed: axe files text drawn in its own background's colour (1:1, the
+# invisible "Sign up" button) as incomplete, on the theory that it might be meant to be hidden.
+AXE_FINDINGS = """async () => {
+    const results = await axe.run(document, {resultTypes: ["violations", "incomplete"]});
+    const serious = results.violations
+        .filter((v) => v.impact === "serious" || v.impact === "critical")
+        .map((v) => `${v.id}: ${v.nodes.map((n) => n.target.join(" ")).join(", ")}`);
+    const measured = results.incomplete
+        .filter((result) => result.id === "color-contrast")
+        .flatMap((result) => result.nodes)
+        .filter((node) => node.any.some(({data}) => data && (data.messageKey === "equalRatio"
+            || (data.contrastRatio > 0 && data.contrastRatio < data.expectedContrastRatio))))
+        .map((node) => `color-contrast (measured, filed incomplete): ${node.target.join(" ")}`);
+    return [...serious, ...measured];
+}"""
 
 
 @pytest.fixture
@@ -323,6 +338,14 @@ def test_every_page_fits_the_screen_every_action_can_be_tapped_and_axe_finds_not
     for name, path in PUBLIC_PAGES.items():
         page.goto(site + path)
         check_page(page, name, width, database_uri)
+    # The page after signing up, still on the "Sign up" entry.
+    page.goto(f"{site}/signup")
+    page.fill("#email", "newcomer@example.com")
+    page.fill("#password", "correct horse battery")
+    page.fill("#confirm", "correct horse battery")
+    page.click("main button[type=submit]")
+    expect(page.locator("h1")).to_have_text("Check your inbox")
+    check_page(page, "check-inbox", width, database_uri)
     sign_in(page, site, email)
     for name, path in CUSTOMER_PAGES.items():
         page.goto(site + path)
