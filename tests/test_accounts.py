@@ -336,7 +336,7 @@ def sign_up_and_verify(app, email, ip="192.0.2.10"):
     web = factories.WebClient(app.test_client())
     web.get("/signup", environ_base={"REMOTE_ADDR": ip})
     web.post("/signup", {"email": email, "password": PASSWORD, "confirm": PASSWORD}, environ_base={"REMOTE_ADDR": ip})
-    stored = email.strip().lower()
+    stored = accounts.normalize_email(email)
     web.client.get(mail_link(app, stored, "verify"), environ_base={"REMOTE_ADDR": ip})
     message = web.get("/login", environ_base={"REMOTE_ADDR": ip}).get_data(as_text=True)
     return message, user(app, stored)
@@ -413,6 +413,33 @@ def test_a_mailbox_an_account_with_a_trial_moved_to_gets_no_trial_of_its_own(app
     time_passes(app)
     assert sign_up_and_verify(app, "second@example.com")[1].balance == 0
     assert sign_up_and_verify(app, "first+again@example.com")[1].balance == 0
+
+
+def test_an_internationalised_address_signs_up_and_gets_its_trial(app):
+    message, verified = sign_up_and_verify(app, "Jörg@Bücher.de")
+    assert verified.email == "jörg@bücher.de" and verified.balance == 300
+    time_passes(app)
+    # Its mailbox is one, whichever way the domain is written.
+    assert sign_up_and_verify(app, "jörg+2@xn--bcher-kva.de")[1].balance == 0
+
+
+def test_two_accounts_of_one_mailbox_verified_at_the_same_moment_get_one_trial(app, postgres_only):
+    links = []
+    for typed in ("twin+1@gmail.com", "t.win+2@gmail.com"):
+        factories.WebClient(app.test_client()).register(typed)
+        links.append(mail_link(app, typed, "verify"))
+        time_passes(app)
+    barrier = threading.Barrier(2)
+
+    def verify(link):
+        client = app.test_client()
+        barrier.wait(timeout=10)
+        return client.get(link).status_code
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(verify, links)) == [302, 302]
+    twins = [user(app, typed) for typed in ("twin+1@gmail.com", "t.win+2@gmail.com")]
+    assert all(twin.verified for twin in twins) and sorted(twin.balance for twin in twins) == [0, 300]
 
 
 def test_trials_per_client_address_stop_at_the_daily_cap(make_app):

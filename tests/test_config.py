@@ -66,6 +66,8 @@ def test_a_missing_secret_key_is_refused_at_start_up(environment):
         ("UPSTREAM_URL", "127.0.0.1:8880/v1", "UPSTREAM_URL must be an http:// or https:// address"),
         ("PUBLIC_BASE_URL", "kokoro.example", "PUBLIC_BASE_URL must be an http:// or https:// address"),
         ("RATE_LIMIT_PER_KEY", "lots", "RATE_LIMIT_PER_KEY must read like 600/minute, not 'lots'"),
+        ("MAILS_PER_IP", "lots", "MAILS_PER_IP must read like 600/minute, not 'lots'"),
+        ("TRIALS_PER_IP_PER_DAY", "-1", "TRIALS_PER_IP_PER_DAY must not be negative"),
         ("CREDIT_PACKS", "starter:0:500", "CREDIT_PACKS: CREDIT_PACKS entry 'starter:0:500' needs a name"),
         ("CREDIT_PACKS", "starter:many:500", "CREDIT_PACKS: CREDIT_PACKS entry 'starter:many:500' is not id:"),
         ("VOICE_ALIASES", "alloy", "VOICE_ALIASES: expected name=target, got 'alloy'"),
