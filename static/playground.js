@@ -4,7 +4,6 @@ const form = document.querySelector("#playground");
 if (form) {
   const text = form.querySelector("#input");
   const credits = document.querySelector("#cost-credits");
-  const balance = document.querySelector("#balance");
   const status = document.querySelector("#playground-status");
   const button = document.querySelector("#play");
   const player = document.querySelector("#player");
@@ -35,9 +34,12 @@ if (form) {
         status.textContent = problem.detail;
         return;
       }
+      // The answer's X-Credits-Remaining is the one balance: every place the page shows it follows.
       const left = response.headers.get("X-Credits-Remaining");
-      if (balance.textContent !== "unlimited" && left !== null) {
-        balance.textContent = Number(left).toLocaleString("en-US");
+      if (left !== null) {
+        document.querySelectorAll("[data-balance]").forEach((shown) => {
+          shown.textContent = Number(left).toLocaleString("en-US");
+        });
       }
       status.textContent = `Charged ${Number(response.headers.get("X-Credits-Charged")).toLocaleString("en-US")} credits. Playing…`;
       await play(response, format);

@@ -367,16 +367,25 @@ def test_the_playground_shows_the_cost_plays_and_updates_the_balance(browser, fu
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     sign_in(page, site, email)
+    user_id = _user_id(app, email)
+    with app.app_context():
+        from app.extensions import db
+
+        # A threshold above the balance, so the low-balance banner shows the balance too.
+        db.session.get(factories.User, user_id).low_balance_credits = 1_000_000
+        db.session.commit()
     page.goto(f"{site}/playground")
     page.fill("#input", "Hello from the playground, héllo 👋")
     expect(page.locator("#cost-credits")).to_have_text("34")  # code points, as the API counts
     page.select_option("#voice", "bm_george")
     page.select_option("#format", "wav")
-    user_id = _user_id(app, email)
     before = factories.balance(app, user_id)
+    expect(page.locator("#balance-banner")).to_contain_text(f"{before:,} credits left")
     page.click("#play")
     expect(page.locator("#playground-status")).to_contain_text("Charged 34 credits")
     expect(page.locator("#balance")).to_have_text(f"{before - 34:,}")
+    # Every balance on the page says the same.
+    expect(page.locator("#balance-banner")).to_contain_text(f"{before - 34:,} credits left")
     assert page.get_attribute("#player", "src").startswith("blob:")
     shot(page, "desktop-playground-played", database_uri)
     # A request the balance cannot cover says so, and charges nothing.

@@ -181,7 +181,7 @@ def test_once_credits_are_bought_the_default_alert_applies_to_the_whole_balance(
     pay_starter(app, customer)  # 11,000
     debit(app, user_id, 10_100)  # 900
     assert len(mails(app, "buyer@example.com", "low_balance")) == 1
-    assert "Your balance is low: 900 credits left." in web.get("/keys").get_data(as_text=True)
+    assert "Your balance is low: <span data-balance>900</span> credits left." in web.get("/keys").get_data(as_text=True)
 
 
 def test_a_balance_that_starts_below_the_threshold_is_not_alerted_until_it_crosses_it(make_app):

@@ -305,7 +305,7 @@ def test_a_low_or_empty_balance_says_how_to_top_up(app, web):
     with app.app_context():
         billing.grant(db.session.get(User, user_id), 400, "some")
         db.session.commit()
-    assert "Your balance is low: 400 credits left." in web.get("/keys").get_data(as_text=True)
+    assert "Your balance is low: <span data-balance>400</span> credits left." in web.get("/keys").get_data(as_text=True)
     with app.app_context():
         billing.grant(db.session.get(User, user_id), 5000, "more")
         db.session.commit()
