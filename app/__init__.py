@@ -15,7 +15,7 @@ from sqlalchemy import event
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as settings
-from app import liveness, logs, mail, money
+from app import hangups, liveness, logs, mail, money
 from app.catalog import Names
 from app.extensions import csrf, db, login_manager, migrate
 from app.models import new_request_id
@@ -227,6 +227,7 @@ def register_extensions(app: Flask) -> None:
     app.extensions["throttle"] = Throttle(app.config)
     app.extensions["postman"] = mail.Postman(app)
     app.extensions["lease"] = liveness.Lease(app, app.config["PROCESS_LEASE_SECONDS"])
+    app.extensions["hangups"] = hangups.Watch()
     money.register(app)
     if app.config["MAIL_WORKER"]:
         # Each process sends its mail from a thread of its own, started with its first request.

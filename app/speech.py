@@ -239,7 +239,8 @@ def serve(caller: keys.Caller, order: Order, received: float):
     except BaseException:
         slot.release()
         raise
-    relay = Relay(paid.request_id, order, audio, started)
+    client = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
+    relay = Relay(paid.request_id, order, audio, started, client)
     if order.stream_format == "sse":
         body, content_type = sse_events(relay, len(order.text)), "text/event-stream"
     else:
@@ -261,7 +262,7 @@ def serve(caller: keys.Caller, order: Order, received: float):
     response.headers["X-Accel-Buffering"] = "no"
     # Closes the upstream connection (and frees its server's place) even when the body is never iterated.
     response.call_on_close(audio.close)
-    response.call_on_close(_limit_client_writes(request.environ, relay.idle_seconds))
+    response.call_on_close(_limit_client_writes(client, relay.idle_seconds))
     return response
 
 
@@ -407,8 +408,11 @@ class StreamAborted(Exception):
 class Relay:
     """The audio of one charged request, relayed as it arrives and settled when it ends."""
 
-    def __init__(self, request_id: str, order: Order, audio: SpeechStream, started: float):
+    def __init__(self, request_id: str, order: Order, audio: SpeechStream, started: float, client=None):
+        """`client`: the client's socket, where the server gives it (gunicorn and Werkzeug do)."""
         config = current_app.config
+        self.client = client
+        self.client_left = False
         self.request_id = request_id
         self.audio = audio
         self.started = started
@@ -440,6 +444,8 @@ class Relay:
     def chunks(self):
         """Yield the audio as it arrives; settle the charge however the stream ends."""
         metrics.STREAMS.inc()
+        # A client that leaves while the stream waits for the speech server ends that wait at once.
+        unwatch = current_app.extensions["hangups"].add(self.client, self._left) if self.client else None
         try:
             for chunk in self._upstream_chunks():
                 now = time.monotonic()
@@ -456,11 +462,17 @@ class Relay:
             _settle(billing.mark_delivered, self.request_id, **self.outcome(error=self._why_closed()))
             raise
         except requests.RequestException as exc:
+            if self.client_left:
+                # The upstream was shut down because the client hung up: the charge stands, as below.
+                _settle(billing.mark_delivered, self.request_id, **self.outcome(error="client disconnected"))
+                return
             metrics.UPSTREAM_FAILURES.labels("stalled" if timed_out(exc) else "broke_off").inc()
             reason = "Upstream stalled mid-stream." if timed_out(exc) else "Upstream broke off mid-stream."
             _settle_refund(self.request_id, reason, **self.outcome())
             raise StreamAborted(self.request_id, f"{reason} The undelivered part was refunded.") from exc
         finally:
+            if unwatch is not None:
+                unwatch()
             # The upstream's part is over: its server's place is free before the client sees the end.
             self.audio.close()
             metrics.STREAMS.dec()
@@ -477,6 +489,13 @@ class Relay:
             self.audio.close()
             _settle_refund(self.request_id, reason, **self.outcome())
             raise StreamAborted(self.request_id, f"{reason} The undelivered part was refunded.")
+
+    def _left(self) -> None:
+        """The client hung up (app/hangups.py): end the wait for the speech server, from the watching thread."""
+        self.client_left = True
+        with contextlib.suppress(ValueError, RuntimeError, OSError):
+            # urllib3's way to interrupt a read blocked in another thread.
+            self.audio.response.raw.shutdown()
 
     def _why_closed(self) -> str:
         if self.handed_at is not None and time.monotonic() - self.handed_at >= self.idle_seconds:
@@ -507,7 +526,7 @@ class Relay:
             raise StreamAborted(self.request_id, "The request was settled while it streamed.")
 
 
-def _limit_client_writes(environ: dict, seconds: float):
+def _limit_client_writes(client, seconds: float):
     """Make writes to this request's client time out after `seconds` without progress; returns the undo.
 
     A client that stops reading blocks the relay in a socket write once the buffers between
@@ -516,7 +535,6 @@ def _limit_client_writes(environ: dict, seconds: float):
     the server's own (gunicorn and Werkzeug put it in the environ); where there is none the
     stream is left as it is.
     """
-    client = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
     try:
         before = client.gettimeout()
         client.settimeout(seconds)

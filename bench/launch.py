@@ -38,11 +38,14 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def gunicorn(spec: str, env: dict, args: tuple = (), ready_path: str = "/healthz", timeout: float = 60):
+def gunicorn(
+    spec: str, env: dict, args: tuple = (), ready_path: str = "/healthz", timeout: float = 60, cwd: Path = ROOT
+):
     """Run `spec` under gunicorn with `args`, bound to a free port; yield (its URL, the master process).
 
-    gunicorn.conf.py (read from the project's root) applies unless `args` names another
-    `--config`. Ready when `ready_path` answers 2xx; stopped with SIGTERM (then SIGKILL).
+    gunicorn.conf.py (read from `cwd`, the project's root by default: another checkout runs its
+    own code) applies unless `args` names another `--config`. Ready when `ready_path` answers
+    2xx; stopped with SIGTERM (then SIGKILL).
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -50,7 +53,7 @@ def gunicorn(spec: str, env: dict, args: tuple = (), ready_path: str = "/healthz
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", *args, "--bind", f"127.0.0.1:{port}", spec],
-            cwd=ROOT,
+            cwd=cwd,
             env={**os.environ, **env},
             stdout=subprocess.DEVNULL,
             stderr=errors,

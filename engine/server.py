@@ -9,6 +9,8 @@ import heapq
 import itertools
 import logging
 import re
+import select
+import socket
 import threading
 
 import numpy as np
@@ -187,6 +189,24 @@ def _field_error(field: str, message: str, value):
     return jsonify(detail=[{"type": "value_error", "loc": ["body", field], "msg": message, "input": value}]), 422
 
 
+def client_gone(environ: dict) -> bool:
+    """True once this request's client has closed its connection (end of stream or reset on its socket).
+
+    Peeks without taking anything; False when the server gives no socket or it cannot tell
+    (a TLS socket, which cannot peek).
+    """
+    client = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+    if client is None:
+        return False
+    try:
+        waiting, _, _ = select.select([client], [], [], 0)
+        return bool(waiting) and client.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, ValueError):
+        return False
+    except OSError:
+        return True
+
+
 def create_app(synthesizer: Synthesizer | None = None, split=pieces) -> Flask:
     """The engine's app; `split` cuts a text into the pieces it is spoken in (see `pieces`)."""
     app = Flask(__name__)
@@ -255,9 +275,15 @@ def create_app(synthesizer: Synthesizer | None = None, split=pieces) -> Flask:
         if not spoken:
             return _field_error("input", "Input text produces no speech", text)
 
+        environ = request.environ
+
         def stream():
             encoder = Encoder(response_format)
             for index, phonemes in enumerate(spoken):
+                if index and client_gone(environ):
+                    # Nobody is listening: the model's next turn goes to a request that has a client.
+                    log.info("client gone after %d of %d pieces; the rest is not synthesised", index, len(spoken))
+                    return
                 samples = synthesizer.sentence(phonemes, style, float(speed), lang, first=index == 0)
                 chunk = encoder.feed(samples * volume if volume != 1.0 else samples)
                 if chunk:

@@ -1,10 +1,17 @@
 """How the embedded engine cuts a text into pieces and shares its one model between requests
 (no model needed: the real model's behaviour is in test_engine.py)."""
 
+import json
+import socket
 import threading
 import time
+from urllib.parse import urlsplit
 
-from engine.server import Turns, pieces, sentences
+import numpy as np
+from werkzeug.wsgi import ClosingIterator
+
+from bench.launch import serve
+from engine.server import Turns, create_app, pieces, sentences
 
 
 def test_a_long_first_sentence_is_spoken_from_its_first_clause_on_its_own():
@@ -73,3 +80,61 @@ def _wait_queued(turns, count):
     while len(turns._queue) < count:
         assert time.monotonic() < deadline, "a request never queued"
         time.sleep(0.001)
+
+
+class _Counted:
+    """A stand-in for the model: each piece waits for a go, then is a tenth of a second of silence."""
+
+    voices = ["af_sky"]
+
+    def __init__(self):
+        self.go = threading.Semaphore(0)
+        self.spoken = 0
+        self.asked = threading.Semaphore(0)
+
+    def style(self, voice):
+        return None
+
+    def phonemes(self, text, lang):
+        return text
+
+    def sentence(self, phonemes, style, speed, lang, first=True):
+        self.asked.release()
+        assert self.go.acquire(timeout=10), "the test never let this piece be synthesised"
+        self.spoken += 1
+        return np.zeros(2400, dtype="float32")
+
+
+def test_the_engine_stops_before_its_next_piece_once_its_client_has_gone():
+    model = _Counted()
+    app = _Finished(create_app(model, split=lambda text: text.split("|")))
+    with serve(app) as url:
+        address = urlsplit(url)
+        client = socket.create_connection((address.hostname, address.port))
+        body = json.dumps({"input": "|".join(f"piece {n}" for n in range(20)), "response_format": "pcm"}).encode()
+        client.sendall(
+            b"POST /v1/audio/speech HTTP/1.1\r\nHost: engine\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        model.go.release()
+        assert client.recv(64).startswith(b"HTTP/1.1 200")
+        # The client leaves while the second piece is being made.
+        assert model.asked.acquire(timeout=10) and model.asked.acquire(timeout=10)
+        client.close()
+        # Every piece may go ahead now: only the one under way when the client left is made.
+        for _ in range(19):
+            model.go.release()
+        assert app.done.wait(10)
+    assert model.spoken == 2
+
+
+class _Finished:
+    """Sets `done` when the wrapped app's response has been closed by the server."""
+
+    def __init__(self, app):
+        self.app = app
+        self.done = threading.Event()
+
+    def __call__(self, environ, start_response):
+        return ClosingIterator(self.app(environ, start_response), [self.done.set])
