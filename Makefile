@@ -24,6 +24,7 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt engine/requirements.txt benc
 	sed -e "s/^SECRET_KEY=.*/SECRET_KEY=$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(32))')/" \
 	    -e "s/^SIGNUP_CREDITS=.*/SIGNUP_CREDITS=1000/" -e "s/^DEV_OUTBOX=.*/DEV_OUTBOX=true/" .env.example > $@
 
+# Another port: BIND=127.0.0.1:9000 (here, in the environment or in .env); links follow it.
 run: $(VENV)/.runtime .env
 	bin/run
 

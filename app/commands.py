@@ -11,6 +11,7 @@ from app.audit import audit
 from app.extensions import db
 from app.forms import MIN_PASSWORD
 from app.models import ApiKey, LedgerEntry, LoginSession, User, utcnow
+from app.samples import samples_cli
 
 users_cli = AppGroup("users", help="Customer accounts.")
 mail_cli = AppGroup("mail", help="Outgoing email (the outbox).")
@@ -224,4 +225,5 @@ def send_mail(once):
 def register_commands(app: Flask) -> None:
     for group in (users_cli, credits_cli, keys_cli, speech_cli, mail_cli):
         app.cli.add_command(group)
+    app.cli.add_command(samples_cli)
     app.cli.add_command(audit_books)

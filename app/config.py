@@ -130,6 +130,7 @@ def from_environment(environ: Mapping[str, str]) -> dict:
         "MAILS_PER_IP": env.str("MAILS_PER_IP", "10/hour"),
         "SAMPLE_VOICES": env.list("SAMPLE_VOICES") or ["af_heart", "am_michael", "bf_emma"],
         "SAMPLE_LIMIT_PER_IP": env.str("SAMPLE_LIMIT_PER_IP", "30/minute"),
+        "SAMPLES_DIR": env.str("SAMPLES_DIR", str(ROOT / "instance" / "samples")),
         "LOW_BALANCE_CREDITS": env.int("LOW_BALANCE_CREDITS", 1000),
         "VERIFY_HOURS": env.float("VERIFY_HOURS", 72.0),
         "RESET_MINUTES": env.float("RESET_MINUTES", 60.0),

@@ -16,6 +16,7 @@ from flask import Blueprint, abort, current_app, render_template, request
 from flask_login import current_user, login_required
 
 from app import catalog, keys, speech
+from app import samples as kept_samples
 from app.errors import ApiError
 from app.upstream import Busy, UpstreamError
 
@@ -86,9 +87,10 @@ def speak():
     return speech.serve(caller, order, received)
 
 
-# The landing page's samples: one fixed sentence per voice in SAMPLE_VOICES, synthesised once per
-# process and kept, so a visitor can hear the product without an account and nobody can make
-# the server synthesise anything else through it. Each client address may fetch
+# The landing page's samples: one fixed sentence per voice in SAMPLE_VOICES, synthesised once
+# and kept (in memory, and on disk by app/samples.py, which makes them at start), so a visitor
+# can hear the product without an account and nobody can make the server synthesise anything
+# else through it. Each client address may fetch
 # SAMPLE_LIMIT_PER_IP of them (429 beyond); a failed synthesis is remembered for
 # SAMPLE_FAILURE_SECONDS and every visitor meanwhile shares its 503, so a speech server that is
 # down is asked once, not once per visitor.
@@ -113,12 +115,14 @@ def sample(voice: str):
     samples = current_app.extensions.setdefault("voice_samples", {})
     failed_until = current_app.extensions.setdefault("voice_sample_failures", {})
     with _sample_lock:
+        if voice not in samples and (kept := kept_samples.load(voice, sample_request(voice))) is not None:
+            samples[voice] = kept
         if voice not in samples:
             now = clock()
             if now < failed_until.get(voice, now):
                 return _refusal(503, "The speech server cannot make the sample just now.", failed_until[voice] - now)
             try:
-                samples[voice] = _synthesise_sample(voice)
+                samples[voice] = kept_samples.keep(voice, sample_request(voice), synthesise_sample(voice))
             except SampleUnavailable as failure:
                 failed_until[voice] = clock() + SAMPLE_FAILURE_SECONDS
                 return _refusal(503, str(failure), SAMPLE_FAILURE_SECONDS)
@@ -133,10 +137,17 @@ def _refusal(status: int, message: str, retry_after: float):
     return response
 
 
-def _synthesise_sample(voice: str) -> bytes:
+def sample_request(voice: str) -> dict:
+    """What the speech server is asked for the voice's sample."""
     name = catalog.describe(voice)["name"]
     payload = {"model": speech.DEFAULT_MODEL, "voice": voice, "input": SAMPLE_TEXT.format(name=name)}
     payload["response_format"] = "mp3"
+    return payload
+
+
+def synthesise_sample(voice: str) -> bytes:
+    """The voice's sample from the speech server; SampleUnavailable when it cannot give one."""
+    payload = sample_request(voice)
     upstream = current_app.extensions["upstream"]
     try:
         slot = upstream.reserve()

@@ -1,0 +1,74 @@
+"""The landing page's voice samples, made before a visitor asks for one.
+
+Each sample is one fixed sentence per voice in SAMPLE_VOICES (app/playground.py makes it).
+Made on a visitor's click, the first play of each took 10-15 s. `flask samples prepare`
+makes every missing one and keeps it in SAMPLES_DIR (instance/samples by default); `make
+run` runs it as soon as the engine is up, and a deploy runs it once. A sample on disk
+outlives restarts; its file name carries a hash of what was asked (voice, sentence, model),
+so a changed sentence is made anew instead of an old recording being served.
+"""
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import click
+from flask import current_app
+from flask.cli import AppGroup
+
+samples_cli = AppGroup("samples", help="The landing page's voice samples.")
+
+
+def _path(voice: str, request: dict) -> Path | None:
+    directory = current_app.config["SAMPLES_DIR"]
+    if not directory:
+        return None
+    asked = "\n".join(f"{name}={request[name]}" for name in sorted(request))
+    return Path(directory) / f"{voice}-{hashlib.sha256(asked.encode()).hexdigest()[:16]}.mp3"
+
+
+def load(voice: str, request: dict) -> bytes | None:
+    """The kept sample made for `request`, or None when there is none (or no SAMPLES_DIR)."""
+    path = _path(voice, request)
+    try:
+        return path.read_bytes() if path else None
+    except FileNotFoundError:
+        return None
+
+
+def keep(voice: str, request: dict, audio: bytes) -> bytes:
+    """Keep `audio` as the sample made for `request`; returns it. Written whole or not at all."""
+    path = _path(voice, request)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # A reader (another gunicorn worker) sees the old file or the whole new one, never half.
+        handle, partial = tempfile.mkstemp(dir=path.parent, suffix=".part")
+        with os.fdopen(handle, "wb") as out:
+            out.write(audio)
+        os.replace(partial, path)
+    return audio
+
+
+@samples_cli.command("prepare")
+def prepare():
+    """Make every sample in SAMPLE_VOICES that is not kept yet (run once the speech server is up)."""
+    from app import playground
+
+    if not current_app.config["SAMPLES_DIR"]:
+        raise click.ClickException("SAMPLES_DIR is empty: there is nowhere to keep the samples.")
+    failed = 0
+    for voice in current_app.config["SAMPLE_VOICES"]:
+        request = playground.sample_request(voice)
+        if load(voice, request) is not None:
+            click.echo(f"{voice}: kept already")
+            continue
+        try:
+            audio = keep(voice, request, playground.synthesise_sample(voice))
+        except playground.SampleUnavailable as failure:
+            failed += 1
+            click.echo(f"{voice}: {failure}", err=True)
+            continue
+        click.echo(f"{voice}: made ({len(audio):,} bytes)")
+    if failed:
+        raise SystemExit(1)
