@@ -8,6 +8,7 @@ from datetime import datetime
 import stripe
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
 
 from app import billing, mail
 from app.extensions import db
@@ -20,7 +21,12 @@ MAX_CENTS = 2**63 - 1
 
 
 class MalformedEvent(ValueError):
-    """A signed event carries an amount Stripe never sends (negative, "lots", 2.5, true): refused, nothing stored."""
+    """A signed event not shaped as Stripe sends its type (a field missing or of another kind, an amount
+    that is negative, "lots", 2.5 or true): refused, nothing stored."""
+
+
+class AlreadyProcessed(Exception):
+    """The event's id is recorded already: a redelivery, applied before."""
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,16 @@ def start_checkout(client, user: User, pack: Pack, currency: str, success_url: s
 
 
 def record_event(event) -> None:
-    """Claim the event id; IntegrityError at flush means it was handled already."""
+    """Claim the event id; AlreadyProcessed when it was handled already (its unique key is taken).
+
+    Only this insert's conflict means a redelivery: a conflict anywhere else is a bug, and the
+    webhook answers it 500 so that Stripe sends the event again.
+    """
     db.session.add(StripeEvent(id=event.id, type=event.type, outcome="received"))
-    db.session.flush()
+    try:
+        db.session.flush()
+    except IntegrityError:
+        raise AlreadyProcessed(event.id) from None
 
 
 def handle_event(event) -> str:
@@ -101,8 +114,8 @@ def handle_event(event) -> str:
     before the payment it reverses is credited. It is kept (payment_reversals) and applied
     when the payment is credited, so any order of arrival gives the same books.
     """
+    check_shape(event)
     obj = event.data.object
-    check_amounts(event.type, obj)
     record_event(event)
     if event.type == "checkout.session.completed":
         outcome = _fulfill(obj) if obj.payment_status == "paid" else _set_status(obj, PaymentStatus.PENDING)
@@ -126,25 +139,38 @@ def handle_event(event) -> str:
     return outcome
 
 
-def check_amounts(event_type: str, obj) -> None:
-    """Every amount an event of this type carries is a whole number of cents, at least 0 (bools are not).
+# What handle_event reads of each type's object: a field's name and the kinds of value it may have.
+_TEXT, _TEXT_OR_NULL, _CENTS, _CENTS_OR_NULL = (str,), (str, type(None)), "cents", "cents or null"
+_SESSION = {"id": _TEXT, "payment_status": _TEXT, "client_reference_id": _TEXT_OR_NULL}
+_SESSION |= {"payment_intent": _TEXT_OR_NULL, "amount_total": _CENTS_OR_NULL}
+SHAPES = {
+    "checkout.session.completed": _SESSION,
+    "checkout.session.async_payment_succeeded": _SESSION,
+    "checkout.session.async_payment_failed": _SESSION,
+    "checkout.session.expired": _SESSION,
+    "charge.refunded": {"payment_intent": _TEXT_OR_NULL, "amount_refunded": _CENTS},
+    "charge.dispute.closed": {"payment_intent": _TEXT_OR_NULL, "amount": _CENTS, "status": _TEXT},
+}
 
-    Raises MalformedEvent before anything is recorded. A Checkout Session's amount_total may be null.
-    """
-    if event_type.startswith("checkout.session."):
-        fields, nullable = ("amount_total",), True
-    elif event_type == "charge.refunded":
-        fields, nullable = ("amount_refunded",), False
-    elif event_type == "charge.dispute.closed":
-        fields, nullable = ("amount",), False
-    else:
-        return
-    for field in fields:
-        value = getattr(obj, field, None) if nullable else getattr(obj, field)
-        if value is None and nullable:
-            continue
-        if type(value) is not int or not 0 <= value <= MAX_CENTS:
-            raise MalformedEvent(f"{field} is {value!r}, not a whole number of cents")
+
+def check_shape(event) -> None:
+    """The event has an id, a type and an object, and every field handle_event reads of its type is there
+    and of the kind Stripe sends; amounts are whole cents, at least 0 (bools are not). MalformedEvent
+    before anything is recorded otherwise."""
+    raw = event.to_dict()
+    data = raw.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not isinstance(raw.get("id"), str) or not isinstance(raw.get("type"), str) or not isinstance(obj, dict):
+        raise MalformedEvent("not an event: it needs an id, a type and data.object")
+    for field, kinds in SHAPES.get(raw["type"], {}).items():
+        value = obj.get(field)
+        if kinds in (_CENTS, _CENTS_OR_NULL):
+            if value is None and kinds == _CENTS_OR_NULL:
+                continue
+            if type(value) is not int or not 0 <= value <= MAX_CENTS:
+                raise MalformedEvent(f"{field} is {value!r}, not a whole number of cents")
+        elif field not in obj or not isinstance(value, kinds):
+            raise MalformedEvent(f"{field} is {value!r}, not what a {raw['type']} event carries")
 
 
 def _lock_intent(payment_intent: str | None) -> None:

@@ -432,3 +432,80 @@ def test_a_zero_refund_is_a_whole_amount_and_takes_nothing(app, web, buyer, stri
     paid(app, web, buyer, stripe_api, client)
     assert deliver(client, event("charge.refunded", charge(amount_refunded=0))).status_code == 200
     assert factories.balance(app, buyer) == 10100
+
+
+# What the webhook catches: only what it means.
+
+
+def test_a_bug_while_applying_an_event_is_answered_500_with_its_traceback_and_applies_when_sent_again(
+    app, web, buyer, stripe_api, client, monkeypatch, caplog
+):
+    from app import payments
+
+    # As in production: an unhandled error is answered 500 (tests otherwise let it propagate).
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    buy(web, stripe_api)
+    before = stored(app)
+
+    def planted(session_obj):
+        raise KeyError("a bug planted in the fulfilment")
+
+    monkeypatch.setattr(payments, "_fulfill", planted)
+    payload = event("checkout.session.completed", checkout_session(buyer), "evt_bug")
+    response = deliver(client, payload)
+    # Not "Malformed event." (Stripe would give up on an event it sent as it always does), and not
+    # "already processed": Stripe sends a 5xx again, and the log holds the traceback.
+    assert response.status_code == 500
+    assert any(record.exc_info and "a bug planted" in str(record.exc_info[1]) for record in caplog.records)
+    assert stored(app) == before and factories.balance(app, buyer) == 100
+    monkeypatch.undo()
+    again = deliver(client, payload)
+    assert again.status_code == 200 and again.get_json()["outcome"].startswith("credited 10000")
+    assert factories.balance(app, buyer) == 10100
+
+
+def test_a_conflict_other_than_the_event_ids_own_is_a_bug_not_a_redelivery(
+    app, web, buyer, stripe_api, client, monkeypatch
+):
+    from sqlalchemy.exc import IntegrityError
+
+    from app import billing
+
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    buy(web, stripe_api)
+
+    def conflict(*args, **kwargs):
+        raise IntegrityError("INSERT INTO ledger_entries", {}, Exception("duplicate key"))
+
+    monkeypatch.setattr(billing, "apply", conflict)
+    payload = event("checkout.session.completed", checkout_session(buyer), "evt_conflict")
+    assert deliver(client, payload).status_code == 500
+    monkeypatch.undo()
+    assert deliver(client, payload).get_json()["outcome"].startswith("credited 10000")
+    # Delivered a third time, it is the redelivery it looks like.
+    assert deliver(client, payload).get_json()["outcome"] == "already processed"
+    assert factories.balance(app, buyer) == 10100
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"payment_status": None},
+        {"payment_status": 1},
+        {"id": ["cs_test_1"]},
+        {"client_reference_id": {"id": 1}},
+        {"payment_intent": 7},
+    ],
+    ids=repr,
+)
+def test_a_signed_checkout_event_missing_a_field_or_of_another_shape_is_refused_and_not_stored(
+    app, web, buyer, stripe_api, client, broken
+):
+    buy(web, stripe_api)
+    before = stored(app)
+    session = {**checkout_session(buyer), **broken}
+    if broken == {"payment_status": None}:
+        del session["payment_status"]
+    response = deliver(client, event("checkout.session.completed", session, "evt_shape"))
+    assert response.status_code == 400 and response.get_json() == {"detail": "Malformed event."}
+    assert stored(app) == before and factories.balance(app, buyer) == 100
