@@ -45,6 +45,10 @@ UPSTREAM_FAILURES = Counter(
 CREDITS_CHARGED = Counter("kokoro_credits_charged_total", "Credits debited for speech requests.")
 CREDITS_REFUNDED = Counter("kokoro_credits_refunded_total", "Credits given back for speech not delivered.")
 STREAMS = Gauge("kokoro_streams_in_flight", "Speech streams being relayed now.", multiprocess_mode="livesum")
+RATE_LIMIT_STORE_FAILURES = Counter(
+    "kokoro_rate_limit_store_failures_total",
+    "Abuse-limit checks that could not reach their store (Redis) and let the request through.",
+)
 WEBHOOK_EVENTS = Counter(
     "kokoro_webhook_events_total", "Stripe webhook events, by type and outcome.", ["type", "outcome"]
 )

@@ -5,18 +5,33 @@ Windows are kept by the `limits` library (the core of Flask-Limiter) in memory b
 default, or in Redis (`RATELIMIT_STORAGE_URI=redis://…`) so several processes and
 hosts share them; gunicorn.conf.py refuses to start several workers on the in-memory
 store. The cap on concurrent streams per account is kept by the database (app/billing.py).
+
+When the store cannot be reached (Redis down), the limits fail open: every check lets the
+request through, an error is logged (at most once every LOG_EVERY_SECONDS) and
+kokoro_rate_limit_store_failures_total counts each one. The limits are there against abuse;
+refusing every request, paying customers' included, would turn a Redis outage into an outage
+of the service. What money depends on (balances, the stream cap, one free trial per mailbox)
+is kept by the database and holds without Redis.
 """
 
+import logging
 import math
 import threading
 import time
 
 import limits
+from limits.errors import StorageError
 from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
+from app import metrics
+
+log = logging.getLogger(__name__)
+
 # How often the in-process windows drop their expired entries.
 SWEEP_SECONDS = 1.0
+# While the store is down, how often that is logged (every failure is counted in the metric).
+LOG_EVERY_SECONDS = 10.0
 
 
 class _SweptMemoryStorage(MemoryStorage):
@@ -47,8 +62,8 @@ class _SweptMemoryStorage(MemoryStorage):
 class Throttle:
     def __init__(self, config):
         uri = config["RATELIMIT_STORAGE_URI"]
-        storage = _SweptMemoryStorage() if uri == "memory://" else storage_from_string(uri)
-        self._windows = MovingWindowRateLimiter(storage)
+        storage = _SweptMemoryStorage() if uri == "memory://" else storage_from_string(uri, wrap_exceptions=True)
+        self._windows = _FailingOpen(MovingWindowRateLimiter(storage))
         self.per_key = limits.parse(config["RATE_LIMIT_PER_KEY"])
         self.per_account = limits.parse(config["RATE_LIMIT_PER_ACCOUNT"])
         self.logins_per_account = limits.parse(config["LOGIN_LIMIT_PER_ACCOUNT"])
@@ -113,3 +128,36 @@ class Throttle:
     def login_failed(self, email: str, ip: str) -> None:
         self._windows.hit(self.logins_per_account, "login-account", email)
         self._windows.hit(self.logins_per_ip, "login-ip", ip)
+
+
+class _FailingOpen:
+    """The windows' hit, test and stats, answering "allowed" when their store cannot be reached."""
+
+    def __init__(self, windows: MovingWindowRateLimiter):
+        self._windows = windows
+        self._logged_at = -math.inf
+
+    def hit(self, item, *identifiers) -> bool:
+        return self._ask(self._windows.hit, item, *identifiers, allowed=True)
+
+    def test(self, item, *identifiers) -> bool:
+        return self._ask(self._windows.test, item, *identifiers, allowed=True)
+
+    def get_window_stats(self, item, *identifiers):
+        # Asked only after a limit was reached: then a second from now.
+        return self._ask(self._windows.get_window_stats, item, *identifiers, allowed=_Reset(time.time() + 1))
+
+    def _ask(self, check, item, *identifiers, allowed):
+        try:
+            return check(item, *identifiers)
+        except StorageError as failure:
+            metrics.RATE_LIMIT_STORE_FAILURES.inc()
+            if time.monotonic() - self._logged_at >= LOG_EVERY_SECONDS:
+                self._logged_at = time.monotonic()
+                log.error("rate limits unavailable, letting requests through: %s", failure.storage_error)
+            return allowed
+
+
+class _Reset:
+    def __init__(self, reset_time: float):
+        self.reset_time = reset_time

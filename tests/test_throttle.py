@@ -173,3 +173,74 @@ def test_an_oversized_body_is_refused_before_it_is_read(make_app):
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 413") and b'"detail"' in answer
     assert factories.balance(app, customer.user_id) == 100
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis server of this test's own, which the test may stop: yields (its URL, stop)."""
+    import subprocess
+
+    from tests.servers import free_port, wait_for
+
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
+
+    def answers():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                probe.sendall(b"PING\r\n")
+                return probe.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_for(answers, what="Redis to start")
+
+    def stop():
+        server.terminate()
+        server.wait(10)
+
+    yield f"redis://127.0.0.1:{port}/0", stop
+    if server.poll() is None:
+        stop()
+
+
+def test_with_redis_down_the_abuse_limits_let_traffic_through_and_the_money_rules_still_hold(
+    make_app, own_redis, caplog
+):
+    """The rule: limits kept in Redis fail open, with an error in the log and a metric; the stream
+    cap and every money guarantee live in the database and hold without Redis."""
+    from app import metrics
+
+    url, stop_redis = own_redis
+    app = make_app(RATELIMIT_STORAGE_URI=url, RATE_LIMIT_PER_KEY="3/minute", MAX_STREAMS_PER_ACCOUNT=1)
+    customer = factories.customer(app, balance=1000)
+    client = app.test_client()
+    assert [client.get("/v1/balance", headers=customer.headers).status_code for _ in range(4)] == [200] * 3 + [429]
+    failures = metrics.RATE_LIMIT_STORE_FAILURES._value.get()
+    stop_redis()
+    # Redis is gone mid-run: the limits cannot be read, so they let the requests through ...
+    assert [client.get("/v1/balance", headers=customer.headers).status_code for _ in range(5)] == [200] * 5
+    assert any(r.levelname == "ERROR" and "rate limits" in r.getMessage() for r in caplog.records)
+    assert metrics.RATE_LIMIT_STORE_FAILURES._value.get() > failures
+    # ... and sign-in, whose limits are kept there too, still works (and still says a wrong password is wrong).
+    web = factories.WebClient(app.test_client())
+    assert "Wrong email or password." in web.login("nobody@example.com").get_data(as_text=True)
+    # The money rules do not depend on Redis: a speech request is charged once, and the
+    # account's stream cap (kept by the database) still holds.
+    gate = threading.Event()
+    with serve(FakeUpstream(gate=gate)) as upstream_url:
+        app.config["UPSTREAM_URL"] = f"{upstream_url}/v1"
+        app.extensions["upstream"] = type(app.extensions["upstream"]).from_config(app.config)
+        with serve(app) as gateway:
+            first = requests.post(f"{gateway}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True)
+            second = requests.post(f"{gateway}/v1/audio/speech", json=HELLO, headers=customer.headers)
+            assert first.status_code == 200 and second.status_code == 429
+            assert second.json()["error"]["code"] == "too_many_streams"
+            gate.set()
+            assert first.content == b"ID3\x04audio-bytes"
+    assert factories.balance(app, customer.user_id) == 1000 - STREAMING_TEXT
+    factories.assert_books_balance(app, customer.user_id)
