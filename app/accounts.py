@@ -19,6 +19,7 @@ change of the email, and the password hash a reset replaces), so it stops workin
 that state has changed, even if the email changes back.
 """
 
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -39,9 +40,15 @@ from app.extensions import db, insert
 from app.models import LedgerEntry, LedgerKind, LoginSession, OutboxMail, TrialClaim, User, utcnow
 from app.urls import external_url
 
-# Checked against when the email has no account (or no password), so that a sign-in costs the
-# same whether or not the account exists: its timing says nothing about who has one.
-_DUMMY_HASH = generate_password_hash(secrets.token_urlsafe(16))
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked against when the email has no account (or no password), so that a sign-in costs the
+    same whether or not the account exists: its timing says nothing about who has one. Made at the
+    first sign-in, not at import, where its scrypt cost every `flask` command 0.2 s."""
+    return generate_password_hash(secrets.token_urlsafe(16))
+
+
 # Providers that deliver a.b@ and ab@ to one mailbox, and their other names.
 DOTS_IGNORED = {"gmail.com"}
 SAME_PROVIDER = {"googlemail.com": "gmail.com"}
@@ -419,9 +426,10 @@ def check_password(user: User, password: str) -> bool:
 def authenticate(email: str, password: str) -> User | None:
     """The account with this email and password, else None; one password hash is checked either way."""
     user = find_by_email(email)
-    hashed = user.password_hash if user is not None and user.password_hash else _DUMMY_HASH
+    dummy = _dummy_hash()
+    hashed = user.password_hash if user is not None and user.password_hash else dummy
     matches = check_password_hash(hashed, password)
-    return user if matches and hashed is not _DUMMY_HASH else None
+    return user if matches and hashed is not dummy else None
 
 
 def _digest(token: str) -> str:
