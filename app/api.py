@@ -103,7 +103,10 @@ def _raw_body() -> bytes:
 @bp.post("/audio/speech")
 def speech_request():
     order = speech.read_order(_json_body(), current_app.config["MAX_INPUT_CHARS"])
-    return speech.serve(g.caller, order, g.received)
+    caller = g.caller
+    payer = speech.Payer(caller.user_id, caller.key_id, caller.balance, caller.unlimited)
+    arrival = speech.Arrival.of(request.environ, g.received, g.request_id, g.client_request_id)
+    return speech.serve(payer, order, arrival)
 
 
 def _catalog(path: str):

@@ -48,8 +48,7 @@ def _database() -> dict:
 def _upstream() -> dict:
     """Whether the speech servers' catalog can be read (cached like every catalog read), and each server's load."""
     upstream = current_app.extensions["upstream"]
-    now = time.monotonic()
-    servers = [{"streams": server.in_flight, "taken_out": server.is_out(now)} for server in upstream.upstreams.servers]
+    servers = upstream.states()
     try:
         upstream.catalog("models")
     except UpstreamError:

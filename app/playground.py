@@ -15,7 +15,7 @@ from babel import Locale
 from flask import Blueprint, abort, current_app, render_template, request
 from flask_login import current_user, login_required
 
-from app import catalog, keys, speech
+from app import catalog, speech
 from app import samples as kept_samples
 from app.errors import ApiError
 from app.upstream import Busy, UpstreamError
@@ -76,15 +76,8 @@ def speak():
     if body.get("response_format", speech.DEFAULT_FORMAT) not in PLAYABLE:
         raise ApiError(400, f"The playground plays {', '.join(PLAYABLE)}.", param="response_format")
     order = speech.read_order(body, current_app.config["MAX_INPUT_CHARS"])
-    caller = keys.Caller(
-        key_id=None,
-        revoked_at=None,
-        last_used_at=None,
-        user_id=current_user.id,
-        balance=current_user.balance,
-        unlimited=current_user.unlimited,
-    )
-    return speech.serve(caller, order, received)
+    payer = speech.Payer(current_user.id, None, current_user.balance, current_user.unlimited)
+    return speech.serve(payer, order, speech.Arrival.of(request.environ, received))
 
 
 # The landing page's samples: one fixed sentence per voice in SAMPLE_VOICES, synthesised once

@@ -35,14 +35,16 @@ import itertools
 import json
 import math
 import re
+import socket
 import time
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import requests
-from flask import current_app, g, request, stream_with_context
+from flask import current_app, stream_with_context
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import audio_meter, billing, catalog, keys, metrics
+from app import audio_meter, billing, catalog, metrics
 from app.errors import ApiError
 from app.extensions import db
 from app.upstream import AccountQueueFull, Busy, Slot, SpeechStream, UpstreamError, timed_out
@@ -222,25 +224,57 @@ def upstream_catalog() -> catalog.Catalog | None:
         return None
 
 
-def serve(caller: keys.Caller, order: Order, received: float):
-    """Charge `order` to `caller`, start the synthesis and answer with its audio stream.
+class Payer(NamedTuple):
+    """Who pays for a speech request: the account, the key it came with (None from the dashboard's
+    playground), the balance as this request found it, and whether the account is unlimited."""
+
+    user_id: int
+    key_id: int | None
+    balance: int
+    unlimited: bool
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """How a speech request arrived: when (time.monotonic()), under which ids, and over which socket.
+
+    `request_id` is the id it is logged under, used as its id in the usage list unless the
+    client sent one of its own (`client_request_id`, kept beside it). `client` is the client's
+    socket where the server gives it (gunicorn and Werkzeug do), for the write timeout and
+    the hang-up watch; None elsewhere.
+    """
+
+    received: float
+    request_id: str | None = None
+    client_request_id: str | None = None
+    client: socket.socket | None = None
+
+    @classmethod
+    def of(cls, environ: dict, received: float, request_id=None, client_request_id=None) -> "Arrival":
+        """The arrival of the WSGI request whose `environ` this is."""
+        client = environ.get("gunicorn.socket") or environ.get("werkzeug.socket")
+        return cls(received, request_id, client_request_id, client)
+
+
+def serve(payer: Payer, order: Order, arrival: Arrival):
+    """Charge `order` to `payer`, start the synthesis and answer with its audio stream.
 
     Raises ApiError for 400 (a name the upstream does not have), 402, 429 and 503 (every
     speech server busy; nothing written), and for 400/502 after the upstream refused or
-    failed (refunded in full). `received` is when the request arrived (time.monotonic()).
+    failed (refunded in full).
     """
     order = check_names(order)
-    admit(caller, order)
-    slot = reserve(caller.user_id)
+    admit(payer, order)
+    slot = reserve(payer.user_id)
     try:
-        paid = charge(caller, order)
+        paid = charge(payer, order, arrival)
         started = time.monotonic()
         audio = open_upstream(paid.request_id, order, started, slot)
     except BaseException:
         slot.release()
         raise
-    client = request.environ.get("gunicorn.socket") or request.environ.get("werkzeug.socket")
-    relay = Relay(paid.request_id, order, audio, started, client)
+    received = arrival.received
+    relay = Relay(paid.request_id, order, audio, started, arrival.client)
     if order.stream_format == "sse":
         body, content_type = sse_events(relay, len(order.text)), "text/event-stream"
     else:
@@ -262,20 +296,20 @@ def serve(caller: keys.Caller, order: Order, received: float):
     response.headers["X-Accel-Buffering"] = "no"
     # Closes the upstream connection (and frees its server's place) even when the body is never iterated.
     response.call_on_close(audio.close)
-    response.call_on_close(_limit_client_writes(client, relay.idle_seconds))
+    response.call_on_close(_limit_client_writes(arrival.client, relay.idle_seconds))
     return response
 
 
-def admit(caller: keys.Caller, order: Order) -> None:
+def admit(payer: Payer, order: Order) -> None:
     """402 or 429 at once for a request its charge would refuse, before it waits for a speech server.
 
     The charge decides again, atomically (a balance can change meanwhile); this only keeps a
     client that cannot pay from holding a place in the wait that a paying one needs.
     """
-    if not caller.unlimited and caller.balance < len(order.text):
-        raise _insufficient(len(order.text), caller.balance)
+    if not payer.unlimited and payer.balance < len(order.text):
+        raise _insufficient(len(order.text), payer.balance)
     limit = current_app.config["MAX_STREAMS_PER_ACCOUNT"]
-    if billing.streams_in_flight(caller.user_id) >= limit:
+    if billing.streams_in_flight(payer.user_id) >= limit:
         db.session.rollback()
         raise _too_many_streams(limit)
     db.session.rollback()
@@ -319,14 +353,14 @@ def reserve(account: int) -> Slot:
         ) from None
 
 
-def charge(caller: keys.Caller, order: Order) -> billing.Charge:
+def charge(payer: Payer, order: Order, arrival: Arrival) -> billing.Charge:
     """Record and debit the request in one committed transaction."""
     config = current_app.config
     try:
         paid = billing.charge_speech(
-            caller.user_id,
-            caller.key_id,
-            unlimited=caller.unlimited,
+            payer.user_id,
+            payer.key_id,
+            unlimited=payer.unlimited,
             characters=len(order.text),
             model=order.model,
             voice=order.voice,
@@ -334,8 +368,8 @@ def charge(caller: keys.Caller, order: Order) -> billing.Charge:
             speed=order.speed,
             max_streams=config["MAX_STREAMS_PER_ACCOUNT"],
             # The id this request is logged under (app/api.py) is its id in the usage list too.
-            request_id=None if g.get("client_request_id") else g.get("request_id"),
-            client_request_id=g.get("client_request_id"),
+            request_id=None if arrival.client_request_id else arrival.request_id,
+            client_request_id=arrival.client_request_id,
             process_id=current_app.extensions["lease"].process_id(),
         )
         db.session.commit()

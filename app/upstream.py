@@ -254,6 +254,12 @@ class Upstreams:
                 server.failures = 0
                 server.out_until = 0.0
 
+    def states(self) -> list[dict]:
+        """Each server's streams in flight and whether it is taken out now, in the order configured."""
+        now = time.monotonic()
+        with self._changed:
+            return [{"streams": server.in_flight, "taken_out": server.is_out(now)} for server in self.servers]
+
     def in_order(self) -> list[Server]:
         """Every server, those in service first: the order to ask for a document."""
         now = time.monotonic()
@@ -325,6 +331,10 @@ class Upstream:
             config["UPSTREAM_POOL_SIZE"],
             config["UPSTREAM_CATALOG_TTL"],
         )
+
+    def states(self) -> list[dict]:
+        """What health may say of the servers: their load and whether each is taken out (no addresses)."""
+        return self.upstreams.states()
 
     def reserve(self, account: int | None = None) -> Slot:
         """A place on the least busy server for one speech request of `account`; Busy when there is none in time."""
