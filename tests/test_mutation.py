@@ -79,3 +79,31 @@ def test_restore_seeds_a_fresh_mutants_directory_and_never_overwrites_one(projec
     restored = json.loads(meta.read_text())
     assert set(restored["exit_code_by_key"].values()) == {0}
     assert restored["hash_by_function_name"] == run_result(TINY, lambda function: 0)["hash_by_function_name"]
+
+
+def test_under_mutmut_a_mutants_tests_start_with_those_that_killed_its_function_before(tmp_path):
+    """mutation/plugin.py, as mutmut loads it: earlier killers first, then quickest first; kills are appended."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "test_order.py").write_text(
+        "def test_slow(): pass\n\ndef test_fast(): pass\n\ndef test_killer(): assert False\n"
+    )
+    (tmp_path / "mutmut-stats.json").write_text(
+        json.dumps({"duration_by_test": {"test_order.py::test_slow": 9.0, "test_order.py::test_fast": 0.1}})
+    )
+    (tmp_path / "mutmut-killers.txt").write_text("app.billing.x_apply\ttest_order.py::test_killer\n")
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "mutation.plugin", "-p", "no:cacheprovider", "-v", "test_order.py"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(root), "MUTANT_UNDER_TEST": "app.billing.x_apply__mutmut_7"},
+        capture_output=True,
+        text=True,
+    )
+    ran = [line.split(" ")[0] for line in run.stdout.splitlines() if line.startswith("test_order.py::")]
+    assert ran == ["test_order.py::test_killer", "test_order.py::test_fast", "test_order.py::test_slow"]
+    killers = (tmp_path / "mutmut-killers.txt").read_text().splitlines()
+    assert killers == ["app.billing.x_apply\ttest_order.py::test_killer"] * 2
