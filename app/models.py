@@ -271,7 +271,7 @@ class MailState(StrEnum):
 
 
 class OutboxMail(db.Model):
-    """An email, written in the transaction of the change that causes it and sent after commit (app/mail.py)."""
+    """An email, written in the transaction of the change that causes it and sent after commit (app/mail/)."""
 
     __tablename__ = "outbox"
     __table_args__ = (Index("ix_outbox_state_next_attempt_at", "state", "next_attempt_at"),)
@@ -309,7 +309,7 @@ class TrialClaim(db.Model):
 class MailStamp(db.Model):
     """When the last mail of a kind was queued to a mailbox (a keyed hash of it): one a MAIL_INTERVAL.
 
-    Taken by one conditional upsert (app/mail.py), so concurrent requests cannot both send.
+    Taken by one conditional upsert (app/mail/outbox.py), so concurrent requests cannot both send.
     """
 
     __tablename__ = "mail_stamps"
