@@ -36,7 +36,7 @@ from sqlalchemy import delete, func, select, update
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from app import billing, mail
-from app.extensions import db, insert
+from app.extensions import db, insert, login_manager
 from app.models import LedgerEntry, LedgerKind, LoginSession, OutboxMail, TrialClaim, User, utcnow
 from app.urls import external_url
 
@@ -449,6 +449,7 @@ def sign_in(user: User, remember: bool, lifetime: timedelta, remember_lifetime: 
     login_user(user, remember=remember, duration=remember_lifetime)
 
 
+@login_manager.user_loader
 def load_signed_in(token: str) -> User | None:
     """The user of a live sign-in, found by the token its cookies carry (Flask-Login's user loader)."""
     login = db.session.scalar(

@@ -23,7 +23,7 @@ PLAYGROUND = "playground"
 # that cannot be read as what it stands for (not a date, not an id or a page number the
 # database can hold, '²' for a digit, a day with no day after it) is ignored, as if it were
 # absent, and the page shows what it did apply; only the first of a repeated parameter counts.
-# A control character anywhere is refused with 400 before any view runs (app/dashboard.py).
+# A control character anywhere is refused with 400 before any view runs (app/dashboard/__init__.py).
 # A page number that is readable but past the last page is 404, as db.paginate answers it.
 
 

@@ -1,0 +1,147 @@
+"""What was spent and when: the ledger and usage pages, their filters and CSV downloads."""
+
+import csv
+import io
+
+from flask import (
+    Response,
+    render_template,
+    request,
+    stream_with_context,
+    url_for,
+)
+from flask_login import current_user, login_required
+
+from app import usage
+from app.dashboard import PER_PAGE, bp
+from app.extensions import db
+from app.models import LedgerEntry
+
+
+@bp.get("/ledger")
+@login_required
+def ledger_page():
+    filters = usage.Filters.from_args(request.args)
+    page = db.paginate(filters.ledger(current_user.id), page=usage.page_number(request.args), per_page=PER_PAGE)
+    return render_template("dashboard/ledger.html", page=page, filters=filters)
+
+
+@bp.get("/usage")
+@login_required
+def usage_page():
+    filters = usage.Filters.from_args(request.args)
+    page = db.paginate(filters.usage(current_user.id), page=usage.page_number(request.args), per_page=PER_PAGE)
+    series = usage.credits_per_day(current_user.id, filters)
+    bars, top = usage.bars(series)
+    return render_template(
+        "dashboard/usage.html",
+        page=page,
+        filters=filters,
+        keys=usage.user_keys(current_user.id),
+        bars=bars,
+        top=top,
+        total=sum(credits for _, credits in series),
+        month=usage.this_month(current_user.id, filters),
+    )
+
+
+# A spreadsheet reads a cell that starts with one of these as a formula (OWASP: CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """Text from a user or an API client, made inert for spreadsheets: a leading `'` before a formula start."""
+    return "'" + value if value.startswith(FORMULA_STARTS) else value
+
+
+def _csv_download(name: str, header: list[str], rows) -> Response:
+    """A CSV file streamed as it is written, one database batch at a time; `rows()` runs while streaming."""
+
+    def lines():
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(header)
+        for row in rows():
+            writer.writerow(row)
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+        yield buffer.getvalue()
+
+    response = Response(stream_with_context(lines()), mimetype="text/csv")
+    response.headers["Content-Disposition"] = f"attachment; filename={name}"
+    return response
+
+
+@bp.get("/usage.csv")
+@login_required
+def usage_csv():
+    query = usage.Filters.from_args(request.args).usage(current_user.id).execution_options(yield_per=500)
+    header = [
+        "time",
+        "request_id",
+        "key",
+        "model",
+        "voice",
+        "format",
+        "characters",
+        "credits",
+        "credits_refunded",
+        "state",
+        "bytes",
+        "duration_ms",
+        "error",
+        "client_request_id",
+    ]
+    rows = lambda: (  # noqa: E731
+        [
+            speech.created_at.isoformat(),
+            speech.id,
+            speech.api_key.prefix + "…" if speech.api_key else usage.PLAYGROUND,
+            csv_text(speech.model),
+            csv_text(speech.voice),
+            csv_text(speech.response_format),
+            speech.characters,
+            speech.credits,
+            speech.credits_refunded,
+            speech.state,
+            speech.bytes_sent,
+            "" if speech.duration_ms is None else speech.duration_ms,
+            csv_text(speech.error or ""),
+            speech.client_request_id or "",
+        ]
+        for speech in db.session.scalars(query)
+    )
+    return _csv_download("kokoro-pay-usage.csv", header, rows)
+
+
+@bp.get("/ledger.csv")
+@login_required
+def ledger_csv():
+    query = usage.Filters.from_args(request.args).ledger(current_user.id).execution_options(yield_per=500)
+    header = ["time", "kind", "credits", "balance_after", "reference", "note"]
+    rows = lambda: (  # noqa: E731
+        [
+            entry.created_at.isoformat(),
+            entry.kind,
+            entry.amount,
+            entry.balance_after,
+            csv_text(entry.reference),
+            csv_text(entry.note or ""),
+        ]
+        for entry in db.session.scalars(query)
+    )
+    return _csv_download("kokoro-pay-ledger.csv", header, rows)
+
+
+def ledger_link(entry: LedgerEntry) -> str | None:
+    """Where a ledger entry's request or payment is shown: the usage row, or the payment on the billing page."""
+    kind, _, rest = entry.reference.partition(":")
+    if kind in ("speech", "refund"):
+        return url_for("dashboard.usage_page", request=rest)
+    if kind in ("topup", "payment_refund", "chargeback"):
+        return url_for("dashboard.billing_page", _anchor="payment-" + rest.split(":")[0])
+    return None
+
+
+bp.add_app_template_global(ledger_link)
