@@ -21,7 +21,7 @@ from pathlib import Path
 import requests
 
 from bench import launch
-from bench.run import MemorySampler
+from bench.run import MemorySampler, migrated_with_a_customer
 
 # Fourteen sentences of ordinary prose: about 50 s of speech, many pieces.
 LONG = " ".join(
@@ -29,26 +29,6 @@ LONG = " ".join(
 )
 ENGINE_ARGS = ("--workers", "1", "--worker-class", "gthread", "--threads", "4", "--timeout", "120")
 GATEWAY_ARGS = ("--workers", "1", "--worker-class", "gthread", "--threads", "4", "--access-logfile", "/dev/null")
-
-
-def prepare(path: Path) -> str:
-    """A migrated SQLite database with one customer; returns the customer's key."""
-    from flask_migrate import upgrade
-
-    from app import billing, create_app, keys
-    from app.accounts import create_user
-    from app.extensions import db
-
-    app = create_app({"TESTING": True, "SECRET_KEY": "bench", "SQLALCHEMY_DATABASE_URI": f"sqlite:///{path}"})
-    with app.app_context():
-        upgrade()
-        user = create_user("bench@example.com")
-        db.session.flush()
-        billing.grant(user, 10**9, "benchmark credits")
-        _, secret = keys.create_key(user, "bench")
-        db.session.commit()
-        db.engine.dispose()
-    return secret
 
 
 def busy_after_hang_up(gateway: str, key: str, engine: MemorySampler) -> float:
@@ -83,7 +63,7 @@ def main(argv=None) -> dict:
     results = {name: [] for name in gateways}
     with tempfile.TemporaryDirectory() as scratch:
         database = Path(scratch) / "abandoned.sqlite3"
-        key = prepare(database)
+        key = migrated_with_a_customer(f"sqlite:///{database}", 10**9)
         with launch.gunicorn("engine.server:create_app()", {}, ENGINE_ARGS, "/health", timeout=300) as (engine, pid):
             sampler = MemorySampler(pid.pid)
             env = {"DATABASE_URL": f"sqlite:///{database}", "UPSTREAM_URL": f"{engine}/v1", "SECRET_KEY": "bench"}

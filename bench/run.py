@@ -34,13 +34,8 @@ SENTENCE = "Kokoro-pay meters speech by the character and streams it as it is ma
 
 
 def prepare_database(url: str) -> str:
-    """An empty, migrated database with one customer; returns the customer's key."""
-    from flask_migrate import upgrade
+    """An empty, migrated PostgreSQL database with one customer; returns the customer's key."""
     from sqlalchemy import create_engine, make_url, text
-
-    from app import billing, create_app, keys
-    from app.accounts import create_user
-    from app.extensions import db
 
     server = make_url(url)
     admin = create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
@@ -53,12 +48,23 @@ def prepare_database(url: str) -> str:
         conn.execute(text("DROP SCHEMA public CASCADE"))
         conn.execute(text("CREATE SCHEMA public"))
     engine.dispose()
-    app = create_app({"TESTING": True, "SECRET_KEY": "bench", "SQLALCHEMY_DATABASE_URI": url})
+    return migrated_with_a_customer(url, 10**15)
+
+
+def migrated_with_a_customer(uri: str, credits: int) -> str:
+    """Migrate the empty database at `uri` and add one customer with `credits`; returns its key."""
+    from flask_migrate import upgrade
+
+    from app import billing, create_app, keys
+    from app.accounts import create_user
+    from app.extensions import db
+
+    app = create_app({"TESTING": True, "SECRET_KEY": "bench", "SQLALCHEMY_DATABASE_URI": uri})
     with app.app_context():
         upgrade()
         user = create_user("bench@example.com")
         db.session.flush()
-        billing.grant(user, 10**15, "benchmark credits")
+        billing.grant(user, credits, "benchmark credits")
         _, secret = keys.create_key(user, "bench")
         db.session.commit()
         db.engine.dispose()
