@@ -36,6 +36,10 @@ def language_name(code: str | None) -> str:
         return code
 
 
+# Pages that name a voice's language (the landing page's players) use the same words.
+bp.add_app_template_filter(language_name)
+
+
 def voice_groups() -> list[tuple[str, list[dict]]] | None:
     """The upstream's voices by language, each with its speaker's gender; None when the catalog is unreachable."""
     known = speech.upstream_catalog()

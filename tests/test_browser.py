@@ -350,6 +350,12 @@ def test_every_page_fits_the_screen_every_action_can_be_tapped_and_axe_finds_not
     for name, path in CUSTOMER_PAGES.items():
         page.goto(site + path)
         check_page(page, name, width, database_uri)
+    # The page a new key is shown on, once.
+    page.goto(f"{site}/keys")
+    page.fill("#name", "checked")
+    page.click("text=Create key")
+    page.wait_for_url(f"{site}/keys/created")
+    check_page(page, "key-created", width, database_uri)
     # The header folds on a phone: the menu opens with a tap and its links work.
     if width == "phone":
         page.goto(f"{site}/keys")
@@ -441,3 +447,123 @@ def test_an_admin_grants_credits_and_disables_an_account_in_the_browser(browser,
     expect(page.locator("#admin-log")).to_contain_text("Refund for a bad day")
     expect(page.locator("#admin-log")).to_contain_text("disable")
     context.close()
+
+
+def box(page, selector):
+    return page.locator(selector).first.bounding_box()
+
+
+def test_a_price_stands_out_and_a_buy_button_stands_apart_from_it(make_app, browser):
+    app = make_app(STRIPE_SECRET_KEY=None)  # no payments yet: the Buy buttons are disabled
+    customer = factories.customer(app, balance=5000, password="correct horse battery")
+    with serve(app) as site:
+        page = browser.new_page(viewport=WIDTHS["desktop"])
+        page.goto(f"{site}/pricing")
+        price = page.locator(".pack .price").first
+        assert price.evaluate("(e) => parseFloat(getComputedStyle(e).fontSize)") >= 24
+        muted = page.evaluate("getComputedStyle(document.querySelector('.muted')).color")
+        assert price.evaluate("(e) => getComputedStyle(e).color") != muted
+        sign_in(page, site, customer.email)
+        page.goto(f"{site}/billing")
+        expect(page.locator(".pack button").first).to_be_disabled()
+        above = box(page, ".pack .per-thousand")
+        assert box(page, ".pack button")["y"] - (above["y"] + above["height"]) >= 12
+        page.close()
+
+
+def test_the_usage_charts_labels_can_be_read_on_a_phone(browser, furnished):
+    app, site, email = furnished
+    page = browser.new_page(viewport=WIDTHS["phone"], is_mobile=True, has_touch=True)
+    sign_in(page, site, email)
+    page.goto(f"{site}/usage")
+    heights = page.eval_on_selector_all(".chart text", "(all) => all.map((t) => t.getBoundingClientRect().height)")
+    assert heights and min(heights) >= 11, heights
+    page.close()
+
+
+def test_the_admins_totals_per_day_stay_a_table_on_a_phone(browser, furnished):
+    app, site, email = furnished
+    app.test_cli_runner().invoke(
+        args=["users", "create", "boss@example.com", "--password", "correct horse battery", "--admin"]
+    )
+    page = browser.new_page(viewport=WIDTHS["phone"], is_mobile=True, has_touch=True)
+    sign_in(page, site, "boss@example.com")
+    page.goto(f"{site}/admin")
+    # 30 days: one line each, not 30 stacks of six labelled zeros (4,400 px).
+    assert box(page, "#totals")["height"] < 1400
+    assert page.evaluate("document.documentElement.scrollWidth") <= WIDTHS["phone"]["width"]
+    page.close()
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_the_docs_headings_break_between_words_only(app, site, browser, width):
+    page = browser.new_page(viewport=WIDTHS[width])
+    page.goto(f"{site}/docs")
+    # Were breaking inside a word not allowed, would any heading overflow its box?
+    overflowing = page.eval_on_selector_all(
+        ".docs h2, .docs h1",
+        """(all) => all.filter((h) => {
+            h.style.overflowWrap = "normal";
+            h.style.wordBreak = "normal";
+            return h.scrollWidth > h.clientWidth + 1;
+        }).map((h) => h.textContent)""",
+    )
+    assert overflowing == []
+    page.close()
+
+
+def test_the_balance_banner_is_as_wide_as_the_narrow_card_below_it(make_app, browser):
+    app = make_app(LOW_BALANCE_CREDITS=1000)
+    customer = factories.customer(app, balance=400, password="correct horse battery")
+    with serve(app) as site:
+        page = browser.new_page(viewport=WIDTHS["desktop"])
+        sign_in(page, site, customer.email)
+        page.goto(f"{site}/account")
+        banner, card = box(page, "#balance-banner"), box(page, "main .card.narrow")
+        assert abs(banner["x"] - card["x"]) <= 1 and abs(banner["width"] - card["width"]) <= 1
+        page.close()
+
+
+def a_second_of_sound() -> bytes:
+    """One second of a 440 Hz tone as WAV, for a stand-in speech server whose audio a browser can play."""
+    import io
+    import math
+    import struct
+    import wave
+
+    out = io.BytesIO()
+    with wave.open(out, "wb") as sound:
+        sound.setnchannels(1)
+        sound.setsampwidth(2)
+        sound.setframerate(24000)
+        tone = (int(8000 * math.sin(2 * math.pi * 440 * n / 24000)) for n in range(24000))
+        sound.writeframes(b"".join(struct.pack("<h", sample) for sample in tone))
+    return out.getvalue()
+
+
+def test_a_visitor_hears_a_voice_on_the_landing_page_with_our_player(make_app, browser):
+    with serve(FakeUpstream(chunks=[a_second_of_sound()])) as upstream:
+        app = make_app(UPSTREAM_URL=f"{upstream}/v1")
+        with serve(app) as site:
+            page = browser.new_page(viewport=WIDTHS["phone"])
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(site)
+            heart = page.locator("[data-player]").first
+            expect(heart).to_contain_text("Heart")
+            expect(heart).to_contain_text("English (United States)")
+            expect(heart.locator("audio")).to_be_hidden()  # our player, not the browser's
+            play = heart.get_by_role("button", name="Play Heart, English (United States)")
+            # From the keyboard: Tab to it, press Space.
+            play.focus()
+            page.keyboard.press("Space")
+            expect(heart.get_by_role("button", name="Pause Heart, English (United States)")).to_be_visible()
+            expect(heart.locator("[data-duration]")).to_have_text("0:01")
+            # Another voice stops the first; played to its end, its progress is full and it can be played again.
+            michael = page.locator("[data-player]").nth(1)
+            michael.get_by_role("button").click()
+            expect(heart.get_by_role("button", name="Play Heart, English (United States)")).to_be_visible()
+            expect(michael.locator("progress")).to_have_js_property("value", 100)
+            expect(michael.get_by_role("button", name="Play Michael, English (United States)")).to_be_visible()
+            assert errors == []
+            page.close()
