@@ -2,7 +2,8 @@
 
 A throwaway server on a fresh SQLite file, with a stand-in speech server that answers a
 one-second tone, a customer who has a key, a payment and some usage, and Debian's Chromium
-(through Playwright) at 1280×800 and 390×844. Writes docs/screenshots/<page>-<width>.png; look at each before committing them.
+(through Playwright) at 1280×800 and 390×844. Writes docs/screenshots/<page>-<width>.png;
+look at each before committing them.
 """
 
 import sys
