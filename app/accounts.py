@@ -251,7 +251,7 @@ def mark_verified(user: User, client: str) -> int:
     (`client`: its `client_digest`, the one that signed up). The credits granted; the caller commits."""
     user.email_verified_at = utcnow()
     credits = current_app.config["SIGNUP_CREDITS"]
-    reference = f"trial:{user.id}"
+    reference = billing.trial_reference(user.id)
     if not credits or user.unlimited:
         return 0
     # Its reference is unique per account: a second verification (a new email) grants nothing.
@@ -391,7 +391,9 @@ def change_email(change: EmailChange) -> None:
     if moved != 1:
         raise AccountError("The account's email changed since this link was sent; nothing changed.")
     db.session.expire(change.user)
-    if db.session.scalar(select(LedgerEntry.id).where(LedgerEntry.reference == f"trial:{change.user.id}")):
+    if db.session.scalar(
+        select(LedgerEntry.id).where(LedgerEntry.reference == billing.trial_reference(change.user.id))
+    ):
         # The person who had a trial now reads this mailbox too: it gets none of its own later.
         _claim_trial(mailbox_digest(change.new_email))
     mail.send("email_changed", change.old_email, user_id=change.user.id, new_email=change.new_email)

@@ -173,6 +173,44 @@ def _low_balance_alert(user_id: int, balance: int, threshold: int) -> None:
     )
 
 
+# The ledger's references, each built here and only here: the unique key that makes each money event
+# happen once. "<kind>:<what caused it>"; a reversal's also names the running total it brings the
+# payment to, so each step of a payment's reversal is applied once.
+def speech_reference(request_id: str) -> str:
+    return f"speech:{request_id}"
+
+
+def refund_reference(request_id: str) -> str:
+    return f"refund:{request_id}"
+
+
+def topup_reference(checkout_session_id: str) -> str:
+    return f"topup:{checkout_session_id}"
+
+
+def reversal_reference(kind: str, checkout_session_id: str, owed: int) -> str:
+    return f"{kind}:{checkout_session_id}:{owed}"
+
+
+def trial_reference(user_id: int) -> str:
+    return f"trial:{user_id}"
+
+
+def take_back(user_id: int, due: int, *, kind: str, reference: str, note: str) -> tuple[int, int]:
+    """Take up to `due` credits back (a refunded or disputed payment); returns (taken, balance after).
+
+    Never below zero: what the balance cannot cover is not taken, and the ledger note says how
+    much was already spent. The account's row is locked first, so the amount read is the one taken.
+    """
+    balance = db.session.scalar(select(User.balance).where(User.id == user_id).with_for_update())
+    taken = min(due, balance)
+    if taken < due:
+        note += f"; {due - taken} credits already spent"
+    if taken:
+        balance = apply(user_id, -taken, kind=kind, reference=reference, note=note)
+    return taken, balance
+
+
 def grant(user: User, amount: int, reason: str) -> int:
     """Operator grant of `amount` (> 0) credits; returns the new balance."""
     if amount <= 0:
@@ -221,7 +259,7 @@ def charge_speech(
     request_id = request_id or new_request_id()
     if credits:
         note = f"{characters} characters"
-        balance = apply(user_id, -credits, kind=LedgerKind.DEBIT, reference=f"speech:{request_id}", note=note)
+        balance = apply(user_id, -credits, kind=LedgerKind.DEBIT, reference=speech_reference(request_id), note=note)
     else:
         # Also takes the account's row lock, which the stream count below relies on.
         balance = db.session.execute(_CHANGE, {"user_id": user_id, "amount": 0}).scalar()
@@ -314,7 +352,7 @@ def refund_speech(request_id: str, reason: str, **details) -> int | None:
     refund = credits - kept_credits(credits, characters, speed, audio_ms, chars_per_second)
     if refund:
         db.session.execute(update(_speech).where(_speech.c.id == request_id).values(credits_refunded=refund))
-        apply(user_id, refund, kind=LedgerKind.REFUND, reference=f"refund:{request_id}", note=reason)
+        apply(user_id, refund, kind=LedgerKind.REFUND, reference=refund_reference(request_id), note=reason)
         metrics.CREDITS_REFUNDED.inc(refund)
     return refund
 

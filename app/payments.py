@@ -208,7 +208,7 @@ def _fulfill(session_obj) -> str:
         payment.user_id,
         payment.credits,
         kind=LedgerKind.TOPUP,
-        reference=f"topup:{payment.checkout_session_id}",
+        reference=billing.topup_reference(payment.checkout_session_id),
         note=f"{payment.pack} pack, {payment.amount_cents / 100:.2f} {payment.currency.upper()}",
     )
     outcome = f"credited {payment.credits} to user {payment.user_id}; balance {balance}"
@@ -330,8 +330,6 @@ def _apply_reversals(payment: Payment, receipt_url: str | None = None) -> str | 
     due = owed - payment.credits_reversed
     if due <= 0:
         return None
-    balance = db.session.scalar(select(User.balance).where(User.id == payment.user_id).with_for_update())
-    taken = min(due, balance)
     kind, status = (
         (LedgerKind.CHARGEBACK, PaymentStatus.DISPUTED)
         if disputed
@@ -339,14 +337,13 @@ def _apply_reversals(payment: Payment, receipt_url: str | None = None) -> str | 
     )
     payment.credits_reversed = owed
     payment.status = status
-    note = f"{status} payment {payment.checkout_session_id}"
-    if taken < due:
-        note += f"; {due - taken} credits already spent"
-    if taken:
-        # Unique per payment and running total: each step of a payment's reversal is applied once.
-        billing.apply(
-            payment.user_id, -taken, kind=kind, reference=f"{kind}:{payment.checkout_session_id}:{owed}", note=note
-        )
+    taken, balance = billing.take_back(
+        payment.user_id,
+        due,
+        kind=kind,
+        reference=billing.reversal_reference(kind, payment.checkout_session_id, owed),
+        note=f"{status} payment {payment.checkout_session_id}",
+    )
     mail.notify(
         db.session.get(User, payment.user_id),
         "reversal",
@@ -355,7 +352,7 @@ def _apply_reversals(payment: Payment, receipt_url: str | None = None) -> str | 
         refunded_cents=min(refunded + disputed, payment.amount_cents),
         due=due,
         taken=taken,
-        balance=balance - taken,
+        balance=balance,
         receipt_url=receipt_url,
         billing_url=external_url("dashboard.billing_page"),
     )
