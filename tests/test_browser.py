@@ -350,6 +350,22 @@ def test_every_page_fits_the_screen_every_action_can_be_tapped_and_axe_finds_not
     for name, path in CUSTOMER_PAGES.items():
         page.goto(site + path)
         check_page(page, name, width, database_uri)
+    # The balance banners: low (a threshold above the balance), then empty.
+    user_id = _user_id(app, email)
+    with app.app_context():
+        from app import billing
+        from app.extensions import db
+
+        user = db.session.get(factories.User, user_id)
+        user.low_balance_credits = 1_000_000
+        db.session.commit()
+        for name in ("low", "empty"):
+            if name == "empty":
+                billing.deduct(db.session.get(factories.User, user_id), user.balance, "to empty it")
+                db.session.commit()
+            page.goto(f"{site}/account")
+            expect(page.locator("#balance-banner")).to_contain_text(name)
+            check_page(page, f"account-balance-{name}", width, database_uri)
     # The page a new key is shown on, once.
     page.goto(f"{site}/keys")
     page.fill("#name", "checked")
