@@ -84,7 +84,10 @@ def canonical_mailbox(email: str) -> str:
         local, domain = found.local_part, found.ascii_domain
     except EmailNotValidError:
         local, _, domain = email.strip().rpartition("@")
-    local = unicodedata.normalize("NFKC", local).casefold().partition("+")[0]
+    local = unicodedata.normalize("NFKC", local).casefold()
+    # A +tag comes after a name: leading +s are the name's own.
+    name = local.lstrip("+")
+    local = local[: len(local) - len(name)] + name.partition("+")[0]
     domain = SAME_PROVIDER.get(domain.lower(), domain.lower())
     if domain in DOTS_IGNORED:
         local = local.replace(".", "")
@@ -152,15 +155,30 @@ def set_password(user: User, password: str) -> None:
 MAIL_INTERVAL = timedelta(minutes=2)
 
 
-def may_mail(email: str, kind: str, client: str | None) -> bool:
+def may_mail(email: str, kind: str, client: str | None, mailbox: str | None = None) -> bool:
     """Whether a request from `client` may queue a mail of `kind` to the mailbox of `email` now.
 
     The client's count (MAILS_PER_IP) goes up first, whatever the answer after it; then the
-    mailbox's stamp is taken (`mail.first_in`), in the caller's transaction.
+    mailbox's stamp is taken (`mail.first_in`), in the caller's transaction. `mailbox` names
+    another stamp to take instead (a request that will mail nobody takes its own, see
+    request_password_reset).
     """
     if not current_app.extensions["throttle"].mail_allowed(client_network(client)):
         return False
-    return mail.first_in(mailbox_digest(email), kind, MAIL_INTERVAL)
+    return mail.first_in(mailbox or mailbox_digest(email), kind, MAIL_INTERVAL)
+
+
+def notify_of_change(user: User, kind: str, client: str | None, *, to: str | None = None, **context) -> None:
+    """Tell the owner of a change to their account (a password, an email), at `to` or their address.
+
+    Only an address the owner has proven (a verified email) is told: an unverified one may be
+    anybody's, and the account's holder could otherwise mail it at will. And at most one notice
+    of a kind per mailbox per MAIL_INTERVAL, counted against `client` like every mail a request
+    asks for: changing a password twenty times sends one notice, not twenty.
+    """
+    recipient = to or user.email
+    if user.verified and user.deleted_at is None and may_mail(recipient, kind, client):
+        mail.send(kind, recipient, user_id=user.id, user=user, **context)
 
 
 def register(email: str, password: str, client: str | None) -> None:
@@ -279,11 +297,14 @@ def request_password_reset(email: str, client: str | None) -> None:
 
     Whether or not there is one, the same work is done (the limits counted, a link signed, the mail
     written); only queuing it differs: how long the request takes says nothing about who has an account.
+    A request for an address with no account takes a turn of that exact address's own, never the
+    turn of the mailbox it may deliver to: asking for `owner+x@…` must not use up `owner@…`'s reset.
     """
-    if not may_mail(email, "reset", client):
-        return
     user = find_by_email(email)
     found = user is not None and user.deleted_at is None
+    nobodys = None if found else _keyed("an address with no account", normalize_email(email))
+    if not may_mail(email, "reset", client, mailbox=nobodys):
+        return
     someone = user if found else User(id=0, email=normalize_email(email), email_version=0)
     token = _tokens("reset").dumps([someone.id, someone.email, someone.email_version, _password_stamp(someone)])
     written = mail.compose(
@@ -325,7 +346,7 @@ def reset_password(user: User, password: str, client: str | None) -> int:
     if not user.verified:
         mark_verified(user, client_digest(client))
     ended = db.session.execute(delete(LoginSession).where(LoginSession.user_id == user.id)).rowcount
-    mail.notify(user, "password_changed", forgot_url=external_url("dashboard.forgot_password"))
+    notify_of_change(user, "password_changed", client, forgot_url=external_url("dashboard.forgot_password"))
     return ended
 
 
@@ -373,7 +394,7 @@ def read_email_change(token: str) -> EmailChange:
     return EmailChange(user, old_email, version, new_email)
 
 
-def change_email(change: EmailChange) -> None:
+def change_email(change: EmailChange, client: str | None = None) -> None:
     """Move the account to its confirmed new email and tell the old one; the caller commits.
 
     One conditional UPDATE makes the change, only from the email and version the link names: of two
@@ -382,6 +403,8 @@ def change_email(change: EmailChange) -> None:
     """
     if find_by_email(change.new_email) is not None:
         raise AccountError("That email has an account now; nothing changed.")
+    # The old address is told only if it was proven (notify_of_change): read before the change verifies the new one.
+    old_proven = change.user.verified
     moved = db.session.execute(
         update(User)
         .where(User.id == change.user.id, User.email == change.old_email, User.email_version == change.version)
@@ -396,7 +419,8 @@ def change_email(change: EmailChange) -> None:
     ):
         # The person who had a trial now reads this mailbox too: it gets none of its own later.
         _claim_trial(mailbox_digest(change.new_email))
-    mail.send("email_changed", change.old_email, user_id=change.user.id, new_email=change.new_email)
+    if old_proven and may_mail(change.old_email, "email_changed", client):
+        mail.send("email_changed", change.old_email, user_id=change.user.id, new_email=change.new_email)
 
 
 def delete_account(user: User) -> None:

@@ -4,6 +4,7 @@ Mail is read from the outbox, as the development outbox page shows it (tests/tes
 sends it through a real SMTP server).
 """
 
+import itertools
 import re
 import threading
 import time
@@ -637,3 +638,57 @@ def test_two_email_change_links_confirmed_at_the_same_moment_one_wins_and_the_ot
 def test_the_operator_cannot_create_an_account_for_anything_but_one_plain_address(runner):
     result = runner.invoke(args=["users", "create", "(c)op@example.com"])
     assert result.exit_code == 1 and "Enter one plain email address" in result.output
+
+
+# Found by the second attack run: notices, and a turn taken by a request that mails nobody.
+
+
+def change_password(web, current: str, new: str):
+    web.get("/account")
+    return web.post("/account", {"current": current, "password": new, "confirm": new})
+
+
+def test_an_unverified_account_cannot_mail_its_address_by_changing_its_password(app):
+    # Someone signs up with an address they do not own, signs in and changes the password over and over.
+    web = factories.WebClient(app.test_client())
+    web.register("victim@example.org", "first password 0")
+    web.login("victim@example.org", "first password 0")
+    for turn in range(20):
+        assert change_password(web, f"first password {turn}", f"first password {turn + 1}").status_code == 302
+    assert [m.kind for m in mails(app, "victim@example.org")] == ["verify"]
+
+
+def test_a_verified_account_is_told_of_a_password_change_once_in_the_interval(app, web):
+    web.signup("owner@example.com")
+    passwords = ["correct horse battery"] + [f"another password {n}" for n in range(5)]
+    for current, new in itertools.pairwise(passwords):
+        assert change_password(web, current, new).status_code == 302
+    assert len(mails(app, "owner@example.com", "password_changed")) == 1
+
+
+def test_an_email_change_tells_the_old_address_only_if_it_was_proven(app):
+    web = factories.WebClient(app.test_client())
+    web.register("unproven@example.org", "first password 0")
+    web.login("unproven@example.org", "first password 0")
+    web.get("/account")
+    web.post("/account/email", {"email": "mine@example.org", "current": "first password 0"})
+    link = mail_link(app, "mine@example.org", "email_change")
+    web.get(link)
+    web.post(link, {})
+    assert user(app, "mine@example.org") is not None
+    assert mails(app, "unproven@example.org", "email_changed") == []
+
+
+def test_a_reset_asked_for_an_address_with_no_account_does_not_use_up_the_owners_reset(app, web):
+    web.signup("rb@example.com")
+    web.logout()
+    for email in ("RB+nothing@example.com", "rb@example.com"):
+        visitor = factories.WebClient(app.test_client())
+        visitor.get("/forgot")
+        visitor.post("/forgot", {"email": email})
+    assert len(mails(app, "rb@example.com", "reset")) == 1
+
+
+def test_addresses_that_start_with_a_plus_are_each_their_own_mailbox():
+    assert accounts.canonical_mailbox("+me@gmail.com") != accounts.canonical_mailbox("+you@gmail.com")
+    assert accounts.canonical_mailbox("+me+tag@example.com") == "+me@example.com"

@@ -11,7 +11,7 @@ from flask import (
 from flask_login import current_user, login_required, logout_user
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, billing, mail
+from app import accounts, billing
 from app.dashboard import bp
 from app.extensions import db
 from app.forms import (
@@ -60,7 +60,12 @@ def account():
     if form.validate_on_submit() and _current_password_ok(form):
         accounts.set_password(current_user, form.password.data)
         ended = accounts.end_other_sign_ins(current_user)
-        mail.notify(current_user, "password_changed", forgot_url=external_url("dashboard.forgot_password"))
+        accounts.notify_of_change(
+            current_user,
+            "password_changed",
+            request.remote_addr,
+            forgot_url=external_url("dashboard.forgot_password"),
+        )
         db.session.commit()
         flash(f"Your password is changed; {ended} other sign-in(s) ended.", "success")
         return redirect(url_for("dashboard.account"))
@@ -97,7 +102,7 @@ def change_email(token: str):
     form = ConfirmForm()
     if form.validate_on_submit():
         try:
-            accounts.change_email(change)
+            accounts.change_email(change, request.remote_addr)
             db.session.commit()
         except (accounts.AccountError, IntegrityError) as error:
             db.session.rollback()
