@@ -2,6 +2,7 @@
 
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -153,14 +154,19 @@ SHAPES = {
 }
 
 
+# Stripe's ids and types: short, printable ASCII. Anything else could not be stored (the columns
+# hold 255 characters, a type 100; the database refuses NUL and lone surrogates) and is no event of Stripe's.
+_STRIPE_TEXT = re.compile(r"[\x21-\x7e]{1,255}")
+
+
 def check_shape(event) -> None:
     """The event has an id, a type and an object, and every field handle_event reads of its type is there
-    and of the kind Stripe sends; amounts are whole cents, at least 0 (bools are not). MalformedEvent
-    before anything is recorded otherwise."""
+    and of the kind Stripe sends (ids and types as Stripe writes them); amounts are whole cents, at
+    least 0 (bools are not). MalformedEvent before anything is recorded otherwise."""
     raw = event.to_dict()
     data = raw.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
-    if not isinstance(raw.get("id"), str) or not isinstance(raw.get("type"), str) or not isinstance(obj, dict):
+    if not _stripe_text(raw.get("id")) or not _stripe_text(raw.get("type"), 100) or not isinstance(obj, dict):
         raise MalformedEvent("not an event: it needs an id, a type and data.object")
     for field, kinds in SHAPES.get(raw["type"], {}).items():
         value = obj.get(field)
@@ -169,8 +175,12 @@ def check_shape(event) -> None:
                 continue
             if type(value) is not int or not 0 <= value <= MAX_CENTS:
                 raise MalformedEvent(f"{field} is {value!r}, not a whole number of cents")
-        elif field not in obj or not isinstance(value, kinds):
-            raise MalformedEvent(f"{field} is {value!r}, not what a {raw['type']} event carries")
+        elif field not in obj or not isinstance(value, kinds) or (isinstance(value, str) and not _stripe_text(value)):
+            raise MalformedEvent(f"{field} is {value!r:.80}, not what a {raw['type']} event carries")
+
+
+def _stripe_text(value, limit: int = 255) -> bool:
+    return isinstance(value, str) and len(value) <= limit and _STRIPE_TEXT.fullmatch(value) is not None
 
 
 def _lock_intent(payment_intent: str | None) -> None:

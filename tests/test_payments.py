@@ -509,3 +509,37 @@ def test_a_signed_checkout_event_missing_a_field_or_of_another_shape_is_refused_
     response = deliver(client, event("checkout.session.completed", session, "evt_shape"))
     assert response.status_code == 400 and response.get_json() == {"detail": "Malformed event."}
     assert stored(app) == before and factories.balance(app, buyer) == 100
+
+
+@pytest.mark.parametrize(
+    "where,value",
+    [
+        ("id", "evt_" + "x" * 1000),
+        ("id", "evt_\x00nul"),
+        ("id", "evt_\udfff"),
+        ("type", "checkout.session.completed" + "x" * 100),
+        ("payment_intent", "pi_\x00"),
+        ("payment_intent", "pi_\ud800"),
+        ("payment_intent", "pi_" + "x" * 5000),
+        ("session", "cs_test_\x00"),
+    ],
+    ids=repr,
+)
+def test_a_signed_event_with_an_id_stripe_never_writes_is_refused_not_a_500(
+    app, web, buyer, stripe_api, client, where, value
+):
+    import json
+
+    buy(web, stripe_api)
+    before = stored(app)
+    session = checkout_session(buyer)
+    if where in ("payment_intent", "session"):
+        session["payment_intent" if where == "payment_intent" else "id"] = value
+    document = json.loads(event("checkout.session.completed", session, "evt_odd"))
+    if where in ("id", "type"):
+        document[where] = value
+    # Lone surrogates survive as JSON escapes, as a forged body could carry them.
+    payload = json.dumps(document).encode()
+    response = deliver(client, payload)
+    assert response.status_code == 400 and response.get_json() == {"detail": "Malformed event."}
+    assert stored(app) == before and factories.balance(app, buyer) == 100
