@@ -253,7 +253,8 @@ def stripe_client(config) -> stripe.StripeClient | None:
 
 
 def register_blueprints(app: Flask) -> None:
-    from app import admin, api, dashboard, health, metrics, playground, webhooks
+    # notifications queues the mail that money events cause (a step billing does not import).
+    from app import admin, api, dashboard, health, metrics, notifications, playground, webhooks  # noqa: F401
     from app.urls import DatabaseId
 
     # Before any route is added: an id in a path the database cannot hold is 404, not a 500.

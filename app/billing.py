@@ -14,10 +14,9 @@ from typing import NamedTuple
 from flask import current_app
 from sqlalchemy import bindparam, func, insert, select, update
 
-from app import mail, metrics
+from app import metrics
 from app.extensions import db
 from app.models import GatewayProcess, LedgerEntry, LedgerKind, SpeechRequest, SpeechState, User, new_request_id, utcnow
-from app.urls import external_url
 
 
 class InsufficientCredits(Exception):
@@ -155,22 +154,21 @@ def alert_threshold(user: User) -> int:
     return current_app.config["LOW_BALANCE_CREDITS"] if funded(user.id) else 0
 
 
+# Where this transaction's balances that fell below their alert threshold are noted, as
+# (user id, balance, threshold), for the mail app/notifications.py queues before it commits.
+CROSSED = "balances crossing their alert threshold"
+
+
 def _low_balance_alert(user_id: int, balance: int, threshold: int) -> None:
-    """The one mail for a balance that crossed its threshold, queued with the debit that crossed it.
+    """The one alert for a balance that crossed its threshold, noted with the debit that crossed it.
 
     The debit's UPDATE holds the account's row lock until this transaction ends, so the alert
     state it returned cannot change meanwhile: of any number of concurrent debits, exactly one
-    sees the balance cross while the alert is armed.
+    sees the balance cross while the alert is armed. Its mail is queued in this transaction, before
+    it commits (app/notifications.py): a rollback takes the alert and its mail together.
     """
     db.session.execute(update(_users).where(_users.c.id == user_id).values(low_balance_sent_at=utcnow()))
-    mail.notify(
-        db.session.get(User, user_id),
-        "low_balance",
-        balance=balance,
-        threshold=threshold,
-        billing_url=external_url("dashboard.billing_page"),
-        account_url=external_url("dashboard.account"),
-    )
+    db.session.info.setdefault(CROSSED, []).append((user_id, balance, threshold))
 
 
 # The ledger's references, each built here and only here: the unique key that makes each money event
