@@ -18,7 +18,6 @@ from flask_login import current_user, login_required
 from app import catalog, speech
 from app import samples as kept_samples
 from app.errors import ApiError
-from app.upstream import Busy, UpstreamError
 
 bp = Blueprint("playground", __name__, url_prefix="/playground")
 
@@ -91,15 +90,10 @@ def speak():
 # SAMPLE_LIMIT_PER_IP of them (429 beyond); a failed synthesis is remembered for
 # SAMPLE_FAILURE_SECONDS and every visitor meanwhile shares its 503, so a speech server that is
 # down is asked once, not once per visitor.
-SAMPLE_TEXT = "Hello! I am {name}, one of the voices you can use on kokoro-pay. One credit per character."
 SAMPLE_FAILURE_SECONDS = 10.0
 _sample_lock = threading.Lock()
 # The samples' clock; tests move it by hand.
 clock = time.monotonic
-
-
-class SampleUnavailable(Exception):
-    """The speech server gave no sample; the message is for the visitor."""
 
 
 @bp.get("/samples/<voice>.mp3")
@@ -112,15 +106,17 @@ def sample(voice: str):
     samples = current_app.extensions.setdefault("voice_samples", {})
     failed_until = current_app.extensions.setdefault("voice_sample_failures", {})
     with _sample_lock:
-        if voice not in samples and (kept := kept_samples.load(voice, sample_request(voice))) is not None:
+        if voice not in samples and (kept := kept_samples.load(voice, kept_samples.sample_request(voice))) is not None:
             samples[voice] = kept
         if voice not in samples:
             now = clock()
             if now < failed_until.get(voice, now):
                 return _refusal(503, "The speech server cannot make the sample just now.", failed_until[voice] - now)
             try:
-                samples[voice] = kept_samples.keep(voice, sample_request(voice), synthesise_sample(voice))
-            except SampleUnavailable as failure:
+                samples[voice] = kept_samples.keep(
+                    voice, kept_samples.sample_request(voice), kept_samples.synthesise_sample(voice)
+                )
+            except kept_samples.SampleUnavailable as failure:
                 failed_until[voice] = clock() + SAMPLE_FAILURE_SECONDS
                 return _refusal(503, str(failure), SAMPLE_FAILURE_SECONDS)
     response = current_app.response_class(samples[voice], mimetype="audio/mpeg")
@@ -132,31 +128,3 @@ def _refusal(status: int, message: str, retry_after: float):
     response = current_app.response_class(message + "\n", status=status, mimetype="text/plain")
     response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     return response
-
-
-def sample_request(voice: str) -> dict:
-    """What the speech server is asked for the voice's sample."""
-    name = catalog.describe(voice)["name"]
-    payload = {"model": speech.DEFAULT_MODEL, "voice": voice, "input": SAMPLE_TEXT.format(name=name)}
-    payload["response_format"] = "mp3"
-    return payload
-
-
-def synthesise_sample(voice: str) -> bytes:
-    """The voice's sample from the speech server; SampleUnavailable when it cannot give one."""
-    payload = sample_request(voice)
-    upstream = current_app.extensions["upstream"]
-    try:
-        slot = upstream.reserve()
-    except Busy:
-        raise SampleUnavailable("The speech server is busy; try the sample again in a moment.") from None
-    try:
-        audio = upstream.open_speech(payload, current_app.config["STREAM_CHUNK_BYTES"], slot)
-        try:
-            return audio.first_chunk + b"".join(audio.rest)
-        finally:
-            audio.close()
-    except UpstreamError:
-        raise SampleUnavailable("The speech server cannot be reached; try the sample again in a moment.") from None
-    finally:
-        slot.release()

@@ -1,6 +1,7 @@
 """The landing page's voice samples, made before a visitor asks for one.
 
-Each sample is one fixed sentence per voice in SAMPLE_VOICES (app/playground.py makes it).
+Each sample is one fixed sentence per voice in SAMPLE_VOICES, made here and served by
+app/playground.py.
 Made on a visitor's click, the first play of each took 10-15 s. `flask samples prepare`
 makes every missing one and keeps it in SAMPLES_DIR (instance/samples by default); `make
 run` runs it as soon as the engine is up, and a deploy runs it once. A sample on disk
@@ -17,7 +18,44 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from app import catalog, speech
+from app.upstream import Busy, UpstreamError
+
 samples_cli = AppGroup("samples", help="The landing page's voice samples.")
+
+SAMPLE_TEXT = "Hello! I am {name}, one of the voices you can use on kokoro-pay. One credit per character."
+
+
+class SampleUnavailable(Exception):
+    """The speech server gave no sample; the message is for the visitor."""
+
+
+def sample_request(voice: str) -> dict:
+    """What the speech server is asked for the voice's sample."""
+    name = catalog.describe(voice)["name"]
+    payload = {"model": speech.DEFAULT_MODEL, "voice": voice, "input": SAMPLE_TEXT.format(name=name)}
+    payload["response_format"] = "mp3"
+    return payload
+
+
+def synthesise_sample(voice: str) -> bytes:
+    """The voice's sample from the speech server; SampleUnavailable when it cannot give one."""
+    payload = sample_request(voice)
+    upstream = current_app.extensions["upstream"]
+    try:
+        slot = upstream.reserve()
+    except Busy:
+        raise SampleUnavailable("The speech server is busy; try the sample again in a moment.") from None
+    try:
+        audio = upstream.open_speech(payload, current_app.config["STREAM_CHUNK_BYTES"], slot)
+        try:
+            return audio.first_chunk + b"".join(audio.rest)
+        finally:
+            audio.close()
+    except UpstreamError:
+        raise SampleUnavailable("The speech server cannot be reached; try the sample again in a moment.") from None
+    finally:
+        slot.release()
 
 
 def _path(voice: str, request: dict) -> Path | None:
@@ -53,19 +91,17 @@ def keep(voice: str, request: dict, audio: bytes) -> bytes:
 @samples_cli.command("prepare")
 def prepare():
     """Make every sample in SAMPLE_VOICES that is not kept yet (run once the speech server is up)."""
-    from app import playground
-
     if not current_app.config["SAMPLES_DIR"]:
         raise click.ClickException("SAMPLES_DIR is empty: there is nowhere to keep the samples.")
     failed = 0
     for voice in current_app.config["SAMPLE_VOICES"]:
-        request = playground.sample_request(voice)
+        request = sample_request(voice)
         if load(voice, request) is not None:
             click.echo(f"{voice}: kept already")
             continue
         try:
-            audio = keep(voice, request, playground.synthesise_sample(voice))
-        except playground.SampleUnavailable as failure:
+            audio = keep(voice, request, synthesise_sample(voice))
+        except SampleUnavailable as failure:
             failed += 1
             click.echo(f"{voice}: {failure}", err=True)
             continue

@@ -2,7 +2,7 @@
 
 import pytest
 
-from app import playground
+from app import samples
 from tests.fake_upstream import FakeUpstream
 from tests.servers import serve
 
@@ -54,7 +54,7 @@ def test_a_sample_made_on_a_click_is_kept_for_the_next_start(make_app, upstream,
 def test_a_changed_sentence_is_made_anew_not_served_from_the_old_recording(make_app, upstream, tmp_path, monkeypatch):
     app = make_app(UPSTREAM_URL=upstream.url, SAMPLES_DIR=str(tmp_path / "samples"), SAMPLE_VOICES=["af_heart"])
     prepare(app)
-    monkeypatch.setattr(playground, "SAMPLE_TEXT", "Hi, I am {name}.")
+    monkeypatch.setattr(samples, "SAMPLE_TEXT", "Hi, I am {name}.")
     assert "af_heart: made" in prepare(app).output
     assert upstream.received[-1]["input"] == "Hi, I am Heart."
 
