@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 from flask_migrate import upgrade
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from app import create_app
 from app.config import database_url
@@ -18,7 +18,11 @@ pytest_plugins = ["tests.engine_fixtures"]
 
 # Nothing listens here: tests that forget to stub the upstream fail fast with "refused".
 STUB_UPSTREAM = "http://127.0.0.1:9/v1"
+# Under pytest-xdist (`make test` runs two workers) each worker has a database of its own: <name>_gw0, <name>_gw1.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 PG_URL = database_url(os.environ["TEST_DATABASE_URL"]) if os.environ.get("TEST_DATABASE_URL") else None
+if PG_URL and WORKER:
+    PG_URL = f"{PG_URL}_{WORKER}"
 # Stripe's API and Checkout pages, stood in for on loopback: stubbed with responses, or intercepted in the browser.
 STRIPE_API = "http://127.0.0.1:12111"
 STRIPE_CHECKOUT = "http://127.0.0.1:12112"
@@ -67,7 +71,13 @@ def sqlite_template(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def postgres_url():
-    """The PostgreSQL test database, emptied and migrated once per session."""
+    """The PostgreSQL test database (this worker's, made if missing), emptied and migrated once per session."""
+    server = make_url(PG_URL)
+    admin = create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if not conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": server.database}):
+            conn.execute(text(f'CREATE DATABASE "{server.database}"'))
+    admin.dispose()
     engine = create_engine(PG_URL)
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE"))
@@ -148,3 +158,13 @@ def customer(app):
 def web(app):
     """A browser-like client: reads CSRF tokens from the pages it gets."""
     return factories.WebClient(app.test_client())
+
+
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist, the real engine's tests share one worker (one engine, one loaded model),
+    and so do the browser's (one Chromium at a time): each is one group (`--dist loadgroup`)."""
+    for item in items:
+        for marker in ("engine", "browser"):
+            if item.get_closest_marker(marker):
+                item.add_marker(pytest.mark.xdist_group(marker))
+                break

@@ -2,6 +2,7 @@
 
 import contextlib
 import gc
+import os
 import time
 from pathlib import Path
 
@@ -9,8 +10,10 @@ from bench import launch
 from bench.launch import free_port  # noqa: F401 (tests take it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
-# Where several gunicorn workers keep their shared rate limits (the machine's Redis).
-SHARED_LIMITS = "redis://127.0.0.1:6379/13"
+# Where several gunicorn workers keep their shared rate limits (the machine's Redis): a database
+# of its own for each pytest-xdist worker (13 for the first, 12 for the second, …).
+_WORKER_NUMBER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+SHARED_LIMITS = f"redis://127.0.0.1:6379/{13 - _WORKER_NUMBER}"
 
 
 def shared_limits() -> str:

@@ -12,7 +12,7 @@ import responses
 from limits.strategies import MovingWindowRateLimiter
 
 from app import throttle
-from tests import factories
+from tests import factories, servers
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import FakeUpstream, stub_catalog
 from tests.servers import serve
@@ -111,7 +111,8 @@ def test_a_stream_slot_is_free_as_soon_as_the_audio_has_all_been_read(make_app):
 
 @pytest.fixture
 def redis_url():
-    url = "redis://127.0.0.1:6379/15"
+    # 15 for the first pytest-xdist worker, 14 for the second (tests/servers.py takes 13 and 12).
+    url = f"redis://127.0.0.1:6379/{15 - servers._WORKER_NUMBER}"
     try:
         import redis
 
