@@ -10,7 +10,8 @@ relay's wait ends at once and the speech server's connection closes.
 A socket that has data waiting (a pipelined request) cannot be told apart from a live
 client without reading what is not ours, so it is no longer watched; nor are sockets that
 cannot be peeked at (TLS terminated by the server itself): those streams end as before, at
-their next write.
+their next write. A client that closes only its sending side while it goes on reading would be
+taken for gone; HTTP clients and proxies (nginx included) do not do that.
 """
 
 import logging
