@@ -9,6 +9,7 @@
 `python -m engine.assets` prepares the cache; a second run finds it and does nothing.
 """
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -87,10 +88,17 @@ def ensure_voices(cache: Path) -> Path:
 
 
 def ensure() -> tuple[Path, Path]:
-    """The model and voices paths, preparing the cache first if needed."""
+    """The model and voices paths, preparing the cache first if needed.
+
+    One process prepares at a time (an exclusive lock on a file in the cache): two processes
+    that start at once on a fresh machine (the test suite's workers, say) would otherwise move
+    the same parts from under each other. The second finds the cache ready.
+    """
     cache = cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    return ensure_model(cache), ensure_voices(cache)
+    with open(cache / "prepare.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return ensure_model(cache), ensure_voices(cache)
 
 
 if __name__ == "__main__":

@@ -158,13 +158,3 @@ def customer(app):
 def web(app):
     """A browser-like client: reads CSRF tokens from the pages it gets."""
     return factories.WebClient(app.test_client())
-
-
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist, the real engine's tests share one worker (one engine, one loaded model),
-    and so do the browser's (one Chromium at a time): each is one group (`--dist loadgroup`)."""
-    for item in items:
-        for marker in ("engine", "browser"):
-            if item.get_closest_marker(marker):
-                item.add_marker(pytest.mark.xdist_group(marker))
-                break
