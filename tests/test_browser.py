@@ -449,6 +449,9 @@ def test_an_admin_grants_credits_and_disables_an_account_in_the_browser(browser,
 
     page.goto(f"{site}/admin/users?q={email}")
     page.click(f"text={email}")
+    # The customer's page, loaded with its stylesheet, before it is measured (a click only starts the navigation).
+    page.wait_for_url(f"{site}/admin/users/{user_id}")
+    page.wait_for_load_state("load")
     check_page(page, "admin-customer", width, database_uri)
     before = factories.balance(app, user_id)
     page.check("input[value=grant]")
