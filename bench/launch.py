@@ -80,3 +80,20 @@ def gunicorn(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def empty_database(url: str) -> None:
+    """The PostgreSQL database at `url`, made if missing (the user needs CREATEDB), with an empty schema."""
+    from sqlalchemy import create_engine, make_url, text
+
+    server = make_url(url)
+    admin = create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        if not conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": server.database}):
+            conn.execute(text(f'CREATE DATABASE "{server.database}"'))
+    admin.dispose()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP SCHEMA public CASCADE"))
+        conn.execute(text("CREATE SCHEMA public"))
+    engine.dispose()

@@ -35,19 +35,7 @@ SENTENCE = "Kokoro-pay meters speech by the character and streams it as it is ma
 
 def prepare_database(url: str) -> str:
     """An empty, migrated PostgreSQL database with one customer; returns the customer's key."""
-    from sqlalchemy import create_engine, make_url, text
-
-    server = make_url(url)
-    admin = create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        if not conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": server.database}):
-            conn.execute(text(f'CREATE DATABASE "{server.database}"'))
-    admin.dispose()
-    engine = create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
+    launch.empty_database(url)
     return migrated_with_a_customer(url, 10**15)
 
 

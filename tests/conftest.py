@@ -6,11 +6,12 @@ import shutil
 
 import pytest
 from flask_migrate import upgrade
-from sqlalchemy import create_engine, make_url, text
+from sqlalchemy import create_engine, text
 
 from app import create_app
 from app.config import database_url
 from app.extensions import db
+from bench import launch
 from tests import factories
 
 # The real engine's fixtures, one model and one engine process for the whole session.
@@ -72,17 +73,7 @@ def sqlite_template(tmp_path_factory):
 @pytest.fixture(scope="session")
 def postgres_url():
     """The PostgreSQL test database (this worker's, made if missing), emptied and migrated once per session."""
-    server = make_url(PG_URL)
-    admin = create_engine(server.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        if not conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": server.database}):
-            conn.execute(text(f'CREATE DATABASE "{server.database}"'))
-    admin.dispose()
-    engine = create_engine(PG_URL)
-    with engine.begin() as conn:
-        conn.execute(text("DROP SCHEMA public CASCADE"))
-        conn.execute(text("CREATE SCHEMA public"))
-    engine.dispose()
+    launch.empty_database(PG_URL)
     _migrate(PG_URL)
     return PG_URL
 
