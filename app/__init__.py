@@ -15,7 +15,7 @@ from sqlalchemy import event
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from app import config as settings
-from app import hangups, liveness, logs, mail, money
+from app import hangups, liveness, logs, mail, number_format
 from app.catalog import Names
 from app.extensions import csrf, db, login_manager, migrate
 from app.models import new_request_id
@@ -228,7 +228,7 @@ def register_extensions(app: Flask) -> None:
     app.extensions["postman"] = mail.Postman(app)
     app.extensions["lease"] = liveness.Lease(app, app.config["PROCESS_LEASE_SECONDS"])
     app.extensions["hangups"] = hangups.Watch()
-    money.register(app)
+    number_format.register(app)
     if app.config["MAIL_WORKER"]:
         # Each process sends its mail from a thread of its own, started with its first request.
         app.before_request(app.extensions["postman"].start)

@@ -1,4 +1,4 @@
-"""Prices for people: amounts in the visitor's own number format, from Babel's CLDR data."""
+"""Numbers for people: prices and counts in the visitor's own number format, from Babel's CLDR data."""
 
 from decimal import Decimal
 
