@@ -19,7 +19,7 @@ from wtforms import IntegerField, RadioField, StringField
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Length, NumberRange
 
-from app import accounts, billing, keys, liveness, usage
+from app import accounts, billing, keys, liveness, metering, usage
 from app.audit import audit
 from app.dashboard import refuse_control_characters
 from app.extensions import db
@@ -268,7 +268,7 @@ def charged():
 def settle():
     if ConfirmForm().validate_on_submit():
         age = current_app.config["STALE_CHARGE_SECONDS"]
-        done = billing.settle_stale(age)
+        done = metering.settle_stale(age)
         record("settle", details=f"{done.found} stale, {done.settled} settled, {done.credits} credits refunded")
         db.session.commit()
         flash(

@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from flask import current_app
-from sqlalchemy import and_, case, func, literal, select
+from sqlalchemy import and_, case, func, select
 
-from app.billing import kept_credits, stale_charges
 from app.extensions import db
+from app.metering import kept_credits, stale_charges
 from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, SpeechState, User, utcnow
 from app.payments import owed_credits, reversed_cents
 
@@ -20,10 +20,6 @@ LOOKBACK_DAYS = 30
 MIN_BREAKS = 5
 # and they are at least this share of its streams.
 BREAK_SHARE = 0.2
-
-
-def _ledger_ref(prefix: str, column):
-    return LedgerEntry.reference == literal(prefix) + column
 
 
 def balances_match_ledgers() -> list[str]:
@@ -44,10 +40,19 @@ def balances_match_ledgers() -> list[str]:
     ]
 
 
+def _ledger_sums(kind: str):
+    """Per speech request, the sum of its ledger rows of `kind` (debits are negative)."""
+    return (
+        select(LedgerEntry.speech_request_id, func.sum(LedgerEntry.amount).label("amount"))
+        .where(LedgerEntry.kind == kind)
+        .group_by(LedgerEntry.speech_request_id)
+        .subquery(kind)
+    )
+
+
 def speech_charges_match_ledger() -> list[str]:
     problems = []
-    debit = LedgerEntry.__table__.alias("debit")
-    refund = LedgerEntry.__table__.alias("refund")
+    debit, refund = _ledger_sums(LedgerKind.DEBIT), _ledger_sums(LedgerKind.REFUND)
     rows = db.session.execute(
         select(
             SpeechRequest.id,
@@ -57,8 +62,8 @@ def speech_charges_match_ledger() -> list[str]:
             debit.c.amount,
             refund.c.amount,
         )
-        .outerjoin(debit, debit.c.reference == literal("speech:") + SpeechRequest.id)
-        .outerjoin(refund, refund.c.reference == literal("refund:") + SpeechRequest.id)
+        .outerjoin(debit, debit.c.speech_request_id == SpeechRequest.id)
+        .outerjoin(refund, refund.c.speech_request_id == SpeechRequest.id)
     )
     for request_id, state, credits, credits_refunded, debited, refunded in rows:
         if credits and debited != -credits:
@@ -99,24 +104,33 @@ def refunds_cover_only_undelivered_audio() -> list[str]:
 
 
 def ledger_rows_have_requests() -> list[str]:
-    speech_kinds = (LedgerKind.DEBIT, LedgerKind.REFUND)
     rows = db.session.execute(
-        select(LedgerEntry.reference, LedgerEntry.amount)
-        .outerjoin(
-            SpeechRequest,
-            and_(
-                LedgerEntry.kind.in_(speech_kinds),
-                (LedgerEntry.reference == literal("speech:") + SpeechRequest.id)
-                | (LedgerEntry.reference == literal("refund:") + SpeechRequest.id),
-            ),
+        select(LedgerEntry.reference, LedgerEntry.amount).where(
+            LedgerEntry.kind.in_((LedgerKind.DEBIT, LedgerKind.REFUND)), LedgerEntry.speech_request_id.is_(None)
         )
-        .where(LedgerEntry.kind.in_(speech_kinds), SpeechRequest.id.is_(None))
     )
     return [f"ledger {reference}: {amount:+} credits for no speech request" for reference, amount in rows]
 
 
+def ledger_causes_are_the_accounts_own() -> list[str]:
+    """A ledger row's request or payment belongs to the row's own account."""
+    problems = []
+    causes = ((SpeechRequest, LedgerEntry.speech_request_id, "request"), (Payment, LedgerEntry.payment_id, "payment"))
+    for cause, key, owner in causes:
+        rows = db.session.execute(
+            select(LedgerEntry.reference, LedgerEntry.amount, LedgerEntry.user_id, cause.user_id)
+            .join(cause, key == cause.id)
+            .where(LedgerEntry.user_id != cause.user_id)
+        )
+        problems.extend(
+            f"ledger {reference}: {amount:+} credits of user {user_id} for a {owner} of user {other}"
+            for reference, amount, user_id, other in rows
+        )
+    return problems
+
+
 def no_stale_charges() -> list[str]:
-    """No request is left `charged` by a gateway process that is gone (billing.stale_charges): settle has run."""
+    """No request is left `charged` by a gateway process that is gone (metering.stale_charges): settle has run."""
     stale = stale_charges(current_app.config["STALE_CHARGE_SECONDS"])
     last_seen = func.coalesce(SpeechRequest.progress_at, SpeechRequest.created_at)
     rows = db.session.execute(select(SpeechRequest.id, last_seen).where(SpeechRequest.id.in_(stale)))
@@ -136,7 +150,7 @@ def payments_credited_once() -> list[str]:
             func.coalesce(func.sum(LedgerEntry.amount), 0),
             func.count(LedgerEntry.id),
         )
-        .outerjoin(LedgerEntry, _ledger_ref("topup:", Payment.checkout_session_id))
+        .outerjoin(LedgerEntry, and_(LedgerEntry.payment_id == Payment.id, LedgerEntry.kind == LedgerKind.TOPUP))
         .group_by(Payment.id)
     )
     for session_id, credits, paid_at, topped_up, count in rows:
@@ -145,9 +159,7 @@ def payments_credited_once() -> list[str]:
         if paid_at is None and count:
             problems.append(f"payment {session_id}: credited {topped_up} but not paid")
     rows = db.session.execute(
-        select(LedgerEntry.reference)
-        .outerjoin(Payment, _ledger_ref("topup:", Payment.checkout_session_id))
-        .where(LedgerEntry.kind == LedgerKind.TOPUP, Payment.id.is_(None))
+        select(LedgerEntry.reference).where(LedgerEntry.kind == LedgerKind.TOPUP, LedgerEntry.payment_id.is_(None))
     )
     problems.extend(f"ledger {reference}: a top-up for no payment" for (reference,) in rows)
     return problems
@@ -177,6 +189,7 @@ CHECKS = (
     speech_charges_match_ledger,
     refunds_cover_only_undelivered_audio,
     ledger_rows_have_requests,
+    ledger_causes_are_the_accounts_own,
     no_stale_charges,
     payments_credited_once,
     reversals_applied,

@@ -2,21 +2,19 @@
 
 The functions change state inside the caller's transaction; the caller commits,
 or rolls back on an exception, so a balance and its ledger row land together or
-not at all.
+not at all. A ledger row names its cause with a foreign key (the speech request,
+the payment), and its reference, built here and only here, makes each money event
+happen once. A speech request's own life (charged → delivered | refunded) is
+app/metering.py's; the mail that money events cause is app/notifications.py's.
 """
 
-import math
 import uuid
-from datetime import datetime, timedelta
-from fractions import Fraction
-from typing import NamedTuple
 
 from flask import current_app
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, insert, select, update
 
-from app import metrics
 from app.extensions import db
-from app.models import GatewayProcess, LedgerEntry, LedgerKind, SpeechRequest, SpeechState, User, new_request_id, utcnow
+from app.models import LedgerEntry, LedgerKind, User, utcnow
 
 
 class InsufficientCredits(Exception):
@@ -24,22 +22,6 @@ class InsufficientCredits(Exception):
         super().__init__(f"balance {balance} is short of {cost}")
         self.balance = balance
         self.cost = cost
-
-
-class Charge(NamedTuple):
-    """A charged speech request: its id, the credits taken and the balance right after."""
-
-    request_id: str
-    credits: int
-    balance: int
-
-
-class TooManyStreams(Exception):
-    """The account already has its maximum of speech streams open."""
-
-    def __init__(self, limit: int):
-        super().__init__(f"at most {limit} concurrent streams")
-        self.limit = limit
 
 
 _users, _ledger = User.__table__, LedgerEntry.__table__
@@ -54,44 +36,23 @@ _CHANGE = (
 # A debit applies only where the balance covers it: no interleaving of debits can go below zero.
 _DEBIT = _CHANGE.where(_users.c.balance + bindparam("amount") >= 0)
 _WRITE_LEDGER = insert(_ledger)
-_speech = SpeechRequest.__table__
-# What a speech request's row is given; the rest (state charged, nothing refunded or relayed
-# yet, created now) are the model's defaults.
-_SPEECH_FIELDS = (
-    "id",
-    "user_id",
-    "api_key_id",
-    "model",
-    "voice",
-    "response_format",
-    "speed",
-    "characters",
-    "credits",
-    "client_request_id",
-    "process_id",
-)
-# An account's streams in flight: its requests still charged.
-_IN_FLIGHT = (
-    select(func.count())
-    .where(_speech.c.user_id == bindparam("user_id"), _speech.c.state == SpeechState.CHARGED)
-    .scalar_subquery()
-)
-# The request's row, written only while the account has fewer than `max_streams` in flight: the
-# count and the insert are one statement, run after the debit has locked the account's row.
-_RECORD_SPEECH = (
-    insert(_speech)
-    .from_select(
-        _SPEECH_FIELDS,
-        select(*(bindparam(name, type_=_speech.c[name].type) for name in _SPEECH_FIELDS)).where(
-            _IN_FLIGHT < bindparam("max_streams")
-        ),
-    )
-    .returning(_speech.c.id)
-)
 
 
-def apply(user_id: int, amount: int, *, kind: str, reference: str, note: str | None = None) -> int:
+def apply(
+    user_id: int,
+    amount: int,
+    *,
+    kind: str,
+    reference: str,
+    note: str | None = None,
+    speech_request_id: str | None = None,
+    payment_id: int | None = None,
+) -> int:
     """Add `amount` (signed) to the balance and write its ledger row; return the new balance.
+
+    The row points at its cause: the speech request a debit or refund is for (its row may be
+    written later in the same transaction: the key is checked at commit), or the payment a
+    top-up or reversal is for.
 
     A negative amount is one conditional UPDATE, so no interleaving of concurrent
     debits can take a balance below zero; the CHECK constraint on users backs it up.
@@ -116,6 +77,8 @@ def apply(user_id: int, amount: int, *, kind: str, reference: str, note: str | N
             "reference": reference,
             "balance_after": balance,
             "note": note[:500] if note else None,
+            "speech_request_id": speech_request_id,
+            "payment_id": payment_id,
         },
     )
     own_threshold = threshold is not None
@@ -128,6 +91,11 @@ def apply(user_id: int, amount: int, *, kind: str, reference: str, note: str | N
     elif alerted_at is not None and kind in _REARMING and balance >= threshold:
         db.session.execute(update(_users).where(_users.c.id == user_id).values(low_balance_sent_at=None))
     return balance
+
+
+def hold(user_id: int) -> int:
+    """Lock the account's row until this transaction ends, as a debit would; its balance."""
+    return db.session.execute(_CHANGE, {"user_id": user_id, "amount": 0}).scalar()
 
 
 # Credits that bring a balance back to its alert threshold or above arm the alert again.
@@ -154,9 +122,14 @@ def alert_threshold(user: User) -> int:
     return current_app.config["LOW_BALANCE_CREDITS"] if funded(user.id) else 0
 
 
-# Where this transaction's balances that fell below their alert threshold are noted, as
-# (user id, balance, threshold), for the mail app/notifications.py queues before it commits.
-CROSSED = "balances crossing their alert threshold"
+# Where this transaction's money events that the account's owner is told of are noted, as
+# (kind of mail, user id, what it says), for app/notifications.py to queue before it commits.
+TOLD = "money events to tell their accounts"
+
+
+def tell(kind: str, user_id: int, **facts) -> None:
+    """Note a money event for its account's owner: mailed if, and only if, this transaction commits."""
+    db.session.info.setdefault(TOLD, []).append((kind, user_id, facts))
 
 
 def _low_balance_alert(user_id: int, balance: int, threshold: int) -> None:
@@ -168,7 +141,7 @@ def _low_balance_alert(user_id: int, balance: int, threshold: int) -> None:
     it commits (app/notifications.py): a rollback takes the alert and its mail together.
     """
     db.session.execute(update(_users).where(_users.c.id == user_id).values(low_balance_sent_at=utcnow()))
-    db.session.info.setdefault(CROSSED, []).append((user_id, balance, threshold))
+    tell("low_balance", user_id, balance=balance, threshold=threshold)
 
 
 # The ledger's references, each built here and only here: the unique key that makes each money event
@@ -194,7 +167,7 @@ def trial_reference(user_id: int) -> str:
     return f"trial:{user_id}"
 
 
-def take_back(user_id: int, due: int, *, kind: str, reference: str, note: str) -> tuple[int, int]:
+def take_back(user_id: int, due: int, *, kind: str, reference: str, note: str, payment_id: int) -> tuple[int, int]:
     """Take up to `due` credits back (a refunded or disputed payment); returns (taken, balance after).
 
     Never below zero: what the balance cannot cover is not taken, and the ledger note says how
@@ -205,7 +178,7 @@ def take_back(user_id: int, due: int, *, kind: str, reference: str, note: str) -
     if taken < due:
         note += f"; {due - taken} credits already spent"
     if taken:
-        balance = apply(user_id, -taken, kind=kind, reference=reference, note=note)
+        balance = apply(user_id, -taken, kind=kind, reference=reference, note=note, payment_id=payment_id)
     return taken, balance
 
 
@@ -221,188 +194,3 @@ def deduct(user: User, amount: int, reason: str) -> int:
     if amount <= 0:
         raise ValueError("a deduction must be a positive number of credits")
     return apply(user.id, -amount, kind=LedgerKind.DEDUCTION, reference=f"deduction:{uuid.uuid4().hex}", note=reason)
-
-
-# The stream limit when none is set: a count no account reaches.
-_NO_LIMIT = 2**31 - 1
-
-
-def charge_speech(
-    user_id: int,
-    key_id: int,
-    *,
-    unlimited: bool,
-    characters: int,
-    model: str,
-    voice: str,
-    response_format: str,
-    speed: float = 1.0,
-    max_streams: int | None = None,
-    request_id: str | None = None,
-    client_request_id: str | None = None,
-    process_id: str | None = None,
-) -> Charge:
-    """Record a speech request and debit `characters` credits for it.
-
-    Unlimited accounts are recorded with a charge of 0 and no ledger row.
-    Raises InsufficientCredits, with nothing written, when the balance is short, and
-    TooManyStreams when the account already has `max_streams` requests in flight; the
-    caller rolls back. The count is exact across processes and hosts: it is taken after
-    this transaction has locked the account's row (the debit, or a no-op update for
-    unlimited accounts), so concurrent charges of one account are counted one by one.
-    `process_id` names the gateway process serving it (app/liveness.py): settle leaves the
-    request alone while that process's lease is alive.
-    """
-    credits = 0 if unlimited else characters
-    request_id = request_id or new_request_id()
-    if credits:
-        note = f"{characters} characters"
-        balance = apply(user_id, -credits, kind=LedgerKind.DEBIT, reference=speech_reference(request_id), note=note)
-    else:
-        # Also takes the account's row lock, which the stream count below relies on.
-        balance = db.session.execute(_CHANGE, {"user_id": user_id, "amount": 0}).scalar()
-    row = {
-        "id": request_id,
-        "user_id": user_id,
-        "api_key_id": key_id,
-        "model": model,
-        "voice": voice,
-        "response_format": response_format,
-        "speed": speed,
-        "characters": characters,
-        "credits": credits,
-        "client_request_id": client_request_id,
-        "process_id": process_id,
-        "max_streams": _NO_LIMIT if max_streams is None else max_streams,
-    }
-    if db.session.execute(_RECORD_SPEECH, row).first() is None:
-        raise TooManyStreams(max_streams)
-    return Charge(request_id, credits, balance)
-
-
-def streams_in_flight(user_id: int) -> int:
-    """How many of the account's speech requests are still charged: its streams open now."""
-    return db.session.scalar(select(_IN_FLIGHT), {"user_id": user_id})
-
-
-def record_progress(request_id: str, bytes_sent: int, audio_ms: int | None) -> bool:
-    """Note how far a live stream has got; False when the request was settled meanwhile."""
-    row = db.session.execute(
-        update(_speech)
-        .where(_speech.c.id == request_id, _speech.c.state == SpeechState.CHARGED)
-        .values(bytes_sent=bytes_sent, audio_ms=audio_ms, progress_at=utcnow())
-        .returning(_speech.c.id)
-    ).first()
-    return row is not None
-
-
-def _close_speech(request_id: str, state: str, details: dict):
-    """Move a charged request to `state`; None when it was not in `charged` any more."""
-    values = {"state": state, "finished_at": utcnow(), **details}
-    if values.get("error"):
-        values["error"] = values["error"][:500]
-    # A table statement, not an ORM one: every speech request runs it, and the ORM's bulk
-    # update machinery cost more CPU than the database work.
-    return db.session.execute(
-        update(_speech)
-        .where(_speech.c.id == request_id, _speech.c.state == SpeechState.CHARGED)
-        .values(**values)
-        .returning(_speech.c.user_id, _speech.c.credits, _speech.c.characters, _speech.c.speed, _speech.c.audio_ms)
-    ).first()
-
-
-def mark_delivered(request_id: str, **details) -> bool:
-    """The audio went out: the charge stands. False if the request was already settled."""
-    return _close_speech(request_id, SpeechState.DELIVERED, details) is not None
-
-
-def kept_credits(credits: int, characters: int, speed: float, audio_ms: int | None, chars_per_second: float) -> int:
-    """The share of a charge that delivered audio pays for, rounded up.
-
-    The whole text is expected to last `characters / (chars_per_second × speed)` seconds;
-    the audio delivered pays for its share of that, never more than the charge. A rate at
-    or above the fastest speech of any voice makes the expected length a lower bound, so a
-    refund never pays back audio that went out. `audio_ms` None (a stream that could not be
-    measured) keeps the whole charge.
-    """
-    if audio_ms is None:
-        return credits
-    if audio_ms <= 0 or credits <= 0:
-        return 0
-    share = Fraction(audio_ms) * Fraction(str(chars_per_second)) * Fraction(str(speed)) / (1000 * characters)
-    return min(credits, math.ceil(credits * share))
-
-
-def refund_speech(request_id: str, reason: str, **details) -> int | None:
-    """Give back what a failed request did not deliver, at most once and only after a charge.
-
-    `details` may carry `audio_ms`, the audio delivered (0 before the first byte: a full
-    refund); without it, the progress last recorded for the request counts. Returns the
-    credits given back, or None when the request was not charged any more: the state
-    change from `charged` is the guard, so a second call, or one for a request already
-    delivered, does nothing. The speech rate is SPEECH_CHARS_PER_SECOND (see kept_credits).
-    """
-    row = _close_speech(request_id, SpeechState.REFUNDED, {**details, "error": reason})
-    if row is None:
-        return None
-    user_id, credits, characters, speed, audio_ms = row
-    chars_per_second = current_app.config["SPEECH_CHARS_PER_SECOND"]
-    refund = credits - kept_credits(credits, characters, speed, audio_ms, chars_per_second)
-    if refund:
-        db.session.execute(update(_speech).where(_speech.c.id == request_id).values(credits_refunded=refund))
-        apply(user_id, refund, kind=LedgerKind.REFUND, reference=refund_reference(request_id), note=reason)
-        metrics.CREDITS_REFUNDED.inc(refund)
-    return refund
-
-
-class Settled(NamedTuple):
-    found: int
-    settled: int
-    credits: int
-
-
-def settle_stale(older_than_seconds: float, now: datetime | None = None) -> Settled:
-    """Refund what requests a dead gateway process left charged did not deliver; commits each on its own.
-
-    Only requests whose process is gone (see stale_charges) are touched; one settled meanwhile,
-    by its process or another run, is skipped.
-    """
-    settled = credits = 0
-    stale = stale_charges(older_than_seconds, now)
-    for request_id in stale:
-        refund = refund_speech(request_id, STALE_REASON)
-        db.session.commit()
-        if refund is not None:
-            settled += 1
-            credits += refund
-    return Settled(len(stale), settled, credits)
-
-
-STALE_REASON = "Never settled: the worker serving it stopped (crash or lost database connection)."
-
-_processes = GatewayProcess.__table__
-
-
-def stale_charges(older_than_seconds: float, now: datetime | None = None) -> list[str]:
-    """Ids of requests still `charged` whose gateway process is gone, with no progress for `older_than_seconds`.
-
-    A process is gone when its lease has run out (or it never had one: requests from before
-    leases, and those charged outside a gateway process). A live process's request is never
-    stale, however long its stream has been silent: a reader that pauses does not get its
-    audio refunded; the stream ends when the reader has taken nothing for CLIENT_IDLE_SECONDS.
-    """
-    now = now or utcnow()
-    cutoff = now - timedelta(seconds=older_than_seconds)
-    last_seen = func.coalesce(SpeechRequest.progress_at, SpeechRequest.created_at)
-    process_alive = (
-        select(_processes.c.id)
-        .where(_processes.c.id == SpeechRequest.process_id, _processes.c.lease_until >= now)
-        .exists()
-    )
-    return list(
-        db.session.scalars(
-            select(SpeechRequest.id)
-            .where(SpeechRequest.state == SpeechState.CHARGED, last_seen < cutoff, ~process_alive)
-            .order_by(SpeechRequest.created_at, SpeechRequest.id)
-        )
-    )

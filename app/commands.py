@@ -6,7 +6,7 @@ from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, billing, keys, liveness, mail
+from app import accounts, billing, keys, liveness, mail, metering
 from app.audit import audit
 from app.extensions import db
 from app.forms import MIN_PASSWORD
@@ -187,7 +187,7 @@ def settle_speech(older_than):
     age = config["STALE_CHARGE_SECONDS"] if older_than is None else older_than
     if age < config["PROCESS_LEASE_SECONDS"]:
         raise click.BadParameter(liveness.too_short(age, config["PROCESS_LEASE_SECONDS"]), param_hint="--older-than")
-    done = billing.settle_stale(age)
+    done = metering.settle_stale(age)
     click.echo(
         f"{done.found} requests of gone processes without progress for over {age:g} s; settled {done.settled}, "
         f"refunding {done.credits} credits."

@@ -6,7 +6,7 @@ whatever its request threads are doing: a stream blocked writing to a client tha
 reading still belongs to a live process. A speech request names the process serving it, and
 `flask speech settle` refunds a request only once that process's lease has run out (it
 crashed, was killed, or lost its database for longer than the lease), never because a stream
-is slow or its reader paused (app/billing.py `stale_charges`).
+is slow or its reader paused (app/metering.py `stale_charges`).
 
 The renewals write with a connection of their own, outside any request's transaction.
 A settlement a request could not write (its database was away for a moment) is handed to the

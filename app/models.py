@@ -152,11 +152,21 @@ class LedgerEntry(db.Model):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     amount: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(20))
-    # Makes each money event happen once: "speech:<id>", "refund:<id>", a Stripe id, …
+    # Makes each money event happen once: "speech:<id>", "refund:<id>", "topup:<session>", … (billing.py)
     reference: Mapped[str] = mapped_column(String(255), unique=True)
     balance_after: Mapped[int] = mapped_column(BigInteger)
     note: Mapped[Optional[str]] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    # What caused the row, where it is a row of ours: the speech request of a debit or refund (its
+    # row is written after the debit, in the same transaction, so the key is checked at commit),
+    # the payment of a top-up, refund or chargeback. Grants, deductions and trials name none.
+    speech_request_id: Mapped[Optional[str]] = mapped_column(
+        ForeignKey("speech_requests.id", deferrable=True, initially="DEFERRED"), index=True
+    )
+    payment_id: Mapped[Optional[int]] = mapped_column(ForeignKey("payments.id"), index=True)
+
+    # Loaded with the row (one join on a key): the ledger's pages link each payment's rows to it.
+    payment: Mapped[Optional["Payment"]] = relationship(lazy="joined")
 
 
 class SpeechRequest(db.Model):

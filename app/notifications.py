@@ -1,9 +1,10 @@
 """Mail that money events cause, queued in the transaction of the event by a step billing does not know of.
 
-billing notes what happened in the session (`billing.CROSSED`: a balance that fell below its
-alert threshold, once per arming); before that transaction commits, this step queues the mail for
-each, with its links to the dashboard. So the module that owns the books imports neither mail nor
-the web layer's endpoint names, and the mail still lands or goes with the debit that caused it.
+billing and payments note what happened in the session (`billing.tell`: a balance that fell below
+its alert threshold, a payment credited, a payment refunded or disputed); before that transaction
+commits, this step queues the mail for each, with its links to the dashboard. So the modules that
+own the books import neither mail nor the web layer's endpoint names, and each mail still lands or
+goes with the money event that caused it.
 """
 
 from flask_sqlalchemy.session import Session
@@ -13,20 +14,21 @@ from app import billing, mail
 from app.models import User
 from app.urls import external_url
 
+# The dashboard's pages each kind of mail links to, by the name its template uses.
+LINKS = {
+    "low_balance": {"billing_url": "dashboard.billing_page", "account_url": "dashboard.account"},
+    "receipt": {"billing_url": "dashboard.billing_page"},
+    "reversal": {"billing_url": "dashboard.billing_page"},
+}
+
 
 @event.listens_for(Session, "before_commit")
 def _queue_money_mail(session):
-    for user_id, balance, threshold in session.info.pop(billing.CROSSED, ()):
-        mail.notify(
-            session.get(User, user_id),
-            "low_balance",
-            balance=balance,
-            threshold=threshold,
-            billing_url=external_url("dashboard.billing_page"),
-            account_url=external_url("dashboard.account"),
-        )
+    for kind, user_id, facts in session.info.pop(billing.TOLD, ()):
+        links = {name: external_url(endpoint) for name, endpoint in LINKS[kind].items()}
+        mail.notify(session.get(User, user_id), kind, **facts, **links)
 
 
 @event.listens_for(Session, "after_soft_rollback")
 def _forget_rolled_back_events(session, _previous_transaction):
-    session.info.pop(billing.CROSSED, None)
+    session.info.pop(billing.TOLD, None)

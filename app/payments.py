@@ -11,10 +11,9 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
-from app import billing, mail
+from app import billing
 from app.extensions import db
 from app.models import LedgerKind, Payment, PaymentReversal, PaymentStatus, ReversalKind, StripeEvent, User, utcnow
-from app.urls import external_url
 
 log = logging.getLogger(__name__)
 # The most cents a BIGINT column holds; Stripe's own limits are far below it.
@@ -220,16 +219,11 @@ def _fulfill(session_obj) -> str:
         kind=LedgerKind.TOPUP,
         reference=billing.topup_reference(payment.checkout_session_id),
         note=f"{payment.pack} pack, {payment.amount_cents / 100:.2f} {payment.currency.upper()}",
+        payment_id=payment.id,
     )
     outcome = f"credited {payment.credits} to user {payment.user_id}; balance {balance}"
     # Stripe's own receipt page belongs to the charge; a Checkout Session does not name it.
-    mail.notify(
-        db.session.get(User, payment.user_id),
-        "receipt",
-        payment=payment,
-        balance=balance,
-        billing_url=external_url("dashboard.billing_page"),
-    )
+    billing.tell("receipt", payment.user_id, payment=payment, balance=balance)
     waiting = _apply_reversals(payment)
     return outcome if waiting is None else f"{outcome}; {waiting}"
 
@@ -353,10 +347,11 @@ def _apply_reversals(payment: Payment, receipt_url: str | None = None) -> str | 
         kind=kind,
         reference=billing.reversal_reference(kind, payment.checkout_session_id, owed),
         note=f"{status} payment {payment.checkout_session_id}",
+        payment_id=payment.id,
     )
-    mail.notify(
-        db.session.get(User, payment.user_id),
+    billing.tell(
         "reversal",
+        payment.user_id,
         payment=payment,
         disputed=bool(disputed),
         refunded_cents=min(refunded + disputed, payment.amount_cents),
@@ -364,6 +359,5 @@ def _apply_reversals(payment: Payment, receipt_url: str | None = None) -> str | 
         taken=taken,
         balance=balance,
         receipt_url=receipt_url,
-        billing_url=external_url("dashboard.billing_page"),
     )
     return f"took back {taken} of {due} credits from user {payment.user_id}"

@@ -44,7 +44,7 @@ import requests
 from flask import current_app, stream_with_context
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import audio_meter, billing, catalog, metrics
+from app import audio_meter, billing, catalog, metering, metrics
 from app.errors import ApiError
 from app.extensions import db
 from app.upstream import AccountQueueFull, Busy, Slot, SpeechStream, UpstreamError, timed_out
@@ -309,7 +309,7 @@ def admit(payer: Payer, order: Order) -> None:
     if not payer.unlimited and payer.balance < len(order.text):
         raise _insufficient(len(order.text), payer.balance)
     limit = current_app.config["MAX_STREAMS_PER_ACCOUNT"]
-    if billing.streams_in_flight(payer.user_id) >= limit:
+    if metering.streams_in_flight(payer.user_id) >= limit:
         db.session.rollback()
         raise _too_many_streams(limit)
     db.session.rollback()
@@ -353,11 +353,11 @@ def reserve(account: int) -> Slot:
         ) from None
 
 
-def charge(payer: Payer, order: Order, arrival: Arrival) -> billing.Charge:
+def charge(payer: Payer, order: Order, arrival: Arrival) -> metering.Charge:
     """Record and debit the request in one committed transaction."""
     config = current_app.config
     try:
-        paid = billing.charge_speech(
+        paid = metering.charge_speech(
             payer.user_id,
             payer.key_id,
             unlimited=payer.unlimited,
@@ -376,7 +376,7 @@ def charge(payer: Payer, order: Order, arrival: Arrival) -> billing.Charge:
     except billing.InsufficientCredits as short:
         db.session.rollback()
         raise _insufficient(short.cost, short.balance) from None
-    except billing.TooManyStreams as busy:
+    except metering.TooManyStreams as busy:
         db.session.rollback()
         raise _too_many_streams(busy.limit) from None
     except BaseException:
@@ -493,12 +493,12 @@ class Relay:
         except GeneratorExit:
             # The client hung up, or took nothing for CLIENT_IDLE_SECONDS (its socket's writes timed
             # out): what it received was synthesised for it, so the charge stands.
-            _settle(billing.mark_delivered, self.request_id, **self.outcome(error=self._why_closed()))
+            _settle(metering.mark_delivered, self.request_id, **self.outcome(error=self._why_closed()))
             raise
         except requests.RequestException as exc:
             if self.client_left:
                 # The upstream was shut down because the client hung up: the charge stands, as below.
-                _settle(billing.mark_delivered, self.request_id, **self.outcome(error="client disconnected"))
+                _settle(metering.mark_delivered, self.request_id, **self.outcome(error="client disconnected"))
                 return
             metrics.UPSTREAM_FAILURES.labels("stalled" if timed_out(exc) else "broke_off").inc()
             reason = "Upstream stalled mid-stream." if timed_out(exc) else "Upstream broke off mid-stream."
@@ -510,7 +510,7 @@ class Relay:
             # The upstream's part is over: its server's place is free before the client sees the end.
             self.audio.close()
             metrics.STREAMS.dec()
-        _settle(billing.mark_delivered, self.request_id, **self.outcome())
+        _settle(metering.mark_delivered, self.request_id, **self.outcome())
 
     def _upstream_chunks(self):
         # The first chunk, then the rest without empty ones.
@@ -548,7 +548,7 @@ class Relay:
             return
         self.last_beat, self.recorded_ms = now, audio_ms or 0
         try:
-            live = billing.record_progress(self.request_id, self.sent, audio_ms)
+            live = metering.record_progress(self.request_id, self.sent, audio_ms)
             db.session.commit()
         except SQLAlchemyError:
             db.session.rollback()
@@ -599,4 +599,4 @@ def _settle(settle, request_id: str, *args, **details) -> None:
 
 
 def _settle_refund(request_id: str, reason: str, **details) -> None:
-    _settle(billing.refund_speech, request_id, reason, **details)
+    _settle(metering.refund_speech, request_id, reason, **details)

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 
-from app import accounts, billing, keys
+from app import accounts, billing, keys, metering
 from app.extensions import db
 from app.models import LedgerEntry, OutboxMail, Payment, SpeechRequest, User, utcnow
 
@@ -59,7 +59,7 @@ def race_charges(app, customer: "Customer", count: int, characters: int) -> Coun
         with app.app_context():
             barrier.wait(timeout=30)
             try:
-                billing.charge_speech(
+                metering.charge_speech(
                     customer.user_id,
                     customer.key_id,
                     unlimited=False,
@@ -83,7 +83,7 @@ def race_charges(app, customer: "Customer", count: int, characters: int) -> Coun
 def charge_speech(user_id: int, characters: int) -> SpeechRequest:
     """One speech request charged to the user's first key, inside the caller's app context."""
     user = db.session.get(User, user_id)
-    paid = billing.charge_speech(
+    paid = metering.charge_speech(
         user.id,
         user.keys[0].id,
         unlimited=user.unlimited,

@@ -587,7 +587,7 @@ def fails_inside(app, customer, monkeypatch, target: str):
 
 
 def test_an_unexpected_error_is_json_500_without_a_trace(app, customer, monkeypatch):
-    fails_inside(app, customer, monkeypatch, "app.billing.charge_speech")
+    fails_inside(app, customer, monkeypatch, "app.metering.charge_speech")
     assert factories.balance(app, customer.user_id) == 1000
 
 

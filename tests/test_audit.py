@@ -2,7 +2,7 @@
 
 from sqlalchemy import insert, update
 
-from app import billing
+from app import metering
 from app.extensions import db
 from app.models import LedgerEntry, User, utcnow
 from tests import factories
@@ -11,18 +11,24 @@ from tests import factories
 def test_the_audit_passes_on_clean_books(app, runner, customer):
     stale = factories.charged(app, customer.user_id, count=3)
     with app.app_context():
-        billing.refund_speech(stale[0], "upstream down")
-        billing.mark_delivered(stale[1])
+        metering.refund_speech(stale[0], "upstream down")
+        metering.mark_delivered(stale[1])
         db.session.commit()
     result = runner.invoke(args=["audit"])
     assert result.exit_code == 0 and "Audit passed: 1 users, 5 ledger entries, 3 speech requests" in result.output
 
 
-def ledger_row(user_id: int, amount: int, kind: str, reference: str) -> None:
+def ledger_row(user_id: int, amount: int, kind: str, reference: str, **cause) -> None:
     """A ledger row written behind the billing module's back, as a bug or a hand edit would."""
     db.session.execute(
         insert(LedgerEntry).values(
-            user_id=user_id, amount=amount, kind=kind, reference=reference, balance_after=0, created_at=utcnow()
+            user_id=user_id,
+            amount=amount,
+            kind=kind,
+            reference=reference,
+            balance_after=0,
+            created_at=utcnow(),
+            **cause,
         )
     )
 
@@ -31,12 +37,12 @@ def test_the_audit_names_every_kind_of_offender_and_exits_1(app, runner, custome
     delivered, refunded = factories.charged(app, customer.user_id, count=2)
     other = factories.customer(app, balance=50)
     with app.app_context():
-        billing.mark_delivered(delivered)
-        billing.refund_speech(refunded, "upstream down")
+        metering.mark_delivered(delivered)
+        metering.refund_speech(refunded, "upstream down")
         # A balance changed behind the ledger's back.
         db.session.execute(update(User).where(User.id == other.user_id).values(balance=75))
         # A refund for a delivered request, and one for a request that was never charged.
-        ledger_row(customer.user_id, 10, "refund", f"refund:{delivered}")
+        ledger_row(customer.user_id, 10, "refund", f"refund:{delivered}", speech_request_id=delivered)
         ledger_row(customer.user_id, 7, "refund", "refund:req_ghost")
         # A paid Stripe payment that was never credited, and a top-up with no payment.
         factories.starter_payment(customer.user_id, "cs_lost", status="paid", paid_at=utcnow())

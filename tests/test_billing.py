@@ -2,7 +2,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from app import billing
+from app import billing, metering
 from app.extensions import db
 from app.models import LedgerEntry, SpeechRequest, User
 from tests import factories
@@ -46,9 +46,9 @@ def test_refund_returns_the_charge_exactly_once(app, customer):
     with app.app_context():
         request_id = _charge(customer.user_id, customer.key_id, 100).id
         db.session.commit()
-        assert billing.refund_speech(request_id, "upstream down") == 100
+        assert metering.refund_speech(request_id, "upstream down") == 100
         db.session.commit()
-        assert billing.refund_speech(request_id, "upstream down again") is None
+        assert metering.refund_speech(request_id, "upstream down again") is None
         db.session.commit()
         speech = db.session.get(SpeechRequest, request_id)
         assert speech.state == "refunded" and speech.error == "upstream down"
@@ -62,7 +62,7 @@ def test_a_refund_with_a_long_reason_is_still_made_and_its_reason_kept_to_500_ch
     with app.app_context():
         request_id = _charge(customer.user_id, customer.key_id, 100).id
         db.session.commit()
-        assert billing.refund_speech(request_id, "r" * 600) == 100
+        assert metering.refund_speech(request_id, "r" * 600) == 100
         db.session.commit()
         assert db.session.get(SpeechRequest, request_id).error == "r" * 500
     assert factories.balance(app, customer.user_id) == 1000
@@ -72,16 +72,16 @@ def test_a_refund_with_a_long_reason_is_still_made_and_its_reason_kept_to_500_ch
 def test_a_delivered_request_is_never_refunded(app, customer):
     with app.app_context():
         request_id = _charge(customer.user_id, customer.key_id, 100).id
-        assert billing.mark_delivered(request_id, bytes_sent=10) is True
-        assert billing.refund_speech(request_id, "too late") is None
-        assert billing.mark_delivered(request_id, bytes_sent=10) is False
+        assert metering.mark_delivered(request_id, bytes_sent=10) is True
+        assert metering.refund_speech(request_id, "too late") is None
+        assert metering.mark_delivered(request_id, bytes_sent=10) is False
         db.session.commit()
     assert factories.balance(app, customer.user_id) == 900
 
 
 def test_refund_of_an_unknown_request_gives_nothing(app, customer):
     with app.app_context():
-        assert billing.refund_speech("req_unknown", "no such request") is None
+        assert metering.refund_speech("req_unknown", "no such request") is None
         db.session.commit()
     assert factories.balance(app, customer.user_id) == 1000
 
@@ -102,7 +102,7 @@ def test_unlimited_accounts_are_recorded_but_never_debited(app):
         speech = _charge(rich.user_id, rich.key_id, 5000)
         db.session.commit()
         assert (speech.characters, speech.credits) == (5000, 0)
-        assert billing.refund_speech(speech.id, "upstream down") == 0
+        assert metering.refund_speech(speech.id, "upstream down") == 0
         db.session.commit()
     assert factories.balance(app, rich.user_id) == 0
     assert factories.ledger(app, rich.user_id) == []

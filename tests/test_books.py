@@ -14,7 +14,7 @@ import pytest
 import stripe
 from sqlalchemy import delete, select, update
 
-from app import billing, payments
+from app import billing, metering, payments
 from app.audit import audit
 from app.extensions import db
 from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, StripeEvent, User, utcnow
@@ -46,20 +46,20 @@ def plant_charge_without_debit(user_id):
 
 def plant_refund_without_charge(user_id):
     speech = _speech(user_id)
-    billing.refund_speech(speech.id, "upstream failed", audio_ms=0)
+    metering.refund_speech(speech.id, "upstream failed", audio_ms=0)
     db.session.execute(delete(LedgerEntry).where(LedgerEntry.reference == f"speech:{speech.id}"))
     db.session.execute(update(User).where(User.id == user_id).values(balance=User.balance + 10))
 
 
 def plant_refund_row_that_disagrees(user_id):
     speech = _speech(user_id)
-    billing.refund_speech(speech.id, "upstream failed", audio_ms=0)
+    metering.refund_speech(speech.id, "upstream failed", audio_ms=0)
     speech.credits_refunded = 4
 
 
 def plant_refund_while_delivered(user_id):
     speech = _speech(user_id)
-    billing.refund_speech(speech.id, "upstream failed", audio_ms=0)
+    metering.refund_speech(speech.id, "upstream failed", audio_ms=0)
     speech.state = "delivered"
 
 
@@ -69,7 +69,7 @@ def plant_orphan_debit(user_id):
 
 def plant_over_refund(user_id):
     speech = _speech(user_id, characters=100)
-    billing.refund_speech(speech.id, "upstream broke off", audio_ms=4000)
+    metering.refund_speech(speech.id, "upstream broke off", audio_ms=4000)
     # 4 s of audio at 20 characters a second pays for 80 of the 100 credits: refund all 100 instead.
     extra = 100 - speech.credits_refunded
     billing.apply(user_id, extra, kind=LedgerKind.GRANT, reference="grant:cover")
@@ -84,14 +84,14 @@ def plant_balance_without_ledger(user_id):
 
 def plant_refund_row_missing(user_id):
     speech = _speech(user_id)
-    billing.refund_speech(speech.id, "upstream failed", audio_ms=0)
+    metering.refund_speech(speech.id, "upstream failed", audio_ms=0)
     db.session.execute(delete(LedgerEntry).where(LedgerEntry.reference == f"refund:{speech.id}"))
     db.session.execute(update(User).where(User.id == user_id).values(balance=User.balance - 10))
 
 
 def plant_refund_beyond_the_charge(user_id):
     speech = _speech(user_id)
-    billing.refund_speech(speech.id, "upstream failed", audio_ms=0)
+    metering.refund_speech(speech.id, "upstream failed", audio_ms=0)
     billing.apply(user_id, 2, kind=LedgerKind.GRANT, reference="grant:cover")
     db.session.execute(delete(LedgerEntry).where(LedgerEntry.reference == "grant:cover"))
     db.session.execute(update(LedgerEntry).where(LedgerEntry.reference == f"refund:{speech.id}").values(amount=12))
@@ -101,8 +101,8 @@ def plant_refund_beyond_the_charge(user_id):
 def plant_one_credit_too_many_refunded(user_id):
     # 10 characters at 20 a second last 0.5 s: all of it was delivered, so nothing is due back.
     speech = _speech(user_id)
-    billing.refund_speech(speech.id, "upstream broke off", audio_ms=500)
-    billing.apply(user_id, 1, kind=LedgerKind.REFUND, reference=f"refund:{speech.id}")
+    metering.refund_speech(speech.id, "upstream broke off", audio_ms=500)
+    billing.apply(user_id, 1, kind=LedgerKind.REFUND, reference=f"refund:{speech.id}", speech_request_id=speech.id)
     speech.credits_refunded = 1
 
 
@@ -121,14 +121,14 @@ def _paid_payment(user_id, session_id="cs_planted", credits=10_000):
 
 
 def plant_wrong_topup(user_id):
-    _paid_payment(user_id)
-    billing.apply(user_id, 9_999, kind=LedgerKind.TOPUP, reference="topup:cs_planted")
+    payment = _paid_payment(user_id)
+    billing.apply(user_id, 9_999, kind=LedgerKind.TOPUP, reference="topup:cs_planted", payment_id=payment.id)
 
 
 def plant_credit_for_unpaid(user_id):
     payment = factories.starter_payment(user_id, "cs_unpaid")
     db.session.flush()
-    billing.apply(user_id, payment.credits, kind=LedgerKind.TOPUP, reference="topup:cs_unpaid")
+    billing.apply(user_id, payment.credits, kind=LedgerKind.TOPUP, reference="topup:cs_unpaid", payment_id=payment.id)
 
 
 def plant_topup_for_no_payment(user_id):
@@ -141,9 +141,26 @@ def plant_paid_without_topup(user_id):
 
 def plant_unapplied_reversal(user_id):
     payment = _paid_payment(user_id)
-    billing.apply(user_id, 10_000, kind=LedgerKind.TOPUP, reference="topup:cs_planted")
+    billing.apply(user_id, 10_000, kind=LedgerKind.TOPUP, reference="topup:cs_planted", payment_id=payment.id)
     db.session.add(PaymentReversal(payment_intent_id="pi_planted", kind="refund", amount_cents=250, event_id="evt_x"))
     payment.credits_reversed = 0
+
+
+def plant_debit_on_another_accounts_request(user_id):
+    other = User(email="other@example.com", balance=0)
+    db.session.add(other)
+    db.session.flush()
+    speech = _speech(user_id)
+    # The debit's row moved to an account that never asked for the request.
+    db.session.execute(update(LedgerEntry).where(LedgerEntry.speech_request_id == speech.id).values(user_id=other.id))
+
+
+def plant_topup_on_another_accounts_payment(user_id):
+    other = User(email="other@example.com", balance=0)
+    db.session.add(other)
+    db.session.flush()
+    payment = _paid_payment(user_id)
+    billing.apply(other.id, payment.credits, kind=LedgerKind.TOPUP, reference="topup:cs_planted", payment_id=payment.id)
 
 
 OFFENCES = {
@@ -164,6 +181,8 @@ OFFENCES = {
     "a refund with no refund row": (plant_refund_row_missing, "10 credits due back but 0 refunded"),
     "a refund beyond the charge": (plant_refund_beyond_the_charge, "refunded 12 of its 10 credits"),
     "one credit too many refunded": (plant_one_credit_too_many_refunded, "kept 9 credits, but its 500 ms"),
+    "a debit on another account's request": (plant_debit_on_another_accounts_request, "request of user"),
+    "a top-up on another account's payment": (plant_topup_on_another_accounts_payment, "payment of user"),
 }
 
 
@@ -185,14 +204,14 @@ def test_recorded_progress_keeps_an_old_request_from_being_settled(app, customer
         quiet = factories.charge_speech(customer.user_id, 10)
         quiet.created_at = utcnow() - timedelta(hours=2)
         db.session.commit()
-        assert billing.record_progress(old.id, 4096, 1500) is True
+        assert metering.record_progress(old.id, 4096, 1500) is True
         db.session.commit()
-        assert billing.stale_charges(600) == [quiet.id]
+        assert metering.stale_charges(600) == [quiet.id]
         row = db.session.get(SpeechRequest, old.id)
         assert (row.bytes_sent, row.audio_ms) == (4096, 1500) and row.progress_at is not None
-        billing.refund_speech(quiet.id, "settled", audio_ms=0)
+        metering.refund_speech(quiet.id, "settled", audio_ms=0)
         db.session.commit()
-        assert billing.record_progress(quiet.id, 1, 1) is False
+        assert metering.record_progress(quiet.id, 1, 1) is False
 
 
 def test_a_live_stream_with_recent_progress_is_not_stale_however_old(app, customer):
@@ -277,7 +296,7 @@ def test_clean_books_with_empty_accounts_raise_no_alarm(app, customer):
         factories.customer(app, balance=balance)
     with app.app_context():
         speech = factories.charge_speech(customer.user_id, 10)
-        billing.refund_speech(speech.id, "upstream failed", audio_ms=0)
+        metering.refund_speech(speech.id, "upstream failed", audio_ms=0)
         factories.charge_speech(customer.user_id, 20)
         db.session.commit()
     assert problems(app) == []
@@ -349,21 +368,21 @@ def test_charging_one_account_never_touches_another(app, customer):
 
 
 def test_a_one_credit_request_with_audio_delivered_keeps_its_credit():
-    assert billing.kept_credits(1, 1, 1.0, 100, 20) == 1
-    assert billing.kept_credits(1, 1, 1.0, 0, 20) == 0
+    assert metering.kept_credits(1, 1, 1.0, 100, 20) == 1
+    assert metering.kept_credits(1, 1, 1.0, 0, 20) == 0
 
 
 def test_delivered_audio_that_covers_the_whole_text_keeps_the_whole_charge():
     # 1,000 characters at 20 a second: 50 s. All of it delivered keeps all 1,000 credits, not 999.
-    assert billing.kept_credits(1000, 1000, 1.0, 50_000, 20) == 1000
-    assert billing.kept_credits(1000, 1000, 1.0, 49_950, 20) == 999
-    assert billing.kept_credits(1000, 1000, 2.0, 25_000, 20) == 1000
+    assert metering.kept_credits(1000, 1000, 1.0, 50_000, 20) == 1000
+    assert metering.kept_credits(1000, 1000, 1.0, 49_950, 20) == 999
+    assert metering.kept_credits(1000, 1000, 2.0, 25_000, 20) == 1000
 
 
 def test_a_long_request_cut_at_half_its_length_keeps_exactly_half_its_charge():
     # 10,000 characters at 20 a second: 500 s. 250 s delivered pays 5,000 credits, not 4,996.
-    assert billing.kept_credits(10_000, 10_000, 1.0, 250_000, 20) == 5000
-    assert billing.kept_credits(10_000, 10_000, 1.0, 250_001, 20) == 5001
+    assert metering.kept_credits(10_000, 10_000, 1.0, 250_000, 20) == 5000
+    assert metering.kept_credits(10_000, 10_000, 1.0, 250_001, 20) == 5001
 
 
 # Reversals, to the cent

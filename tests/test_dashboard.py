@@ -7,7 +7,7 @@ import re
 import pytest
 from sqlalchemy import func, select
 
-from app import billing
+from app import metering
 from app.extensions import db
 from app.models import User
 from tests import factories
@@ -192,9 +192,9 @@ def add_usage(app, user_id, count):
         for index in range(count):
             speech = factories.charge_speech(user_id, characters=3)
             if index % 2:
-                billing.refund_speech(speech.id, "upstream down")
+                metering.refund_speech(speech.id, "upstream down")
             else:
-                billing.mark_delivered(speech.id, bytes_sent=100)
+                metering.mark_delivered(speech.id, bytes_sent=100)
         db.session.commit()
 
 

@@ -13,7 +13,7 @@ import pytest
 import requests
 from sqlalchemy import delete, select, update
 
-from app import billing, create_app
+from app import create_app, metering
 from app.config import SettingError
 from app.extensions import db
 from app.models import GatewayProcess, LedgerEntry, SpeechRequest, utcnow
@@ -56,7 +56,7 @@ def served_by(app, customer, process_id, count=1):
     with app.app_context():
         ids = []
         for _ in range(count):
-            paid = billing.charge_speech(
+            paid = metering.charge_speech(
                 customer.user_id,
                 customer.key_id,
                 unlimited=False,
@@ -96,12 +96,12 @@ def test_a_process_is_alive_until_the_exact_end_of_its_lease(app, customer):
     quiet_for_hours(app, [request_id])
     until = lease_of(app, alive).lease_until
     with app.app_context():
-        assert billing.stale_charges(600, now=until) == []
-        assert billing.stale_charges(600, now=until + timedelta(microseconds=1)) == [request_id]
+        assert metering.stale_charges(600, now=until) == []
+        assert metering.stale_charges(600, now=until + timedelta(microseconds=1)) == [request_id]
         # A request names a process that never registered (or whose row is gone): it is gone.
         db.session.execute(delete(GatewayProcess))
         db.session.commit()
-        assert billing.stale_charges(600) == [request_id]
+        assert metering.stale_charges(600) == [request_id]
 
 
 def test_stale_requests_are_settled_oldest_first_so_the_books_read_the_same_every_run(app, runner, customer):
@@ -109,7 +109,7 @@ def test_stale_requests_are_settled_oldest_first_so_the_books_read_the_same_ever
     ids = served_by(app, customer, gone, count=5)
     quiet_for_hours(app, ids)
     with app.app_context():
-        assert billing.stale_charges(600) == ids
+        assert metering.stale_charges(600) == ids
     assert "settled 5, refunding 50 credits" in runner.invoke(args=["speech", "settle"]).output
     with app.app_context():
         refunds = db.session.scalars(
@@ -153,7 +153,7 @@ def test_a_settlement_the_database_refused_is_written_by_its_process_when_the_da
     from tests.test_settlement import database_gone, speak
 
     # The database goes away under the settlement itself (what mark_delivered writes with).
-    monkeypatch.setattr(billing, "_close_speech", database_gone)
+    monkeypatch.setattr(metering, "_close_speech", database_gone)
     response = speak(app, customer)
     assert response.status_code == 200 and response.data == b"ID3audio"
     [row] = factories.speech_requests(app, customer.user_id)
@@ -174,13 +174,13 @@ def test_progress_is_recorded_for_every_heartbeat_of_audio_however_fast_it_arriv
     # 30 one-second chunks, sent as fast as they are read: far faster than real time.
     chunks = in_chunks(pcm_of(30), 30)
     recorded = []
-    record = billing.record_progress
+    record = metering.record_progress
 
     def spy(request_id, bytes_sent, audio_ms):
         recorded.append(audio_ms)
         return record(request_id, bytes_sent, audio_ms)
 
-    monkeypatch.setattr(billing, "record_progress", spy)
+    monkeypatch.setattr(metering, "record_progress", spy)
     with serve(FakeUpstream(chunks)) as upstream_url:
         app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
         customer = factories.customer(app, balance=10_000)

@@ -3,7 +3,7 @@
 import pytest
 from sqlalchemy import select
 
-from app import billing
+from app import billing, metering
 from app.extensions import db
 from app.models import User
 from tests import factories
@@ -128,7 +128,7 @@ def test_only_credits_the_customer_paid_for_or_was_given_re_arm_the_alert(make_a
     debit(app, customer.user_id, 600)  # 900: alert one
     # A refund of a failed request back above the threshold does not re-arm it ...
     with app.app_context():
-        request_id = billing.charge_speech(
+        request_id = metering.charge_speech(
             customer.user_id,
             customer.key_id,
             unlimited=False,
@@ -142,7 +142,7 @@ def test_only_credits_the_customer_paid_for_or_was_given_re_arm_the_alert(make_a
         db.session.commit()
     # (a grant to 950 is still below: nothing re-armed)
     with app.app_context():
-        billing.refund_speech(request_id, "upstream failed", audio_ms=0)  # 1,050
+        metering.refund_speech(request_id, "upstream failed", audio_ms=0)  # 1,050
         db.session.commit()
     debit(app, customer.user_id, 100)  # 950 again: no second mail
     assert len(mails(app, customer.email, "low_balance")) == 1

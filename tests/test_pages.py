@@ -12,7 +12,7 @@ import pytest
 import responses
 from sqlalchemy import select, update
 
-from app import billing, keys, playground
+from app import billing, keys, metering, playground
 from app.config import SettingError
 from app.extensions import db
 from app.models import ApiKey, LedgerEntry, SpeechRequest, User, utcnow
@@ -218,7 +218,7 @@ def test_the_playground_needs_the_csrf_token_a_signed_in_and_verified_account(ap
 
 def _usage(app, user_id, key_id, days_ago, credits, refunded=0):
     with app.app_context():
-        paid = billing.charge_speech(
+        paid = metering.charge_speech(
             user_id, key_id, unlimited=False, characters=credits, model="kokoro", voice="af_sky", response_format="mp3"
         )
         request = db.session.get(SpeechRequest, paid.request_id)

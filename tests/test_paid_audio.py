@@ -20,7 +20,7 @@ import requests
 import responses
 from sqlalchemy import func, select, update
 
-from app import billing
+from app import billing, metering
 from app.extensions import db
 from app.models import GatewayProcess, PaymentReversal, SpeechRequest, User, utcnow
 from engine.audio import Encoder
@@ -245,8 +245,8 @@ def test_a_fast_request_that_breaks_off_keeps_the_share_its_speed_delivered(stre
     audio_ms = len(received) * 1000 // 48000
     assert row.state == "refunded" and row.speed == 2.0 and row.audio_ms == audio_ms
     kept = row.credits - row.credits_refunded
-    assert kept == billing.kept_credits(row.credits, row.characters, 2.0, audio_ms, 20)
-    assert kept > billing.kept_credits(row.credits, row.characters, 1.0, audio_ms, 20)
+    assert kept == metering.kept_credits(row.credits, row.characters, 2.0, audio_ms, 20)
+    assert kept > metering.kept_credits(row.credits, row.characters, 1.0, audio_ms, 20)
 
 
 def test_a_break_before_any_audio_byte_refunds_everything(stream_through):
@@ -264,19 +264,19 @@ def test_a_stream_that_cannot_be_measured_keeps_its_charge_when_it_breaks(stream
 
 def test_the_refund_share_follows_the_speed(app, customer):
     # At speed 2 the same text lasts half as long: half the audio is all of it.
-    assert billing.kept_credits(100, 100, 2.0, 2500, 20) == 100
-    assert billing.kept_credits(100, 100, 1.0, 2500, 20) == 50
-    assert billing.kept_credits(100, 100, 0.25, 2500, 20) == 13
-    assert billing.kept_credits(7, 100, 1.0, 1, 20) == 1
-    assert billing.kept_credits(100, 100, 1.0, 0, 20) == 0
-    assert billing.kept_credits(100, 100, 1.0, None, 20) == 100
+    assert metering.kept_credits(100, 100, 2.0, 2500, 20) == 100
+    assert metering.kept_credits(100, 100, 1.0, 2500, 20) == 50
+    assert metering.kept_credits(100, 100, 0.25, 2500, 20) == 13
+    assert metering.kept_credits(7, 100, 1.0, 1, 20) == 1
+    assert metering.kept_credits(100, 100, 1.0, 0, 20) == 0
+    assert metering.kept_credits(100, 100, 1.0, None, 20) == 100
 
 
 def test_a_fast_request_cut_off_is_refunded_by_the_speed_it_was_asked_at(app, customer):
     # 100 characters at speed 2 last 2.5 s: a break after 2.5 s of audio delivered all of it.
     with app.app_context():
         user = db.session.get(User, customer.user_id)
-        fast = billing.charge_speech(
+        fast = metering.charge_speech(
             user.id,
             user.keys[0].id,
             unlimited=False,
@@ -288,7 +288,7 @@ def test_a_fast_request_cut_off_is_refunded_by_the_speed_it_was_asked_at(app, cu
         )
         db.session.commit()
         assert db.session.get(SpeechRequest, fast.request_id).speed == 2.0
-        assert billing.refund_speech(fast.request_id, "Upstream broke off mid-stream.", audio_ms=2500) == 0
+        assert metering.refund_speech(fast.request_id, "Upstream broke off mid-stream.", audio_ms=2500) == 0
         db.session.commit()
     assert factories.balance(app, customer.user_id) == 1000 - 100
 
@@ -368,8 +368,8 @@ def test_a_stream_settled_meanwhile_sends_not_one_more_byte(make_app, caplog):
     assert first == chunks[0] and rest == b""
     # What was delivered when settle ran is paid for; the rest was refunded.
     kept = row.credits - row.credits_refunded
-    assert row.state == "refunded" and row.error == billing.STALE_REASON
-    assert kept == billing.kept_credits(row.credits, row.characters, 1.0, len(chunks[0]) * 1000 // 48000, 20)
+    assert row.state == "refunded" and row.error == metering.STALE_REASON
+    assert kept == metering.kept_credits(row.credits, row.characters, 1.0, len(chunks[0]) * 1000 // 48000, 20)
     assert 0 < kept < row.credits
     assert app.test_cli_runner().invoke(args=["audit"]).exit_code == 0
     # The server's log of the cut-off response names the request and why.
@@ -393,7 +393,7 @@ def test_no_stream_lasts_past_the_maximum_and_it_is_charged_for_what_it_delivere
         [row] = wait_settled(app, customer)
     assert 0 < len(received) < sum(map(len, chunks)) and row.bytes_sent == len(received)
     assert row.state == "refunded" and "longest allowed" in row.error
-    assert row.credits - row.credits_refunded == billing.kept_credits(
+    assert row.credits - row.credits_refunded == metering.kept_credits(
         row.credits, row.characters, 1.0, len(received) * 1000 // 48000, 20
     )
     factories.assert_books_balance(app, customer.user_id)
@@ -429,7 +429,7 @@ def test_a_live_stream_records_its_progress_as_it_goes(make_app):
 def test_settle_applies_the_progress_a_dead_worker_recorded(app, runner, customer):
     with app.app_context():
         row = factories.charge_speech(customer.user_id, 200)
-        billing.record_progress(row.id, 96_000, 5_000)
+        metering.record_progress(row.id, 96_000, 5_000)
         db.session.execute(
             update(SpeechRequest).where(SpeechRequest.id == row.id).values(progress_at=utcnow() - timedelta(hours=2))
         )
@@ -648,8 +648,8 @@ def test_a_nul_in_a_sign_up_or_sign_in_form_is_400_and_creates_nothing(app, web)
 def test_the_audit_names_an_over_refund_a_stale_charge_and_frequent_breaks(app, runner, customer):
     with app.app_context():
         over = factories.charge_speech(customer.user_id, 100).id
-        billing.record_progress(over, 96_000, 4_000)
-        billing.refund_speech(over, "Upstream broke off mid-stream.")
+        metering.record_progress(over, 96_000, 4_000)
+        metering.refund_speech(over, "Upstream broke off mid-stream.")
         # Planted: the whole charge given back though 4 s of audio (80 of the 100 credits' worth) went out.
         db.session.execute(update(SpeechRequest).where(SpeechRequest.id == over).values(credits_refunded=100))
         billing.apply(customer.user_id, 80, kind="refund", reference="planted", note="planted")
@@ -659,8 +659,8 @@ def test_the_audit_names_an_over_refund_a_stale_charge_and_frequent_breaks(app, 
         )
         for _ in range(5):
             broken = factories.charge_speech(customer.user_id, 10).id
-            billing.record_progress(broken, 4800, 100)
-            billing.refund_speech(broken, "Upstream broke off mid-stream.")
+            metering.record_progress(broken, 4800, 100)
+            metering.refund_speech(broken, "Upstream broke off mid-stream.")
         db.session.commit()
     result = runner.invoke(args=["audit"])
     assert result.exit_code == 1

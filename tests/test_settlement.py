@@ -13,7 +13,7 @@ import responses
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
-from app import billing
+from app import metering
 from app.extensions import db
 from app.models import GatewayProcess, LedgerEntry, SpeechRequest, utcnow
 from tests import factories
@@ -80,7 +80,7 @@ def test_a_killed_worker_leaves_the_charge_visible_and_settle_refunds_it_once_it
     # It died before its first progress record: none of its audio is on the books as delivered.
     assert result.exit_code == 0 and result.output.startswith("0 requests")
     [speech] = factories.speech_requests(app, customer.user_id)
-    assert speech.state == "refunded" and speech.error == billing.STALE_REASON
+    assert speech.state == "refunded" and speech.error == metering.STALE_REASON
     assert speech.credits_refunded == STREAMING_TEXT
     assert factories.balance(app, customer.user_id) == 1000
     assert runner.invoke(args=["audit"]).exit_code == 0
@@ -108,7 +108,7 @@ def assert_logged_database_error(caplog, message: str) -> None:
 def test_a_lost_database_at_settlement_leaves_the_request_charged_and_the_log_names_it(
     app, runner, customer, monkeypatch, caplog
 ):
-    monkeypatch.setattr(billing, "mark_delivered", database_gone)
+    monkeypatch.setattr(metering, "mark_delivered", database_gone)
     response = speak(app, customer)
     assert response.status_code == 200 and response.data == b"ID3audio"
     assert states(app, customer) == ["charged"]
@@ -130,7 +130,7 @@ def test_a_lost_database_at_settlement_leaves_the_request_charged_and_the_log_na
 def test_a_stream_whose_progress_cannot_be_written_goes_on_and_the_log_names_it(make_app, monkeypatch, caplog):
     app = make_app(STREAM_HEARTBEAT_SECONDS=0)
     customer = factories.customer(app, balance=1000)
-    monkeypatch.setattr(billing, "record_progress", database_gone)
+    monkeypatch.setattr(metering, "record_progress", database_gone)
     response = speak(app, customer)
     # Progress is a safeguard for settle, not a reason to cut off audio that was paid for.
     assert response.status_code == 200 and response.data == b"ID3audio"
@@ -149,8 +149,8 @@ def test_settle_racing_itself_and_live_traffic_refunds_each_request_once(app, cu
         with app.app_context():
             barrier.wait()
             refunded = 0
-            for request_id in billing.stale_charges(3600):
-                refunded += billing.refund_speech(request_id, billing.STALE_REASON) is not None
+            for request_id in metering.stale_charges(3600):
+                refunded += metering.refund_speech(request_id, metering.STALE_REASON) is not None
                 db.session.commit()
             db.session.remove()
             return refunded

@@ -157,7 +157,7 @@ def test_an_upstream_that_stalls_mid_stream_is_refunded(gateway):
 
 
 def test_a_debit_that_loses_a_race_never_starts_a_synthesis(gateway, monkeypatch):
-    from app import billing
+    from app import billing, metering
 
     upstream = FakeUpstream([b"ID3first", b"rest"])
     app, url = gateway(upstream)
@@ -167,7 +167,7 @@ def test_a_debit_that_loses_a_race_never_starts_a_synthesis(gateway, monkeypatch
         # Another request spent the balance between the key lookup and this debit.
         raise billing.InsufficientCredits(5, len(HELLO["input"]))
 
-    monkeypatch.setattr(billing, "charge_speech", raced)
+    monkeypatch.setattr(metering, "charge_speech", raced)
     response = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, timeout=10)
     assert response.status_code == 402
     assert upstream.received == [], "the upstream was asked before the charge was committed"

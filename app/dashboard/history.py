@@ -2,6 +2,7 @@
 
 import csv
 import io
+from typing import NamedTuple
 
 from flask import (
     Response,
@@ -134,13 +135,18 @@ def ledger_csv():
     return _csv_download("kokoro-pay-ledger.csv", header, rows)
 
 
-def ledger_link(entry: LedgerEntry) -> str | None:
-    """Where a ledger entry's request or payment is shown: the usage row, or the payment on the billing page."""
-    kind, _, rest = entry.reference.partition(":")
-    if kind in ("speech", "refund"):
-        return url_for("dashboard.usage_page", request=rest)
-    if kind in ("topup", "payment_refund", "chargeback"):
-        return url_for("dashboard.billing_page", _anchor="payment-" + rest.split(":")[0])
+class Link(NamedTuple):
+    url: str
+    label: str
+
+
+def ledger_link(entry: LedgerEntry) -> Link | None:
+    """Where a ledger entry's cause is shown: its request on the usage page, or its payment on the billing page."""
+    if entry.speech_request_id:
+        return Link(url_for("dashboard.usage_page", request=entry.speech_request_id), "request")
+    if entry.payment:
+        anchor = "payment-" + entry.payment.checkout_session_id
+        return Link(url_for("dashboard.billing_page", _anchor=anchor), "payment")
     return None
 
 
