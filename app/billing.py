@@ -11,10 +11,9 @@ from datetime import datetime, timedelta
 from fractions import Fraction
 from typing import NamedTuple
 
-from flask import current_app
 from sqlalchemy import bindparam, func, insert, select, update
 
-from app import metrics
+from app import metrics, services
 from app.extensions import db
 from app.models import GatewayProcess, LedgerEntry, LedgerKind, SpeechRequest, SpeechState, User, new_request_id, utcnow
 
@@ -120,7 +119,7 @@ def apply(user_id: int, amount: int, *, kind: str, reference: str, note: str | N
     )
     own_threshold = threshold is not None
     if not own_threshold:
-        threshold = current_app.config["LOW_BALANCE_CREDITS"]
+        threshold = services.settings().low_balance_credits
     if alerted_at is None and balance < threshold <= balance - amount:
         # Asked only at the crossing, so the debit's hot path never pays for it.
         if own_threshold or funded(user_id):
@@ -151,7 +150,7 @@ def alert_threshold(user: User) -> int:
     """
     if user.low_balance_credits is not None:
         return user.low_balance_credits
-    return current_app.config["LOW_BALANCE_CREDITS"] if funded(user.id) else 0
+    return services.settings().low_balance_credits if funded(user.id) else 0
 
 
 # Where this transaction's balances that fell below their alert threshold are noted, as
@@ -346,7 +345,7 @@ def refund_speech(request_id: str, reason: str, **details) -> int | None:
     if row is None:
         return None
     user_id, credits, characters, speed, audio_ms = row
-    chars_per_second = current_app.config["SPEECH_CHARS_PER_SECOND"]
+    chars_per_second = services.settings().speech_chars_per_second
     refund = credits - kept_credits(credits, characters, speed, audio_ms, chars_per_second)
     if refund:
         db.session.execute(update(_speech).where(_speech.c.id == request_id).values(credits_refunded=refund))
