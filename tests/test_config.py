@@ -28,11 +28,12 @@ def test_the_service_reads_its_settings_from_the_environment(environment):
     environment.setenv("SESSION_COOKIE_SECURE", "yes")
     environment.setenv("CORS_ALLOWED_ORIGINS", "https://a.example, https://b.example")
     app = create_app()
+    settings = app.extensions["settings"]
     assert app.config["SECRET_KEY"] == "from-the-environment"
-    assert app.config["STREAM_CHUNK_BYTES"] == 7
-    assert app.config["UPSTREAM_URL"] == "http://127.0.0.1:8881/v1"
+    assert settings.stream_chunk_bytes == 7
+    assert settings.upstream_url == "http://127.0.0.1:8881/v1"
     assert app.config["SESSION_COOKIE_SECURE"] is True and app.config["REMEMBER_COOKIE_SECURE"] is True
-    assert app.config["CORS_ALLOWED_ORIGINS"] == ["https://a.example", "https://b.example"]
+    assert settings.cors_allowed_origins == ["https://a.example", "https://b.example"]
 
 
 def test_an_app_under_test_never_reads_the_environment(environment, tmp_path):
@@ -41,7 +42,7 @@ def test_an_app_under_test_never_reads_the_environment(environment, tmp_path):
     environment.setenv("SESSION_COOKIE_SECURE", "true")
     environment.setenv("MAX_INPUT_CHARS", "not a number")
     app = create_app(app_config(f"sqlite:///{tmp_path / 'test.sqlite3'}"))
-    assert app.config["STREAM_CHUNK_BYTES"] == 16384
+    assert app.extensions["settings"].stream_chunk_bytes == 16384
     assert app.config["SESSION_COOKIE_SECURE"] is False
     assert app.config["SECRET_KEY"] == "test-secret-key"
 
