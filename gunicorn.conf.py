@@ -7,9 +7,12 @@ import tempfile
 # Prometheus metrics summed over the workers (app/metrics.py): each worker writes its samples
 # to files in one directory, emptied at start. An operator may name it (PROMETHEUS_MULTIPROC_DIR,
 # from the real environment, not .env); otherwise a fresh temporary one. prometheus_client picks
-# its mode when it is imported, so the directory is in the environment before the app is.
+# its mode when it is imported, and writes there as soon as the app's metrics are made: the
+# directory is in the environment, and made, before the app is imported. This variable is
+# prometheus_client's own; the app reads it from its settings (app/metrics.py).
 if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="kokoro-pay-metrics-")
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
 from dotenv import load_dotenv  # noqa: E402
 
@@ -20,6 +23,9 @@ from app import config as _config  # noqa: E402
 # checks its own when each worker builds it.
 load_dotenv(_config.ROOT / ".env")
 _settings = _config.parse(os.environ)
+# Emptied once the app is imported: of the last run's samples, and of this master's (it serves nothing).
+for _samples in glob.glob(os.path.join(_settings.prometheus_multiproc_dir, "*.db")):
+    os.remove(_samples)
 
 bind = _settings.bind
 worker_class = "gthread"
@@ -44,11 +50,6 @@ def on_starting(server):
             f"{server.cfg.workers} workers with RATELIMIT_STORAGE_URI=memory://: each worker would keep its own "
             "rate limits. Set RATELIMIT_STORAGE_URI=redis://… (see .env.example) or run one worker."
         )
-
-
-os.makedirs(_settings.prometheus_multiproc_dir, exist_ok=True)
-for _samples in glob.glob(os.path.join(_settings.prometheus_multiproc_dir, "*.db")):
-    os.remove(_samples)  # the last run's: its counts are not this run's
 
 
 def child_exit(server, worker):
