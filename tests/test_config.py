@@ -1,11 +1,13 @@
 """Settings: read from the environment by the service, never under test; refused at start-up when wrong."""
 
+import re
+
 import pytest
 import sqlalchemy
 from sqlalchemy import text
 
 import app as app_module
-from app import create_app
+from app import config, create_app
 from app.config import SettingError
 from app.extensions import db
 from tests.conftest import app_config
@@ -95,3 +97,21 @@ def test_sqlite_settings_apply_to_this_apps_database_only(environment):
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 0
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "memory"
     other.dispose()
+
+
+# Read by others than the app: `make run` (bin/run) and the embedded engine (engine/assets.py).
+NOT_THE_APPS = {"ENGINE_BIND": "bin/run", "ENGINE_CACHE": "engine/assets.py"}
+
+
+def test_every_setting_is_documented_and_every_documented_key_is_read():
+    documented = set(re.findall(r"^#?([A-Z][A-Z0-9_]*)=", (config.ROOT / ".env.example").read_text(), re.M))
+    read = set(config.read({}))
+    assert read - documented == set(), "read but not in .env.example"
+    assert documented - read - set(NOT_THE_APPS) == set(), "in .env.example but read by nothing"
+    for name, reader in NOT_THE_APPS.items():
+        assert name in (config.ROOT / reader).read_text()
+
+
+def test_a_misspelt_override_is_refused(tmp_path):
+    with pytest.raises(SettingError, match="MAX_INPUT_CHAR is not a setting"):
+        create_app(app_config(f"sqlite:///{tmp_path / 'test.sqlite3'}", MAX_INPUT_CHAR=10))
