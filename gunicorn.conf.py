@@ -4,23 +4,38 @@ import glob
 import os
 import tempfile
 
-from dotenv import dotenv_values
+# Prometheus metrics summed over the workers (app/metrics.py): each worker writes its samples
+# to files in one directory, emptied at start. An operator may name it (PROMETHEUS_MULTIPROC_DIR,
+# from the real environment, not .env); otherwise a fresh temporary one. prometheus_client picks
+# its mode when it is imported, and writes there as soon as the app's metrics are made: the
+# directory is in the environment, and made, before the app is imported. This variable is
+# prometheus_client's own; the app reads it from its settings (app/metrics.py).
+if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="kokoro-pay-metrics-")
+os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
 
+from dotenv import load_dotenv  # noqa: E402
 
-def _setting(name: str, default: str) -> str:
-    """The environment first, then `.env` (as the app reads them)."""
-    return os.environ.get(name) or dotenv_values(".env").get(name) or default
+from app import config as _config  # noqa: E402
 
+# The app's settings, read as the app reads them (the environment, then `.env`). Not checked
+# here: this file also serves the embedded engine (bin/run), which has no SECRET_KEY; the app
+# checks its own when each worker builds it.
+load_dotenv(_config.ROOT / ".env")
+_settings = _config.parse(os.environ)
+# Emptied once the app is imported: of the last run's samples, and of this master's (it serves nothing).
+for _samples in glob.glob(os.path.join(_settings.prometheus_multiproc_dir, "*.db")):
+    os.remove(_samples)
 
-bind = _setting("BIND", "127.0.0.1:8000")
+bind = _settings.bind
 worker_class = "gthread"
 # Rate limits kept in process memory are per worker: with more than one worker they must live
 # in a shared store (Redis), or every limit would let each worker's share through.
-_in_memory_limits = _setting("RATELIMIT_STORAGE_URI", "memory://") == "memory://"
-workers = int(_setting("WEB_CONCURRENCY", "1" if _in_memory_limits else "2"))
-threads = int(_setting("GUNICORN_THREADS", "32" if workers == 1 else "16"))
+_in_memory_limits = _settings.ratelimit_storage_uri == "memory://"
+workers = _settings.web_concurrency or (1 if _in_memory_limits else 2)
+threads = _settings.gunicorn_threads or (32 if workers == 1 else 16)
 # A long synthesis streams for as long as it takes; the upstream read timeout bounds silence.
-timeout = int(_setting("GUNICORN_TIMEOUT", "120"))
+timeout = _settings.gunicorn_timeout
 keepalive = 5
 accesslog = "-"
 # The request line and status only: never headers, so keys stay out of the logs.
@@ -35,16 +50,6 @@ def on_starting(server):
             f"{server.cfg.workers} workers with RATELIMIT_STORAGE_URI=memory://: each worker would keep its own "
             "rate limits. Set RATELIMIT_STORAGE_URI=redis://… (see .env.example) or run one worker."
         )
-
-
-# Prometheus metrics summed over the workers (app/metrics.py): each worker writes its samples
-# to files in one directory, emptied at start. An operator may name it (PROMETHEUS_MULTIPROC_DIR);
-# otherwise a fresh temporary one. It must be set before a worker imports prometheus_client.
-_metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(prefix="kokoro-pay-metrics-")
-os.makedirs(_metrics_dir, exist_ok=True)
-for _samples in glob.glob(os.path.join(_metrics_dir, "*.db")):
-    os.remove(_samples)  # the last run's: its counts are not this run's
-os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 
 def child_exit(server, worker):

@@ -35,7 +35,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import delete, func, select, update
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from app import billing, mail
+from app import billing, mail, services
 from app.extensions import db, insert, login_manager
 from app.models import LedgerEntry, LedgerKind, LoginSession, OutboxMail, TrialClaim, User, utcnow
 from app.urls import external_url
@@ -163,7 +163,7 @@ def may_mail(email: str, kind: str, client: str | None, mailbox: str | None = No
     another stamp to take instead (a request that will mail nobody takes its own, see
     request_password_reset).
     """
-    if not current_app.extensions["throttle"].mail_allowed(client_network(client)):
+    if not services.throttle().mail_allowed(client_network(client)):
         return False
     return mail.first_in(mailbox or mailbox_digest(email), kind, MAIL_INTERVAL)
 
@@ -222,7 +222,7 @@ def _read(purpose: str, token: str, max_age: timedelta, fields: int) -> list:
 
 def _trial_ahead(user: User) -> int:
     """The credits a verification would grant this account, as far as can be told before it is opened."""
-    credits = current_app.config["SIGNUP_CREDITS"]
+    credits = services.settings().signup_credits
     if not credits or user.unlimited or _trial_claimed(mailbox_digest(user.email)):
         return 0
     return credits
@@ -239,7 +239,7 @@ def send_verification(user: User, client: str | None) -> bool:
         user,
         "verify",
         link=external_url("dashboard.verify_email", token=token),
-        hours=round(current_app.config["VERIFY_HOURS"]),
+        hours=round(services.settings().verify_hours),
         trial=_trial_ahead(user),
     )
     return True
@@ -249,7 +249,7 @@ def verify_email(token: str) -> int:
     """Mark the account of a verification link as verified and grant the free trial if it is due;
     the credits granted. The caller commits."""
     user_id, email, version, client = _read(
-        "verify", token, timedelta(hours=current_app.config["VERIFY_HOURS"]), fields=4
+        "verify", token, timedelta(hours=services.settings().verify_hours), fields=4
     )
     user = db.session.get(User, user_id)
     if user is None or user.email != email or user.email_version != version or user.deleted_at is not None:
@@ -268,7 +268,7 @@ def mark_verified(user: User, client: str) -> int:
     once per mailbox, ever, and to at most TRIALS_PER_IP_PER_DAY mailboxes a day from one client
     (`client`: its `client_digest`, the one that signed up). The credits granted; the caller commits."""
     user.email_verified_at = utcnow()
-    credits = current_app.config["SIGNUP_CREDITS"]
+    credits = services.settings().signup_credits
     reference = billing.trial_reference(user.id)
     if not credits or user.unlimited:
         return 0
@@ -276,7 +276,7 @@ def mark_verified(user: User, client: str) -> int:
     if db.session.scalar(select(func.count()).where(LedgerEntry.reference == reference)):
         return 0
     mailbox = mailbox_digest(user.email)
-    if _trial_claimed(mailbox) or not current_app.extensions["throttle"].trial_allowed(client):
+    if _trial_claimed(mailbox) or not services.throttle().trial_allowed(client):
         return 0
     if not _claim_trial(mailbox):
         return 0
@@ -311,7 +311,7 @@ def request_password_reset(email: str, client: str | None) -> None:
         "reset",
         user=someone,
         link=external_url("dashboard.reset_password", token=token),
-        minutes=round(current_app.config["RESET_MINUTES"]),
+        minutes=round(services.settings().reset_minutes),
     )
     if found:
         mail.queue(written, user.email, user_id=user.id)
@@ -324,7 +324,7 @@ def _password_stamp(user: User) -> str:
 
 def user_for_reset(token: str) -> User:
     user_id, email, version, stamp = _read(
-        "reset", token, timedelta(minutes=current_app.config["RESET_MINUTES"]), fields=4
+        "reset", token, timedelta(minutes=services.settings().reset_minutes), fields=4
     )
     user = db.session.get(User, user_id)
     # Sent before the account's email changed (even if it changed back): that mailbox may not be the owner's.
@@ -370,7 +370,7 @@ def request_email_change(user: User, new_email: str, client: str | None) -> None
         new_email,
         user_id=user.id,
         link=external_url("dashboard.change_email", token=token),
-        hours=round(current_app.config["VERIFY_HOURS"]),
+        hours=round(services.settings().verify_hours),
     )
 
 
@@ -386,7 +386,7 @@ class EmailChange:
 
 def read_email_change(token: str) -> EmailChange:
     user_id, old_email, version, new_email = _read(
-        "email", token, timedelta(hours=current_app.config["VERIFY_HOURS"]), fields=4
+        "email", token, timedelta(hours=services.settings().verify_hours), fields=4
     )
     user = db.session.get(User, user_id)
     if user is None or user.email != old_email or user.email_version != version or user.deleted_at is not None:

@@ -11,7 +11,7 @@ advertised.
 
 from datetime import timedelta
 
-from flask import Blueprint, abort, current_app, flash, redirect, render_template, request, url_for
+from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user
 from flask_wtf import FlaskForm
 from sqlalchemy import case, func, or_, select
@@ -19,7 +19,7 @@ from wtforms import IntegerField, RadioField, StringField
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Length, NumberRange
 
-from app import accounts, billing, keys, liveness, metering, usage
+from app import accounts, billing, keys, liveness, metering, services, usage
 from app.audit import audit
 from app.dashboard import refuse_control_characters
 from app.extensions import db
@@ -259,7 +259,7 @@ def charged():
         requests=requests,
         alive=liveness.alive_processes([speech.process_id for speech in requests]),
         confirm=ConfirmForm(),
-        older_than=current_app.config["STALE_CHARGE_SECONDS"],
+        older_than=services.settings().stale_charge_seconds,
         now=utcnow(),
     )
 
@@ -267,7 +267,7 @@ def charged():
 @bp.post("/charged/settle")
 def settle():
     if ConfirmForm().validate_on_submit():
-        age = current_app.config["STALE_CHARGE_SECONDS"]
+        age = services.settings().stale_charge_seconds
         done = metering.settle_stale(age)
         record("settle", details=f"{done.found} stale, {done.settled} settled, {done.credits} credits refunded")
         db.session.commit()

@@ -9,10 +9,10 @@ import json
 import re
 import time
 
-from flask import Blueprint, current_app, g, jsonify, request
+from flask import Blueprint, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
-from app import catalog, keys, speech
+from app import catalog, keys, services, speech
 from app.errors import ApiError
 from app.extensions import db
 from app.models import new_request_id
@@ -35,21 +35,21 @@ def authenticate():
     own = request.headers.get("X-Request-Id", "")
     g.client_request_id = own if _CLIENT_REQUEST_ID.fullmatch(own) else None
     g.request_id = g.client_request_id or new_request_id()
-    config = current_app.config
-    throttle = current_app.extensions["throttle"]
+    settings = services.settings()
+    throttle = services.throttle()
     ip = request.remote_addr or "-"
-    if request.method == "OPTIONS" and config["CORS_ALLOWED_ORIGINS"]:
+    if request.method == "OPTIONS" and settings.cors_allowed_origins:
         # A browser's CORS preflight never carries a key; Flask-CORS answers it (app/__init__.py).
         g.caller = None
         return
-    if config["PUBLIC_CATALOG"] and request.endpoint in CATALOG_ENDPOINTS:
+    if settings.public_catalog and request.endpoint in CATALOG_ENDPOINTS:
         g.caller = None
         _throttled(throttle.anonymous_request(ip))
         return
     # An address that has guessed wrong too often is not even looked up until its window passes.
     _throttled(throttle.key_guessing_blocked(ip), "Too many requests with an invalid API key from this address.")
     try:
-        g.caller = keys.authenticate(request.authorization, config["KEY_LAST_USED_RESOLUTION"])
+        g.caller = keys.authenticate(request.authorization, settings.key_last_used_resolution)
     except keys.KeyRefused as refused:
         throttle.key_failed(ip)
         raise ApiError(401, refused.detail, {"WWW-Authenticate": "Bearer"}) from None
@@ -81,7 +81,7 @@ def _json_body():
 
 def _raw_body() -> bytes:
     """The raw request body, at most MAX_REQUEST_BYTES however it is sent; ApiError(413) beyond."""
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    limit = services.settings().max_request_bytes
     too_large = ApiError(413, f"The request body is larger than the limit of {limit} bytes.")
     try:
         raw = request.get_data(cache=False)
@@ -102,7 +102,7 @@ def _raw_body() -> bytes:
 
 @bp.post("/audio/speech")
 def speech_request():
-    order = speech.read_order(_json_body(), current_app.config["MAX_INPUT_CHARS"])
+    order = speech.read_order(_json_body(), services.settings().max_input_chars)
     caller = g.caller
     payer = speech.Payer(caller.user_id, caller.key_id, caller.balance, caller.unlimited)
     arrival = speech.Arrival.of(request.environ, g.received, g.request_id, g.client_request_id)
@@ -111,7 +111,7 @@ def speech_request():
 
 def _catalog(path: str):
     try:
-        return current_app.extensions["upstream"].catalog(path)
+        return services.upstream().catalog(path)
     except UpstreamError as failure:
         raise ApiError(502, failure.detail) from None
 
@@ -121,7 +121,7 @@ def _model_entries() -> list[dict]:
     document = _catalog("models")
     listed = catalog.model_ids(document)
     entries = [entry for entry in document.get("data", []) if isinstance(entry, dict)]
-    for name, target in current_app.extensions["names"].models.items():
+    for name, target in services.settings().names.models.items():
         if name not in listed and target in listed:
             entries.append({"id": name, "object": "model", "created": catalog.OPENAI_CREATED, "owned_by": "kokoro-pay"})
     return entries
@@ -144,7 +144,7 @@ def voices():
 
     `?legacy=true` lists plain ids, as Kokoro-FastAPI's older releases did.
     """
-    entries = catalog.listing(catalog.voice_ids(_catalog("audio/voices")), current_app.extensions["names"])
+    entries = catalog.listing(catalog.voice_ids(_catalog("audio/voices")), services.settings().names)
     if request.args.get("legacy", "").lower() == "true":
         return jsonify(voices=[entry["id"] for entry in entries])
     return jsonify(voices=entries)

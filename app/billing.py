@@ -10,9 +10,9 @@ app/metering.py's; the mail that money events cause is app/notifications.py's.
 
 import uuid
 
-from flask import current_app
 from sqlalchemy import bindparam, insert, select, update
 
+from app import services
 from app.extensions import db
 from app.models import LedgerEntry, LedgerKind, User, utcnow
 
@@ -83,7 +83,7 @@ def apply(
     )
     own_threshold = threshold is not None
     if not own_threshold:
-        threshold = current_app.config["LOW_BALANCE_CREDITS"]
+        threshold = services.settings().low_balance_credits
     if alerted_at is None and balance < threshold <= balance - amount:
         # Asked only at the crossing, so the debit's hot path never pays for it.
         if own_threshold or funded(user_id):
@@ -119,7 +119,7 @@ def alert_threshold(user: User) -> int:
     """
     if user.low_balance_credits is not None:
         return user.low_balance_credits
-    return current_app.config["LOW_BALANCE_CREDITS"] if funded(user.id) else 0
+    return services.settings().low_balance_credits if funded(user.id) else 0
 
 
 # Where this transaction's money events that the account's owner is told of are noted, as

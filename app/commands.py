@@ -1,12 +1,12 @@
 """Operator commands: `flask users …`, `flask credits …`, `flask keys …`."""
 
 import click
-from flask import Flask, current_app
+from flask import Flask
 from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, billing, keys, liveness, mail, metering
+from app import accounts, billing, keys, liveness, mail, metering, services
 from app.audit import audit
 from app.extensions import db
 from app.forms import MIN_PASSWORD
@@ -183,10 +183,10 @@ def settle_speech(older_than):
     its reader pauses. Each is refunded for the audio its last recorded progress does not
     cover, as when an upstream breaks off.
     """
-    config = current_app.config
-    age = config["STALE_CHARGE_SECONDS"] if older_than is None else older_than
-    if age < config["PROCESS_LEASE_SECONDS"]:
-        raise click.BadParameter(liveness.too_short(age, config["PROCESS_LEASE_SECONDS"]), param_hint="--older-than")
+    settings = services.settings()
+    age = settings.stale_charge_seconds if older_than is None else older_than
+    if age < settings.process_lease_seconds:
+        raise click.BadParameter(liveness.too_short(age, settings.process_lease_seconds), param_hint="--older-than")
     done = metering.settle_stale(age)
     click.echo(
         f"{done.found} requests of gone processes without progress for over {age:g} s; settled {done.settled}, "
@@ -218,8 +218,8 @@ def send_mail(once):
         outcome = mail.deliver_due()
         click.echo(f"sent {outcome['sent']}, to retry {outcome['retry']}, failed {outcome['failed']}")
         return
-    click.echo(f"Sending mail every {current_app.config['MAIL_POLL_SECONDS']} s; Ctrl+C stops.")
-    current_app.extensions["postman"].run()
+    click.echo(f"Sending mail every {services.settings().mail_poll_seconds} s; Ctrl+C stops.")
+    services.postman().run()
 
 
 def register_commands(app: Flask) -> None:

@@ -11,6 +11,7 @@ from flask import Blueprint, current_app, jsonify
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
+from app import services
 from app.extensions import db
 from app.upstream import UpstreamError
 
@@ -47,7 +48,7 @@ def _database() -> dict:
 
 def _upstream() -> dict:
     """Whether the speech servers' catalog can be read (cached like every catalog read), and each server's load."""
-    upstream = current_app.extensions["upstream"]
+    upstream = services.upstream()
     servers = upstream.states()
     try:
         upstream.catalog("models")

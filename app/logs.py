@@ -17,11 +17,11 @@ class RequestId(logging.Filter):
         return True
 
 
-def configure(app: Flask) -> None:
+def configure(app: Flask, log_format: str) -> None:
     """The app's log handler (stderr, where gunicorn's logs go too), in the format LOG_FORMAT names."""
     handler = logging.StreamHandler()
     handler.addFilter(RequestId())
-    if app.config["LOG_FORMAT"] == "json":
+    if log_format == "json":
         handler.setFormatter(
             JsonFormatter(JSON_FIELDS, rename_fields={"asctime": "time", "levelname": "level", "name": "logger"})
         )

@@ -9,7 +9,6 @@ with a wrong one.
 """
 
 import hmac
-import os
 
 from flask import Blueprint, abort, current_app, request
 from prometheus_client import (
@@ -21,6 +20,8 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
+
+from app import services
 
 # Seconds; speech's first byte is dominated by synthesis, the gateway's share by Python and the database.
 FIRST_BYTE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
@@ -71,11 +72,11 @@ def webhook_outcome(outcome: str) -> str:
 
 @bp.get("/metrics")
 def scrape():
-    token = current_app.config["METRICS_TOKEN"]
+    token = services.settings().metrics_token
     offered = request.authorization.token if request.authorization and request.authorization.token else ""
     if not token or not hmac.compare_digest(offered.encode(), token.encode()):
         abort(404)
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if services.settings().prometheus_multiproc_dir:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:

@@ -15,7 +15,7 @@ from babel import Locale
 from flask import Blueprint, abort, current_app, render_template, request
 from flask_login import current_user, login_required
 
-from app import catalog, speech
+from app import catalog, services, speech
 from app import samples as kept_samples
 from app.errors import ApiError
 
@@ -59,7 +59,7 @@ def page():
         groups=voice_groups(),
         formats=PLAYABLE,
         default_voice=speech.DEFAULT_VOICE,
-        max_chars=current_app.config["MAX_INPUT_CHARS"],
+        max_chars=services.settings().max_input_chars,
     )
 
 
@@ -70,7 +70,7 @@ def speak():
     received = time.monotonic()
     if not current_user.verified:
         raise ApiError(403, "Confirm your email first: open the link we mailed you.", code="email_not_verified")
-    wait = current_app.extensions["throttle"].api_request(f"playground-{current_user.id}", current_user.id)
+    wait = services.throttle().api_request(f"playground-{current_user.id}", current_user.id)
     if wait is not None:
         raise ApiError(429, "Rate limit reached.", {"Retry-After": str(wait)})
     body = request.get_json(silent=True)
@@ -78,7 +78,7 @@ def speak():
         raise ApiError(400, "Send the request as a JSON object.", code="invalid_json")
     if body.get("response_format", speech.DEFAULT_FORMAT) not in PLAYABLE:
         raise ApiError(400, f"The playground plays {', '.join(PLAYABLE)}.", param="response_format")
-    order = speech.read_order(body, current_app.config["MAX_INPUT_CHARS"])
+    order = speech.read_order(body, services.settings().max_input_chars)
     payer = speech.Payer(current_user.id, None, current_user.balance, current_user.unlimited)
     return speech.serve(payer, order, speech.Arrival.of(request.environ, received))
 
@@ -98,10 +98,10 @@ clock = time.monotonic
 
 @bp.get("/samples/<voice>.mp3")
 def sample(voice: str):
-    wait = current_app.extensions["throttle"].sample_request(request.remote_addr or "unknown")
+    wait = services.throttle().sample_request(request.remote_addr or "unknown")
     if wait is not None:
         return _refusal(429, "Too many samples from your address; try again in a minute.", wait)
-    if voice not in current_app.config["SAMPLE_VOICES"]:
+    if voice not in services.settings().sample_voices:
         abort(404)
     samples = current_app.extensions.setdefault("voice_samples", {})
     failed_until = current_app.extensions.setdefault("voice_sample_failures", {})

@@ -15,10 +15,9 @@ import tempfile
 from pathlib import Path
 
 import click
-from flask import current_app
 from flask.cli import AppGroup
 
-from app import catalog, speech
+from app import catalog, services, speech
 from app.upstream import Busy, UpstreamError
 
 samples_cli = AppGroup("samples", help="The landing page's voice samples.")
@@ -41,13 +40,13 @@ def sample_request(voice: str) -> dict:
 def synthesise_sample(voice: str) -> bytes:
     """The voice's sample from the speech server; SampleUnavailable when it cannot give one."""
     payload = sample_request(voice)
-    upstream = current_app.extensions["upstream"]
+    upstream = services.upstream()
     try:
         slot = upstream.reserve()
     except Busy:
         raise SampleUnavailable("The speech server is busy; try the sample again in a moment.") from None
     try:
-        audio = upstream.open_speech(payload, current_app.config["STREAM_CHUNK_BYTES"], slot)
+        audio = upstream.open_speech(payload, services.settings().stream_chunk_bytes, slot)
         try:
             return audio.first_chunk + b"".join(audio.rest)
         finally:
@@ -59,7 +58,7 @@ def synthesise_sample(voice: str) -> bytes:
 
 
 def _path(voice: str, request: dict) -> Path | None:
-    directory = current_app.config["SAMPLES_DIR"]
+    directory = services.settings().samples_dir
     if not directory:
         return None
     asked = "\n".join(f"{name}={request[name]}" for name in sorted(request))
@@ -91,10 +90,10 @@ def keep(voice: str, request: dict, audio: bytes) -> bytes:
 @samples_cli.command("prepare")
 def prepare():
     """Make every sample in SAMPLE_VOICES that is not kept yet (run once the speech server is up)."""
-    if not current_app.config["SAMPLES_DIR"]:
+    if not services.settings().samples_dir:
         raise click.ClickException("SAMPLES_DIR is empty: there is nowhere to keep the samples.")
     failed = 0
-    for voice in current_app.config["SAMPLE_VOICES"]:
+    for voice in services.settings().sample_voices:
         request = sample_request(voice)
         if load(voice, request) is not None:
             click.echo(f"{voice}: kept already")

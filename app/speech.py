@@ -44,7 +44,7 @@ import requests
 from flask import current_app, stream_with_context
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import audio_meter, billing, catalog, metering, metrics
+from app import audio_meter, billing, catalog, metering, metrics, services
 from app.errors import ApiError
 from app.extensions import db
 from app.upstream import AccountQueueFull, Busy, Slot, SpeechStream, UpstreamError, timed_out
@@ -201,7 +201,7 @@ def check_names(order: Order) -> Order:
     model it does not have, before anything is charged. When the catalog cannot be read
     the names go upstream unchecked, and the upstream's own refusal is answered 400.
     """
-    names = current_app.extensions["names"]
+    names = services.settings().names
     known = upstream_catalog()
     try:
         voice = catalog.resolve_voice(order.voice, names, known)
@@ -216,7 +216,7 @@ def check_names(order: Order) -> Order:
 
 def upstream_catalog() -> catalog.Catalog | None:
     """The upstream's voices and models (cached by app/upstream.py); None when it cannot say."""
-    upstream = current_app.extensions["upstream"]
+    upstream = services.upstream()
     try:
         return catalog.Catalog.from_documents(upstream.catalog("models"), upstream.catalog("audio/voices"))
     except UpstreamError as failure:
@@ -308,7 +308,7 @@ def admit(payer: Payer, order: Order) -> None:
     """
     if not payer.unlimited and payer.balance < len(order.text):
         raise _insufficient(len(order.text), payer.balance)
-    limit = current_app.config["MAX_STREAMS_PER_ACCOUNT"]
+    limit = services.settings().max_streams_per_account
     if metering.streams_in_flight(payer.user_id) >= limit:
         db.session.rollback()
         raise _too_many_streams(limit)
@@ -335,7 +335,7 @@ def reserve(account: int) -> Slot:
     """A place on the least busy speech server, before anything is charged; 503 when all stay full,
     429 when `account` already has its share of the wait."""
     try:
-        return current_app.extensions["upstream"].reserve(account)
+        return services.upstream().reserve(account)
     except AccountQueueFull as full:
         raise ApiError(
             429,
@@ -355,7 +355,7 @@ def reserve(account: int) -> Slot:
 
 def charge(payer: Payer, order: Order, arrival: Arrival) -> metering.Charge:
     """Record and debit the request in one committed transaction."""
-    config = current_app.config
+    settings = services.settings()
     try:
         paid = metering.charge_speech(
             payer.user_id,
@@ -366,11 +366,11 @@ def charge(payer: Payer, order: Order, arrival: Arrival) -> metering.Charge:
             voice=order.voice,
             response_format=order.response_format,
             speed=order.speed,
-            max_streams=config["MAX_STREAMS_PER_ACCOUNT"],
+            max_streams=settings.max_streams_per_account,
             # The id this request is logged under (app/api.py) is its id in the usage list too.
             request_id=None if arrival.client_request_id else arrival.request_id,
             client_request_id=arrival.client_request_id,
-            process_id=current_app.extensions["lease"].process_id(),
+            process_id=services.lease().process_id(),
         )
         db.session.commit()
     except billing.InsufficientCredits as short:
@@ -393,8 +393,8 @@ def open_upstream(request_id: str, order: Order, started: float, slot: Slot) -> 
     something it cannot serve: 400, so SDKs do not retry. Anything else is a 502.
     """
     try:
-        upstream = current_app.extensions["upstream"]
-        return upstream.open_speech(order.payload, current_app.config["STREAM_CHUNK_BYTES"], slot)
+        upstream = services.upstream()
+        return upstream.open_speech(order.payload, services.settings().stream_chunk_bytes, slot)
     except UpstreamError as failure:
         _settle_refund(request_id, failure.detail, audio_ms=0, upstream_status=failure.status, duration_ms=_ms(started))
         # The answer carries the request's id, as every /v1 answer does (security_headers in app/__init__.py).
@@ -444,7 +444,7 @@ class Relay:
 
     def __init__(self, request_id: str, order: Order, audio: SpeechStream, started: float, client=None):
         """`client`: the client's socket, where the server gives it (gunicorn and Werkzeug do)."""
-        config = current_app.config
+        settings = services.settings()
         self.client = client
         self.client_left = False
         self.request_id = request_id
@@ -453,9 +453,9 @@ class Relay:
         self.first_byte_ms = _ms(started)
         self.meter = audio_meter.for_format(order.response_format)
         self.sent = 0
-        self.heartbeat = config["STREAM_HEARTBEAT_SECONDS"]
-        self.deadline = started + config["MAX_STREAM_SECONDS"]
-        self.idle_seconds = config["CLIENT_IDLE_SECONDS"]
+        self.heartbeat = settings.stream_heartbeat_seconds
+        self.deadline = started + settings.max_stream_seconds
+        self.idle_seconds = settings.client_idle_seconds
         self.last_beat = time.monotonic()
         # The audio the last progress record covers, and when the last chunk was handed to the client.
         self.recorded_ms = 0
@@ -479,7 +479,7 @@ class Relay:
         """Yield the audio as it arrives; settle the charge however the stream ends."""
         metrics.STREAMS.inc()
         # A client that leaves while the stream waits for the speech server ends that wait at once.
-        unwatch = current_app.extensions["hangups"].add(self.client, self._left) if self.client else None
+        unwatch = services.hangups().add(self.client, self._left) if self.client else None
         try:
             for chunk in self._upstream_chunks():
                 now = time.monotonic()
@@ -518,7 +518,7 @@ class Relay:
 
     def _check_deadline(self, now: float) -> None:
         if now > self.deadline:
-            limit = current_app.config["MAX_STREAM_SECONDS"]
+            limit = services.settings().max_stream_seconds
             reason = f"The stream ran past the longest allowed ({limit:g} s)."
             self.audio.close()
             _settle_refund(self.request_id, reason, **self.outcome())
@@ -595,7 +595,7 @@ def _settle(settle, request_id: str, *args, **details) -> None:
         # (app/liveness.py), and should it die first, `flask speech settle` settles it.
         db.session.rollback()
         current_app.logger.exception("could not settle speech request %s", request_id)
-        current_app.extensions["lease"].retry_later(functools.partial(settle, request_id, *args, **details))
+        services.lease().retry_later(functools.partial(settle, request_id, *args, **details))
 
 
 def _settle_refund(request_id: str, reason: str, **details) -> None:

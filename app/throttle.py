@@ -18,6 +18,7 @@ import logging
 import math
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import limits
 from limits.errors import StorageError
@@ -25,6 +26,9 @@ from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import MovingWindowRateLimiter
 
 from app import metrics
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +64,18 @@ class _SweptMemoryStorage(MemoryStorage):
 
 
 class Throttle:
-    def __init__(self, config):
-        uri = config["RATELIMIT_STORAGE_URI"]
+    def __init__(self, settings: "Settings"):
+        uri = settings.ratelimit_storage_uri
         storage = _SweptMemoryStorage() if uri == "memory://" else storage_from_string(uri, wrap_exceptions=True)
         self._windows = _FailingOpen(MovingWindowRateLimiter(storage))
-        self.per_key = limits.parse(config["RATE_LIMIT_PER_KEY"])
-        self.per_account = limits.parse(config["RATE_LIMIT_PER_ACCOUNT"])
-        self.logins_per_account = limits.parse(config["LOGIN_LIMIT_PER_ACCOUNT"])
-        self.logins_per_ip = limits.parse(config["LOGIN_LIMIT_PER_IP"])
-        self.key_failures_per_ip = limits.parse(config["KEY_FAILURES_PER_IP"])
-        self.samples_per_ip = limits.parse(config["SAMPLE_LIMIT_PER_IP"])
-        self.mails_per_ip = limits.parse(config["MAILS_PER_IP"])
-        trials = config["TRIALS_PER_IP_PER_DAY"]
+        self.per_key = settings.rate_limit_per_key
+        self.per_account = settings.rate_limit_per_account
+        self.logins_per_account = settings.login_limit_per_account
+        self.logins_per_ip = settings.login_limit_per_ip
+        self.key_failures_per_ip = settings.key_failures_per_ip
+        self.samples_per_ip = settings.sample_limit_per_ip
+        self.mails_per_ip = settings.mails_per_ip
+        trials = settings.trials_per_ip_per_day
         self.trials_per_ip = limits.RateLimitItemPerDay(trials) if trials else None
 
     def _retry_after(self, item, *identifiers) -> int:

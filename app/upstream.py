@@ -20,12 +20,16 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 
 from app import metrics
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 # Statuses with which an upstream blames the request itself (FastAPI's validation errors are 422).
 REQUEST_REFUSED = (400, 422)
@@ -314,22 +318,22 @@ class Upstream:
         self._catalog_lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config) -> "Upstream":
+    def from_settings(cls, settings: "Settings") -> "Upstream":
         upstreams = Upstreams(
-            base_urls(config["UPSTREAM_URL"]),
-            config["UPSTREAM_MAX_STREAMS"],
-            config["UPSTREAM_QUEUE"],
-            config["UPSTREAM_QUEUE_SECONDS"],
-            config["UPSTREAM_RETRY_SECONDS"],
-            config["UPSTREAM_QUEUE_PER_ACCOUNT"],
+            base_urls(settings.upstream_url),
+            settings.upstream_max_streams,
+            settings.upstream_queue,
+            settings.upstream_queue_seconds,
+            settings.upstream_retry_seconds,
+            settings.upstream_queue_per_account,
         )
         return cls(
             upstreams,
-            config["UPSTREAM_API_KEY"],
-            config["UPSTREAM_CONNECT_TIMEOUT"],
-            config["UPSTREAM_READ_TIMEOUT"],
-            config["UPSTREAM_POOL_SIZE"],
-            config["UPSTREAM_CATALOG_TTL"],
+            settings.upstream_api_key,
+            settings.upstream_connect_timeout,
+            settings.upstream_read_timeout,
+            settings.upstream_pool_size,
+            settings.upstream_catalog_ttl,
         )
 
     def states(self) -> list[dict]:

@@ -1,11 +1,13 @@
 """Settings: read from the environment by the service, never under test; refused at start-up when wrong."""
 
+import re
+
 import pytest
 import sqlalchemy
 from sqlalchemy import text
 
 import app as app_module
-from app import create_app
+from app import config, create_app
 from app.config import SettingError
 from app.extensions import db
 from tests.conftest import app_config
@@ -28,11 +30,12 @@ def test_the_service_reads_its_settings_from_the_environment(environment):
     environment.setenv("SESSION_COOKIE_SECURE", "yes")
     environment.setenv("CORS_ALLOWED_ORIGINS", "https://a.example, https://b.example")
     app = create_app()
+    settings = app.extensions["settings"]
     assert app.config["SECRET_KEY"] == "from-the-environment"
-    assert app.config["STREAM_CHUNK_BYTES"] == 7
-    assert app.config["UPSTREAM_URL"] == "http://127.0.0.1:8881/v1"
+    assert settings.stream_chunk_bytes == 7
+    assert settings.upstream_url == "http://127.0.0.1:8881/v1"
     assert app.config["SESSION_COOKIE_SECURE"] is True and app.config["REMEMBER_COOKIE_SECURE"] is True
-    assert app.config["CORS_ALLOWED_ORIGINS"] == ["https://a.example", "https://b.example"]
+    assert settings.cors_allowed_origins == ["https://a.example", "https://b.example"]
 
 
 def test_an_app_under_test_never_reads_the_environment(environment, tmp_path):
@@ -41,7 +44,7 @@ def test_an_app_under_test_never_reads_the_environment(environment, tmp_path):
     environment.setenv("SESSION_COOKIE_SECURE", "true")
     environment.setenv("MAX_INPUT_CHARS", "not a number")
     app = create_app(app_config(f"sqlite:///{tmp_path / 'test.sqlite3'}"))
-    assert app.config["STREAM_CHUNK_BYTES"] == 16384
+    assert app.extensions["settings"].stream_chunk_bytes == 16384
     assert app.config["SESSION_COOKIE_SECURE"] is False
     assert app.config["SECRET_KEY"] == "test-secret-key"
 
@@ -94,3 +97,21 @@ def test_sqlite_settings_apply_to_this_apps_database_only(environment):
         assert connection.execute(text("PRAGMA foreign_keys")).scalar() == 0
         assert connection.execute(text("PRAGMA journal_mode")).scalar() == "memory"
     other.dispose()
+
+
+# Read by others than the app: `make run` (bin/run) and the embedded engine (engine/assets.py).
+NOT_THE_APPS = {"ENGINE_BIND": "bin/run", "ENGINE_CACHE": "engine/assets.py"}
+
+
+def test_every_setting_is_documented_and_every_documented_key_is_read():
+    documented = set(re.findall(r"^#?([A-Z][A-Z0-9_]*)=", (config.ROOT / ".env.example").read_text(), re.M))
+    read = set(config.read({}))
+    assert read - documented == set(), "read but not in .env.example"
+    assert documented - read - set(NOT_THE_APPS) == set(), "in .env.example but read by nothing"
+    for name, reader in NOT_THE_APPS.items():
+        assert name in (config.ROOT / reader).read_text()
+
+
+def test_a_misspelt_override_is_refused(tmp_path):
+    with pytest.raises(SettingError, match="MAX_INPUT_CHAR is not a setting"):
+        create_app(app_config(f"sqlite:///{tmp_path / 'test.sqlite3'}", MAX_INPUT_CHAR=10))

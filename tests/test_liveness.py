@@ -187,7 +187,7 @@ def test_progress_is_recorded_for_every_heartbeat_of_audio_however_fast_it_arriv
         with serve(app) as url:
             response = requests.post(f"{url}{SPEECH}", json=speech_body(), headers=customer.headers, timeout=30)
             assert response.content == b"".join(chunks)
-    heartbeat_ms = app.config["STREAM_HEARTBEAT_SECONDS"] * 1000
+    heartbeat_ms = app.extensions["settings"].stream_heartbeat_seconds * 1000
     # What a crash could refund of audio that went out is what the last record does not cover: under a heartbeat.
     covered = [0, *recorded]
     assert all(0 < later - earlier <= heartbeat_ms for earlier, later in itertools.pairwise(covered))

@@ -1,5 +1,6 @@
 """Abuse limits: request rates per key, account and IP, streams per account, sign-ins, body size."""
 
+import dataclasses
 import os
 import socket
 import threading
@@ -234,8 +235,8 @@ def test_with_redis_down_the_abuse_limits_let_traffic_through_and_the_money_rule
     # account's stream cap (kept by the database) still holds.
     gate = threading.Event()
     with serve(FakeUpstream(gate=gate)) as upstream_url:
-        app.config["UPSTREAM_URL"] = f"{upstream_url}/v1"
-        app.extensions["upstream"] = type(app.extensions["upstream"]).from_config(app.config)
+        moved = dataclasses.replace(app.extensions["settings"], upstream_url=f"{upstream_url}/v1")
+        app.extensions["upstream"] = type(app.extensions["upstream"]).from_settings(moved)
         with serve(app) as gateway:
             first = requests.post(f"{gateway}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True)
             second = requests.post(f"{gateway}/v1/audio/speech", json=HELLO, headers=customer.headers)

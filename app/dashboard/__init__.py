@@ -10,10 +10,10 @@ import functools
 import re
 from urllib.parse import urlsplit
 
-from flask import Blueprint, abort, current_app, flash, redirect, request, url_for
+from flask import Blueprint, abort, flash, redirect, request, url_for
 from flask_login import current_user
 
-from app import payments
+from app import payments, services
 
 bp = Blueprint("dashboard", __name__)
 
@@ -59,7 +59,7 @@ def verified_required(view):
 
 
 def packs() -> list[payments.Pack]:
-    return current_app.extensions["credit_packs"]
+    return services.settings().credit_packs
 
 
 # Each module adds its routes to bp.

@@ -5,7 +5,6 @@ from datetime import timedelta
 
 from flask import (
     Response,
-    current_app,
     flash,
     redirect,
     render_template,
@@ -15,7 +14,7 @@ from flask import (
 from flask_login import current_user, login_required, logout_user
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts
+from app import accounts, services
 from app.dashboard import bp, safe_next
 from app.dashboard.dev_outbox import dev_outbox_open
 from app.extensions import db
@@ -30,8 +29,8 @@ from app.models import User
 
 
 def _sign_in(user: User, remember: bool) -> None:
-    config = current_app.config
-    accounts.sign_in(user, remember, timedelta(hours=config["SIGN_IN_HOURS"]), timedelta(days=config["REMEMBER_DAYS"]))
+    settings = services.settings()
+    accounts.sign_in(user, remember, timedelta(hours=settings.sign_in_hours), timedelta(days=settings.remember_days))
 
 
 # Accounts
@@ -126,7 +125,7 @@ def login():
         return redirect(safe_next(request.args.get("next")))
     form = LoginForm()
     if form.validate_on_submit():
-        throttle = current_app.extensions["throttle"]
+        throttle = services.throttle()
         email, ip = accounts.normalize_email(form.email.data), request.remote_addr or "unknown"
         wait = throttle.login_blocked(email, ip)
         if wait is not None:

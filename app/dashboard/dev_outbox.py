@@ -5,12 +5,12 @@ import ipaddress
 from flask import (
     Response,
     abort,
-    current_app,
     render_template,
     request,
 )
 from sqlalchemy import select
 
+from app import services
 from app.dashboard import bp
 from app.extensions import db
 from app.models import OutboxMail
@@ -20,7 +20,7 @@ def dev_outbox_open() -> bool:
     """Only when DEV_OUTBOX is on (the development .env), with no mail server configured, and only to
     this machine: the mails hold sign-in links. Behind a proxy on the same host every request would
     come from loopback, hence the setting, which production leaves off."""
-    if not current_app.config["DEV_OUTBOX"] or current_app.config["MAIL_URL"]:
+    if not services.settings().dev_outbox or services.settings().mail_url:
         return False
     try:
         return ipaddress.ip_address(request.remote_addr or "").is_loopback

@@ -1,13 +1,12 @@
 """The home page: what this is and what it costs for visitors, the overview for customers."""
 
 from flask import (
-    current_app,
     render_template,
 )
 from flask_login import current_user
 from sqlalchemy import select
 
-from app import catalog, usage
+from app import catalog, services, usage
 from app.dashboard import bp, packs
 from app.extensions import db
 from app.models import ApiKey, LedgerEntry
@@ -28,9 +27,9 @@ def home():
         ledger=ledger,
         usage=recent,
         has_key=has_key,
-        stripe_enabled=current_app.extensions["stripe"] is not None,
+        stripe_enabled=services.stripe_client() is not None,
     )
 
 
 def _samples() -> list[dict]:
-    return [catalog.describe(voice) for voice in current_app.config["SAMPLE_VOICES"]]
+    return [catalog.describe(voice) for voice in services.settings().sample_voices]

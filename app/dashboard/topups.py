@@ -13,7 +13,7 @@ from flask import (
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
-from app import payments
+from app import payments, services
 from app.dashboard import bp, packs, verified_required
 from app.extensions import db
 from app.forms import (
@@ -34,7 +34,7 @@ def billing_page():
         packs=packs(),
         form=BuyForm(),
         payments=recent,
-        enabled=current_app.extensions["stripe"] is not None,
+        enabled=services.stripe_client() is not None,
     )
 
 
@@ -47,7 +47,7 @@ def checkout():
     if not form.validate_on_submit() or pack is None:
         flash("Choose one of the credit packs.", "error")
         return redirect(url_for("dashboard.billing_page"))
-    client = current_app.extensions["stripe"]
+    client = services.stripe_client()
     if client is None:
         flash("Payments are not configured on this server yet.", "error")
         return redirect(url_for("dashboard.billing_page"))
@@ -56,7 +56,7 @@ def checkout():
             client,
             current_user,
             pack,
-            current_app.config["STRIPE_CURRENCY"],
+            services.settings().stripe_currency,
             success_url=external_url("dashboard.billing_success") + "?session_id={CHECKOUT_SESSION_ID}",
             cancel_url=external_url(
                 "dashboard.billing_cancelled", token=payments.cancel_token(current_user, current_app.secret_key)
@@ -80,7 +80,7 @@ def billing_cancelled():
     shows the message and changes nothing: Stripe's redirect is cross-site too, so only the
     token tells them apart (payments.cancel_token).
     """
-    client = current_app.extensions["stripe"]
+    client = services.stripe_client()
     left = payments.checkout_left(current_user, request.args.get("token", ""), current_app.secret_key)
     if left is not None and client is not None:
         payments.cancel_checkout(client, left)

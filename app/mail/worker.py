@@ -21,13 +21,17 @@ import smtplib
 import threading
 from collections import Counter
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
-from flask import current_app
 from sqlalchemy import or_, select, update
 
+from app import services
 from app.extensions import db
 from app.mail.smtp import ABOUT_THIS_MAIL, Smtp, Unsendable, message, refused_for_good
 from app.models import MailState, OutboxMail, utcnow
+
+if TYPE_CHECKING:
+    from app.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +107,7 @@ def deliver_due(limit: int = 100) -> Counter:
     round (the rest wait for the next one).
     """
     outcome = Counter()
-    sender = _Sender(current_app.config, outcome)
+    sender = _Sender(services.settings(), outcome)
     try:
         for tried in (False, True):
             last_id = 0
@@ -122,24 +126,24 @@ def deliver_due(limit: int = 100) -> Counter:
 class _Sender:
     """One round's connection to the mail server, opened for the first mail that needs it."""
 
-    def __init__(self, config, outcome: Counter):
-        self.config = config
-        self.server = Smtp.from_url(config["MAIL_URL"]) if config["MAIL_URL"] else None
+    def __init__(self, settings: "Settings", outcome: Counter):
+        self.settings = settings
+        self.server = Smtp.from_url(settings.mail_url) if settings.mail_url else None
         self.outcome = outcome
         self.connection = None
 
     def deliver(self, mail: OutboxMail) -> bool:
         """Send one claimed mail and record what came of it; False when the server is out of reach."""
         if self.server is None:
-            _without_a_server(mail, self.config["DEV_OUTBOX"], self.outcome)
+            _without_a_server(mail, self.settings.dev_outbox, self.outcome)
             return True
         try:
-            email = message(mail, self.config["MAIL_FROM"])
+            email = message(mail, self.settings.mail_from)
         except Unsendable as error:
             _not_sent(mail, error, self.outcome)
             return True
         try:
-            self.connection = self.connection or self.server.connect(self.config["MAIL_TIMEOUT"])
+            self.connection = self.connection or self.server.connect(self.settings.mail_timeout)
         except (smtplib.SMTPException, OSError) as error:
             _not_sent(mail, error, self.outcome)
             return False
@@ -201,8 +205,9 @@ class Postman:
     other processes queued and for retries.
     """
 
-    def __init__(self, app):
+    def __init__(self, app, poll_seconds: float):
         self.app = app
+        self.poll_seconds = poll_seconds
         self.wake = threading.Event()
         self._pid = None
         self._lock = threading.Lock()
@@ -234,5 +239,5 @@ class Postman:
                 rounds -= 1
                 if not rounds:
                     return
-            self.wake.wait(self.app.config["MAIL_POLL_SECONDS"])
+            self.wake.wait(self.poll_seconds)
             self.wake.clear()
