@@ -157,6 +157,8 @@ def test_concurrent_duplicate_deliveries_credit_once(app, web, buyer, stripe_api
         sign(b"{}"),  # signs another payload
         sign(b"", secret="whsec_wrong"),
     ],
+    # Named, not shown: a signature holds the time it was made, and both xdist workers must collect the same ids.
+    ids=["missing", "malformed", "another payload", "another secret"],
 )
 def test_a_bad_or_missing_signature_is_400_and_changes_nothing(app, web, buyer, stripe_api, client, signature):
     buy(web, stripe_api)
