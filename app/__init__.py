@@ -137,7 +137,7 @@ def register_extensions(app: Flask) -> None:
     app.extensions["upstream"] = Upstream.from_settings(settings)
     app.extensions["stripe"] = stripe_client(settings)
     app.extensions["throttle"] = Throttle(settings)
-    app.extensions["postman"] = postman = mail.Postman(app, settings.mail_poll_seconds)
+    app.extensions["postman"] = postman = mail.Postman(app, settings)
     app.extensions["lease"] = liveness.Lease(app, settings.process_lease_seconds)
     app.extensions["hangups"] = hangups.Watch()
     number_format.register(app)

@@ -35,7 +35,7 @@ from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
 from sqlalchemy import delete, func, select, update
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from app import billing, mail, services
+from app import billing, config, mail, services
 from app.extensions import db, insert, login_manager
 from app.models import LedgerEntry, LedgerKind, LoginSession, OutboxMail, TrialClaim, User, utcnow
 from app.urls import external_url
@@ -222,7 +222,7 @@ def _read(purpose: str, token: str, max_age: timedelta, fields: int) -> list:
 
 def _trial_ahead(user: User) -> int:
     """The credits a verification would grant this account, as far as can be told before it is opened."""
-    credits = services.settings().signup_credits
+    credits = config.current().signup_credits
     if not credits or user.unlimited or _trial_claimed(mailbox_digest(user.email)):
         return 0
     return credits
@@ -239,7 +239,7 @@ def send_verification(user: User, client: str | None) -> bool:
         user,
         "verify",
         link=external_url("dashboard.verify_email", token=token),
-        hours=round(services.settings().verify_hours),
+        hours=round(config.current().verify_hours),
         trial=_trial_ahead(user),
     )
     return True
@@ -248,9 +248,7 @@ def send_verification(user: User, client: str | None) -> bool:
 def verify_email(token: str) -> int:
     """Mark the account of a verification link as verified and grant the free trial if it is due;
     the credits granted. The caller commits."""
-    user_id, email, version, client = _read(
-        "verify", token, timedelta(hours=services.settings().verify_hours), fields=4
-    )
+    user_id, email, version, client = _read("verify", token, timedelta(hours=config.current().verify_hours), fields=4)
     user = db.session.get(User, user_id)
     if user is None or user.email != email or user.email_version != version or user.deleted_at is not None:
         raise TokenError("This link is not valid any more.")
@@ -268,7 +266,7 @@ def mark_verified(user: User, client: str) -> int:
     once per mailbox, ever, and to at most TRIALS_PER_IP_PER_DAY mailboxes a day from one client
     (`client`: its `client_digest`, the one that signed up). The credits granted; the caller commits."""
     user.email_verified_at = utcnow()
-    credits = services.settings().signup_credits
+    credits = config.current().signup_credits
     reference = billing.trial_reference(user.id)
     if not credits or user.unlimited:
         return 0
@@ -311,7 +309,7 @@ def request_password_reset(email: str, client: str | None) -> None:
         "reset",
         user=someone,
         link=external_url("dashboard.reset_password", token=token),
-        minutes=round(services.settings().reset_minutes),
+        minutes=round(config.current().reset_minutes),
     )
     if found:
         mail.queue(written, user.email, user_id=user.id)
@@ -323,9 +321,7 @@ def _password_stamp(user: User) -> str:
 
 
 def user_for_reset(token: str) -> User:
-    user_id, email, version, stamp = _read(
-        "reset", token, timedelta(minutes=services.settings().reset_minutes), fields=4
-    )
+    user_id, email, version, stamp = _read("reset", token, timedelta(minutes=config.current().reset_minutes), fields=4)
     user = db.session.get(User, user_id)
     # Sent before the account's email changed (even if it changed back): that mailbox may not be the owner's.
     if (
@@ -370,7 +366,7 @@ def request_email_change(user: User, new_email: str, client: str | None) -> None
         new_email,
         user_id=user.id,
         link=external_url("dashboard.change_email", token=token),
-        hours=round(services.settings().verify_hours),
+        hours=round(config.current().verify_hours),
     )
 
 
@@ -386,7 +382,7 @@ class EmailChange:
 
 def read_email_change(token: str) -> EmailChange:
     user_id, old_email, version, new_email = _read(
-        "email", token, timedelta(hours=services.settings().verify_hours), fields=4
+        "email", token, timedelta(hours=config.current().verify_hours), fields=4
     )
     user = db.session.get(User, user_id)
     if user is None or user.email != old_email or user.email_version != version or user.deleted_at is not None:

@@ -19,7 +19,7 @@ from wtforms import IntegerField, RadioField, StringField
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Length, NumberRange
 
-from app import accounts, billing, keys, liveness, metering, services, usage
+from app import accounts, billing, config, keys, liveness, metering, usage
 from app.audit import audit
 from app.dashboard import refuse_control_characters
 from app.extensions import db
@@ -259,7 +259,7 @@ def charged():
         requests=requests,
         alive=liveness.alive_processes([speech.process_id for speech in requests]),
         confirm=ConfirmForm(),
-        older_than=services.settings().stale_charge_seconds,
+        older_than=config.current().stale_charge_seconds,
         now=utcnow(),
     )
 
@@ -267,7 +267,7 @@ def charged():
 @bp.post("/charged/settle")
 def settle():
     if ConfirmForm().validate_on_submit():
-        age = services.settings().stale_charge_seconds
+        age = config.current().stale_charge_seconds
         done = metering.settle_stale(age)
         record("settle", details=f"{done.found} stale, {done.settled} settled, {done.credits} credits refunded")
         db.session.commit()

@@ -12,7 +12,7 @@ import time
 from flask import Blueprint, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
-from app import catalog, keys, services, speech
+from app import catalog, config, keys, services, speech
 from app.errors import ApiError
 from app.extensions import db
 from app.models import new_request_id
@@ -35,7 +35,7 @@ def authenticate():
     own = request.headers.get("X-Request-Id", "")
     g.client_request_id = own if _CLIENT_REQUEST_ID.fullmatch(own) else None
     g.request_id = g.client_request_id or new_request_id()
-    settings = services.settings()
+    settings = config.current()
     throttle = services.throttle()
     ip = request.remote_addr or "-"
     if request.method == "OPTIONS" and settings.cors_allowed_origins:
@@ -81,7 +81,7 @@ def _json_body():
 
 def _raw_body() -> bytes:
     """The raw request body, at most MAX_REQUEST_BYTES however it is sent; ApiError(413) beyond."""
-    limit = services.settings().max_request_bytes
+    limit = config.current().max_request_bytes
     too_large = ApiError(413, f"The request body is larger than the limit of {limit} bytes.")
     try:
         raw = request.get_data(cache=False)
@@ -102,7 +102,7 @@ def _raw_body() -> bytes:
 
 @bp.post("/audio/speech")
 def speech_request():
-    order = speech.read_order(_json_body(), services.settings().max_input_chars)
+    order = speech.read_order(_json_body(), config.current().max_input_chars)
     caller = g.caller
     payer = speech.Payer(caller.user_id, caller.key_id, caller.balance, caller.unlimited)
     arrival = speech.Arrival.of(request.environ, g.received, g.request_id, g.client_request_id)
@@ -121,7 +121,7 @@ def _model_entries() -> list[dict]:
     document = _catalog("models")
     listed = catalog.model_ids(document)
     entries = [entry for entry in document.get("data", []) if isinstance(entry, dict)]
-    for name, target in services.settings().names.models.items():
+    for name, target in config.current().names.models.items():
         if name not in listed and target in listed:
             entries.append({"id": name, "object": "model", "created": catalog.OPENAI_CREATED, "owned_by": "kokoro-pay"})
     return entries
@@ -144,7 +144,7 @@ def voices():
 
     `?legacy=true` lists plain ids, as Kokoro-FastAPI's older releases did.
     """
-    entries = catalog.listing(catalog.voice_ids(_catalog("audio/voices")), services.settings().names)
+    entries = catalog.listing(catalog.voice_ids(_catalog("audio/voices")), config.current().names)
     if request.args.get("legacy", "").lower() == "true":
         return jsonify(voices=[entry["id"] for entry in entries])
     return jsonify(voices=entries)

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 from sqlalchemy import and_, case, func, select
 
-from app import services
+from app import config
 from app.extensions import db
 from app.metering import kept_credits, stale_charges
 from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, SpeechState, User, utcnow
@@ -81,7 +81,7 @@ def speech_charges_match_ledger() -> list[str]:
 
 def refunds_cover_only_undelivered_audio() -> list[str]:
     """A refunded request keeps at least the share its delivered audio pays for."""
-    rate = services.settings().speech_chars_per_second
+    rate = config.current().speech_chars_per_second
     rows = db.session.execute(
         select(
             SpeechRequest.id,
@@ -131,7 +131,7 @@ def ledger_causes_are_the_accounts_own() -> list[str]:
 
 def no_stale_charges() -> list[str]:
     """No request is left `charged` by a gateway process that is gone (metering.stale_charges): settle has run."""
-    stale = stale_charges(services.settings().stale_charge_seconds)
+    stale = stale_charges(config.current().stale_charge_seconds)
     last_seen = func.coalesce(SpeechRequest.progress_at, SpeechRequest.created_at)
     rows = db.session.execute(select(SpeechRequest.id, last_seen).where(SpeechRequest.id.in_(stale)))
     return [

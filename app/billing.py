@@ -12,7 +12,7 @@ import uuid
 
 from sqlalchemy import bindparam, insert, select, update
 
-from app import services
+from app import config
 from app.extensions import db
 from app.models import LedgerEntry, LedgerKind, User, utcnow
 
@@ -83,7 +83,7 @@ def apply(
     )
     own_threshold = threshold is not None
     if not own_threshold:
-        threshold = services.settings().low_balance_credits
+        threshold = config.current().low_balance_credits
     if alerted_at is None and balance < threshold <= balance - amount:
         # Asked only at the crossing, so the debit's hot path never pays for it.
         if own_threshold or funded(user_id):
@@ -119,7 +119,7 @@ def alert_threshold(user: User) -> int:
     """
     if user.low_balance_credits is not None:
         return user.low_balance_credits
-    return services.settings().low_balance_credits if funded(user.id) else 0
+    return config.current().low_balance_credits if funded(user.id) else 0
 
 
 # Where this transaction's money events that the account's owner is told of are noted, as

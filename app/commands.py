@@ -6,7 +6,7 @@ from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, billing, keys, liveness, mail, metering, services
+from app import accounts, billing, config, keys, liveness, mail, metering, services
 from app.audit import audit
 from app.extensions import db
 from app.forms import MIN_PASSWORD
@@ -183,7 +183,7 @@ def settle_speech(older_than):
     its reader pauses. Each is refunded for the audio its last recorded progress does not
     cover, as when an upstream breaks off.
     """
-    settings = services.settings()
+    settings = config.current()
     age = settings.stale_charge_seconds if older_than is None else older_than
     if age < settings.process_lease_seconds:
         raise click.BadParameter(liveness.too_short(age, settings.process_lease_seconds), param_hint="--older-than")
@@ -215,10 +215,10 @@ def audit_books():
 def send_mail(once):
     """Send the outbox's due mail: on and on (a service of its own, with MAIL_WORKER=false), or --once."""
     if once:
-        outcome = mail.deliver_due()
+        outcome = mail.deliver_due(config.current())
         click.echo(f"sent {outcome['sent']}, to retry {outcome['retry']}, failed {outcome['failed']}")
         return
-    click.echo(f"Sending mail every {services.settings().mail_poll_seconds} s; Ctrl+C stops.")
+    click.echo(f"Sending mail every {config.current().mail_poll_seconds} s; Ctrl+C stops.")
     services.postman().run()
 
 

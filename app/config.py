@@ -14,12 +14,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import limits
+from flask import current_app
 
 from app.catalog import Names
 from app.liveness import too_short
 from app.mail.smtp import Smtp
-from app.payments import Pack, parse_packs
-from app.upstream import base_urls
+from app.packs import Pack, parse_packs
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SQLITE_PATH = ROOT / "instance" / "kokoro-pay.sqlite3"
@@ -78,6 +78,11 @@ def database_url(raw: str | None) -> str:
         if raw.startswith(prefix):
             return "postgresql+psycopg://" + raw[len(prefix) :]
     return raw
+
+
+def base_urls(setting: str) -> list[str]:
+    """UPSTREAM_URL's servers: one address, or several separated by commas."""
+    return [url.strip().rstrip("/") for url in setting.split(",") if url.strip()]
 
 
 def read(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -288,6 +293,11 @@ NOT_NEGATIVE = (
     "TRIALS_PER_IP_PER_DAY",
     "LOW_BALANCE_CREDITS",
 )
+
+
+def current() -> Settings:
+    """The running app's settings, built once by create_app: in a request, a CLI command or any app context."""
+    return current_app.extensions["settings"]
 
 
 def load(environ: Mapping[str, str], overrides: Mapping[str, Any] | None = None) -> Settings:

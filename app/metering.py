@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from sqlalchemy import bindparam, func, insert, select, update
 
-from app import billing, metrics, services
+from app import billing, config, metrics
 from app.extensions import db
 from app.models import GatewayProcess, LedgerKind, SpeechRequest, SpeechState, new_request_id, utcnow
 
@@ -206,7 +206,7 @@ def refund_speech(request_id: str, reason: str, **details) -> int | None:
     if row is None:
         return None
     user_id, credits, characters, speed, audio_ms = row
-    chars_per_second = services.settings().speech_chars_per_second
+    chars_per_second = config.current().speech_chars_per_second
     refund = credits - kept_credits(credits, characters, speed, audio_ms, chars_per_second)
     if refund:
         db.session.execute(update(_speech).where(_speech.c.id == request_id).values(credits_refunded=refund))

@@ -21,7 +21,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from app import services
+from app import config
 
 # Seconds; speech's first byte is dominated by synthesis, the gateway's share by Python and the database.
 FIRST_BYTE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30)
@@ -72,11 +72,11 @@ def webhook_outcome(outcome: str) -> str:
 
 @bp.get("/metrics")
 def scrape():
-    token = services.settings().metrics_token
+    token = config.current().metrics_token
     offered = request.authorization.token if request.authorization and request.authorization.token else ""
     if not token or not hmac.compare_digest(offered.encode(), token.encode()):
         abort(404)
-    if services.settings().prometheus_multiproc_dir:
+    if config.current().prometheus_multiproc_dir:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:

@@ -3,7 +3,6 @@
 import hashlib
 import logging
 import re
-from dataclasses import dataclass
 from datetime import datetime
 
 import stripe
@@ -14,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from app import billing
 from app.extensions import db
 from app.models import LedgerKind, Payment, PaymentReversal, PaymentStatus, ReversalKind, StripeEvent, User, utcnow
+from app.packs import Pack
 
 log = logging.getLogger(__name__)
 # The most cents a BIGINT column holds; Stripe's own limits are far below it.
@@ -27,32 +27,6 @@ class MalformedEvent(ValueError):
 
 class AlreadyProcessed(Exception):
     """The event's id is recorded already: a redelivery, applied before."""
-
-
-@dataclass(frozen=True)
-class Pack:
-    id: str
-    credits: int
-    price_cents: int
-
-    @property
-    def price(self) -> str:
-        return f"{self.price_cents / 100:,.2f}"
-
-
-def parse_packs(raw: str) -> list[Pack]:
-    """`id:credits:price_cents, …` → packs. Raises ValueError, so a bad setting fails at start-up."""
-    packs = []
-    for item in filter(None, (part.strip() for part in raw.split(","))):
-        try:
-            pack_id, credits, price = item.split(":")
-            pack = Pack(pack_id.strip(), int(credits), int(price))
-        except ValueError:
-            raise ValueError(f"CREDIT_PACKS entry {item!r} is not id:credits:price_cents") from None
-        if not pack.id or pack.credits <= 0 or pack.price_cents <= 0:
-            raise ValueError(f"CREDIT_PACKS entry {item!r} needs a name and positive numbers")
-        packs.append(pack)
-    return packs
 
 
 def start_checkout(client, user: User, pack: Pack, currency: str, success_url: str, cancel_url: str) -> str:

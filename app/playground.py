@@ -15,7 +15,7 @@ from babel import Locale
 from flask import Blueprint, abort, current_app, render_template, request
 from flask_login import current_user, login_required
 
-from app import catalog, services, speech
+from app import catalog, config, services, speech
 from app import samples as kept_samples
 from app.errors import ApiError
 
@@ -59,7 +59,7 @@ def page():
         groups=voice_groups(),
         formats=PLAYABLE,
         default_voice=speech.DEFAULT_VOICE,
-        max_chars=services.settings().max_input_chars,
+        max_chars=config.current().max_input_chars,
     )
 
 
@@ -78,7 +78,7 @@ def speak():
         raise ApiError(400, "Send the request as a JSON object.", code="invalid_json")
     if body.get("response_format", speech.DEFAULT_FORMAT) not in PLAYABLE:
         raise ApiError(400, f"The playground plays {', '.join(PLAYABLE)}.", param="response_format")
-    order = speech.read_order(body, services.settings().max_input_chars)
+    order = speech.read_order(body, config.current().max_input_chars)
     payer = speech.Payer(current_user.id, None, current_user.balance, current_user.unlimited)
     return speech.serve(payer, order, speech.Arrival.of(request.environ, received))
 
@@ -101,7 +101,7 @@ def sample(voice: str):
     wait = services.throttle().sample_request(request.remote_addr or "unknown")
     if wait is not None:
         return _refusal(429, "Too many samples from your address; try again in a minute.", wait)
-    if voice not in services.settings().sample_voices:
+    if voice not in config.current().sample_voices:
         abort(404)
     samples = current_app.extensions.setdefault("voice_samples", {})
     failed_until = current_app.extensions.setdefault("voice_sample_failures", {})

@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 from flask.cli import AppGroup
 
-from app import catalog, services, speech
+from app import catalog, config, services, speech
 from app.upstream import Busy, UpstreamError
 
 samples_cli = AppGroup("samples", help="The landing page's voice samples.")
@@ -46,7 +46,7 @@ def synthesise_sample(voice: str) -> bytes:
     except Busy:
         raise SampleUnavailable("The speech server is busy; try the sample again in a moment.") from None
     try:
-        audio = upstream.open_speech(payload, services.settings().stream_chunk_bytes, slot)
+        audio = upstream.open_speech(payload, config.current().stream_chunk_bytes, slot)
         try:
             return audio.first_chunk + b"".join(audio.rest)
         finally:
@@ -58,7 +58,7 @@ def synthesise_sample(voice: str) -> bytes:
 
 
 def _path(voice: str, request: dict) -> Path | None:
-    directory = services.settings().samples_dir
+    directory = config.current().samples_dir
     if not directory:
         return None
     asked = "\n".join(f"{name}={request[name]}" for name in sorted(request))
@@ -90,10 +90,10 @@ def keep(voice: str, request: dict, audio: bytes) -> bytes:
 @samples_cli.command("prepare")
 def prepare():
     """Make every sample in SAMPLE_VOICES that is not kept yet (run once the speech server is up)."""
-    if not services.settings().samples_dir:
+    if not config.current().samples_dir:
         raise click.ClickException("SAMPLES_DIR is empty: there is nowhere to keep the samples.")
     failed = 0
-    for voice in services.settings().sample_voices:
+    for voice in config.current().sample_voices:
         request = sample_request(voice)
         if load(voice, request) is not None:
             click.echo(f"{voice}: kept already")

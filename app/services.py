@@ -1,4 +1,4 @@
-"""The app's settings and shared services, each through one typed accessor.
+"""The app's shared services, each through one typed accessor (its settings: config.current()).
 
 `create_app` builds them once per app and keeps them in `app.extensions` (Flask's place
 for what an app owns); everything else asks here, in a request, a CLI command or any
@@ -12,16 +12,11 @@ from flask import current_app
 if TYPE_CHECKING:
     import stripe
 
-    from app.config import Settings
     from app.hangups import Watch
     from app.liveness import Lease
     from app.mail import Postman
     from app.throttle import Throttle
     from app.upstream import Upstream
-
-
-def settings() -> "Settings":
-    return current_app.extensions["settings"]
 
 
 def upstream() -> "Upstream":

@@ -44,7 +44,7 @@ import requests
 from flask import current_app, stream_with_context
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import audio_meter, billing, catalog, metering, metrics, services
+from app import audio_meter, billing, catalog, config, metering, metrics, services
 from app.errors import ApiError
 from app.extensions import db
 from app.upstream import AccountQueueFull, Busy, Slot, SpeechStream, UpstreamError, timed_out
@@ -201,7 +201,7 @@ def check_names(order: Order) -> Order:
     model it does not have, before anything is charged. When the catalog cannot be read
     the names go upstream unchecked, and the upstream's own refusal is answered 400.
     """
-    names = services.settings().names
+    names = config.current().names
     known = upstream_catalog()
     try:
         voice = catalog.resolve_voice(order.voice, names, known)
@@ -308,7 +308,7 @@ def admit(payer: Payer, order: Order) -> None:
     """
     if not payer.unlimited and payer.balance < len(order.text):
         raise _insufficient(len(order.text), payer.balance)
-    limit = services.settings().max_streams_per_account
+    limit = config.current().max_streams_per_account
     if metering.streams_in_flight(payer.user_id) >= limit:
         db.session.rollback()
         raise _too_many_streams(limit)
@@ -355,7 +355,7 @@ def reserve(account: int) -> Slot:
 
 def charge(payer: Payer, order: Order, arrival: Arrival) -> metering.Charge:
     """Record and debit the request in one committed transaction."""
-    settings = services.settings()
+    settings = config.current()
     try:
         paid = metering.charge_speech(
             payer.user_id,
@@ -394,7 +394,7 @@ def open_upstream(request_id: str, order: Order, started: float, slot: Slot) -> 
     """
     try:
         upstream = services.upstream()
-        return upstream.open_speech(order.payload, services.settings().stream_chunk_bytes, slot)
+        return upstream.open_speech(order.payload, config.current().stream_chunk_bytes, slot)
     except UpstreamError as failure:
         _settle_refund(request_id, failure.detail, audio_ms=0, upstream_status=failure.status, duration_ms=_ms(started))
         # The answer carries the request's id, as every /v1 answer does (security_headers in app/__init__.py).
@@ -444,7 +444,7 @@ class Relay:
 
     def __init__(self, request_id: str, order: Order, audio: SpeechStream, started: float, client=None):
         """`client`: the client's socket, where the server gives it (gunicorn and Werkzeug do)."""
-        settings = services.settings()
+        settings = config.current()
         self.client = client
         self.client_left = False
         self.request_id = request_id
@@ -518,7 +518,7 @@ class Relay:
 
     def _check_deadline(self, now: float) -> None:
         if now > self.deadline:
-            limit = services.settings().max_stream_seconds
+            limit = config.current().max_stream_seconds
             reason = f"The stream ran past the longest allowed ({limit:g} s)."
             self.audio.close()
             _settle_refund(self.request_id, reason, **self.outcome())

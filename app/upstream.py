@@ -20,16 +20,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ReadTimeoutError
 
 from app import metrics
-
-if TYPE_CHECKING:
-    from app.config import Settings
+from app.config import Settings, base_urls
 
 # Statuses with which an upstream blames the request itself (FastAPI's validation errors are 422).
 REQUEST_REFUSED = (400, 422)
@@ -111,11 +108,6 @@ def _validation_message(item) -> str:
     loc = item.get("loc")
     location = [str(part) for part in loc if part != "body"] if isinstance(loc, list) else []
     return f"'{location[-1]}': {item.get('msg', '')}" if location else str(item.get("msg", item))
-
-
-def base_urls(setting: str) -> list[str]:
-    """UPSTREAM_URL's servers: one address, or several separated by commas."""
-    return [url.strip().rstrip("/") for url in setting.split(",") if url.strip()]
 
 
 def timed_out(exc: requests.RequestException) -> bool:
@@ -318,7 +310,7 @@ class Upstream:
         self._catalog_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: "Settings") -> "Upstream":
+    def from_settings(cls, settings: Settings) -> "Upstream":
         upstreams = Upstreams(
             base_urls(settings.upstream_url),
             settings.upstream_max_streams,

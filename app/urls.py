@@ -3,12 +3,12 @@
 from flask import current_app, has_request_context, url_for
 from werkzeug.routing import IntegerConverter
 
-from app import services
+from app import config
 
 
 def host_is_checked() -> bool:
     """True when this server's address comes from a setting, or Flask has checked the Host header."""
-    return bool(services.settings().public_base_url or services.settings().trusted_hosts)
+    return bool(config.current().public_base_url or config.current().trusted_hosts)
 
 
 def external_url(endpoint: str, **values) -> str:
@@ -17,7 +17,7 @@ def external_url(endpoint: str, **values) -> str:
     Without it (development: check_settings requires it once mail is really sent), the
     request's own address; outside a request, the path alone.
     """
-    base = services.settings().public_base_url
+    base = config.current().public_base_url
     if base:
         return base + url_for(endpoint, **values)
     if has_request_context():

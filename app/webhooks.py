@@ -3,7 +3,7 @@
 import stripe
 from flask import Blueprint, current_app, jsonify, request
 
-from app import metrics, payments, services
+from app import config, metrics, payments
 from app.extensions import csrf, db
 
 bp = Blueprint("stripe", __name__, url_prefix="/stripe")
@@ -12,7 +12,7 @@ bp = Blueprint("stripe", __name__, url_prefix="/stripe")
 @bp.post("/webhook")
 @csrf.exempt
 def webhook():
-    secret = services.settings().stripe_webhook_secret
+    secret = config.current().stripe_webhook_secret
     if not secret:
         return jsonify(detail="Webhooks are not configured."), 503
     try:

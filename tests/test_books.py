@@ -14,7 +14,7 @@ import pytest
 import stripe
 from sqlalchemy import delete, select, update
 
-from app import billing, metering, payments
+from app import billing, metering, packs, payments
 from app.audit import audit
 from app.extensions import db
 from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, StripeEvent, User, utcnow
@@ -328,8 +328,8 @@ def test_an_operators_long_reason_is_kept_to_its_first_500_characters(app, custo
 
 
 def test_credit_packs_are_read_with_their_prices():
-    packs = payments.parse_packs("starter:10000:500, pro:250000:8000, sample:1:1")
-    assert [(pack.id, pack.credits, pack.price_cents, pack.price) for pack in packs] == [
+    read = packs.parse_packs("starter:10000:500, pro:250000:8000, sample:1:1")
+    assert [(pack.id, pack.credits, pack.price_cents, pack.price) for pack in read] == [
         ("starter", 10_000, 500, "5.00"),
         ("pro", 250_000, 8000, "80.00"),
         # The smallest pack there can be: one credit for one cent.
@@ -342,7 +342,7 @@ def test_credit_packs_are_read_with_their_prices():
 )
 def test_a_pack_without_a_name_or_with_nothing_to_sell_is_refused(setting):
     with pytest.raises(ValueError):
-        payments.parse_packs(setting)
+        packs.parse_packs(setting)
 
 
 # One account's debit never touches another's

@@ -16,7 +16,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult
 from sqlalchemy import update
 
-from app import create_app, mail
+from app import config, create_app, mail
 from app.config import SettingError
 from app.extensions import db
 from app.models import MailState, OutboxMail, User, utcnow
@@ -82,7 +82,7 @@ def queue(app, count=1, kind="password_changed"):
 
 def deliver(app):
     with app.app_context():
-        return mail.deliver_due()
+        return mail.deliver_due(config.current())
 
 
 def outbox(app):
@@ -257,7 +257,7 @@ def test_two_senders_at_once_send_each_mail_once(mail_app, port):
     def sender():
         with mail_app.app_context():
             barrier.wait(timeout=10)
-            outcomes.append(mail.deliver_due())
+            outcomes.append(mail.deliver_due(config.current()))
             db.session.remove()
 
     with smtp_server(port, Inbox()) as inbox:

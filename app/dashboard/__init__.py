@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 from flask import Blueprint, abort, flash, redirect, request, url_for
 from flask_login import current_user
 
-from app import payments, services
+from app import config
+from app.packs import Pack
 
 bp = Blueprint("dashboard", __name__)
 
@@ -58,8 +59,8 @@ def verified_required(view):
     return checked
 
 
-def packs() -> list[payments.Pack]:
-    return services.settings().credit_packs
+def packs() -> list[Pack]:
+    return config.current().credit_packs
 
 
 # Each module adds its routes to bp.

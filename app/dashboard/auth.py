@@ -14,7 +14,7 @@ from flask import (
 from flask_login import current_user, login_required, logout_user
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, services
+from app import accounts, config, services
 from app.dashboard import bp, safe_next
 from app.dashboard.dev_outbox import dev_outbox_open
 from app.extensions import db
@@ -29,7 +29,7 @@ from app.models import User
 
 
 def _sign_in(user: User, remember: bool) -> None:
-    settings = services.settings()
+    settings = config.current()
     accounts.sign_in(user, remember, timedelta(hours=settings.sign_in_hours), timedelta(days=settings.remember_days))
 
 

@@ -10,7 +10,7 @@ from flask import (
 )
 from sqlalchemy import select
 
-from app import services
+from app import config
 from app.dashboard import bp
 from app.extensions import db
 from app.models import OutboxMail
@@ -20,7 +20,7 @@ def dev_outbox_open() -> bool:
     """Only when DEV_OUTBOX is on (the development .env), with no mail server configured, and only to
     this machine: the mails hold sign-in links. Behind a proxy on the same host every request would
     come from loopback, hence the setting, which production leaves off."""
-    if not services.settings().dev_outbox or services.settings().mail_url:
+    if not config.current().dev_outbox or config.current().mail_url:
         return False
     try:
         return ipaddress.ip_address(request.remote_addr or "").is_loopback

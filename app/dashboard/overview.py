@@ -6,7 +6,7 @@ from flask import (
 from flask_login import current_user
 from sqlalchemy import select
 
-from app import catalog, services, usage
+from app import catalog, config, services, usage
 from app.dashboard import bp, packs
 from app.extensions import db
 from app.models import ApiKey, LedgerEntry
@@ -32,4 +32,4 @@ def home():
 
 
 def _samples() -> list[dict]:
-    return [catalog.describe(voice) for voice in services.settings().sample_voices]
+    return [catalog.describe(voice) for voice in config.current().sample_voices]

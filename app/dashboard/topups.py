@@ -13,7 +13,7 @@ from flask import (
 from flask_login import current_user, login_required
 from sqlalchemy import select
 
-from app import payments, services
+from app import config, payments, services
 from app.dashboard import bp, packs, verified_required
 from app.extensions import db
 from app.forms import (
@@ -56,7 +56,7 @@ def checkout():
             client,
             current_user,
             pack,
-            services.settings().stripe_currency,
+            config.current().stripe_currency,
             success_url=external_url("dashboard.billing_success") + "?session_id={CHECKOUT_SESSION_ID}",
             cancel_url=external_url(
                 "dashboard.billing_cancelled", token=payments.cancel_token(current_user, current_app.secret_key)

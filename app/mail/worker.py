@@ -21,19 +21,26 @@ import smtplib
 import threading
 from collections import Counter
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sqlalchemy import or_, select, update
 
-from app import services
 from app.extensions import db
 from app.mail.smtp import ABOUT_THIS_MAIL, Smtp, Unsendable, message, refused_for_good
 from app.models import MailState, OutboxMail, utcnow
 
-if TYPE_CHECKING:
-    from app.config import Settings
-
 log = logging.getLogger(__name__)
+
+
+class MailSettings(Protocol):
+    """What the sender reads of the app's settings (app/config.py's Settings has them all)."""
+
+    mail_url: str | None
+    mail_from: str
+    mail_timeout: float
+    mail_poll_seconds: float
+    dev_outbox: bool
+
 
 # How long a sender may hold a mail it took before another sender may take it.
 CLAIM = timedelta(minutes=2)
@@ -95,7 +102,7 @@ def _due(after_id: int, limit: int, tried: bool) -> list[int]:
     return due
 
 
-def deliver_due(limit: int = 100) -> Counter:
+def deliver_due(settings: MailSettings, limit: int = 100) -> Counter:
     """Send the mails that are due; returns how many were sent, retried later and failed.
 
     Runs in an app context, outside any request. Each mail's outcome is committed on its own, and
@@ -107,7 +114,7 @@ def deliver_due(limit: int = 100) -> Counter:
     round (the rest wait for the next one).
     """
     outcome = Counter()
-    sender = _Sender(services.settings(), outcome)
+    sender = _Sender(settings, outcome)
     try:
         for tried in (False, True):
             last_id = 0
@@ -126,7 +133,7 @@ def deliver_due(limit: int = 100) -> Counter:
 class _Sender:
     """One round's connection to the mail server, opened for the first mail that needs it."""
 
-    def __init__(self, settings: "Settings", outcome: Counter):
+    def __init__(self, settings: MailSettings, outcome: Counter):
         self.settings = settings
         self.server = Smtp.from_url(settings.mail_url) if settings.mail_url else None
         self.outcome = outcome
@@ -205,9 +212,10 @@ class Postman:
     other processes queued and for retries.
     """
 
-    def __init__(self, app, poll_seconds: float):
+    def __init__(self, app, settings: MailSettings):
         self.app = app
-        self.poll_seconds = poll_seconds
+        self.settings = settings
+        self.poll_seconds = settings.mail_poll_seconds
         self.wake = threading.Event()
         self._pid = None
         self._lock = threading.Lock()
@@ -232,7 +240,7 @@ class Postman:
         while not self._stopped and (rounds is None or rounds > 0):
             try:
                 with self.app.app_context():
-                    deliver_due()
+                    deliver_due(self.settings)
             except Exception:
                 log.exception("the mail sender's round failed; the next round tries again")
             if rounds is not None:
