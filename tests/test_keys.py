@@ -111,7 +111,7 @@ def test_a_key_never_reaches_logs_error_bodies_or_the_database(app, customer, ca
 
 @pytest.fixture
 def lost_database(make_app, database_uri, tmp_path):
-    """An app whose database cannot be reached: PostgreSQL on a port nothing listens on, SQLite in a folder not there."""
+    """An app whose database cannot be reached: PostgreSQL on a port nothing listens on, SQLite in no folder."""
     if database_uri.startswith("sqlite"):
         unreachable = f"sqlite:///{tmp_path / 'gone' / 'kokoro-pay.sqlite3'}"
     else:
