@@ -1,12 +1,18 @@
-"""Survivors of the SQLite mutation run, met by the tests only PostgreSQL can prove (locks, races).
+"""Survivors of the SQLite mutation run, listed equivalents included, met by the tests PostgreSQL runs.
 
-    TEST_DATABASE_URL=postgresql://… python -m mutation.postgresql
+    TEST_DATABASE_URL=postgresql://… python -m mutation.postgresql [mutant …]
 
 mutmut's own run picks each mutant's tests by the coverage of a run without PostgreSQL, where
-those tests are skipped. Here each mutant that survived it (and is not listed as equivalent)
-is switched on in mutants/ (mutmut's MUTANT_UNDER_TEST) and the PostgreSQL side of the money
-tests runs against it. Those it kills are written to mutation/postgresql.txt with the first
-test that failed; mutation/report.py counts them as killed.
+the PostgreSQL tests are skipped. Here each mutant that survived it is switched on in mutants/
+(mutmut's MUTANT_UNDER_TEST; `python -m mutation.generate` writes mutants/ without a run) and
+the PostgreSQL side of two sets of tests runs against it: those only PostgreSQL can prove
+(locks, races), and the audit's (`flask audit` and the checks of app/audit.py), since SQL that
+SQLite accepts can still fail on PostgreSQL. The survivors listed as equivalent run too: a
+claim made on SQLite must hold on PostgreSQL. Those killed are written to
+mutation/postgresql.txt with the first test that failed; mutation/report.py counts them as
+killed, and refuses an equivalent line for a mutant PostgreSQL kills.
+
+Named mutants are checked alone and their lines in postgresql.txt replaced; the others kept.
 """
 
 import os
@@ -17,21 +23,37 @@ import sys
 from mutation.report import EQUIVALENT, MODULES, POSTGRES, ROOT, equivalents, statuses
 
 # The tests only PostgreSQL runs: row locks, advisory locks, races between processes.
-TESTS = [
+RACES = [
     "tests/test_concurrency.py",
     "tests/test_books.py::test_a_storm_of_concurrent_partial_refunds_takes_back_at_most_the_pack",
     "tests/test_books.py::test_refunds_racing_the_payment_they_reverse_are_all_applied",
     "tests/test_books.py::test_a_refund_that_arrives_while_its_payment_is_being_credited_waits_for_the_credit",
     "tests/test_notices.py::test_twenty_concurrent_debits_that_cross_the_threshold_send_one_alert",
 ]
+# The audit on PostgreSQL: clean books pass, each planted offence is named, on the command line and the admin page.
+AUDIT = [
+    "tests/test_audit.py",
+    "tests/test_books.py",
+    "tests/test_paid_audio.py::test_the_audit_names_a_reversal_that_was_not_applied",
+    "tests/test_paid_audio.py::test_the_audit_names_an_over_refund_a_stale_charge_and_frequent_breaks",
+    "tests/test_admin.py::test_the_audit_page_runs_the_audits_checks",
+]
+# The audit's quick checks first: with -x the first failure ends a mutant's run.
+TESTS = AUDIT + [test for test in RACES if test.partition("::")[0] not in AUDIT]
 FAILED = re.compile(r"^FAILED (\S+)", re.M)
+
+
+def tests_for(mutant: str) -> list[str]:
+    """The audit's own mutants run only under its checks (no race calls into app/audit.py but to run
+    `flask audit`, which the audit's tests run on every offence); every other mutant meets both sets."""
+    return AUDIT if mutant.startswith("app.audit.") else TESTS
 
 
 def killer(mutant: str) -> str | None:
     """The first PostgreSQL test that fails with `mutant` switched on; None when all pass."""
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", "-k", "postgresql"]
-        + TESTS,
+        + tests_for(mutant),
         cwd=ROOT / "mutants",
         env={**os.environ, "MUTANT_UNDER_TEST": mutant},
         capture_output=True,
@@ -43,30 +65,36 @@ def killer(mutant: str) -> str | None:
     return found.group(1) if found else f"pytest exited {run.returncode}"
 
 
-def main() -> int:
+def survivors() -> list[str]:
+    """Every mutant the SQLite run left alive, listed as equivalent or not."""
+    return [name for module in MODULES for name, status in statuses(module).items() if status == "survived"]
+
+
+def main(names: list[str]) -> int:
     if not os.environ.get("TEST_DATABASE_URL"):
         print("set TEST_DATABASE_URL to a PostgreSQL database the tests may use", file=sys.stderr)
         return 2
+    if not (ROOT / "mutants").exists():
+        print("no mutants/: run `python -m mutation.generate` (or make mutate) first", file=sys.stderr)
+        return 2
+    checking = names or survivors()
     listed = equivalents(EQUIVALENT)
-    survivors = [
-        name
-        for module in MODULES
-        for name, status in statuses(module).items()
-        if status == "survived" and name not in listed
-    ]
-    killed = {}
-    for index, mutant in enumerate(survivors, 1):
+    killed = {name: test for name, test in equivalents(POSTGRES).items() if names and name not in names}
+    for index, mutant in enumerate(checking, 1):
         test = killer(mutant)
-        print(f"[{index}/{len(survivors)}] {mutant}: {'killed by ' + test if test else 'survived'}", file=sys.stderr)
+        verdict = f"killed by {test}" if test else "survived"
+        note = " (listed as equivalent: remove its line)" if test and mutant in listed else ""
+        print(f"[{index}/{len(checking)}] {mutant}: {verdict}{note}", file=sys.stderr, flush=True)
         if test:
             killed[mutant] = test
     POSTGRES.write_text(
         "# Survivors of the SQLite run that the PostgreSQL tests kill: <mutant> # <the first test that failed>\n"
-        + "".join(f"{name} # {test}\n" for name, test in killed.items())
+        + "".join(f"{name} # {test}\n" for name, test in sorted(killed.items()))
     )
-    print(f"{len(killed)} of {len(survivors)} SQLite survivors killed on PostgreSQL", file=sys.stderr)
+    found = sum(name in killed for name in checking)
+    print(f"{found} of {len(checking)} SQLite survivors killed on PostgreSQL", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -14,6 +14,7 @@ import pytest
 import stripe
 from sqlalchemy import delete, select, update
 
+import app.audit as audit_checks
 from app import billing, metering, packs, payments
 from app.audit import audit
 from app.extensions import db
@@ -289,6 +290,20 @@ def test_accounts_whose_streams_often_break_are_named(app, customer, broken, who
     who = f"user {customer.user_id} <{customer.email}>"
     expected = [f"{who}: {broken} of {total} streams in 30 days broke off after audio went out"]
     assert found == (expected if named else [])
+
+
+@pytest.mark.parametrize("earlier", [timedelta(0), timedelta(microseconds=1)])
+def test_a_stream_made_exactly_when_the_lookback_begins_still_counts(app, customer, monkeypatch, earlier):
+    """The 30 days looked at include their first instant; a microsecond before it is outside (a frozen clock)."""
+    now = utcnow()
+    monkeypatch.setattr(audit_checks, "utcnow", lambda: now)
+    with app.app_context():
+        _streams(customer.user_id, 5, 0)
+        first = db.session.scalars(select(SpeechRequest).where(SpeechRequest.user_id == customer.user_id)).first()
+        first.created_at = now - timedelta(days=audit_checks.LOOKBACK_DAYS) - earlier
+        db.session.commit()
+    named = [f"user {customer.user_id} <{customer.email}>: 5 of 5 streams in 30 days broke off after audio went out"]
+    assert notices(app) == (named if not earlier else [])
 
 
 def test_clean_books_with_empty_accounts_raise_no_alarm(app, customer):

@@ -4,8 +4,9 @@ import logging
 import re
 from datetime import timedelta
 
+import pytest
 import responses
-from sqlalchemy import select, text
+from sqlalchemy import make_url, select, text
 
 from app import accounts, keys
 from app.extensions import db
@@ -106,3 +107,32 @@ def test_a_key_never_reaches_logs_error_bodies_or_the_database(app, customer, ca
         for table in db.metadata.sorted_tables:
             for row in db.session.execute(text(f"SELECT * FROM {table.name}")):
                 assert customer.secret not in " ".join(map(str, row)), table.name
+
+
+@pytest.fixture
+def lost_database(make_app, database_uri, tmp_path):
+    """An app whose database cannot be reached: PostgreSQL on a port nothing listens on, SQLite in no folder."""
+    if database_uri.startswith("sqlite"):
+        unreachable = f"sqlite:///{tmp_path / 'gone' / 'kokoro-pay.sqlite3'}"
+    else:
+        unreachable = make_url(database_uri).set(port=9).render_as_string(hide_password=False)
+    app = make_app(SQLALCHEMY_DATABASE_URI=unreachable)
+    # Answered as a client sees it, not raised into the test.
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    return app
+
+
+def test_with_the_database_lost_what_cannot_be_a_key_is_still_401_and_what_could_be_one_is_not(lost_database):
+    """What cannot be a key is refused without the database; a token that could be one needs it, and while it is
+    lost the client is told the server failed (500), never that a key that may be good is invalid."""
+    client = lost_database.test_client()
+
+    def answer(token: str):
+        response = client.get("/v1/models", headers={"Authorization": f"Bearer {token}"})
+        return response.status_code, response.get_json()["error"]["code"]
+
+    longest = keys.KEY_PREFIX + "x" * (keys.MAX_KEY_LENGTH - len(keys.KEY_PREFIX))
+    assert answer("not-a-key") == (401, "invalid_api_key")
+    assert answer(longest + "x") == (401, "invalid_api_key")
+    assert answer(longest) == (500, "server_error")
+    assert answer(keys.generate()) == (500, "server_error")

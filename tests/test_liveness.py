@@ -118,6 +118,55 @@ def test_stale_requests_are_settled_oldest_first_so_the_books_read_the_same_ever
     assert refunds == [f"refund:{request_id}" for request_id in ids]
 
 
+def test_stale_requests_made_in_another_order_than_charged_are_refunded_oldest_first_in_the_books(
+    app, runner, customer
+):
+    """The ledger's refund rows follow the requests' age, not the order they were charged or stored in:
+    each row's balance after is the running balance of that order."""
+    with app.app_context():
+        ids = [factories.charge_speech(customer.user_id, characters).id for characters in (10, 20, 30)]
+        db.session.commit()
+    # The last charged is the oldest.
+    quiet_for_hours(app, list(reversed(ids)))
+    assert "settled 3, refunding 60 credits" in runner.invoke(args=["speech", "settle"]).output
+    assert factories.ledger(app, customer.user_id, LedgerEntry.reference)[-3:] == [
+        ("refund", 30, f"refund:{ids[2]}"),
+        ("refund", 20, f"refund:{ids[1]}"),
+        ("refund", 10, f"refund:{ids[0]}"),
+    ]
+    assert [balance for _, _, balance in factories.ledger(app, customer.user_id)[-3:]] == [970, 990, 1000]
+
+
+def test_stale_requests_made_at_the_same_instant_are_refunded_in_the_order_of_their_ids(app, runner, customer):
+    """Ties in age are broken by the request's id, so two runs of settle over the same books write the same rows."""
+    later, earlier = "req_" + "b" * 32, "req_" + "a" * 32
+    with app.app_context():
+        for request_id, characters in ((later, 10), (earlier, 30)):
+            metering.charge_speech(
+                customer.user_id,
+                customer.key_id,
+                unlimited=False,
+                characters=characters,
+                model="kokoro",
+                voice="af_sky",
+                response_format="pcm",
+                request_id=request_id,
+            )
+        db.session.execute(update(SpeechRequest).values(created_at=utcnow() - timedelta(hours=2)))
+        db.session.commit()
+    assert "settled 2, refunding 40 credits" in runner.invoke(args=["speech", "settle"]).output
+    assert factories.ledger(app, customer.user_id)[-2:] == [("refund", 30, 990), ("refund", 10, 1000)]
+
+
+def test_a_request_is_stale_only_once_its_quiet_is_longer_than_the_threshold(app, customer):
+    """Quiet for exactly the threshold is not yet stale; a microsecond more is (an injected clock)."""
+    [request_id] = served_by(app, customer, "0" * 32)
+    with app.app_context():
+        made = db.session.get(SpeechRequest, request_id).created_at
+        assert metering.stale_charges(600, now=made + timedelta(seconds=600)) == []
+        assert metering.stale_charges(600, now=made + timedelta(seconds=600, microseconds=1)) == [request_id]
+
+
 def test_a_settle_threshold_shorter_than_the_lease_is_refused_with_the_reason(app, runner, database_uri):
     result = runner.invoke(args=["speech", "settle", "--older-than", "59"])
     assert result.exit_code == 2

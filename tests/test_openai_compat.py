@@ -188,6 +188,18 @@ def test_an_unknown_openai_alias_target_is_named_in_the_message(gateway, custome
     assert_nothing_charged(client.application, customer, upstream)
 
 
+def test_an_alias_entry_is_split_at_its_first_equals_sign_so_a_second_one_shows_as_an_unknown_voice(
+    gateway, customer, upstream
+):
+    """`alloy=af_bella=bf_emma` gives alloy the voice 'af_bella=bf_emma', which no server has: the operator's slip
+    is a 400 that names it, not alloy quietly speaking its default voice."""
+    client = gateway(VOICE_ALIASES="alloy=af_bella=bf_emma").test_client()
+    response = speak(client, customer, voice="alloy")
+    assert response.status_code == 400
+    assert "Voice 'alloy' (spoken by 'af_bella=bf_emma') is not available" in response.get_json()["detail"]
+    assert_nothing_charged(client.application, customer, upstream)
+
+
 def test_without_a_catalog_the_names_go_upstream_and_its_refusal_is_a_refunded_400(make_app, customer):
     class NoCatalog(FakeUpstream):
         def __call__(self, environ, start_response):

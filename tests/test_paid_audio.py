@@ -13,6 +13,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ import requests
 import responses
 from sqlalchemy import func, select, update
 
-from app import billing, metering
+from app import billing, metering, speech
 from app.extensions import db
 from app.models import GatewayProcess, PaymentReversal, SpeechRequest, User, utcnow
 from engine.audio import Encoder
@@ -402,6 +403,31 @@ def test_no_stream_lasts_past_the_maximum_and_it_is_charged_for_what_it_delivere
         f"speech request {row.id}: The stream ran past the longest allowed (0.5 s). The undelivered part was refunded."
     )
     wait_for(lambda: said in caplog.text, what="the log line")
+
+
+@pytest.mark.parametrize("late", [0.0, 0.001])
+def test_a_chunk_at_exactly_the_longest_a_stream_may_run_still_goes_out(make_app, monkeypatch, late):
+    """MAX_STREAM_SECONDS is how long a stream may run: audio read at exactly that time is relayed, and a
+    millisecond later the stream is cut and refunded (the speech module's monotonic clock injected)."""
+    clock = [1000.0]
+    monkeypatch.setattr(speech, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    chunks = in_chunks(pcm_of(1.0), 2)
+    with serve(FakeUpstream(chunks)) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", MAX_STREAM_SECONDS=5.0)
+        customer = factories.customer(app, balance=10_000)
+        response = app.test_client().post(SPEECH, json=speech_body(), headers=customer.headers, buffered=False)
+        # The request arrived at 1000.0 s; its audio is read at the deadline, or just past it.
+        clock[0] += 5.0 + late
+        body = b"".join(response.iter_encoded()) if not late else None
+        if late:
+            with pytest.raises(speech.StreamAborted, match="ran past the longest allowed"):
+                b"".join(response.iter_encoded())
+        response.close()
+    [row] = factories.speech_requests(app, customer.user_id)
+    if late:
+        assert row.state == "refunded" and row.credits_refunded > 0 and "longest allowed" in row.error
+    else:
+        assert body == b"".join(chunks) and row.state == "delivered" and row.credits_refunded == 0
 
 
 def test_a_live_stream_records_its_progress_as_it_goes(make_app):

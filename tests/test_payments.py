@@ -310,15 +310,20 @@ def test_cancel_in_checkout_expires_the_session_and_says_nothing_was_charged(app
     assert factories.balance(app, buyer) == 100
 
 
-def test_a_cancel_stripe_refuses_leaves_the_payment_to_its_webhook(app, web, buyer, stripe_api):
+def test_a_cancel_stripe_refuses_leaves_the_payment_to_its_webhook(app, web, buyer, stripe_api, caplog):
     _, sent = buy(web, stripe_api)
     stripe_api.post(
         "http://127.0.0.1:12111/v1/checkout/sessions/cs_test_1/expire",
         status=400,
         json={"error": {"message": "Only Checkout Sessions with a status in ['open'] can be expired."}},
     )
+    caplog.set_level("INFO", logger="app.payments")
     web.get(cancel_link(sent))
     assert payment(app).status == "open"
+    # The operator's log names the session and Stripe's reason.
+    [refused] = [message for message in caplog.messages if "not expired" in message]
+    assert refused.startswith("checkout session cs_test_1 not expired: ")
+    assert refused.endswith("Only Checkout Sessions with a status in ['open'] can be expired.")
     # Paid meanwhile in another tab: the webhook credits it as usual.
     deliver(app.test_client(), event("checkout.session.completed", checkout_session(buyer)))
     assert payment(app).status == "paid" and factories.balance(app, buyer) == 10_100
