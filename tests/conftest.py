@@ -125,6 +125,23 @@ def make_app(database_uri):
 
 
 @pytest.fixture
+def freeze(monkeypatch):
+    """Stops a module's `clock` (app/upstream.py's, app/accounts.py's, …) at its reading now;
+    `freeze(module)` returns the function that moves it on by some seconds, in place of a sleep."""
+
+    def freeze(module):
+        now = [module.clock()]
+        monkeypatch.setattr(module, "clock", lambda: now[0])
+
+        def advance(seconds: float) -> None:
+            now[0] += seconds
+
+        return advance
+
+    return freeze
+
+
+@pytest.fixture
 def app(make_app):
     return make_app()
 

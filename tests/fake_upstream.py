@@ -152,6 +152,7 @@ class Paced(FakeUpstream):
     def _stream(self):
         for chunk in self.chunks:
             yield chunk
+            # A sleep on purpose: a server that really takes its time, for the gateway's real timers.
             time.sleep(self.interval)
         self.finished.set()
 

@@ -7,12 +7,11 @@ and what every kind of Stripe event answers and records.
 """
 
 import threading
-import time
 from datetime import timedelta
 
 import pytest
 import stripe
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, select, text, update
 
 import app.audit as audit_checks
 from app import billing, metering, packs, payments
@@ -20,6 +19,7 @@ from app.audit import audit
 from app.extensions import db
 from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, StripeEvent, User, utcnow
 from tests import factories
+from tests.servers import wait_for
 from tests.stripe_helpers import WEBHOOK_SECRET, charge, checkout_session, deliver, event, sign
 
 
@@ -648,7 +648,10 @@ def test_a_refund_that_arrives_while_its_payment_is_being_credited_waits_for_the
             # The credit is applied, with its locks, and not committed until the refund has had its chance.
             payments.handle_event(stripe.Webhook.construct_event(credit, sign(credit), WEBHOOK_SECRET))
             credited.set()
-            time.sleep(1.0)
+            wait_for(
+                lambda: finished.is_set() or _waiting_for_a_lock(),
+                what="the refund to wait for the credit's locks (or to go ahead)",
+            )
             assert not finished.is_set(), "the refund went ahead while its payment's credit was uncommitted"
             db.session.commit()
             db.session.remove()
@@ -667,6 +670,19 @@ def test_a_refund_that_arrives_while_its_payment_is_being_credited_waits_for_the
     assert failures == []
     assert _taken_back(app, "cs_held") == 5000 and factories.balance(app, customer.user_id) == 5000
     assert problems(app) == []
+
+
+def _waiting_for_a_lock() -> bool:
+    """Whether a session of this database waits for a lock another one holds (PostgreSQL)."""
+    with db.engine.connect() as connection:
+        return bool(
+            connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+        )
 
 
 def _recording(failures: list, step):

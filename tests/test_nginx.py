@@ -147,6 +147,8 @@ def test_stalled_request_bodies_do_not_hold_the_gateways_threads(app, stack):
                 b"Content-Length: 1000\r\nAuthorization: Bearer " + customer.secret.encode() + b'\r\n\r\n{"input": '
             )
             stalled.append(sock)
+        # A sleep on purpose: the bodies have really stalled a while, the server waiting on them, when the
+        # requests below come; nothing seen from outside tells when it has taken all forty in.
         time.sleep(0.5)
         for _ in range(4):
             answer = requests.get(f"{url}/v1/balance", headers=customer.headers, timeout=5)

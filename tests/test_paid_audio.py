@@ -319,6 +319,8 @@ def test_settle_leaves_a_slow_live_stream_alone_and_it_is_delivered(make_app):
                     received += chunk
                     # Settle, run while the stream is live, finds a stream older than its age
                     # of a live process, and leaves it alone.
+                    # A sleep on purpose: the reader really pauses, so the stream outlives --older-than and
+                    # the lease, which only the process's own thread renews, in real time, meanwhile.
                     time.sleep(0.3)
                     settled.append(runner.invoke(args=["speech", "settle", "--older-than", "1"]).output)
         [row] = wait_settled(app, customer)
