@@ -1,7 +1,7 @@
 """How much audio a stream has delivered, counted from its bytes as they are relayed.
 
 A speech request that breaks off mid-stream is refunded only for what was not
-delivered (app/billing.py), so the gateway counts the playable audio in the bytes
+delivered (app/metering.py), so the gateway counts the playable audio in the bytes
 it has handed to the client: exactly for `pcm` and `wav`, and from complete frames
 for the compressed formats (MP3 and ADTS AAC frame headers, Ogg Opus granule
 positions, FLAC frame headers checked by their CRC-8). A meter that cannot make

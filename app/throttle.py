@@ -4,7 +4,7 @@ failed API key look-ups per IP, mails asked for and free trials granted per clie
 Windows are kept by the `limits` library (the core of Flask-Limiter) in memory by
 default, or in Redis (`RATELIMIT_STORAGE_URI=redis://…`) so several processes and
 hosts share them; gunicorn.conf.py refuses to start several workers on the in-memory
-store. The cap on concurrent streams per account is kept by the database (app/billing.py).
+store. The cap on concurrent streams per account is kept by the database (app/metering.py).
 
 When the store cannot be reached (Redis down), the limits fail open: every check lets the
 request through, an error is logged (at most once every LOG_EVERY_SECONDS) and
