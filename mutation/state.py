@@ -66,13 +66,23 @@ def merge(kept: dict, run: dict) -> dict:
     return {"hash_by_function_name": dict(sorted(hashes.items())), "exit_code_by_key": dict(sorted(codes.items()))}
 
 
+def found_anything(kept: dict, merged: dict) -> bool:
+    """Whether the run behind `merged` checked a mutant, giving a result `kept` does not hold."""
+    known = kept["exit_code_by_key"]
+    return any(code is not None and known.get(mutant) != code for mutant, code in merged["exit_code_by_key"].items())
+
+
 def save() -> int:
     STATE.mkdir(exist_ok=True)
     for module in MODULES:
         meta = MUTANTS / f"{module}.meta"
         if not meta.exists():
             continue
-        merged = merge(load(module), json.loads(meta.read_text()))
+        kept = load(module)
+        merged = merge(kept, json.loads(meta.read_text()))
+        if not found_anything(kept, merged):
+            # A run given other modules' names: what is kept here stays, for whoever re-checks it.
+            continue
         kept_path(module).write_text(json.dumps(merged, indent=1) + "\n")
         checked = sum(code is not None for code in merged["exit_code_by_key"].values())
         print(f"{module}: {checked} of {len(merged['exit_code_by_key'])} mutants checked, kept in {kept_path(module)}")

@@ -61,6 +61,24 @@ def test_the_sample_counts_decode_to_the_same_length_as_libsndfile():
         assert metered(data, response_format, 999).samples == soundfile.info(io.BytesIO(data)).frames
 
 
+def test_an_opus_stream_measures_what_libsndfile_decodes_its_pre_skip_left_out():
+    # Ogg Opus counts 48 kHz samples from the last page's granule position, less the encoder's pre-skip.
+    for seconds, chunk in ((3.0, 999), (1.0, 27)):
+        data = encoded("opus", seconds)
+        info = soundfile.info(io.BytesIO(data))
+        assert metered(data, "opus", chunk).seconds == info.frames / info.samplerate == seconds
+
+
+def test_a_flac_stream_of_thousands_of_frames_is_counted_to_the_sample():
+    # Past frame 127 a FLAC frame number takes two bytes, past 2047 three: an hour-long reading has ~20000.
+    samples = np.zeros(4096 * 2100, dtype="float32")
+    samples[::7] = 0.01
+    file = io.BytesIO()
+    soundfile.write(file, samples, RATE, format="FLAC", subtype="PCM_16")
+    meter = metered(file.getvalue(), "flac", 5000)
+    assert meter.understood and meter.samples == len(samples) == soundfile.info(io.BytesIO(file.getvalue())).frames
+
+
 def adts_frame(rate_index: int = 6, payload: int = 200) -> bytes:
     """An ADTS header (AAC LC, mono, no CRC) and `payload` bytes."""
     length = 7 + payload

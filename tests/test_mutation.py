@@ -65,6 +65,15 @@ def test_a_run_of_some_functions_keeps_what_earlier_runs_found_for_the_others(pr
     assert found and set(found.values()) == {"killed"}
 
 
+def test_a_run_that_checked_none_of_a_modules_mutants_leaves_its_kept_results_as_they_are(project):
+    (project / "app" / "tiny.py").write_text(TINY)
+    save_run(project, TINY, lambda function: 1)
+    kept = (project / "state" / "tiny.json").read_bytes()
+    # A run given another module's names, after is_small changed: nothing of tiny's was checked.
+    save_run(project, TINY.replace("n < 10", "n <= 10"), lambda function: None)
+    assert (project / "state" / "tiny.json").read_bytes() == kept
+
+
 def test_restore_seeds_a_fresh_mutants_directory_and_never_overwrites_one(project):
     (project / "app" / "tiny.py").write_text(TINY)
     save_run(project, TINY, lambda function: 0)
