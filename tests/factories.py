@@ -80,8 +80,8 @@ def race_charges(app, customer: "Customer", count: int, characters: int) -> Coun
         return Counter(pool.map(charge, range(count)))
 
 
-def charge_speech(user_id: int, characters: int) -> SpeechRequest:
-    """One speech request charged to the user's first key, inside the caller's app context."""
+def charge_speech(user_id: int, characters: int, **fields) -> SpeechRequest:
+    """One speech request charged to the user's first key, inside the caller's app context (`fields`: a request_id…)."""
     user = db.session.get(User, user_id)
     paid = metering.charge_speech(
         user.id,
@@ -91,6 +91,7 @@ def charge_speech(user_id: int, characters: int) -> SpeechRequest:
         model="kokoro",
         voice="af_sky",
         response_format="mp3",
+        **fields,
     )
     return db.session.get(SpeechRequest, paid.request_id)
 

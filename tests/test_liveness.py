@@ -142,16 +142,7 @@ def test_stale_requests_made_at_the_same_instant_are_refunded_in_the_order_of_th
     later, earlier = "req_" + "b" * 32, "req_" + "a" * 32
     with app.app_context():
         for request_id, characters in ((later, 10), (earlier, 30)):
-            metering.charge_speech(
-                customer.user_id,
-                customer.key_id,
-                unlimited=False,
-                characters=characters,
-                model="kokoro",
-                voice="af_sky",
-                response_format="pcm",
-                request_id=request_id,
-            )
+            factories.charge_speech(customer.user_id, characters, request_id=request_id)
         db.session.execute(update(SpeechRequest).values(created_at=utcnow() - timedelta(hours=2)))
         db.session.commit()
     assert "settled 2, refunding 40 credits" in runner.invoke(args=["speech", "settle"]).output
