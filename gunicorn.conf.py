@@ -1,31 +1,40 @@
 """gunicorn settings. Threaded workers: a sync worker would hold one audio stream at a time."""
 
 import glob
+import importlib.util
 import os
 import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+from dotenv import dotenv_values
+
+# The settings the app reads (app/environment.py: the environment, then `.env`), loaded by its path:
+# importing the app here would put its modules into this master, and every worker it forks on a
+# reload (HUP) would keep them instead of the code on disk. `.env` is read, not loaded into the
+# environment: this file also serves the embedded engine (bin/run), which must not be handed the
+# gateway's secrets or settings.
+_spec = importlib.util.spec_from_file_location(
+    "kokoro_pay_environment", Path(__file__).parent / "app" / "environment.py"
+)
+_environment = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_environment)
+_settings = SimpleNamespace(
+    **{
+        name.lower(): value
+        for name, value in _environment.read({**dotenv_values(_environment.ROOT / ".env"), **os.environ}).items()
+    }
+)
 
 # Prometheus metrics summed over the workers (app/metrics.py): each worker writes its samples
-# to files in one directory, emptied at start. An operator may name it (PROMETHEUS_MULTIPROC_DIR,
-# from the real environment, not .env); otherwise a fresh temporary one. prometheus_client picks
-# its mode when it is imported, and writes there as soon as the app's metrics are made: the
-# directory is in the environment, and made, before the app is imported. This variable is
-# prometheus_client's own; the app reads it from its settings (app/metrics.py).
-if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="kokoro-pay-metrics-")
-os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
-
-from dotenv import load_dotenv  # noqa: E402
-
-from app import config as _config  # noqa: E402
-
-# The app's settings, read as the app reads them (the environment, then `.env`). Not checked
-# here: this file also serves the embedded engine (bin/run), which has no SECRET_KEY; the app
-# checks its own when each worker builds it.
-load_dotenv(_config.ROOT / ".env")
-_settings = _config.parse(os.environ)
-# Emptied once the app is imported: of the last run's samples, and of this master's (it serves nothing).
-for _samples in glob.glob(os.path.join(_settings.prometheus_multiproc_dir, "*.db")):
-    os.remove(_samples)
+# to files in one directory, emptied at start. An operator may name it (PROMETHEUS_MULTIPROC_DIR);
+# otherwise a fresh temporary one. It must be in the environment before a worker imports
+# prometheus_client; the app reads it from its settings (app/metrics.py).
+_metrics_dir = _settings.prometheus_multiproc_dir or tempfile.mkdtemp(prefix="kokoro-pay-metrics-")
+os.makedirs(_metrics_dir, exist_ok=True)
+for _samples in glob.glob(os.path.join(_metrics_dir, "*.db")):
+    os.remove(_samples)  # the last run's: its counts are not this run's
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _metrics_dir
 
 bind = _settings.bind
 worker_class = "gthread"
