@@ -159,10 +159,20 @@ def payments_credited_once() -> list[str]:
         if paid_at is None and count:
             problems.append(f"payment {session_id}: credited {topped_up} but not paid")
     rows = db.session.execute(
-        select(LedgerEntry.reference).where(LedgerEntry.kind == LedgerKind.TOPUP, LedgerEntry.payment_id.is_(None))
+        select(LedgerEntry.reference, LedgerEntry.kind).where(
+            LedgerEntry.kind.in_(_PAYMENT_KINDS), LedgerEntry.payment_id.is_(None)
+        )
     )
-    problems.extend(f"ledger {reference}: a top-up for no payment" for (reference,) in rows)
+    problems.extend(f"ledger {reference}: {_PAYMENT_KINDS[kind]} for no payment" for reference, kind in rows)
     return problems
+
+
+# The ledger rows a payment causes, as the audit names them.
+_PAYMENT_KINDS = {
+    LedgerKind.TOPUP: "a top-up",
+    LedgerKind.PAYMENT_REFUND: "a refund's take-back",
+    LedgerKind.CHARGEBACK: "a chargeback",
+}
 
 
 def reversals_applied() -> list[str]:

@@ -228,14 +228,14 @@ class Settled(NamedTuple):
     credits: int
 
 
-def settle_stale(older_than_seconds: float, now: datetime | None = None) -> Settled:
+def settle_stale(older_than_seconds: float) -> Settled:
     """Refund what requests a dead gateway process left charged did not deliver; commits each on its own.
 
     Only requests whose process is gone (see stale_charges) are touched; one settled meanwhile,
     by its process or another run, is skipped.
     """
     settled = credits = 0
-    stale = stale_charges(older_than_seconds, now)
+    stale = stale_charges(older_than_seconds)
     for request_id in stale:
         refund = refund_speech(request_id, STALE_REASON)
         db.session.commit()

@@ -136,6 +136,10 @@ def plant_topup_for_no_payment(user_id):
     billing.apply(user_id, 500, kind=LedgerKind.TOPUP, reference="topup:cs_nowhere")
 
 
+def plant_chargeback_for_no_payment(user_id):
+    billing.apply(user_id, -50, kind=LedgerKind.CHARGEBACK, reference="chargeback:cs_nowhere:50")
+
+
 def plant_paid_without_topup(user_id):
     _paid_payment(user_id)
 
@@ -177,6 +181,7 @@ OFFENCES = {
     "credit for an unpaid payment": (plant_credit_for_unpaid, "payment cs_unpaid: credited 10000 but not paid"),
     "a top-up for no payment": (plant_topup_for_no_payment, "ledger topup:cs_nowhere: a top-up for no payment"),
     "a paid payment never credited": (plant_paid_without_topup, "10000 credits paid, 0 top-ups of 0 in all"),
+    "a chargeback for no payment": (plant_chargeback_for_no_payment, "chargeback:cs_nowhere:50: a chargeback for no"),
     "a reversal not applied": (plant_unapplied_reversal, "owe 5000 credits back but 0 were taken"),
     "a balance without any ledger": (plant_balance_without_ledger, "balance 5 but the ledger sums to 0"),
     "a refund with no refund row": (plant_refund_row_missing, "10 credits due back but 0 refunded"),

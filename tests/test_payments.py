@@ -278,6 +278,18 @@ def test_a_lost_dispute_is_a_chargeback_and_a_won_one_changes_nothing(app, web, 
     assert payment(app).status == "disputed"
 
 
+def test_each_row_a_payment_caused_links_to_that_payment_and_names_it_in_the_csv(app, web, buyer, stripe_api, client):
+    paid(app, web, buyer, stripe_api, client)
+    deliver(client, event("charge.refunded", charge(amount_refunded=125)))
+    deliver(client, event("charge.dispute.closed", dispute(status="lost")))
+    page = web.get("/ledger").get_data(as_text=True)
+    # The top-up, the refund's share and the chargeback: each row links to the payment on the billing page.
+    assert page.count('<a href="/billing#payment-cs_test_1">payment →</a>') == 3
+    csv_rows = web.get("/ledger.csv").get_data(as_text=True).splitlines()[1:]
+    references = {row.split(",")[4] for row in csv_rows}
+    assert {"topup:cs_test_1", "payment_refund:cs_test_1:2500", "chargeback:cs_test_1:10000"} <= references
+
+
 def test_a_refund_for_an_unknown_charge_changes_nothing(app, web, buyer, stripe_api, client):
     paid(app, web, buyer, stripe_api, client)
     deliver(client, event("charge.refunded", charge(payment_intent="pi_other")))
