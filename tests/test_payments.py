@@ -373,6 +373,37 @@ def test_a_cancel_link_cancels_only_its_own_checkout_and_only_for_its_customer(a
     assert len(stripe_api.calls) == 4  # three checkouts created, one expired
 
 
+def signing_clock(monkeypatch):
+    """Sets the clock itsdangerous signs and checks timed tokens by (the cancel link's, CSRF's) to a second."""
+    now = int(time.time())
+
+    def set_to(second):
+        monkeypatch.setattr("itsdangerous.timed.TimestampSigner.get_timestamp", lambda signer: second)
+
+    set_to(now)
+    return now, set_to
+
+
+def test_a_cancel_link_a_day_old_still_cancels_its_checkout(app, web, buyer, stripe_api, monkeypatch):
+    signed_at, set_clock = signing_clock(monkeypatch)
+    _, sent = buy(web, stripe_api)
+    expired = expire_at_stripe(stripe_api)
+    set_clock(signed_at + 24 * 3600)
+    web.get(cancel_link(sent))
+    assert payment(app).status == "expired" and expired.call_count == 1
+
+
+def test_a_cancel_link_older_than_a_checkout_can_live_cancels_nothing(app, web, buyer, stripe_api, monkeypatch):
+    signed_at, set_clock = signing_clock(monkeypatch)
+    _, sent = buy(web, stripe_api)
+    # The customer comes back a day and a second later (Checkout Sessions expire at Stripe after 24 hours).
+    set_clock(signed_at + 24 * 3600 + 1)
+    page = web.get(cancel_link(sent), follow_redirects=True).get_data(as_text=True)
+    assert "Checkout was cancelled: nothing was charged." in page
+    assert payment(app).status == "open"
+    assert [call.request.url for call in stripe_api.calls if "/expire" in call.request.url] == []
+
+
 def test_a_checkout_session_that_expires_unpaid_shows_as_expired(app, web, buyer, stripe_api):
     buy(web, stripe_api)
     expired = checkout_session(buyer, payment_status="unpaid", status="expired", payment_intent=None)

@@ -31,6 +31,22 @@ def upstream():
         yield f"{url}/v1"
 
 
+def environment(port, upstream, tmp_path):
+    """This machine's environment without what bin/run decides, on a port, upstream and database of the test's."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("PUBLIC_BASE_URL", "FLASK_APP", "BIND", "PROMETHEUS_MULTIPROC_DIR")
+    } | {
+        "BIND": f"127.0.0.1:{port}",
+        "UPSTREAM_URL": upstream,
+        "SECRET_KEY": "a-test-secret",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'run.sqlite3'}",
+        "SAMPLES_DIR": str(tmp_path / "samples"),
+        "MAIL_WORKER": "false",
+    }
+
+
 def run(checkout, env):
     """bin/run in its own process group; yields (process, lines of its stderr so far)."""
     process = subprocess.Popen(
@@ -57,18 +73,7 @@ def wait_for(lines, text, process, seconds=60):
 
 def test_make_run_on_another_port_says_where_to_open_it_and_links_follow(checkout, upstream, tmp_path):
     port = free_port()
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("PUBLIC_BASE_URL", "FLASK_APP", "BIND", "PROMETHEUS_MULTIPROC_DIR")
-    } | {
-        "BIND": f"127.0.0.1:{port}",
-        "UPSTREAM_URL": upstream,
-        "SECRET_KEY": "a-test-secret",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'run.sqlite3'}",
-        "SAMPLES_DIR": str(tmp_path / "samples"),
-        "MAIL_WORKER": "false",
-    }
+    env = environment(port, upstream, tmp_path)
     process, lines = run(checkout, env)
     try:
         wait_for(lines, "dashboard", process)
@@ -81,6 +86,34 @@ def test_make_run_on_another_port_says_where_to_open_it_and_links_follow(checkou
         wait_for(lines, "bf_emma: made", process)
         assert len(list((tmp_path / "samples").iterdir())) == 3
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGINT)
-        process.wait(timeout=30)
+        stop(process, lines)
+
+
+def stop(process, lines):
+    """Ctrl+C, as in a terminal: bin/run returns once what it started has stopped (or says why not)."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+    try:
+        # gunicorn gives streams under way up to its graceful timeout (30 s) before it kills a worker.
+        process.wait(timeout=45)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("bin/run did not stop on Ctrl+C within 45 s:\n" + "".join(lines))
+
+
+def test_ctrl_c_while_the_samples_are_made_stops_the_gateway_and_returns(checkout, tmp_path):
+    held = threading.Event()
+    with serve(FakeUpstream(gate=held)) as url:
+        port = free_port()
+        env = environment(port, f"{url}/v1", tmp_path)
+        process, lines = run(checkout, env)
+        try:
+            wait_for(lines, "dashboard", process)
+            site = f"http://127.0.0.1:{port}"
+            assert requests.get(f"{site}/healthz", timeout=10).status_code == 200
+        finally:
+            stop(process, lines)
+            held.set()
+        assert process.returncode != 0
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{site}/healthz", timeout=5)
