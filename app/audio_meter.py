@@ -14,8 +14,6 @@ from __future__ import annotations
 import struct
 
 PCM_RATE = 24000  # Kokoro's raw PCM: 24 kHz, signed 16-bit, mono.
-# Bytes kept back between chunks while looking for a header: more than the longest header.
-_TAIL = 64
 _UNSEEN = object()
 
 
@@ -59,43 +57,41 @@ class WavMeter(Meter):
     def __init__(self):
         super().__init__()
         self._head = bytearray()
-        self._frame_bytes = 0
+        self._fmt = 0  # bytes per frame (block align), once `fmt ` is read
+        self._frame_bytes = 0  # the same, once the data chunk has begun
         self._data = 0
 
     def _feed(self, chunk: bytes) -> None:
-        if self._frame_bytes:
-            self._data += len(chunk)
-        else:
+        if not self._frame_bytes:
             self._head += chunk
-            self._parse_head()
+            chunk = self._parse_head()
+        self._data += len(chunk)
         if self._frame_bytes:
             self.samples = self._data // self._frame_bytes
 
-    def _parse_head(self) -> None:
+    def _parse_head(self) -> bytes:
+        """Reads the chunks before the audio; returns the audio bytes the head holds, once its data chunk has begun."""
         head = self._head
         if len(head) >= 4 and head[:4] != b"RIFF":
             self.understood = False
-            self._head = bytearray()
-            return
+            return b""
         position = 12
         while position + 8 <= len(head):
             chunk_id, size = head[position : position + 4], struct.unpack_from("<I", head, position + 4)[0]
             body = position + 8
             if chunk_id == b"fmt " and body + 16 <= len(head):
-                channels, rate = struct.unpack_from("<HI", head, body + 2)
-                bits = struct.unpack_from("<H", head, body + 14)[0]
-                self.rate, self._fmt = rate, channels * max(1, bits // 8)
+                # The sample rate, and the block align: bytes per frame, every channel's container included.
+                self.rate, _, self._fmt = struct.unpack_from("<IIH", head, body + 4)
             elif chunk_id == b"fmt ":
-                return
+                return b""
             if chunk_id == b"data":
-                if not getattr(self, "_fmt", 0):
+                if not self._fmt:
                     self.understood = False
-                    return
+                    return b""
                 self._frame_bytes = self._fmt
-                self._data = len(head) - body
-                self._head = bytearray()
-                return
+                return head[body:]
             position = body + size + (size & 1)
+        return b""
 
 
 _MP3_BITRATES = {
@@ -337,9 +333,14 @@ class FlacMeter(Meter):
     def _frames(self) -> None:
         buffer, position = self._buffer, 0
         while True:
-            position = buffer.find(b"\xff", position)
-            if position < 0 or len(buffer) - position < 16:
+            following = buffer.find(b"\xff", position)
+            if following < 0:
+                # No header can start in what is left: none of it is kept.
+                position = len(buffer)
                 break
+            position = following
+            if len(buffer) - position < 16:
+                break  # a header may start here: its bytes are kept until it can be read whole
             header = self._header(bytes(buffer[position : position + 16]))
             if header is None:
                 position += 1
@@ -347,8 +348,7 @@ class FlacMeter(Meter):
             length, block = header
             self.samples += block
             position += length
-        keep = max(0, len(buffer) - _TAIL) if position < 0 else position
-        del buffer[:keep]
+        del buffer[:position]
 
     def _header(self, data: bytes) -> tuple[int, int] | None:
         """(header length, block size) of a valid frame header at the start of `data`, or None."""
