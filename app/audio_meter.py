@@ -280,7 +280,7 @@ def _utf8_number(data: bytes, position: int) -> tuple[int | None, int]:
     """FLAC's frame or sample number, coded like UTF-8 (up to 7 bytes); (None, _) if malformed."""
     first = data[position]
     length = 0
-    while length < 8 and first & (0x80 >> length):
+    while first & (0x80 >> length):  # ends by the 8th bit: 0x80 >> 8 is 0
         length += 1
     if length == 1 or length > 7:
         return None, position
@@ -321,7 +321,7 @@ class FlacMeter(Meter):
             size = int.from_bytes(buffer[position + 1 : position + 4], "big")
             if position + 4 + size > len(buffer):
                 return False
-            if kind == 0 and size >= 18:
+            if kind == 0 and size == 34:  # STREAMINFO
                 self.rate = int.from_bytes(buffer[position + 14 : position + 17], "big") >> 4
             position += 4 + size
             if last:
@@ -375,7 +375,7 @@ class FlacMeter(Meter):
         else:
             block = 256 << (size_code - 8)
         position += {12: 1, 13: 2, 14: 2}.get(rate_code, 0)
-        if position >= len(data) or _crc8(data[:position]) != data[position]:
+        if _crc8(data[:position]) != data[position]:  # the longest header, CRC included, is 16 bytes
             return None
         if rate_code and rate_code < len(_FLAC_RATES) and not self.rate:
             self.rate = _FLAC_RATES[rate_code]

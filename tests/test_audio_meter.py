@@ -468,19 +468,32 @@ FLAC_RATES = {
 
 
 def flac_frame(
-    number: int, block: int, *, size_code=None, rate_code=9, channels=1, variable=False, extra_rate=b""
+    number: int,
+    block: int,
+    *,
+    size_code=None,
+    rate_code=9,
+    channels=1,
+    sample_size=4,
+    variable=False,
+    extra_rate=b"",
+    coded_number=None,
 ) -> bytes:
     """A frame header (CRC-8 included) and a body with no 0xFF in it; `block` samples."""
     if size_code is None:
         size_code = next((code for code, size in FLAC_BLOCKS.items() if size == block), 6 if block <= 256 else 7)
-    header = bytes([0xFF, 0xF9 if variable else 0xF8, size_code << 4 | rate_code, channels << 4 | 0b1000])
-    header += utf8_coded(number)
+    header = bytes([0xFF, 0xF9 if variable else 0xF8, size_code << 4 | rate_code, channels << 4 | sample_size << 1])
+    header += utf8_coded(number) if coded_number is None else coded_number
     if size_code == 6:
         header += bytes([block - 1])
     elif size_code == 7:
         header += (block - 1).to_bytes(2, "big")
     header += extra_rate
-    return header + bytes([flac_crc8(header)]) + bytes([0x55]) * 40
+    return with_crc(header)
+
+
+def with_crc(header: bytes, crc=None) -> bytes:
+    return header + bytes([flac_crc8(header) if crc is None else crc]) + bytes([0x55]) * 40
 
 
 def streaminfo(rate: int, last=True) -> bytes:
@@ -522,36 +535,45 @@ def test_a_flac_frame_number_out_of_sequence_is_not_a_frame():
     assert metered(b"fLaC" + streaminfo(44100) + b"".join(frames) + bytes(16), "flac", 4096).samples == 3 * 4096
 
 
-@pytest.mark.parametrize(
-    "broken",
-    [
-        lambda frame: frame[:1] + b"\xfa" + frame[2:],  # neither fixed nor variable blocks
-        lambda frame: frame[:3] + bytes([frame[3] | 1]) + frame[4:],  # the reserved bit
-        lambda frame: frame[:2] + bytes([frame[2] & 0x0F]) + frame[3:],  # block size code 0: reserved
-        lambda frame: frame[:2] + bytes([frame[2] | 0x0F]) + frame[3:],  # sample rate code 15: invalid
-        lambda frame: frame[:3] + bytes([0xB0 | frame[3] & 0x0F]) + frame[4:],  # channel assignment 11: reserved
-        lambda frame: frame[:4] + b"\x80" + frame[5:],  # a number's continuation byte where its first belongs
-        lambda frame: frame[:4] + b"\xc1\x00" + frame[6:],  # a number's continuation byte not 10xxxxxx
-        lambda frame: frame[:4] + b"\xff" + frame[5:],  # a number of 8 bytes
-        lambda frame: frame[:5] + bytes([frame[5] ^ 1]) + frame[6:],  # the CRC-8 does not match
-    ],
-    ids=[
-        "blocking",
-        "reserved bit",
-        "size 0",
-        "rate 15",
-        "channels 11",
-        "continuation",
-        "not continuation",
-        "8 bytes",
-        "crc",
-    ],
-)
+def flac_header(frame: bytes) -> bytes:
+    """The header of a frame built by flac_frame (its CRC and body left off)."""
+    return frame[:-41]
+
+
+FORBIDDEN_FLAC_HEADERS = {
+    # Each with a CRC-8 that matches, so that only the forbidden field can reject it.
+    "blocking bits 0xFA": with_crc(b"\xff\xfa" + flac_header(flac_frame(2, 4096))[2:]),
+    "reserved bit": with_crc(flac_header(flac_frame(2, 4096))[:3] + b"\x19" + b"\x02"),
+    "block size code 0": flac_frame(2, 4096, size_code=0),
+    "sample rate code 15": flac_frame(2, 4096, rate_code=15),
+    "channel assignment 11": flac_frame(2, 4096, channels=11),
+    "channel assignment 15": flac_frame(2, 4096, channels=15),
+    "number starting with a continuation byte": flac_frame(2, 4096, variable=True, coded_number=b"\x82"),
+    "number continued by a non-continuation byte": flac_frame(2, 4096, variable=True, coded_number=b"\xc0\x02"),
+    "number continued by a byte of 11xxxxxx": flac_frame(2, 4096, variable=True, coded_number=b"\xc0\xc2"),
+    "number of 8 bytes": flac_frame(2, 4096, variable=True, coded_number=b"\xff" + b"\x80" * 7),
+    "CRC-8 that does not match": with_crc(
+        flac_header(flac_frame(2, 4096)), crc=flac_crc8(flac_header(flac_frame(2, 4096))) ^ 1
+    ),
+    "stray sync byte": b"\xff",
+}
+
+
+@pytest.mark.parametrize("broken", FORBIDDEN_FLAC_HEADERS.values(), ids=FORBIDDEN_FLAC_HEADERS.keys())
 def test_a_flac_header_the_specification_forbids_is_not_a_frame(broken):
-    good = [flac_frame(n, 4096) for n in range(4)]
-    frames = good[:2] + [broken(flac_frame(2, 4096))] + [flac_frame(2, 4096), flac_frame(3, 4096)]
+    for variable in (False, True):
+        frames = [flac_frame(n * (4096 if variable else 1), 4096, variable=variable) for n in range(4)]
+        data = b"fLaC" + streaminfo(44100) + b"".join(frames[:2]) + broken + b"".join(frames[2:]) + bytes(16)
+        assert metered(data, "flac", 4096).samples == metered(data, "flac", 1).samples == 4 * 4096, variable
+
+
+def test_every_flac_channel_assignment_and_sample_size_is_a_frame():
+    frames = [
+        flac_frame(number, 4096, channels=channels, sample_size=size)
+        for number, (channels, size) in enumerate((c, s) for c in range(11) for s in (0, 1, 2, 4, 5, 6, 7))
+    ]
     data = b"fLaC" + streaminfo(44100) + b"".join(frames) + bytes(16)
-    assert metered(data, "flac", 4096).samples == 4 * 4096
+    assert metered(data, "flac", 333).samples == len(frames) * 4096
 
 
 @pytest.mark.parametrize("rate_code", range(15))
@@ -567,10 +589,13 @@ def test_flac_takes_the_sample_rate_from_streaminfo_or_else_from_the_frames(rate
 @pytest.mark.parametrize("rate", [8000, 44100, 96000, 192000, 655350, (1 << 20) - 1])
 def test_flac_metadata_blocks_before_the_audio_are_skipped_whatever_their_sizes(rate):
     padding = bytes([1]) + (300).to_bytes(3, "big") + bytes(300)
-    comment = bytes([4]) + (5).to_bytes(3, "big") + b"\xff\xf8\x00\x00\x00"  # bytes that look like a frame
+    # An application block holding a whole valid frame (192 samples): metadata, not audio.
+    inside = b"kpay" + flac_frame(0, 192, variable=True)
+    application = bytes([2]) + len(inside).to_bytes(3, "big") + inside
+    picture = bytes([6]) + (70000).to_bytes(3, "big") + bytes(70000)  # more than 16 bits of size
     empty = bytes([1]) + bytes(3)
     last = bytes([0x80 | 1]) + (3).to_bytes(3, "big") + b"\xff\xf8\x89"
-    data = b"fLaC" + streaminfo(rate, last=False) + padding + comment + empty + last
+    data = b"fLaC" + streaminfo(rate, last=False) + padding + application + picture + empty + last
     data += b"".join(flac_frame(n, 4096) for n in range(5)) + bytes(16)
     for size in (1, 4, 5, 38, 4096, len(data)):
         meter = metered(data, "flac", size)
@@ -597,3 +622,23 @@ def test_a_flac_that_is_not_flac_is_not_understood_from_its_fourth_byte():
     assert meter.understood
     meter.feed(b"X")
     assert not meter.understood and meter.samples == 0
+
+
+def test_ogg_pages_without_an_opus_head_count_their_granule_as_it_is():
+    pages = ogg_page(b"OpusTags", 0) + ogg_page(bytes(100), 1, 1)
+    assert metered(pages, "opus", 1).samples == 1
+    assert metered(pages + ogg_page(bytes(100), 48000, 2), "opus", 1).samples == 48000
+
+
+def test_an_ogg_page_going_back_to_granule_zero_takes_nothing_back():
+    pages = ogg_page(opus_head(312), 0) + ogg_page(bytes(100), 48312, 1) + ogg_page(bytes(100), 0, 2)
+    assert metered(pages, "opus", 1).samples == 48000
+
+
+def test_an_ogg_page_with_no_packet_data_counts_as_soon_as_it_is_whole():
+    # No segments at all, or one of length 0: the page ends with its header or its lacing table.
+    no_segments = b"OggS" + struct.pack("<BBqIII", 0, 4, 96000, 1, 3, 0) + b"\x00"
+    for last in (no_segments, ogg_page(b"", 96000, 3)):
+        data = ogg_page(opus_head(0), 0) + ogg_page(bytes(100), 48000, 1) + last
+        assert metered(data, "opus", 1).samples == metered(data, "opus", len(data)).samples == 96000
+        assert metered(data[:-1], "opus", 1).samples == 48000
