@@ -26,7 +26,7 @@ class MalformedEvent(ValueError):
 
 
 class AlreadyProcessed(Exception):
-    """The event's id is recorded already: a redelivery, applied before."""
+    """The event's id (its one argument) is recorded already: a redelivery, applied before."""
 
 
 def start_checkout(client, user: User, pack: Pack, currency: str, success_url: str, cancel_url: str) -> str:
@@ -234,9 +234,10 @@ def checkout_left(user: User, token: str, secret: str) -> Payment | None:
         return None
     if claims.get("user") != user.id:
         return None
-    payment = db.session.scalar(
-        select(Payment).where(Payment.user_id == user.id, Payment.created_at >= issued).order_by(Payment.id).limit(1)
+    first = db.session.scalar(
+        select(func.min(Payment.id)).where(Payment.user_id == user.id, Payment.created_at >= issued)
     )
+    payment = None if first is None else db.session.get(Payment, first)
     return payment if payment is not None and payment.status == PaymentStatus.OPEN else None
 
 

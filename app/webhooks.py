@@ -32,10 +32,11 @@ def webhook():
         db.session.rollback()
         current_app.logger.warning("stripe event %r refused: %s", getattr(event, "id", None), error)
         return jsonify(detail="Malformed event."), 400
-    except payments.AlreadyProcessed:
+    except payments.AlreadyProcessed as redelivery:
         # Only the event id's own insert means this; any other failure is a bug, answered 500 (with
         # its traceback in the log) so that Stripe delivers the event again once it is fixed.
         db.session.rollback()
+        current_app.logger.info("stripe event %s delivered again: already processed", *redelivery.args)
         outcome = "already processed"
     metrics.WEBHOOK_EVENTS.labels(event.type, metrics.webhook_outcome(outcome)).inc()
     return jsonify(received=True, outcome=outcome)

@@ -2,8 +2,12 @@
 once, not one piece later: the gateway closes the upstream, the charge stands as for any hang-up."""
 
 import threading
+from types import SimpleNamespace
+
+import pytest
 
 from app.hangups import peer_closed
+from app.speech import Relay
 from tests import factories
 from tests.fake_upstream import FakeUpstream
 from tests.servers import serve, wait_for
@@ -49,3 +53,25 @@ def test_only_an_ended_or_reset_socket_counts_as_a_client_gone():
     left.recv(100)
     assert peer_closed(left) is True
     left.close()
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        RuntimeError("Cannot shutdown as connection has already been released to the pool"),
+        ValueError("Cannot shutdown socket as self._sock_shutdown is not set"),
+        OSError(107, "Transport endpoint is not connected"),
+    ],
+    ids=["released to the pool", "no socket", "socket gone"],
+)
+def test_a_hang_up_that_comes_as_the_upstream_read_ends_is_noted_without_an_error(refusal):
+    # urllib3's shutdown() refuses in these three ways when the upstream's answer has just ended: the
+    # hang-up is noted all the same, and the watcher logs no failure (app/hangups.py logs what a callback raises).
+    def shutdown():
+        raise refusal
+
+    relay = SimpleNamespace(
+        client_left=False, audio=SimpleNamespace(response=SimpleNamespace(raw=SimpleNamespace(shutdown=shutdown)))
+    )
+    Relay._left(relay)
+    assert relay.client_left

@@ -13,6 +13,7 @@ import requests
 
 from app import catalog
 from app.catalog import OPENAI_VOICES
+from app.extensions import db
 from tests import factories
 from tests.fake_upstream import KOKORO_VOICES, FakeUpstream
 from tests.servers import serve
@@ -289,6 +290,21 @@ def test_too_many_streams_is_a_429_with_its_own_code_and_retry_after(gateway, cu
         "param": None,
         "code": "too_many_streams",
     }
+
+
+def test_a_stream_opened_after_the_early_check_is_still_counted_by_the_charge(gateway, customer, monkeypatch):
+    # The account's one stream starts between this request's early check and its charge (a race the
+    # early check cannot see): the charge counts again, refuses, and names the limit.
+    app = gateway(MAX_STREAMS_PER_ACCOUNT=1)
+    with app.app_context():
+        factories.charge_speech(customer.user_id, 5)
+        db.session.commit()
+    before = factories.balance(app, customer.user_id)
+    monkeypatch.setattr("app.metering.streams_in_flight", lambda user_id: 0)
+    response = speak(app.test_client(), customer)
+    assert response.status_code == 429 and response.get_json()["error"]["code"] == "too_many_streams"
+    assert "(at most 1)" in response.get_json()["detail"]
+    assert factories.balance(app, customer.user_id) == before
 
 
 def test_a_real_upstream_failure_stays_a_502_upstream_error(make_app, customer):

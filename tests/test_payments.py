@@ -3,13 +3,16 @@
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import responses
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
+from app import payments
 from app.extensions import db
-from app.models import LedgerEntry, Payment, PaymentReversal, StripeEvent
+from app.models import LedgerEntry, Payment, PaymentReversal, StripeEvent, utcnow
 from tests import factories
 from tests.conftest import STRIPE_CHECKOUT
 from tests.stripe_helpers import charge, checkout_session, deliver, dispute, event, sign, stub_checkout
@@ -373,6 +376,49 @@ def test_a_cancel_link_cancels_only_its_own_checkout_and_only_for_its_customer(a
     assert len(stripe_api.calls) == 4  # three checkouts created, one expired
 
 
+def test_a_cancel_link_cancels_the_checkout_it_was_made_for_not_an_older_one_left_open(app, web, buyer, stripe_api):
+    buy(web, stripe_api, session_id="cs_test_1")  # left open: the customer went elsewhere
+    _, sent = buy(web, stripe_api, session_id="cs_test_2")
+    expire_at_stripe(stripe_api, "cs_test_2")
+    web.get(cancel_link(sent))
+    assert payment(app, "cs_test_2").status == "expired" and payment(app, "cs_test_1").status == "open"
+
+
+def test_a_cancel_link_never_reaches_another_customers_checkout(app, web, buyer, stripe_api):
+    # Another customer's open checkout, recorded before this one's (a lower id) but stamped later.
+    with app.app_context():
+        other = factories.customer(app).user_id
+        db.session.add(
+            Payment(
+                user_id=other,
+                checkout_session_id="cs_other",
+                pack="starter",
+                credits=10000,
+                amount_cents=1000,
+                currency="usd",
+                created_at=utcnow() + timedelta(hours=1),
+            )
+        )
+        db.session.commit()
+    _, sent = buy(web, stripe_api, session_id="cs_test_1")
+    expire_at_stripe(stripe_api, "cs_test_1")
+    web.get(cancel_link(sent))
+    assert payment(app, "cs_test_1").status == "expired" and payment(app, "cs_other").status == "open"
+
+
+def test_a_checkout_recorded_in_the_same_instant_as_its_cancel_link_is_the_one_it_cancels(app, web, buyer, stripe_api):
+    _, sent = buy(web, stripe_api)
+    token = parse_qs(urlsplit(cancel_link(sent)).query)["token"][0]
+    with app.app_context():
+        # The clock did not move between the link's instant and the payment's record (a coarse clock).
+        issued = datetime.fromisoformat(payments._cancel_tokens(app.secret_key).loads(token)["at"])
+        db.session.execute(update(Payment).values(created_at=issued))
+        db.session.commit()
+    expire_at_stripe(stripe_api)
+    web.get(cancel_link(sent))
+    assert payment(app).status == "expired"
+
+
 def signing_clock(monkeypatch):
     """Sets the clock itsdangerous signs and checks timed tokens by (the cancel link's, CSRF's) to a second."""
     now = int(time.time())
@@ -515,7 +561,7 @@ def test_a_bug_while_applying_an_event_is_answered_500_with_its_traceback_and_ap
 
 
 def test_a_conflict_other_than_the_event_ids_own_is_a_bug_not_a_redelivery(
-    app, web, buyer, stripe_api, client, monkeypatch
+    app, web, buyer, stripe_api, client, monkeypatch, caplog
 ):
     from sqlalchemy.exc import IntegrityError
 
@@ -532,9 +578,11 @@ def test_a_conflict_other_than_the_event_ids_own_is_a_bug_not_a_redelivery(
     assert deliver(client, payload).status_code == 500
     monkeypatch.undo()
     assert deliver(client, payload).get_json()["outcome"].startswith("credited 10000")
-    # Delivered a third time, it is the redelivery it looks like.
+    # Delivered a third time, it is the redelivery it looks like, and the log says which event came again.
+    caplog.set_level("INFO", logger="app")
     assert deliver(client, payload).get_json()["outcome"] == "already processed"
     assert factories.balance(app, buyer) == 10100
+    assert "stripe event evt_conflict delivered again: already processed" in caplog.messages
 
 
 @pytest.mark.parametrize(
