@@ -203,6 +203,34 @@ def test_the_audit_names_each_offence(app, customer, offence):
     assert any(words in problem for problem in found), found
 
 
+@pytest.mark.parametrize(
+    "plant, owner, cause",
+    [
+        (plant_debit_on_another_accounts_request, LedgerEntry.speech_request_id, "request"),
+        (plant_topup_on_another_accounts_payment, LedgerEntry.payment_id, "payment"),
+    ],
+    ids=["request", "payment"],
+)
+def test_a_row_on_another_accounts_cause_is_named_with_both_accounts(app, customer, plant, owner, cause):
+    with app.app_context():
+        plant(customer.user_id)
+        db.session.commit()
+        row = db.session.scalar(select(LedgerEntry).where(owner.is_not(None), LedgerEntry.user_id != customer.user_id))
+        said = f"ledger {row.reference}: {row.amount:+} credits of user {row.user_id}"
+    assert f"{said} for a {cause} of user {customer.user_id}" in problems(app)
+
+
+def test_a_stale_charge_is_named_with_the_last_time_it_made_progress(app, customer):
+    with app.app_context():
+        speech = _speech(customer.user_id)
+        speech.created_at = utcnow() - timedelta(hours=3)
+        speech.progress_at = progressed = utcnow() - timedelta(hours=2)
+        request_id = speech.id
+        db.session.commit()
+    said = f"request {request_id}: still charged, no progress since {progressed:%Y-%m-%d %H:%M:%S}"
+    assert f"{said} (run `flask speech settle`)" in problems(app)
+
+
 def test_recorded_progress_keeps_an_old_request_from_being_settled(app, customer):
     with app.app_context():
         old = factories.charge_speech(customer.user_id, 10)
