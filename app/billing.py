@@ -10,7 +10,7 @@ app/metering.py's; the mail that money events cause is app/notifications.py's.
 
 import uuid
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, exists, insert, select, update
 
 from app import config
 from app.extensions import db
@@ -106,8 +106,7 @@ _FUNDING = (LedgerKind.TOPUP, LedgerKind.GRANT)
 
 def funded(user_id: int) -> bool:
     """Whether the account ever had credits other than its free trial (bought, or an operator's grant)."""
-    first = select(_ledger.c.id).where(_ledger.c.user_id == user_id, _ledger.c.kind.in_(_FUNDING)).limit(1)
-    return db.session.scalar(first) is not None
+    return db.session.scalar(select(exists().where(_ledger.c.user_id == user_id, _ledger.c.kind.in_(_FUNDING))))
 
 
 def alert_threshold(user: User) -> int:

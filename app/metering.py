@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from fractions import Fraction
 from typing import NamedTuple
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, exists, func, insert, select, update
 
 from app import billing, config, metrics
 from app.extensions import db
@@ -261,11 +261,7 @@ def stale_charges(older_than_seconds: float, now: datetime | None = None) -> lis
     now = now or utcnow()
     cutoff = now - timedelta(seconds=older_than_seconds)
     last_seen = func.coalesce(SpeechRequest.progress_at, SpeechRequest.created_at)
-    process_alive = (
-        select(_processes.c.id)
-        .where(_processes.c.id == SpeechRequest.process_id, _processes.c.lease_until >= now)
-        .exists()
-    )
+    process_alive = exists().where(_processes.c.id == SpeechRequest.process_id, _processes.c.lease_until >= now)
     return list(
         db.session.scalars(
             select(SpeechRequest.id)

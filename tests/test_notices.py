@@ -163,10 +163,14 @@ def test_a_free_trial_spent_below_the_threshold_shows_no_banner_and_sends_no_mai
     with app.app_context():
         user_id = db.session.scalar(select(User.id).where(User.email == "trial@example.com"))
     factories.add_key(app, user_id)
+    pay_starter(app, factories.customer(app))  # another account bought credits: not this one
     debit(app, user_id, 88)  # 912 left
     for page in ("/", "/keys", "/playground", "/account"):
         assert "Your balance is low" not in web.get(page).get_data(as_text=True), page
+    debit(app, user_id, 912)  # nothing left: still no alert (402s say so from here on)
     assert mails(app, "trial@example.com", "low_balance") == []
+    # The account page says why: no threshold of its own on the free trial.
+    assert "On the free trial you get none unless you set one here" in web.get("/account").get_data(as_text=True)
 
 
 def test_once_credits_are_bought_the_default_alert_applies_to_the_whole_balance(make_app):
