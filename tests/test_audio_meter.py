@@ -642,3 +642,22 @@ def test_an_ogg_page_with_no_packet_data_counts_as_soon_as_it_is_whole():
         data = ogg_page(opus_head(0), 0) + ogg_page(bytes(100), 48000, 1) + last
         assert metered(data, "opus", 1).samples == metered(data, "opus", len(data)).samples == 96000
         assert metered(data[:-1], "opus", 1).samples == 48000
+
+
+def test_a_variable_block_flac_header_split_between_chunks_is_counted_once():
+    frames = [flac_frame(n * 4096, 4096, variable=True) for n in range(4)]
+    data = b"fLaC" + streaminfo(44100) + b"".join(frames) + bytes(16)
+    start = len(b"fLaC" + streaminfo(44100))
+    # Each chunk ends a few bytes into the next frame's header.
+    cuts = [start + len(frames[0]) * n + 5 for n in range(1, 4)]
+    meter = audio_meter.for_format("flac")
+    for begin, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+        meter.feed(data[begin:end])
+    assert meter.samples == 4 * 4096
+
+
+def test_a_wav_header_of_absurd_sizes_never_counts_negative_audio():
+    # A block align of 65535 bytes and a rate of 4,294,967,295 Hz: nonsense, but no negative seconds.
+    absurd = chunk(b"fmt ", struct.pack("<HHIIHH", 1, 1, 0xFFFFFFFF, 0, 0xFFFF, 16))
+    meter = metered(riff(absurd, chunk(b"data", bytes(200_000))), "wav", 4096)
+    assert meter.samples == 200_000 // 0xFFFF and meter.seconds >= 0
