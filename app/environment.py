@@ -30,18 +30,17 @@ class _Reader:
         return default if raw in (None, "") else raw
 
     def int(self, name: str, default: int) -> int:
-        raw = self.str(name)
-        try:
-            return default if raw is None else int(raw)
-        except ValueError:
-            raise SettingError(f"{name} must be a whole number, not {raw!r}; see .env.example.") from None
+        return self._number(name, default, int, "a whole number")
 
     def float(self, name: str, default: float) -> float:
+        return self._number(name, default, float, "a number")
+
+    def _number(self, name, default, parse, what: str):
         raw = self.str(name)
         try:
-            return default if raw is None else float(raw)
+            return default if raw is None else parse(raw)
         except ValueError:
-            raise SettingError(f"{name} must be a number, not {raw!r}; see .env.example.") from None
+            raise SettingError(f"{name} must be {what}, not {raw!r}; see .env.example.") from None
 
     def bool(self, name: str, default: bool) -> bool:
         raw = self.str(name)
