@@ -36,9 +36,9 @@ from itsdangerous import BadSignature, SignatureExpired, TimestampSigner, URLSaf
 from sqlalchemy import delete, func, select, update
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from app import billing, config, mail, services
+from app import billing, config, mail, services, teams
 from app.extensions import db, insert, login_manager
-from app.models import LedgerEntry, LedgerKind, LoginSession, OutboxMail, TrialClaim, User, utcnow
+from app.models import ApiKey, LedgerEntry, LedgerKind, LoginSession, OutboxMail, TrialClaim, User, utcnow
 from app.urls import external_url
 
 
@@ -133,7 +133,8 @@ def find_by_email(email: str) -> User | None:
 
 
 def create_user(email: str, password: str | None = None) -> User:
-    """Add a user to the session. Raises AccountError for an email that is not one plain address, or taken.
+    """Add a user, and their personal team, to the session. Raises AccountError for an email that is not
+    one plain address, or taken.
 
     The unique constraint on the email still decides under a race; the caller
     treats an IntegrityError on commit as "taken".
@@ -141,10 +142,11 @@ def create_user(email: str, password: str | None = None) -> User:
     email = parse_email(email)
     if find_by_email(email) is not None:
         raise AccountError("An account with that email already exists.")
-    user = User(email=email, balance=0)
+    user = User(email=email)
     if password:
         set_password(user, password)
     db.session.add(user)
+    teams.create_personal(user)
     return user
 
 
@@ -235,7 +237,7 @@ def _read(purpose: str, token: str, max_age: timedelta, fields: int) -> list:
 def _trial_ahead(user: User) -> int:
     """The credits a verification would grant this account, as far as can be told before it is opened."""
     credits = config.current().signup_credits
-    if not credits or user.unlimited or _trial_claimed(mailbox_digest(user.email)):
+    if not credits or teams.personal(user).unlimited or _trial_claimed(mailbox_digest(user.email)):
         return 0
     return credits
 
@@ -274,13 +276,15 @@ def _trial_claimed(mailbox: str) -> bool:
 
 
 def mark_verified(user: User, client: str) -> int:
-    """The email is the owner's: keys and purchases open. The free trial (SIGNUP_CREDITS) is granted
-    once per mailbox, ever, and to at most TRIALS_PER_IP_PER_DAY mailboxes a day from one client
-    (`client`: its `client_digest`, the one that signed up). The credits granted; the caller commits."""
+    """The email is the owner's: keys and purchases open. The free trial (SIGNUP_CREDITS) goes to the
+    person's personal team, once per mailbox, ever (never once per team), and to at most
+    TRIALS_PER_IP_PER_DAY mailboxes a day from one client (`client`: its `client_digest`, the one that
+    signed up). The credits granted; the caller commits."""
     user.email_verified_at = utcnow()
     credits = config.current().signup_credits
     reference = billing.trial_reference(user.id)
-    if not credits or user.unlimited:
+    team = teams.personal(user)
+    if not credits or team.unlimited:
         return 0
     # Its reference is unique per account: a second verification (a new email) grants nothing.
     if db.session.scalar(select(func.count()).where(LedgerEntry.reference == reference)):
@@ -290,7 +294,7 @@ def mark_verified(user: User, client: str) -> int:
         return 0
     if not _claim_trial(mailbox):
         return 0
-    billing.apply(user.id, credits, kind=LedgerKind.TRIAL, reference=reference, note="free trial")
+    billing.apply(team.id, credits, kind=LedgerKind.TRIAL, reference=reference, note="free trial")
     return credits
 
 
@@ -434,22 +438,23 @@ def change_email(change: EmailChange, client: str | None = None) -> None:
 def delete_account(user: User) -> None:
     """Erase what identifies the owner and close the account; the caller commits.
 
-    Keys are revoked (401 at once), sign-ins end, mail to the owner is erased. The balance,
-    the ledger, speech requests and payments stay, under an anonymous account row, so the
-    books still add up.
+    The keys they made are revoked (401 at once), sign-ins end, mail to the owner is erased. Their
+    personal team's balance, ledger, speech requests and payments stay, under an anonymous account
+    row, so the books still add up.
     """
     now = utcnow()
-    for key in user.keys:
+    for key in db.session.scalars(select(ApiKey).where(ApiKey.created_by_id == user.id)):
         key.revoked_at = key.revoked_at or now
         key.name = ""
     db.session.execute(delete(LoginSession).where(LoginSession.user_id == user.id))
     db.session.execute(delete(OutboxMail).where(OutboxMail.user_id == user.id))
+    team = teams.personal(user)
+    team.stripe_customer_id = None
+    team.low_balance_credits = None
     user.email = f"deleted-{user.id}@deleted.invalid"
     user.email_version += 1
     user.password_hash = None
-    user.stripe_customer_id = None
     user.email_verified_at = None
-    user.low_balance_credits = None
     user.deleted_at = now
 
 

@@ -19,7 +19,7 @@ from wtforms import IntegerField, RadioField, StringField
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, Length, NumberRange
 
-from app import accounts, billing, config, keys, liveness, metering, usage
+from app import accounts, billing, config, keys, liveness, metering, teams, usage
 from app.audit import audit
 from app.dashboard import refuse_control_characters
 from app.extensions import db
@@ -147,27 +147,30 @@ def users():
             .order_by(User.id)
             .limit(PER_PAGE)
         ).all()
-    return render_template("admin/users.html", query=query, users=found)
+    personal = {user.id: teams.personal(user) for user in found}
+    return render_template("admin/users.html", query=query, users=found, personal=personal)
 
 
 @bp.get("/users/<int:user_id>")
 def customer(user_id: int):
     user = _customer(user_id)
+    team = teams.personal(user)
     return render_template(
         "admin/customer.html",
         user=user,
+        team=team,
         credit_form=CreditForm(formdata=None),
         confirm=ConfirmForm(),
         ledger=db.session.scalars(
-            select(LedgerEntry).where(LedgerEntry.user_id == user.id).order_by(LedgerEntry.id.desc()).limit(20)
+            select(LedgerEntry).where(LedgerEntry.team_id == team.id).order_by(LedgerEntry.id.desc()).limit(20)
         ).all(),
-        keys=db.session.scalars(select(ApiKey).where(ApiKey.user_id == user.id).order_by(ApiKey.id)).all(),
+        keys=db.session.scalars(select(ApiKey).where(ApiKey.team_id == team.id).order_by(ApiKey.id)).all(),
         payments=db.session.scalars(
-            select(Payment).where(Payment.user_id == user.id).order_by(Payment.id.desc()).limit(20)
+            select(Payment).where(Payment.team_id == team.id).order_by(Payment.id.desc()).limit(20)
         ).all(),
         requests=db.session.scalars(
             select(SpeechRequest)
-            .where(SpeechRequest.user_id == user.id)
+            .where(SpeechRequest.team_id == team.id)
             .order_by(SpeechRequest.created_at.desc())
             .limit(20)
         ).all(),
@@ -188,9 +191,9 @@ def change_credits(user_id: int):
     note = f"{form.reason.data} (by admin {current_user.email})"
     try:
         if form.direction.data == "deduct":
-            balance = billing.deduct(user, form.amount.data, note)
+            balance = billing.deduct(teams.personal(user), form.amount.data, note)
         else:
-            balance = billing.grant(user, form.amount.data, note)
+            balance = billing.grant(teams.personal(user), form.amount.data, note)
     except billing.InsufficientCredits as short:
         db.session.rollback()
         flash(f"The balance is {short.balance:,}: {form.amount.data:,} cannot be deducted. Nothing changed.", "error")
@@ -205,10 +208,11 @@ def change_credits(user_id: int):
 def toggle_unlimited(user_id: int):
     user = _customer(user_id)
     if ConfirmForm().validate_on_submit():
-        user.unlimited = not user.unlimited
-        record("unlimited on" if user.unlimited else "unlimited off", user)
+        team = teams.personal(user)
+        team.unlimited = not team.unlimited
+        record("unlimited on" if team.unlimited else "unlimited off", user)
         db.session.commit()
-        flash(f"{user.email} is {'now' if user.unlimited else 'no longer'} unlimited.", "success")
+        flash(f"{user.email} is {'now' if team.unlimited else 'no longer'} unlimited.", "success")
     return redirect(url_for("admin.customer", user_id=user.id))
 
 
@@ -232,10 +236,10 @@ def revoke_key(key_id: int):
     if key is None:
         abort(404)
     if ConfirmForm().validate_on_submit() and keys.revoke(key):
-        record("revoke key", key.user, f"key {key.id} ({key.prefix}…)")
+        record("revoke key", key.created_by, f"key {key.id} ({key.prefix}…)")
         db.session.commit()
         flash(f"Key {key.prefix}… is revoked.", "success")
-    return redirect(url_for("admin.customer", user_id=key.user_id))
+    return redirect(url_for("admin.customer", user_id=key.created_by_id))
 
 
 @bp.get("/payments")

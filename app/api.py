@@ -55,7 +55,7 @@ def authenticate():
         raise ApiError(401, refused.detail, {"WWW-Authenticate": "Bearer"}) from None
     # The key's last use, when it was due to be written.
     db.session.commit()
-    _throttled(throttle.api_request(g.caller.key_id, g.caller.user_id))
+    _throttled(throttle.api_request(g.caller.key_id, g.caller.team_id))
 
 
 @bp.after_request
@@ -104,7 +104,7 @@ def _raw_body() -> bytes:
 def speech_request():
     order = speech.read_order(_json_body(), config.current().max_input_chars)
     caller = g.caller
-    payer = speech.Payer(caller.user_id, caller.key_id, caller.balance, caller.unlimited)
+    payer = speech.Payer(caller.team_id, caller.created_by_id, caller.key_id, caller.balance, caller.unlimited)
     arrival = speech.Arrival.of(request.environ, g.received, g.request_id, g.client_request_id)
     return speech.serve(payer, order, arrival)
 

@@ -12,7 +12,7 @@ from sqlalchemy import and_, case, func, select
 from app import config
 from app.extensions import db
 from app.metering import kept_credits, stale_charges
-from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, SpeechState, User, utcnow
+from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, SpeechState, Team, User, utcnow
 from app.payments import owed_credits, reversed_cents
 
 # An account is named when at least this many of its recent streams broke off after audio went out,
@@ -24,19 +24,19 @@ BREAK_SHARE = 0.2
 
 def balances_match_ledgers() -> list[str]:
     ledger_sums = (
-        select(LedgerEntry.user_id, func.sum(LedgerEntry.amount).label("total"))
-        .group_by(LedgerEntry.user_id)
+        select(LedgerEntry.team_id, func.sum(LedgerEntry.amount).label("total"))
+        .group_by(LedgerEntry.team_id)
         .subquery()
     )
     total = func.coalesce(ledger_sums.c.total, 0)
     rows = db.session.execute(
-        select(User.id, User.email, User.balance, total)
-        .outerjoin(ledger_sums, ledger_sums.c.user_id == User.id)
-        .where((User.balance != total) | (User.balance < 0))
+        select(Team.id, Team.name, Team.balance, total)
+        .outerjoin(ledger_sums, ledger_sums.c.team_id == Team.id)
+        .where((Team.balance != total) | (Team.balance < 0))
     )
     return [
-        f"user {user_id} <{email}>: balance {balance} but the ledger sums to {sums}"
-        for user_id, email, balance, sums in rows
+        f"team {team_id} ({name}): balance {balance} but the ledger sums to {sums}"
+        for team_id, name, balance, sums in rows
     ]
 
 
@@ -113,18 +113,18 @@ def ledger_rows_have_requests() -> list[str]:
 
 
 def ledger_causes_are_the_accounts_own() -> list[str]:
-    """A ledger row's request or payment belongs to the row's own account."""
+    """A ledger row's request or payment belongs to the row's own team."""
     problems = []
     causes = ((SpeechRequest, LedgerEntry.speech_request_id, "request"), (Payment, LedgerEntry.payment_id, "payment"))
     for cause, key, owner in causes:
         rows = db.session.execute(
-            select(LedgerEntry.reference, LedgerEntry.amount, LedgerEntry.user_id, cause.user_id)
+            select(LedgerEntry.reference, LedgerEntry.amount, LedgerEntry.team_id, cause.team_id)
             .join(cause, key == cause.id)
-            .where(LedgerEntry.user_id != cause.user_id)
+            .where(LedgerEntry.team_id != cause.team_id)
         )
         problems.extend(
-            f"ledger {reference}: {amount:+} credits of user {user_id} for a {owner} of user {other}"
-            for reference, amount, user_id, other in rows
+            f"ledger {reference}: {amount:+} credits of team {team_id} for a {owner} of team {other}"
+            for reference, amount, team_id, other in rows
         )
     return problems
 
@@ -207,21 +207,21 @@ CHECKS = (
 
 
 def frequent_mid_stream_breaks() -> list[str]:
-    """Accounts whose streams often break off after audio went out (worth a look, not an error)."""
+    """Teams whose streams often break off after audio went out (worth a look, not an error)."""
     since = utcnow() - timedelta(days=LOOKBACK_DAYS)
     broken = func.sum(
         case((and_(SpeechRequest.state == SpeechState.REFUNDED, SpeechRequest.bytes_sent > 0), 1), else_=0)
     )
     rows = db.session.execute(
-        select(User.id, User.email, broken, func.count(SpeechRequest.id))
-        .join(SpeechRequest, SpeechRequest.user_id == User.id)
+        select(Team.id, Team.name, broken, func.count(SpeechRequest.id))
+        .join(SpeechRequest, SpeechRequest.team_id == Team.id)
         .where(SpeechRequest.created_at >= since)
-        .group_by(User.id, User.email)
+        .group_by(Team.id, Team.name)
         .having(broken >= MIN_BREAKS)
     )
     return [
-        f"user {user_id} <{email}>: {breaks} of {total} streams in {LOOKBACK_DAYS} days broke off after audio went out"
-        for user_id, email, breaks, total in rows
+        f"team {team_id} ({name}): {breaks} of {total} streams in {LOOKBACK_DAYS} days broke off after audio went out"
+        for team_id, name, breaks, total in rows
         if breaks >= BREAK_SHARE * total
     ]
 

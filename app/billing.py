@@ -14,7 +14,7 @@ from sqlalchemy import bindparam, exists, insert, select, update
 
 from app import config
 from app.extensions import db
-from app.models import LedgerEntry, LedgerKind, User, utcnow
+from app.models import LedgerEntry, LedgerKind, Team, utcnow
 
 
 class InsufficientCredits(Exception):
@@ -24,22 +24,22 @@ class InsufficientCredits(Exception):
         self.cost = cost
 
 
-_users, _ledger = User.__table__, LedgerEntry.__table__
+_teams, _ledger = Team.__table__, LedgerEntry.__table__
 # Built once, as plain table statements: a speech request runs them on the hot path, and building an
 # ORM statement per call (cache keys, session synchronisation) cost more CPU than the database work.
 _CHANGE = (
-    update(_users)
-    .where(_users.c.id == bindparam("user_id"))
-    .values(balance=_users.c.balance + bindparam("amount"))
-    .returning(_users.c.balance, _users.c.low_balance_credits, _users.c.low_balance_sent_at)
+    update(_teams)
+    .where(_teams.c.id == bindparam("team_id"))
+    .values(balance=_teams.c.balance + bindparam("amount"))
+    .returning(_teams.c.balance, _teams.c.low_balance_credits, _teams.c.low_balance_sent_at)
 )
 # A debit applies only where the balance covers it: no interleaving of debits can go below zero.
-_DEBIT = _CHANGE.where(_users.c.balance + bindparam("amount") >= 0)
+_DEBIT = _CHANGE.where(_teams.c.balance + bindparam("amount") >= 0)
 _WRITE_LEDGER = insert(_ledger)
 
 
 def apply(
-    user_id: int,
+    team_id: int,
     amount: int,
     *,
     kind: str,
@@ -55,23 +55,23 @@ def apply(
     top-up or reversal is for.
 
     A negative amount is one conditional UPDATE, so no interleaving of concurrent
-    debits can take a balance below zero; the CHECK constraint on users backs it up.
+    debits can take a balance below zero; the CHECK constraint on teams backs it up.
     A reused reference violates the ledger's unique constraint (IntegrityError).
-    User objects already loaded in the session see the new balance after the commit.
-    A debit that takes the balance below the account's alert threshold queues the
+    Team objects already loaded in the session see the new balance after the commit.
+    A debit that takes the balance below the team's alert threshold queues the
     low-balance mail in the same transaction (see _low_balance_alert).
     """
-    row = db.session.execute(_DEBIT if amount < 0 else _CHANGE, {"user_id": user_id, "amount": amount}).first()
+    row = db.session.execute(_DEBIT if amount < 0 else _CHANGE, {"team_id": team_id, "amount": amount}).first()
     if row is None:
-        current = db.session.scalar(select(User.balance).where(User.id == user_id))
+        current = db.session.scalar(select(Team.balance).where(Team.id == team_id))
         if current is None:
-            raise LookupError(f"no user {user_id}")
+            raise LookupError(f"no team {team_id}")
         raise InsufficientCredits(current, -amount)
     balance, threshold, alerted_at = row
     db.session.execute(
         _WRITE_LEDGER,
         {
-            "user_id": user_id,
+            "team_id": team_id,
             "amount": amount,
             "kind": kind,
             "reference": reference,
@@ -86,16 +86,16 @@ def apply(
         threshold = config.current().low_balance_credits
     if alerted_at is None and balance < threshold <= balance - amount:
         # Asked only at the crossing, so the debit's hot path never pays for it.
-        if own_threshold or funded(user_id):
-            _low_balance_alert(user_id, balance, threshold)
+        if own_threshold or funded(team_id):
+            _low_balance_alert(team_id, balance, threshold)
     elif alerted_at is not None and kind in _REARMING and balance >= threshold:
-        db.session.execute(update(_users).where(_users.c.id == user_id).values(low_balance_sent_at=None))
+        db.session.execute(update(_teams).where(_teams.c.id == team_id).values(low_balance_sent_at=None))
     return balance
 
 
-def hold(user_id: int) -> int:
-    """Lock the account's row until this transaction ends, as a debit would; its balance."""
-    return db.session.execute(_CHANGE, {"user_id": user_id, "amount": 0}).scalar()
+def hold(team_id: int) -> int:
+    """Lock the team's row until this transaction ends, as a debit would; its balance."""
+    return db.session.execute(_CHANGE, {"team_id": team_id, "amount": 0}).scalar()
 
 
 # Credits that bring a balance back to its alert threshold or above arm the alert again.
@@ -104,43 +104,43 @@ _REARMING = (LedgerKind.TOPUP, LedgerKind.GRANT, LedgerKind.TRIAL)
 _FUNDING = (LedgerKind.TOPUP, LedgerKind.GRANT)
 
 
-def funded(user_id: int) -> bool:
-    """Whether the account ever had credits other than its free trial (bought, or an operator's grant)."""
-    return db.session.scalar(select(exists().where(_ledger.c.user_id == user_id, _ledger.c.kind.in_(_FUNDING))))
+def funded(team_id: int) -> bool:
+    """Whether the team ever had credits other than its free trial (bought, or an operator's grant)."""
+    return db.session.scalar(select(exists().where(_ledger.c.team_id == team_id, _ledger.c.kind.in_(_FUNDING))))
 
 
-def alert_threshold(user: User) -> int:
-    """The balance below which the account is alerted (0: never).
+def alert_threshold(team: Team) -> int:
+    """The balance below which the team is alerted (0: never).
 
-    Its own setting; else LOW_BALANCE_CREDITS once it has been funded. An account living on its
+    Its own setting; else LOW_BALANCE_CREDITS once it has been funded. A team living on its
     free trial is not alerted by default: a trial as small as the threshold would cross it with
     its first sentence, and a visitor trying the service should not be greeted with an alarm.
     """
-    if user.low_balance_credits is not None:
-        return user.low_balance_credits
-    return config.current().low_balance_credits if funded(user.id) else 0
+    if team.low_balance_credits is not None:
+        return team.low_balance_credits
+    return config.current().low_balance_credits if funded(team.id) else 0
 
 
-# Where this transaction's money events that the account's owner is told of are noted, as
-# (kind of mail, user id, what it says), for app/notifications.py to queue before it commits.
-TOLD = "money events to tell their accounts"
+# Where this transaction's money events that a team's people are told of are noted, as
+# (kind of mail, team id, what it says), for app/notifications.py to queue before it commits.
+TOLD = "money events to tell their teams"
 
 
-def tell(kind: str, user_id: int, **facts) -> None:
-    """Note a money event for its account's owner: mailed if, and only if, this transaction commits."""
-    db.session.info.setdefault(TOLD, []).append((kind, user_id, facts))
+def tell(kind: str, team_id: int, **facts) -> None:
+    """Note a money event for its team's billing people: mailed if, and only if, this transaction commits."""
+    db.session.info.setdefault(TOLD, []).append((kind, team_id, facts))
 
 
-def _low_balance_alert(user_id: int, balance: int, threshold: int) -> None:
+def _low_balance_alert(team_id: int, balance: int, threshold: int) -> None:
     """The one alert for a balance that crossed its threshold, noted with the debit that crossed it.
 
-    The debit's UPDATE holds the account's row lock until this transaction ends, so the alert
+    The debit's UPDATE holds the team's row lock until this transaction ends, so the alert
     state it returned cannot change meanwhile: of any number of concurrent debits, exactly one
     sees the balance cross while the alert is armed. Its mail is queued in this transaction, before
     it commits (app/notifications.py): a rollback takes the alert and its mail together.
     """
-    db.session.execute(update(_users).where(_users.c.id == user_id).values(low_balance_sent_at=utcnow()))
-    tell("low_balance", user_id, balance=balance, threshold=threshold)
+    db.session.execute(update(_teams).where(_teams.c.id == team_id).values(low_balance_sent_at=utcnow()))
+    tell("low_balance", team_id, balance=balance, threshold=threshold)
 
 
 # The ledger's references, each built here and only here: the unique key that makes each money event
@@ -163,33 +163,34 @@ def reversal_reference(kind: str, checkout_session_id: str, owed: int) -> str:
 
 
 def trial_reference(user_id: int) -> str:
+    """The free trial of a person (once per person, on their personal team)."""
     return f"trial:{user_id}"
 
 
-def take_back(user_id: int, due: int, *, kind: str, reference: str, note: str, payment_id: int) -> tuple[int, int]:
+def take_back(team_id: int, due: int, *, kind: str, reference: str, note: str, payment_id: int) -> tuple[int, int]:
     """Take up to `due` credits back (a refunded or disputed payment); returns (taken, balance after).
 
     Never below zero: what the balance cannot cover is not taken, and the ledger note says how
-    much was already spent. The account's row is locked first, so the amount read is the one taken.
+    much was already spent. The team's row is locked first, so the amount read is the one taken.
     """
-    balance = db.session.scalar(select(User.balance).where(User.id == user_id).with_for_update())
+    balance = db.session.scalar(select(Team.balance).where(Team.id == team_id).with_for_update())
     taken = min(due, balance)
     if taken < due:
         note += f"; {due - taken} credits already spent"
     if taken:
-        balance = apply(user_id, -taken, kind=kind, reference=reference, note=note, payment_id=payment_id)
+        balance = apply(team_id, -taken, kind=kind, reference=reference, note=note, payment_id=payment_id)
     return taken, balance
 
 
-def grant(user: User, amount: int, reason: str) -> int:
+def grant(team: Team, amount: int, reason: str) -> int:
     """Operator grant of `amount` (> 0) credits; returns the new balance."""
     if amount <= 0:
         raise ValueError("a grant must be a positive number of credits")
-    return apply(user.id, amount, kind=LedgerKind.GRANT, reference=f"grant:{uuid.uuid4().hex}", note=reason)
+    return apply(team.id, amount, kind=LedgerKind.GRANT, reference=f"grant:{uuid.uuid4().hex}", note=reason)
 
 
-def deduct(user: User, amount: int, reason: str) -> int:
+def deduct(team: Team, amount: int, reason: str) -> int:
     """Operator deduction of `amount` (> 0) credits; InsufficientCredits if the balance is short."""
     if amount <= 0:
         raise ValueError("a deduction must be a positive number of credits")
-    return apply(user.id, -amount, kind=LedgerKind.DEDUCTION, reference=f"deduction:{uuid.uuid4().hex}", note=reason)
+    return apply(team.id, -amount, kind=LedgerKind.DEDUCTION, reference=f"deduction:{uuid.uuid4().hex}", note=reason)

@@ -6,7 +6,7 @@ from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, billing, config, keys, liveness, mail, metering, services
+from app import accounts, billing, config, keys, liveness, mail, metering, services, teams
 from app.audit import audit
 from app.extensions import db
 from app.forms import MIN_PASSWORD
@@ -46,7 +46,7 @@ def create_user(email, password, prompt, unlimited, admin):
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     try:
         user = accounts.create_user(email, password)
-        user.unlimited = unlimited
+        teams.personal(user).unlimited = unlimited
         user.is_admin = admin
         # The operator vouches for the address: the account can create keys and buy at once.
         user.email_verified_at = utcnow()
@@ -92,16 +92,17 @@ def _set_flag(email: str, flag: str, enabled: bool, what: str) -> None:
 @click.argument("email")
 @click.option("--limit", default=20, show_default=True, help="How many ledger entries to list.")
 def show_user(email, limit):
-    """Print a user's balance, keys and latest ledger entries."""
+    """Print the balance, keys and latest ledger entries of a user's personal team."""
     user = _user(email)
-    click.echo(f"User {user.id} <{user.email}>")
-    click.echo(f"Balance: {user.balance} credits" + (" (unlimited)" if user.unlimited else ""))
-    for key in user.keys:
+    team = teams.personal(user)
+    click.echo(f"User {user.id} <{user.email}>, personal team {team.id}")
+    click.echo(f"Balance: {team.balance} credits" + (" (unlimited)" if team.unlimited else ""))
+    for key in db.session.scalars(select(ApiKey).where(ApiKey.team_id == team.id).order_by(ApiKey.id)):
         state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked else "active"
         used = f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "never"
         click.echo(f"Key {key.id}: {key.prefix}… {key.name or '(no name)'} · {state} · last used {used}")
     entries = db.session.scalars(
-        select(LedgerEntry).where(LedgerEntry.user_id == user.id).order_by(LedgerEntry.id.desc()).limit(limit)
+        select(LedgerEntry).where(LedgerEntry.team_id == team.id).order_by(LedgerEntry.id.desc()).limit(limit)
     ).all()
     click.echo("Ledger (newest first):" if entries else "Ledger: empty")
     for entry in entries:
@@ -115,8 +116,11 @@ def show_user(email, limit):
 @click.argument("email")
 @click.option("--on/--off", "enabled", default=True, help="Set (default) or clear the unlimited flag.")
 def set_unlimited(email, enabled):
-    """Set or clear an account's unlimited flag."""
-    _set_flag(email, "unlimited", enabled, "unlimited")
+    """Set or clear the unlimited flag of a user's personal team."""
+    team = teams.personal(_user(email))
+    team.unlimited = enabled
+    db.session.commit()
+    click.echo(f"{email} is {'now' if enabled else 'no longer'} unlimited.")
 
 
 @credits_cli.command("grant")
@@ -124,8 +128,8 @@ def set_unlimited(email, enabled):
 @click.argument("amount", type=click.IntRange(min=1))
 @click.option("--reason", required=True, help="Recorded in the ledger.")
 def grant_credits(email, amount, reason):
-    """Add AMOUNT credits to a user's balance."""
-    balance = billing.grant(_user(email), amount, reason)
+    """Add AMOUNT credits to the balance of a user's personal team."""
+    balance = billing.grant(teams.personal(_user(email)), amount, reason)
     db.session.commit()
     click.echo(f"Granted {amount} credits to {email}; balance is now {balance}.")
 
@@ -135,9 +139,9 @@ def grant_credits(email, amount, reason):
 @click.argument("amount", type=click.IntRange(min=1))
 @click.option("--reason", required=True, help="Recorded in the ledger.")
 def deduct_credits(email, amount, reason):
-    """Take AMOUNT credits from a user's balance (never below zero)."""
+    """Take AMOUNT credits from the balance of a user's personal team (never below zero)."""
     try:
-        balance = billing.deduct(_user(email), amount, reason)
+        balance = billing.deduct(teams.personal(_user(email)), amount, reason)
     except billing.InsufficientCredits as short:
         db.session.rollback()
         raise click.ClickException(f"Balance is {short.balance}; cannot deduct {amount}. Nothing changed.") from None
@@ -149,8 +153,9 @@ def deduct_credits(email, amount, reason):
 @click.argument("email")
 @click.option("--name", default="", help="A label for the key.")
 def create_key(email, name):
-    """Create an API key; the secret is printed once and never stored."""
-    key, secret = keys.create_key(_user(email), name)
+    """Create an API key of a user's personal team; the secret is printed once and never stored."""
+    user = _user(email)
+    key, secret = keys.create_key(teams.personal(user), user, name)
     db.session.commit()
     click.echo(f"Created key {key.id} ({key.prefix}…) for {email}. Copy it now, it is not shown again:")
     click.echo(secret)

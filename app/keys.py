@@ -9,7 +9,7 @@ from sqlalchemy import bindparam, select, update
 from werkzeug.datastructures import Authorization
 
 from app.extensions import db
-from app.models import ApiKey, User, utcnow
+from app.models import ApiKey, Team, User, utcnow
 
 KEY_PREFIX = "kp_live_"
 # 32 random bytes give 43 URL-safe characters.
@@ -27,11 +27,13 @@ def generate() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(RANDOM_BYTES)
 
 
-def create_key(user: User, name: str) -> tuple[ApiKey, str]:
-    """Add a key for `user` to the session; return it with its secret, which is never stored."""
+def create_key(team: Team, made_by: User, name: str) -> tuple[ApiKey, str]:
+    """Add a key of `team`, made by its member `made_by`, to the session; return it with its secret,
+    which is never stored."""
     secret = generate()
     key = ApiKey(
-        user=user,
+        team=team,
+        created_by=made_by,
         name=name.strip()[:100],
         prefix=secret[: len(KEY_PREFIX) + DISPLAY_CHARS],
         digest=digest(secret),
@@ -51,26 +53,31 @@ _FIND = (
         ApiKey.id.label("key_id"),
         ApiKey.revoked_at,
         ApiKey.last_used_at,
-        User.id.label("user_id"),
-        User.balance,
-        User.unlimited,
+        Team.id.label("team_id"),
+        ApiKey.created_by_id,
+        Team.balance,
+        Team.unlimited,
+        # Set when an admin disabled the person who made the key.
         User.disabled_at,
     )
-    .join(User, ApiKey.user_id == User.id)
+    .join(Team, ApiKey.team_id == Team.id)
+    .join(User, ApiKey.created_by_id == User.id)
     .where(ApiKey.digest == bindparam("digest"))
 )
 
 
 class Caller(NamedTuple):
-    """An API key and its owner, as one lookup found them."""
+    """An API key and the team it spends for, as one lookup found them."""
 
     key_id: int
     revoked_at: datetime | None
     last_used_at: datetime | None
-    user_id: int
+    team_id: int
+    # Who made the key: the member its requests are recorded under.
+    created_by_id: int
     balance: int
     unlimited: bool
-    # Set when an admin disabled the account: its keys are refused like revoked ones.
+    # Set when an admin disabled the person who made the key: refused like a revoked key.
     disabled_at: datetime | None = None
 
 
@@ -109,7 +116,7 @@ def authenticate(authorization: Authorization | None, resolution_seconds: int) -
 
 
 def lookup(key_digest: str) -> Caller | None:
-    """The key with this digest and its owner, revoked or not.
+    """The key with this digest and its team, revoked or not.
 
     One round trip on a connection of its own in autocommit (a single read needs no
     transaction), given back at once, so no connection is held while the caller waits

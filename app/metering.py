@@ -33,7 +33,7 @@ class Charge(NamedTuple):
 
 
 class TooManyStreams(Exception):
-    """The account already has its maximum of speech streams open."""
+    """The team already has its maximum of speech streams open."""
 
     def __init__(self, limit: int):
         super().__init__(f"at most {limit} concurrent streams")
@@ -45,7 +45,8 @@ _speech = SpeechRequest.__table__
 # yet, created now) are the model's defaults.
 _SPEECH_FIELDS = (
     "id",
-    "user_id",
+    "team_id",
+    "made_by_id",
     "api_key_id",
     "model",
     "voice",
@@ -56,14 +57,14 @@ _SPEECH_FIELDS = (
     "client_request_id",
     "process_id",
 )
-# An account's streams in flight: its requests still charged.
+# A team's streams in flight: its requests still charged.
 _IN_FLIGHT = (
     select(func.count())
-    .where(_speech.c.user_id == bindparam("user_id"), _speech.c.state == SpeechState.CHARGED)
+    .where(_speech.c.team_id == bindparam("team_id"), _speech.c.state == SpeechState.CHARGED)
     .scalar_subquery()
 )
-# The request's row, written only while the account has fewer than `max_streams` in flight: the
-# count and the insert are one statement, run after the debit has locked the account's row.
+# The request's row, written only while the team has fewer than `max_streams` in flight: the
+# count and the insert are one statement, run after the debit has locked the team's row.
 _RECORD_SPEECH = (
     insert(_speech)
     .from_select(
@@ -76,13 +77,14 @@ _RECORD_SPEECH = (
 )
 
 
-# The stream limit when none is set: a count no account reaches.
+# The stream limit when none is set: a count no team reaches.
 _NO_LIMIT = 2**31 - 1
 
 
 def charge_speech(
-    user_id: int,
-    key_id: int,
+    team_id: int,
+    made_by_id: int,
+    key_id: int | None,
     *,
     unlimited: bool,
     characters: int,
@@ -97,12 +99,12 @@ def charge_speech(
 ) -> Charge:
     """Record a speech request and debit `characters` credits for it.
 
-    Unlimited accounts are recorded with a charge of 0 and no ledger row.
+    Unlimited teams are recorded with a charge of 0 and no ledger row.
     Raises InsufficientCredits, with nothing written, when the balance is short, and
-    TooManyStreams when the account already has `max_streams` requests in flight; the
+    TooManyStreams when the team already has `max_streams` requests in flight; the
     caller rolls back. The count is exact across processes and hosts: it is taken after
-    this transaction has locked the account's row (the debit, or a no-op update for
-    unlimited accounts), so concurrent charges of one account are counted one by one.
+    this transaction has locked the team's row (the debit, or a no-op update for
+    unlimited teams), so concurrent charges of one team are counted one by one.
     `process_id` names the gateway process serving it (app/liveness.py): settle leaves the
     request alone while that process's lease is alive.
     """
@@ -111,7 +113,7 @@ def charge_speech(
     if credits:
         note = f"{characters} characters"
         balance = billing.apply(
-            user_id,
+            team_id,
             -credits,
             kind=LedgerKind.DEBIT,
             reference=billing.speech_reference(request_id),
@@ -119,11 +121,12 @@ def charge_speech(
             speech_request_id=request_id,
         )
     else:
-        # Takes the account's row lock as the debit would, which the stream count below relies on.
-        balance = billing.hold(user_id)
+        # Takes the team's row lock as the debit would, which the stream count below relies on.
+        balance = billing.hold(team_id)
     row = {
         "id": request_id,
-        "user_id": user_id,
+        "team_id": team_id,
+        "made_by_id": made_by_id,
         "api_key_id": key_id,
         "model": model,
         "voice": voice,
@@ -140,9 +143,9 @@ def charge_speech(
     return Charge(request_id, credits, balance)
 
 
-def streams_in_flight(user_id: int) -> int:
-    """How many of the account's speech requests are still charged: its streams open now."""
-    return db.session.scalar(select(_IN_FLIGHT), {"user_id": user_id})
+def streams_in_flight(team_id: int) -> int:
+    """How many of the team's speech requests are still charged: its streams open now."""
+    return db.session.scalar(select(_IN_FLIGHT), {"team_id": team_id})
 
 
 def record_progress(request_id: str, bytes_sent: int, audio_ms: int | None) -> bool:
@@ -167,7 +170,7 @@ def _close_speech(request_id: str, state: str, details: dict):
         update(_speech)
         .where(_speech.c.id == request_id, _speech.c.state == SpeechState.CHARGED)
         .values(**values)
-        .returning(_speech.c.user_id, _speech.c.credits, _speech.c.characters, _speech.c.speed, _speech.c.audio_ms)
+        .returning(_speech.c.team_id, _speech.c.credits, _speech.c.characters, _speech.c.speed, _speech.c.audio_ms)
     ).first()
 
 
@@ -205,13 +208,13 @@ def refund_speech(request_id: str, reason: str, **details) -> int | None:
     row = _close_speech(request_id, SpeechState.REFUNDED, {**details, "error": reason})
     if row is None:
         return None
-    user_id, credits, characters, speed, audio_ms = row
+    team_id, credits, characters, speed, audio_ms = row
     chars_per_second = config.current().speech_chars_per_second
     refund = credits - kept_credits(credits, characters, speed, audio_ms, chars_per_second)
     if refund:
         db.session.execute(update(_speech).where(_speech.c.id == request_id).values(credits_refunded=refund))
         billing.apply(
-            user_id,
+            team_id,
             refund,
             kind=LedgerKind.REFUND,
             reference=billing.refund_reference(request_id),

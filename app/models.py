@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Optional
 
 from flask_login import UserMixin
-from sqlalchemy import BigInteger, CheckConstraint, Float, ForeignKey, Index, String, Text
+from sqlalchemy import BigInteger, CheckConstraint, Float, ForeignKey, Index, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.extensions import db
@@ -41,6 +41,19 @@ class ReversalKind(StrEnum):
     DISPUTE = "dispute"
 
 
+class TeamRole(StrEnum):
+    """What a member may do in a team (docs/teams.md has the table)."""
+
+    # Everything, including handing ownership on and deleting the team.
+    OWNER = "owner"
+    # Members, keys and billing.
+    ADMIN = "admin"
+    # Their own keys, and usage.
+    DEVELOPER = "developer"
+    # Payments, receipts and alerts.
+    BILLING = "billing"
+
+
 class PaymentStatus(StrEnum):
     OPEN = "open"
     PENDING = "pending"
@@ -60,34 +73,58 @@ def new_request_id() -> str:
     return "req_" + uuid.uuid4().hex
 
 
+class Team(db.Model):
+    """Who pays: the balance, the ledger, keys, payments and the Stripe customer belong to a team.
+
+    Every person has a personal team, made with their account; a team may have several members
+    (Membership), each with a role.
+    """
+
+    __tablename__ = "teams"
+    # AUTOINCREMENT on SQLite too: a team's id, which its books and keys carry, is never reused.
+    __table_args__ = (CheckConstraint("balance >= 0", name="balance_not_negative"), {"sqlite_autoincrement": True})
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    # Made with its owner's account; the only team the owner had before teams were shared.
+    personal: Mapped[bool] = mapped_column(default=False)
+    balance: Mapped[int] = mapped_column(BigInteger, default=0)
+    unlimited: Mapped[bool] = mapped_column(default=False)
+    stripe_customer_id: Mapped[Optional[str]] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A debit that takes the balance below this sends one email (None: LOW_BALANCE_CREDITS; 0: never).
+    low_balance_credits: Mapped[Optional[int]] = mapped_column(BigInteger)
+    # When that email was queued; a top-up or grant back above the threshold clears it (re-arms the alert).
+    low_balance_sent_at: Mapped[Optional[datetime]]
+
+    memberships: Mapped[list["Membership"]] = relationship(back_populates="team")
+
+    def __repr__(self) -> str:
+        return f"<Team {self.id} {self.name}>"
+
+
 class User(UserMixin, db.Model):
+    """A person: signs in, belongs to teams (Membership)."""
+
     __tablename__ = "users"
-    __table_args__ = (CheckConstraint("balance >= 0", name="balance_not_negative"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     # Stored lower-cased, so the unique constraint makes emails unique case-insensitively.
     email: Mapped[str] = mapped_column(String(254), unique=True)
     password_hash: Mapped[Optional[str]] = mapped_column(String(255))
-    balance: Mapped[int] = mapped_column(BigInteger, default=0)
-    unlimited: Mapped[bool] = mapped_column(default=False)
     is_admin: Mapped[bool] = mapped_column(default=False)
-    stripe_customer_id: Mapped[Optional[str]] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Until set, the account can sign in but not create keys or buy credits.
     email_verified_at: Mapped[Optional[datetime]]
-    # A debit that takes the balance below this sends one email (None: LOW_BALANCE_CREDITS; 0: never).
-    low_balance_credits: Mapped[Optional[int]] = mapped_column(BigInteger)
-    # When that email was queued; a top-up or grant back above the threshold clears it (re-arms the alert).
-    low_balance_sent_at: Mapped[Optional[datetime]]
     # Deleted by its owner: personal data erased, the ledger kept under this anonymous row.
     deleted_at: Mapped[Optional[datetime]]
-    # Disabled by an admin: its keys get 401 and it cannot sign in, until enabled again.
+    # Disabled by an admin: the keys they made get 401 and they cannot sign in, until enabled again.
     disabled_at: Mapped[Optional[datetime]]
     # Goes up by one at every change of the email: a mailed link names it, so any change
     # (A→B→A too) ends the links sent before it (app/accounts.py).
     email_version: Mapped[int] = mapped_column(default=0, server_default="0")
 
-    keys: Mapped[list["ApiKey"]] = relationship(back_populates="user")
+    memberships: Mapped[list["Membership"]] = relationship(back_populates="user")
 
     # The token of the sign-in this object was loaded for (app/accounts.py); never stored.
     login_token = None
@@ -102,6 +139,22 @@ class User(UserMixin, db.Model):
 
     def __repr__(self) -> str:
         return f"<User {self.id} {self.email}>"
+
+
+class Membership(db.Model):
+    """A person in a team, with a role."""
+
+    __tablename__ = "memberships"
+    __table_args__ = (UniqueConstraint("team_id", "user_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    role: Mapped[TeamRole] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    team: Mapped[Team] = relationship(back_populates="memberships")
+    user: Mapped[User] = relationship(back_populates="memberships")
 
 
 class LoginSession(db.Model):
@@ -127,7 +180,9 @@ class ApiKey(db.Model):
     __tablename__ = "api_keys"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    # The team it spends for, and the member who made it.
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)
+    created_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     name: Mapped[str] = mapped_column(String(100), default="")
     # What the dashboard shows, e.g. "kp_live_Ab3d"; the secret itself is never stored.
     prefix: Mapped[str] = mapped_column(String(16))
@@ -136,7 +191,8 @@ class ApiKey(db.Model):
     last_used_at: Mapped[Optional[datetime]]
     revoked_at: Mapped[Optional[datetime]]
 
-    user: Mapped[User] = relationship(back_populates="keys")
+    team: Mapped[Team] = relationship()
+    created_by: Mapped[User] = relationship()
 
     @property
     def revoked(self) -> bool:
@@ -149,7 +205,7 @@ class LedgerEntry(db.Model):
     __tablename__ = "ledger_entries"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)
     amount: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(20))
     # Makes each money event happen once: "speech:<id>", "refund:<id>", "topup:<session>", … (billing.py)
@@ -173,11 +229,13 @@ class SpeechRequest(db.Model):
     """One metered call to POST /v1/audio/speech: charged → delivered | refunded."""
 
     __tablename__ = "speech_requests"
-    # The streams an account has open are its requests still charged (the concurrent-stream cap).
-    __table_args__ = (Index("ix_speech_requests_user_id_state", "user_id", "state"),)
+    # The streams a team has open are its requests still charged (the concurrent-stream cap).
+    __table_args__ = (Index("ix_speech_requests_team_id_state", "team_id", "state"),)
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_request_id)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)
+    # The member whose key it came with (who made the key), or who asked in the playground.
+    made_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     api_key_id: Mapped[Optional[int]] = mapped_column(ForeignKey("api_keys.id"))
     model: Mapped[str] = mapped_column(String(100))
     voice: Mapped[str] = mapped_column(String(200))
@@ -206,6 +264,7 @@ class SpeechRequest(db.Model):
     finished_at: Mapped[Optional[datetime]]
 
     api_key: Mapped[Optional[ApiKey]] = relationship()
+    made_by: Mapped[User] = relationship()
 
 
 class GatewayProcess(db.Model):
@@ -231,7 +290,9 @@ class Payment(db.Model):
     __tablename__ = "payments"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    # The team credited, and the member who bought.
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)
+    bought_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     checkout_session_id: Mapped[str] = mapped_column(String(255), unique=True)
     payment_intent_id: Mapped[Optional[str]] = mapped_column(String(255), index=True)
     pack: Mapped[str] = mapped_column(String(50))

@@ -2,7 +2,8 @@
 
 billing and payments note what happened in the session (`billing.tell`: a balance that fell below
 its alert threshold, a payment credited, a payment refunded or disputed); before that transaction
-commits, this step queues the mail for each, with its links to the dashboard. So the modules that
+commits, this step queues the mail for each, to the team's owners, admins and billing people, with
+its links to the dashboard. So the modules that
 own the books import neither mail nor the web layer's endpoint names, and each mail still lands or
 goes with the money event that caused it.
 """
@@ -10,8 +11,7 @@ goes with the money event that caused it.
 from flask_sqlalchemy.session import Session
 from sqlalchemy import event
 
-from app import billing, mail
-from app.models import User
+from app import billing, mail, teams
 from app.urls import external_url
 
 # The dashboard's pages each kind of mail links to, by the name its template uses.
@@ -24,9 +24,10 @@ LINKS = {
 
 @event.listens_for(Session, "before_commit")
 def _queue_money_mail(session):
-    for kind, user_id, facts in session.info.pop(billing.TOLD, ()):
+    for kind, team_id, facts in session.info.pop(billing.TOLD, ()):
         links = {name: external_url(endpoint) for name, endpoint in LINKS[kind].items()}
-        mail.notify(session.get(User, user_id), kind, **facts, **links)
+        for person in teams.billing_people(team_id):
+            mail.notify(person, kind, **facts, **links)
 
 
 @event.listens_for(Session, "after_soft_rollback")

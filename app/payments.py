@@ -12,7 +12,17 @@ from sqlalchemy.exc import IntegrityError
 
 from app import billing
 from app.extensions import db
-from app.models import LedgerKind, Payment, PaymentReversal, PaymentStatus, ReversalKind, StripeEvent, User, utcnow
+from app.models import (
+    LedgerKind,
+    Payment,
+    PaymentReversal,
+    PaymentStatus,
+    ReversalKind,
+    StripeEvent,
+    Team,
+    User,
+    utcnow,
+)
 from app.packs import Pack
 
 log = logging.getLogger(__name__)
@@ -29,8 +39,11 @@ class AlreadyProcessed(Exception):
     """The event's id (its one argument) is recorded already: a redelivery, applied before."""
 
 
-def start_checkout(client, user: User, pack: Pack, currency: str, success_url: str, cancel_url: str) -> str:
-    """Create a Checkout Session for `pack` and record it; return the URL to send the browser to.
+def start_checkout(
+    client, team: Team, buyer: User, pack: Pack, currency: str, success_url: str, cancel_url: str
+) -> str:
+    """Create a Checkout Session for `pack`, bought by `buyer` for `team`, and record it; return the URL
+    to send the browser to.
 
     The credits to grant are recorded here, from our own configuration: the webhook
     credits this number, never one taken from a request.
@@ -38,8 +51,8 @@ def start_checkout(client, user: User, pack: Pack, currency: str, success_url: s
     session = client.v1.checkout.sessions.create(
         params={
             "mode": "payment",
-            "client_reference_id": str(user.id),
-            "customer_email": user.email,
+            "client_reference_id": str(team.id),
+            "customer_email": buyer.email,
             "line_items": [
                 {
                     "quantity": 1,
@@ -50,14 +63,15 @@ def start_checkout(client, user: User, pack: Pack, currency: str, success_url: s
                     },
                 }
             ],
-            "metadata": {"user_id": str(user.id), "pack": pack.id, "credits": str(pack.credits)},
+            "metadata": {"team_id": str(team.id), "pack": pack.id, "credits": str(pack.credits)},
             "success_url": success_url,
             "cancel_url": cancel_url,
         }
     )
     db.session.add(
         Payment(
-            user_id=user.id,
+            team_id=team.id,
+            bought_by_id=buyer.id,
             checkout_session_id=session.id,
             pack=pack.id,
             credits=pack.credits,
@@ -171,8 +185,8 @@ def _lock_intent(payment_intent: str | None) -> None:
 def _payment_for_session(session_obj) -> Payment | None:
     _lock_intent(session_obj.payment_intent)
     payment = db.session.scalar(select(Payment).where(Payment.checkout_session_id == session_obj.id).with_for_update())
-    if payment is not None and str(payment.user_id) != str(session_obj.client_reference_id):
-        log.warning("checkout session %s names another user; ignored", session_obj.id)
+    if payment is not None and str(payment.team_id) != str(session_obj.client_reference_id):
+        log.warning("checkout session %s names another team; ignored", session_obj.id)
         return None
     if payment is not None and session_obj.payment_intent and payment.payment_intent_id is None:
         payment.payment_intent_id = session_obj.payment_intent
@@ -188,16 +202,16 @@ def _fulfill(session_obj) -> str:
     payment.status = PaymentStatus.PAID
     payment.paid_at = utcnow()
     balance = billing.apply(
-        payment.user_id,
+        payment.team_id,
         payment.credits,
         kind=LedgerKind.TOPUP,
         reference=billing.topup_reference(payment.checkout_session_id),
         note=f"{payment.pack} pack, {payment.amount_cents / 100:.2f} {payment.currency.upper()}",
         payment_id=payment.id,
     )
-    outcome = f"credited {payment.credits} to user {payment.user_id}; balance {balance}"
+    outcome = f"credited {payment.credits} to team {payment.team_id}; balance {balance}"
     # Stripe's own receipt page belongs to the charge; a Checkout Session does not name it.
-    billing.tell("receipt", payment.user_id, payment=payment, balance=balance)
+    billing.tell("receipt", payment.team_id, payment=payment, balance=balance)
     waiting = _apply_reversals(payment)
     return outcome if waiting is None else f"{outcome}; {waiting}"
 
@@ -224,7 +238,7 @@ def cancel_token(user: User, secret: str) -> str:
 def checkout_left(user: User, token: str, secret: str) -> Payment | None:
     """The checkout a valid cancel token of `user` was made for, while it is still open; else None.
 
-    That is the first payment the user started after the token's instant: once expired or
+    That is the first payment the user bought after the token's instant: once expired or
     paid, the same link (the back button, the history) cancels no later checkout.
     """
     try:
@@ -235,7 +249,7 @@ def checkout_left(user: User, token: str, secret: str) -> Payment | None:
     if claims.get("user") != user.id:
         return None
     first = db.session.scalar(
-        select(func.min(Payment.id)).where(Payment.user_id == user.id, Payment.created_at >= issued)
+        select(func.min(Payment.id)).where(Payment.bought_by_id == user.id, Payment.created_at >= issued)
     )
     payment = None if first is None else db.session.get(Payment, first)
     return payment if payment is not None and payment.status == PaymentStatus.OPEN else None
@@ -317,7 +331,7 @@ def _apply_reversals(payment: Payment, receipt_url: str | None = None) -> str | 
     payment.credits_reversed = owed
     payment.status = status
     taken, balance = billing.take_back(
-        payment.user_id,
+        payment.team_id,
         due,
         kind=kind,
         reference=billing.reversal_reference(kind, payment.checkout_session_id, owed),
@@ -326,7 +340,7 @@ def _apply_reversals(payment: Payment, receipt_url: str | None = None) -> str | 
     )
     billing.tell(
         "reversal",
-        payment.user_id,
+        payment.team_id,
         payment=payment,
         disputed=bool(disputed),
         refunded_cents=min(refunded + disputed, payment.amount_cents),
@@ -335,4 +349,4 @@ def _apply_reversals(payment: Payment, receipt_url: str | None = None) -> str | 
         balance=balance,
         receipt_url=receipt_url,
     )
-    return f"took back {taken} of {due} credits from user {payment.user_id}"
+    return f"took back {taken} of {due} credits from team {payment.team_id}"

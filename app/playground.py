@@ -17,6 +17,7 @@ from flask_login import current_user, login_required
 
 from app import catalog, config, services, speech
 from app import samples as kept_samples
+from app.dashboard import current_team
 from app.errors import ApiError
 
 bp = Blueprint("playground", __name__, url_prefix="/playground")
@@ -70,7 +71,8 @@ def speak():
     received = time.monotonic()
     if not current_user.verified:
         raise ApiError(403, "Confirm your email first: open the link we mailed you.", code="email_not_verified")
-    wait = services.throttle().api_request(f"playground-{current_user.id}", current_user.id)
+    team = current_team()
+    wait = services.throttle().api_request(f"playground-{current_user.id}", team.id)
     if wait is not None:
         raise ApiError(429, "Rate limit reached.", {"Retry-After": str(wait)})
     body = request.get_json(silent=True)
@@ -79,7 +81,7 @@ def speak():
     if body.get("response_format", speech.DEFAULT_FORMAT) not in PLAYABLE:
         raise ApiError(400, f"The playground plays {', '.join(PLAYABLE)}.", param="response_format")
     order = speech.read_order(body, config.current().max_input_chars)
-    payer = speech.Payer(current_user.id, None, current_user.balance, current_user.unlimited)
+    payer = speech.Payer(team.id, current_user.id, None, team.balance, team.unlimited)
     return speech.serve(payer, order, speech.Arrival.of(request.environ, received))
 
 

@@ -225,9 +225,11 @@ def upstream_catalog() -> catalog.Catalog | None:
 
 
 class Payer(NamedTuple):
-    """Who pays for a speech request: the account, the key it came with (None from the dashboard's
-    playground), the balance as this request found it, and whether the account is unlimited."""
+    """Who pays for a speech request: the team, the member it is recorded under (who made the key, or
+    who asked in the dashboard's playground), the key it came with (None from the playground), the
+    balance as this request found it, and whether the team is unlimited."""
 
+    team_id: int
     user_id: int
     key_id: int | None
     balance: int
@@ -265,7 +267,7 @@ def serve(payer: Payer, order: Order, arrival: Arrival):
     """
     order = check_names(order)
     admit(payer, order)
-    slot = reserve(payer.user_id)
+    slot = reserve(payer.team_id)
     try:
         paid = charge(payer, order, arrival)
         started = time.monotonic()
@@ -309,7 +311,7 @@ def admit(payer: Payer, order: Order) -> None:
     if not payer.unlimited and payer.balance < len(order.text):
         raise _insufficient(len(order.text), payer.balance)
     limit = config.current().max_streams_per_account
-    if metering.streams_in_flight(payer.user_id) >= limit:
+    if metering.streams_in_flight(payer.team_id) >= limit:
         db.session.rollback()
         raise _too_many_streams(limit)
     db.session.rollback()
@@ -358,6 +360,7 @@ def charge(payer: Payer, order: Order, arrival: Arrival) -> metering.Charge:
     settings = config.current()
     try:
         paid = metering.charge_speech(
+            payer.team_id,
             payer.user_id,
             payer.key_id,
             unlimited=payer.unlimited,

@@ -139,12 +139,13 @@ class Throttle:
         reset_at = self._windows.get_window_stats(item, *identifiers).reset_time
         return max(1, math.ceil(reset_at - clock()))
 
-    def api_request(self, key_id: int, user_id: int) -> int | None:
-        """Count one API request; the seconds to wait when a limit is reached, else None."""
+    def api_request(self, key_id: int | str, team_id: int) -> int | None:
+        """Count one API request of a key and of its team (the account); the seconds to wait when a limit
+        is reached, else None."""
         if not self._windows.hit(self.per_key, "key", str(key_id)):
             return self._retry_after(self.per_key, "key", str(key_id))
-        if not self._windows.hit(self.per_account, "account", str(user_id)):
-            return self._retry_after(self.per_account, "account", str(user_id))
+        if not self._windows.hit(self.per_account, "account", str(team_id)):
+            return self._retry_after(self.per_account, "account", str(team_id))
         return None
 
     def key_guessing_blocked(self, ip: str) -> int | None:

@@ -73,8 +73,8 @@ class Filters:
             query = query.where(column < midnight(self.end + timedelta(days=1)))
         return query
 
-    def usage(self, user_id: int) -> Select:
-        query = select(SpeechRequest).where(SpeechRequest.user_id == user_id)
+    def usage(self, team_id: int) -> Select:
+        query = select(SpeechRequest).where(SpeechRequest.team_id == team_id)
         query = self.dated(self.keyed(query), SpeechRequest.created_at)
         if self.request_id:
             query = query.where(SpeechRequest.id == self.request_id)
@@ -87,8 +87,8 @@ class Filters:
             return query.where(SpeechRequest.api_key_id == int(self.key))
         return query
 
-    def ledger(self, user_id: int) -> Select:
-        query = select(LedgerEntry).where(LedgerEntry.user_id == user_id)
+    def ledger(self, team_id: int) -> Select:
+        query = select(LedgerEntry).where(LedgerEntry.team_id == team_id)
         return self.dated(query, LedgerEntry.created_at).order_by(LedgerEntry.id.desc())
 
 
@@ -115,7 +115,7 @@ def parse_day(value) -> date:
     return value if isinstance(value, date) else date.fromisoformat(value)
 
 
-def credits_per_day(user_id: int, filters: Filters, days: int = CHART_DAYS) -> list[tuple[date, int]]:
+def credits_per_day(team_id: int, filters: Filters, days: int = CHART_DAYS) -> list[tuple[date, int]]:
     """Credits kept (charged less refunded) per UTC day for the last `days` days, today included; zeros too."""
     today = utcnow().date()
     first = today - timedelta(days=days - 1)
@@ -123,7 +123,7 @@ def credits_per_day(user_id: int, filters: Filters, days: int = CHART_DAYS) -> l
     kept = func.sum(KEPT)
     query = filters.keyed(
         select(day, kept)
-        .where(SpeechRequest.user_id == user_id, SpeechRequest.created_at >= midnight(first))
+        .where(SpeechRequest.team_id == team_id, SpeechRequest.created_at >= midnight(first))
         .group_by(day)
     )
     totals = {parse_day(row[0]): int(row[1] or 0) for row in db.session.execute(query)}
@@ -137,7 +137,7 @@ class Totals:
     credits: int
 
 
-def this_month(user_id: int, filters: Filters) -> Totals:
+def this_month(team_id: int, filters: Filters) -> Totals:
     start = utcnow().date().replace(day=1)
     row = db.session.execute(
         filters.keyed(
@@ -145,14 +145,14 @@ def this_month(user_id: int, filters: Filters) -> Totals:
                 func.count(SpeechRequest.id),
                 func.coalesce(func.sum(SpeechRequest.characters), 0),
                 func.coalesce(func.sum(KEPT), 0),
-            ).where(SpeechRequest.user_id == user_id, SpeechRequest.created_at >= midnight(start))
+            ).where(SpeechRequest.team_id == team_id, SpeechRequest.created_at >= midnight(start))
         )
     ).one()
     return Totals(*(int(value) for value in row))
 
 
-def user_keys(user_id: int) -> list[ApiKey]:
-    return db.session.scalars(select(ApiKey).where(ApiKey.user_id == user_id).order_by(ApiKey.id)).all()
+def team_keys(team_id: int) -> list[ApiKey]:
+    return db.session.scalars(select(ApiKey).where(ApiKey.team_id == team_id).order_by(ApiKey.id)).all()
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ def migrated_with_a_customer(uri: str, credits: int) -> str:
     """Migrate the empty database at `uri` and add one customer with `credits`; returns its key."""
     from flask_migrate import upgrade
 
-    from app import billing, create_app, keys
+    from app import billing, create_app, keys, teams
     from app.accounts import create_user
     from app.extensions import db
 
@@ -52,8 +52,9 @@ def migrated_with_a_customer(uri: str, credits: int) -> str:
         upgrade()
         user = create_user("bench@example.com")
         db.session.flush()
-        billing.grant(user, credits, "benchmark credits")
-        _, secret = keys.create_key(user, "bench")
+        team = teams.personal(user)
+        billing.grant(team, credits, "benchmark credits")
+        _, secret = keys.create_key(team, user, "bench")
         db.session.commit()
         db.engine.dispose()
     return secret

@@ -28,6 +28,9 @@ if PG_URL and WORKER:
 STRIPE_API = "http://127.0.0.1:12111"
 STRIPE_CHECKOUT = "http://127.0.0.1:12112"
 BACKENDS = ["sqlite"] + (["postgresql"] if PG_URL else [])
+# Teams are numbered from here in tests, so a team's id is never its owner's user id by chance: code that
+# passes one where the other belongs fails.
+FIRST_TEAM_ID = 7001
 
 
 def app_config(uri: str, **overrides) -> dict:
@@ -59,6 +62,11 @@ def _migrate(uri: str) -> None:
     app = create_app(app_config(uri))
     with app.app_context():
         upgrade()
+        if uri.startswith("sqlite"):
+            db.session.execute(
+                text("UPDATE sqlite_sequence SET seq = :seq WHERE name = 'teams'"), {"seq": FIRST_TEAM_ID - 1}
+            )
+            db.session.commit()
         db.engine.dispose()
 
 
@@ -85,6 +93,7 @@ def _truncate_postgres(url: str) -> None:
             text("SELECT tablename FROM pg_tables WHERE schemaname = 'public' AND tablename <> 'alembic_version'")
         ).scalars()
         conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        conn.execute(text(f"ALTER SEQUENCE teams_id_seq RESTART WITH {FIRST_TEAM_ID}"))
     engine.dispose()
 
 

@@ -9,19 +9,22 @@ from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 
-from app import accounts, billing, keys, metering
+from app import accounts, billing, keys, metering, teams
 from app.extensions import db
-from app.models import LedgerEntry, OutboxMail, Payment, SpeechRequest, User, utcnow
+from app.models import ApiKey, LedgerEntry, Membership, OutboxMail, Payment, SpeechRequest, Team, User, utcnow
 
 _counter = iter(range(1, 10**9))
 
 
 @dataclass
 class Customer:
+    """A person, their personal team (which pays), and a key of it."""
+
     user_id: int
     email: str
     secret: str
     key_id: int
+    team_id: int | None = None
 
     @property
     def headers(self) -> dict:
@@ -33,20 +36,21 @@ def customer(
 ) -> Customer:
     with app.app_context():
         user = accounts.create_user(f"customer{next(_counter)}@example.com", password)
-        user.unlimited = unlimited
+        team = teams.personal(user)
+        team.unlimited = unlimited
         user.email_verified_at = utcnow() if verified else None
         db.session.flush()
         if balance:
-            billing.grant(user, balance, "test credits")
-        key, secret = keys.create_key(user, "test key")
+            billing.grant(team, balance, "test credits")
+        key, secret = keys.create_key(team, user, "test key")
         db.session.commit()
-        return Customer(user.id, user.email, secret, key.id)
+        return Customer(user.id, user.email, secret, key.id, team.id)
 
 
-def charged(app, user_id: int, count: int = 1, characters: int = 10) -> list[str]:
-    """The ids of `count` speech requests charged (and committed) to the user."""
+def charged(app, team_id: int, count: int = 1, characters: int = 10) -> list[str]:
+    """The ids of `count` speech requests charged (and committed) to the team."""
     with app.app_context():
-        ids = [charge_speech(user_id, characters).id for _ in range(count)]
+        ids = [charge_speech(team_id, characters).id for _ in range(count)]
         db.session.commit()
         return ids
 
@@ -60,6 +64,7 @@ def race_charges(app, customer: "Customer", count: int, characters: int) -> Coun
             barrier.wait(timeout=30)
             try:
                 metering.charge_speech(
+                    customer.team_id,
                     customer.user_id,
                     customer.key_id,
                     unlimited=False,
@@ -80,13 +85,15 @@ def race_charges(app, customer: "Customer", count: int, characters: int) -> Coun
         return Counter(pool.map(charge, range(count)))
 
 
-def charge_speech(user_id: int, characters: int, **fields) -> SpeechRequest:
-    """One speech request charged to the user's first key, inside the caller's app context (`fields`: a request_id…)."""
-    user = db.session.get(User, user_id)
+def charge_speech(team_id: int, characters: int, **fields) -> SpeechRequest:
+    """One speech request charged to the team's first key, inside the caller's app context (`fields`: a request_id…)."""
+    team = db.session.get(Team, team_id)
+    key = db.session.scalars(select(ApiKey).where(ApiKey.team_id == team_id).order_by(ApiKey.id)).first()
     paid = metering.charge_speech(
-        user.id,
-        user.keys[0].id,
-        unlimited=user.unlimited,
+        team.id,
+        key.created_by_id,
+        key.id,
+        unlimited=team.unlimited,
         characters=characters,
         model="kokoro",
         voice="af_sky",
@@ -96,71 +103,88 @@ def charge_speech(user_id: int, characters: int, **fields) -> SpeechRequest:
     return db.session.get(SpeechRequest, paid.request_id)
 
 
-def starter_payment(user_id: int, session_id: str, **extra) -> Payment:
-    """A starter pack (10,000 credits for 500 cents) as the buy button records it, added to the session."""
+def starter_payment(team_id: int, session_id: str, **extra) -> Payment:
+    """A starter pack (10,000 credits for 500 cents) as the buy button records it, added to the session:
+    bought by the team's first owner."""
     fields = {"pack": "starter", "credits": 10_000, "amount_cents": 500, "currency": "usd", "status": "open"}
-    payment = Payment(user_id=user_id, checkout_session_id=session_id, **{**fields, **extra})
+    buyer = db.session.scalar(select(Membership.user_id).where(Membership.team_id == team_id).order_by(Membership.id))
+    payment = Payment(team_id=team_id, bought_by_id=buyer, checkout_session_id=session_id, **{**fields, **extra})
     db.session.add(payment)
     return payment
 
 
 def add_key(app, user_id: int) -> str:
+    """Another key of the person's personal team, made by them; its secret."""
     with app.app_context():
-        _, secret = keys.create_key(db.session.get(User, user_id), "another key")
+        user = db.session.get(User, user_id)
+        _, secret = keys.create_key(teams.personal(user), user, "another key")
         db.session.commit()
         return secret
 
 
-def balance(app, user_id: int) -> int:
+def balance(app, team_id: int) -> int:
     with app.app_context():
-        return db.session.scalar(select(User.balance).where(User.id == user_id))
+        return db.session.scalar(select(Team.balance).where(Team.id == team_id))
 
 
-def ledger_sum(app, user_id: int) -> int:
+def team_of(app, user_id: int) -> int:
+    """The id of the person's personal team."""
+    with app.app_context():
+        return teams.personal(db.session.get(User, user_id)).id
+
+
+def personal_balance(app, user: User) -> int:
+    """The balance of the person's personal team."""
+    with app.app_context():
+        return teams.personal(db.session.get(User, user.id)).balance
+
+
+def ledger_sum(app, team_id: int) -> int:
     with app.app_context():
         return db.session.scalar(
-            select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(LedgerEntry.user_id == user_id)
+            select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(LedgerEntry.team_id == team_id)
         )
 
 
-def ledger(app, user_id: int, last=LedgerEntry.balance_after) -> list[tuple]:
-    """A user's ledger rows in order: (kind, amount, balance after), or another column last."""
+def ledger(app, team_id: int, last=LedgerEntry.balance_after) -> list[tuple]:
+    """A team's ledger rows in order: (kind, amount, balance after), or another column last."""
     with app.app_context():
         rows = db.session.execute(
             select(LedgerEntry.kind, LedgerEntry.amount, last)
-            .where(LedgerEntry.user_id == user_id)
+            .where(LedgerEntry.team_id == team_id)
             .order_by(LedgerEntry.id)
         )
         return [tuple(row) for row in rows]
 
 
-def ledger_notes(app, user_id: int) -> list[tuple[str, int, str | None]]:
-    return ledger(app, user_id, LedgerEntry.note)
+def ledger_notes(app, team_id: int) -> list[tuple[str, int, str | None]]:
+    return ledger(app, team_id, LedgerEntry.note)
 
 
-def speech_requests(app, user_id: int) -> list[SpeechRequest]:
+def speech_requests(app, team_id: int) -> list[SpeechRequest]:
     with app.app_context():
         rows = db.session.scalars(
-            select(SpeechRequest).where(SpeechRequest.user_id == user_id).order_by(SpeechRequest.created_at)
+            select(SpeechRequest).where(SpeechRequest.team_id == team_id).order_by(SpeechRequest.created_at)
         ).all()
         db.session.expunge_all()
         return rows
 
 
-def assert_books_balance(app, user_id: int) -> None:
-    """Invariant 2: the ledger of a user sums to the balance."""
-    assert ledger_sum(app, user_id) == balance(app, user_id)
+def assert_books_balance(app, team_id: int) -> None:
+    """Invariant 2: the ledger of a team sums to the balance."""
+    assert ledger_sum(app, team_id) == balance(app, team_id)
 
 
 def signed_up(app, web: "WebClient", email: str, credits: int = 0) -> int:
-    """Sign up, verify and sign in `web` as a customer does, then grant `credits`; the new account's id."""
+    """Sign up, verify and sign in `web` as a customer does, then grant `credits`; the id of the new
+    account's personal team."""
     web.signup(email)
     with app.app_context():
-        user = db.session.scalar(select(User).where(User.email == email))
+        team = teams.personal(db.session.scalar(select(User).where(User.email == email)))
         if credits:
-            billing.grant(user, credits, "welcome")
+            billing.grant(team, credits, "welcome")
             db.session.commit()
-        return user.id
+        return team.id
 
 
 def mails(app, recipient: str | None = None, kind: str | None = None) -> list[OutboxMail]:

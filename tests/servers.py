@@ -43,6 +43,40 @@ def gunicorn(spec: str, env: dict, workers: int = 1, threads: int = 8, ready_pat
     return launch.gunicorn(spec, env, args, ready_path)
 
 
+def race_speech(database_uri: str, upstream, secrets: list[str], count: int = 200, text: str = "0123456789"):
+    """`count` speech requests at once (each `text`, through each of `secrets` in turn) to two gunicorn
+    workers of 32 threads on `database_uri`, in front of `upstream`; the Counter of their statuses."""
+    import threading
+    from collections import Counter
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    with serve(upstream) as upstream_url:
+        env = {
+            "DATABASE_URL": database_uri,
+            "UPSTREAM_URL": f"{upstream_url}/v1",
+            "SECRET_KEY": "race-test",
+            "MAX_STREAMS_PER_ACCOUNT": "1000",
+            "RATELIMIT_STORAGE_URI": shared_limits(),
+        }
+        with gunicorn("wsgi:app", env, workers=2, threads=32) as (url, _):
+            barrier = threading.Barrier(count, timeout=60)
+
+            def speak(index):
+                barrier.wait()
+                response = requests.post(
+                    f"{url}/v1/audio/speech",
+                    json={"input": text, "voice": "af_sky"},
+                    headers={"Authorization": f"Bearer {secrets[index % len(secrets)]}"},
+                    timeout=60,
+                )
+                return response.status_code
+
+            with ThreadPoolExecutor(count) as pool:
+                return Counter(pool.map(speak, range(count)))
+
+
 def wait_for(condition, timeout: float = 10.0, what: str = "the condition"):
     """Until `condition()` is true (returned), polling: for what another thread or process does."""
     deadline = time.monotonic() + timeout

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from app import accounts, mail
 from app.audit import audit
 from app.extensions import db
-from app.models import LedgerEntry, LoginSession, MailStamp, OutboxMail, TrialClaim, User
+from app.models import ApiKey, LedgerEntry, LoginSession, MailStamp, OutboxMail, TrialClaim, User
 from tests import factories
 from tests.factories import mail_link, mails
 from tests.fake_upstream import FakeUpstream
@@ -57,7 +57,7 @@ def test_sign_up_asks_to_check_the_inbox_and_signs_nobody_in(app, web):
     assert verify.kind == "verify" and verify.subject == "Confirm your email for kokoro-pay"
     assert "http://localhost/verify/" in verify.body and "72 hours" in verify.body and "300 free credits" in verify.body
     created = user(app, "someone@example.com")
-    assert not created.verified and created.balance == 0
+    assert not created.verified and factories.personal_balance(app, created) == 0
 
 
 def test_sign_up_never_says_whether_an_email_has_an_account(app, web):
@@ -101,11 +101,11 @@ def test_the_verification_link_opens_keys_and_purchases_and_grants_the_trial_onc
     assert "300 free credits are on your balance" in page and "Confirm your email to" not in page
     assert web.post("/keys", {"name": "laptop"}).status_code == 200
     verified = user(app, "new@example.com")
-    assert verified.verified and verified.balance == 300
-    assert factories.ledger(app, verified.id) == [("trial", 300, 300)]
+    assert verified.verified and factories.personal_balance(app, verified) == 300
+    assert factories.ledger(app, factories.team_of(app, verified.id)) == [("trial", 300, 300)]
     # The link again, or a new one: no second trial.
     web.get(link)
-    assert factories.ledger(app, verified.id) == [("trial", 300, 300)]
+    assert factories.ledger(app, factories.team_of(app, verified.id)) == [("trial", 300, 300)]
     assert books_are_clean(app)
 
 
@@ -122,7 +122,9 @@ def test_a_newcomer_hears_speech_on_the_trial_without_stripe(make_app):
             json={"model": "kokoro", "input": "Hello from the free trial.", "voice": "af_sky"},
         )
         assert response.status_code == 200 and response.data.startswith(b"ID3")
-    assert factories.balance(app, user(app, "trial@example.com").id) == 300 - len("Hello from the free trial.")
+    assert factories.balance(app, factories.team_of(app, user(app, "trial@example.com").id)) == 300 - len(
+        "Hello from the free trial."
+    )
     assert books_are_clean(app)
 
 
@@ -137,7 +139,10 @@ def test_a_bad_or_expired_verification_link_changes_nothing(make_app, freeze):
     advance(24 * 3600 + 1)
     web.get(link)
     assert "This link has expired" in web.get("/login").get_data(as_text=True)
-    assert not user(app, "slow@example.com").verified and user(app, "slow@example.com").balance == 0
+    assert (
+        not user(app, "slow@example.com").verified
+        and factories.personal_balance(app, user(app, "slow@example.com")) == 0
+    )
 
 
 def test_a_new_verification_link_can_be_asked_for_once_a_minute_or_two(app, web):
@@ -304,12 +309,12 @@ def test_deleting_an_account_erases_the_owner_and_keeps_the_books(app, web):
     assert web.get("/keys").status_code == 302
     assert "Wrong email or password." in web.login("leaving@example.com").get_data(as_text=True)
     gone = user(app, f"deleted-{leaving.id}@deleted.invalid")
-    assert gone.password_hash is None and gone.deleted_at is not None and gone.balance == 300
+    assert gone.password_hash is None and gone.deleted_at is not None and factories.personal_balance(app, gone) == 300
     assert all(key.name == "" and key.revoked for key in _keys(app, leaving.id))
     with app.app_context():
         assert db.session.scalar(select(func.count()).select_from(LoginSession)) == 0
         assert db.session.scalar(select(func.count()).where(OutboxMail.recipient == "leaving@example.com")) == 0
-    assert factories.ledger(app, leaving.id) == [("trial", 300, 300)]
+    assert factories.ledger(app, factories.team_of(app, leaving.id)) == [("trial", 300, 300)]
     assert books_are_clean(app)
     # The address is free for a new account.
     assert "Check your inbox" in factories.WebClient(app.test_client()).register("leaving@example.com").get_data(
@@ -318,8 +323,9 @@ def test_deleting_an_account_erases_the_owner_and_keeps_the_books(app, web):
 
 
 def _keys(app, user_id):
+    """The keys the person made."""
     with app.app_context():
-        found = db.session.get(User, user_id).keys
+        found = db.session.scalars(select(ApiKey).where(ApiKey.created_by_id == user_id).order_by(ApiKey.id)).all()
         db.session.expunge_all()
         return found
 
@@ -380,11 +386,15 @@ def test_twenty_sign_ups_as_a_commented_victim_address_are_refused_and_queue_not
 @pytest.mark.parametrize("again", ["me+1@gmail.com", "m.e@gmail.com", "ME@googlemail.com", "M.e+trial@GoogleMail.com"])
 def test_a_second_sign_up_with_another_spelling_of_the_mailbox_gets_no_second_trial(app, again):
     message, first = sign_up_and_verify(app, "me@gmail.com")
-    assert first.balance == 300 and "300 free credits are on your balance" in message
+    assert factories.personal_balance(app, first) == 300 and "300 free credits are on your balance" in message
     time_passes(app)
     message, second = sign_up_and_verify(app, again)
     # The account works; it just has no free credits, and nothing said it would.
-    assert second.verified and second.balance == 0 and factories.ledger(app, second.id) == []
+    assert (
+        second.verified
+        and factories.personal_balance(app, second) == 0
+        and factories.ledger(app, factories.team_of(app, second.id)) == []
+    )
     assert "Your email is confirmed" in message and "free credits" not in message
     assert "free credits" not in mails(app, again.lower(), "verify")[0].body
     assert books_are_clean(app)
@@ -392,14 +402,14 @@ def test_a_second_sign_up_with_another_spelling_of_the_mailbox_gets_no_second_tr
 
 def test_deleting_the_account_and_signing_up_again_gets_no_second_trial(app):
     _, first = sign_up_and_verify(app, "again@example.com")
-    assert first.balance == 300
+    assert factories.personal_balance(app, first) == 300
     web = factories.WebClient(app.test_client())
     web.login("again@example.com")
     web.get("/account")
     web.post("/account/delete", {"current": PASSWORD, "understood": "y"})
     time_passes(app)
     message, second = sign_up_and_verify(app, "again@example.com")
-    assert second.id != first.id and second.verified and second.balance == 0
+    assert second.id != first.id and second.verified and factories.personal_balance(app, second) == 0
     assert "free credits" not in message
     # What is remembered of the address is a keyed hash, not the address.
     with app.app_context():
@@ -415,16 +425,16 @@ def test_a_mailbox_an_account_with_a_trial_moved_to_gets_no_trial_of_its_own(app
     web.get("/account")
     web.post("/account/delete", {"current": PASSWORD, "understood": "y"})
     time_passes(app)
-    assert sign_up_and_verify(app, "second@example.com")[1].balance == 0
-    assert sign_up_and_verify(app, "first+again@example.com")[1].balance == 0
+    assert factories.personal_balance(app, sign_up_and_verify(app, "second@example.com")[1]) == 0
+    assert factories.personal_balance(app, sign_up_and_verify(app, "first+again@example.com")[1]) == 0
 
 
 def test_an_internationalised_address_signs_up_and_gets_its_trial(app):
     message, verified = sign_up_and_verify(app, "Jörg@Bücher.de")
-    assert verified.email == "jörg@bücher.de" and verified.balance == 300
+    assert verified.email == "jörg@bücher.de" and factories.personal_balance(app, verified) == 300
     time_passes(app)
     # Its mailbox is one, whichever way the domain is written.
-    assert sign_up_and_verify(app, "jörg+2@xn--bcher-kva.de")[1].balance == 0
+    assert factories.personal_balance(app, sign_up_and_verify(app, "jörg+2@xn--bcher-kva.de")[1]) == 0
 
 
 def test_two_accounts_of_one_mailbox_verified_at_the_same_moment_get_one_trial(app, postgres_only):
@@ -443,29 +453,40 @@ def test_two_accounts_of_one_mailbox_verified_at_the_same_moment_get_one_trial(a
     with ThreadPoolExecutor(2) as pool:
         assert list(pool.map(verify, links)) == [302, 302]
     twins = [user(app, typed) for typed in ("twin+1@gmail.com", "t.win+2@gmail.com")]
-    assert all(twin.verified for twin in twins) and sorted(twin.balance for twin in twins) == [0, 300]
+    assert all(twin.verified for twin in twins) and sorted(factories.personal_balance(app, twin) for twin in twins) == [
+        0,
+        300,
+    ]
 
 
 def test_trials_per_client_address_stop_at_the_daily_cap(make_app):
     app = make_app(SIGNUP_CREDITS=300, TRIALS_PER_IP_PER_DAY=2)
-    granted = [sign_up_and_verify(app, f"person{n}@example.com", ip="198.51.100.7")[1].balance for n in range(3)]
+    granted = [
+        factories.personal_balance(app, sign_up_and_verify(app, f"person{n}@example.com", ip="198.51.100.7")[1])
+        for n in range(3)
+    ]
     assert granted == [300, 300, 0]
     # Another client's sign-up still gets its trial; a link opened elsewhere counts for who signed up.
-    assert sign_up_and_verify(app, "elsewhere@example.com", ip="198.51.100.8")[1].balance == 300
+    assert (
+        factories.personal_balance(app, sign_up_and_verify(app, "elsewhere@example.com", ip="198.51.100.8")[1]) == 300
+    )
     # An IPv6 client counts by its /64.
-    ipv6 = [sign_up_and_verify(app, f"six{n}@example.com", ip=f"2001:db8:1:2::{n + 1}")[1].balance for n in range(3)]
+    ipv6 = [
+        factories.personal_balance(app, sign_up_and_verify(app, f"six{n}@example.com", ip=f"2001:db8:1:2::{n + 1}")[1])
+        for n in range(3)
+    ]
     assert ipv6 == [300, 300, 0]
 
 
 def test_with_no_trials_per_client_address_verification_grants_nothing(make_app):
     app = make_app(SIGNUP_CREDITS=300, TRIALS_PER_IP_PER_DAY=0)
     message, verified = sign_up_and_verify(app, "capped@example.com")
-    assert verified.verified and verified.balance == 0 and "free credits" not in message
+    assert verified.verified and factories.personal_balance(app, verified) == 0 and "free credits" not in message
 
 
 def test_trials_claimed_before_the_upgrade_count_for_their_mailbox(app):
     _, had_one = sign_up_and_verify(app, "early@gmail.com")
-    assert had_one.balance == 300
+    assert factories.personal_balance(app, had_one) == 300
     with app.app_context():
         downgrade(revision="0007")
         upgrade()
@@ -473,7 +494,7 @@ def test_trials_claimed_before_the_upgrade_count_for_their_mailbox(app):
     web.login("early@gmail.com")
     web.get("/account")
     web.post("/account/delete", {"current": PASSWORD, "understood": "y"})
-    assert sign_up_and_verify(app, "e.arly+2@gmail.com")[1].balance == 0
+    assert factories.personal_balance(app, sign_up_and_verify(app, "e.arly+2@gmail.com")[1]) == 0
 
 
 # Mail limits (issue 28: mail floods)

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import select, update
 
 from app.extensions import db
-from app.models import AdminAction, SpeechRequest, User, utcnow
+from app.models import AdminAction, SpeechRequest, Team, utcnow
 from tests import factories
 from tests.stripe_helpers import checkout_session, deliver, event
 
@@ -28,11 +28,11 @@ def shopper(app):
     """A customer with 1,000 credits, a key, a paid starter pack and two speech requests."""
     customer = factories.customer(app, balance=1000, password=PASSWORD)
     with app.app_context():
-        factories.starter_payment(customer.user_id, "cs_test_admin", payment_intent_id="pi_admin")
+        factories.starter_payment(customer.team_id, "cs_test_admin", payment_intent_id="pi_admin")
         db.session.commit()
-    paid = checkout_session(customer.user_id, "cs_test_admin", payment_intent="pi_admin")
+    paid = checkout_session(customer.team_id, "cs_test_admin", payment_intent="pi_admin")
     assert deliver(app.test_client(), event("checkout.session.completed", paid)).status_code == 200
-    factories.charged(app, customer.user_id, count=2, characters=40)
+    factories.charged(app, customer.team_id, count=2, characters=40)
     return customer
 
 
@@ -71,11 +71,11 @@ def test_grants_and_deductions_are_ledgered_with_the_reason_and_the_admin(app, a
     )
     assert "cannot be deducted. Nothing changed." in too_much.get_data(as_text=True)
     admin.post(url, {"direction": "deduct", "amount": "20", "reason": "Goodwill taken back"})
-    assert factories.ledger_notes(app, shopper.user_id)[-2:] == [
+    assert factories.ledger_notes(app, shopper.team_id)[-2:] == [
         ("grant", 500, "Sorry for the outage (by admin boss@example.com)"),
         ("deduction", -20, "Goodwill taken back (by admin boss@example.com)"),
     ]
-    assert factories.balance(app, shopper.user_id) == 10_920 + 500 - 20
+    assert factories.balance(app, shopper.team_id) == 10_920 + 500 - 20
     assert actions(app) == [
         ("grant", "500 credits: Sorry for the outage"),
         ("deduct", "20 credits: Goodwill taken back"),
@@ -84,8 +84,8 @@ def test_grants_and_deductions_are_ledgered_with_the_reason_and_the_admin(app, a
     assert admin.post(url, {"direction": "grant", "amount": "5", "reason": "forged"}, csrf=False).status_code == 400
     admin.get(f"/admin/users/{shopper.user_id}")
     admin.post(url, {"direction": "grant", "amount": "-5", "reason": "negative"})
-    assert factories.balance(app, shopper.user_id) == 11_400 and len(actions(app)) == 2
-    factories.assert_books_balance(app, shopper.user_id)
+    assert factories.balance(app, shopper.team_id) == 11_400 and len(actions(app)) == 2
+    factories.assert_books_balance(app, shopper.team_id)
 
 
 def test_unlimited_revoke_and_disable_take_effect_at_once(app, admin, shopper):
@@ -121,7 +121,7 @@ def test_payments_and_charged_requests_are_listed_and_stale_ones_settled(app, ad
     alive = app.extensions["lease"].process_id()
     with app.app_context():
         # Both quiet for an hour: one request's worker died; the other's process is alive (a paused reader).
-        stale, live = db.session.scalars(select(SpeechRequest.id).where(SpeechRequest.user_id == shopper.user_id))
+        stale, live = db.session.scalars(select(SpeechRequest.id).where(SpeechRequest.team_id == shopper.team_id))
         db.session.execute(
             update(SpeechRequest)
             .where(SpeechRequest.id.in_([stale, live]))
@@ -135,7 +135,7 @@ def test_payments_and_charged_requests_are_listed_and_stale_ones_settled(app, ad
     assert ">gone</td>" in rows[stale] and ">alive</td>" in rows[live]
     admin.post("/admin/charged/settle")
     assert "settled 1, refunding 40 credits" in admin.get("/admin/charged").get_data(as_text=True)
-    states = {row.id: row.state for row in factories.speech_requests(app, shopper.user_id)}
+    states = {row.id: row.state for row in factories.speech_requests(app, shopper.team_id)}
     assert states == {stale: "refunded", live: "charged"}
     assert actions(app) == [("settle", "1 stale, 1 settled, 40 credits refunded")]
 
@@ -143,10 +143,10 @@ def test_payments_and_charged_requests_are_listed_and_stale_ones_settled(app, ad
 def test_the_audit_page_runs_the_audits_checks(app, admin, shopper):
     assert 'data-state="passed"' in admin.get("/admin/audit").get_data(as_text=True)
     with app.app_context():
-        db.session.execute(update(User).where(User.id == shopper.user_id).values(balance=User.balance + 7))
+        db.session.execute(update(Team).where(Team.id == shopper.team_id).values(balance=Team.balance + 7))
         db.session.commit()
     page = admin.get("/admin/audit").get_data(as_text=True)
-    assert 'data-state="failed"' in page and f"user {shopper.user_id}" in page
+    assert 'data-state="failed"' in page and f"team {shopper.team_id}" in page
 
 
 def test_totals_per_day(app, admin, shopper):

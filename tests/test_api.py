@@ -43,8 +43,8 @@ def post_speech(client, customer, body=HELLO, **kwargs):
 
 
 def assert_untouched(app, customer):
-    assert factories.balance(app, customer.user_id) == 1000
-    assert factories.speech_requests(app, customer.user_id) == []
+    assert factories.balance(app, customer.team_id) == 1000
+    assert factories.speech_requests(app, customer.team_id) == []
 
 
 # 200: the audio, charged one credit per character
@@ -56,14 +56,14 @@ def test_speech_streams_audio_and_charges_one_credit_per_character(app, client, 
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "audio/mpeg"
     assert response.data == b"ID3" + b"\xff" * 5000
-    assert factories.balance(app, customer.user_id) == 1000 - len(HELLO["input"])
-    [speech] = factories.speech_requests(app, customer.user_id)
+    assert factories.balance(app, customer.team_id) == 1000 - len(HELLO["input"])
+    [speech] = factories.speech_requests(app, customer.team_id)
     assert response.headers["X-Request-Id"] == speech.id
     assert (speech.state, speech.characters, speech.credits) == ("delivered", 22, 22)
     assert (speech.upstream_status, speech.bytes_sent, speech.api_key_id) == (200, 5003, customer.key_id)
     assert (speech.model, speech.voice, speech.response_format) == ("kokoro", "af_sky", "mp3")
     assert speech.duration_ms is not None and speech.first_byte_ms is not None
-    factories.assert_books_balance(app, customer.user_id)
+    factories.assert_books_balance(app, customer.team_id)
 
 
 @pytest.mark.parametrize("stream_format", ["audio", "sse"])
@@ -148,15 +148,15 @@ def test_characters_are_unicode_code_points(app, client, customer, upstream):
     stub_audio(upstream)
     text = "日本語🙂e\u0301"  # 3 CJK, one emoji, e + combining accent
     assert post_speech(client, customer, {**HELLO, "input": text}).status_code == 200
-    assert factories.balance(app, customer.user_id) == 1000 - 6
+    assert factories.balance(app, customer.team_id) == 1000 - 6
 
 
 def test_unlimited_accounts_get_audio_for_free_and_their_usage_is_recorded(app, client, upstream):
     rich = factories.customer(app, unlimited=True)
     stub_audio(upstream)
     assert post_speech(client, rich).status_code == 200
-    assert factories.balance(app, rich.user_id) == 0
-    [speech] = factories.speech_requests(app, rich.user_id)
+    assert factories.balance(app, rich.team_id) == 0
+    [speech] = factories.speech_requests(app, rich.team_id)
     assert (speech.characters, speech.credits, speech.state) == (22, 0, "delivered")
 
 
@@ -335,8 +335,8 @@ def test_a_short_balance_is_402_and_writes_nothing(app, client, upstream):
         "insufficient_quota",
         kind="insufficient_quota",
     )
-    assert factories.balance(app, poor.user_id) == 21
-    assert factories.speech_requests(app, poor.user_id) == []
+    assert factories.balance(app, poor.team_id) == 21
+    assert factories.speech_requests(app, poor.team_id) == []
     assert catalog_calls(upstream, "/audio/speech") == 0
 
 
@@ -348,7 +348,7 @@ def test_credits_granted_since_the_keys_last_use_count_at_once(app, client, upst
     grant = ["credits", "grant", customer.email, "100", "--reason", "top-up"]
     assert runner.invoke(args=grant).exit_code == 0
     assert post_speech(client, customer).status_code == 200
-    assert factories.balance(app, customer.user_id) == 110 - len(HELLO["input"])
+    assert factories.balance(app, customer.team_id) == 110 - len(HELLO["input"])
 
 
 def test_a_key_revoked_after_a_402_is_refused_whatever_it_was_granted_since(app, client, upstream, runner):
@@ -360,25 +360,25 @@ def test_a_key_revoked_after_a_402_is_refused_whatever_it_was_granted_since(app,
     response = post_speech(client, customer)
     assert response.status_code == 401
     assert response.get_json() == error("This API key has been revoked.", "invalid_api_key")
-    assert factories.balance(app, customer.user_id) == 110
-    assert factories.speech_requests(app, customer.user_id) == [] and catalog_calls(upstream, "/audio/speech") == 0
+    assert factories.balance(app, customer.team_id) == 110
+    assert factories.speech_requests(app, customer.team_id) == [] and catalog_calls(upstream, "/audio/speech") == 0
 
 
 def test_an_account_taken_off_unlimited_is_charged_at_once(app, client, upstream, runner):
     customer = factories.customer(app, balance=100, unlimited=True)
     stub_audio(upstream)
     assert post_speech(client, customer).status_code == 200
-    assert factories.balance(app, customer.user_id) == 100
+    assert factories.balance(app, customer.team_id) == 100
     assert runner.invoke(args=["users", "unlimited", customer.email, "--off"]).exit_code == 0
     assert post_speech(client, customer).status_code == 200
-    assert factories.balance(app, customer.user_id) == 100 - len(HELLO["input"])
+    assert factories.balance(app, customer.team_id) == 100 - len(HELLO["input"])
 
 
 def test_an_exact_balance_is_enough(app, client, upstream):
     exact = factories.customer(app, balance=22)
     stub_audio(upstream)
     assert post_speech(client, exact).status_code == 200
-    assert factories.balance(app, exact.user_id) == 0
+    assert factories.balance(app, exact.team_id) == 0
 
 
 # 502: upstream failures before audio, refunded
@@ -388,11 +388,11 @@ def assert_refunded_502(app, customer, response, detail_part):
     assert response.status_code == 502
     detail = response.get_json()["detail"]
     assert detail_part in detail and detail.endswith("Any charge for this request was refunded.")
-    assert factories.balance(app, customer.user_id) == 1000
-    [speech] = factories.speech_requests(app, customer.user_id)
+    assert factories.balance(app, customer.team_id) == 1000
+    [speech] = factories.speech_requests(app, customer.team_id)
     assert speech.state == "refunded"
-    assert [kind for kind, _, _ in factories.ledger(app, customer.user_id)] == ["grant", "debit", "refund"]
-    factories.assert_books_balance(app, customer.user_id)
+    assert [kind for kind, _, _ in factories.ledger(app, customer.team_id)] == ["grant", "debit", "refund"]
+    factories.assert_books_balance(app, customer.team_id)
     return speech
 
 
@@ -425,12 +425,12 @@ def assert_refunded_400(app, customer, response, reason):
     assert response.status_code == 400
     detail = f"The speech server refused this request: {reason} The charge was refunded."
     assert response.get_json() == error(detail, "invalid_request_error")
-    assert factories.balance(app, customer.user_id) == 1000
-    [speech] = factories.speech_requests(app, customer.user_id)
+    assert factories.balance(app, customer.team_id) == 1000
+    [speech] = factories.speech_requests(app, customer.team_id)
     assert speech.state == "refunded" and response.headers["X-Request-Id"] == speech.id
-    [*_, (kind, _, note)] = factories.ledger_notes(app, customer.user_id)
+    [*_, (kind, _, note)] = factories.ledger_notes(app, customer.team_id)
     assert kind == "refund" and "\n" not in note and len(note) <= 200
-    factories.assert_books_balance(app, customer.user_id)
+    factories.assert_books_balance(app, customer.team_id)
     return note
 
 
@@ -568,7 +568,7 @@ def test_a_too_large_body_is_json_413_and_charges_nothing(make_app, customer):
     client = make_app(MAX_CONTENT_LENGTH=1024).test_client()
     response = client.post(SPEECH, json={**HELLO, "input": "x" * 2000}, headers=customer.headers)
     assert response.status_code == 413 and response.is_json and "detail" in response.get_json()
-    assert factories.balance(client.application, customer.user_id) == 1000
+    assert factories.balance(client.application, customer.team_id) == 1000
 
 
 def fails_inside(app, customer, monkeypatch, target: str):
@@ -588,21 +588,21 @@ def fails_inside(app, customer, monkeypatch, target: str):
 
 def test_an_unexpected_error_is_json_500_without_a_trace(app, customer, monkeypatch):
     fails_inside(app, customer, monkeypatch, "app.metering.charge_speech")
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.balance(app, customer.team_id) == 1000
 
 
 def test_a_gateway_error_after_the_charge_is_refunded_at_once(app, customer, upstream, monkeypatch):
     # Charged, then the gateway itself fails before any audio: no waiting for `flask speech settle`.
     fails_inside(app, customer, monkeypatch, "app.upstream.Upstream.open_speech")
-    [speech] = factories.speech_requests(app, customer.user_id)
+    [speech] = factories.speech_requests(app, customer.team_id)
     assert (speech.state, speech.credits_refunded) == ("refunded", speech.credits)
     assert speech.error == "The gateway failed before any audio was sent."
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.balance(app, customer.team_id) == 1000
 
 
 def test_speech_request_rows_are_kept_per_request(app, client, customer, upstream):
     stub_audio(upstream)
     for _ in range(3):
         assert post_speech(client, customer).status_code == 200
-    rows = factories.speech_requests(app, customer.user_id)
+    rows = factories.speech_requests(app, customer.team_id)
     assert len({row.id for row in rows}) == 3 and all(isinstance(row, SpeechRequest) for row in rows)

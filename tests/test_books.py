@@ -17,7 +17,7 @@ import app.audit as audit_checks
 from app import billing, metering, packs, payments
 from app.audit import audit
 from app.extensions import db
-from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, StripeEvent, User, utcnow
+from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, StripeEvent, Team, utcnow
 from tests import factories
 from tests.servers import wait_for
 from tests.stripe_helpers import WEBHOOK_SECRET, charge, checkout_session, deliver, event, sign
@@ -36,20 +36,20 @@ def _speech(user_id, **fields):
 
 
 def plant_balance_off(user_id):
-    db.session.execute(update(User).where(User.id == user_id).values(balance=User.balance + 1))
+    db.session.execute(update(Team).where(Team.id == user_id).values(balance=Team.balance + 1))
 
 
 def plant_charge_without_debit(user_id):
     speech = _speech(user_id)
     db.session.execute(delete(LedgerEntry).where(LedgerEntry.reference == f"speech:{speech.id}"))
-    db.session.execute(update(User).where(User.id == user_id).values(balance=User.balance + 10))
+    db.session.execute(update(Team).where(Team.id == user_id).values(balance=Team.balance + 10))
 
 
 def plant_refund_without_charge(user_id):
     speech = _speech(user_id)
     metering.refund_speech(speech.id, "upstream failed", audio_ms=0)
     db.session.execute(delete(LedgerEntry).where(LedgerEntry.reference == f"speech:{speech.id}"))
-    db.session.execute(update(User).where(User.id == user_id).values(balance=User.balance + 10))
+    db.session.execute(update(Team).where(Team.id == user_id).values(balance=Team.balance + 10))
 
 
 def plant_refund_row_that_disagrees(user_id):
@@ -80,14 +80,14 @@ def plant_over_refund(user_id):
 
 
 def plant_balance_without_ledger(user_id):
-    db.session.add(User(email="lonely@example.com", balance=5))
+    db.session.add(Team(name="Lonely", balance=5))
 
 
 def plant_refund_row_missing(user_id):
     speech = _speech(user_id)
     metering.refund_speech(speech.id, "upstream failed", audio_ms=0)
     db.session.execute(delete(LedgerEntry).where(LedgerEntry.reference == f"refund:{speech.id}"))
-    db.session.execute(update(User).where(User.id == user_id).values(balance=User.balance - 10))
+    db.session.execute(update(Team).where(Team.id == user_id).values(balance=Team.balance - 10))
 
 
 def plant_refund_beyond_the_charge(user_id):
@@ -152,16 +152,16 @@ def plant_unapplied_reversal(user_id):
 
 
 def plant_debit_on_another_accounts_request(user_id):
-    other = User(email="other@example.com", balance=0)
+    other = Team(name="Other", balance=0)
     db.session.add(other)
     db.session.flush()
     speech = _speech(user_id)
-    # The debit's row moved to an account that never asked for the request.
-    db.session.execute(update(LedgerEntry).where(LedgerEntry.speech_request_id == speech.id).values(user_id=other.id))
+    # The debit's row moved to a team that never asked for the request.
+    db.session.execute(update(LedgerEntry).where(LedgerEntry.speech_request_id == speech.id).values(team_id=other.id))
 
 
 def plant_topup_on_another_accounts_payment(user_id):
-    other = User(email="other@example.com", balance=0)
+    other = Team(name="Other", balance=0)
     db.session.add(other)
     db.session.flush()
     payment = _paid_payment(user_id)
@@ -187,8 +187,8 @@ OFFENCES = {
     "a refund with no refund row": (plant_refund_row_missing, "10 credits due back but 0 refunded"),
     "a refund beyond the charge": (plant_refund_beyond_the_charge, "refunded 12 of its 10 credits"),
     "one credit too many refunded": (plant_one_credit_too_many_refunded, "kept 9 credits, but its 500 ms"),
-    "a debit on another account's request": (plant_debit_on_another_accounts_request, "request of user"),
-    "a top-up on another account's payment": (plant_topup_on_another_accounts_payment, "payment of user"),
+    "a debit on another account's request": (plant_debit_on_another_accounts_request, "request of team"),
+    "a top-up on another account's payment": (plant_topup_on_another_accounts_payment, "payment of team"),
 }
 
 
@@ -197,7 +197,7 @@ def test_the_audit_names_each_offence(app, customer, offence):
     plant, words = OFFENCES[offence]
     assert problems(app) == []
     with app.app_context():
-        plant(customer.user_id)
+        plant(customer.team_id)
         db.session.commit()
     found = problems(app)
     assert any(words in problem for problem in found), found
@@ -213,16 +213,16 @@ def test_the_audit_names_each_offence(app, customer, offence):
 )
 def test_a_row_on_another_accounts_cause_is_named_with_both_accounts(app, customer, plant, owner, cause):
     with app.app_context():
-        plant(customer.user_id)
+        plant(customer.team_id)
         db.session.commit()
-        row = db.session.scalar(select(LedgerEntry).where(owner.is_not(None), LedgerEntry.user_id != customer.user_id))
-        said = f"ledger {row.reference}: {row.amount:+} credits of user {row.user_id}"
-    assert f"{said} for a {cause} of user {customer.user_id}" in problems(app)
+        row = db.session.scalar(select(LedgerEntry).where(owner.is_not(None), LedgerEntry.team_id != customer.team_id))
+        said = f"ledger {row.reference}: {row.amount:+} credits of team {row.team_id}"
+    assert f"{said} for a {cause} of team {customer.team_id}" in problems(app)
 
 
 def test_a_stale_charge_is_named_with_the_last_time_it_made_progress(app, customer):
     with app.app_context():
-        speech = _speech(customer.user_id)
+        speech = _speech(customer.team_id)
         speech.created_at = utcnow() - timedelta(hours=3)
         speech.progress_at = progressed = utcnow() - timedelta(hours=2)
         request_id = speech.id
@@ -233,9 +233,9 @@ def test_a_stale_charge_is_named_with_the_last_time_it_made_progress(app, custom
 
 def test_recorded_progress_keeps_an_old_request_from_being_settled(app, customer):
     with app.app_context():
-        old = factories.charge_speech(customer.user_id, 10)
+        old = factories.charge_speech(customer.team_id, 10)
         old.created_at = utcnow() - timedelta(hours=2)
-        quiet = factories.charge_speech(customer.user_id, 10)
+        quiet = factories.charge_speech(customer.team_id, 10)
         quiet.created_at = utcnow() - timedelta(hours=2)
         db.session.commit()
         assert metering.record_progress(old.id, 4096, 1500) is True
@@ -250,7 +250,7 @@ def test_recorded_progress_keeps_an_old_request_from_being_settled(app, customer
 
 def test_a_live_stream_with_recent_progress_is_not_stale_however_old(app, customer):
     with app.app_context():
-        speech = factories.charge_speech(customer.user_id, 10)
+        speech = factories.charge_speech(customer.team_id, 10)
         speech.created_at = utcnow() - timedelta(hours=2)
         speech.progress_at = utcnow()
         db.session.commit()
@@ -259,7 +259,7 @@ def test_a_live_stream_with_recent_progress_is_not_stale_however_old(app, custom
 
 def test_a_refund_waiting_for_an_unpaid_payment_is_no_offence(app, client, customer):
     with app.app_context():
-        factories.starter_payment(customer.user_id, "cs_test_1", payment_intent_id="pi_1")
+        factories.starter_payment(customer.team_id, "cs_test_1", payment_intent_id="pi_1")
         db.session.commit()
     deliver(client, event("charge.refunded", charge(amount_refunded=500)))
     assert problems(app) == []
@@ -268,7 +268,7 @@ def test_a_refund_waiting_for_an_unpaid_payment_is_no_offence(app, client, custo
 def test_the_audit_says_what_it_checked(app, runner, customer):
     factories.customer(app, balance=0)
     with app.app_context():
-        factories.charge_speech(customer.user_id, 10)
+        factories.charge_speech(customer.team_id, 10)
         db.session.commit()
         report = audit()
     assert report.checked == {"users": 2, "ledger entries": 2, "speech requests": 1, "payments": 0}
@@ -315,12 +315,12 @@ def notices(app) -> list[str]:
 def test_accounts_whose_streams_often_break_are_named(app, customer, broken, whole, before_audio, days_ago, named):
     other = factories.customer(app, balance=1000)
     with app.app_context():
-        _streams(customer.user_id, broken, whole, before_audio, days_ago)
-        _streams(other.user_id, 0, 30)
+        _streams(customer.team_id, broken, whole, before_audio, days_ago)
+        _streams(other.team_id, 0, 30)
         db.session.commit()
     found = notices(app)
     total = broken + whole + before_audio
-    who = f"user {customer.user_id} <{customer.email}>"
+    who = f"team {customer.team_id} (Personal)"
     expected = [f"{who}: {broken} of {total} streams in 30 days broke off after audio went out"]
     assert found == (expected if named else [])
 
@@ -331,11 +331,11 @@ def test_a_stream_made_exactly_when_the_lookback_begins_still_counts(app, custom
     now = utcnow()
     monkeypatch.setattr(audit_checks, "utcnow", lambda: now)
     with app.app_context():
-        _streams(customer.user_id, 5, 0)
-        first = db.session.scalars(select(SpeechRequest).where(SpeechRequest.user_id == customer.user_id)).first()
+        _streams(customer.team_id, 5, 0)
+        first = db.session.scalars(select(SpeechRequest).where(SpeechRequest.team_id == customer.team_id)).first()
         first.created_at = now - timedelta(days=audit_checks.LOOKBACK_DAYS) - earlier
         db.session.commit()
-    named = [f"user {customer.user_id} <{customer.email}>: 5 of 5 streams in 30 days broke off after audio went out"]
+    named = [f"team {customer.team_id} (Personal): 5 of 5 streams in 30 days broke off after audio went out"]
     assert notices(app) == (named if not earlier else [])
 
 
@@ -343,9 +343,9 @@ def test_clean_books_with_empty_accounts_raise_no_alarm(app, customer):
     for balance in (0, 0, 7):
         factories.customer(app, balance=balance)
     with app.app_context():
-        speech = factories.charge_speech(customer.user_id, 10)
+        speech = factories.charge_speech(customer.team_id, 10)
         metering.refund_speech(speech.id, "upstream failed", audio_ms=0)
-        factories.charge_speech(customer.user_id, 20)
+        factories.charge_speech(customer.team_id, 20)
         db.session.commit()
     assert problems(app) == []
 
@@ -356,20 +356,20 @@ def test_clean_books_with_empty_accounts_raise_no_alarm(app, customer):
 @pytest.mark.parametrize("amount", [0, -5])
 def test_grant_and_deduct_refuse_nothing_or_less(app, customer, amount):
     with app.app_context():
-        user = db.session.get(User, customer.user_id)
+        user = db.session.get(Team, customer.team_id)
         with pytest.raises(ValueError, match="^a grant must be a positive number of credits$"):
             billing.grant(user, amount, "operator")
         with pytest.raises(ValueError, match="^a deduction must be a positive number of credits$"):
             billing.deduct(user, amount, "operator")
         db.session.commit()
-    assert factories.ledger(app, customer.user_id) == [("grant", 1000, 1000)]
+    assert factories.ledger(app, customer.team_id) == [("grant", 1000, 1000)]
 
 
 def test_an_operators_long_reason_is_kept_to_its_first_500_characters(app, customer):
     with app.app_context():
-        billing.grant(db.session.get(User, customer.user_id), 5, "r" * 600)
+        billing.grant(db.session.get(Team, customer.team_id), 5, "r" * 600)
         db.session.commit()
-    assert factories.ledger_notes(app, customer.user_id)[-1] == ("grant", 5, "r" * 500)
+    assert factories.ledger_notes(app, customer.team_id)[-1] == ("grant", 5, "r" * 500)
 
 
 # The credit packs' own checks
@@ -400,16 +400,16 @@ def test_charging_one_account_never_touches_another(app, customer):
     poorer = factories.customer(app, balance=5)
     with app.app_context():
         with pytest.raises(billing.InsufficientCredits) as short:
-            factories.charge_speech(poorer.user_id, 6)
+            factories.charge_speech(poorer.team_id, 6)
         db.session.rollback()
         assert (short.value.balance, short.value.cost) == (5, 6)
-        paid = factories.charge_speech(customer.user_id, 6)
+        paid = factories.charge_speech(customer.team_id, 6)
         db.session.commit()
         assert (paid.credits, paid.state) == (6, "charged")
-    assert factories.balance(app, poorer.user_id) == 5 and factories.balance(app, customer.user_id) == 994
+    assert factories.balance(app, poorer.team_id) == 5 and factories.balance(app, customer.team_id) == 994
     # The customer's ledger says what the debit was for, and the poorer account's has no debit at all.
-    assert factories.ledger_notes(app, customer.user_id)[-1] == ("debit", -6, "6 characters")
-    assert [kind for kind, _, _ in factories.ledger(app, poorer.user_id)] == ["grant"]
+    assert factories.ledger_notes(app, customer.team_id)[-1] == ("debit", -6, "6 characters")
+    assert [kind for kind, _, _ in factories.ledger(app, poorer.team_id)] == ["grant"]
 
 
 # What is kept after a break, at the edges
@@ -450,16 +450,16 @@ def _taken_back(app, session_id="cs_test_1") -> int:
 
 
 def test_the_pro_pack_refunded_by_one_cent_takes_back_its_share_rounded_down(app, client, customer):
-    _buy(app, client, customer.user_id, "pro", 250_000, 8000)
-    assert factories.balance(app, customer.user_id) == 251_000
+    _buy(app, client, customer.team_id, "pro", 250_000, 8000)
+    assert factories.balance(app, customer.team_id) == 251_000
     deliver(client, event("charge.refunded", charge(amount=8000, amount_refunded=1)))
     # 250,000 credits × 1 / 8,000 cents = 31.25: 31 taken back, never a fraction in the customer's disfavour.
-    assert _taken_back(app) == 31 and factories.balance(app, customer.user_id) == 251_000 - 31
+    assert _taken_back(app) == 31 and factories.balance(app, customer.team_id) == 251_000 - 31
     deliver(client, event("charge.refunded", charge(amount=8000, amount_refunded=7999)))
     assert _taken_back(app) == 249_968
     deliver(client, event("charge.refunded", charge(amount=8000, amount_refunded=8000)))
-    assert _taken_back(app) == 250_000 and factories.balance(app, customer.user_id) == 1000
-    factories.assert_books_balance(app, customer.user_id)
+    assert _taken_back(app) == 250_000 and factories.balance(app, customer.team_id) == 1000
+    factories.assert_books_balance(app, customer.team_id)
     assert problems(app) == []
 
 
@@ -472,17 +472,17 @@ def test_what_a_reversal_takes_back_is_its_share_of_the_price_and_never_more():
 
 
 def test_a_late_smaller_refund_changes_nothing(app, client, customer):
-    _buy(app, client, customer.user_id)
+    _buy(app, client, customer.team_id)
     deliver(client, event("charge.refunded", charge(amount_refunded=300)))
     assert _taken_back(app) == 6000
     # Stripe's older event, with the smaller running total, arrives last.
     deliver(client, event("charge.refunded", charge(amount_refunded=100)))
-    assert _taken_back(app) == 6000 and factories.balance(app, customer.user_id) == 1000 + 10_000 - 6000
+    assert _taken_back(app) == 6000 and factories.balance(app, customer.team_id) == 1000 + 10_000 - 6000
     assert problems(app) == []
 
 
 def test_a_refund_and_a_lost_dispute_never_take_back_more_than_was_paid(app, client, customer):
-    _buy(app, client, customer.user_id)
+    _buy(app, client, customer.team_id)
     deliver(client, event("charge.refunded", charge(amount_refunded=400)))
     deliver(
         client,
@@ -491,48 +491,48 @@ def test_a_refund_and_a_lost_dispute_never_take_back_more_than_was_paid(app, cli
             {"id": "dp_1", "object": "dispute", "payment_intent": "pi_1", "amount": 500, "status": "lost"},
         ),
     )
-    assert _taken_back(app) == 10_000 and factories.balance(app, customer.user_id) == 1000
+    assert _taken_back(app) == 10_000 and factories.balance(app, customer.team_id) == 1000
     assert problems(app) == []
 
 
 def test_a_refund_and_a_lost_dispute_add_up(app, client, customer):
-    _buy(app, client, customer.user_id)
+    _buy(app, client, customer.team_id)
     deliver(client, event("charge.refunded", charge(amount_refunded=100)))
     lost = {"id": "dp_1", "object": "dispute", "payment_intent": "pi_1", "amount": 200, "status": "lost"}
     deliver(client, event("charge.dispute.closed", lost))
     # 100 + 200 of 500 cents: three fifths of the 10,000 credits.
-    assert _taken_back(app) == 6000 and factories.balance(app, customer.user_id) == 1000 + 4000
-    kinds = [kind for kind, _, _ in factories.ledger(app, customer.user_id)]
+    assert _taken_back(app) == 6000 and factories.balance(app, customer.team_id) == 1000 + 4000
+    kinds = [kind for kind, _, _ in factories.ledger(app, customer.team_id)]
     assert kinds == ["grant", "topup", "payment_refund", "chargeback"]
 
 
 def test_a_refund_worth_one_credit_takes_one_credit(app, client, customer):
-    _buy(app, client, customer.user_id, "tiny", 500, 500)
+    _buy(app, client, customer.team_id, "tiny", 500, 500)
     deliver(client, event("charge.refunded", charge(amount_refunded=1)))
-    assert _taken_back(app) == 1 and factories.balance(app, customer.user_id) == 1000 + 499
+    assert _taken_back(app) == 1 and factories.balance(app, customer.team_id) == 1000 + 499
 
 
 def test_a_payment_without_a_payment_intent_is_credited_in_full(app, client, customer):
     with app.app_context():
-        factories.starter_payment(customer.user_id, "cs_no_intent")
+        factories.starter_payment(customer.team_id, "cs_no_intent")
         db.session.commit()
-    session = checkout_session(customer.user_id, "cs_no_intent", payment_intent=None)
+    session = checkout_session(customer.team_id, "cs_no_intent", payment_intent=None)
     response = deliver(client, event("checkout.session.completed", session))
-    assert response.get_json()["outcome"] == f"credited 10000 to user {customer.user_id}; balance 11000"
-    assert factories.balance(app, customer.user_id) == 11_000 and _taken_back(app, "cs_no_intent") == 0
+    assert response.get_json()["outcome"] == f"credited 10000 to team {customer.team_id}; balance 11000"
+    assert factories.balance(app, customer.team_id) == 11_000 and _taken_back(app, "cs_no_intent") == 0
 
 
 def test_what_the_ledger_and_the_event_rows_say_of_a_payment_and_its_reversals(app, client, customer):
-    _buy(app, client, customer.user_id)
-    assert factories.ledger_notes(app, customer.user_id)[-1] == ("topup", 10_000, "starter pack, 5.00 USD")
-    again = deliver(client, event("checkout.session.completed", checkout_session(customer.user_id)))
+    _buy(app, client, customer.team_id)
+    assert factories.ledger_notes(app, customer.team_id)[-1] == ("topup", 10_000, "starter pack, 5.00 USD")
+    again = deliver(client, event("checkout.session.completed", checkout_session(customer.team_id)))
     assert again.get_json()["outcome"] == "already credited"
     with app.app_context():
-        billing.deduct(db.session.get(User, customer.user_id), 10_500, "spent")
+        billing.deduct(db.session.get(Team, customer.team_id), 10_500, "spent")
         db.session.commit()
     refunded = deliver(client, event("charge.refunded", charge(amount_refunded=250)))
-    assert refunded.get_json()["outcome"] == f"took back 500 of 5000 credits from user {customer.user_id}"
-    assert factories.ledger_notes(app, customer.user_id)[-1] == (
+    assert refunded.get_json()["outcome"] == f"took back 500 of 5000 credits from team {customer.team_id}"
+    assert factories.ledger_notes(app, customer.team_id)[-1] == (
         "payment_refund",
         -500,
         "refunded payment cs_test_1; 4500 credits already spent",
@@ -540,31 +540,31 @@ def test_what_the_ledger_and_the_event_rows_say_of_a_payment_and_its_reversals(a
     same = deliver(client, event("charge.refunded", charge(amount_refunded=250)))
     assert same.get_json()["outcome"] == "already reversed"
     with app.app_context():
-        billing.grant(db.session.get(User, customer.user_id), 10_000, "goodwill")
+        billing.grant(db.session.get(Team, customer.team_id), 10_000, "goodwill")
         db.session.commit()
     lost = {"id": "dp_1", "object": "dispute", "payment_intent": "pi_1", "amount": 250, "status": "lost"}
     deliver(client, event("charge.dispute.closed", lost))
-    assert factories.ledger_notes(app, customer.user_id)[-1] == ("chargeback", -5000, "disputed payment cs_test_1")
+    assert factories.ledger_notes(app, customer.team_id)[-1] == ("chargeback", -5000, "disputed payment cs_test_1")
 
 
 def test_a_refund_waiting_for_its_payment_is_applied_and_said_when_the_payment_arrives(app, client, customer):
     deliver(client, event("charge.refunded", charge(amount_refunded=500)))
     with app.app_context():
-        factories.starter_payment(customer.user_id, "cs_test_1")
+        factories.starter_payment(customer.team_id, "cs_test_1")
         db.session.commit()
-    response = deliver(client, event("checkout.session.completed", checkout_session(customer.user_id)))
+    response = deliver(client, event("checkout.session.completed", checkout_session(customer.team_id)))
     assert response.get_json()["outcome"] == (
-        f"credited 10000 to user {customer.user_id}; balance 11000; "
-        f"took back 10000 of 10000 credits from user {customer.user_id}"
+        f"credited 10000 to team {customer.team_id}; balance 11000; "
+        f"took back 10000 of 10000 credits from team {customer.team_id}"
     )
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.balance(app, customer.team_id) == 1000
 
 
 def test_a_storm_of_concurrent_partial_refunds_takes_back_at_most_the_pack(make_app, postgres_only):
     app = make_app()
     customer = factories.customer(app, balance=0)
     client = app.test_client()
-    _buy(app, client, customer.user_id)
+    _buy(app, client, customer.team_id)
     cents_seen = (125, 250, 375, 500, 500, 250, 375, 125, 250, 500)
     payloads = [event("charge.refunded", charge(amount_refunded=cents)) for cents in cents_seen]
     barrier = threading.Barrier(len(payloads))
@@ -580,8 +580,8 @@ def test_a_storm_of_concurrent_partial_refunds_takes_back_at_most_the_pack(make_
     for thread in threads:
         thread.join(timeout=30)
     assert statuses == [200] * len(payloads)
-    assert _taken_back(app) == 10_000 and factories.balance(app, customer.user_id) == 0
-    taken = [amount for kind, amount, _ in factories.ledger(app, customer.user_id) if kind == "payment_refund"]
+    assert _taken_back(app) == 10_000 and factories.balance(app, customer.team_id) == 0
+    taken = [amount for kind, amount, _ in factories.ledger(app, customer.team_id) if kind == "payment_refund"]
     assert sum(taken) == -10_000
     assert problems(app) == []
 
@@ -594,11 +594,11 @@ def test_refunds_racing_the_payment_they_reverse_are_all_applied(make_app, postg
         customer = factories.customer(app, balance=0)
         session_id = f"cs_race_{round_}"
         with app.app_context():
-            factories.starter_payment(customer.user_id, session_id)
+            factories.starter_payment(customer.team_id, session_id)
             db.session.commit()
         intent = f"pi_race_{round_}"
         credit = event(
-            "checkout.session.completed", checkout_session(customer.user_id, session_id, payment_intent=intent)
+            "checkout.session.completed", checkout_session(customer.team_id, session_id, payment_intent=intent)
         )
         refunds = [event("charge.refunded", charge(payment_intent=intent, amount_refunded=c)) for c in (100, 200, 300)]
         barrier = threading.Barrier(4)
@@ -613,7 +613,7 @@ def test_refunds_racing_the_payment_they_reverse_are_all_applied(make_app, postg
         for thread in threads:
             thread.join(timeout=30)
         assert _taken_back(app, session_id) == 6000, f"round {round_}"
-        assert factories.balance(app, customer.user_id) == 4000
+        assert factories.balance(app, customer.team_id) == 4000
     assert problems(app) == []
 
 
@@ -622,12 +622,12 @@ def test_each_event_and_a_session_of_another_user_are_logged_for_the_operator(ap
     deliver(client, event("customer.created", {"id": "cus_1", "object": "customer"}, event_id="evt_logged"))
     assert "stripe event evt_logged (customer.created): ignored" in caplog.messages
     with app.app_context():
-        factories.starter_payment(customer.user_id, "cs_theirs")
+        factories.starter_payment(customer.team_id, "cs_theirs")
         db.session.commit()
     stranger = factories.customer(app, balance=0)
-    deliver(client, event("checkout.session.completed", checkout_session(stranger.user_id, "cs_theirs")))
-    assert "checkout session cs_theirs names another user; ignored" in caplog.messages
-    assert factories.balance(app, stranger.user_id) == 0 and factories.balance(app, customer.user_id) == 1000
+    deliver(client, event("checkout.session.completed", checkout_session(stranger.team_id, "cs_theirs")))
+    assert "checkout session cs_theirs names another team; ignored" in caplog.messages
+    assert factories.balance(app, stranger.team_id) == 0 and factories.balance(app, customer.team_id) == 1000
 
 
 # Every kind of event answers 200 and records what it did
@@ -668,10 +668,10 @@ def test_a_refund_that_arrives_while_its_payment_is_being_credited_waits_for_the
     app = make_app()
     customer = factories.customer(app, balance=0)
     with app.app_context():
-        factories.starter_payment(customer.user_id, "cs_held")
+        factories.starter_payment(customer.team_id, "cs_held")
         db.session.commit()
     credit = event(
-        "checkout.session.completed", checkout_session(customer.user_id, "cs_held", payment_intent="pi_held")
+        "checkout.session.completed", checkout_session(customer.team_id, "cs_held", payment_intent="pi_held")
     )
     refund = event("charge.refunded", charge(payment_intent="pi_held", amount_refunded=250))
     credited, finished = threading.Event(), threading.Event()
@@ -701,7 +701,7 @@ def test_a_refund_that_arrives_while_its_payment_is_being_credited_waits_for_the
     for thread in threads:
         thread.join(30)
     assert failures == []
-    assert _taken_back(app, "cs_held") == 5000 and factories.balance(app, customer.user_id) == 5000
+    assert _taken_back(app, "cs_held") == 5000 and factories.balance(app, customer.team_id) == 5000
     assert problems(app) == []
 
 

@@ -139,8 +139,8 @@ def test_a_customer_signs_up_creates_a_key_buys_credits_and_revokes(app, site, b
     assert page.get_attribute("#payment-state", "data-state") == "pending"
     shot(page, "5-confirming", database_uri)
 
-    user_id = _user_id(app, "browser@example.com")
-    payload = event("checkout.session.completed", checkout_session(user_id, session_id="cs_test_browser"))
+    team_id = _team_id(app, "browser@example.com")
+    payload = event("checkout.session.completed", checkout_session(team_id, session_id="cs_test_browser"))
     assert deliver(app.test_client(), payload).status_code == 200
 
     # The page refreshes by itself and shows the credited balance.
@@ -180,6 +180,11 @@ def _user_id(app, email):
         return accounts.find_by_email(email).id
 
 
+def _team_id(app, email):
+    """The id of the personal team of the account with this email: the team that pays."""
+    return factories.team_of(app, _user_id(app, email))
+
+
 def other_origin_page(environ, start_response):
     """A page of someone else's site, on a second loopback origin."""
     start_response("200 OK", [("Content-Type", "text/html")])
@@ -216,11 +221,11 @@ def test_a_page_on_another_origin_calls_the_api_only_when_the_operator_allows_it
             page.close()
     if allowed:
         assert result["status"] == 200 and result["bytes"] > 0 and result["charged"] == "24"
-        assert factories.balance(app, customer.user_id) == 1000 - 24
+        assert factories.balance(app, customer.team_id) == 1000 - 24
     else:
         # The preflight is refused, so the browser never sends the request: nothing is charged.
         assert "Failed to fetch" in result["error"]
-        assert factories.speech_requests(app, customer.user_id) == []
+        assert factories.speech_requests(app, customer.team_id) == []
 
 
 @pytest.fixture
@@ -319,10 +324,10 @@ def furnished(make_app, upstream_for_browser):
 
     app = make_app(UPSTREAM_URL=f"{upstream_for_browser}/v1", TRUSTED_HOSTS=["127.0.0.1", "localhost"])
     customer = factories.customer(app, balance=5000, password="correct horse battery")
-    factories.charged(app, customer.user_id, count=3, characters=120)
+    factories.charged(app, customer.team_id, count=3, characters=120)
     with app.app_context():
-        factories.starter_payment(customer.user_id, "cs_test_pages", status="paid")
-        billing.grant(db.session.get(factories.User, customer.user_id), 250, "A welcome gift from the operator")
+        factories.starter_payment(customer.team_id, "cs_test_pages", status="paid")
+        billing.grant(db.session.get(factories.Team, customer.team_id), 250, "A welcome gift from the operator")
         db.session.commit()
     with serve(app) as url:
         yield app, url, customer.email
@@ -351,17 +356,17 @@ def test_every_page_fits_the_screen_every_action_can_be_tapped_and_axe_finds_not
         page.goto(site + path)
         check_page(page, name, width, database_uri)
     # The balance banners: low (a threshold above the balance), then empty.
-    user_id = _user_id(app, email)
+    team_id = _team_id(app, email)
     with app.app_context():
         from app import billing
         from app.extensions import db
 
-        user = db.session.get(factories.User, user_id)
-        user.low_balance_credits = 1_000_000
+        team = db.session.get(factories.Team, team_id)
+        team.low_balance_credits = 1_000_000
         db.session.commit()
         for name in ("low", "empty"):
             if name == "empty":
-                billing.deduct(db.session.get(factories.User, user_id), user.balance, "to empty it")
+                billing.deduct(team, team.balance, "to empty it")
                 db.session.commit()
             page.goto(f"{site}/account")
             expect(page.locator("#balance-banner")).to_contain_text(name)
@@ -389,25 +394,27 @@ def test_the_playground_shows_the_cost_plays_and_updates_the_balance(browser, fu
     errors = []
     page.on("pageerror", lambda error: errors.append(str(error)))
     sign_in(page, site, email)
-    user_id = _user_id(app, email)
+    team_id = _team_id(app, email)
     with app.app_context():
         from app.extensions import db
 
         # A threshold above the balance, so the low-balance banner shows the balance too.
-        db.session.get(factories.User, user_id).low_balance_credits = 1_000_000
+        db.session.get(factories.Team, team_id).low_balance_credits = 1_000_000
         db.session.commit()
     page.goto(f"{site}/playground")
     page.fill("#input", "Hello from the playground, héllo 👋")
     expect(page.locator("#cost-credits")).to_have_text("34")  # code points, as the API counts
     page.select_option("#voice", "bm_george")
     page.select_option("#format", "wav")
-    before = factories.balance(app, user_id)
+    before = factories.balance(app, team_id)
     expect(page.locator("#balance-banner")).to_contain_text(f"{before:,} credits left")
     page.click("#play")
     expect(page.locator("#playground-status")).to_contain_text("Charged 34 credits")
     expect(page.locator("#balance")).to_have_text(f"{before - 34:,}")
     # Every balance on the page says the same.
     expect(page.locator("#balance-banner")).to_contain_text(f"{before - 34:,} credits left")
+    # A WAV plays once the whole file is in: the player has it when the status says done (not before).
+    expect(page.locator("#playground-status")).to_contain_text("Done.")
     assert page.get_attribute("#player", "src").startswith("blob:")
     shot(page, "desktop-playground-played", database_uri)
     # A request the balance cannot cover says so, and charges nothing.
@@ -415,11 +422,11 @@ def test_the_playground_shows_the_cost_plays_and_updates_the_balance(browser, fu
         from app import billing
         from app.extensions import db
 
-        billing.deduct(db.session.get(factories.User, user_id), before - 34 - 10, "leave 10")
+        billing.deduct(db.session.get(factories.Team, team_id), before - 34 - 10, "leave 10")
         db.session.commit()
     page.click("#play")
     expect(page.locator("#playground-status")).to_contain_text("Insufficient credits")
-    assert factories.balance(app, user_id) == 10
+    assert factories.balance(app, team_id) == 10
     assert errors == []
     page.close()
 
@@ -453,13 +460,13 @@ def test_an_admin_grants_credits_and_disables_an_account_in_the_browser(browser,
     page.wait_for_url(f"{site}/admin/users/{user_id}")
     page.wait_for_load_state("load")
     check_page(page, "admin-customer", width, database_uri)
-    before = factories.balance(app, user_id)
+    before = factories.balance(app, factories.team_of(app, user_id))
     page.check("input[value=grant]")
     page.fill("#amount", "1234")
     page.fill("#reason", "Refund for a bad day")
     page.click("text=Apply")
     expect(page.locator(".flash.success")).to_contain_text("Granted 1,234 credits")
-    assert factories.balance(app, user_id) == before + 1234
+    assert factories.balance(app, factories.team_of(app, user_id)) == before + 1234
     page.click("text=Disable account")
     expect(page.locator(".flash.success")).to_contain_text("disabled")
     page.goto(f"{site}/admin/log")

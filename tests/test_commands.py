@@ -38,8 +38,8 @@ def test_deduct_is_ledgered_and_never_overdraws(app, runner, customer):
     assert result.exit_code == 0 and "balance is now 600" in result.output
     result = runner.invoke(args=["credits", "deduct", customer.email, "601", "--reason", "too much"])
     assert result.exit_code != 0 and "Nothing changed" in result.output
-    assert factories.ledger(app, customer.user_id)[-1] == ("deduction", -400, 600)
-    factories.assert_books_balance(app, customer.user_id)
+    assert factories.ledger(app, customer.team_id)[-1] == ("deduction", -400, 600)
+    factories.assert_books_balance(app, customer.team_id)
 
 
 def test_grants_need_a_positive_amount_and_a_reason(app, runner, customer):
@@ -47,7 +47,7 @@ def test_grants_need_a_positive_amount_and_a_reason(app, runner, customer):
     assert runner.invoke(args=["credits", "grant", customer.email, "-5", "--reason", "x"]).exit_code != 0
     assert runner.invoke(args=["credits", "grant", customer.email, "5"]).exit_code != 0
     assert runner.invoke(args=["credits", "grant", "nobody@example.com", "5", "--reason", "x"]).exit_code != 0
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.balance(app, customer.team_id) == 1000
 
 
 def test_unlimited_on_and_off(app, runner, customer):
@@ -72,7 +72,7 @@ def test_revoke_and_show(app, runner, customer):
 
 def test_settle_counts_every_request_it_settles(app, runner):
     customer = factories.customer(app, balance=1000)
-    factories.charged(app, customer.user_id, count=3, characters=30)
+    factories.charged(app, customer.team_id, count=3, characters=30)
     with app.app_context():
         db.session.execute(update(SpeechRequest).values(created_at=utcnow() - timedelta(hours=1)))
         db.session.commit()
@@ -80,4 +80,4 @@ def test_settle_counts_every_request_it_settles(app, runner):
     assert "3 requests of gone processes without progress for over 600 s; settled 3, refunding 90 credits." in (
         result.output
     )
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.balance(app, customer.team_id) == 1000

@@ -9,7 +9,7 @@ import requests
 
 from tests import factories
 from tests.fake_upstream import Failing, FakeUpstream
-from tests.servers import gunicorn, serve, shared_limits
+from tests.servers import gunicorn, race_speech, serve, shared_limits
 
 pytestmark = pytest.mark.usefixtures("postgres_only")
 
@@ -17,8 +17,8 @@ pytestmark = pytest.mark.usefixtures("postgres_only")
 def test_threads_racing_on_one_balance_in_the_billing_module(app):
     customer = factories.customer(app, balance=1005)
     assert factories.race_charges(app, customer, count=40, characters=50) == {"charged": 20, "short": 20}
-    assert factories.balance(app, customer.user_id) == 5
-    factories.assert_books_balance(app, customer.user_id)
+    assert factories.balance(app, customer.team_id) == 5
+    factories.assert_books_balance(app, customer.team_id)
 
 
 def test_gunicorn_processes_and_threads_racing_through_the_real_api(app, database_uri):
@@ -52,9 +52,9 @@ def test_gunicorn_processes_and_threads_racing_through_the_real_api(app, databas
     statuses = Counter(status for status, _ in results)
     assert statuses == {200: 25, 402: 55}
     assert all(body == b"ID3audio" for status, body in results if status == 200)
-    assert factories.balance(app, customer.user_id) == 5
-    factories.assert_books_balance(app, customer.user_id)
-    rows = factories.speech_requests(app, customer.user_id)
+    assert factories.balance(app, customer.team_id) == 5
+    factories.assert_books_balance(app, customer.team_id)
+    rows = factories.speech_requests(app, customer.team_id)
     assert len(rows) == 25 and all(row.state == "delivered" for row in rows)
 
 
@@ -63,33 +63,11 @@ def test_two_hundred_requests_from_many_keys_race_on_one_balance(app, database_u
     customer = factories.customer(app, balance=1000)
     secrets = [customer.secret] + [factories.add_key(app, customer.user_id) for _ in range(9)]
     upstream = FakeUpstream([b"ID3", b"audio"]) if upstream_kind == "healthy" else Failing(every=2)
-    text = "0123456789"  # 10 credits each: the balance covers 100 of the 200
-    with serve(upstream) as upstream_url:
-        env = {
-            "DATABASE_URL": database_uri,
-            "UPSTREAM_URL": f"{upstream_url}/v1",
-            "SECRET_KEY": "race-test",
-            "MAX_STREAMS_PER_ACCOUNT": "1000",
-            "RATELIMIT_STORAGE_URI": shared_limits(),
-        }
-        with gunicorn("wsgi:app", env, workers=2, threads=32) as (url, _):
-            barrier = threading.Barrier(200, timeout=60)
-
-            def speak(index):
-                barrier.wait()
-                response = requests.post(
-                    f"{url}/v1/audio/speech",
-                    json={"input": text, "voice": "af_sky"},
-                    headers={"Authorization": f"Bearer {secrets[index % 10]}"},
-                    timeout=60,
-                )
-                return response.status_code
-
-            with ThreadPoolExecutor(200) as pool:
-                statuses = Counter(pool.map(speak, range(200)))
-    rows = factories.speech_requests(app, customer.user_id)
+    # 10 credits each: the balance covers 100 of the 200.
+    statuses = race_speech(database_uri, upstream, secrets, count=200, text="0123456789")
+    rows = factories.speech_requests(app, customer.team_id)
     states = Counter(row.state for row in rows)
-    balance = factories.balance(app, customer.user_id)
+    balance = factories.balance(app, customer.team_id)
     print(
         f"\n{upstream_kind}: 200 requests -> {dict(statuses)}; requests {dict(states)}; "
         f"faults injected {statuses[502]}; refunds {states['refunded']}; balance {balance}"
@@ -102,5 +80,5 @@ def test_two_hundred_requests_from_many_keys_race_on_one_balance(app, database_u
         assert statuses == {200: 100, 402: 100} and balance == 0
     else:
         assert statuses[502] > 0
-    factories.assert_books_balance(app, customer.user_id)
+    factories.assert_books_balance(app, customer.team_id)
     assert runner.invoke(args=["audit"]).exit_code == 0

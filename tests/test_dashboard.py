@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from app import metering
 from app.extensions import db
-from app.models import User
+from app.models import Team, User
 from tests import factories
 
 PASSWORD = "correct horse battery"
@@ -200,10 +200,10 @@ def add_usage(app, user_id, count):
 
 def test_home_shows_balance_ledger_and_usage_of_this_user_only(app, web):
     other = factories.customer(app, balance=777)
-    add_usage(app, other.user_id, 1)
-    user_id = signed_in(web, app, balance=100)
+    add_usage(app, other.team_id, 1)
+    team_id = signed_in(web, app, balance=100)
     create_key(web)
-    add_usage(app, user_id, 2)
+    add_usage(app, team_id, 2)
     page = web.get("/").get_data(as_text=True)
     assert "97 <small>credits</small>" in page  # one delivered, one refunded
     assert "welcome" in page and "refund" in page and "debit" in page
@@ -211,19 +211,19 @@ def test_home_shows_balance_ledger_and_usage_of_this_user_only(app, web):
 
 
 def test_unlimited_accounts_see_unlimited(app, web):
-    user_id = signed_in(web, app)
+    team_id = signed_in(web, app)
     with app.app_context():
-        db.session.get(User, user_id).unlimited = True
+        db.session.get(Team, team_id).unlimited = True
         db.session.commit()
     assert "Unlimited" in web.get("/").get_data(as_text=True)
 
 
 def test_usage_is_paginated_and_downloadable_as_csv(app, web):
     other = factories.customer(app, balance=100)
-    add_usage(app, other.user_id, 3)
-    user_id = signed_in(web, app, balance=1000)
+    add_usage(app, other.team_id, 3)
+    team_id = signed_in(web, app, balance=1000)
     create_key(web)
-    add_usage(app, user_id, 25)
+    add_usage(app, team_id, 25)
     first = web.get("/usage").get_data(as_text=True)
     assert "Page 1 of 2" in first and first.count("<tr>") == 21
     assert web.get("/usage?page=2").get_data(as_text=True).count("<tr>") == 6
@@ -270,9 +270,9 @@ UNUSABLE_FILTERS = [
 @pytest.mark.parametrize("path", ["/usage", "/ledger", "/usage.csv", "/ledger.csv"])
 @pytest.mark.parametrize("query", UNUSABLE_FILTERS)
 def test_a_filter_the_database_cannot_hold_is_ignored_and_the_page_shows_everything(app, web, path, query):
-    user_id = signed_in(web, app, balance=100)
+    team_id = signed_in(web, app, balance=100)
     create_key(web)
-    add_usage(app, user_id, 2)
+    add_usage(app, team_id, 2)
     unfiltered = web.get(path)
     response = web.get(f"{path}?{query}")
     assert response.status_code == 200

@@ -51,7 +51,7 @@ def test_the_reference_curl_returns_real_speech(gateway, tmp_path):
     )
     assert out.read_bytes()[:3] in (b"ID3", b"\xff\xfb", b"\xff\xf3") or out.read_bytes()[0] == 0xFF
     assert 0.8 < seconds_of(out.read_bytes()) < 5
-    assert factories.balance(app, customer.user_id) == 1000 - len(HELLO)
+    assert factories.balance(app, customer.team_id) == 1000 - len(HELLO)
 
 
 def test_the_reference_openai_snippet_and_duration_grows_with_input(gateway, tmp_path):
@@ -80,4 +80,4 @@ def test_a_voice_the_engine_does_not_have_is_a_400_before_any_charge(gateway):
         client.audio.speech.create(model="kokoro", voice="af_nobody", input=HELLO)
     assert error.value.status_code == 400 and error.value.param == "voice"
     assert "Voice 'af_nobody' is not available" in error.value.body["message"]
-    assert factories.balance(app, customer.user_id) == 1000 and factories.speech_requests(app, customer.user_id) == []
+    assert factories.balance(app, customer.team_id) == 1000 and factories.speech_requests(app, customer.team_id) == []

@@ -31,14 +31,14 @@ def test_a_client_who_leaves_while_the_next_piece_is_made_closes_the_upstream_at
                 received += client.recv(65536)
             client.close()
             [row] = wait_for(
-                lambda: [r for r in factories.speech_requests(app, customer.user_id) if r.state != "charged"],
+                lambda: [r for r in factories.speech_requests(app, customer.team_id) if r.state != "charged"],
                 what="the stream to end while the speech server was still making its next piece",
             )
             next_piece.set()
             assert upstream.stream_closed.wait(5)
     assert not upstream.finished.is_set(), "the speech server was read to its end for nobody"
     assert row.state == "delivered" and row.error == "client disconnected" and row.credits_refunded == 0
-    assert factories.balance(app, customer.user_id) == 10_000 - len(PROSE)
+    assert factories.balance(app, customer.team_id) == 10_000 - len(PROSE)
     assert app.test_cli_runner().invoke(args=["audit"]).exit_code == 0
 
 

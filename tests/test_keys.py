@@ -8,13 +8,18 @@ import pytest
 import responses
 from sqlalchemy import make_url, select, text
 
-from app import accounts, keys
+from app import accounts, keys, teams
 from app.extensions import db
 from app.models import ApiKey, utcnow
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import stub_catalog
 
 HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
+
+
+def _personal(user):
+    """A new person's personal team and the person: who a key is made for, and by."""
+    return teams.personal(user), user
 
 
 def test_a_key_is_kp_live_and_43_random_url_safe_characters():
@@ -26,7 +31,7 @@ def test_a_key_is_kp_live_and_43_random_url_safe_characters():
 def test_only_the_digest_and_a_short_prefix_are_stored(app):
     with app.app_context():
         user = accounts.create_user("a@example.com")
-        key, secret = keys.create_key(user, "laptop")
+        key, secret = keys.create_key(teams.personal(user), user, "laptop")
         db.session.commit()
         row = db.session.execute(select(ApiKey.__table__)).one()._asdict()
         stored = " ".join(str(value) for value in row.values())
@@ -39,10 +44,10 @@ def test_only_the_digest_and_a_short_prefix_are_stored(app):
 def test_a_key_is_found_by_its_secret_and_nothing_else(app):
     with app.app_context():
         user = accounts.create_user("a@example.com")
-        key, secret = keys.create_key(user, "")
+        key, secret = keys.create_key(teams.personal(user), user, "")
         db.session.commit()
         found = keys.lookup(keys.stored_digest(secret))
-        assert (found.key_id, found.user_id, found.revoked_at) == (key.id, user.id, None)
+        assert (found.key_id, found.team_id, found.revoked_at) == (key.id, teams.personal(user).id, None)
         assert keys.lookup(keys.stored_digest(secret[:-1])) is None
         assert keys.stored_digest(keys.digest(secret)) is None
         assert keys.stored_digest("kp_live_" + "x" * 300) is None
@@ -50,7 +55,7 @@ def test_a_key_is_found_by_its_secret_and_nothing_else(app):
 
 def test_revoke_is_remembered_and_reported_once(app):
     with app.app_context():
-        key, secret = keys.create_key(accounts.create_user("a@example.com"), "")
+        key, secret = keys.create_key(*_personal(accounts.create_user("a@example.com")), "")
         db.session.commit()
         assert keys.revoke(key) is True
         assert keys.revoke(key) is False
@@ -60,7 +65,7 @@ def test_revoke_is_remembered_and_reported_once(app):
 
 def test_last_use_is_written_at_most_once_per_resolution(app):
     with app.app_context():
-        key, _ = keys.create_key(accounts.create_user("a@example.com"), "")
+        key, _ = keys.create_key(*_personal(accounts.create_user("a@example.com")), "")
         db.session.commit()
         now = utcnow()
         assert keys.touch(key.id, key.last_used_at, 60, now) is True
@@ -85,7 +90,7 @@ def test_a_busy_key_records_its_last_use_once_a_minute_not_on_every_request(app,
 
 def test_a_keys_name_is_kept_to_100_characters(app):
     with app.app_context():
-        key, _ = keys.create_key(accounts.create_user("named@example.com"), "  " + "n" * 150 + "  ")
+        key, _ = keys.create_key(*_personal(accounts.create_user("named@example.com")), "  " + "n" * 150 + "  ")
         db.session.commit()
         assert db.session.get(ApiKey, key.id).name == "n" * 100
 

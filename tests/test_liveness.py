@@ -57,6 +57,7 @@ def served_by(app, customer, process_id, count=1):
         ids = []
         for _ in range(count):
             paid = metering.charge_speech(
+                customer.team_id,
                 customer.user_id,
                 customer.key_id,
                 unlimited=False,
@@ -79,15 +80,15 @@ def test_settle_never_refunds_a_request_of_a_live_process_however_quiet_it_is(ap
     result = runner.invoke(args=["speech", "settle"])
     assert result.exit_code == 0 and "settled 0" in result.output
     assert runner.invoke(args=["audit"]).exit_code == 0
-    assert [row.state for row in factories.speech_requests(app, customer.user_id)] == ["charged"]
+    assert [row.state for row in factories.speech_requests(app, customer.team_id)] == ["charged"]
 
     end_lease(app, alive)
     result = runner.invoke(args=["speech", "settle"])
     assert "1 requests of gone processes without progress for over 600 s; settled 1, refunding 10 credits." in (
         result.output
     )
-    assert factories.balance(app, customer.user_id) == 1000
-    factories.assert_books_balance(app, customer.user_id)
+    assert factories.balance(app, customer.team_id) == 1000
+    factories.assert_books_balance(app, customer.team_id)
 
 
 def test_a_process_is_alive_until_the_exact_end_of_its_lease(app, customer):
@@ -124,17 +125,17 @@ def test_stale_requests_made_in_another_order_than_charged_are_refunded_oldest_f
     """The ledger's refund rows follow the requests' age, not the order they were charged or stored in:
     each row's balance after is the running balance of that order."""
     with app.app_context():
-        ids = [factories.charge_speech(customer.user_id, characters).id for characters in (10, 20, 30)]
+        ids = [factories.charge_speech(customer.team_id, characters).id for characters in (10, 20, 30)]
         db.session.commit()
     # The last charged is the oldest.
     quiet_for_hours(app, list(reversed(ids)))
     assert "settled 3, refunding 60 credits" in runner.invoke(args=["speech", "settle"]).output
-    assert factories.ledger(app, customer.user_id, LedgerEntry.reference)[-3:] == [
+    assert factories.ledger(app, customer.team_id, LedgerEntry.reference)[-3:] == [
         ("refund", 30, f"refund:{ids[2]}"),
         ("refund", 20, f"refund:{ids[1]}"),
         ("refund", 10, f"refund:{ids[0]}"),
     ]
-    assert [balance for _, _, balance in factories.ledger(app, customer.user_id)[-3:]] == [970, 990, 1000]
+    assert [balance for _, _, balance in factories.ledger(app, customer.team_id)[-3:]] == [970, 990, 1000]
 
 
 def test_stale_requests_made_at_the_same_instant_are_refunded_in_the_order_of_their_ids(app, runner, customer):
@@ -142,11 +143,11 @@ def test_stale_requests_made_at_the_same_instant_are_refunded_in_the_order_of_th
     later, earlier = "req_" + "b" * 32, "req_" + "a" * 32
     with app.app_context():
         for request_id, characters in ((later, 10), (earlier, 30)):
-            factories.charge_speech(customer.user_id, characters, request_id=request_id)
+            factories.charge_speech(customer.team_id, characters, request_id=request_id)
         db.session.execute(update(SpeechRequest).values(created_at=utcnow() - timedelta(hours=2)))
         db.session.commit()
     assert "settled 2, refunding 40 credits" in runner.invoke(args=["speech", "settle"]).output
-    assert factories.ledger(app, customer.user_id)[-2:] == [("refund", 30, 990), ("refund", 10, 1000)]
+    assert factories.ledger(app, customer.team_id)[-2:] == [("refund", 30, 990), ("refund", 10, 1000)]
 
 
 def test_a_request_is_stale_only_once_its_quiet_is_longer_than_the_threshold(app, customer):
@@ -196,17 +197,17 @@ def test_a_settlement_the_database_refused_is_written_by_its_process_when_the_da
     monkeypatch.setattr(metering, "_close_speech", database_gone)
     response = speak(app, customer)
     assert response.status_code == 200 and response.data == b"ID3audio"
-    [row] = factories.speech_requests(app, customer.user_id)
+    [row] = factories.speech_requests(app, customer.team_id)
     assert row.state == "charged" and row.process_id == app.extensions["lease"].process_id()
     lease = app.extensions["lease"]
     # Still away at the next renewal: kept for the one after.
     assert lease.settle_pending() == 1
     monkeypatch.undo()
     assert lease.settle_pending() == 0
-    [row] = factories.speech_requests(app, customer.user_id)
+    [row] = factories.speech_requests(app, customer.team_id)
     # The audio went out: the charge stands, as it would have without the lost database.
     assert row.state == "delivered" and row.credits_refunded == 0
-    assert factories.balance(app, customer.user_id) == 1000 - len("Hello from kokoro-pay.")
+    assert factories.balance(app, customer.team_id) == 1000 - len("Hello from kokoro-pay.")
     assert runner.invoke(args=["audit"]).exit_code == 0
 
 
@@ -235,7 +236,7 @@ def test_progress_is_recorded_for_every_heartbeat_of_audio_however_fast_it_arriv
 
 
 def quiet_since(app, customer) -> timedelta:
-    [row] = factories.speech_requests(app, customer.user_id)
+    [row] = factories.speech_requests(app, customer.team_id)
     return utcnow() - (row.progress_at or row.created_at)
 
 
@@ -278,7 +279,7 @@ def test_a_reader_who_pauses_past_settle_pays_for_the_audio_it_gets_and_is_ended
         # One thread: that it serves another request afterwards shows the paused one let it go.
         with gunicorn("wsgi:app", env, workers=1, threads=1) as (url, _master):
             client = raw_speech_request(url, customer, speech_body())
-            wait_for(lambda: factories.speech_requests(app, customer.user_id), what="the charge")
+            wait_for(lambda: factories.speech_requests(app, customer.team_id), what="the charge")
             # Paused past the lease and the threshold, with no progress since: settle leaves the request
             # of a live process alone.
             wait_for(lambda: quiet_since(app, customer) > timedelta(seconds=1.5), what="a quiet stream")
@@ -286,7 +287,7 @@ def test_a_reader_who_pauses_past_settle_pays_for_the_audio_it_gets_and_is_ended
             assert result.exit_code == 0 and "settled 0" in result.output
             # Taking nothing for CLIENT_IDLE_SECONDS ends the stream as a hang-up would: the charge stands.
             [row] = wait_for(
-                lambda: [r for r in factories.speech_requests(app, customer.user_id) if r.state != "charged"],
+                lambda: [r for r in factories.speech_requests(app, customer.team_id) if r.state != "charged"],
                 timeout=20,
                 what="the paused stream to end",
             )
@@ -297,9 +298,9 @@ def test_a_reader_who_pauses_past_settle_pays_for_the_audio_it_gets_and_is_ended
     assert row.credits_refunded == 0 and row.bytes_sent > 0
     # Every byte the client got was handed over by the relay, and all of it is paid for.
     assert len(received.partition(b"\r\n\r\n")[2]) <= row.bytes_sent + 64 * 1024
-    assert factories.balance(app, customer.user_id) == 10_000 - len(PROSE)
+    assert factories.balance(app, customer.team_id) == 10_000 - len(PROSE)
     with app.app_context():
-        kinds = db.session.scalars(select(LedgerEntry.kind).where(LedgerEntry.user_id == customer.user_id)).all()
+        kinds = db.session.scalars(select(LedgerEntry.kind).where(LedgerEntry.team_id == customer.team_id)).all()
     assert sorted(kinds) == ["debit", "grant"]
     assert "settled 0" in app.test_cli_runner().invoke(args=["speech", "settle", "--older-than", "1"]).output
     assert app.test_cli_runner().invoke(args=["audit"]).exit_code == 0

@@ -325,11 +325,11 @@ def test_a_mail_server_that_hangs_delays_mail_and_nothing_else(make_app):
             assert "Check your inbox" in web.register(f"hang{number}@example.com").get_data(as_text=True)
         assert app.test_client().get("/v1/balance", headers=customer.headers).status_code == 200
         with app.app_context():
-            factories.starter_payment(customer.user_id, "cs_test_hang")
+            factories.starter_payment(customer.team_id, "cs_test_hang")
             db.session.commit()
-        paid = event("checkout.session.completed", checkout_session(customer.user_id, session_id="cs_test_hang"))
+        paid = event("checkout.session.completed", checkout_session(customer.team_id, session_id="cs_test_hang"))
         assert deliver_event(app.test_client(), paid).status_code == 200
-        assert factories.balance(app, customer.user_id) == 10_000
+        assert factories.balance(app, customer.team_id) == 10_000
         assert [row.state for row in factories.mails(app, kind="verify")] == [MailState.QUEUED] * 3
         assert [row.state for row in factories.mails(app, kind="receipt")] == [MailState.QUEUED]
     finally:

@@ -48,7 +48,7 @@ def test_two_workers_add_up(app, database_uri, tmp_path):
     with app.app_context():
         from app.extensions import db
 
-        factories.starter_payment(customer.user_id, "cs_test_metrics")
+        factories.starter_payment(customer.team_id, "cs_test_metrics")
         db.session.commit()
     metrics_dir = tmp_path / "metrics"
     with serve(FakeUpstream([b"ID3", b"audio"])) as upstream_url:
@@ -80,7 +80,7 @@ def test_two_workers_add_up(app, database_uri, tmp_path):
                 assert set(pool.map(speak, range(24))) == {200}
             refused = requests.get(f"{url}/v1/balance", headers={"Authorization": "Bearer kp_live_nope"}, timeout=10)
             assert refused.status_code == 401
-            payload = event("checkout.session.completed", checkout_session(customer.user_id, "cs_test_metrics"))
+            payload = event("checkout.session.completed", checkout_session(customer.team_id, "cs_test_metrics"))
             webhook = requests.post(
                 f"{url}/stripe/webhook",
                 data=payload,

@@ -168,7 +168,7 @@ def test_a_body_over_the_limit_is_refused_with_the_apis_error(app, stack):
         timeout=10,
     )
     assert answer.status_code == 413 and answer.json()["error"]["code"] == "request_too_large"
-    assert upstream.received == [] and factories.speech_requests(app, customer.user_id) == []
+    assert upstream.received == [] and factories.speech_requests(app, customer.team_id) == []
 
 
 def _get(url: str, path: str, source: str, headers: dict) -> int:

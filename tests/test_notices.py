@@ -3,9 +3,9 @@
 import pytest
 from sqlalchemy import select
 
-from app import billing, metering
+from app import billing, metering, teams
 from app.extensions import db
-from app.models import User
+from app.models import Team, User
 from tests import factories
 from tests.factories import mails
 from tests.stripe_helpers import charge, checkout_session, deliver, dispute, event
@@ -13,16 +13,16 @@ from tests.stripe_helpers import charge, checkout_session, deliver, dispute, eve
 
 def pay_starter(app, customer, session_id="cs_test_1", payment_intent="pi_1"):
     with app.app_context():
-        factories.starter_payment(customer.user_id, session_id)
+        factories.starter_payment(customer.team_id, session_id)
         db.session.commit()
     payload = event(
-        "checkout.session.completed", checkout_session(customer.user_id, session_id, payment_intent=payment_intent)
+        "checkout.session.completed", checkout_session(customer.team_id, session_id, payment_intent=payment_intent)
     )
     assert deliver(app.test_client(), payload).status_code == 200
 
 
-def debit(app, user_id, credits):
-    factories.charged(app, user_id, characters=credits)
+def debit(app, team_id, credits):
+    factories.charged(app, team_id, characters=credits)
 
 
 # Receipts and reversals
@@ -38,7 +38,7 @@ def test_a_credited_top_up_sends_a_receipt(app):
     assert "cs_test_1" in receipt.body and "http://localhost/billing" in receipt.body
     assert "Stripe's receipt" not in receipt.body  # a Checkout Session carries no receipt link
     # Stripe redelivers the event: credited once, one receipt.
-    payload = event("checkout.session.completed", checkout_session(customer.user_id))
+    payload = event("checkout.session.completed", checkout_session(customer.team_id))
     deliver(app.test_client(), payload)
     assert len(mails(app, customer.email, "receipt")) == 1
 
@@ -46,14 +46,14 @@ def test_a_credited_top_up_sends_a_receipt(app):
 def test_a_pending_payment_sends_its_receipt_when_it_is_paid(app):
     customer = factories.customer(app)
     with app.app_context():
-        factories.starter_payment(customer.user_id, "cs_test_1")
+        factories.starter_payment(customer.team_id, "cs_test_1")
         db.session.commit()
     deliver(
         app.test_client(),
-        event("checkout.session.completed", checkout_session(customer.user_id, payment_status="unpaid")),
+        event("checkout.session.completed", checkout_session(customer.team_id, payment_status="unpaid")),
     )
     assert mails(app, customer.email) == []
-    deliver(app.test_client(), event("checkout.session.async_payment_succeeded", checkout_session(customer.user_id)))
+    deliver(app.test_client(), event("checkout.session.async_payment_succeeded", checkout_session(customer.team_id)))
     assert [row.kind for row in mails(app, customer.email)] == ["receipt"]
 
 
@@ -84,7 +84,7 @@ def test_a_dispute_after_a_partial_refund_tells_what_was_taken_back_in_all(app):
 def test_a_lost_dispute_after_the_credits_were_spent_says_what_could_not_be_taken(app):
     customer = factories.customer(app)
     pay_starter(app, customer)
-    debit(app, customer.user_id, 9_000)
+    debit(app, customer.team_id, 9_000)
     deliver(app.test_client(), event("charge.dispute.closed", dispute()))
     [notice] = mails(app, customer.email, "reversal")
     assert notice.subject == "A disputed payment was reversed: 10,000 credits taken back"
@@ -98,37 +98,38 @@ def test_a_lost_dispute_after_the_credits_were_spent_says_what_could_not_be_take
 def test_crossing_the_threshold_sends_one_alert_until_a_top_up_re_arms_it(make_app):
     app = make_app(LOW_BALANCE_CREDITS=1000)
     customer = factories.customer(app, balance=1500)
-    debit(app, customer.user_id, 400)  # 1,100: above
+    debit(app, customer.team_id, 400)  # 1,100: above
     assert mails(app, customer.email) == []
-    debit(app, customer.user_id, 200)  # 900: crossed
+    debit(app, customer.team_id, 200)  # 900: crossed
     [alert] = mails(app, customer.email)
     assert alert.kind == "low_balance" and alert.subject == "Your kokoro-pay balance is low: 900 credits"
     assert "fallen below 1,000 credits" in alert.body
     assert "Buy credits: /billing" in alert.body and "account page: /account" in alert.body
-    debit(app, customer.user_id, 800)  # 100: still below, no second mail
+    debit(app, customer.team_id, 800)  # 100: still below, no second mail
     assert len(mails(app, customer.email)) == 1
 
     pay_starter(app, customer)  # 10,100: re-armed
-    debit(app, customer.user_id, 9_500)  # 600: crossed again
+    debit(app, customer.team_id, 9_500)  # 600: crossed again
     assert [row.kind for row in mails(app, customer.email)] == ["low_balance", "receipt", "low_balance"]
 
 
 def test_the_threshold_itself_is_not_below_it(make_app):
     app = make_app(LOW_BALANCE_CREDITS=1000)
     customer = factories.customer(app, balance=1100)
-    debit(app, customer.user_id, 100)  # exactly 1,000: not below
+    debit(app, customer.team_id, 100)  # exactly 1,000: not below
     assert mails(app, customer.email) == []
-    debit(app, customer.user_id, 1)  # 999, from exactly the threshold: crossed
+    debit(app, customer.team_id, 1)  # 999, from exactly the threshold: crossed
     assert [row.kind for row in mails(app, customer.email)] == ["low_balance"]
 
 
 def test_only_credits_the_customer_paid_for_or_was_given_re_arm_the_alert(make_app):
     app = make_app(LOW_BALANCE_CREDITS=1000)
     customer = factories.customer(app, balance=1500)
-    debit(app, customer.user_id, 600)  # 900: alert one
+    debit(app, customer.team_id, 600)  # 900: alert one
     # A refund of a failed request back above the threshold does not re-arm it ...
     with app.app_context():
         request_id = metering.charge_speech(
+            customer.team_id,
             customer.user_id,
             customer.key_id,
             unlimited=False,
@@ -138,19 +139,19 @@ def test_only_credits_the_customer_paid_for_or_was_given_re_arm_the_alert(make_a
             response_format="mp3",
         ).request_id
         db.session.commit()
-        billing.grant(db.session.get(User, customer.user_id), 150, "to cross back with the refund")
+        billing.grant(db.session.get(Team, customer.team_id), 150, "to cross back with the refund")
         db.session.commit()
     # (a grant to 950 is still below: nothing re-armed)
     with app.app_context():
         metering.refund_speech(request_id, "upstream failed", audio_ms=0)  # 1,050
         db.session.commit()
-    debit(app, customer.user_id, 100)  # 950 again: no second mail
+    debit(app, customer.team_id, 100)  # 950 again: no second mail
     assert len(mails(app, customer.email, "low_balance")) == 1
     # ... a grant that reaches exactly the threshold does.
     with app.app_context():
-        billing.grant(db.session.get(User, customer.user_id), 50, "back to 1,000")
+        billing.grant(db.session.get(Team, customer.team_id), 50, "back to 1,000")
         db.session.commit()
-    debit(app, customer.user_id, 1)
+    debit(app, customer.team_id, 1)
     assert len(mails(app, customer.email, "low_balance")) == 2
 
 
@@ -163,11 +164,12 @@ def test_a_free_trial_spent_below_the_threshold_shows_no_banner_and_sends_no_mai
     with app.app_context():
         user_id = db.session.scalar(select(User.id).where(User.email == "trial@example.com"))
     factories.add_key(app, user_id)
+    team_id = factories.team_of(app, user_id)
     pay_starter(app, factories.customer(app))  # another account bought credits: not this one
-    debit(app, user_id, 88)  # 912 left
+    debit(app, team_id, 88)  # 912 left
     for page in ("/", "/keys", "/playground", "/account"):
         assert "Your balance is low" not in web.get(page).get_data(as_text=True), page
-    debit(app, user_id, 912)  # nothing left: still no alert (402s say so from here on)
+    debit(app, team_id, 912)  # nothing left: still no alert (402s say so from here on)
     assert mails(app, "trial@example.com", "low_balance") == []
     # The account page says why: no threshold of its own on the free trial.
     assert "On the free trial you get none unless you set one here" in web.get("/account").get_data(as_text=True)
@@ -181,9 +183,9 @@ def test_once_credits_are_bought_the_default_alert_applies_to_the_whole_balance(
     with app.app_context():
         user_id = db.session.scalar(select(User.id).where(User.email == "buyer@example.com"))
     factories.add_key(app, user_id)
-    customer = factories.Customer(user_id, "buyer@example.com", None, None)
+    customer = factories.Customer(user_id, "buyer@example.com", None, None, factories.team_of(app, user_id))
     pay_starter(app, customer)  # 11,000
-    debit(app, user_id, 10_100)  # 900
+    debit(app, customer.team_id, 10_100)  # 900
     assert len(mails(app, "buyer@example.com", "low_balance")) == 1
     assert "Your balance is low: <span data-balance>900</span> credits left." in web.get("/keys").get_data(as_text=True)
 
@@ -191,7 +193,7 @@ def test_once_credits_are_bought_the_default_alert_applies_to_the_whole_balance(
 def test_a_balance_that_starts_below_the_threshold_is_not_alerted_until_it_crosses_it(make_app):
     app = make_app(LOW_BALANCE_CREDITS=1000)
     customer = factories.customer(app, balance=500)
-    debit(app, customer.user_id, 100)
+    debit(app, customer.team_id, 100)
     assert mails(app, customer.email) == []
 
 
@@ -199,26 +201,26 @@ def test_each_account_sets_its_threshold_or_turns_the_alert_off(app, web):
     web.signup("alerts@example.com")
     with app.app_context():
         user = db.session.scalar(select(User).where(User.email == "alerts@example.com"))
-        user_id = user.id
-        billing.grant(user, 6000, "test")
+        user_id, team_id = user.id, teams.personal(user).id
+        billing.grant(teams.personal(user), 6000, "test")
         db.session.commit()
     factories.add_key(app, user_id)
     assert 'value="1000"' in web.get("/account").get_data(as_text=True)
     bad = web.post("/account/alert", {"threshold": "-5"})
     assert bad.status_code == 400 and "0 or more" in bad.get_data(as_text=True)
     assert web.post("/account/alert", {"threshold": "5000"}).headers["Location"] == "/account"
-    debit(app, user_id, 2000)  # 4,000 < 5,000
+    debit(app, team_id, 2000)  # 4,000 < 5,000
     assert [row.kind for row in mails(app, "alerts@example.com")][-1] == "low_balance"
     web.get("/account")
     web.post("/account/alert", {"threshold": "0"})
-    debit(app, user_id, 3900)
+    debit(app, team_id, 3900)
     assert len(mails(app, "alerts@example.com", "low_balance")) == 1
 
 
 def test_unlimited_accounts_get_no_alert(make_app):
     app = make_app(LOW_BALANCE_CREDITS=1000)
     customer = factories.customer(app, unlimited=True)
-    factories.charged(app, customer.user_id, count=3, characters=5000)
+    factories.charged(app, customer.team_id, count=3, characters=5000)
     assert mails(app, customer.email) == []
 
 
@@ -227,7 +229,7 @@ def test_twenty_concurrent_debits_that_cross_the_threshold_send_one_alert(make_a
     app = make_app(LOW_BALANCE_CREDITS=1000)
     customer = factories.customer(app, balance=1990)
     assert factories.race_charges(app, customer, count=20, characters=99) == {"charged": 20}
-    assert factories.balance(app, customer.user_id) == 10
+    assert factories.balance(app, customer.team_id) == 10
     [alert] = mails(app, customer.email)
     assert alert.kind == "low_balance"
-    factories.assert_books_balance(app, customer.user_id)
+    factories.assert_books_balance(app, customer.team_id)

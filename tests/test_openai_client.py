@@ -37,7 +37,7 @@ def test_the_reference_streaming_snippet_writes_the_audio_file(running, tmp_path
     assert (tmp_path / "speech.mp3").read_bytes() == b"".join(AUDIO)
     assert upstream.received[-1]["voice"] == "af_sky" and upstream.received[-1]["model"] == "kokoro"
     assert "kokoro" in [model.id for model in client.models.list().data]
-    assert factories.balance(app, customer.user_id) == 1000 - 22
+    assert factories.balance(app, customer.team_id) == 1000 - 22
 
 
 def test_a_bad_key_is_an_authentication_error(running):
@@ -74,4 +74,4 @@ def test_a_voice_the_upstream_refuses_is_a_bad_request_error_and_refunded(runnin
         client_for(base_url, customer.secret).audio.speech.create(model="kokoro", voice="af_nicole", input="Hi")
     assert error.value.status_code == 400
     assert "Voice 'af_nicole' not found." in error.value.body["message"]
-    assert factories.balance(app, customer.user_id) == 10
+    assert factories.balance(app, customer.team_id) == 10

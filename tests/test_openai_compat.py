@@ -52,8 +52,8 @@ def speak(client, customer, **fields):
 
 
 def assert_nothing_charged(app, customer, upstream, balance=1000):
-    assert factories.balance(app, customer.user_id) == balance
-    assert factories.speech_requests(app, customer.user_id) == []
+    assert factories.balance(app, customer.team_id) == balance
+    assert factories.speech_requests(app, customer.team_id) == []
     assert upstream.received == []
 
 
@@ -66,7 +66,7 @@ def test_every_openai_voice_is_spoken_by_a_kokoro_voice(client, customer, upstre
     assert response.status_code == 200
     assert upstream.received[-1]["voice"] == OPENAI_VOICES[name] and OPENAI_VOICES[name] in KOKORO_VOICES
     # The usage record keeps the name the client asked for.
-    [speech] = factories.speech_requests(client.application, customer.user_id)
+    [speech] = factories.speech_requests(client.application, customer.team_id)
     assert speech.voice == name
 
 
@@ -218,8 +218,8 @@ def test_without_a_catalog_the_names_go_upstream_and_its_refusal_is_a_refunded_4
     assert response.get_json()["detail"] == (
         "The speech server refused this request: Voice 'af_nicole' not found. The charge was refunded."
     )
-    assert factories.balance(client.application, customer.user_id) == 1000 - len(HELLO["input"])
-    notes = [note for kind, _, note in factories.ledger_notes(client.application, customer.user_id)]
+    assert factories.balance(client.application, customer.team_id) == 1000 - len(HELLO["input"])
+    notes = [note for kind, _, note in factories.ledger_notes(client.application, customer.team_id)]
     assert notes[-1] == "Upstream synthesis error: Voice 'af_nicole' not found."
 
 
@@ -244,7 +244,7 @@ def test_an_sdk_that_retries_5xx_is_charged_nothing_for_a_bad_voice(client, cust
     # The openai SDKs retry 5xx twice: a 502 cost three charges and three refunds. A 400 is not retried.
     for _ in range(3):
         assert speak(client, customer, voice="nobody").status_code == 400
-    assert factories.ledger(client.application, customer.user_id) == [("grant", 1000, 1000)]
+    assert factories.ledger(client.application, customer.team_id) == [("grant", 1000, 1000)]
 
 
 # OpenAI-shaped errors with stable codes
@@ -298,14 +298,14 @@ def test_a_stream_opened_after_the_early_check_is_still_counted_by_the_charge(ga
     # early check cannot see): the charge counts again, refuses, and names the limit.
     app = gateway(MAX_STREAMS_PER_ACCOUNT=1)
     with app.app_context():
-        factories.charge_speech(customer.user_id, 5)
+        factories.charge_speech(customer.team_id, 5)
         db.session.commit()
-    before = factories.balance(app, customer.user_id)
+    before = factories.balance(app, customer.team_id)
     monkeypatch.setattr("app.metering.streams_in_flight", lambda user_id: 0)
     response = speak(app.test_client(), customer)
     assert response.status_code == 429 and response.get_json()["error"]["code"] == "too_many_streams"
     assert "(at most 1)" in response.get_json()["detail"]
-    assert factories.balance(app, customer.user_id) == before
+    assert factories.balance(app, customer.team_id) == before
 
 
 def test_a_real_upstream_failure_stays_a_502_upstream_error(make_app, customer):
@@ -364,7 +364,7 @@ def test_sse_carries_the_same_audio_byte_for_byte_then_the_usage(gateway, upstre
     }
     # stream_format is the gateway's business: the upstream is asked for plain audio.
     assert "stream_format" not in upstream.received[-1]
-    assert factories.balance(client.application, customer.user_id) == 1000 - 2 * characters
+    assert factories.balance(client.application, customer.team_id) == 1000 - 2 * characters
 
 
 def test_an_sse_stream_that_breaks_ends_with_an_error_event_and_is_settled(make_app, customer):
@@ -385,11 +385,11 @@ def test_an_sse_stream_that_breaks_ends_with_an_error_event_and_is_settled(make_
     error = events[-1]["error"]
     assert (error["type"], error["param"], error["code"]) == ("server_error", None, "upstream_error")
     assert "broke off" in events[-1]["error"]["message"]
-    [speech] = factories.speech_requests(app, customer.user_id)
+    [speech] = factories.speech_requests(app, customer.team_id)
     # 100 characters at 1 a second: 100 s expected; 1 s delivered keeps 1 credit.
     assert speech.state == "refunded" and speech.audio_ms == 1000
-    assert factories.balance(app, customer.user_id) == 1000 - 1
-    factories.assert_books_balance(app, customer.user_id)
+    assert factories.balance(app, customer.team_id) == 1000 - 1
+    factories.assert_books_balance(app, customer.team_id)
 
 
 # The catalog

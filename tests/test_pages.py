@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from app import billing, keys, metering, playground
 from app.config import SettingError
 from app.extensions import db
-from app.models import ApiKey, LedgerEntry, SpeechRequest, User, utcnow
+from app.models import ApiKey, LedgerEntry, Membership, SpeechRequest, Team, utcnow
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import FakeUpstream
@@ -158,13 +158,13 @@ def test_the_playground_lists_the_live_voices_by_language_with_gender(app, web):
 
 
 def test_the_playground_is_metered_like_the_api(app, web, upstream):
-    user_id = signed_in(app, web)
+    team_id = signed_in(app, web)
     response = _speak(web, input="Hello there.")
     assert response.status_code == 200 and response.data == b"ID3\x04audio-bytes"
     assert response.headers["X-Credits-Charged"] == "12" and response.headers["X-Credits-Remaining"] == "988"
-    [request] = factories.speech_requests(app, user_id)
+    [request] = factories.speech_requests(app, team_id)
     assert request.api_key_id is None and request.state == "delivered" and request.credits == 12
-    assert factories.ledger(app, user_id)[-1] == ("debit", -12, 988)
+    assert factories.ledger(app, team_id)[-1] == ("debit", -12, 988)
     assert upstream.received[-1]["voice"] == "af_sky" and upstream.received[-1]["input"] == "Hello there."
     # Shown as the playground's in the usage pages and the CSV.
     assert "playground" in web.get("/usage").get_data(as_text=True)
@@ -173,9 +173,10 @@ def test_the_playground_is_metered_like_the_api(app, web, upstream):
 
 
 def test_a_request_the_speech_server_refused_is_exported_refunded_with_its_duration(app, web):
-    user_id = signed_in(app, web)
+    team_id = signed_in(app, web)
     with app.app_context():
-        _, secret = keys.create_key(db.session.get(User, user_id), "export")
+        team = db.session.get(Team, team_id)
+        _, secret = keys.create_key(team, team.memberships[0].user, "export")
         db.session.commit()
     # Listed by the stand-in, refused when asked for: the upstream fails before any audio.
     refused = app.test_client().post(
@@ -190,14 +191,14 @@ def test_a_request_the_speech_server_refused_is_exported_refunded_with_its_durat
 
 
 def test_playground_errors_are_the_apis_and_change_nothing(app, web):
-    user_id = signed_in(app, web, credits=5)
+    team_id = signed_in(app, web, credits=5)
     short = _speak(web, input="Far more than five characters.")
     assert short.status_code == 402 and short.json["detail"].startswith("Insufficient credits")
     unknown = _speak(web, voice="xx_nobody")
     assert unknown.status_code == 400 and "voice" in unknown.json["detail"]
     pcm = _speak(web, response_format="pcm")
     assert pcm.status_code == 400 and pcm.json["error"]["param"] == "response_format"
-    assert factories.ledger(app, user_id) == [("grant", 5, 5)] and factories.speech_requests(app, user_id) == []
+    assert factories.ledger(app, team_id) == [("grant", 5, 5)] and factories.speech_requests(app, team_id) == []
 
 
 def test_the_playground_needs_the_csrf_token_a_signed_in_and_verified_account(app, web, upstream):
@@ -216,10 +217,18 @@ def test_the_playground_needs_the_csrf_token_a_signed_in_and_verified_account(ap
 # Usage you can see
 
 
-def _usage(app, user_id, key_id, days_ago, credits, refunded=0):
+def _usage(app, team_id, key_id, days_ago, credits, refunded=0):
     with app.app_context():
+        made_by = db.session.scalar(select(Membership.user_id).where(Membership.team_id == team_id))
         paid = metering.charge_speech(
-            user_id, key_id, unlimited=False, characters=credits, model="kokoro", voice="af_sky", response_format="mp3"
+            team_id,
+            made_by,
+            key_id,
+            unlimited=False,
+            characters=credits,
+            model="kokoro",
+            voice="af_sky",
+            response_format="mp3",
         )
         request = db.session.get(SpeechRequest, paid.request_id)
         request.created_at = utcnow() - timedelta(days=days_ago)
@@ -230,16 +239,16 @@ def _usage(app, user_id, key_id, days_ago, credits, refunded=0):
 
 
 def test_usage_shows_credits_per_day_filtered_by_key_with_this_months_totals(app, web):
-    user_id = signed_in(app, web, credits=10_000)
+    team_id = signed_in(app, web, credits=10_000)
     web.get("/keys")
     web.post("/keys", {"name": "laptop"})
     web.post("/keys", {"name": "server"})
     with app.app_context():
-        laptop, server = db.session.scalars(select(ApiKey.id).where(ApiKey.user_id == user_id).order_by(ApiKey.id))
-    _usage(app, user_id, laptop, 0, 300)
-    _usage(app, user_id, laptop, 0, 200, refunded=50)
-    _usage(app, user_id, server, 2, 700)
-    _usage(app, user_id, None, 40, 999)  # outside the chart
+        laptop, server = db.session.scalars(select(ApiKey.id).where(ApiKey.team_id == team_id).order_by(ApiKey.id))
+    _usage(app, team_id, laptop, 0, 300)
+    _usage(app, team_id, laptop, 0, 200, refunded=50)
+    _usage(app, team_id, server, 2, 700)
+    _usage(app, team_id, None, 40, 999)  # outside the chart
 
     page = web.get("/usage").get_data(as_text=True)
     today = utcnow().date()
@@ -255,9 +264,9 @@ def test_usage_shows_credits_per_day_filtered_by_key_with_this_months_totals(app
 
 
 def test_usage_and_ledger_take_a_date_range_and_their_csvs_follow_it(app, web):
-    user_id = signed_in(app, web, credits=10_000)
-    old = _usage(app, user_id, None, 10, 100)
-    new = _usage(app, user_id, None, 0, 200)
+    team_id = signed_in(app, web, credits=10_000)
+    old = _usage(app, team_id, None, 10, 100)
+    new = _usage(app, team_id, None, 0, 200)
     with app.app_context():
         db.session.execute(
             update(LedgerEntry)
@@ -287,8 +296,8 @@ def test_usage_and_ledger_take_a_date_range_and_their_csvs_follow_it(app, web):
 
 
 def test_a_ledger_line_links_to_its_request_or_payment(app, web):
-    user_id = signed_in(app, web, credits=1000)
-    request_id = _usage(app, user_id, None, 0, 10)
+    team_id = signed_in(app, web, credits=1000)
+    request_id = _usage(app, team_id, None, 0, 10)
     page = web.get("/ledger").get_data(as_text=True)
     assert f'<a href="/usage?request={request_id}">request →</a>' in page
     only = web.get(f"/usage?request={request_id}").get_data(as_text=True)
@@ -299,15 +308,15 @@ def test_a_ledger_line_links_to_its_request_or_payment(app, web):
 
 
 def test_a_low_or_empty_balance_says_how_to_top_up(app, web):
-    user_id = signed_in(app, web, credits=0)
+    team_id = signed_in(app, web, credits=0)
     page = web.get("/keys").get_data(as_text=True)
     assert "Your balance is empty" in page and 'id="balance-banner"' in page
     with app.app_context():
-        billing.grant(db.session.get(User, user_id), 400, "some")
+        billing.grant(db.session.get(Team, team_id), 400, "some")
         db.session.commit()
     assert "Your balance is low: <span data-balance>400</span> credits left." in web.get("/keys").get_data(as_text=True)
     with app.app_context():
-        billing.grant(db.session.get(User, user_id), 5000, "more")
+        billing.grant(db.session.get(Team, team_id), 5000, "more")
         db.session.commit()
     assert 'id="balance-banner"' not in web.get("/keys").get_data(as_text=True)
 
@@ -330,10 +339,10 @@ def test_the_nav_marks_the_current_page(app, web):
 
 
 def test_speech_requests_without_a_key_are_books_like_any_other(app, web):
-    user_id = signed_in(app, web)
+    team_id = signed_in(app, web)
     _speak(web)
     with app.app_context():
         from app.audit import audit
 
         assert not audit().problems
-        assert db.session.scalar(select(SpeechRequest.api_key_id).where(SpeechRequest.user_id == user_id)) is None
+        assert db.session.scalar(select(SpeechRequest.api_key_id).where(SpeechRequest.team_id == team_id)) is None

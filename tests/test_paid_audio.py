@@ -82,7 +82,7 @@ def test_text_the_engine_cannot_speak_is_400_naming_the_field(
     assert detail.startswith(f"'{field}' contains {kind}") and "remove it" in detail
     assert response.get_json()["error"]["param"] == field
     assert syntheses(counted_upstream) == 0
-    assert factories.balance(app, customer.user_id) == 1000 and factories.speech_requests(app, customer.user_id) == []
+    assert factories.balance(app, customer.team_id) == 1000 and factories.speech_requests(app, customer.team_id) == []
 
 
 @pytest.mark.parametrize(
@@ -102,7 +102,7 @@ def test_a_nul_or_surrogate_in_any_forwarded_field_is_400_before_anything_happen
     response = raw_post(client, customer, f'{{"input": "Hello.", "{field}": {raw}}}')
     assert response.status_code == 400 and response.get_json()["detail"].startswith(f"'{field}' must be")
     assert syntheses(counted_upstream) == 0
-    assert factories.speech_requests(app, customer.user_id) == []
+    assert factories.speech_requests(app, customer.team_id) == []
 
 
 def test_line_breaks_and_tabs_are_ordinary_text(client, customer, counted_upstream):
@@ -162,7 +162,7 @@ def test_an_oversized_chunked_body_is_413_however_it_is_sent(make_app):
     assert response.status_code == 413 and "larger than the limit" in response.json()["detail"]
     response = app.test_client().post(SPEECH, data=big, headers=customer.headers)
     assert response.status_code == 413
-    assert factories.speech_requests(app, customer.user_id) == [] and factories.balance(app, customer.user_id) == 1000
+    assert factories.speech_requests(app, customer.team_id) == [] and factories.balance(app, customer.team_id) == 1000
 
 
 # 2. A mid-stream break refunds only what was not delivered.
@@ -207,8 +207,8 @@ def stream_through(make_app):
                     except requests.exceptions.ChunkedEncodingError:
                         pass
             [row] = wait_settled(app, customer)
-            assert 10_000 - factories.balance(app, customer.user_id) == row.credits - row.credits_refunded
-            factories.assert_books_balance(app, customer.user_id)
+            assert 10_000 - factories.balance(app, customer.team_id) == row.credits - row.credits_refunded
+            factories.assert_books_balance(app, customer.team_id)
             assert app.test_cli_runner().invoke(args=["audit"]).exit_code == 0
             return row, bytes(received)
 
@@ -217,7 +217,7 @@ def stream_through(make_app):
 
 def wait_settled(app, customer, timeout=5.0):
     def settled():
-        rows = factories.speech_requests(app, customer.user_id)
+        rows = factories.speech_requests(app, customer.team_id)
         return rows if rows and all(row.state != "charged" for row in rows) else None
 
     return wait_for(settled, timeout, "every request settled")
@@ -276,10 +276,10 @@ def test_the_refund_share_follows_the_speed(app, customer):
 def test_a_fast_request_cut_off_is_refunded_by_the_speed_it_was_asked_at(app, customer):
     # 100 characters at speed 2 last 2.5 s: a break after 2.5 s of audio delivered all of it.
     with app.app_context():
-        user = db.session.get(User, customer.user_id)
         fast = metering.charge_speech(
-            user.id,
-            user.keys[0].id,
+            customer.team_id,
+            customer.user_id,
+            customer.key_id,
             unlimited=False,
             characters=100,
             model="kokoro",
@@ -291,7 +291,7 @@ def test_a_fast_request_cut_off_is_refunded_by_the_speed_it_was_asked_at(app, cu
         assert db.session.get(SpeechRequest, fast.request_id).speed == 2.0
         assert metering.refund_speech(fast.request_id, "Upstream broke off mid-stream.", audio_ms=2500) == 0
         db.session.commit()
-    assert factories.balance(app, customer.user_id) == 1000 - 100
+    assert factories.balance(app, customer.team_id) == 1000 - 100
 
 
 # 3. Settle never refunds a live stream; no stream outlasts MAX_STREAM_SECONDS.
@@ -327,7 +327,7 @@ def test_settle_leaves_a_slow_live_stream_alone_and_it_is_delivered(make_app):
     assert bytes(received) == b"".join(chunks)
     assert row.state == "delivered" and row.credits_refunded == 0 and row.progress_at is not None
     assert all("settled 0" in output for output in settled)
-    assert factories.balance(app, customer.user_id) == 10_000 - len(PROSE)
+    assert factories.balance(app, customer.team_id) == 10_000 - len(PROSE)
 
 
 def test_a_stream_settled_meanwhile_sends_not_one_more_byte(make_app, caplog):
@@ -349,7 +349,7 @@ def test_a_stream_settled_meanwhile_sends_not_one_more_byte(make_app, caplog):
                 # The stream looks dead, its process's lease run out (a process that lost its
                 # database for longer than the lease): settle refunds the rest.
                 with app.app_context():
-                    [row] = factories.speech_requests(app, customer.user_id)
+                    [row] = factories.speech_requests(app, customer.team_id)
                     db.session.execute(
                         update(SpeechRequest)
                         .where(SpeechRequest.id == row.id)
@@ -367,7 +367,7 @@ def test_a_stream_settled_meanwhile_sends_not_one_more_byte(make_app, caplog):
                 with pytest.raises(requests.exceptions.ChunkedEncodingError):
                     for chunk in parts:
                         rest += chunk
-        [row] = factories.speech_requests(app, customer.user_id)
+        [row] = factories.speech_requests(app, customer.team_id)
     assert first == chunks[0] and rest == b""
     # What was delivered when settle ran is paid for; the rest was refunded.
     kept = row.credits - row.credits_refunded
@@ -399,7 +399,7 @@ def test_no_stream_lasts_past_the_maximum_and_it_is_charged_for_what_it_delivere
     assert row.credits - row.credits_refunded == metering.kept_credits(
         row.credits, row.characters, 1.0, len(received) * 1000 // 48000, 20
     )
-    factories.assert_books_balance(app, customer.user_id)
+    factories.assert_books_balance(app, customer.team_id)
     # The server's log of the cut-off response names the request and the reason, for the operator.
     said = (
         f"speech request {row.id}: The stream ran past the longest allowed (0.5 s). The undelivered part was refunded."
@@ -425,7 +425,7 @@ def test_a_chunk_at_exactly_the_longest_a_stream_may_run_still_goes_out(make_app
             with pytest.raises(speech.StreamAborted, match="ran past the longest allowed"):
                 b"".join(response.iter_encoded())
         response.close()
-    [row] = factories.speech_requests(app, customer.user_id)
+    [row] = factories.speech_requests(app, customer.team_id)
     if late:
         assert row.state == "refunded" and row.credits_refunded > 0 and "longest allowed" in row.error
     else:
@@ -446,7 +446,7 @@ def test_a_live_stream_records_its_progress_as_it_goes(make_app):
                 while len(received) < sum(map(len, chunks[:8])):
                     received += next(parts)
                 # Still streaming: what settle and the audit read of it is recent and covers what went out.
-                [row] = factories.speech_requests(app, customer.user_id)
+                [row] = factories.speech_requests(app, customer.team_id)
                 assert row.state == "charged" and row.progress_at is not None
                 assert 0 < row.bytes_sent <= len(received) and row.audio_ms > 0
                 received += b"".join(parts)
@@ -456,7 +456,7 @@ def test_a_live_stream_records_its_progress_as_it_goes(make_app):
 
 def test_settle_applies_the_progress_a_dead_worker_recorded(app, runner, customer):
     with app.app_context():
-        row = factories.charge_speech(customer.user_id, 200)
+        row = factories.charge_speech(customer.team_id, 200)
         metering.record_progress(row.id, 96_000, 5_000)
         db.session.execute(
             update(SpeechRequest).where(SpeechRequest.id == row.id).values(progress_at=utcnow() - timedelta(hours=2))
@@ -464,9 +464,9 @@ def test_settle_applies_the_progress_a_dead_worker_recorded(app, runner, custome
         db.session.commit()
     result = runner.invoke(args=["speech", "settle"])
     assert "settled 1, refunding 100 credits" in result.output
-    [settled] = factories.speech_requests(app, customer.user_id)
+    [settled] = factories.speech_requests(app, customer.team_id)
     assert (settled.state, settled.credits_refunded, settled.audio_ms) == ("refunded", 100, 5_000)
-    assert factories.balance(app, customer.user_id) == 1000 - 100
+    assert factories.balance(app, customer.team_id) == 1000 - 100
     assert runner.invoke(args=["audit"]).exit_code == 0
 
 
@@ -536,14 +536,14 @@ def test_stripe_events_in_every_order_and_redelivered_give_the_same_books(app, r
         buyer = factories.customer(app, balance=300)
         session, intent = f"cs_order_{number}", f"pi_order_{number}"
         with app.app_context():
-            factories.starter_payment(buyer.user_id, session)
+            factories.starter_payment(buyer.team_id, session)
             db.session.commit()
-        payloads = stripe_events(buyer.user_id, session, intent)
+        payloads = stripe_events(buyer.team_id, session, intent)
         for name in order + order[:2]:
             response = deliver(client, payloads[name])
             assert response.status_code == 200, (order, name, response.get_json())
-        assert factories.balance(app, buyer.user_id) == 300 + 10_000 - taken_back, order
-        factories.assert_books_balance(app, buyer.user_id)
+        assert factories.balance(app, buyer.team_id) == 300 + 10_000 - taken_back, order
+        factories.assert_books_balance(app, buyer.team_id)
         paid = payment(app, session)
         assert paid.paid_at is not None and paid.status != "failed", order
         assert paid.credits_reversed == taken_back
@@ -556,16 +556,16 @@ def test_a_reversal_for_a_payment_that_never_arrives_waits_and_credits_nothing(a
     buyer = factories.customer(app, balance=50)
     response = deliver(client, event("charge.refunded", stripe_charge(payment_intent="pi_never", amount_refunded=500)))
     assert response.status_code == 200 and response.get_json()["outcome"].startswith("kept: a refund of 500 cents")
-    assert factories.balance(app, buyer.user_id) == 50
+    assert factories.balance(app, buyer.team_id) == 50
 
 
 def test_the_audit_names_a_reversal_that_was_not_applied(app, runner, client):
     buyer = factories.customer(app, balance=0)
     with app.app_context():
-        factories.starter_payment(buyer.user_id, "cs_audit")
+        factories.starter_payment(buyer.team_id, "cs_audit")
         db.session.commit()
     deliver(
-        client, event("checkout.session.completed", checkout_session(buyer.user_id, "cs_audit", payment_intent="pi_a"))
+        client, event("checkout.session.completed", checkout_session(buyer.team_id, "cs_audit", payment_intent="pi_a"))
     )
     with app.app_context():
         # A refund recorded behind the webhook's back, never applied.
@@ -651,7 +651,7 @@ def test_two_gunicorn_workers_share_the_stream_cap_the_rate_limits_and_the_sign_
                     ).status_code
                 )
             assert answers == [200] * 5 + [429] * 2
-    assert factories.balance(app, customer.user_id) == 10_000 - 3 * len("Hello.")
+    assert factories.balance(app, customer.team_id) == 10_000 - 3 * len("Hello.")
 
 
 # 7. No 500 from a form either.
@@ -675,18 +675,18 @@ def test_a_nul_in_a_sign_up_or_sign_in_form_is_400_and_creates_nothing(app, web)
 
 def test_the_audit_names_an_over_refund_a_stale_charge_and_frequent_breaks(app, runner, customer):
     with app.app_context():
-        over = factories.charge_speech(customer.user_id, 100).id
+        over = factories.charge_speech(customer.team_id, 100).id
         metering.record_progress(over, 96_000, 4_000)
         metering.refund_speech(over, "Upstream broke off mid-stream.")
         # Planted: the whole charge given back though 4 s of audio (80 of the 100 credits' worth) went out.
         db.session.execute(update(SpeechRequest).where(SpeechRequest.id == over).values(credits_refunded=100))
-        billing.apply(customer.user_id, 80, kind="refund", reference="planted", note="planted")
-        stale = factories.charge_speech(customer.user_id, 10).id
+        billing.apply(customer.team_id, 80, kind="refund", reference="planted", note="planted")
+        stale = factories.charge_speech(customer.team_id, 10).id
         db.session.execute(
             update(SpeechRequest).where(SpeechRequest.id == stale).values(created_at=utcnow() - timedelta(hours=2))
         )
         for _ in range(5):
-            broken = factories.charge_speech(customer.user_id, 10).id
+            broken = factories.charge_speech(customer.team_id, 10).id
             metering.record_progress(broken, 4800, 100)
             metering.refund_speech(broken, "Upstream broke off mid-stream.")
         db.session.commit()
@@ -695,4 +695,4 @@ def test_the_audit_names_an_over_refund_a_stale_charge_and_frequent_breaks(app, 
     assert f"request {over}: kept 0 credits, but its 4000 ms of delivered audio pay for 80" in result.output
     assert f"request {over}: 100 credits due back but 20 refunded" in result.output
     assert f"request {stale}: still charged, no progress since" in result.output
-    assert f"notice: user {customer.user_id} <{customer.email}>: 6 of 7 streams in 30 days broke off" in result.output
+    assert f"notice: team {customer.team_id} (Personal): 6 of 7 streams in 30 days broke off" in result.output

@@ -26,16 +26,8 @@ def stripe_api():
 
 @pytest.fixture
 def buyer(app, web):
-    """A signed-in customer with 100 credits; returns their user id."""
-    web.signup("buyer@example.com")
-    with app.app_context():
-        from app import billing
-        from app.models import User
-
-        user = db.session.scalar(select(User).where(User.email == "buyer@example.com"))
-        billing.grant(user, 100, "trial")
-        db.session.commit()
-        return user.id
+    """A signed-in customer with 100 credits; returns the id of their personal team, which pays."""
+    return factories.signed_up(app, web, "buyer@example.com", 100)
 
 
 def buy(web, stripe_api, pack="starter", session_id="cs_test_1"):
@@ -62,7 +54,7 @@ def test_buying_a_pack_creates_a_checkout_session_and_redirects_to_stripe(app, w
     assert params["mode"] == "payment"
     assert params["client_reference_id"] == str(buyer)
     assert params["metadata[credits]"] == "10000" and params["metadata[pack]"] == "starter"
-    assert params["metadata[user_id]"] == str(buyer) and params["customer_email"] == "buyer@example.com"
+    assert params["metadata[team_id]"] == str(buyer) and params["customer_email"] == "buyer@example.com"
     assert params["line_items[0][price_data][product_data][name]"] == "10,000 kokoro-pay credits"
     assert params["line_items[0][price_data][unit_amount]"] == "500"
     assert params["line_items[0][price_data][currency]"] == "usd"
@@ -71,7 +63,7 @@ def test_buying_a_pack_creates_a_checkout_session_and_redirects_to_stripe(app, w
     assert params["cancel_url"].startswith("http://localhost/billing/cancelled?token=")
     assert stripe_api.calls[0].request.headers["Authorization"] == "Bearer sk_test_kokoro"
     row = payment(app)
-    assert (row.user_id, row.credits, row.amount_cents, row.status) == (buyer, 10000, 500, "open")
+    assert (row.team_id, row.credits, row.amount_cents, row.status) == (buyer, 10000, 500, "open")
     assert factories.balance(app, buyer) == 100
 
 
@@ -206,14 +198,14 @@ def test_a_failed_async_payment_is_recorded_and_credits_nothing(app, web, buyer,
 def test_a_session_of_another_user_or_unknown_credits_nothing(app, web, buyer, stripe_api, client):
     buy(web, stripe_api)
     other = factories.customer(app, balance=0)
-    assert deliver(client, event("checkout.session.completed", checkout_session(other.user_id))).status_code == 200
+    assert deliver(client, event("checkout.session.completed", checkout_session(other.team_id))).status_code == 200
     assert (
         deliver(
             client, event("checkout.session.completed", checkout_session(buyer, session_id="cs_unknown"))
         ).status_code
         == 200
     )
-    assert factories.balance(app, buyer) == 100 and factories.balance(app, other.user_id) == 0
+    assert factories.balance(app, buyer) == 100 and factories.balance(app, other.team_id) == 0
 
 
 def test_unknown_event_types_are_acknowledged_and_ignored(app, client):
@@ -260,9 +252,9 @@ def test_a_refund_after_the_credits_were_spent_stops_at_zero_and_says_so(app, we
     paid(app, web, buyer, stripe_api, client)
     with app.app_context():
         from app import billing
-        from app.models import User
+        from app.models import Team
 
-        billing.deduct(db.session.get(User, buyer), 6100, "spent")
+        billing.deduct(db.session.get(Team, buyer), 6100, "spent")
         db.session.commit()
     deliver(client, event("charge.refunded", charge(amount_refunded=500)))
     assert factories.balance(app, buyer) == 0
@@ -387,10 +379,11 @@ def test_a_cancel_link_cancels_the_checkout_it_was_made_for_not_an_older_one_lef
 def test_a_cancel_link_never_reaches_another_customers_checkout(app, web, buyer, stripe_api):
     # Another customer's open checkout, recorded before this one's (a lower id) but stamped later.
     with app.app_context():
-        other = factories.customer(app).user_id
+        other = factories.customer(app)
         db.session.add(
             Payment(
-                user_id=other,
+                team_id=other.team_id,
+                bought_by_id=other.user_id,
                 checkout_session_id="cs_other",
                 pack="starter",
                 credits=10000,

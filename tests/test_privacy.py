@@ -211,11 +211,11 @@ PAYLOADS = ['=HYPERLINK("http://127.0.0.1/x","click")', "=1+1", "+1", "-1+2", "@
 
 
 def test_every_csv_cell_from_input_is_inert_and_numbers_stay_numbers(app, web):
-    user_id = signed_in(web, app, balance=100)
+    team_id = signed_in(web, app, balance=100)
     create_key(web)
     with app.app_context():
         for payload in PAYLOADS:
-            speech = factories.charge_speech(user_id, 3)
+            speech = factories.charge_speech(team_id, 3)
             speech.model, speech.voice, speech.error = payload, payload, payload
         db.session.commit()
     data = web.get("/usage.csv").get_data(as_text=True)

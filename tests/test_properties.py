@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from app.extensions import db
-from app.models import PaymentReversal, StripeEvent, User
+from app.models import PaymentReversal, StripeEvent, Team
 from tests import factories
 from tests.conftest import STRIPE_API, STUB_UPSTREAM
 from tests.fake_upstream import stub_catalog
@@ -85,14 +85,14 @@ def assert_json_error(response):
 def test_any_speech_body_is_answered_and_charged_exactly_as_documented(
     app, customer, stubbed_upstream, raw, content_type
 ):
-    before = factories.balance(app, customer.user_id)
+    before = factories.balance(app, customer.team_id)
     asked = syntheses_asked(stubbed_upstream)
     response = app.test_client().post(
         "/v1/audio/speech", data=raw, headers={**customer.headers, "Content-Type": content_type}
     )
     response.close()
     assert_json_error(response)
-    after = factories.balance(app, customer.user_id)
+    after = factories.balance(app, customer.team_id)
     syntheses = syntheses_asked(stubbed_upstream) - asked
     if response.status_code == 200:
         assert response.data == b"ID3audio" and syntheses == 1
@@ -100,19 +100,19 @@ def test_any_speech_body_is_answered_and_charged_exactly_as_documented(
     else:
         # The upstream is asked only for a body that passed every check.
         assert response.status_code in (400, 402, 413) and after == before and syntheses == 0
-    factories.assert_books_balance(app, customer.user_id)
+    factories.assert_books_balance(app, customer.team_id)
 
 
 @PROPERTY_SETTINGS
 @given(text=st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=80).filter(str.strip))
 def test_the_charge_is_the_number_of_code_points(app, customer, stubbed_upstream, text):
-    before = factories.balance(app, customer.user_id)
+    before = factories.balance(app, customer.team_id)
     response = app.test_client().post(
         "/v1/audio/speech", json={"input": text, "voice": "af_sky"}, headers=customer.headers
     )
     response.close()
     if before >= len(text):
-        assert response.status_code == 200 and before - factories.balance(app, customer.user_id) == len(text)
+        assert response.status_code == 200 and before - factories.balance(app, customer.team_id) == len(text)
     else:
         assert response.status_code == 402
 
@@ -158,8 +158,8 @@ def test_whatever_the_speech_server_says_instead_of_audio_the_client_gets_one_sh
     detail = response.get_json()["detail"]
     # One short line with no control character and no lone surrogate, which no database or encoder takes.
     assert not re.search("[\x00-\x1f\x7f-\x9f\ud800-\udfff]", detail) and len(detail) <= 250, detail
-    assert factories.balance(app, customer.user_id) == 1000
-    factories.assert_books_balance(app, customer.user_id)
+    assert factories.balance(app, customer.team_id) == 1000
+    factories.assert_books_balance(app, customer.team_id)
 
 
 @PROPERTY_SETTINGS
@@ -174,7 +174,7 @@ def test_any_request_to_v1_gets_json(app, customer, stubbed_upstream, method, pa
     response = app.test_client().open(path, method=method, data=raw, headers=headers)
     assert_json_error(response)
     assert response.status_code in (400, 401, 404, 405)
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.balance(app, customer.team_id) == 1000
 
 
 @PROPERTY_SETTINGS
@@ -188,7 +188,7 @@ def test_the_webhook_never_fails_and_credits_nothing_unverified(app, customer, r
     assert response.status_code in (200, 400)
     if response.status_code == 400:
         assert response.get_json()["detail"] in ("Invalid payload or signature.", "Malformed event.")
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.balance(app, customer.team_id) == 1000
 
 
 # Query strings, as a visitor might type them or a scanner send them: any text, numbers past
@@ -260,16 +260,16 @@ def database_state(app) -> dict:
 def browsing(app):
     """A signed-in customer with usage, a ledger and a checkout left open, and a signed-in admin."""
     shopper = factories.customer(app, balance=1000, password="correct horse battery")
-    factories.charged(app, shopper.user_id, count=3, characters=5)
+    factories.charged(app, shopper.team_id, count=3, characters=5)
     boss = factories.customer(app, password="correct horse battery")
     with app.app_context():
-        factories.starter_payment(shopper.user_id, "cs_test_open")
-        db.session.get(User, boss.user_id).is_admin = True
+        factories.starter_payment(shopper.team_id, "cs_test_open")
+        db.session.get(Team, boss.team_id).is_admin = True
         db.session.commit()
     customer_web, admin_web = factories.WebClient(app.test_client()), factories.WebClient(app.test_client())
     customer_web.login(shopper.email)
     admin_web.login(boss.email)
-    ids = {"key_id": shopper.key_id, "user_id": shopper.user_id}
+    ids = {"key_id": shopper.key_id, "user_id": shopper.team_id}
     return {"customer": (customer_web, CUSTOMER_PAGES, ids), "admin": (admin_web, ADMIN_PAGES + CUSTOMER_PAGES, ids)}
 
 
@@ -303,7 +303,7 @@ def test_a_signed_event_is_stored_only_when_its_amount_is_whole_cents(app, custo
     elif kind == "charge.dispute.closed":
         obj = dispute(payment_intent="pi_property", amount=amount)
     else:
-        obj = checkout_session(customer.user_id, "cs_unknown", amount_total=amount)
+        obj = checkout_session(customer.team_id, "cs_unknown", amount_total=amount)
     payload = event(kind, obj)
     response = deliver(app.test_client(), payload)
     whole_cents = type(amount) is int and 0 <= amount < 2**63 or (amount is None and kind.startswith("checkout"))
@@ -313,4 +313,4 @@ def test_a_signed_event_is_stored_only_when_its_amount_is_whole_cents(app, custo
         recorded = db.session.get(StripeEvent, event_id) is not None
         reversals = db.session.scalars(select(PaymentReversal.amount_cents).where(PaymentReversal.event_id == event_id))
         assert recorded == whole_cents and all(cents >= 0 for cents in reversals)
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.balance(app, customer.team_id) == 1000

@@ -41,7 +41,7 @@ def test_every_v1_answer_has_a_request_id(app, customer):
 def test_a_speech_requests_id_is_its_id_in_the_usage_list(upstream_app):
     customer = factories.customer(upstream_app, balance=100)
     answer = upstream_app.test_client().post("/v1/audio/speech", headers=customer.headers, json=SPEECH)
-    [request] = factories.speech_requests(upstream_app, customer.user_id)
+    [request] = factories.speech_requests(upstream_app, customer.team_id)
     assert answer.headers["X-Request-Id"] == request.id and request.client_request_id is None
 
 
@@ -52,7 +52,7 @@ def test_a_clients_own_well_formed_id_is_kept(upstream_app):
     assert client.get("/v1/balance", headers=own).headers["X-Request-Id"] == "trace-42.a:b_c"
     answer = client.post("/v1/audio/speech", headers=own, json=SPEECH)
     assert answer.status_code == 200 and answer.headers["X-Request-Id"] == "trace-42.a:b_c"
-    [request] = factories.speech_requests(upstream_app, customer.user_id)
+    [request] = factories.speech_requests(upstream_app, customer.team_id)
     assert OURS.fullmatch(request.id) and request.client_request_id == "trace-42.a:b_c"
     # The customer finds it in the usage download.
     web = factories.WebClient(upstream_app.test_client())

@@ -7,7 +7,7 @@ from sqlalchemy import select, text
 from app import billing, metering
 from app.audit import audit
 from app.extensions import db
-from app.models import LedgerEntry, LedgerKind, User, utcnow
+from app.models import LedgerEntry, LedgerKind, Team, utcnow
 from tests import factories
 
 
@@ -27,18 +27,18 @@ def test_ledger_rows_written_before_their_causes_were_kept_get_them_from_their_r
     # Books as the service writes them: a request delivered, one refunded, a top-up, its partial refund
     # and a lost dispute, an operator's grant; and a debit whose request no longer exists.
     with app.app_context():
-        delivered = factories.charge_speech(customer.user_id, 10).id
+        delivered = factories.charge_speech(customer.team_id, 10).id
         metering.mark_delivered(delivered)
-        refunded = factories.charge_speech(customer.user_id, 20).id
+        refunded = factories.charge_speech(customer.team_id, 20).id
         metering.refund_speech(refunded, "upstream down", audio_ms=0)
-        payment = factories.starter_payment(customer.user_id, "cs_test_a1_b2", paid_at=utcnow(), status="paid")
+        payment = factories.starter_payment(customer.team_id, "cs_test_a1_b2", paid_at=utcnow(), status="paid")
         db.session.flush()
         topup = billing.topup_reference(payment.checkout_session_id)
-        billing.apply(customer.user_id, 10_000, kind=LedgerKind.TOPUP, reference=topup, payment_id=payment.id)
+        billing.apply(customer.team_id, 10_000, kind=LedgerKind.TOPUP, reference=topup, payment_id=payment.id)
         for kind, owed in ((LedgerKind.PAYMENT_REFUND, 2_000), (LedgerKind.CHARGEBACK, 10_000)):
             reference = billing.reversal_reference(kind, payment.checkout_session_id, owed)
-            billing.take_back(customer.user_id, 500, kind=kind, reference=reference, note="", payment_id=payment.id)
-        billing.grant(db.session.get(User, customer.user_id), 5, "goodwill")
+            billing.take_back(customer.team_id, 500, kind=kind, reference=reference, note="", payment_id=payment.id)
+        billing.grant(db.session.get(Team, customer.team_id), 5, "goodwill")
         db.session.commit()
         payment_id = payment.id
     written = causes(app)

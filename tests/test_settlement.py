@@ -36,7 +36,7 @@ def age(app, request_ids, seconds):
 
 
 def states(app, customer):
-    return [row.state for row in factories.speech_requests(app, customer.user_id)]
+    return [row.state for row in factories.speech_requests(app, customer.team_id)]
 
 
 def test_a_killed_worker_leaves_the_charge_visible_and_settle_refunds_it_once_its_lease_runs_out(
@@ -68,7 +68,7 @@ def test_a_killed_worker_leaves_the_charge_visible_and_settle_refunds_it_once_it
                 b"".join(chunks)
             gate.set()
     assert states(app, customer) == ["charged"]
-    assert factories.balance(app, customer.user_id) == 1000 - STREAMING_TEXT
+    assert factories.balance(app, customer.team_id) == 1000 - STREAMING_TEXT
 
     # Young charges are left alone: their worker may still be streaming.
     result = runner.invoke(args=["speech", "settle"])
@@ -79,10 +79,10 @@ def test_a_killed_worker_leaves_the_charge_visible_and_settle_refunds_it_once_it
     result = runner.invoke(args=["speech", "settle", "--older-than", "1"])
     # It died before its first progress record: none of its audio is on the books as delivered.
     assert result.exit_code == 0 and result.output.startswith("0 requests")
-    [speech] = factories.speech_requests(app, customer.user_id)
+    [speech] = factories.speech_requests(app, customer.team_id)
     assert speech.state == "refunded" and speech.error == metering.STALE_REASON
     assert speech.credits_refunded == STREAMING_TEXT
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.balance(app, customer.team_id) == 1000
     assert runner.invoke(args=["audit"]).exit_code == 0
 
 
@@ -115,7 +115,7 @@ def test_a_lost_database_at_settlement_leaves_the_request_charged_and_the_log_na
     # The operator's log names the request left charged, with the database's error; its process
     # writes the settlement when the database is back (tests/test_liveness.py), or settle does,
     # should the process die first.
-    [row] = factories.speech_requests(app, customer.user_id)
+    [row] = factories.speech_requests(app, customer.team_id)
     assert_logged_database_error(caplog, f"could not settle speech request {row.id}")
     monkeypatch.undo()
     age(app, [row.id], 3600)
@@ -124,7 +124,7 @@ def test_a_lost_database_at_settlement_leaves_the_request_charged_and_the_log_na
         db.session.execute(update(GatewayProcess).values(lease_until=utcnow() - timedelta(minutes=1)))
         db.session.commit()
     assert "settled 1" in runner.invoke(args=["speech", "settle", "--older-than", "60"]).output
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.balance(app, customer.team_id) == 1000
 
 
 def test_a_stream_whose_progress_cannot_be_written_goes_on_and_the_log_names_it(make_app, monkeypatch, caplog):
@@ -134,15 +134,15 @@ def test_a_stream_whose_progress_cannot_be_written_goes_on_and_the_log_names_it(
     response = speak(app, customer)
     # Progress is a safeguard for settle, not a reason to cut off audio that was paid for.
     assert response.status_code == 200 and response.data == b"ID3audio"
-    [row] = factories.speech_requests(app, customer.user_id)
+    [row] = factories.speech_requests(app, customer.team_id)
     assert row.state == "delivered" and row.bytes_sent == len(b"ID3audio")
     assert_logged_database_error(caplog, f"could not record progress of speech request {row.id}")
 
 
 def test_settle_racing_itself_and_live_traffic_refunds_each_request_once(app, customer):
-    stale = factories.charged(app, customer.user_id, count=20)
+    stale = factories.charged(app, customer.team_id, count=20)
     age(app, stale, 7200)
-    live = factories.charged(app, customer.user_id, count=5)
+    live = factories.charged(app, customer.team_id, count=5)
     barrier = threading.Barrier(4, timeout=30)
 
     def settle(_):
@@ -161,5 +161,5 @@ def test_settle_racing_itself_and_live_traffic_refunds_each_request_once(app, cu
         refunds = db.session.scalars(select(LedgerEntry.reference).where(LedgerEntry.kind == "refund")).all()
         assert sorted(refunds) == sorted(f"refund:{request_id}" for request_id in stale)
         assert all(db.session.get(SpeechRequest, request_id).state == "charged" for request_id in live)
-    assert factories.balance(app, customer.user_id) == 1000 - 5 * 10
-    factories.assert_books_balance(app, customer.user_id)
+    assert factories.balance(app, customer.team_id) == 1000 - 5 * 10
+    factories.assert_books_balance(app, customer.team_id)

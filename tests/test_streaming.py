@@ -91,11 +91,11 @@ def test_an_upstream_that_breaks_mid_stream_is_refunded_and_the_client_sees_a_br
             b"".join(response.iter_content(chunk_size=None))
     [speech] = _wait_for_state(app, customer, "refunded")
     assert speech.error == "Upstream broke off mid-stream."
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.balance(app, customer.team_id) == 1000
     # The server's log of the aborted response names the request and what happened, for the operator.
     said = f"speech request {speech.id}: Upstream broke off mid-stream. The undelivered part was refunded."
     wait_for(lambda: said in caplog.text)
-    factories.assert_books_balance(app, customer.user_id)
+    factories.assert_books_balance(app, customer.team_id)
 
 
 def test_a_client_that_hangs_up_mid_stream_closes_the_upstream_connection(gateway):
@@ -111,7 +111,7 @@ def test_a_client_that_hangs_up_mid_stream_closes_the_upstream_connection(gatewa
     assert upstream.stream_closed.wait(10), "the upstream connection was left open"
     [speech] = _wait_for_state(app, customer, "delivered")
     assert speech.error == "client disconnected"
-    assert factories.balance(app, customer.user_id) == 1000 - len(HELLO["input"])
+    assert factories.balance(app, customer.team_id) == 1000 - len(HELLO["input"])
 
 
 def test_a_read_timeout_before_the_first_byte_is_502_and_refunded(gateway):
@@ -125,14 +125,14 @@ def test_a_read_timeout_before_the_first_byte_is_502_and_refunded(gateway):
     assert response.status_code == 502
     assert response.json()["detail"].startswith("The speech server did not send audio in time.")
     _wait_for_state(app, customer, "refunded")
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.balance(app, customer.team_id) == 1000
 
 
 def _wait_for_state(app, customer, state, timeout=5.0):
     """The settlement is written as the response ends, just after the client has its last byte."""
 
     def settled():
-        rows = factories.speech_requests(app, customer.user_id)
+        rows = factories.speech_requests(app, customer.team_id)
         return rows if rows and all(row.state == state for row in rows) else None
 
     return wait_for(settled, timeout, f"every request {state}")
@@ -153,7 +153,7 @@ def test_an_upstream_that_stalls_mid_stream_is_refunded(gateway):
         gate.set()
     [speech] = _wait_for_state(app, customer, "refunded")
     assert speech.error == "Upstream stalled mid-stream." and speech.bytes_sent == len(b"ID3first")
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.balance(app, customer.team_id) == 1000
 
 
 def test_a_debit_that_loses_a_race_never_starts_a_synthesis(gateway, monkeypatch):
@@ -171,8 +171,8 @@ def test_a_debit_that_loses_a_race_never_starts_a_synthesis(gateway, monkeypatch
     response = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, timeout=10)
     assert response.status_code == 402
     assert upstream.received == [], "the upstream was asked before the charge was committed"
-    assert factories.speech_requests(app, customer.user_id) == []
-    assert factories.balance(app, customer.user_id) == 1000
+    assert factories.speech_requests(app, customer.team_id) == []
+    assert factories.balance(app, customer.team_id) == 1000
 
 
 def test_a_key_revoked_since_its_last_use_gets_401_and_no_synthesis(gateway):
@@ -192,7 +192,7 @@ def test_a_key_revoked_since_its_last_use_gets_401_and_no_synthesis(gateway):
         response = requests.post(f"{url}/v1/audio/speech", json=HELLO, headers=customer.headers, timeout=10)
         assert response.status_code == 401 and response.json()["detail"] == "This API key has been revoked."
     assert len(upstream.received) == 1
-    assert factories.balance(app, customer.user_id) == 1000 - len(HELLO["input"])
+    assert factories.balance(app, customer.team_id) == 1000 - len(HELLO["input"])
 
 
 @pytest.mark.parametrize(
@@ -216,7 +216,7 @@ def test_the_error_a_cut_stream_ends_with_names_the_request_and_the_reason(make_
         with pytest.raises(StreamAborted) as aborted:
             b"".join(response.response)
         response.close()
-    [speech] = factories.speech_requests(app, customer.user_id)
+    [speech] = factories.speech_requests(app, customer.team_id)
     assert str(aborted.value) == f"speech request {speech.id}: {reason} The undelivered part was refunded."
     assert aborted.value.reason == f"{reason} The undelivered part was refunded."
 
@@ -239,7 +239,7 @@ def test_a_delivered_request_records_its_first_byte_and_its_duration_in_millisec
         customer = factories.customer(app, balance=1000)
         response = app.test_client().post("/v1/audio/speech", json=HELLO, headers=customer.headers)
         assert response.data == b"ID3onetwothree"
-    [row] = factories.speech_requests(app, customer.user_id)
+    [row] = factories.speech_requests(app, customer.team_id)
     # Half a second of pacing at least came after the first byte, however slow the machine.
     assert row.state == "delivered" and 500 <= row.duration_ms < 60_000
     assert 0 <= row.first_byte_ms <= row.duration_ms - 500

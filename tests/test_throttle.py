@@ -33,7 +33,7 @@ def test_per_key_and_per_account_rate_limits_answer_429_with_retry_after(make_ap
     assert 0 < int(limited.headers["Retry-After"]) <= 60
     second = {"Authorization": f"Bearer {second_key}"}
     assert [client.get("/v1/balance", headers=second).status_code for _ in range(3)] == [200, 200, 429]
-    assert factories.balance(app, customer.user_id) == 100
+    assert factories.balance(app, customer.team_id) == 100
     other = factories.customer(app, balance=1)
     assert client.get("/v1/balance", headers=other.headers).status_code == 200
 
@@ -87,7 +87,7 @@ def test_concurrent_streams_per_account_are_capped(make_app):
             for _, chunks in streams:
                 assert b"".join(chunks) == b"rest"
             assert open_stream(customer.headers)[0].status_code == 200
-    assert factories.balance(app, customer.user_id) == 1000 - 3 * STREAMING_TEXT
+    assert factories.balance(app, customer.team_id) == 1000 - 3 * STREAMING_TEXT
 
 
 def test_a_stream_slot_is_free_as_soon_as_the_audio_has_all_been_read(make_app):
@@ -104,7 +104,7 @@ def test_a_stream_slot_is_free_as_soon_as_the_audio_has_all_been_read(make_app):
         second = client.post("/v1/audio/speech", json=HELLO, headers=customer.headers)
         assert second.status_code == 200 and second.data == b"ID3again"
         first.close()
-    assert factories.balance(app, customer.user_id) == 1000 - 2 * STREAMING_TEXT
+    assert factories.balance(app, customer.team_id) == 1000 - 2 * STREAMING_TEXT
 
 
 @pytest.fixture
@@ -171,7 +171,7 @@ def test_an_oversized_body_is_refused_before_it_is_read(make_app):
             while chunk := sock.recv(4096):
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 413") and b'"detail"' in answer
-    assert factories.balance(app, customer.user_id) == 100
+    assert factories.balance(app, customer.team_id) == 100
 
 
 @pytest.fixture
@@ -241,5 +241,5 @@ def test_with_redis_down_the_abuse_limits_let_traffic_through_and_the_money_rule
             assert second.json()["error"]["code"] == "too_many_streams"
             gate.set()
             assert first.content == b"ID3\x04audio-bytes"
-    assert factories.balance(app, customer.user_id) == 1000 - STREAMING_TEXT
-    factories.assert_books_balance(app, customer.user_id)
+    assert factories.balance(app, customer.team_id) == 1000 - STREAMING_TEXT
+    factories.assert_books_balance(app, customer.team_id)

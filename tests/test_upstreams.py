@@ -23,7 +23,7 @@ STREAMING_TEXT = len(HELLO["input"])
 
 
 def states(app, customer):
-    return [row.state for row in factories.speech_requests(app, customer.user_id)]
+    return [row.state for row in factories.speech_requests(app, customer.team_id)]
 
 
 COST = len(HELLO["input"])
@@ -75,13 +75,13 @@ def test_when_every_server_is_full_the_rest_are_refused_in_time_with_nothing_cha
                 body = response.json()
                 assert body["detail"] == "Every speech server is busy. Nothing was charged; retry shortly."
                 assert body["error"]["code"] == "server_busy"
-            assert factories.balance(app, customer.user_id) == 1000 - 2 * COST
-            assert len(factories.speech_requests(app, customer.user_id)) == 2
+            assert factories.balance(app, customer.team_id) == 1000 - 2 * COST
+            assert len(factories.speech_requests(app, customer.team_id)) == 2
             held.set()
             assert [stream.content for stream in streams] == [AUDIO, AUDIO]
             # The places are free again.
             assert _speak(url, customer).status_code == 200
-    factories.assert_books_balance(app, customer.user_id)
+    factories.assert_books_balance(app, customer.team_id)
 
 
 def test_requests_wait_for_a_free_place_uncharged_and_are_then_served(make_app):
@@ -97,13 +97,13 @@ def test_requests_wait_for_a_free_place_uncharged_and_are_then_served(make_app):
                 waiting = [pool.submit(_speak, url, customer) for _ in range(2)]
                 wait_for(lambda: upstreams.waiting == 2)
                 # Two at once on the two servers; the other two wait, and have not been charged.
-                assert factories.balance(app, customer.user_id) == 1000 - 2 * COST
+                assert factories.balance(app, customer.team_id) == 1000 - 2 * COST
                 held.set()
                 assert [future.result().content for future in waiting] == [AUDIO, AUDIO]
             assert [stream.content for stream in streams] == [AUDIO, AUDIO]
     assert (len(first.received), len(second.received)) == (2, 2)
-    assert factories.balance(app, customer.user_id) == 1000 - 4 * COST
-    factories.assert_books_balance(app, customer.user_id)
+    assert factories.balance(app, customer.team_id) == 1000 - 4 * COST
+    factories.assert_books_balance(app, customer.team_id)
 
 
 def test_a_full_queue_refuses_at_once(make_app):
@@ -119,7 +119,7 @@ def test_a_full_queue_refuses_at_once(make_app):
             assert time.monotonic() - started < 5
             held.set()
             assert stream.content == AUDIO
-    assert factories.balance(app, customer.user_id) == 1000 - COST
+    assert factories.balance(app, customer.team_id) == 1000 - COST
 
 
 @pytest.mark.parametrize("down", ["refusing connections", "answering 500"])
@@ -150,10 +150,10 @@ def test_a_failing_server_is_taken_out_and_probed_back_in(make_app, freeze, down
                 if sickly.received:
                     break
             assert len(sickly.received) == 1
-        charged = len(factories.speech_requests(app, customer.user_id))
-        assert factories.balance(app, customer.user_id) == 1000 - charged * COST
-        assert [row.state for row in factories.speech_requests(app, customer.user_id)] == ["delivered"] * charged
-    factories.assert_books_balance(app, customer.user_id)
+        charged = len(factories.speech_requests(app, customer.team_id))
+        assert factories.balance(app, customer.team_id) == 1000 - charged * COST
+        assert [row.state for row in factories.speech_requests(app, customer.team_id)] == ["delivered"] * charged
+    factories.assert_books_balance(app, customer.team_id)
 
 
 def server_timing(response) -> dict[str, float]:
@@ -230,7 +230,7 @@ def test_dns_failure_and_connect_timeout_are_refunded_502(app, client, customer,
         upstream.post(f"{STUB_UPSTREAM}/audio/speech", body=fault)
         response = client.post("/v1/audio/speech", json=HELLO, headers=customer.headers)
     assert response.status_code == 502 and detail in response.get_json()["detail"]
-    assert factories.balance(app, customer.user_id) == 1000 and states(app, customer) == ["refunded"]
+    assert factories.balance(app, customer.team_id) == 1000 and states(app, customer) == ["refunded"]
 
 
 def test_a_single_thread_worker_is_free_again_after_each_fault(app, database_uri):
@@ -255,10 +255,10 @@ def test_a_single_thread_worker_is_free_again_after_each_fault(app, database_uri
                 assert speak(voice).status_code == status
                 assert speak("af_sky").status_code == 200
             upstream.release.set()
-    rows = factories.speech_requests(app, customer.user_id)
+    rows = factories.speech_requests(app, customer.team_id)
     assert sorted(row.state for row in rows) == ["delivered"] * 4 + ["refunded"] * 4
-    assert factories.balance(app, customer.user_id) == 1000 - 4 * STREAMING_TEXT
-    factories.assert_books_balance(app, customer.user_id)
+    assert factories.balance(app, customer.team_id) == 1000 - 4 * STREAMING_TEXT
+    factories.assert_books_balance(app, customer.team_id)
 
 
 # The wait for a speech server is for requests that can be charged, each account its share.
@@ -289,8 +289,8 @@ def test_a_client_with_no_credits_gets_402_at_once_and_a_paying_one_behind_it_is
                 assert served.result().status_code == 200 and served.result().content == AUDIO
             assert stream.content == AUDIO
     assert len(only.received) == 2
-    assert factories.speech_requests(app, broke.user_id) == []
-    assert factories.balance(app, broke.user_id) == 0
+    assert factories.speech_requests(app, broke.team_id) == []
+    assert factories.balance(app, broke.team_id) == 0
 
 
 def test_an_account_at_its_stream_cap_is_refused_before_the_wait(make_app):
@@ -306,7 +306,7 @@ def test_an_account_at_its_stream_cap_is_refused_before_the_wait(make_app):
             assert upstreams.waiting == 0
             held.set()
             assert stream.content == AUDIO
-    assert factories.balance(app, customer.user_id) == 1000 - COST
+    assert factories.balance(app, customer.team_id) == 1000 - COST
 
 
 def test_one_account_holds_at_most_its_share_of_the_wait_and_others_still_get_in(make_app):
@@ -334,5 +334,5 @@ def test_one_account_holds_at_most_its_share_of_the_wait_and_others_still_get_in
                 held.set()
                 assert waiting.result().status_code == 200 and behind.result().status_code == 200
             assert stream.content == AUDIO
-    assert factories.balance(app, greedy.user_id) == 1000 - 2 * COST
-    assert factories.balance(app, other.user_id) == 1000 - COST
+    assert factories.balance(app, greedy.team_id) == 1000 - 2 * COST
+    assert factories.balance(app, other.team_id) == 1000 - COST

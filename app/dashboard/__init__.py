@@ -10,10 +10,11 @@ import functools
 import re
 from urllib.parse import urlsplit
 
-from flask import Blueprint, abort, flash, redirect, request, url_for
+from flask import Blueprint, abort, flash, g, redirect, request, url_for
 from flask_login import current_user
 
-from app import config
+from app import config, teams
+from app.models import Team
 from app.packs import Pack
 
 bp = Blueprint("dashboard", __name__)
@@ -57,6 +58,16 @@ def verified_required(view):
         return view(*args, **kwargs)
 
     return checked
+
+
+def current_team() -> Team:
+    """The team the signed-in person works on: the pages show its balance, keys and books."""
+    if "team" not in g:
+        g.team = teams.personal(current_user)
+    return g.team
+
+
+bp.add_app_template_global(current_team)
 
 
 def packs() -> list[Pack]:

@@ -12,7 +12,7 @@ from flask_login import current_user, login_required, logout_user
 from sqlalchemy.exc import IntegrityError
 
 from app import accounts, billing
-from app.dashboard import bp
+from app.dashboard import bp, current_team
 from app.extensions import db
 from app.forms import (
     AlertForm,
@@ -29,7 +29,7 @@ def _account_page(**forms):
     forms = {
         "form": PasswordForm(formdata=None),
         "email_form": EmailForm(formdata=None),
-        "alert_form": AlertForm(formdata=None, threshold=billing.alert_threshold(current_user)),
+        "alert_form": AlertForm(formdata=None, threshold=billing.alert_threshold(current_team())),
         "delete_form": DeleteForm(formdata=None),
         **forms,
     }
@@ -118,9 +118,9 @@ def change_email(token: str):
 def set_alert():
     form = AlertForm()
     if form.validate_on_submit():
-        current_user.low_balance_credits = form.threshold.data
+        current_team().low_balance_credits = form.threshold.data
         # A new threshold arms the alert again: the next debit that crosses it sends one mail.
-        current_user.low_balance_sent_at = None
+        current_team().low_balance_sent_at = None
         db.session.commit()
         message = (
             f"We will email you when your balance falls below {form.threshold.data:,} credits."

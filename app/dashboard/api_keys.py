@@ -11,7 +11,7 @@ from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from app import keys
-from app.dashboard import bp, verified_required
+from app.dashboard import bp, current_team, verified_required
 from app.extensions import db
 from app.forms import (
     ConfirmForm,
@@ -22,7 +22,7 @@ from app.models import ApiKey
 
 def _own_key(key_id: int) -> ApiKey:
     key = db.session.get(ApiKey, key_id)
-    if key is None or key.user_id != current_user.id:
+    if key is None or key.team_id != current_team().id:
         abort(404)
     return key
 
@@ -33,13 +33,13 @@ def _own_key(key_id: int) -> ApiKey:
 def keys_page():
     form = KeyForm()
     if form.validate_on_submit():
-        key, secret = keys.create_key(current_user, form.name.data or "")
+        key, secret = keys.create_key(current_team(), current_user, form.name.data or "")
         db.session.commit()
         # The secret is in this one response and nowhere else: not in the session, not in the database.
         # Like every signed-in page, it is sent with Cache-Control: no-store (app/__init__.py).
         return render_template("dashboard/key_created.html", key=key, secret=secret)
     user_keys = db.session.scalars(
-        select(ApiKey).where(ApiKey.user_id == current_user.id).order_by(ApiKey.created_at.desc(), ApiKey.id.desc())
+        select(ApiKey).where(ApiKey.team_id == current_team().id).order_by(ApiKey.created_at.desc(), ApiKey.id.desc())
     ).all()
     return render_template("dashboard/keys.html", form=form, keys=user_keys)
 

@@ -11,10 +11,10 @@ from flask import (
     stream_with_context,
     url_for,
 )
-from flask_login import current_user, login_required
+from flask_login import login_required
 
 from app import usage
-from app.dashboard import PER_PAGE, bp
+from app.dashboard import PER_PAGE, bp, current_team
 from app.extensions import db
 from app.models import LedgerEntry
 
@@ -23,7 +23,7 @@ from app.models import LedgerEntry
 @login_required
 def ledger_page():
     filters = usage.Filters.from_args(request.args)
-    page = db.paginate(filters.ledger(current_user.id), page=usage.page_number(request.args), per_page=PER_PAGE)
+    page = db.paginate(filters.ledger(current_team().id), page=usage.page_number(request.args), per_page=PER_PAGE)
     return render_template("dashboard/ledger.html", page=page, filters=filters)
 
 
@@ -31,18 +31,18 @@ def ledger_page():
 @login_required
 def usage_page():
     filters = usage.Filters.from_args(request.args)
-    page = db.paginate(filters.usage(current_user.id), page=usage.page_number(request.args), per_page=PER_PAGE)
-    series = usage.credits_per_day(current_user.id, filters)
+    page = db.paginate(filters.usage(current_team().id), page=usage.page_number(request.args), per_page=PER_PAGE)
+    series = usage.credits_per_day(current_team().id, filters)
     bars, top = usage.bars(series)
     return render_template(
         "dashboard/usage.html",
         page=page,
         filters=filters,
-        keys=usage.user_keys(current_user.id),
+        keys=usage.team_keys(current_team().id),
         bars=bars,
         top=top,
         total=sum(credits for _, credits in series),
-        month=usage.this_month(current_user.id, filters),
+        month=usage.this_month(current_team().id, filters),
     )
 
 
@@ -77,7 +77,7 @@ def _csv_download(name: str, header: list[str], rows) -> Response:
 @bp.get("/usage.csv")
 @login_required
 def usage_csv():
-    query = usage.Filters.from_args(request.args).usage(current_user.id).execution_options(yield_per=500)
+    query = usage.Filters.from_args(request.args).usage(current_team().id).execution_options(yield_per=500)
     header = [
         "time",
         "request_id",
@@ -119,7 +119,7 @@ def usage_csv():
 @bp.get("/ledger.csv")
 @login_required
 def ledger_csv():
-    query = usage.Filters.from_args(request.args).ledger(current_user.id).execution_options(yield_per=500)
+    query = usage.Filters.from_args(request.args).ledger(current_team().id).execution_options(yield_per=500)
     header = ["time", "kind", "credits", "balance_after", "reference", "note"]
     rows = lambda: (  # noqa: E731
         [

@@ -7,7 +7,7 @@ from flask_login import current_user
 from sqlalchemy import select
 
 from app import catalog, config, services, usage
-from app.dashboard import bp, packs
+from app.dashboard import bp, current_team, packs
 from app.extensions import db
 from app.models import ApiKey, LedgerEntry
 
@@ -18,10 +18,10 @@ def home():
     if not current_user.is_authenticated:
         return render_template("public/landing.html", packs=packs(), samples=_samples())
     ledger = db.session.scalars(
-        select(LedgerEntry).where(LedgerEntry.user_id == current_user.id).order_by(LedgerEntry.id.desc()).limit(10)
+        select(LedgerEntry).where(LedgerEntry.team_id == current_team().id).order_by(LedgerEntry.id.desc()).limit(10)
     ).all()
-    recent = db.session.scalars(usage.Filters().usage(current_user.id).limit(10)).all()
-    has_key = db.session.scalar(select(ApiKey.id).where(ApiKey.user_id == current_user.id).limit(1)) is not None
+    recent = db.session.scalars(usage.Filters().usage(current_team().id).limit(10)).all()
+    has_key = db.session.scalar(select(ApiKey.id).where(ApiKey.team_id == current_team().id).limit(1)) is not None
     return render_template(
         "dashboard/home.html",
         ledger=ledger,

@@ -14,7 +14,7 @@ from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from app import config, payments, services
-from app.dashboard import bp, packs, verified_required
+from app.dashboard import bp, current_team, packs, verified_required
 from app.extensions import db
 from app.forms import (
     BuyForm,
@@ -27,7 +27,7 @@ from app.urls import external_url
 @login_required
 def billing_page():
     recent = db.session.scalars(
-        select(Payment).where(Payment.user_id == current_user.id).order_by(Payment.id.desc()).limit(10)
+        select(Payment).where(Payment.team_id == current_team().id).order_by(Payment.id.desc()).limit(10)
     ).all()
     return render_template(
         "dashboard/billing.html",
@@ -54,6 +54,7 @@ def checkout():
     try:
         url = payments.start_checkout(
             client,
+            current_team(),
             current_user,
             pack,
             config.current().stripe_currency,
@@ -94,7 +95,7 @@ def billing_cancelled():
 def billing_success():
     payment = db.session.scalar(
         select(Payment).where(
-            Payment.checkout_session_id == request.args.get("session_id", ""), Payment.user_id == current_user.id
+            Payment.checkout_session_id == request.args.get("session_id", ""), Payment.team_id == current_team().id
         )
     )
     if payment is None:

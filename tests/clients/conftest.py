@@ -53,10 +53,10 @@ def customer(gateway):
 
 def charged_once(app, customer, text: str) -> None:
     """Exactly one request, delivered, charged one credit per character."""
-    [speech] = factories.speech_requests(app, customer.user_id)
+    [speech] = factories.speech_requests(app, customer.team_id)
     assert speech.state == "delivered" and speech.credits == len(text)
-    assert factories.balance(app, customer.user_id) == 10_000 - len(text)
-    factories.assert_books_balance(app, customer.user_id)
+    assert factories.balance(app, customer.team_id) == 10_000 - len(text)
+    factories.assert_books_balance(app, customer.team_id)
 
 
 def node(script: str, *args) -> dict:

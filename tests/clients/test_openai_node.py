@@ -38,4 +38,4 @@ def test_a_mistake_is_a_bad_request_error_with_code_and_message(gateway, custome
         "invalid_request_error",
     )
     assert "Voice 'af_nobody' is not available" in answer["message"]
-    assert factories.speech_requests(app, customer.user_id) == []
+    assert factories.speech_requests(app, customer.team_id) == []

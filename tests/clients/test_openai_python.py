@@ -81,5 +81,5 @@ def test_mistakes_raise_the_sdks_own_errors_and_are_never_retried_into_charges(g
     with pytest.raises(openai.AuthenticationError) as bad_key:
         sdk(base_url, "kp_live_nope").audio.speech.create(model="tts-1", voice="alloy", input=TEXT)
     assert bad_key.value.code == "invalid_api_key"
-    assert factories.speech_requests(app, customer.user_id) == []
-    assert factories.balance(app, customer.user_id) == 10_000
+    assert factories.speech_requests(app, customer.team_id) == []
+    assert factories.balance(app, customer.team_id) == 10_000
