@@ -12,7 +12,19 @@ from sqlalchemy import and_, case, func, select
 from app import config
 from app.extensions import db
 from app.metering import kept_credits, stale_charges
-from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, SpeechState, Team, User, utcnow
+from app.models import (
+    LedgerEntry,
+    LedgerKind,
+    Membership,
+    Payment,
+    PaymentReversal,
+    SpeechRequest,
+    SpeechState,
+    Team,
+    TeamRole,
+    User,
+    utcnow,
+)
 from app.payments import owed_credits, reversed_cents
 
 # An account is named when at least this many of its recent streams broke off after audio went out,
@@ -20,6 +32,23 @@ LOOKBACK_DAYS = 30
 MIN_BREAKS = 5
 # and they are at least this share of its streams.
 BREAK_SHARE = 0.2
+
+
+# A team as the audit names it: its id, its name and its first owner's email, which the admin
+# console's search finds (team and user ids are not the same numbers).
+_FIRST_OWNER = (
+    select(User.email)
+    .join(Membership, Membership.user_id == User.id)
+    .where(Membership.team_id == Team.id, Membership.role == TeamRole.OWNER)
+    .order_by(Membership.id)
+    .limit(1)
+    .correlate(Team)
+    .scalar_subquery()
+)
+
+
+def _team(team_id: int, name: str, owner: str | None) -> str:
+    return f"team {team_id} ({name}, <{owner}>)" if owner else f"team {team_id} ({name}, no owner)"
 
 
 def balances_match_ledgers() -> list[str]:
@@ -30,13 +59,13 @@ def balances_match_ledgers() -> list[str]:
     )
     total = func.coalesce(ledger_sums.c.total, 0)
     rows = db.session.execute(
-        select(Team.id, Team.name, Team.balance, total)
+        select(Team.id, Team.name, _FIRST_OWNER, Team.balance, total)
         .outerjoin(ledger_sums, ledger_sums.c.team_id == Team.id)
         .where((Team.balance != total) | (Team.balance < 0))
     )
     return [
-        f"team {team_id} ({name}): balance {balance} but the ledger sums to {sums}"
-        for team_id, name, balance, sums in rows
+        f"{_team(team_id, name, owner)}: balance {balance} but the ledger sums to {sums}"
+        for team_id, name, owner, balance, sums in rows
     ]
 
 
@@ -213,15 +242,16 @@ def frequent_mid_stream_breaks() -> list[str]:
         case((and_(SpeechRequest.state == SpeechState.REFUNDED, SpeechRequest.bytes_sent > 0), 1), else_=0)
     )
     rows = db.session.execute(
-        select(Team.id, Team.name, broken, func.count(SpeechRequest.id))
+        select(Team.id, Team.name, _FIRST_OWNER, broken, func.count(SpeechRequest.id))
         .join(SpeechRequest, SpeechRequest.team_id == Team.id)
         .where(SpeechRequest.created_at >= since)
         .group_by(Team.id, Team.name)
         .having(broken >= MIN_BREAKS)
     )
     return [
-        f"team {team_id} ({name}): {breaks} of {total} streams in {LOOKBACK_DAYS} days broke off after audio went out"
-        for team_id, name, breaks, total in rows
+        f"{_team(team_id, name, owner)}: {breaks} of {total} streams in {LOOKBACK_DAYS} days broke off "
+        "after audio went out"
+        for team_id, name, owner, breaks, total in rows
         if breaks >= BREAK_SHARE * total
     ]
 

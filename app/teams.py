@@ -32,8 +32,13 @@ def create(name: str, owner: User) -> Team:
 
 
 def personal(user: User) -> Team:
-    """The personal team of `user` (every account has one, made with it), also before it is flushed."""
-    return next(membership.team for membership in user.memberships if membership.team.personal)
+    """The personal team of `user`: the one made with the account, which they own (another person's
+    personal team they were added to is not theirs). Also before it is flushed."""
+    return next(
+        membership.team
+        for membership in user.memberships
+        if membership.role == TeamRole.OWNER and membership.team.personal
+    )
 
 
 def add_member(team: Team, user: User, role: TeamRole) -> Membership:

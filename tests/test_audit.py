@@ -51,8 +51,8 @@ def test_the_audit_names_every_kind_of_offender_and_exits_1(app, runner, custome
     result = runner.invoke(args=["audit"])
     assert result.exit_code == 1
     output = result.output
-    assert f"team {other.team_id} (Personal): balance 75 but the ledger sums to 55" in output
-    assert f"team {customer.team_id} (Personal): balance 990 but the ledger sums to 1007" in output
+    assert f"team {other.team_id} (Personal, <{other.email}>): balance 75 but the ledger sums to 55" in output
+    assert f"team {customer.team_id} (Personal, <{customer.email}>): balance 990 but the ledger sums to 1007" in output
     assert f"request {delivered}: refunded 10 credits while delivered" in output
     assert "ledger refund:req_ghost: +7 credits for no speech request" in output
     assert "payment cs_lost: 10000 credits paid, 0 top-ups of 0 in all" in output

@@ -320,7 +320,7 @@ def test_accounts_whose_streams_often_break_are_named(app, customer, broken, who
         db.session.commit()
     found = notices(app)
     total = broken + whole + before_audio
-    who = f"team {customer.team_id} (Personal)"
+    who = f"team {customer.team_id} (Personal, <{customer.email}>)"
     expected = [f"{who}: {broken} of {total} streams in 30 days broke off after audio went out"]
     assert found == (expected if named else [])
 
@@ -335,7 +335,8 @@ def test_a_stream_made_exactly_when_the_lookback_begins_still_counts(app, custom
         first = db.session.scalars(select(SpeechRequest).where(SpeechRequest.team_id == customer.team_id)).first()
         first.created_at = now - timedelta(days=audit_checks.LOOKBACK_DAYS) - earlier
         db.session.commit()
-    named = [f"team {customer.team_id} (Personal): 5 of 5 streams in 30 days broke off after audio went out"]
+    who = f"team {customer.team_id} (Personal, <{customer.email}>)"
+    named = [f"{who}: 5 of 5 streams in 30 days broke off after audio went out"]
     assert notices(app) == (named if not earlier else [])
 
 

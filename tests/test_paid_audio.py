@@ -695,4 +695,7 @@ def test_the_audit_names_an_over_refund_a_stale_charge_and_frequent_breaks(app, 
     assert f"request {over}: kept 0 credits, but its 4000 ms of delivered audio pay for 80" in result.output
     assert f"request {over}: 100 credits due back but 20 refunded" in result.output
     assert f"request {stale}: still charged, no progress since" in result.output
-    assert f"notice: team {customer.team_id} (Personal): 6 of 7 streams in 30 days broke off" in result.output
+    assert (
+        f"notice: team {customer.team_id} (Personal, <{customer.email}>): 6 of 7 streams in 30 days broke off"
+        in result.output
+    )

@@ -73,6 +73,14 @@ def test_a_second_team_starts_empty_it_is_not_a_second_trial(make_app):
         assert not audit().problems
 
 
+def test_a_person_added_to_someone_elses_personal_team_keeps_their_own(app, customer):
+    helper = factories.customer(app, balance=5)
+    join(app, customer.team_id, helper.user_id, TeamRole.ADMIN)
+    with app.app_context():
+        assert teams.personal(db.session.get(User, helper.user_id)).id == helper.team_id
+        assert teams.personal(db.session.get(User, customer.user_id)).id == customer.team_id
+
+
 def test_a_person_is_a_member_of_a_team_once(app, customer):
     with app.app_context():
         team, user = db.session.get(Team, customer.team_id), db.session.get(User, customer.user_id)
@@ -184,7 +192,11 @@ def test_the_migration_moves_every_account_into_a_personal_team_and_back(app, cl
     payer = factories.customer(app, balance=1000)
     unlimited = factories.customer(app, unlimited=True)
     alerted = factories.customer(app, balance=50)
+    gone = factories.customer(app, balance=30)
     with app.app_context():
+        from app import accounts
+
+        accounts.delete_account(db.session.get(User, gone.user_id))
         speech = factories.charge_speech(payer.team_id, 12)
         factories.starter_payment(payer.team_id, "cs_before", status="paid")
         db.session.get(Team, alerted.team_id).low_balance_credits = 40
@@ -199,6 +211,7 @@ def test_the_migration_moves_every_account_into_a_personal_team_and_back(app, cl
             (payer.email, 988, False, None),
             (unlimited.email, 0, True, None),
             (alerted.email, 50, False, 40),
+            (f"deleted-{gone.user_id}@deleted.invalid", 30, False, None),
         ]
         db.session.commit()
         upgrade()
@@ -216,10 +229,11 @@ def test_the_migration_moves_every_account_into_a_personal_team_and_back(app, cl
         fresh = teams.create("Fresh", db.session.get(User, person(app, payer.email).id))
         db.session.commit()
         assert fresh.id == max(user.id for user in db.session.scalars(select(User))) + 1
-    # Every key still works, for the same money.
+    # Every key still works, for the same money; the deleted account's stays revoked.
     for customer, balance in ((payer, 988), (unlimited, 0), (alerted, 50)):
         answer = client.get("/v1/balance", headers=customer.headers)
         assert answer.status_code == 200 and answer.get_json()["balance"] == balance
+    assert client.get("/v1/balance", headers=gone.headers).status_code == 401
 
 
 def test_the_migration_will_not_go_back_while_a_team_is_shared(app, customer, capfd):

@@ -83,7 +83,11 @@ def upgrade():
         # Ids were given explicitly: the next team made gets the one after the highest.
         op.execute("SELECT setval(pg_get_serial_sequence('teams', 'id'), (SELECT COALESCE(MAX(id), 0) + 1 FROM teams), false)")
     else:
-        op.execute("INSERT INTO sqlite_sequence (name, seq) SELECT 'teams', COALESCE(MAX(id), 0) FROM teams")
+        # Inserting ids into an AUTOINCREMENT table already noted the highest; with no accounts, note 0.
+        op.execute(
+            "INSERT INTO sqlite_sequence (name, seq) SELECT 'teams', 0"
+            " WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = 'teams')"
+        )
 
     for table, person in MOVED:
         with op.batch_alter_table(table, schema=None) as batch_op:
