@@ -3,8 +3,12 @@
 import contextlib
 import gc
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import requests
 
 from bench import launch
 from bench.launch import free_port  # noqa: F401 (tests take it from here)
@@ -43,25 +47,29 @@ def gunicorn(spec: str, env: dict, workers: int = 1, threads: int = 8, ready_pat
     return launch.gunicorn(spec, env, args, ready_path)
 
 
-def race_speech(database_uri: str, upstream, secrets: list[str], count: int = 200, text: str = "0123456789"):
+def race_speech(
+    database_uri: str,
+    upstream,
+    secrets: list[str],
+    *,
+    count: int,
+    text: str,
+    threads: int,
+    timeout: float,
+    env: dict | None = None,
+) -> list[tuple[int, bytes]]:
     """`count` speech requests at once (each `text`, through each of `secrets` in turn) to two gunicorn
-    workers of 32 threads on `database_uri`, in front of `upstream`; the Counter of their statuses."""
-    import threading
-    from collections import Counter
-    from concurrent.futures import ThreadPoolExecutor
-
-    import requests
-
+    workers of `threads` threads on `database_uri`, in front of `upstream`; each answer's status and body."""
     with serve(upstream) as upstream_url:
-        env = {
+        settings = {
             "DATABASE_URL": database_uri,
             "UPSTREAM_URL": f"{upstream_url}/v1",
             "SECRET_KEY": "race-test",
-            "MAX_STREAMS_PER_ACCOUNT": "1000",
             "RATELIMIT_STORAGE_URI": shared_limits(),
+            **(env or {}),
         }
-        with gunicorn("wsgi:app", env, workers=2, threads=32) as (url, _):
-            barrier = threading.Barrier(count, timeout=60)
+        with gunicorn("wsgi:app", settings, workers=2, threads=threads) as (url, _):
+            barrier = threading.Barrier(count, timeout=timeout)
 
             def speak(index):
                 barrier.wait()
@@ -69,12 +77,12 @@ def race_speech(database_uri: str, upstream, secrets: list[str], count: int = 20
                     f"{url}/v1/audio/speech",
                     json={"input": text, "voice": "af_sky"},
                     headers={"Authorization": f"Bearer {secrets[index % len(secrets)]}"},
-                    timeout=60,
+                    timeout=timeout,
                 )
-                return response.status_code
+                return response.status_code, response.content
 
             with ThreadPoolExecutor(count) as pool:
-                return Counter(pool.map(speak, range(count)))
+                return list(pool.map(speak, range(count)))
 
 
 def wait_for(condition, timeout: float = 10.0, what: str = "the condition"):

@@ -1,15 +1,12 @@
 """Concurrent debits of one balance on PostgreSQL: never below zero, books always balance."""
 
-import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 
 from tests import factories
 from tests.fake_upstream import Failing, FakeUpstream
-from tests.servers import gunicorn, race_speech, serve, shared_limits
+from tests.servers import race_speech
 
 pytestmark = pytest.mark.usefixtures("postgres_only")
 
@@ -25,30 +22,10 @@ def test_gunicorn_processes_and_threads_racing_through_the_real_api(app, databas
     """Two gunicorn worker processes with eight threads each, eighty requests at once."""
     customer = factories.customer(app, balance=255)
     other_key = factories.add_key(app, customer.user_id)
-    text = "0123456789"  # 10 credits: 25 requests are affordable, 5 credits stay
-    with serve(FakeUpstream([b"ID3", b"audio"])) as upstream_url:
-        env = {
-            "DATABASE_URL": database_uri,
-            "UPSTREAM_URL": f"{upstream_url}/v1",
-            "SECRET_KEY": "concurrency-test",
-            "RATELIMIT_STORAGE_URI": shared_limits(),
-        }
-        with gunicorn("wsgi:app", env, workers=2, threads=8) as (url, _):
-            barrier = threading.Barrier(80, timeout=30)
-
-            def speak(index):
-                secret = customer.secret if index % 2 else other_key
-                barrier.wait()
-                response = requests.post(
-                    f"{url}/v1/audio/speech",
-                    json={"input": text, "voice": "af_sky"},
-                    headers={"Authorization": f"Bearer {secret}"},
-                    timeout=30,
-                )
-                return response.status_code, response.content
-
-            with ThreadPoolExecutor(80) as pool:
-                results = list(pool.map(speak, range(80)))
+    # 10 credits each: 25 requests are affordable, 5 credits stay.
+    upstream = FakeUpstream([b"ID3", b"audio"])
+    secrets = [other_key, customer.secret]
+    results = race_speech(database_uri, upstream, secrets, count=80, text="0123456789", threads=8, timeout=30)
     statuses = Counter(status for status, _ in results)
     assert statuses == {200: 25, 402: 55}
     assert all(body == b"ID3audio" for status, body in results if status == 200)
@@ -64,7 +41,17 @@ def test_two_hundred_requests_from_many_keys_race_on_one_balance(app, database_u
     secrets = [customer.secret] + [factories.add_key(app, customer.user_id) for _ in range(9)]
     upstream = FakeUpstream([b"ID3", b"audio"]) if upstream_kind == "healthy" else Failing(every=2)
     # 10 credits each: the balance covers 100 of the 200.
-    statuses = race_speech(database_uri, upstream, secrets, count=200, text="0123456789")
+    answers = race_speech(
+        database_uri,
+        upstream,
+        secrets,
+        count=200,
+        text="0123456789",
+        threads=32,
+        timeout=60,
+        env={"MAX_STREAMS_PER_ACCOUNT": "1000"},
+    )
+    statuses = Counter(status for status, _ in answers)
     rows = factories.speech_requests(app, customer.team_id)
     states = Counter(row.state for row in rows)
     balance = factories.balance(app, customer.team_id)
