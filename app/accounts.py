@@ -16,7 +16,8 @@ The links mailed to verify an email, reset a password or change the email are si
 (itsdangerous, with SECRET_KEY and a salt per purpose), expire, and work once: each
 names the state it changes (the account's email and its version, which goes up at every
 change of the email, and the password hash a reset replaces), so it stops working once
-that state has changed, even if the email changes back.
+that state has changed, even if the email changes back. An invitation's link names the
+invitation and its nonce, which a resend replaces (app/teams.py).
 """
 
 import functools
@@ -38,7 +39,7 @@ from werkzeug.security import check_password_hash, generate_password_hash
 
 from app import billing, config, mail, services, teams
 from app.extensions import db, insert, login_manager
-from app.models import ApiKey, LedgerEntry, LedgerKind, LoginSession, OutboxMail, TrialClaim, User, utcnow
+from app.models import ApiKey, Invitation, LedgerEntry, LedgerKind, LoginSession, OutboxMail, TrialClaim, User, utcnow
 from app.urls import external_url
 
 
@@ -232,6 +233,30 @@ def _read(purpose: str, token: str, max_age: timedelta, fields: int) -> list:
         # Signed by us, for another version of this link: ones mailed before an upgrade.
         raise TokenError("This link is not valid any more. Ask for a new one.")
     return values
+
+
+def send_invitation(invitation: Invitation, inviter: User, client: str | None) -> bool:
+    """Queue the mail of an invitation (at most one per mailbox per MAIL_INTERVAL, and within the client's
+    MAILS_PER_IP, as for sign-up); False when none was queued. Its link names the invitation and its nonce."""
+    if not may_mail(invitation.email, "invitation", client):
+        return False
+    token = _tokens("invite").dumps([invitation.id, invitation.nonce])
+    mail.send(
+        "invitation",
+        invitation.email,
+        team=invitation.team.name,
+        inviter=inviter.email,
+        role=invitation.role,
+        link=external_url("dashboard.invitation", token=token),
+        days=round(config.current().invite_days),
+    )
+    return True
+
+
+def read_invitation(token: str) -> tuple[int, str]:
+    """The invitation id and nonce a mailed invitation link names; TokenError when it is not one or has expired."""
+    invitation_id, nonce = _read("invite", token, timedelta(days=config.current().invite_days), fields=2)
+    return invitation_id, nonce
 
 
 def _trial_ahead(user: User) -> int:
@@ -438,11 +463,13 @@ def change_email(change: EmailChange, client: str | None = None) -> None:
 def delete_account(user: User) -> None:
     """Erase what identifies the owner and close the account; the caller commits.
 
-    The keys they made are revoked (401 at once), sign-ins end, mail to the owner is erased. Their
-    personal team's balance, ledger, speech requests and payments stay, under an anonymous account
-    row, so the books still add up.
+    The keys they made are revoked (401 at once), sign-ins end, mail to the owner is erased, and
+    they leave every team they shared (teams.TeamError while they are the last owner of one).
+    Their personal team's balance, ledger, speech requests and payments stay, under an anonymous
+    account row, so the books still add up, and so does what they spent in shared teams.
     """
     now = utcnow()
+    teams.leave_every_team(user)
     for key in db.session.scalars(select(ApiKey).where(ApiKey.created_by_id == user.id)):
         key.revoked_at = key.revoked_at or now
         key.name = ""

@@ -94,6 +94,7 @@ class Settings:
     low_balance_credits: int
     verify_hours: float
     reset_minutes: float
+    invite_days: float
     bind: str
     web_concurrency: int | None
     gunicorn_threads: int | None
@@ -139,6 +140,7 @@ POSITIVE = (
     "MAIL_POLL_SECONDS",
     "VERIFY_HOURS",
     "RESET_MINUTES",
+    "INVITE_DAYS",
 )
 # 0 streams per account pauses speech; a heartbeat of 0 records progress after every chunk.
 NOT_NEGATIVE = (

@@ -140,6 +140,7 @@ def read(environ: Mapping[str, str]) -> dict[str, Any]:
         "LOW_BALANCE_CREDITS": env.int("LOW_BALANCE_CREDITS", 1000),
         "VERIFY_HOURS": env.float("VERIFY_HOURS", 72.0),
         "RESET_MINUTES": env.float("RESET_MINUTES", 60.0),
+        "INVITE_DAYS": env.float("INVITE_DAYS", 7.0),
         # The server process (gunicorn.conf.py): where it listens, its workers and threads
         # (None: what gunicorn.conf.py derives), and where the workers keep their metric samples.
         "BIND": env.str("BIND", "127.0.0.1:8000"),

@@ -1,10 +1,12 @@
 """Dashboard forms (Flask-WTF: every one carries a CSRF token)."""
 
 from flask_wtf import FlaskForm
-from wtforms import BooleanField, EmailField, HiddenField, IntegerField, PasswordField, StringField
+from wtforms import BooleanField, EmailField, HiddenField, IntegerField, PasswordField, SelectField, StringField
+from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, EqualTo, Length, NumberRange, Optional, ValidationError
 
 from app.accounts import AccountError, parse_email
+from app.models import TeamRole
 
 MIN_PASSWORD = 10
 
@@ -96,3 +98,36 @@ class DeleteForm(FlaskForm):
         "I understand: my keys stop working, my remaining credits are forfeited and this cannot be undone.",
         validators=[DataRequired(message="Tick the box to confirm.")],
     )
+
+
+def role_field(label: str = "Role") -> SelectField:
+    """A team role; the view narrows `choices` to the roles its user may give."""
+    return SelectField(label, choices=role_choices(list(TeamRole)))
+
+
+def role_choices(roles) -> list[SelectChoice]:
+    return [SelectChoice(role.value, role.value.capitalize()) for role in roles]
+
+
+class TeamForm(FlaskForm):
+    name = StringField("Team name", validators=[DataRequired(), Length(max=100)])
+
+
+class SwitchTeamForm(FlaskForm):
+    team = IntegerField(validators=[DataRequired()])
+
+
+class InviteForm(FlaskForm):
+    email = email_field("Email")
+    role = role_field()
+
+
+class RoleForm(FlaskForm):
+    role = role_field("New role")
+
+
+class JoinForm(FlaskForm):
+    """An account made from an invitation's link: its address is the invitation's."""
+
+    password = new_password("Password")
+    confirm = repeated("Repeat password")

@@ -59,6 +59,8 @@ _FIND = (
         Team.unlimited,
         # Set when an admin disabled the person who made the key.
         User.disabled_at,
+        # Set when an admin disabled the team.
+        Team.disabled_at.label("team_disabled_at"),
     )
     .join(Team, ApiKey.team_id == Team.id)
     .join(User, ApiKey.created_by_id == User.id)
@@ -79,6 +81,8 @@ class Caller(NamedTuple):
     unlimited: bool
     # Set when an admin disabled the person who made the key: refused like a revoked key.
     disabled_at: datetime | None = None
+    # Set when an admin disabled the team: every key of it is refused.
+    team_disabled_at: datetime | None = None
 
 
 class KeyRefused(Exception):
@@ -111,6 +115,8 @@ def authenticate(authorization: Authorization | None, resolution_seconds: int) -
         raise KeyRefused("This API key has been revoked.")
     if caller.disabled_at is not None:
         raise KeyRefused("This account is disabled. Contact the operator of this service.")
+    if caller.team_disabled_at is not None:
+        raise KeyRefused("This key's team is disabled. Contact the operator of this service.")
     touch(caller.key_id, caller.last_used_at, resolution_seconds)
     return caller
 

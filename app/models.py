@@ -96,6 +96,10 @@ class Team(db.Model):
     low_balance_credits: Mapped[Optional[int]] = mapped_column(BigInteger)
     # When that email was queued; a top-up or grant back above the threshold clears it (re-arms the alert).
     low_balance_sent_at: Mapped[Optional[datetime]]
+    # Set by an operator: every key of the team gets 401 and the playground refuses, until cleared.
+    disabled_at: Mapped[Optional[datetime]]
+    # Closed by an owner: nobody works on it any more and its keys are revoked; its books stay.
+    closed_at: Mapped[Optional[datetime]]
 
     memberships: Mapped[list["Membership"]] = relationship(back_populates="team")
 
@@ -155,6 +159,33 @@ class Membership(db.Model):
 
     team: Mapped[Team] = relationship(back_populates="memberships")
     user: Mapped[User] = relationship(back_populates="memberships")
+
+
+class Invitation(db.Model):
+    """An invitation to join a team with a role, mailed to one address as a signed link.
+
+    The link names the row and its `nonce`: it works until `expires_at`, once, for that address
+    only; a resend draws a new nonce (the old link stops working), a cancel ends it.
+    """
+
+    __tablename__ = "invitations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)
+    # Normalised as accounts store emails: the account that accepts must have exactly this one.
+    email: Mapped[str] = mapped_column(String(254))
+    role: Mapped[TeamRole] = mapped_column(String(16))
+    invited_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    nonce: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime]
+    accepted_at: Mapped[Optional[datetime]]
+    accepted_by_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+    cancelled_at: Mapped[Optional[datetime]]
+
+    team: Mapped[Team] = relationship()
+    invited_by: Mapped[User] = relationship(foreign_keys=[invited_by_id])
 
 
 class LoginSession(db.Model):
@@ -223,6 +254,8 @@ class LedgerEntry(db.Model):
 
     # Loaded with the row (one join on a key): the ledger's pages link each payment's rows to it.
     payment: Mapped[Optional["Payment"]] = relationship(lazy="joined")
+    # The ledger's pages name who made a request and with which key (loaded by them in one query).
+    speech_request: Mapped[Optional["SpeechRequest"]] = relationship()
 
 
 class SpeechRequest(db.Model):
@@ -305,6 +338,8 @@ class Payment(db.Model):
     credits_reversed: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     paid_at: Mapped[Optional[datetime]]
+
+    bought_by: Mapped["User"] = relationship()
 
 
 class PaymentReversal(db.Model):
@@ -399,8 +434,11 @@ class AdminAction(db.Model):
     admin_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     action: Mapped[str] = mapped_column(String(40))
     user_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"), index=True)
+    # The team an action changed (its credits, flags or keys), where it changed one.
+    team_id: Mapped[Optional[int]] = mapped_column(ForeignKey("teams.id"), index=True)
     details: Mapped[str] = mapped_column(String(500), default="")
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
     admin: Mapped["User"] = relationship(foreign_keys=[admin_id])
     user: Mapped[Optional["User"]] = relationship(foreign_keys=[user_id])
+    team: Mapped[Optional["Team"]] = relationship()

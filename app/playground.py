@@ -17,8 +17,9 @@ from flask_login import current_user, login_required
 
 from app import catalog, config, services, speech
 from app import samples as kept_samples
-from app.dashboard import current_team
+from app.dashboard import can, current_team, team_permission
 from app.errors import ApiError
+from app.teams import Permission
 
 bp = Blueprint("playground", __name__, url_prefix="/playground")
 
@@ -54,6 +55,7 @@ def voice_groups() -> list[tuple[str, list[dict]]] | None:
 
 @bp.get("")
 @login_required
+@team_permission(Permission.SPEND)
 def page():
     return render_template(
         "dashboard/playground.html",
@@ -71,7 +73,11 @@ def speak():
     received = time.monotonic()
     if not current_user.verified:
         raise ApiError(403, "Confirm your email first: open the link we mailed you.", code="email_not_verified")
+    if not can(Permission.SPEND):
+        raise ApiError(403, "Your role in this team does not allow speech requests.", code="role_not_allowed")
     team = current_team()
+    if team.disabled_at is not None:
+        raise ApiError(403, "This team is disabled. Contact the operator of this service.", code="team_disabled")
     wait = services.throttle().api_request(f"playground-{current_user.id}", team.id)
     if wait is not None:
         raise ApiError(429, "Rate limit reached.", {"Retry-After": str(wait)})

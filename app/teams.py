@@ -1,18 +1,62 @@
-"""Teams: who pays, and the people in them.
+"""Teams: who pays, the people in them, and what each role may do.
 
 A team owns the money (its balance, ledger, keys, payments, Stripe customer and alert settings,
 all app/billing.py's to change); a person belongs to one or more teams, each with a role. Every
-person has a personal team, made with their account, which they own. Like billing, the
-functions change state inside the caller's transaction; the caller commits.
+person has a personal team, made with their account, which they own and nobody else joins.
+Other teams are made by their owner and joined by invitation (a mailed link that works once,
+for one address, until it expires). Like billing, the functions change state inside the
+caller's transaction; the caller commits.
+
+`PERMISSIONS` is the one table of who may do what: the dashboard asks `may()` and docs/teams.md
+shows the same table (a test compares them).
 """
 
-from sqlalchemy import select
+import secrets
+from datetime import timedelta
+from enum import StrEnum
+
+from sqlalchemy import func, select, update
 
 from app.extensions import db
-from app.models import Membership, Team, TeamRole, User
+from app.models import ApiKey, Invitation, Membership, Team, TeamRole, User, utcnow
 
 # The roles whose people are told of a team's money: receipts, refunds, low balance.
 BILLING_ROLES = (TeamRole.OWNER, TeamRole.ADMIN, TeamRole.BILLING)
+
+
+class Permission(StrEnum):
+    """What a member may do in a team, beyond seeing its name, balance and members (everyone may)."""
+
+    # Create keys and revoke their own; the playground (which spends the team's credits); their own usage.
+    SPEND = "spend"
+    # See and revoke every member's keys.
+    MANAGE_KEYS = "manage keys"
+    # Every member's usage and its CSV.
+    SEE_USAGE = "see usage"
+    # Buy credits, the payments, the ledger and its CSV, the low-balance alert.
+    BILLING = "billing"
+    # Invite people, resend and cancel invitations, change roles and remove members (owners aside).
+    MANAGE_MEMBERS = "manage members"
+    # Make and unmake owners, remove an owner, close the team.
+    OWN = "own"
+
+
+PERMISSIONS: dict[Permission, frozenset[TeamRole]] = {
+    Permission.SPEND: frozenset({TeamRole.OWNER, TeamRole.ADMIN, TeamRole.DEVELOPER}),
+    Permission.MANAGE_KEYS: frozenset({TeamRole.OWNER, TeamRole.ADMIN}),
+    Permission.SEE_USAGE: frozenset({TeamRole.OWNER, TeamRole.ADMIN, TeamRole.BILLING}),
+    Permission.BILLING: frozenset({TeamRole.OWNER, TeamRole.ADMIN, TeamRole.BILLING}),
+    Permission.MANAGE_MEMBERS: frozenset({TeamRole.OWNER, TeamRole.ADMIN}),
+    Permission.OWN: frozenset({TeamRole.OWNER}),
+}
+
+
+def may(role: TeamRole | str, permission: Permission) -> bool:
+    return role in PERMISSIONS[permission]
+
+
+class TeamError(ValueError):
+    """A change to a team's members that is not allowed; the message says why, for people."""
 
 
 def create_personal(user: User) -> Team:
@@ -41,6 +85,19 @@ def personal(user: User) -> Team:
     )
 
 
+def memberships(user: User) -> list[Membership]:
+    """The teams `user` works in (closed ones aside), personal first, then by name."""
+    return sorted(
+        (membership for membership in user.memberships if membership.team.closed_at is None),
+        key=lambda membership: (not membership.team.personal, membership.team.name.lower(), membership.team_id),
+    )
+
+
+def membership(user: User, team_id: int) -> Membership | None:
+    """`user`'s membership of the open team `team_id`; None when they have none."""
+    return next((found for found in memberships(user) if found.team_id == team_id), None)
+
+
 def add_member(team: Team, user: User, role: TeamRole) -> Membership:
     """Add `user` to `team` with `role`; the unique (team, person) pair refuses a second membership."""
     membership = Membership(team=team, user=user, role=role)
@@ -58,3 +115,191 @@ def billing_people(team_id: int) -> list[User]:
             .order_by(Membership.id)
         )
     )
+
+
+def members(team_id: int) -> list[Membership]:
+    """The team's members, in the order they joined."""
+    return list(db.session.scalars(select(Membership).where(Membership.team_id == team_id).order_by(Membership.id)))
+
+
+def _lock(team_id: int) -> None:
+    """Take the team's row for this transaction (PostgreSQL): changes to its owners queue behind each other,
+    so two owners demoting each other at once cannot leave it with none. SQLite writes one at a time anyway."""
+    db.session.execute(select(Team.id).where(Team.id == team_id).with_for_update())
+
+
+def _owners(team_id: int) -> int:
+    return db.session.scalar(
+        select(func.count(Membership.id)).where(Membership.team_id == team_id, Membership.role == TeamRole.OWNER)
+    )
+
+
+def roles_given_by(role: TeamRole) -> list[TeamRole]:
+    """The roles a member with `role` may give (in an invitation or a change of role)."""
+    if may(role, Permission.OWN):
+        return list(TeamRole)
+    if may(role, Permission.MANAGE_MEMBERS):
+        return [TeamRole.ADMIN, TeamRole.DEVELOPER, TeamRole.BILLING]
+    return []
+
+
+def _check_may_change(actor: Membership, target: Membership, new_role: TeamRole | None) -> None:
+    """Refuse a change of `target` (to `new_role`, or its removal for None) that `actor`'s role does not allow."""
+    if actor.team_id != target.team_id:
+        raise TeamError("That person is not in this team.")
+    touches_owner = target.role == TeamRole.OWNER or new_role == TeamRole.OWNER
+    if touches_owner and not may(actor.role, Permission.OWN):
+        raise TeamError("Only an owner can change an owner, or make one.")
+    if not may(actor.role, Permission.MANAGE_MEMBERS):
+        raise TeamError("Your role does not allow changing members.")
+
+
+def change_role(actor: Membership, target: Membership, role: TeamRole) -> None:
+    """Give `target` a new role; the last owner keeps theirs. Raises TeamError."""
+    _check_may_change(actor, target, role)
+    _lock(target.team_id)
+    if target.role == TeamRole.OWNER and role != TeamRole.OWNER and _owners(target.team_id) <= 1:
+        raise TeamError("A team needs an owner: make someone else owner first.")
+    target.role = role
+
+
+def remove(actor: Membership, target: Membership) -> int:
+    """Remove `target` from the team (by `actor`, who may be `target` leaving): their access ends at once
+    and the keys they made for the team are revoked (a stream already running finishes and is paid).
+    What they spent stays in the books under their name. The number of keys revoked. Raises TeamError."""
+    if actor.id != target.id:
+        _check_may_change(actor, target, None)
+    if target.team.personal:
+        raise TeamError("Nobody leaves their personal team; delete the account instead.")
+    _lock(target.team_id)
+    if target.role == TeamRole.OWNER and _owners(target.team_id) <= 1:
+        raise TeamError("A team needs an owner: make someone else owner first, or close the team.")
+    revoked = revoke_keys(target.team_id, target.user_id)
+    db.session.delete(target)
+    return revoked
+
+
+def revoke_keys(team_id: int, made_by_id: int) -> int:
+    """Revoke the keys `made_by_id` made for the team; how many were live."""
+    return db.session.execute(
+        update(ApiKey)
+        .where(ApiKey.team_id == team_id, ApiKey.created_by_id == made_by_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    ).rowcount
+
+
+def close(actor: Membership) -> None:
+    """Close the team: every key revoked, every member's access ended, open invitations cancelled.
+    Its balance, ledger, payments and requests stay for the books. Raises TeamError."""
+    if not may(actor.role, Permission.OWN):
+        raise TeamError("Only an owner can close the team.")
+    team = actor.team
+    if team.personal:
+        raise TeamError("A personal team closes with its account.")
+    now = utcnow()
+    team.closed_at = now
+    db.session.execute(
+        update(ApiKey).where(ApiKey.team_id == team.id, ApiKey.revoked_at.is_(None)).values(revoked_at=now)
+    )
+    db.session.execute(update(Invitation).where(Invitation.team_id == team.id, _pending(now)).values(cancelled_at=now))
+
+
+def leave_every_team(user: User) -> None:
+    """Take a closing account out of the teams it shares (its keys are revoked by the caller).
+    Raises TeamError while it is the last owner of a team others still work in."""
+    for found in memberships(user):
+        if found.team.personal:
+            continue
+        _lock(found.team_id)
+        if found.role == TeamRole.OWNER and _owners(found.team_id) <= 1:
+            raise TeamError(
+                f"You are the only owner of the team {found.team.name}: make someone else owner, or close it, first."
+            )
+        db.session.delete(found)
+
+
+# Invitations
+
+
+def _pending(now):
+    return Invitation.accepted_at.is_(None) & Invitation.cancelled_at.is_(None) & (Invitation.expires_at > now)
+
+
+def pending_invitations(team_id: int) -> list[Invitation]:
+    return list(
+        db.session.scalars(
+            select(Invitation).where(Invitation.team_id == team_id, _pending(utcnow())).order_by(Invitation.id)
+        )
+    )
+
+
+def invite(actor: Membership, email: str, role: TeamRole, lifetime: timedelta) -> Invitation:
+    """A new invitation of `email` (already normalised) to `actor`'s team; the caller mails it. Raises TeamError."""
+    if not may(actor.role, Permission.MANAGE_MEMBERS):
+        raise TeamError("Your role does not allow inviting people.")
+    if actor.team.personal:
+        raise TeamError("A personal team is yours alone: create a team to work with others.")
+    if role not in roles_given_by(actor.role):
+        raise TeamError("Your role cannot give that role.")
+    in_team = db.session.scalar(
+        select(Membership.id).join(User).where(Membership.team_id == actor.team_id, User.email == email)
+    )
+    if in_team:
+        raise TeamError(f"{email} is in this team already.")
+    now = utcnow()
+    if db.session.scalar(
+        select(Invitation.id).where(Invitation.team_id == actor.team_id, Invitation.email == email, _pending(now))
+    ):
+        raise TeamError(f"{email} has an invitation already: resend it from the list below.")
+    invitation = Invitation(
+        team_id=actor.team_id,
+        email=email,
+        role=role,
+        invited_by_id=actor.user_id,
+        nonce=secrets.token_hex(16),
+        created_at=now,
+        sent_at=now,
+        expires_at=now + lifetime,
+    )
+    db.session.add(invitation)
+    return invitation
+
+
+def renew(invitation: Invitation, lifetime: timedelta) -> None:
+    """For a resend: a new link (the one mailed before stops working) and a new expiry."""
+    now = utcnow()
+    invitation.nonce = secrets.token_hex(16)
+    invitation.sent_at = now
+    invitation.expires_at = now + lifetime
+
+
+def cancel(invitation: Invitation) -> None:
+    invitation.cancelled_at = utcnow()
+
+
+def accept(invitation_id: int, nonce: str, user: User) -> Membership:
+    """`user` takes up the invitation whose link names `invitation_id` and `nonce`: one conditional update
+    lets one acceptance through, however many are tried at once. Raises TeamError."""
+    invitation = db.session.get(Invitation, invitation_id)
+    if invitation is None or invitation.nonce != nonce:
+        raise TeamError("This invitation link is not valid any more: ask for a new one.")
+    if invitation.email != user.email:
+        raise TeamError(
+            f"This invitation is for {invitation.email}; you are signed in as {user.email}. "
+            "Sign out and sign in (or sign up) with that address."
+        )
+    now = utcnow()
+    taken = db.session.execute(
+        update(Invitation)
+        .where(Invitation.id == invitation.id, Invitation.nonce == nonce, _pending(now))
+        .values(accepted_at=now, accepted_by_id=user.id)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not taken:
+        raise TeamError("This invitation has expired, was cancelled or was used already: ask for a new one.")
+    if invitation.team.closed_at is not None:
+        raise TeamError("That team is closed.")
+    existing = db.session.scalar(
+        select(Membership).where(Membership.team_id == invitation.team_id, Membership.user_id == user.id)
+    )
+    return existing or add_member(invitation.team, user, invitation.role)

@@ -4,9 +4,10 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 
 from sqlalchemy import Select, func, select
+from sqlalchemy.orm import joinedload
 
 from app.extensions import db
-from app.models import ApiKey, LedgerEntry, SpeechRequest, utcnow
+from app.models import ApiKey, LedgerEntry, Payment, SpeechRequest, User, utcnow
 
 CHART_DAYS = 30
 # The largest id an INTEGER column holds on PostgreSQL (SQLite's hold more).
@@ -43,12 +44,14 @@ def page_number(args) -> int:
 
 @dataclass(frozen=True)
 class Filters:
-    """From the query string: `key` (an id of the user's keys, or "playground"), `from`/`to` (dates), `request`."""
+    """From the query string: `key` (an id of the team's keys, or "playground"), `member` (a person's id),
+    `from`/`to` (dates), `request`."""
 
     key: str = ""
     start: date | None = None
     end: date | None = None
     request_id: str = ""
+    member: str = ""
 
     @classmethod
     def from_args(cls, args) -> "Filters":
@@ -59,11 +62,18 @@ class Filters:
             # The last day has no day after it to end the range at: no end, as when absent.
             end=_date(args.get("to"), latest=date.max - timedelta(days=1)),
             request_id=args.get("request", "").strip()[:40],
+            member=str(whole_number(args.get("member"), MAX_ID) or ""),
         )
 
     def args(self) -> dict:
         """The query string that repeats these filters (for pages and the CSV download)."""
-        values = {"key": self.key, "from": self.start, "to": self.end, "request": self.request_id}
+        values = {
+            "key": self.key,
+            "member": self.member,
+            "from": self.start,
+            "to": self.end,
+            "request": self.request_id,
+        }
         return {name: str(value) for name, value in values.items() if value}
 
     def dated(self, query: Select, column) -> Select:
@@ -74,13 +84,21 @@ class Filters:
         return query
 
     def usage(self, team_id: int) -> Select:
-        query = select(SpeechRequest).where(SpeechRequest.team_id == team_id)
+        # Who made each request and with which key, loaded with it (one query, CSV batches too).
+        query = (
+            select(SpeechRequest)
+            .where(SpeechRequest.team_id == team_id)
+            .options(joinedload(SpeechRequest.made_by), joinedload(SpeechRequest.api_key))
+        )
         query = self.dated(self.keyed(query), SpeechRequest.created_at)
         if self.request_id:
             query = query.where(SpeechRequest.id == self.request_id)
         return query.order_by(SpeechRequest.created_at.desc(), SpeechRequest.id)
 
     def keyed(self, query: Select) -> Select:
+        """Narrowed to the key and the member asked for (the chart's and totals' queries too)."""
+        if self.member:
+            query = query.where(SpeechRequest.made_by_id == int(self.member))
         if self.key == PLAYGROUND:
             return query.where(SpeechRequest.api_key_id.is_(None))
         if self.key:
@@ -88,7 +106,16 @@ class Filters:
         return query
 
     def ledger(self, team_id: int) -> Select:
-        query = select(LedgerEntry).where(LedgerEntry.team_id == team_id)
+        cause = joinedload(LedgerEntry.speech_request)
+        query = (
+            select(LedgerEntry)
+            .where(LedgerEntry.team_id == team_id)
+            .options(
+                cause.joinedload(SpeechRequest.made_by),
+                cause.joinedload(SpeechRequest.api_key),
+                joinedload(LedgerEntry.payment).joinedload(Payment.bought_by),
+            )
+        )
         return self.dated(query, LedgerEntry.created_at).order_by(LedgerEntry.id.desc())
 
 
@@ -151,8 +178,33 @@ def this_month(team_id: int, filters: Filters) -> Totals:
     return Totals(*(int(value) for value in row))
 
 
-def team_keys(team_id: int) -> list[ApiKey]:
-    return db.session.scalars(select(ApiKey).where(ApiKey.team_id == team_id).order_by(ApiKey.id)).all()
+def team_keys(team_id: int, made_by_id: int | None = None) -> list[ApiKey]:
+    """The team's keys (only those `made_by_id` made, when given), oldest first."""
+    query = select(ApiKey).where(ApiKey.team_id == team_id).order_by(ApiKey.id)
+    if made_by_id is not None:
+        query = query.where(ApiKey.created_by_id == made_by_id)
+    return db.session.scalars(query).all()
+
+
+def member_name(user: User | None) -> str:
+    """How the pages and CSVs name a member: their email, or that the account was deleted."""
+    if user is None:
+        return ""
+    return "deleted account" if user.deleted_at is not None else user.email
+
+
+def key_name(speech: SpeechRequest) -> str:
+    """The key a request came with, by its prefix, or the playground."""
+    return speech.api_key.prefix + "…" if speech.api_key else PLAYGROUND
+
+
+def ledger_by(entry: LedgerEntry) -> tuple[str, str]:
+    """Who caused a ledger entry, and with which key: a request's member and key, a payment's buyer."""
+    if entry.speech_request is not None:
+        return member_name(entry.speech_request.made_by), key_name(entry.speech_request)
+    if entry.payment is not None:
+        return member_name(entry.payment.bought_by), ""
+    return "", ""
 
 
 @dataclass(frozen=True)

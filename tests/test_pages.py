@@ -288,6 +288,8 @@ def test_usage_and_ledger_take_a_date_range_and_their_csvs_follow_it(app, web):
         "kind",
         "credits",
         "balance_after",
+        "member",
+        "key",
         "reference",
         "note",
     }

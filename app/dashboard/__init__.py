@@ -1,20 +1,27 @@
 """The customer dashboard: one blueprint, a module per concern (as CTFd's admin package does).
 
-`auth` (sign-up, sign-in, reset), `account`, `overview` (the home page), `history` (ledger,
-usage, CSVs), `api_keys`, `topups` (packs, Stripe Checkout), `public` (pricing, docs) and
-`dev_outbox`; each adds its routes to `bp`, and endpoint names are `dashboard.<view>` as before.
-Every form and query field is refused with 400 when it holds a control character.
+`auth` (sign-up, sign-in, reset), `account`, `team` (members, invitations, the switcher),
+`overview` (the home page), `history` (ledger, usage, CSVs), `api_keys`, `topups` (packs,
+Stripe Checkout), `public` (pricing, docs) and `dev_outbox`; each adds its routes to `bp`, and
+endpoint names are `dashboard.<view>` as before. Every form and query field is refused with 400
+when it holds a control character.
+
+Every signed-in page works on the current team (`current_team()`: the one the person switched
+to, kept in the session, while they are still in it; else their personal team), and what a view
+may do there is what the person's role allows (`team_permission`, app/teams.py's table): else 403,
+and nothing changes.
 """
 
 import functools
 import re
+from datetime import timedelta
 from urllib.parse import urlsplit
 
-from flask import Blueprint, abort, flash, g, redirect, request, url_for
+from flask import Blueprint, abort, flash, g, redirect, request, session, url_for
 from flask_login import current_user
 
-from app import config, teams
-from app.models import Team
+from app import accounts, config, teams
+from app.models import Membership, Team, User
 from app.packs import Pack
 
 bp = Blueprint("dashboard", __name__)
@@ -60,14 +67,50 @@ def verified_required(view):
     return checked
 
 
+def sign_in(user: User, remember: bool) -> None:
+    settings = config.current()
+    accounts.sign_in(user, remember, timedelta(hours=settings.sign_in_hours), timedelta(days=settings.remember_days))
+
+
+def current_membership() -> Membership:
+    """The signed-in person's membership of the team they work on: the one they switched to
+    (`session["team_id"]`) while they are still in it and it is open, else their personal team.
+    Looked up afresh on every request, so a removal takes effect at the next click."""
+    if "membership" not in g:
+        chosen = teams.membership(current_user, session.get("team_id", 0))
+        g.membership = chosen or teams.membership(current_user, teams.personal(current_user).id)
+    return g.membership
+
+
 def current_team() -> Team:
     """The team the signed-in person works on: the pages show its balance, keys and books."""
-    if "team" not in g:
-        g.team = teams.personal(current_user)
-    return g.team
+    return current_membership().team
+
+
+def can(permission: teams.Permission) -> bool:
+    """Whether the signed-in person's role in the current team allows `permission`."""
+    return teams.may(current_membership().role, permission)
 
 
 bp.add_app_template_global(current_team)
+bp.add_app_template_global(current_membership)
+bp.add_app_template_global(can)
+bp.add_app_template_global(teams.Permission, "Permission")
+
+
+def team_permission(permission: teams.Permission):
+    """What a role must allow in the current team for this view (after login_required): else 403."""
+
+    def decorator(view):
+        @functools.wraps(view)
+        def checked(*args, **kwargs):
+            if not can(permission):
+                abort(403, f"Your role in {current_team().name} ({current_membership().role}) does not allow this.")
+            return view(*args, **kwargs)
+
+        return checked
+
+    return decorator
 
 
 def packs() -> list[Pack]:
@@ -75,4 +118,4 @@ def packs() -> list[Pack]:
 
 
 # Each module adds its routes to bp.
-from app.dashboard import account, api_keys, auth, dev_outbox, history, overview, public, topups  # noqa: E402, F401
+from app.dashboard import account, api_keys, auth, dev_outbox, history, overview, public, team, topups  # noqa: E402, F401

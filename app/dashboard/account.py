@@ -11,8 +11,8 @@ from flask import (
 from flask_login import current_user, login_required, logout_user
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, billing
-from app.dashboard import bp, current_team
+from app import accounts, billing, teams
+from app.dashboard import bp, current_team, team_permission
 from app.extensions import db
 from app.forms import (
     AlertForm,
@@ -20,7 +20,9 @@ from app.forms import (
     DeleteForm,
     EmailForm,
     PasswordForm,
+    SwitchTeamForm,
 )
+from app.teams import Permission
 from app.urls import external_url
 
 
@@ -35,7 +37,12 @@ def _account_page(**forms):
     }
     status = 400 if any(form.errors for form in forms.values()) else 200
     page = render_template(
-        "dashboard/account.html", everywhere=ConfirmForm(), sign_ins=accounts.sign_ins(current_user), **forms
+        "dashboard/account.html",
+        everywhere=ConfirmForm(),
+        sign_ins=accounts.sign_ins(current_user),
+        memberships=teams.memberships(current_user),
+        switch=SwitchTeamForm(formdata=None),
+        **forms,
     )
     return page, status
 
@@ -115,6 +122,7 @@ def change_email(token: str):
 
 @bp.post("/account/alert")
 @login_required
+@team_permission(Permission.BILLING)
 def set_alert():
     form = AlertForm()
     if form.validate_on_submit():
@@ -137,7 +145,12 @@ def set_alert():
 def delete_account():
     form = DeleteForm()
     if form.validate_on_submit() and _current_password_ok(form):
-        accounts.delete_account(current_user)
+        try:
+            accounts.delete_account(current_user)
+        except teams.TeamError as error:
+            db.session.rollback()
+            form.current.errors.append(str(error))
+            return _account_page(delete_form=form)
         db.session.commit()
         logout_user()
         session.clear()

@@ -1,4 +1,4 @@
-"""API keys: created (the secret shown once), listed, revoked."""
+"""API keys: created (the secret shown once), listed, revoked; a developer sees and revokes only their own."""
 
 from flask import (
     abort,
@@ -11,24 +11,34 @@ from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from app import keys
-from app.dashboard import bp, current_team, verified_required
+from app.dashboard import bp, can, current_team, team_permission, verified_required
 from app.extensions import db
 from app.forms import (
     ConfirmForm,
     KeyForm,
 )
 from app.models import ApiKey
+from app.teams import Permission
+
+
+def _visible_keys():
+    """The current team's keys the member may see: all of them with MANAGE_KEYS, else the ones they made."""
+    query = select(ApiKey).where(ApiKey.team_id == current_team().id)
+    if not can(Permission.MANAGE_KEYS):
+        query = query.where(ApiKey.created_by_id == current_user.id)
+    return query
 
 
 def _own_key(key_id: int) -> ApiKey:
-    key = db.session.get(ApiKey, key_id)
-    if key is None or key.team_id != current_team().id:
+    key = db.session.scalar(_visible_keys().where(ApiKey.id == key_id))
+    if key is None:
         abort(404)
     return key
 
 
 @bp.route("/keys", methods=["GET", "POST"])
 @login_required
+@team_permission(Permission.SPEND)
 @verified_required
 def keys_page():
     form = KeyForm()
@@ -38,9 +48,7 @@ def keys_page():
         # The secret is in this one response and nowhere else: not in the session, not in the database.
         # Like every signed-in page, it is sent with Cache-Control: no-store (app/__init__.py).
         return render_template("dashboard/key_created.html", key=key, secret=secret)
-    user_keys = db.session.scalars(
-        select(ApiKey).where(ApiKey.team_id == current_team().id).order_by(ApiKey.created_at.desc(), ApiKey.id.desc())
-    ).all()
+    user_keys = db.session.scalars(_visible_keys().order_by(ApiKey.created_at.desc(), ApiKey.id.desc())).all()
     return render_template("dashboard/keys.html", form=form, keys=user_keys)
 
 
@@ -53,6 +61,7 @@ def key_created():
 
 @bp.route("/keys/<int:key_id>/revoke", methods=["GET", "POST"])
 @login_required
+@team_permission(Permission.SPEND)
 def revoke_key(key_id: int):
     key = _own_key(key_id)
     form = ConfirmForm()

@@ -1,7 +1,6 @@
 """Signing up, confirming the email, signing in and out, and resetting a password."""
 
 import math
-from datetime import timedelta
 
 from flask import (
     Response,
@@ -14,8 +13,8 @@ from flask import (
 from flask_login import current_user, login_required, logout_user
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, config, services
-from app.dashboard import bp, safe_next
+from app import accounts, services
+from app.dashboard import bp, safe_next, sign_in
 from app.dashboard.dev_outbox import dev_outbox_open
 from app.extensions import db
 from app.forms import (
@@ -25,13 +24,6 @@ from app.forms import (
     ResetForm,
     SignupForm,
 )
-from app.models import User
-
-
-def _sign_in(user: User, remember: bool) -> None:
-    settings = config.current()
-    accounts.sign_in(user, remember, timedelta(hours=settings.sign_in_hours), timedelta(days=settings.remember_days))
-
 
 # Accounts
 
@@ -138,7 +130,7 @@ def login():
             form.password.errors.append("This account is disabled. Contact the operator of this service.")
             return render_template("auth/login.html", form=form), 403
         if user is not None:
-            _sign_in(user, remember=form.remember.data)
+            sign_in(user, remember=form.remember.data)
             return redirect(safe_next(request.args.get("next")))
         throttle.login_failed(email, ip)
         form.password.errors.append("Wrong email or password.")

@@ -1,6 +1,7 @@
 """What was spent and when: the ledger and usage pages, their filters and CSV downloads."""
 
 import csv
+import dataclasses
 import io
 from typing import NamedTuple
 
@@ -11,16 +12,26 @@ from flask import (
     stream_with_context,
     url_for,
 )
-from flask_login import login_required
+from flask_login import current_user, login_required
 
-from app import usage
-from app.dashboard import PER_PAGE, bp, current_team
+from app import teams, usage
+from app.dashboard import PER_PAGE, bp, can, current_team, team_permission
 from app.extensions import db
 from app.models import LedgerEntry
+from app.teams import Permission
+
+
+def _usage_filters() -> usage.Filters:
+    """The filters asked for; a member who may not see everyone's usage sees their own requests only."""
+    filters = usage.Filters.from_args(request.args)
+    if not can(Permission.SEE_USAGE):
+        filters = dataclasses.replace(filters, member=str(current_user.id))
+    return filters
 
 
 @bp.get("/ledger")
 @login_required
+@team_permission(Permission.BILLING)
 def ledger_page():
     filters = usage.Filters.from_args(request.args)
     page = db.paginate(filters.ledger(current_team().id), page=usage.page_number(request.args), per_page=PER_PAGE)
@@ -30,7 +41,7 @@ def ledger_page():
 @bp.get("/usage")
 @login_required
 def usage_page():
-    filters = usage.Filters.from_args(request.args)
+    filters = _usage_filters()
     page = db.paginate(filters.usage(current_team().id), page=usage.page_number(request.args), per_page=PER_PAGE)
     series = usage.credits_per_day(current_team().id, filters)
     bars, top = usage.bars(series)
@@ -38,7 +49,8 @@ def usage_page():
         "dashboard/usage.html",
         page=page,
         filters=filters,
-        keys=usage.team_keys(current_team().id),
+        keys=usage.team_keys(current_team().id, None if can(Permission.SEE_USAGE) else current_user.id),
+        members=teams.members(current_team().id) if can(Permission.SEE_USAGE) else [],
         bars=bars,
         top=top,
         total=sum(credits for _, credits in series),
@@ -77,10 +89,11 @@ def _csv_download(name: str, header: list[str], rows) -> Response:
 @bp.get("/usage.csv")
 @login_required
 def usage_csv():
-    query = usage.Filters.from_args(request.args).usage(current_team().id).execution_options(yield_per=500)
+    query = _usage_filters().usage(current_team().id).execution_options(yield_per=500)
     header = [
         "time",
         "request_id",
+        "member",
         "key",
         "model",
         "voice",
@@ -98,7 +111,8 @@ def usage_csv():
         [
             speech.created_at.isoformat(),
             speech.id,
-            speech.api_key.prefix + "…" if speech.api_key else usage.PLAYGROUND,
+            csv_text(usage.member_name(speech.made_by)),
+            usage.key_name(speech),
             csv_text(speech.model),
             csv_text(speech.voice),
             csv_text(speech.response_format),
@@ -118,15 +132,17 @@ def usage_csv():
 
 @bp.get("/ledger.csv")
 @login_required
+@team_permission(Permission.BILLING)
 def ledger_csv():
     query = usage.Filters.from_args(request.args).ledger(current_team().id).execution_options(yield_per=500)
-    header = ["time", "kind", "credits", "balance_after", "reference", "note"]
+    header = ["time", "kind", "credits", "balance_after", "member", "key", "reference", "note"]
     rows = lambda: (  # noqa: E731
         [
             entry.created_at.isoformat(),
             entry.kind,
             entry.amount,
             entry.balance_after,
+            *(csv_text(value) for value in usage.ledger_by(entry)),
             csv_text(entry.reference),
             csv_text(entry.note or ""),
         ]
@@ -151,3 +167,5 @@ def ledger_link(entry: LedgerEntry) -> Link | None:
 
 
 bp.add_app_template_global(ledger_link)
+bp.add_app_template_global(usage.ledger_by)
+bp.add_app_template_global(usage.member_name)

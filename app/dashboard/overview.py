@@ -7,9 +7,10 @@ from flask_login import current_user
 from sqlalchemy import select
 
 from app import catalog, config, services, usage
-from app.dashboard import bp, current_team, packs
+from app.dashboard import bp, can, current_team, packs
 from app.extensions import db
-from app.models import ApiKey, LedgerEntry
+from app.models import ApiKey
+from app.teams import Permission
 
 
 @bp.get("/")
@@ -17,10 +18,13 @@ def home():
     """Visitors see what this is and what it costs; customers their overview."""
     if not current_user.is_authenticated:
         return render_template("public/landing.html", packs=packs(), samples=_samples())
-    ledger = db.session.scalars(
-        select(LedgerEntry).where(LedgerEntry.team_id == current_team().id).order_by(LedgerEntry.id.desc()).limit(10)
-    ).all()
-    recent = db.session.scalars(usage.Filters().usage(current_team().id).limit(10)).all()
+    # What the member's role shows: the ledger to billing roles, everyone's usage or their own.
+    ledger = []
+    if can(Permission.BILLING):
+        ledger = db.session.scalars(usage.Filters().ledger(current_team().id).limit(10)).all()
+    everyone = can(Permission.SEE_USAGE)
+    filters = usage.Filters(member="" if everyone else str(current_user.id))
+    recent = db.session.scalars(filters.usage(current_team().id).limit(10)).all()
     has_key = db.session.scalar(select(ApiKey.id).where(ApiKey.team_id == current_team().id).limit(1)) is not None
     return render_template(
         "dashboard/home.html",

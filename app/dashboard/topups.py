@@ -14,17 +14,19 @@ from flask_login import current_user, login_required
 from sqlalchemy import select
 
 from app import config, payments, services
-from app.dashboard import bp, current_team, packs, verified_required
+from app.dashboard import bp, current_team, packs, team_permission, verified_required
 from app.extensions import db
 from app.forms import (
     BuyForm,
 )
 from app.models import Payment
+from app.teams import Permission
 from app.urls import external_url
 
 
 @bp.get("/billing")
 @login_required
+@team_permission(Permission.BILLING)
 def billing_page():
     recent = db.session.scalars(
         select(Payment).where(Payment.team_id == current_team().id).order_by(Payment.id.desc()).limit(10)
@@ -40,6 +42,7 @@ def billing_page():
 
 @bp.post("/billing/checkout")
 @login_required
+@team_permission(Permission.BILLING)
 @verified_required
 def checkout():
     form = BuyForm()
@@ -74,6 +77,7 @@ def checkout():
 
 @bp.get("/billing/cancelled")
 @login_required
+@team_permission(Permission.BILLING)
 def billing_cancelled():
     """Back from Checkout's Cancel: the checkout its link names is expired at Stripe and shown as such.
 
@@ -92,6 +96,7 @@ def billing_cancelled():
 
 @bp.get("/billing/success")
 @login_required
+@team_permission(Permission.BILLING)
 def billing_success():
     payment = db.session.scalar(
         select(Payment).where(
