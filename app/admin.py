@@ -1,9 +1,11 @@
 """The admin console (/admin), for accounts marked admin (`flask users admin EMAIL`).
 
-Find a customer and see everything about their money on one page; grant or deduct
-credits with a reason (ledgered, naming the admin), set or clear unlimited, revoke
-keys, disable an account; lists of payments and of requests still charged (settled by
-the same code as `flask speech settle`); the audit's checks; totals per day. Every
+Find a person (their teams, their roles, disable the account) or a team (everything about
+its money on one page: members, keys and who made them, ledger, payments and requests with
+the member and key of each); grant or deduct a team's credits with a reason (ledgered,
+naming the admin), set or clear unlimited, disable a team, revoke keys; lists of payments
+and of requests still charged (settled by the same code as `flask speech settle`); the
+audit's checks; totals per day. Every
 action is a CSRF-protected form and writes an `AdminAction` row in its own transaction;
 the console only ever adds to that log. Anyone else gets 404: the console is not
 advertised.
@@ -29,9 +31,11 @@ from app.models import (
     ApiKey,
     LedgerEntry,
     LedgerKind,
+    Membership,
     Payment,
     SpeechRequest,
     SpeechState,
+    Team,
     User,
     utcnow,
 )
@@ -61,10 +65,16 @@ def admins_only():
 bp.before_request(refuse_control_characters)
 
 
-def record(action: str, user: User | None = None, details: str = "") -> None:
+def record(action: str, user: User | None = None, details: str = "", team: Team | None = None) -> None:
     """Add the admin action to the caller's transaction, so it lands with the change or not at all."""
     db.session.add(
-        AdminAction(admin_id=current_user.id, action=action, user_id=user.id if user else None, details=details[:500])
+        AdminAction(
+            admin_id=current_user.id,
+            action=action,
+            user_id=user.id if user else None,
+            team_id=team.id if team else None,
+            details=details[:500],
+        )
     )
 
 
@@ -73,6 +83,13 @@ def _customer(user_id: int) -> User:
     if user is None:
         abort(404)
     return user
+
+
+def _team(team_id: int) -> Team:
+    team = db.session.get(Team, team_id)
+    if team is None:
+        abort(404)
+    return team
 
 
 @bp.get("")
@@ -153,67 +170,112 @@ def users():
 
 @bp.get("/users/<int:user_id>")
 def customer(user_id: int):
+    """A person: their account's state, the teams they are in (with their role), what admins did to them."""
     user = _customer(user_id)
-    team = teams.personal(user)
     return render_template(
         "admin/customer.html",
         user=user,
-        team=team,
-        credit_form=CreditForm(formdata=None),
+        memberships=sorted(user.memberships, key=lambda membership: (not membership.team.personal, membership.team_id)),
         confirm=ConfirmForm(),
-        ledger=db.session.scalars(
-            select(LedgerEntry).where(LedgerEntry.team_id == team.id).order_by(LedgerEntry.id.desc()).limit(20)
-        ).all(),
-        keys=db.session.scalars(select(ApiKey).where(ApiKey.team_id == team.id).order_by(ApiKey.id)).all(),
-        payments=db.session.scalars(
-            select(Payment).where(Payment.team_id == team.id).order_by(Payment.id.desc()).limit(20)
-        ).all(),
-        requests=db.session.scalars(
-            select(SpeechRequest)
-            .where(SpeechRequest.team_id == team.id)
-            .order_by(SpeechRequest.created_at.desc())
-            .limit(20)
-        ).all(),
         actions=db.session.scalars(
             select(AdminAction).where(AdminAction.user_id == user.id).order_by(AdminAction.id.desc()).limit(20)
         ).all(),
     )
 
 
-@bp.post("/users/<int:user_id>/credits")
-def change_credits(user_id: int):
-    user = _customer(user_id)
+@bp.get("/teams")
+def teams_page():
+    """Teams by name (or part of it), id, or a member's email."""
+    query = request.args.get("q", "").strip()[:254]
+    found = []
+    if query:
+        found = db.session.scalars(
+            select(Team)
+            .where(
+                or_(
+                    Team.name.contains(query, autoescape=True),
+                    Team.id == (usage.whole_number(query, usage.MAX_ID) or -1),
+                    Team.id.in_(
+                        select(Membership.team_id)
+                        .join(User)
+                        .where(User.email.contains(accounts.normalize_email(query), autoescape=True))
+                    ),
+                )
+            )
+            .order_by(Team.id)
+            .limit(PER_PAGE)
+        ).all()
+    return render_template("admin/teams.html", query=query, teams=found)
+
+
+@bp.get("/teams/<int:team_id>")
+def team(team_id: int):
+    """A team's money on one page, each row with the member and key behind it."""
+    team = _team(team_id)
+    return render_template(
+        "admin/team.html",
+        team=team,
+        members=teams.members(team.id),
+        credit_form=CreditForm(formdata=None),
+        confirm=ConfirmForm(),
+        ledger=db.session.scalars(usage.Filters().ledger(team.id).limit(20)).all(),
+        keys=db.session.scalars(select(ApiKey).where(ApiKey.team_id == team.id).order_by(ApiKey.id)).all(),
+        payments=db.session.scalars(
+            select(Payment).where(Payment.team_id == team.id).order_by(Payment.id.desc()).limit(20)
+        ).all(),
+        requests=db.session.scalars(usage.Filters().usage(team.id).limit(20)).all(),
+        actions=db.session.scalars(
+            select(AdminAction).where(AdminAction.team_id == team.id).order_by(AdminAction.id.desc()).limit(20)
+        ).all(),
+    )
+
+
+@bp.post("/teams/<int:team_id>/credits")
+def change_credits(team_id: int):
+    team = _team(team_id)
     form = CreditForm()
     if not form.validate_on_submit():
         for errors in form.errors.values():
             flash(errors[0], "error")
-        return redirect(url_for("admin.customer", user_id=user.id))
+        return redirect(url_for("admin.team", team_id=team.id))
     note = f"{form.reason.data} (by admin {current_user.email})"
     try:
         if form.direction.data == "deduct":
-            balance = billing.deduct(teams.personal(user), form.amount.data, note)
+            balance = billing.deduct(team, form.amount.data, note)
         else:
-            balance = billing.grant(teams.personal(user), form.amount.data, note)
+            balance = billing.grant(team, form.amount.data, note)
     except billing.InsufficientCredits as short:
         db.session.rollback()
         flash(f"The balance is {short.balance:,}: {form.amount.data:,} cannot be deducted. Nothing changed.", "error")
-        return redirect(url_for("admin.customer", user_id=user.id))
-    record(form.direction.data, user, f"{form.amount.data} credits: {form.reason.data}")
+        return redirect(url_for("admin.team", team_id=team.id))
+    record(form.direction.data, details=f"{form.amount.data} credits: {form.reason.data}", team=team)
     db.session.commit()
     flash(f"{form.direction.data.capitalize()}ed {form.amount.data:,} credits; the balance is {balance:,}.", "success")
-    return redirect(url_for("admin.customer", user_id=user.id))
+    return redirect(url_for("admin.team", team_id=team.id))
 
 
-@bp.post("/users/<int:user_id>/unlimited")
-def toggle_unlimited(user_id: int):
-    user = _customer(user_id)
+@bp.post("/teams/<int:team_id>/unlimited")
+def toggle_unlimited(team_id: int):
+    team = _team(team_id)
     if ConfirmForm().validate_on_submit():
-        team = teams.personal(user)
         team.unlimited = not team.unlimited
-        record("unlimited on" if team.unlimited else "unlimited off", user)
+        record("unlimited on" if team.unlimited else "unlimited off", team=team)
         db.session.commit()
-        flash(f"{user.email} is {'now' if team.unlimited else 'no longer'} unlimited.", "success")
-    return redirect(url_for("admin.customer", user_id=user.id))
+        flash(f"Team {team.id} ({team.name}) is {'now' if team.unlimited else 'no longer'} unlimited.", "success")
+    return redirect(url_for("admin.team", team_id=team.id))
+
+
+@bp.post("/teams/<int:team_id>/disabled")
+def toggle_team_disabled(team_id: int):
+    """Disable a team (every key of it gets 401, the playground refuses) or enable it again."""
+    team = _team(team_id)
+    if ConfirmForm().validate_on_submit():
+        team.disabled_at = None if team.disabled_at else utcnow()
+        record("disable team" if team.disabled_at else "enable team", team=team)
+        db.session.commit()
+        state = "disabled: its keys get 401" if team.disabled_at else "enabled again"
+        flash(f"Team {team.id} ({team.name}) is {state}.", "success")
+    return redirect(url_for("admin.team", team_id=team.id))
 
 
 @bp.post("/users/<int:user_id>/disabled")
@@ -236,10 +298,10 @@ def revoke_key(key_id: int):
     if key is None:
         abort(404)
     if ConfirmForm().validate_on_submit() and keys.revoke(key):
-        record("revoke key", key.created_by, f"key {key.id} ({key.prefix}…)")
+        record("revoke key", key.created_by, f"key {key.id} ({key.prefix}…)", team=key.team)
         db.session.commit()
         flash(f"Key {key.prefix}… is revoked.", "success")
-    return redirect(url_for("admin.customer", user_id=key.created_by_id))
+    return redirect(url_for("admin.team", team_id=key.team_id))
 
 
 @bp.get("/payments")

@@ -5,13 +5,25 @@ import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from sqlalchemy import func, select
 
 from app import accounts, billing, keys, metering, teams
 from app.extensions import db
-from app.models import ApiKey, LedgerEntry, Membership, OutboxMail, Payment, SpeechRequest, Team, User, utcnow
+from app.models import (
+    ApiKey,
+    LedgerEntry,
+    MailStamp,
+    Membership,
+    OutboxMail,
+    Payment,
+    SpeechRequest,
+    Team,
+    User,
+    utcnow,
+)
 
 _counter = iter(range(1, 10**9))
 
@@ -85,14 +97,19 @@ def race_charges(app, customer: "Customer", count: int, characters: int) -> Coun
         return Counter(pool.map(charge, range(count)))
 
 
-def charge_speech(team_id: int, characters: int, **fields) -> SpeechRequest:
-    """One speech request charged to the team's first key, inside the caller's app context (`fields`: a request_id…)."""
+def charge_speech(
+    team_id: int, characters: int, made_by_id: int | None = None, key_id: int | None = None, **fields
+) -> SpeechRequest:
+    """One speech request charged to the team, inside the caller's app context (`fields`: a request_id…):
+    through the team's first key, or made by `made_by_id` with `key_id` (None: the playground)."""
     team = db.session.get(Team, team_id)
-    key = db.session.scalars(select(ApiKey).where(ApiKey.team_id == team_id).order_by(ApiKey.id)).first()
+    if made_by_id is None:
+        key = db.session.scalars(select(ApiKey).where(ApiKey.team_id == team_id).order_by(ApiKey.id)).first()
+        made_by_id, key_id = key.created_by_id, key.id
     paid = metering.charge_speech(
         team.id,
-        key.created_by_id,
-        key.id,
+        made_by_id,
+        key_id,
         unlimited=team.unlimited,
         characters=characters,
         model="kokoro",
@@ -198,6 +215,14 @@ def mails(app, recipient: str | None = None, kind: str | None = None) -> list[Ou
         rows = db.session.scalars(query).all()
         db.session.expunge_all()
         return rows
+
+
+def time_passes(app, minutes=5):
+    """The mail stamps are `minutes` older: as if that time had passed since each mail was queued."""
+    with app.app_context():
+        for stamp in db.session.scalars(select(MailStamp)):
+            stamp.sent_at -= timedelta(minutes=minutes)
+        db.session.commit()
 
 
 def mail_link(app, recipient: str, kind: str) -> str:

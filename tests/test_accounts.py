@@ -9,7 +9,6 @@ import re
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import timedelta
 
 import pytest
 from flask_migrate import downgrade, upgrade
@@ -333,12 +332,7 @@ def _keys(app, user_id):
 # One free trial per person (issue 28: trial farming)
 
 
-def time_passes(app, minutes=5):
-    """The mail stamps are `minutes` older: as if that time had passed since each mail was queued."""
-    with app.app_context():
-        for stamp in db.session.scalars(select(MailStamp)):
-            stamp.sent_at -= timedelta(minutes=minutes)
-        db.session.commit()
+time_passes = factories.time_passes
 
 
 def sign_up_and_verify(app, email, ip="192.0.2.10"):

@@ -5,8 +5,9 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select, update
 
+from app import accounts, billing, keys, teams
 from app.extensions import db
-from app.models import AdminAction, SpeechRequest, Team, utcnow
+from app.models import AdminAction, SpeechRequest, Team, TeamRole, User, utcnow
 from tests import factories
 from tests.stripe_helpers import checkout_session, deliver, event
 
@@ -42,28 +43,39 @@ def actions(app):
 
 
 def test_the_console_is_not_there_for_anyone_but_admins(app, web, shopper):
-    for path in ("/admin", "/admin/users?q=a", f"/admin/users/{shopper.user_id}", "/admin/payments", "/admin/audit"):
+    for path in (
+        "/admin",
+        "/admin/users?q=a",
+        f"/admin/users/{shopper.user_id}",
+        "/admin/teams?q=a",
+        f"/admin/teams/{shopper.team_id}",
+        "/admin/payments",
+        "/admin/audit",
+    ):
         assert app.test_client().get(path).status_code == 404
     web.login(shopper.email)
     assert web.get("/admin").status_code == 404
-    assert web.post(f"/admin/users/{shopper.user_id}/unlimited").status_code == 404
+    assert web.post(f"/admin/teams/{shopper.team_id}/unlimited").status_code == 404
+    assert web.get(f"/admin/teams/{shopper.team_id}").status_code == 404
     assert "Admin" not in web.get("/keys").get_data(as_text=True).split("</nav>")[0]
 
 
 def test_an_admin_finds_a_customer_and_sees_their_money_on_one_page(app, admin, shopper):
     found = admin.get("/admin/users?q=CUSTOMER").get_data(as_text=True)
     assert f'href="/admin/users/{shopper.user_id}">{shopper.email}</a>' in found
-    page = admin.get(f"/admin/users/{shopper.user_id}").get_data(as_text=True)
+    person = admin.get(f"/admin/users/{shopper.user_id}").get_data(as_text=True)
+    assert f'href="/admin/teams/{shopper.team_id}">{shopper.team_id}: Personal</a>' in person
+    page = admin.get(f"/admin/teams/{shopper.team_id}").get_data(as_text=True)
     assert "10,920" in page  # 1,000 + 10,000 − 2 × 40
     assert "cs_test_admin" in page and "pi_admin" in page and '<span class="tag paid">paid</span>' in page
     assert page.count('data-label="Voice"') == 2 and "topup" in page and "kp_live_" in page
 
 
 def test_grants_and_deductions_are_ledgered_with_the_reason_and_the_admin(app, admin, shopper):
-    url = f"/admin/users/{shopper.user_id}/credits"
-    admin.get(f"/admin/users/{shopper.user_id}")
+    url = f"/admin/teams/{shopper.team_id}/credits"
+    admin.get(f"/admin/teams/{shopper.team_id}")
     admin.post(url, {"direction": "grant", "amount": "500", "reason": "Sorry for the outage"})
-    admin.get(f"/admin/users/{shopper.user_id}")
+    admin.get(f"/admin/teams/{shopper.team_id}")
     too_much = admin.client.post(
         url,
         data={"direction": "deduct", "amount": "99999", "reason": "x", "csrf_token": admin.token},
@@ -82,7 +94,7 @@ def test_grants_and_deductions_are_ledgered_with_the_reason_and_the_admin(app, a
     ]
     # Without its CSRF token nothing happens; a bad amount is refused.
     assert admin.post(url, {"direction": "grant", "amount": "5", "reason": "forged"}, csrf=False).status_code == 400
-    admin.get(f"/admin/users/{shopper.user_id}")
+    admin.get(f"/admin/teams/{shopper.team_id}")
     admin.post(url, {"direction": "grant", "amount": "-5", "reason": "negative"})
     assert factories.balance(app, shopper.team_id) == 11_400 and len(actions(app)) == 2
     factories.assert_books_balance(app, shopper.team_id)
@@ -91,8 +103,8 @@ def test_grants_and_deductions_are_ledgered_with_the_reason_and_the_admin(app, a
 def test_unlimited_revoke_and_disable_take_effect_at_once(app, admin, shopper):
     api = app.test_client()
     assert api.get("/v1/balance", headers=shopper.headers).json["unlimited"] is False
-    admin.get(f"/admin/users/{shopper.user_id}")
-    admin.post(f"/admin/users/{shopper.user_id}/unlimited")
+    admin.get(f"/admin/teams/{shopper.team_id}")
+    admin.post(f"/admin/teams/{shopper.team_id}/unlimited")
     assert api.get("/v1/balance", headers=shopper.headers).json["unlimited"] is True
 
     customer_web = factories.WebClient(app.test_client())
@@ -158,8 +170,8 @@ def test_totals_per_day(app, admin, shopper):
 
 
 def test_the_admin_log_cannot_be_changed_from_the_console(app, admin, shopper):
-    admin.get(f"/admin/users/{shopper.user_id}")
-    admin.post(f"/admin/users/{shopper.user_id}/unlimited")
+    admin.get(f"/admin/teams/{shopper.team_id}")
+    admin.post(f"/admin/teams/{shopper.team_id}/unlimited")
     log = admin.get("/admin/log").get_data(as_text=True)
     assert "boss@example.com" in log and "unlimited on" in log
     for method in ("post", "put", "delete"):
@@ -172,6 +184,9 @@ def test_the_admin_log_cannot_be_changed_from_the_console(app, admin, shopper):
         "/admin/users?q=%C2%B2",
         "/admin/users?q=99999999999999999999",
         "/admin/users?q=2147483648",
+        "/admin/teams?q=%C2%B2",
+        "/admin/teams?q=99999999999999999999",
+        "/admin/teams?q=100%25",
         "/admin/payments?page=99999999999999999999",
         "/admin/payments?page=%C2%B2",
         "/admin/log?page=-1",
@@ -190,5 +205,72 @@ def test_an_admin_search_for_a_control_character_is_refused_with_400(app, admin,
 
 def test_an_id_too_big_for_the_database_in_a_path_is_404_not_a_500(app, admin, shopper, web):
     assert admin.get("/admin/users/99999999999999999999").status_code == 404
+    assert admin.get("/admin/teams/99999999999999999999").status_code == 404
     web.login(shopper.email, PASSWORD)
     assert web.get("/keys/99999999999999999999/revoke").status_code == 404
+
+
+def acme_with_a_developer(app, shopper):
+    """A shared team Acme (the shopper owns it) with 500 credits and a developer, dev@example.com, who spent
+    30 credits through a key of theirs; (team id, the developer's key secret, its prefix)."""
+    with app.app_context():
+        owner = db.session.get(User, shopper.user_id)
+        acme = teams.create("Acme", owner)
+        dev = accounts.create_user("dev@example.com")
+        db.session.flush()
+        teams.add_member(acme, dev, TeamRole.DEVELOPER)
+        billing.grant(acme, 500, "test credits")
+        key, secret = keys.create_key(acme, dev, "dev laptop")
+        db.session.flush()
+        factories.charge_speech(acme.id, 30, made_by_id=dev.id, key_id=key.id)
+        db.session.commit()
+        return acme.id, secret, key.prefix
+
+
+def test_an_admin_finds_a_team_by_name_or_member_and_sees_who_did_what(app, admin, shopper):
+    team_id, _, prefix = acme_with_a_developer(app, shopper)
+    for query in ("acm", "dev@example", str(team_id)):
+        found = admin.get(f"/admin/teams?q={query}").get_data(as_text=True)
+        assert f'href="/admin/teams/{team_id}">Acme</a>' in found, query
+    page = admin.get(f"/admin/teams/{team_id}").get_data(as_text=True)
+    # The admin's own (empty) team is in the balance banner; every form on the page acts on Acme.
+    assert 'id="balance-banner"' in page and 'id="balance">470 <small>' in page
+    assert f'action="/admin/teams/{team_id}/credits"' in page and f'action="/admin/teams/{team_id}/unlimited"' in page
+    members = page.split('id="team-members"')[1].split("</table>")[0]
+    assert "dev@example.com</a></td>" in members and ">developer<" in members and shopper.email in members
+    keys_table = page.split('id="customer-keys"')[1].split("</table>")[0]
+    assert f"<code>{prefix}…</code>" in keys_table and 'data-label="Made by">dev@example.com' in keys_table
+    assert 'data-label="Member">dev@example.com' in page  # the request
+    assert f'data-label="By">dev@example.com <code>{prefix}…</code>' in page  # its ledger row
+    assert "470" in page
+    # The person's page lists both their teams.
+    person = admin.get(f"/admin/users/{shopper.user_id}").get_data(as_text=True)
+    assert f"{shopper.team_id}: Personal" in person and f"{team_id}: Acme" in person
+
+
+def test_a_disabled_team_s_keys_get_401_until_it_is_enabled(app, admin, shopper):
+    team_id, secret, _ = acme_with_a_developer(app, shopper)
+    api = app.test_client()
+    headers = {"Authorization": f"Bearer {secret}"}
+    assert api.get("/v1/balance", headers=headers).json["balance"] == 470
+    admin.get(f"/admin/teams/{team_id}")
+    admin.post(f"/admin/teams/{team_id}/disabled")
+    refused = api.get("/v1/balance", headers=headers)
+    assert refused.status_code == 401
+    assert refused.json["detail"] == "This key's team is disabled. Contact the operator of this service."
+    # The owner's personal team is not touched; the playground refuses for Acme.
+    assert api.get("/v1/balance", headers=shopper.headers).status_code == 200
+    owner = factories.WebClient(app.test_client())
+    owner.login(shopper.email, PASSWORD)
+    owner.get("/account")
+    owner.post("/teams/switch", {"team": team_id})
+    owner.get("/playground")
+    speech = {"input": "Hello.", "voice": "af_sky"}
+    spoken = owner.client.post("/playground/speech", json=speech, headers={"X-CSRFToken": owner.token})
+    assert spoken.status_code == 403 and spoken.json["error"]["code"] == "team_disabled"
+    admin.get(f"/admin/teams/{team_id}")
+    admin.post(f"/admin/teams/{team_id}/disabled")
+    assert api.get("/v1/balance", headers=headers).status_code == 200
+    with app.app_context():
+        logged = db.session.scalars(select(AdminAction).where(AdminAction.team_id == team_id)).all()
+        assert [row.action for row in logged] == ["disable team", "enable team"]

@@ -246,6 +246,7 @@ CUSTOMER_PAGES = {
     "ledger": "/ledger",
     "billing": "/billing",
     "account": "/account",
+    "team": "/team",
     "docs-signed-in": "/docs",
 }
 
@@ -434,6 +435,7 @@ def test_the_playground_shows_the_cost_plays_and_updates_the_balance(browser, fu
 ADMIN_PAGES = {
     "admin-totals": "/admin",
     "admin-customers": "/admin/users?q=customer",
+    "admin-teams": "/admin/teams?q=customer",
     "admin-payments": "/admin/payments",
     "admin-charged": "/admin/charged",
     "admin-audit": "/admin/audit",
@@ -460,19 +462,66 @@ def test_an_admin_grants_credits_and_disables_an_account_in_the_browser(browser,
     page.wait_for_url(f"{site}/admin/users/{user_id}")
     page.wait_for_load_state("load")
     check_page(page, "admin-customer", width, database_uri)
-    before = factories.balance(app, factories.team_of(app, user_id))
+    team_id = factories.team_of(app, user_id)
+    page.click(f"text={team_id}: Personal")
+    page.wait_for_url(f"{site}/admin/teams/{team_id}")
+    page.wait_for_load_state("load")
+    check_page(page, "admin-team", width, database_uri)
+    before = factories.balance(app, team_id)
     page.check("input[value=grant]")
     page.fill("#amount", "1234")
     page.fill("#reason", "Refund for a bad day")
     page.click("text=Apply")
     expect(page.locator(".flash.success")).to_contain_text("Granted 1,234 credits")
-    assert factories.balance(app, factories.team_of(app, user_id)) == before + 1234
+    assert factories.balance(app, team_id) == before + 1234
+    page.goto(f"{site}/admin/users/{user_id}")
     page.click("text=Disable account")
     expect(page.locator(".flash.success")).to_contain_text("disabled")
     page.goto(f"{site}/admin/log")
     expect(page.locator("#admin-log")).to_contain_text("Refund for a bad day")
     expect(page.locator("#admin-log")).to_contain_text("disable")
     context.close()
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_an_owner_invites_a_developer_who_joins_from_the_mail(app, site, browser, width, database_uri):
+    owner_email = factories.customer(app, password="correct horse battery").email
+    owner = browser.new_context(viewport=WIDTHS[width], has_touch=True, is_mobile=width == "phone").new_page()
+    sign_in(owner, site, owner_email)
+    owner.goto(f"{site}/team")
+    check_page(owner, "team-personal", width, database_uri)
+    owner.fill("#name", "Acme Sound")
+    owner.click("text=Make the team")
+    owner.wait_for_url(f"{site}/team")
+    expect(owner.locator("[data-team]")).to_have_text("Acme Sound")
+    owner.fill("#email", "dev@example.com")
+    owner.select_option("#role", "developer")
+    owner.click("text=Send invitation")
+    expect(owner.locator(".flash.success")).to_contain_text("We mailed an invitation to dev@example.com")
+    expect(owner.locator("#invitations")).to_contain_text("dev@example.com")
+    check_page(owner, "team-invited", width, database_uri)
+
+    # The invitee opens the mail's link in a browser of their own and makes an account with it.
+    invitee = browser.new_context(viewport=WIDTHS[width], has_touch=True, is_mobile=width == "phone").new_page()
+    invitee.goto(site + factories.mail_link(app, "dev@example.com", "invitation"))
+    expect(invitee.locator("h1")).to_have_text("Join Acme Sound")
+    check_page(invitee, "invitation", width, database_uri)
+    invitee.fill("#password", "correct horse battery")
+    invitee.fill("#confirm", "correct horse battery")
+    invitee.click("text=Make my account and join")
+    invitee.wait_for_url(f"{site}/")
+    expect(invitee.locator(".flash.success")).to_contain_text("Welcome to Acme Sound: you are developer here.")
+    expect(invitee.locator("[data-team]")).to_have_text("Acme Sound")
+    check_page(invitee, "overview-as-developer", width, database_uri)
+    # A developer's menu has no "Buy credits"; their keys spend the team's balance.
+    assert invitee.locator("#site-nav >> text=Buy credits").count() == 0
+
+    owner.reload()
+    expect(owner.locator("#members")).to_contain_text("dev@example.com")
+    expect(owner.locator("#invitations")).to_contain_text("No invitation is waiting")
+    check_page(owner, "team-members", width, database_uri)
+    owner.context.close()
+    invitee.context.close()
 
 
 def box(page, selector):

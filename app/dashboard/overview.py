@@ -25,7 +25,11 @@ def home():
     everyone = can(Permission.SEE_USAGE)
     filters = usage.Filters(member="" if everyone else str(current_user.id))
     recent = db.session.scalars(filters.usage(current_team().id).limit(10)).all()
-    has_key = db.session.scalar(select(ApiKey.id).where(ApiKey.team_id == current_team().id).limit(1)) is not None
+    # The next step is a key of one's own, unless one sees (and may use) everyone's.
+    keys = select(ApiKey.id).where(ApiKey.team_id == current_team().id)
+    if not can(Permission.MANAGE_KEYS):
+        keys = keys.where(ApiKey.created_by_id == current_user.id)
+    has_key = db.session.scalar(keys.limit(1)) is not None
     return render_template(
         "dashboard/home.html",
         ledger=ledger,
