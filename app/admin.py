@@ -193,7 +193,7 @@ def teams_page():
             select(Team)
             .where(
                 or_(
-                    Team.name.contains(query, autoescape=True),
+                    Team.name.icontains(query, autoescape=True),
                     Team.id == (usage.whole_number(query, usage.MAX_ID) or -1),
                     Team.id.in_(
                         select(Membership.team_id)
