@@ -1,5 +1,7 @@
 """Dashboard forms (Flask-WTF: every one carries a CSRF token)."""
 
+import unicodedata
+
 from flask_wtf import FlaskForm
 from wtforms import BooleanField, EmailField, HiddenField, IntegerField, PasswordField, SelectField, StringField
 from wtforms.fields.choices import SelectChoice
@@ -109,8 +111,15 @@ def role_choices(roles) -> list[SelectChoice]:
     return [SelectChoice(role.value, role.value.capitalize()) for role in roles]
 
 
+def one_line_of_text(form, field) -> None:
+    """Text shown in page headers and mail subjects: no line break, control or formatting character
+    (a right-to-left override would reverse how the rest reads)."""
+    if any(unicodedata.category(character).startswith("C") for character in field.data or ""):
+        raise ValidationError("Use one line of plain text: no line breaks, control or formatting characters.")
+
+
 class TeamForm(FlaskForm):
-    name = StringField("Team name", validators=[DataRequired(), Length(max=100)])
+    name = StringField("Team name", validators=[DataRequired(), Length(max=100), one_line_of_text])
 
 
 class SwitchTeamForm(FlaskForm):

@@ -68,8 +68,9 @@ def create_personal(user: User) -> Team:
 
 
 def create(name: str, owner: User) -> Team:
-    """Add a team of `owner`'s (not personal: it starts empty, with no trial) to the session."""
-    team = Team(name=name.strip()[:100], personal=False, balance=0)
+    """Add a team of `owner`'s (not personal: it starts empty, with no trial) to the session; its name is
+    made one line (the dashboard's form refuses control and formatting characters before this)."""
+    team = Team(name=" ".join(name.split())[:100], personal=False, balance=0)
     db.session.add(team)
     add_member(team, owner, TeamRole.OWNER)
     return team
@@ -154,13 +155,34 @@ def _check_may_change(actor: Membership, target: Membership, new_role: TeamRole 
         raise TeamError("Your role does not allow changing members.")
 
 
-def change_role(actor: Membership, target: Membership, role: TeamRole) -> None:
-    """Give `target` a new role; the last owner keeps theirs. Raises TeamError."""
+def change_role(actor: Membership, target: Membership, role: TeamRole) -> int:
+    """Give `target` a new role; the last owner keeps theirs. What the new role may not do goes with the
+    old one: keys they made, when it has no keys (`spend`), and invitations they sent that it could not
+    give. The number of keys revoked. Raises TeamError."""
     _check_may_change(actor, target, role)
     _lock(target.team_id)
     if target.role == TeamRole.OWNER and role != TeamRole.OWNER and _owners(target.team_id) <= 1:
         raise TeamError("A team needs an owner: make someone else owner first.")
     target.role = role
+    _cancel_invitations_beyond(target.team_id, target.user_id, role)
+    return 0 if may(role, Permission.SPEND) else revoke_keys(target.team_id, target.user_id)
+
+
+def _cancel_invitations_beyond(team_id: int, user_id: int, role: TeamRole | None) -> None:
+    """Cancel the pending invitations `user_id` sent for the team that `role` (None: no role) could not give."""
+    now = utcnow()
+    allowed = roles_given_by(role) if role is not None and may(role, Permission.MANAGE_MEMBERS) else []
+    db.session.execute(
+        update(Invitation)
+        .where(
+            Invitation.team_id == team_id,
+            Invitation.invited_by_id == user_id,
+            Invitation.role.not_in(allowed),
+            _pending(now),
+        )
+        .values(cancelled_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def remove(actor: Membership, target: Membership) -> int:
@@ -175,6 +197,7 @@ def remove(actor: Membership, target: Membership) -> int:
     if target.role == TeamRole.OWNER and _owners(target.team_id) <= 1:
         raise TeamError("A team needs an owner: make someone else owner first, or close the team.")
     revoked = revoke_keys(target.team_id, target.user_id)
+    _cancel_invitations_beyond(target.team_id, target.user_id, None)
     db.session.delete(target)
     return revoked
 
@@ -215,6 +238,7 @@ def leave_every_team(user: User) -> None:
             raise TeamError(
                 f"You are the only owner of the team {found.team.name}: make someone else owner, or close it, first."
             )
+        _cancel_invitations_beyond(found.team_id, found.user_id, None)
         db.session.delete(found)
 
 
@@ -283,6 +307,14 @@ def accept(invitation_id: int, nonce: str, user: User) -> Membership:
     invitation = db.session.get(Invitation, invitation_id)
     if invitation is None or invitation.nonce != nonce:
         raise TeamError("This invitation link is not valid any more: ask for a new one.")
+    sender = db.session.scalar(
+        select(Membership.role).where(
+            Membership.team_id == invitation.team_id, Membership.user_id == invitation.invited_by_id
+        )
+    )
+    if sender is None or invitation.role not in roles_given_by(sender):
+        # Sent by someone who has left the team, or may no longer give that role.
+        raise TeamError("Whoever sent this invitation can no longer give it: ask the team for a new one.")
     if invitation.email != user.email:
         raise TeamError(
             f"This invitation is for {invitation.email}; you are signed in as {user.email}. "

@@ -152,6 +152,39 @@ def test_a_refusal_for_good_is_kept_as_failed_and_a_temporary_one_is_tried_again
     assert outbox(mail_app)[-1].state == MailState.QUEUED
 
 
+def test_a_mail_whose_headers_cannot_be_written_fails_alone_and_the_round_goes_on(mail_app, port):
+    # Stored before anything made subjects one line: a line break no mail header may carry.
+    with mail_app.app_context():
+        row = mail.send("email_changed", "someone@example.com", new_email="elsewhere@example.com")
+        row.subject = "Team Acme\r\nBcc: victim@example.com"
+        db.session.commit()
+    web = factories.WebClient(mail_app.test_client())
+    web.register("good@example.com")
+    with smtp_server(port, Inbox()) as inbox:
+        assert deliver(mail_app) == {"failed": 1, "sent": 1}
+    [received] = inbox.messages
+    assert received["To"] == "good@example.com"
+    bad = factories.mails(mail_app, "someone@example.com")[0]
+    assert bad.state == MailState.FAILED and "cannot be written" in bad.last_error
+    with smtp_server(port, Inbox()) as inbox:
+        assert deliver(mail_app) == {}
+
+
+def test_a_subject_is_one_line_whatever_its_template_was_given(mail_app):
+    with mail_app.app_context():
+        row = mail.send(
+            "invitation",
+            "dev@example.com",
+            team="Acme\r\n\r\nBcc: x",
+            inviter="a@example.com",
+            role="developer",
+            link="https://pay.example.test/i",
+            days=7,
+        )
+        assert "\n" not in row.subject and "\r" not in row.subject
+        assert row.subject == "a@example.com invited you to the team Acme Bcc: x on kokoro-pay"
+
+
 def queue_to(app, *recipients):
     """A mail to each of `recipients`, as stored (whatever they are), committed."""
     with app.app_context():

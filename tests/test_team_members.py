@@ -11,7 +11,7 @@ import threading
 import pytest
 import requests
 from flask_migrate import downgrade, upgrade
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
 from app import accounts, billing, teams
 from app.audit import audit
@@ -456,3 +456,93 @@ def test_migration_0011_goes_back_with_invitations_pending_but_not_while_a_team_
         assert "1 teams are closed or disabled" in capfd.readouterr().err
         db.session.rollback()
         assert db.session.get(Team, team_id).closed_at is not None
+
+
+# What a change of role or membership takes with it
+
+
+@pytest.mark.parametrize(
+    "name", ["Acme\r\nBcc: victim@example.com", "Acme\n\nClick here", "Acme\u202eevil", "Acme\x00"]
+)
+def test_a_team_name_is_one_line_of_plain_text(app, web, name):
+    factories.signed_up(app, web, "owner@example.com")
+    web.get("/team")
+    answer = web.post("/teams", {"name": name})
+    assert answer.status_code == 400
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(Team)) == 1
+
+
+def test_a_member_moved_to_billing_keeps_no_key(app, web):
+    team_id = acme(app, web)
+    dev = joined(app, team_id, "dev@example.com")
+    secret = new_key(app, dev)
+    headers = {"Authorization": f"Bearer {secret}"}
+    assert app.test_client().get("/v1/balance", headers=headers).status_code == 200
+    web.get("/team")
+    changed = web.post(
+        f"/team/members/{member(app, team_id, 'dev@example.com').id}/role", {"role": "billing"}, follow_redirects=True
+    )
+    assert "the 1 key(s) they made are revoked (a billing has none)" in changed.get_data(as_text=True)
+    assert app.test_client().get("/v1/balance", headers=headers).status_code == 401
+    # Back to developer: the old key stays revoked; a new one works.
+    web.get("/team")
+    web.post(f"/team/members/{member(app, team_id, 'dev@example.com').id}/role", {"role": "developer"})
+    assert app.test_client().get("/v1/balance", headers=headers).status_code == 401
+
+
+@pytest.mark.parametrize("then", ["removed", "demoted"])
+def test_an_invitation_goes_with_the_power_of_whoever_sent_it(app, web, then):
+    team_id = acme(app, web)
+    admin = joined(app, team_id, "admin@example.com", "admin")
+    invite(admin, "friend@example.com", "admin")
+    link = factories.mail_link(app, "friend@example.com", "invitation")
+    web.get("/team")
+    sender = member(app, team_id, "admin@example.com").id
+    if then == "removed":
+        web.post(f"/team/members/{sender}/remove")
+    else:
+        web.post(f"/team/members/{sender}/role", {"role": "developer"})
+    visitor = factories.WebClient(app.test_client())
+    assert visitor.get(link).status_code == 404
+    assert visitor.post(link, {"password": PASSWORD, "confirm": PASSWORD}).status_code in (400, 404)
+    assert member(app, team_id, "friend@example.com") is None
+    with app.app_context():
+        assert accounts.find_by_email("friend@example.com") is None
+
+
+def test_an_invitation_whose_sender_lost_the_power_to_give_it_is_refused_at_accept(app, web):
+    """Should an invitation stay pending (written before senders' invitations were cancelled with them),
+    accepting checks the sender still may give its role."""
+    team_id = acme(app, web)
+    admin = joined(app, team_id, "admin@example.com", "admin")
+    invite(admin, "friend@example.com", "admin")
+    link = factories.mail_link(app, "friend@example.com", "invitation")
+    with app.app_context():
+        db.session.execute(
+            update(Membership)
+            .where(Membership.id == member(app, team_id, "admin@example.com").id)
+            .values(role=TeamRole.DEVELOPER)
+        )
+        db.session.commit()
+    visitor = factories.WebClient(app.test_client())
+    visitor.get(link)
+    answer = visitor.post(link, {"password": PASSWORD, "confirm": PASSWORD}, follow_redirects=True)
+    assert "can no longer give it" in answer.get_data(as_text=True)
+    assert member(app, team_id, "friend@example.com") is None
+    with app.app_context():
+        assert accounts.find_by_email("friend@example.com") is None
+
+
+def test_accepting_an_invitation_confirms_the_address_it_was_sent_to(app, web):
+    team_id = acme(app, web)
+    invitee = factories.WebClient(app.test_client())
+    invitee.register("dev@example.com")  # never opened the verification mail
+    invite(web, "dev@example.com")
+    link = factories.mail_link(app, "dev@example.com", "invitation")
+    invitee.login("dev@example.com", next_url=link)
+    invitee.get(link)
+    assert invitee.post(link).status_code == 302
+    with app.app_context():
+        assert accounts.find_by_email("dev@example.com").verified
+    assert member(app, team_id, "dev@example.com").role == "developer"

@@ -68,6 +68,7 @@ class Team_:
     keys: dict = field(default_factory=dict)  # person id → key id
     member_ids: dict = field(default_factory=dict)  # "actor", "owner", … → membership id
     invitation: int = 0
+    owner_invitation: int = 0
     session_id: str = ""
     n: int = 0
 
@@ -109,7 +110,7 @@ def bought(app, team, response):
 
 
 def invited(app, team, response):
-    assert one(app, select(func.count()).where(Invitation.team_id == team.id)) == 2
+    assert one(app, select(func.count()).where(Invitation.team_id == team.id)) == 3
     assert one(app, select(func.count()).where(OutboxMail.recipient == f"new{team.n}@example.com")) == 1
 
 
@@ -238,6 +239,35 @@ CASES = [
         works=invited,
     ),
     Case(
+        "invite an owner",
+        "POST",
+        lambda t: "/team/invitations",
+        OWNERS,
+        "dashboard.invite",
+        data=lambda t: {"email": f"new{t.n}@example.com", "role": "owner"},
+        works=invited,
+    ),
+    Case(
+        "resend an invitation to be owner",
+        "POST",
+        lambda t: f"/team/invitations/{t.owner_invitation}/resend",
+        OWNERS,
+        "dashboard.resend_invitation",
+        works=lambda app, t, r: (
+            one(app, select(Invitation.nonce).where(Invitation.id == t.owner_invitation)) != "owner"
+        ),
+    ),
+    Case(
+        "cancel an invitation to be owner",
+        "POST",
+        lambda t: f"/team/invitations/{t.owner_invitation}/cancel",
+        OWNERS,
+        "dashboard.cancel_invitation",
+        works=lambda app, t, r: (
+            one(app, select(Invitation.cancelled_at).where(Invitation.id == t.owner_invitation)) is not None
+        ),
+    ),
+    Case(
         "resend an invitation",
         "POST",
         lambda t: f"/team/invitations/{t.invitation}/resend",
@@ -355,10 +385,20 @@ def make_team(app, actor: User, role: TeamRole, n: int) -> Team_:
             expires_at=utcnow() + timedelta(days=7),
         )
         db.session.add(invitation)
+        to_be_owner = Invitation(
+            team_id=team.id,
+            email=f"future-owner{n}@example.com",
+            role=TeamRole.OWNER,
+            invited_by_id=case.owner,
+            nonce="owner",
+            expires_at=utcnow() + timedelta(days=7),
+        )
+        db.session.add(to_be_owner)
         case.session_id = f"cs_team_{n}"
         factories.starter_payment(team.id, case.session_id)
         db.session.commit()
         case.invitation = invitation.id
+        case.owner_invitation = to_be_owner.id
         return case
 
 

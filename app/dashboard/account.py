@@ -130,8 +130,11 @@ def set_alert():
         # A new threshold arms the alert again: the next debit that crosses it sends one mail.
         current_team().low_balance_sent_at = None
         db.session.commit()
+        team = current_team()
+        whom = "you" if team.personal else f"{team.name}'s owners, admins and billing members"
+        whose = "your" if team.personal else f"{team.name}'s"
         message = (
-            f"We will email you when your balance falls below {form.threshold.data:,} credits."
+            f"We will email {whom} when {whose} balance falls below {form.threshold.data:,} credits."
             if form.threshold.data
             else "Low-balance emails are off."
         )

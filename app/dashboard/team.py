@@ -98,11 +98,12 @@ def change_role(membership_id: int):
     if not form.validate_on_submit():
         abort(400, "Choose one of the roles.")
     try:
-        teams.change_role(current_membership(), target, TeamRole(form.role.data))
+        revoked = teams.change_role(current_membership(), target, TeamRole(form.role.data))
     except teams.TeamError as error:
         _refused(error)
     db.session.commit()
-    flash(f"{target.user.email} is now {target.role} of {target.team.name}.", "success")
+    keys_gone = f"; the {revoked} key(s) they made are revoked (a {target.role} has none)" if revoked else ""
+    flash(f"{target.user.email} is now {target.role} of {target.team.name}{keys_gone}.", "success")
     return redirect(url_for("dashboard.team_page"))
 
 
@@ -158,6 +159,9 @@ def close_team():
 def invite():
     form = InviteForm()
     form.role.choices = role_choices(list(TeamRole))
+    asked = next((role for role in TeamRole if role.value == form.role.data), None)
+    if asked is not None and asked not in teams.roles_given_by(current_membership().role):
+        abort(403, f"Your role in {current_team().name} ({current_membership().role}) cannot invite a {asked}.")
     if not form.validate_on_submit():
         return _team_page(invite_form=form)
     email = accounts.parse_email(form.email.data)
@@ -192,6 +196,8 @@ def _invitation(invitation_id: int) -> Invitation:
     invitation = db.session.get(Invitation, invitation_id)
     if invitation not in teams.pending_invitations(current_team().id):
         abort(404)
+    if invitation.role not in teams.roles_given_by(current_membership().role):
+        abort(403, f"Only an owner can resend or cancel an invitation to be {invitation.role}.")
     return invitation
 
 
@@ -201,8 +207,6 @@ def resend_invitation(invitation_id: int):
     invitation = _invitation(invitation_id)
     if not ConfirmForm().validate_on_submit():
         abort(400, "The form expired; try again.")
-    if invitation.role == TeamRole.OWNER and not can(teams.Permission.OWN):
-        abort(403, "Only an owner can resend an invitation to be owner.")
     teams.renew(invitation, _lifetime())
     if accounts.send_invitation(invitation, current_user, request.remote_addr):
         db.session.commit()
@@ -248,35 +252,45 @@ def invitation(token: str):
     if current_user.is_authenticated and form.validate_on_submit():
         return _accept(invitation_id, nonce, current_user)
     if not current_user.is_authenticated and not has_account and signup_form.validate_on_submit():
-        # The link reached this mailbox: it is proven, as a verification link proves it.
         try:
             user = accounts.create_user(found.email, signup_form.password.data)
             db.session.flush()
-            accounts.mark_verified(user, accounts.client_digest(request.remote_addr))
         except IntegrityError:
             db.session.rollback()
             flash("An account with this address was made a moment ago: sign in to accept.", "info")
             return redirect(url_for("dashboard.invitation", token=token))
-        sign_in(user, remember=False)
-        return _accept(invitation_id, nonce, user)
+        # The account, its membership and its sign-in are committed together, or none of them.
+        return _accept(invitation_id, nonce, user, new_account=True)
     status = 400 if signup_form.errors and request.method == "POST" else 200
     return render_template(
         "dashboard/invitation.html", invitation=found, form=form, signup_form=signup_form, has_account=has_account
     ), status
 
 
-def _accept(invitation_id: int, nonce: str, user):
+def _accept(invitation_id: int, nonce: str, user, new_account: bool = False):
     try:
         membership = teams.accept(invitation_id, nonce, user)
+        if not user.verified:
+            # The link reached this address: it is proven, as a verification link proves it.
+            accounts.mark_verified(user, accounts.client_digest(request.remote_addr))
+        if new_account:
+            sign_in(user, remember=False)  # commits
         db.session.commit()
     except teams.TeamError as error:
         db.session.rollback()
         flash(str(error), "error")
         return redirect(url_for("dashboard.home"))
     except IntegrityError:
-        # Two invitations of one team accepted at once: the other request made the membership.
+        # Two invitations of one team accepted at once: the other request made the membership
+        # (or, for a new account, another sign-up of the address committed first).
         db.session.rollback()
+        if new_account:
+            flash("An account with this address was made a moment ago: sign in to accept.", "info")
+            return redirect(url_for("dashboard.login"))
         membership = teams.membership(user, db.session.get(Invitation, invitation_id).team_id)
+        if membership is None:
+            flash("This invitation was used a moment ago: ask for a new one.", "error")
+            return redirect(url_for("dashboard.home"))
     session["team_id"] = membership.team_id
     flash(f"Welcome to {membership.team.name}: you are {membership.role} here.", "success")
     return redirect(url_for("dashboard.home"))

@@ -26,10 +26,16 @@ class Composed:
 
 
 def compose(kind: str, **context) -> Composed:
-    """Render `templates/mail/<kind>.txt`: its first paragraph is its `Subject:` line, the rest the body."""
-    text = render_template(f"mail/{kind}.txt", **context)
+    """Render `templates/mail/<kind>.txt`: its first paragraph is its `Subject:` line, the rest the body.
+
+    Text given to a template goes in as one line (a team's name, say): a line break could move
+    words from the subject into the body, or end a header early, which no mail server takes.
+    """
+    one_line = {name: " ".join(value.split()) if isinstance(value, str) else value for name, value in context.items()}
+    text = render_template(f"mail/{kind}.txt", **one_line)
     head, _, body = text.strip().partition("\n\n")
-    return Composed(kind, head.removeprefix("Subject:").strip()[:200], body.strip() + "\n")
+    subject = " ".join(head.removeprefix("Subject:").split())
+    return Composed(kind, subject[:200], body.strip() + "\n")
 
 
 def queue(composed: Composed, recipient: str, *, user_id: int | None = None) -> OutboxMail:

@@ -56,7 +56,8 @@ class Smtp:
 
 
 class Unsendable(ValueError):
-    """A queued mail no server could send as it stands (its recipient is not one plain address)."""
+    """A queued mail no server could send as it stands (its recipient is not one plain address, a header
+    holds a line break)."""
 
 
 def envelope_address(recipient: str) -> str:
@@ -74,6 +75,16 @@ def envelope_address(recipient: str) -> str:
 
 
 def message(mail: OutboxMail, sender: str) -> EmailMessage:
+    """The mail as it is sent; Unsendable when it cannot be written (a header no mail may carry)."""
+    try:
+        return _written(mail, sender)
+    except Unsendable:
+        raise
+    except ValueError as error:
+        raise Unsendable(f"the mail cannot be written: {error}") from None
+
+
+def _written(mail: OutboxMail, sender: str) -> EmailMessage:
     email = EmailMessage()
     email["From"] = sender
     email["To"] = envelope_address(mail.recipient)
