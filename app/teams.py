@@ -18,7 +18,7 @@ from enum import StrEnum
 from sqlalchemy import func, select, update
 
 from app.extensions import db
-from app.models import ApiKey, Invitation, Membership, Team, TeamRole, User, utcnow
+from app.models import ApiKey, Invitation, Membership, Payment, PaymentStatus, Team, TeamRole, User, utcnow
 
 # The roles whose people are told of a team's money: receipts, refunds, low balance.
 BILLING_ROLES = (TeamRole.OWNER, TeamRole.ADMIN, TeamRole.BILLING)
@@ -219,6 +219,18 @@ def close(actor: Membership) -> None:
     team = actor.team
     if team.personal:
         raise TeamError("A personal team closes with its account.")
+    _lock(team.id)
+    # A checkout still open or being paid would credit a team nobody works on any more.
+    unsettled = db.session.scalar(
+        select(func.min(Payment.created_at)).where(
+            Payment.team_id == team.id, Payment.status.in_((PaymentStatus.OPEN, PaymentStatus.PENDING))
+        )
+    )
+    if unsettled is not None:
+        raise TeamError(
+            f"A payment for this team started {unsettled:%Y-%m-%d %H:%M} UTC is still open at Stripe: close the team "
+            "once it is paid or has expired (an unpaid checkout expires within a day)."
+        )
     now = utcnow()
     team.closed_at = now
     db.session.execute(

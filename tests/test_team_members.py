@@ -16,7 +16,7 @@ from sqlalchemy import func, select, text, update
 from app import accounts, billing, teams
 from app.audit import audit
 from app.extensions import db
-from app.models import ApiKey, Invitation, Membership, OutboxMail, Team, TeamRole, User, utcnow
+from app.models import ApiKey, Invitation, Membership, OutboxMail, Payment, Team, TeamRole, User, utcnow
 from tests import factories
 from tests.fake_upstream import FakeUpstream
 from tests.servers import serve, wait_for
@@ -399,6 +399,44 @@ def test_a_closed_team_takes_no_more_work_and_keeps_its_books(app, web):
     assert factories.balance(app, team_id) == 1000
     with app.app_context():
         assert not audit().problems
+
+
+def test_a_team_with_a_checkout_still_open_is_not_closed(app, web):
+    """Its payment would credit a team nobody works on any more."""
+    team_id = acme(app, web)
+    with app.app_context():
+        payment = factories.starter_payment(team_id, "cs_open")
+        db.session.commit()
+        payment_id = payment.id
+    web.get("/team")
+    refused = web.post("/team/close")
+    assert refused.status_code == 403 and "is still open at Stripe" in refused.get_data(as_text=True)
+    with app.app_context():
+        assert db.session.get(Team, team_id).closed_at is None
+        db.session.get(Payment, payment_id).status = "expired"
+        db.session.commit()
+    web.get("/team")
+    assert web.post("/team/close").status_code == 302
+    with app.app_context():
+        assert db.session.get(Team, team_id).closed_at is not None
+
+
+def test_a_buyer_who_switched_team_still_sees_their_payment_come_back_from_checkout(app, web):
+    team_id = acme(app, web)
+    with app.app_context():
+        factories.starter_payment(team_id, "cs_acme")
+        db.session.commit()
+    owner_id = member(app, team_id, "owner@example.com").user_id
+    web.get("/account")
+    web.post("/teams/switch", {"team": factories.team_of(app, owner_id)})
+    page = web.get("/billing/success?session_id=cs_acme")
+    assert page.status_code == 200
+    # Another team's payment, bought by someone else, stays out of sight.
+    stranger = factories.customer(app)
+    with app.app_context():
+        factories.starter_payment(stranger.team_id, "cs_theirs")
+        db.session.commit()
+    assert web.get("/billing/success?session_id=cs_theirs").status_code == 404
 
 
 # Who did what

@@ -11,7 +11,7 @@ from flask import (
     url_for,
 )
 from flask_login import current_user, login_required
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from app import config, payments, services
 from app.dashboard import bp, current_team, packs, team_permission, verified_required
@@ -98,9 +98,11 @@ def billing_cancelled():
 @login_required
 @team_permission(Permission.BILLING)
 def billing_success():
+    # The team's payment, or one this person bought (for a team they have switched away from since).
     payment = db.session.scalar(
         select(Payment).where(
-            Payment.checkout_session_id == request.args.get("session_id", ""), Payment.team_id == current_team().id
+            Payment.checkout_session_id == request.args.get("session_id", ""),
+            or_(Payment.team_id == current_team().id, Payment.bought_by_id == current_user.id),
         )
     )
     if payment is None:
