@@ -13,6 +13,7 @@ from app.config import database_url
 from app.extensions import db
 from bench import launch
 from tests import factories
+from tests.servers import serve
 
 # The real engine's fixtures, one model and one engine process for the whole session.
 pytest_plugins = ["tests.engine_fixtures"]
@@ -175,3 +176,23 @@ def customer(app):
 def web(app):
     """A browser-like client: reads CSRF tokens from the pages it gets."""
     return factories.WebClient(app.test_client())
+
+
+@pytest.fixture
+def gateway(make_app):
+    """`gateway(upstream, **settings)`: the stand-in `upstream` and the app in front of it, each served on
+    loopback by a real HTTP server; (app, the app's base URL). Both stop after the test."""
+    stack = []
+
+    def start(upstream, **overrides):
+        upstream_server = serve(upstream)
+        upstream_url = upstream_server.__enter__()
+        stack.append(upstream_server)
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", **overrides)
+        app_server = serve(app)
+        stack.append(app_server)
+        return app, app_server.__enter__()
+
+    yield start
+    for server in reversed(stack):
+        server.__exit__(None, None, None)

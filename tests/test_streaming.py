@@ -14,25 +14,6 @@ from tests.servers import serve, wait_for
 HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
 
 
-@pytest.fixture
-def gateway(make_app):
-    """Start `upstream` and the app on loopback; yield (app, base URL)."""
-    stack = []
-
-    def start(upstream, **overrides):
-        upstream_server = serve(upstream)
-        upstream_url = upstream_server.__enter__()
-        stack.append(upstream_server)
-        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", **overrides)
-        app_server = serve(app)
-        stack.append(app_server)
-        return app, app_server.__enter__()
-
-    yield start
-    for server in reversed(stack):
-        server.__exit__(None, None, None)
-
-
 def test_first_bytes_reach_the_client_before_the_upstream_has_finished(gateway):
     gate = threading.Event()
     upstream = FakeUpstream([b"ID3first-sentence", b"second-sentence"], gate=gate)

@@ -19,7 +19,7 @@ from app.extensions import db
 from app.models import ApiKey, Invitation, Membership, OutboxMail, Payment, Team, TeamRole, User, utcnow
 from tests import factories
 from tests.fake_upstream import FakeUpstream
-from tests.servers import serve, wait_for
+from tests.servers import wait_for
 
 PASSWORD = "correct horse battery"
 
@@ -259,24 +259,6 @@ def test_removing_a_member_revokes_their_keys_at_once_and_keeps_their_usage_unde
     assert (debit["member"], debit["key"]) == ("dev@example.com", prefix + "…")
     with app.app_context():
         assert not audit().problems
-
-
-@pytest.fixture
-def gateway(make_app):
-    """`upstream` and the app, each served on loopback; (app, base URL)."""
-    stack = []
-
-    def start(upstream):
-        upstream_server = serve(upstream)
-        stack.append(upstream_server)
-        app = make_app(UPSTREAM_URL=f"{upstream_server.__enter__()}/v1")
-        app_server = serve(app)
-        stack.append(app_server)
-        return app, app_server.__enter__()
-
-    yield start
-    for server in reversed(stack):
-        server.__exit__(None, None, None)
 
 
 def test_a_stream_running_when_its_member_is_removed_finishes_and_is_paid(gateway):
