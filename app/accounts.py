@@ -42,13 +42,22 @@ from app.extensions import db, insert, login_manager
 from app.models import ApiKey, Invitation, LedgerEntry, LedgerKind, LoginSession, OutboxMail, TrialClaim, User, utcnow
 from app.urls import external_url
 
+# How passwords are hashed: werkzeug's scrypt at its default cost (N=2^15, r=8, p=1), stated here so
+# that the choice is ours. tests/conftest.py lowers the cost for the suite's thousands of sign-ins
+# (the hash is the same function; only N differs); test_accounts checks accounts are stored with this.
+PASSWORD_HASH = "scrypt:32768:8:1"
+
+
+def _hash(password: str) -> str:
+    return generate_password_hash(password, method=PASSWORD_HASH)
+
 
 @functools.cache
 def _dummy_hash() -> str:
     """Checked against when the email has no account (or no password), so that a sign-in costs the
     same whether or not the account exists: its timing says nothing about who has one. Made at the
     first sign-in, not at import, where its scrypt cost every `flask` command 0.2 s."""
-    return generate_password_hash(secrets.token_urlsafe(16))
+    return _hash(secrets.token_urlsafe(16))
 
 
 # Providers that deliver a.b@ and ab@ to one mailbox, and their other names.
@@ -152,7 +161,7 @@ def create_user(email: str, password: str | None = None) -> User:
 
 
 def set_password(user: User, password: str) -> None:
-    user.password_hash = generate_password_hash(password)
+    user.password_hash = _hash(password)
 
 
 # At most one mail of a kind to one mailbox in this time: a form cannot be used to flood it.
@@ -198,7 +207,7 @@ def register(email: str, password: str, client: str | None) -> None:
         db.session.flush()
         send_verification(user, client)
         return
-    generate_password_hash(password)  # the same work as a new account: the time taken says nothing
+    _hash(password)  # the same work as a new account: the time taken says nothing
     if may_mail(existing.email, "signup_taken", client):
         mail.notify(existing, "signup_taken", forgot_url=external_url("dashboard.forgot_password"))
 

@@ -8,7 +8,7 @@ import pytest
 from flask_migrate import upgrade
 from sqlalchemy import create_engine, text
 
-from app import create_app
+from app import accounts, create_app
 from app.config import database_url
 from app.extensions import db
 from bench import launch
@@ -196,3 +196,16 @@ def gateway(make_app):
     yield start
     for server in reversed(stack):
         server.__exit__(None, None, None)
+
+
+# scrypt at N=2^10 rather than the production 2^15: the same function and format (a stored hash names
+# its own cost, so checking one is as the product does it), at a thirtieth of the cost. Half the time
+# of the dashboard and account tests went into password hashing. test_accounts checks, marked
+# `production_password_hash`, that accounts are stored at the production cost.
+TEST_PASSWORD_HASH = "scrypt:1024:8:1"
+
+
+@pytest.fixture(autouse=True)
+def cheap_password_hashes(request, monkeypatch):
+    if request.node.get_closest_marker("production_password_hash") is None:
+        monkeypatch.setattr(accounts, "PASSWORD_HASH", TEST_PASSWORD_HASH)

@@ -710,3 +710,18 @@ def test_a_reset_asked_for_an_address_with_no_account_does_not_use_up_the_owners
 def test_addresses_that_start_with_a_plus_are_each_their_own_mailbox():
     assert accounts.canonical_mailbox("+me@gmail.com") != accounts.canonical_mailbox("+you@gmail.com")
     assert accounts.canonical_mailbox("+me+tag@example.com") == "+me@example.com"
+
+
+@pytest.mark.production_password_hash
+def test_passwords_are_stored_as_scrypt_at_the_production_cost(app, web):
+    web.register("hashed@example.com", "correct horse battery")
+    stored = user(app, "hashed@example.com").password_hash
+    assert stored.startswith("scrypt:32768:8:1$") and "correct horse battery" not in stored
+    assert accounts.PASSWORD_HASH == "scrypt:32768:8:1"
+    with app.app_context():
+        assert accounts.check_password(accounts.find_by_email("hashed@example.com"), "correct horse battery")
+
+
+def test_the_suite_hashes_at_a_lower_cost_and_a_stored_hash_still_names_its_own(app, web):
+    web.register("cheap@example.com", "correct horse battery")
+    assert user(app, "cheap@example.com").password_hash.startswith("scrypt:1024:8:1$")
