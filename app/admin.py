@@ -78,20 +78,6 @@ def record(action: str, user: User | None = None, details: str = "", team: Team 
     )
 
 
-def _customer(user_id: int) -> User:
-    user = db.session.get(User, user_id)
-    if user is None:
-        abort(404)
-    return user
-
-
-def _team(team_id: int) -> Team:
-    team = db.session.get(Team, team_id)
-    if team is None:
-        abort(404)
-    return team
-
-
 @bp.get("")
 def overview():
     return render_template("admin/overview.html", days=daily_totals(TOTAL_DAYS), charged=_charged_count())
@@ -171,7 +157,7 @@ def users():
 @bp.get("/users/<int:user_id>")
 def customer(user_id: int):
     """A person: their account's state, the teams they are in (with their role), what admins did to them."""
-    user = _customer(user_id)
+    user = db.get_or_404(User, user_id)
     return render_template(
         "admin/customer.html",
         user=user,
@@ -211,7 +197,7 @@ def teams_page():
 @bp.get("/teams/<int:team_id>")
 def team(team_id: int):
     """A team's money on one page, each row with the member and key behind it."""
-    team = _team(team_id)
+    team = db.get_or_404(Team, team_id)
     return render_template(
         "admin/team.html",
         team=team,
@@ -232,7 +218,7 @@ def team(team_id: int):
 
 @bp.post("/teams/<int:team_id>/credits")
 def change_credits(team_id: int):
-    team = _team(team_id)
+    team = db.get_or_404(Team, team_id)
     form = CreditForm()
     if not form.validate_on_submit():
         for errors in form.errors.values():
@@ -256,7 +242,7 @@ def change_credits(team_id: int):
 
 @bp.post("/teams/<int:team_id>/unlimited")
 def toggle_unlimited(team_id: int):
-    team = _team(team_id)
+    team = db.get_or_404(Team, team_id)
     if ConfirmForm().validate_on_submit():
         team.unlimited = not team.unlimited
         record("unlimited on" if team.unlimited else "unlimited off", team=team)
@@ -268,7 +254,7 @@ def toggle_unlimited(team_id: int):
 @bp.post("/teams/<int:team_id>/disabled")
 def toggle_team_disabled(team_id: int):
     """Disable a team (every key of it gets 401, the playground refuses) or enable it again."""
-    team = _team(team_id)
+    team = db.get_or_404(Team, team_id)
     if ConfirmForm().validate_on_submit():
         team.disabled_at = None if team.disabled_at else utcnow()
         record("disable team" if team.disabled_at else "enable team", team=team)
@@ -280,7 +266,7 @@ def toggle_team_disabled(team_id: int):
 
 @bp.post("/users/<int:user_id>/disabled")
 def toggle_disabled(user_id: int):
-    user = _customer(user_id)
+    user = db.get_or_404(User, user_id)
     if user.id == current_user.id:
         flash("You cannot disable your own account here.", "error")
     elif ConfirmForm().validate_on_submit():
@@ -294,9 +280,7 @@ def toggle_disabled(user_id: int):
 
 @bp.post("/keys/<int:key_id>/revoke")
 def revoke_key(key_id: int):
-    key = db.session.get(ApiKey, key_id)
-    if key is None:
-        abort(404)
+    key = db.get_or_404(ApiKey, key_id)
     if ConfirmForm().validate_on_submit() and keys.revoke(key):
         record("revoke key", key.created_by, f"key {key.id} ({key.prefix}…)", team=key.team)
         db.session.commit()

@@ -76,14 +76,17 @@ def create(name: str, owner: User) -> Team:
     return team
 
 
-def personal(user: User) -> Team:
-    """The personal team of `user`: the one made with the account, which they own (another person's
-    personal team they were added to is not theirs). Also before it is flushed."""
+def personal_membership(user: User) -> Membership:
+    """`user`'s membership of their personal team: the one made with the account, which they own
+    (another person's personal team they were added to is not theirs). Also before it is flushed."""
     return next(
-        membership.team
-        for membership in user.memberships
-        if membership.role == TeamRole.OWNER and membership.team.personal
+        membership for membership in user.memberships if membership.role == TeamRole.OWNER and membership.team.personal
     )
+
+
+def personal(user: User) -> Team:
+    """The personal team of `user` (personal_membership's)."""
+    return personal_membership(user).team
 
 
 def memberships(user: User) -> list[Membership]:
@@ -96,7 +99,9 @@ def memberships(user: User) -> list[Membership]:
 
 def membership(user: User, team_id: int) -> Membership | None:
     """`user`'s membership of the open team `team_id`; None when they have none."""
-    return next((found for found in memberships(user) if found.team_id == team_id), None)
+    return next(
+        (found for found in user.memberships if found.team_id == team_id and found.team.closed_at is None), None
+    )
 
 
 def add_member(team: Team, user: User, role: TeamRole) -> Membership:
@@ -193,9 +198,15 @@ def remove(actor: Membership, target: Membership) -> int:
         _check_may_change(actor, target, None)
     if target.team.personal:
         raise TeamError("Nobody leaves their personal team; delete the account instead.")
+    return _take_out(target, "A team needs an owner: make someone else owner first, or close the team.")
+
+
+def _take_out(target: Membership, last_owner: str) -> int:
+    """End `target`'s membership: the keys they made for the team revoked, the invitations they sent
+    cancelled. TeamError(`last_owner`) while they are its only owner. The number of keys revoked."""
     _lock(target.team_id)
     if target.role == TeamRole.OWNER and _owners(target.team_id) <= 1:
-        raise TeamError("A team needs an owner: make someone else owner first, or close the team.")
+        raise TeamError(last_owner)
     revoked = revoke_keys(target.team_id, target.user_id)
     _cancel_invitations_beyond(target.team_id, target.user_id, None)
     db.session.delete(target)
@@ -240,18 +251,14 @@ def close(actor: Membership) -> None:
 
 
 def leave_every_team(user: User) -> None:
-    """Take a closing account out of the teams it shares (its keys are revoked by the caller).
+    """Take a closing account out of the teams it shares (their keys revoked, as the caller revokes the rest).
     Raises TeamError while it is the last owner of a team others still work in."""
     for found in memberships(user):
-        if found.team.personal:
-            continue
-        _lock(found.team_id)
-        if found.role == TeamRole.OWNER and _owners(found.team_id) <= 1:
-            raise TeamError(
-                f"You are the only owner of the team {found.team.name}: make someone else owner, or close it, first."
+        if not found.team.personal:
+            _take_out(
+                found,
+                f"You are the only owner of the team {found.team.name}: make someone else owner, or close it, first.",
             )
-        _cancel_invitations_beyond(found.team_id, found.user_id, None)
-        db.session.delete(found)
 
 
 # Invitations
@@ -259,6 +266,13 @@ def leave_every_team(user: User) -> None:
 
 def _pending(now):
     return Invitation.accepted_at.is_(None) & Invitation.cancelled_at.is_(None) & (Invitation.expires_at > now)
+
+
+def pending_invitation(team_id: int, invitation_id: int) -> Invitation | None:
+    """The team's invitation `invitation_id` while it is pending (not accepted, cancelled or expired)."""
+    return db.session.scalar(
+        select(Invitation).where(Invitation.id == invitation_id, Invitation.team_id == team_id, _pending(utcnow()))
+    )
 
 
 def pending_invitations(team_id: int) -> list[Invitation]:

@@ -78,7 +78,7 @@ def current_membership() -> Membership:
     Looked up afresh on every request, so a removal takes effect at the next click."""
     if "membership" not in g:
         chosen = teams.membership(current_user, session.get("team_id", 0))
-        g.membership = chosen or teams.membership(current_user, teams.personal(current_user).id)
+        g.membership = chosen or teams.personal_membership(current_user)
     return g.membership
 
 

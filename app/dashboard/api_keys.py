@@ -21,16 +21,17 @@ from app.models import ApiKey
 from app.teams import Permission
 
 
-def _visible_keys():
-    """The current team's keys the member may see: all of them with MANAGE_KEYS, else the ones they made."""
-    query = select(ApiKey).where(ApiKey.team_id == current_team().id)
+def visible_keys(*columns):
+    """A query of the current team's keys the member may see (or `columns` of them): all with
+    MANAGE_KEYS, else the ones they made."""
+    query = select(*(columns or (ApiKey,))).where(ApiKey.team_id == current_team().id)
     if not can(Permission.MANAGE_KEYS):
         query = query.where(ApiKey.created_by_id == current_user.id)
     return query
 
 
 def _own_key(key_id: int) -> ApiKey:
-    key = db.session.scalar(_visible_keys().where(ApiKey.id == key_id))
+    key = db.session.scalar(visible_keys().where(ApiKey.id == key_id))
     if key is None:
         abort(404)
     return key
@@ -48,7 +49,7 @@ def keys_page():
         # The secret is in this one response and nowhere else: not in the session, not in the database.
         # Like every signed-in page, it is sent with Cache-Control: no-store (app/__init__.py).
         return render_template("dashboard/key_created.html", key=key, secret=secret)
-    user_keys = db.session.scalars(_visible_keys().order_by(ApiKey.created_at.desc(), ApiKey.id.desc())).all()
+    user_keys = db.session.scalars(visible_keys().order_by(ApiKey.created_at.desc(), ApiKey.id.desc())).all()
     return render_template("dashboard/keys.html", form=form, keys=user_keys)
 
 

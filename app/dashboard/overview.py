@@ -4,10 +4,10 @@ from flask import (
     render_template,
 )
 from flask_login import current_user
-from sqlalchemy import select
 
 from app import catalog, config, services, usage
 from app.dashboard import bp, can, current_team, packs
+from app.dashboard.api_keys import visible_keys
 from app.extensions import db
 from app.models import ApiKey
 from app.teams import Permission
@@ -26,10 +26,7 @@ def home():
     filters = usage.Filters(member="" if everyone else str(current_user.id))
     recent = db.session.scalars(filters.usage(current_team().id).limit(10)).all()
     # The next step is a key of one's own, unless one sees (and may use) everyone's.
-    keys = select(ApiKey.id).where(ApiKey.team_id == current_team().id)
-    if not can(Permission.MANAGE_KEYS):
-        keys = keys.where(ApiKey.created_by_id == current_user.id)
-    has_key = db.session.scalar(keys.limit(1)) is not None
+    has_key = db.session.scalar(visible_keys(ApiKey.id).limit(1)) is not None
     return render_template(
         "dashboard/home.html",
         ledger=ledger,

@@ -193,8 +193,8 @@ def invite():
 def _invitation(invitation_id: int) -> Invitation:
     if not can(teams.Permission.MANAGE_MEMBERS):
         abort(403, f"Your role in {current_team().name} does not allow managing invitations.")
-    invitation = db.session.get(Invitation, invitation_id)
-    if invitation not in teams.pending_invitations(current_team().id):
+    invitation = teams.pending_invitation(current_team().id, invitation_id)
+    if invitation is None:
         abort(404)
     if invitation.role not in teams.roles_given_by(current_membership().role):
         abort(403, f"Only an owner can resend or cancel an invitation to be {invitation.role}.")
@@ -237,7 +237,7 @@ def invitation(token: str):
     except accounts.TokenError as error:
         return render_template("dashboard/invitation.html", problem=str(error)), 404
     found = db.session.get(Invitation, invitation_id)
-    if found is None or found.nonce != nonce or found not in teams.pending_invitations(found.team_id):
+    if found is None or found.nonce != nonce or teams.pending_invitation(found.team_id, found.id) is None:
         problem = "This invitation has expired, was cancelled or was used already: ask for a new one."
         return render_template("dashboard/invitation.html", problem=problem), 404
     form = ConfirmForm()
