@@ -151,7 +151,13 @@ def register_extensions(app: Flask) -> None:
             resources={r"/v1/*": {"origins": settings.cors_allowed_origins}},
             methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
-            expose_headers=["X-Request-Id", "X-Credits-Charged", "X-Credits-Remaining", "Retry-After"],
+            expose_headers=[
+                "X-Request-Id",
+                "X-Credits-Charged",
+                "X-Credits-Remaining",
+                "X-Key-Limit-Reset",
+                "Retry-After",
+            ],
             max_age=600,
         )
 
@@ -166,16 +172,18 @@ def stripe_client(settings: Settings) -> stripe.StripeClient | None:
 
 def register_blueprints(app: Flask) -> None:
     # notifications queues the mail that money events cause (a step billing does not import).
-    from app import admin, api, dashboard, health, metrics, notifications, playground, webhooks  # noqa: F401
+    from app import admin, api, dashboard, health, key_api, metrics, notifications, playground, webhooks  # noqa: F401
     from app.urls import DatabaseId
 
     # Before any route is added: an id in a path the database cannot hold is 404, not a 500.
     app.url_map.converters["int"] = DatabaseId
     csrf.exempt(api.bp)
+    csrf.exempt(key_api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.after_request(metrics.count_request)
     app.register_blueprint(api.bp)
+    app.register_blueprint(key_api.bp)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(playground.bp)
     app.register_blueprint(admin.bp)

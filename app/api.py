@@ -15,7 +15,7 @@ from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 from app import catalog, config, keys, services, speech
 from app.errors import ApiError
 from app.extensions import db
-from app.models import new_request_id
+from app.models import KeyKind, new_request_id
 from app.upstream import UpstreamError
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
@@ -49,10 +49,12 @@ def authenticate():
     # An address that has guessed wrong too often is not even looked up until its window passes.
     _throttled(throttle.key_guessing_blocked(ip), "Too many requests with an invalid API key from this address.")
     try:
-        g.caller = keys.authenticate(request.authorization, settings.key_last_used_resolution)
+        g.caller = keys.authenticate(request.authorization, settings.key_last_used_resolution, request.remote_addr)
+    except keys.KeyForbidden as forbidden:
+        raise ApiError(forbidden.status, forbidden.detail, code=forbidden.code) from None
     except keys.KeyRefused as refused:
         throttle.key_failed(ip)
-        raise ApiError(401, refused.detail, {"WWW-Authenticate": "Bearer"}) from None
+        raise ApiError(401, refused.detail, {"WWW-Authenticate": "Bearer"}, code=refused.code) from None
     # The key's last use, when it was due to be written.
     db.session.commit()
     _throttled(throttle.api_request(g.caller.key_id, g.caller.team_id))
@@ -71,7 +73,7 @@ def _throttled(retry_after: int | None, reason: str = "Rate limit reached.") -> 
         raise ApiError(429, f"{reason} Retry in {retry_after} seconds.", {"Retry-After": str(retry_after)})
 
 
-def _json_body():
+def json_body():
     """The request body decoded as JSON; ApiError(400) when it is not JSON, (413) when too large."""
     try:
         return json.loads(_raw_body())
@@ -102,9 +104,13 @@ def _raw_body() -> bytes:
 
 @bp.post("/audio/speech")
 def speech_request():
-    order = speech.read_order(_json_body(), config.current().max_input_chars)
     caller = g.caller
-    payer = speech.Payer(caller.team_id, caller.created_by_id, caller.key_id, caller.balance, caller.unlimited)
+    if caller.kind != KeyKind.SPEECH:
+        raise ApiError(
+            403, "A management key cannot call speech: use one of the team's speech keys.", code="speech_key_required"
+        )
+    order = speech.read_order(json_body(), config.current().max_input_chars)
+    payer = speech.Payer(caller.team_id, caller.created_by_id, caller.key_id, caller.balance, caller.unlimited, caller)
     arrival = speech.Arrival.of(request.environ, g.received, g.request_id, g.client_request_id)
     return speech.serve(payer, order, arrival)
 
@@ -152,4 +158,17 @@ def voices():
 
 @bp.get("/balance")
 def balance():
-    return jsonify(balance=g.caller.balance, unlimited=g.caller.unlimited)
+    """The team's balance, and the calling key's own limit: what it may spend, has spent, and when that resets."""
+    caller = g.caller
+    key = {
+        "spend_limit": caller.spend_limit,
+        "spend_period": caller.spend_period,
+        "spent": keys.use_now(caller),
+        "limit_resets_at": _time(keys.limit_resets_at(caller)),
+        "expires_at": _time(caller.expires_at),
+    }
+    return jsonify(balance=caller.balance, unlimited=caller.unlimited, key=key)
+
+
+def _time(when):
+    return keys.moment(when) if when is not None else None

@@ -9,10 +9,11 @@ from datetime import timedelta
 
 from sqlalchemy import and_, case, func, select
 
-from app import config
+from app import config, keys
 from app.extensions import db
 from app.metering import kept_credits, stale_charges
 from app.models import (
+    ApiKey,
     LedgerEntry,
     LedgerKind,
     Membership,
@@ -223,6 +224,30 @@ def reversals_applied() -> list[str]:
     return problems
 
 
+def key_use_matches_books() -> list[str]:
+    """Each key's recorded use (`spent`, for the window it names) is what its requests of that window were
+    debited less what was refunded, by the ledger."""
+    problems = []
+    for key_id, prefix, spent, window in db.session.execute(
+        select(ApiKey.id, ApiKey.prefix, ApiKey.spent, ApiKey.spent_window).order_by(ApiKey.id)
+    ):
+        start, end = keys.window_range(window)
+        requests = select(SpeechRequest.id).where(SpeechRequest.api_key_id == key_id)
+        if start is not None:
+            requests = requests.where(SpeechRequest.created_at >= start, SpeechRequest.created_at < end)
+        booked = -db.session.scalar(
+            select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+                LedgerEntry.kind.in_((LedgerKind.DEBIT, LedgerKind.REFUND)),
+                LedgerEntry.speech_request_id.in_(requests),
+            )
+        )
+        if booked != spent:
+            problems.append(
+                f"key {key_id} ({prefix}…): {spent} credits recorded as used in {window}, the ledger says {booked}"
+            )
+    return problems
+
+
 CHECKS = (
     balances_match_ledgers,
     speech_charges_match_ledger,
@@ -232,6 +257,7 @@ CHECKS = (
     no_stale_charges,
     payments_credited_once,
     reversals_applied,
+    key_use_matches_books,
 )
 
 

@@ -3,12 +3,22 @@
 import unicodedata
 
 from flask_wtf import FlaskForm
-from wtforms import BooleanField, EmailField, HiddenField, IntegerField, PasswordField, SelectField, StringField
+from wtforms import (
+    BooleanField,
+    DateTimeLocalField,
+    EmailField,
+    HiddenField,
+    IntegerField,
+    PasswordField,
+    SelectField,
+    StringField,
+    TextAreaField,
+)
 from wtforms.fields.choices import SelectChoice
 from wtforms.validators import DataRequired, EqualTo, Length, NumberRange, Optional, ValidationError
 
 from app.accounts import AccountError, parse_email
-from app.models import TeamRole
+from app.models import KeyKind, LimitPeriod, TeamRole
 
 MIN_PASSWORD = 10
 
@@ -63,6 +73,47 @@ class LoginForm(FlaskForm):
 
 class KeyForm(FlaskForm):
     name = StringField("Name (optional)", validators=[Optional(), Length(max=100)])
+    # Management keys: only for those who manage every key of the team (the view checks the role).
+    kind = SelectField(
+        "Kind",
+        choices=[(KeyKind.SPEECH.value, "Speech"), (KeyKind.MANAGEMENT.value, "Management (the key API)")],
+        default=KeyKind.SPEECH.value,
+    )
+
+
+class KeyControlsForm(FlaskForm):
+    """A key's name and controls; app/keys.py reads and checks the values (read_controls)."""
+
+    name = StringField("Name", validators=[Optional(), Length(max=100)])
+    spend_limit = IntegerField("Spending limit (credits)", validators=[Optional(), NumberRange(min=0)])
+    spend_period = SelectField(
+        "Limit period",
+        choices=[
+            ("", "No limit"),
+            (LimitPeriod.DAY.value, "Per day (UTC)"),
+            (LimitPeriod.WEEK.value, "Per week (from Monday, UTC)"),
+            (LimitPeriod.MONTH.value, "Per month (UTC)"),
+            (LimitPeriod.LIFETIME.value, "In all (the key's lifetime)"),
+        ],
+    )
+    expires_at = DateTimeLocalField("Expires (UTC, optional)", validators=[Optional()], format="%Y-%m-%dT%H:%M")
+    allowed_ips = TextAreaField("Allowed addresses (IPs or CIDR ranges; empty: any)", validators=[Length(max=4000)])
+    allowed_voices = StringField("Allowed voices (empty: any)", validators=[Length(max=4000)])
+    allowed_models = StringField("Allowed models (empty: any)", validators=[Length(max=4000)])
+
+
+class RollForm(FlaskForm):
+    grace = SelectField(
+        "The current secret keeps working for",
+        choices=[
+            ("0", "No time: it stops now"),
+            ("3600", "1 hour"),
+            ("86400", "1 day"),
+            ("259200", "3 days"),
+            ("604800", "7 days"),
+        ],
+        default="86400",
+    )
 
 
 class ConfirmForm(FlaskForm):

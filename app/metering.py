@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from sqlalchemy import bindparam, exists, func, insert, select, update
 
-from app import billing, config, metrics
+from app import billing, config, keys, metrics
 from app.extensions import db
 from app.models import GatewayProcess, LedgerKind, SpeechRequest, SpeechState, new_request_id, utcnow
 
@@ -56,6 +56,7 @@ _SPEECH_FIELDS = (
     "credits",
     "client_request_id",
     "process_id",
+    "created_at",
 )
 # A team's streams in flight: its requests still charged.
 _IN_FLIGHT = (
@@ -100,16 +101,21 @@ def charge_speech(
     """Record a speech request and debit `characters` credits for it.
 
     Unlimited teams are recorded with a charge of 0 and no ledger row.
-    Raises InsufficientCredits, with nothing written, when the balance is short, and
+    Raises InsufficientCredits, with nothing written, when the balance is short,
+    keys.KeyLimitReached when the key's spending limit does not cover it, and
     TooManyStreams when the team already has `max_streams` requests in flight; the
-    caller rolls back. The count is exact across processes and hosts: it is taken after
+    caller rolls back. The stream count is exact across processes and hosts: it is taken after
     this transaction has locked the team's row (the debit, or a no-op update for
-    unlimited teams), so concurrent charges of one team are counted one by one.
+    unlimited teams), so concurrent charges of one team are counted one by one. The key's
+    use is counted in this transaction too, after that lock, so a key's limit, like a
+    balance, is never overshot.
     `process_id` names the gateway process serving it (app/liveness.py): settle leaves the
     request alone while that process's lease is alive.
     """
     credits = 0 if unlimited else characters
     request_id = request_id or new_request_id()
+    # One reading of the clock: the request's time is the one its key's use is counted under.
+    now = utcnow()
     if credits:
         note = f"{characters} characters"
         balance = billing.apply(
@@ -123,6 +129,8 @@ def charge_speech(
     else:
         # Takes the team's row lock as the debit would, which the stream count below relies on.
         balance = billing.hold(team_id)
+    if key_id is not None:
+        keys.count_use(key_id, credits, now)
     row = {
         "id": request_id,
         "team_id": team_id,
@@ -136,6 +144,7 @@ def charge_speech(
         "credits": credits,
         "client_request_id": client_request_id,
         "process_id": process_id,
+        "created_at": now,
         "max_streams": _NO_LIMIT if max_streams is None else max_streams,
     }
     if db.session.execute(_RECORD_SPEECH, row).first() is None:
@@ -170,7 +179,15 @@ def _close_speech(request_id: str, state: str, details: dict):
         update(_speech)
         .where(_speech.c.id == request_id, _speech.c.state == SpeechState.CHARGED)
         .values(**values)
-        .returning(_speech.c.team_id, _speech.c.credits, _speech.c.characters, _speech.c.speed, _speech.c.audio_ms)
+        .returning(
+            _speech.c.team_id,
+            _speech.c.credits,
+            _speech.c.characters,
+            _speech.c.speed,
+            _speech.c.audio_ms,
+            _speech.c.api_key_id,
+            _speech.c.created_at,
+        )
     ).first()
 
 
@@ -208,7 +225,7 @@ def refund_speech(request_id: str, reason: str, **details) -> int | None:
     row = _close_speech(request_id, SpeechState.REFUNDED, {**details, "error": reason})
     if row is None:
         return None
-    team_id, credits, characters, speed, audio_ms = row
+    team_id, credits, characters, speed, audio_ms, key_id, charged_at = row
     chars_per_second = config.current().speech_chars_per_second
     refund = credits - kept_credits(credits, characters, speed, audio_ms, chars_per_second)
     if refund:
@@ -221,6 +238,8 @@ def refund_speech(request_id: str, reason: str, **details) -> int | None:
             note=reason,
             speech_request_id=request_id,
         )
+        if key_id is not None:
+            keys.give_back(key_id, refund, charged_at)
         metrics.CREDITS_REFUNDED.inc(refund)
     return refund
 

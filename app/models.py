@@ -54,6 +54,23 @@ class TeamRole(StrEnum):
     BILLING = "billing"
 
 
+class KeyKind(StrEnum):
+    # Calls the speech API, spending its team's credits.
+    SPEECH = "speech"
+    # Creates, lists, changes and revokes its team's speech keys over HTTP; cannot call speech.
+    MANAGEMENT = "management"
+
+
+class LimitPeriod(StrEnum):
+    """How long a key's spending limit lasts before it starts again (UTC boundaries)."""
+
+    LIFETIME = "lifetime"
+    DAY = "day"
+    # ISO weeks: from Monday 00:00 UTC.
+    WEEK = "week"
+    MONTH = "month"
+
+
 class PaymentStatus(StrEnum):
     OPEN = "open"
     PENDING = "pending"
@@ -221,9 +238,40 @@ class ApiKey(db.Model):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_used_at: Mapped[Optional[datetime]]
     revoked_at: Mapped[Optional[datetime]]
+    # What it may call (KeyKind): speech, or the key-management API of its team.
+    kind: Mapped[str] = mapped_column(String(16), default=KeyKind.SPEECH, server_default=KeyKind.SPEECH)
+    # The most credits it may spend in a period (None: the team's balance is its only limit).
+    spend_limit: Mapped[Optional[int]] = mapped_column(BigInteger)
+    # The limit's period (LimitPeriod); None: no limit, and `spent` counts its whole life.
+    spend_period: Mapped[Optional[str]] = mapped_column(String(8))
+    # Credits it spent in the window `spent_window` names (debits less refunds): app/keys.py keeps it
+    # with each debit and refund, in their transaction; the audit checks it against the books.
+    spent: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    spent_window: Mapped[str] = mapped_column(String(24), default="lifetime", server_default="lifetime")
+    # After this it is refused (401, code key_expired).
+    expires_at: Mapped[Optional[datetime]]
+    # Space-separated addresses and CIDR ranges it may be used from, as written by app/keys.py (None: any).
+    allowed_ips: Mapped[Optional[str]] = mapped_column(Text)
+    # Space-separated voice and model names it may ask for (None: any); OpenAI's names are resolved at use.
+    allowed_voices: Mapped[Optional[str]] = mapped_column(Text)
+    allowed_models: Mapped[Optional[str]] = mapped_column(Text)
+    # The secret before the last roll, working until `previous_expires_at`; cleared when a roll ends it at once.
+    previous_digest: Mapped[Optional[str]] = mapped_column(String(64), unique=True)
+    previous_prefix: Mapped[Optional[str]] = mapped_column(String(16))
+    previous_expires_at: Mapped[Optional[datetime]]
+    rolled_at: Mapped[Optional[datetime]]
 
     team: Mapped[Team] = relationship()
     created_by: Mapped[User] = relationship()
+
+    @property
+    def expired(self) -> bool:
+        return self.expires_at is not None and self.expires_at <= utcnow()
+
+    @property
+    def previous_works(self) -> bool:
+        """Whether the secret before the last roll still works."""
+        return self.previous_digest is not None and self.previous_expires_at > utcnow()
 
     @property
     def revoked(self) -> bool:
@@ -263,7 +311,11 @@ class SpeechRequest(db.Model):
 
     __tablename__ = "speech_requests"
     # The streams a team has open are its requests still charged (the concurrent-stream cap).
-    __table_args__ = (Index("ix_speech_requests_team_id_state", "team_id", "state"),)
+    __table_args__ = (
+        Index("ix_speech_requests_team_id_state", "team_id", "state"),
+        # A key's requests in a period: what its spending limit counts (app/keys.py, the audit).
+        Index("ix_speech_requests_api_key_id_created_at", "api_key_id", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_request_id)
     team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)

@@ -44,9 +44,10 @@ import requests
 from flask import current_app, stream_with_context
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import audio_meter, billing, catalog, config, metering, metrics, services
+from app import audio_meter, billing, catalog, config, keys, metering, metrics, services
 from app.errors import ApiError
 from app.extensions import db
+from app.models import utcnow
 from app.upstream import AccountQueueFull, Busy, Slot, SpeechStream, UpstreamError, timed_out
 
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
@@ -214,6 +215,28 @@ def check_names(order: Order) -> Order:
     return replace(order, payload={**order.payload, "voice": voice, "model": model})
 
 
+def check_key_allows(key: keys.Caller | None, order: Order) -> None:
+    """403 for a voice or model the request's key may not ask for (names as resolved), before any charge."""
+    if key is None:
+        return
+    names = config.current().names
+    refused = keys.refused_voice(key.allowed_voices, order.payload["voice"], names)
+    if refused is not None:
+        raise ApiError(
+            403,
+            f"This key may not use the voice '{refused}'; it may use {', '.join(keys.listed(key.allowed_voices))}.",
+            param="voice",
+            code="voice_not_allowed",
+        )
+    if not keys.model_allowed(key.allowed_models, order.payload["model"], names):
+        raise ApiError(
+            403,
+            f"This key may not use the model '{order.model}'; it may use {', '.join(keys.listed(key.allowed_models))}.",
+            param="model",
+            code="model_not_allowed",
+        )
+
+
 def upstream_catalog() -> catalog.Catalog | None:
     """The upstream's voices and models (cached by app/upstream.py); None when it cannot say."""
     upstream = services.upstream()
@@ -227,13 +250,15 @@ def upstream_catalog() -> catalog.Catalog | None:
 class Payer(NamedTuple):
     """Who pays for a speech request: the team, the member it is recorded under (who made the key, or
     who asked in the dashboard's playground), the key it came with (None from the playground), the
-    balance as this request found it, and whether the team is unlimited."""
+    balance as this request found it, whether the team is unlimited, and the key's controls as
+    its lookup found them (None from the playground)."""
 
     team_id: int
     user_id: int
     key_id: int | None
     balance: int
     unlimited: bool
+    key: keys.Caller | None = None
 
 
 @dataclass(frozen=True)
@@ -266,6 +291,7 @@ def serve(payer: Payer, order: Order, arrival: Arrival):
     failed (refunded in full).
     """
     order = check_names(order)
+    check_key_allows(payer.key, order)
     admit(payer, order)
     slot = reserve(payer.team_id)
     try:
@@ -308,8 +334,12 @@ def admit(payer: Payer, order: Order) -> None:
     The charge decides again, atomically (a balance can change meanwhile); this only keeps a
     client that cannot pay from holding a place in the wait that a paying one needs.
     """
-    if not payer.unlimited and payer.balance < len(order.text):
-        raise _insufficient(len(order.text), payer.balance)
+    cost = 0 if payer.unlimited else len(order.text)
+    if payer.balance < cost:
+        raise _insufficient(cost, payer.balance)
+    key = payer.key
+    if key is not None and key.spend_limit is not None and keys.use_now(key) + cost > key.spend_limit:
+        raise _key_limit(keys.KeyLimitReached(key.spend_limit, keys.use_now(key), cost, keys.limit_resets_at(key)))
     limit = config.current().max_streams_per_account
     if metering.streams_in_flight(payer.team_id) >= limit:
         db.session.rollback()
@@ -322,6 +352,24 @@ def _insufficient(cost: int, balance: int) -> ApiError:
         402,
         f"Insufficient credits: this request costs {cost} credits and your balance is {balance}. Top up your balance.",
     )
+
+
+def _key_limit(reached: keys.KeyLimitReached) -> ApiError:
+    """402 for a request the key's spending limit does not cover, saying when the limit starts again."""
+    spent = f"has spent {reached.spent} and this request costs {reached.cost}"
+    if reached.resets_at is None:
+        detail = (
+            f"This key's spending limit is reached: it may spend {reached.limit} credits in all, {spent}. "
+            "Raise the key's limit to go on."
+        )
+        return ApiError(402, detail, code="key_limit_reached")
+    resets = keys.moment(reached.resets_at)
+    detail = (
+        f"This key's spending limit is reached: it may spend {reached.limit} credits until {resets}, {spent}. "
+        f"The limit resets at {resets}."
+    )
+    wait = max(1, math.ceil((reached.resets_at - utcnow()).total_seconds()))
+    return ApiError(402, detail, {"X-Key-Limit-Reset": resets, "Retry-After": str(wait)}, code="key_limit_reached")
 
 
 def _too_many_streams(limit: int) -> ApiError:
@@ -379,6 +427,9 @@ def charge(payer: Payer, order: Order, arrival: Arrival) -> metering.Charge:
     except billing.InsufficientCredits as short:
         db.session.rollback()
         raise _insufficient(short.cost, short.balance) from None
+    except keys.KeyLimitReached as reached:
+        db.session.rollback()
+        raise _key_limit(reached) from None
     except metering.TooManyStreams as busy:
         db.session.rollback()
         raise _too_many_streams(busy.limit) from None

@@ -18,7 +18,7 @@ from enum import StrEnum
 from sqlalchemy import func, select, update
 
 from app.extensions import db
-from app.models import ApiKey, Invitation, Membership, Payment, PaymentStatus, Team, TeamRole, User, utcnow
+from app.models import ApiKey, Invitation, KeyKind, Membership, Payment, PaymentStatus, Team, TeamRole, User, utcnow
 
 # The roles whose people are told of a team's money: receipts, refunds, low balance.
 BILLING_ROLES = (TeamRole.OWNER, TeamRole.ADMIN, TeamRole.BILLING)
@@ -29,7 +29,7 @@ class Permission(StrEnum):
 
     # Create keys and revoke their own; the playground (which spends the team's credits); their own usage.
     SPEND = "spend"
-    # See and revoke every member's keys.
+    # See, change and revoke every member's keys; make management keys (the key-management API).
     MANAGE_KEYS = "manage keys"
     # Every member's usage and its CSV.
     SEE_USAGE = "see usage"
@@ -162,15 +162,20 @@ def _check_may_change(actor: Membership, target: Membership, new_role: TeamRole 
 
 def change_role(actor: Membership, target: Membership, role: TeamRole) -> int:
     """Give `target` a new role; the last owner keeps theirs. What the new role may not do goes with the
-    old one: keys they made, when it has no keys (`spend`), and invitations they sent that it could not
-    give. The number of keys revoked. Raises TeamError."""
+    old one: keys they made, when it has no keys (`spend`), the management keys they made, when it does
+    not manage keys, and invitations they sent that it could not give. The number of keys revoked.
+    Raises TeamError."""
     _check_may_change(actor, target, role)
     _lock(target.team_id)
     if target.role == TeamRole.OWNER and role != TeamRole.OWNER and _owners(target.team_id) <= 1:
         raise TeamError("A team needs an owner: make someone else owner first.")
     target.role = role
     _cancel_invitations_beyond(target.team_id, target.user_id, role)
-    return 0 if may(role, Permission.SPEND) else revoke_keys(target.team_id, target.user_id)
+    if not may(role, Permission.SPEND):
+        return revoke_keys(target.team_id, target.user_id)
+    if not may(role, Permission.MANAGE_KEYS):
+        return revoke_keys(target.team_id, target.user_id, KeyKind.MANAGEMENT)
+    return 0
 
 
 def _cancel_invitations_beyond(team_id: int, user_id: int, role: TeamRole | None) -> None:
@@ -213,13 +218,14 @@ def _take_out(target: Membership, last_owner: str) -> int:
     return revoked
 
 
-def revoke_keys(team_id: int, made_by_id: int) -> int:
-    """Revoke the keys `made_by_id` made for the team; how many were live."""
-    return db.session.execute(
-        update(ApiKey)
-        .where(ApiKey.team_id == team_id, ApiKey.created_by_id == made_by_id, ApiKey.revoked_at.is_(None))
-        .values(revoked_at=utcnow())
-    ).rowcount
+def revoke_keys(team_id: int, made_by_id: int, kind: KeyKind | None = None) -> int:
+    """Revoke the keys (of `kind`; None: of every kind) `made_by_id` made for the team; how many were live."""
+    query = update(ApiKey).where(
+        ApiKey.team_id == team_id, ApiKey.created_by_id == made_by_id, ApiKey.revoked_at.is_(None)
+    )
+    if kind is not None:
+        query = query.where(ApiKey.kind == kind)
+    return db.session.execute(query.values(revoked_at=utcnow())).rowcount
 
 
 def close(actor: Membership) -> None:

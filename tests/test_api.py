@@ -535,10 +535,19 @@ def test_free_endpoints_charge_nothing(app, client, customer, upstream):
     assert_untouched(app, customer)
 
 
+# A key with no controls: no limit, no expiry; it has spent nothing.
+FREE_KEY = {"spend_limit": None, "spend_period": None, "spent": 0, "limit_resets_at": None, "expires_at": None}
+
+
 def test_balance(app, client, customer):
-    assert client.get("/v1/balance", headers=customer.headers).get_json() == {"balance": 1000, "unlimited": False}
+    answer = client.get("/v1/balance", headers=customer.headers).get_json()
+    assert answer == {"balance": 1000, "unlimited": False, "key": FREE_KEY}
     rich = factories.customer(app, balance=5, unlimited=True)
-    assert client.get("/v1/balance", headers=rich.headers).get_json() == {"balance": 5, "unlimited": True}
+    assert client.get("/v1/balance", headers=rich.headers).get_json() == {
+        "balance": 5,
+        "unlimited": True,
+        "key": FREE_KEY,
+    }
 
 
 def test_using_a_key_records_its_last_use(app, client, customer):

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from unittest.mock import ANY
 
 import pytest
 import responses
@@ -111,7 +112,10 @@ def test_a_customer_signs_up_creates_a_key_buys_credits_and_revokes(app, site, b
     expect(page.locator("[data-copy]")).to_have_text(re.compile("Copied|Selected: press Ctrl\\+C"))
     shot(page, "2-key-created", database_uri)
 
-    assert api_call(page, "/v1/balance", secret) == {"status": 200, "body": {"balance": 0, "unlimited": False}}
+    assert api_call(page, "/v1/balance", secret) == {
+        "status": 200,
+        "body": {"balance": 0, "unlimited": False, "key": ANY},
+    }
 
     # Reloading does not show the key again.
     page.reload()
@@ -147,7 +151,7 @@ def test_a_customer_signs_up_creates_a_key_buys_credits_and_revokes(app, site, b
     page.wait_for_selector("#payment-state[data-state=credited]", timeout=10_000)
     assert "10,000" in page.inner_text("#balance")
     shot(page, "6-credited", database_uri)
-    assert api_call(page, "/v1/balance", secret)["body"] == {"balance": 10000, "unlimited": False}
+    assert api_call(page, "/v1/balance", secret)["body"] == {"balance": 10000, "unlimited": False, "key": ANY}
 
     page.goto(f"{site}/")
     assert "10,000" in page.inner_text("#balance") and "topup" in page.content()

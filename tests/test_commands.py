@@ -2,6 +2,7 @@
 
 import re
 from datetime import timedelta
+from unittest.mock import ANY
 
 from sqlalchemy import update
 
@@ -19,7 +20,7 @@ def test_create_user_grant_and_create_a_key_that_works(app, runner):
     result = runner.invoke(args=["keys", "create", "ops@example.com", "--name", "ci"])
     secret = re.search(r"kp_live_\S{43}", result.output).group(0)
     response = app.test_client().get("/v1/balance", headers={"Authorization": f"Bearer {secret}"})
-    assert response.get_json() == {"balance": 500, "unlimited": False}
+    assert response.get_json() == {"balance": 500, "unlimited": False, "key": ANY}
 
 
 def test_duplicate_emails_are_refused_case_insensitively(runner):

@@ -3,6 +3,7 @@
 import csv
 import io
 import re
+from unittest.mock import ANY
 
 import pytest
 from sqlalchemy import func, select
@@ -150,7 +151,7 @@ def test_a_new_key_is_shown_exactly_once_and_works(app, web):
     page = create_key(web).get_data(as_text=True)
     secret = re.search(r'id="new-key">(kp_live_[A-Za-z0-9_-]{43})<', page).group(1)
     response = app.test_client().get("/v1/balance", headers={"Authorization": f"Bearer {secret}"})
-    assert response.get_json() == {"balance": 50, "unlimited": False}
+    assert response.get_json() == {"balance": 50, "unlimited": False, "key": ANY}
     # Reloading, going back, or the list never show it again.
     again = web.get("/keys/created", follow_redirects=True).get_data(as_text=True)
     assert secret not in again and "shown only once" in again

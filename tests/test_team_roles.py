@@ -103,6 +103,27 @@ def created_a_key(app, team, response):
     assert one(app, select(func.count()).where(ApiKey.team_id == team.id, ApiKey.created_by_id == team.actor)) == 2
 
 
+def made_a_management_key(app, team, response):
+    assert response.status_code == 200 and "kp_live_" in response.get_data(as_text=True)
+    kinds = select(ApiKey.kind).where(ApiKey.team_id == team.id, ApiKey.created_by_id == team.actor)
+    with app.app_context():
+        assert sorted(db.session.scalars(kinds)) == ["management", "speech"]
+
+
+LIMITS = {"name": "capped", "spend_limit": "300", "spend_period": "day", "allowed_voices": "alloy af_sky"}
+
+
+def limited(app, key_id: int) -> None:
+    limits = select(ApiKey.name, ApiKey.spend_limit, ApiKey.spend_period, ApiKey.allowed_voices)
+    with app.app_context():
+        assert db.session.execute(limits.where(ApiKey.id == key_id)).one() == ("capped", 300, "day", "alloy af_sky")
+
+
+def rolled(app, key_id: int, response) -> None:
+    assert response.status_code == 200 and "kp_live_" in response.get_data(as_text=True)
+    assert one(app, select(ApiKey.rolled_at).where(ApiKey.id == key_id)) is not None
+
+
 def bought(app, team, response):
     assert response.status_code == 303
     payment = one(app, select(Payment).where(Payment.team_id == team.id, Payment.bought_by_id == team.actor))
@@ -196,6 +217,60 @@ CASES = [
         MANAGERS,
         "dashboard.revoke_key",
         works=lambda app, t, r: revoked(app, t.keys[t.developer]),
+    ),
+    Case(
+        "make a management key",
+        "POST",
+        lambda t: "/keys",
+        MANAGERS,
+        "dashboard.keys_page",
+        data=lambda t: {"name": "automation", "kind": "management"},
+        works=made_a_management_key,
+    ),
+    Case("their own key's page", "GET", lambda t: f"/keys/{t.keys[t.actor]}", SPEND, "dashboard.key_page", works=page),
+    Case(
+        "another member's key's page",
+        "GET",
+        lambda t: f"/keys/{t.keys[t.developer]}",
+        MANAGERS,
+        "dashboard.key_page",
+        works=page,
+    ),
+    Case(
+        "limit their own key",
+        "POST",
+        lambda t: f"/keys/{t.keys[t.actor]}",
+        SPEND,
+        "dashboard.key_page",
+        data=lambda t: LIMITS,
+        works=lambda app, t, r: limited(app, t.keys[t.actor]),
+    ),
+    Case(
+        "limit another member's key",
+        "POST",
+        lambda t: f"/keys/{t.keys[t.developer]}",
+        MANAGERS,
+        "dashboard.key_page",
+        data=lambda t: LIMITS,
+        works=lambda app, t, r: limited(app, t.keys[t.developer]),
+    ),
+    Case(
+        "roll their own key",
+        "POST",
+        lambda t: f"/keys/{t.keys[t.actor]}/roll",
+        SPEND,
+        "dashboard.roll_key",
+        data=lambda t: {"grace": "3600"},
+        works=lambda app, t, r: rolled(app, t.keys[t.actor], r),
+    ),
+    Case(
+        "roll another member's key",
+        "POST",
+        lambda t: f"/keys/{t.keys[t.developer]}/roll",
+        MANAGERS,
+        "dashboard.roll_key",
+        data=lambda t: {"grace": "0"},
+        works=lambda app, t, r: rolled(app, t.keys[t.developer], r),
     ),
     Case("usage", "GET", lambda t: "/usage", EVERYONE, "dashboard.usage_page", works=page),
     Case("usage CSV", "GET", lambda t: "/usage.csv", EVERYONE, "dashboard.usage_csv", works=page),
@@ -402,6 +477,23 @@ def make_team(app, actor: User, role: TeamRole, n: int) -> Team_:
         return case
 
 
+# Everything of a key that an action could change.
+KEY_STATE = (
+    ApiKey.id,
+    ApiKey.name,
+    ApiKey.kind,
+    ApiKey.digest,
+    ApiKey.revoked_at,
+    ApiKey.spend_limit,
+    ApiKey.spend_period,
+    ApiKey.expires_at,
+    ApiKey.allowed_ips,
+    ApiKey.allowed_voices,
+    ApiKey.allowed_models,
+    ApiKey.previous_digest,
+)
+
+
 def snapshot(app, team: Team_) -> tuple:
     """Everything of the team an action could change, and the outbox."""
     with app.app_context():
@@ -411,7 +503,7 @@ def snapshot(app, team: Team_) -> tuple:
             sorted(
                 db.session.execute(select(Membership.user_id, Membership.role).where(Membership.team_id == team.id))
             ),
-            sorted(db.session.execute(select(ApiKey.id, ApiKey.revoked_at).where(ApiKey.team_id == team.id))),
+            sorted(db.session.execute(select(*KEY_STATE).where(ApiKey.team_id == team.id))),
             sorted(
                 db.session.execute(
                     select(Invitation.id, Invitation.nonce, Invitation.accepted_at, Invitation.cancelled_at).where(

@@ -6,6 +6,7 @@ the team's billing people get, and the migration that gave existing accounts the
 """
 
 from collections import Counter
+from unittest.mock import ANY
 
 import pytest
 from flask_migrate import downgrade, upgrade
@@ -113,9 +114,17 @@ def test_a_members_key_spends_the_teams_balance_and_is_recorded_under_its_maker(
     spoken = client.post("/v1/audio/speech", json={"input": "Hello team", "voice": "af_sky"}, headers=bearer(secret))
     assert spoken.status_code == 200 and spoken.get_data() == b"ID3\x04audio-bytes"
     assert spoken.headers["X-Credits-Remaining"] == "990"
-    assert client.get("/v1/balance", headers=bearer(secret)).get_json() == {"balance": 990, "unlimited": False}
+    assert client.get("/v1/balance", headers=bearer(secret)).get_json() == {
+        "balance": 990,
+        "unlimited": False,
+        "key": ANY,
+    }
     # Their own key still spends their own personal team's balance.
-    assert client.get("/v1/balance", headers=developer.headers).get_json() == {"balance": 7, "unlimited": False}
+    assert client.get("/v1/balance", headers=developer.headers).get_json() == {
+        "balance": 7,
+        "unlimited": False,
+        "key": ANY,
+    }
     [request] = factories.speech_requests(gateway, owner.team_id)
     assert (request.made_by_id, request.credits) == (developer.user_id, 10)
     assert factories.speech_requests(gateway, developer.team_id) == []

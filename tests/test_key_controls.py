@@ -1,0 +1,587 @@
+"""Keys a customer controls: spending limits, expiry, allowed addresses, voices and models, rolling.
+
+The key-management API that sets them over HTTP is tests/test_key_api.py's.
+"""
+
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import responses
+from flask_migrate import downgrade, upgrade
+from sqlalchemy import func, select, text, update
+
+from app import keys, metering, models, speech, teams
+from app.extensions import db
+from app.models import ApiKey, KeyKind, LedgerEntry, SpeechRequest, TeamRole, User
+from tests import factories
+from tests.conftest import STUB_UPSTREAM
+from tests.fake_upstream import FakeUpstream, stub_catalog
+from tests.servers import race_speech
+
+SPEECH = "/v1/audio/speech"
+# Ten characters: ten credits.
+TEN = "0123456789"
+NOON = datetime(2026, 12, 3, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """The time every key rule reads, set by the test: `clock.now = …`, `clock.advance(seconds)`."""
+
+    class Clock:
+        now = NOON
+
+        def advance(self, seconds: float) -> None:
+            self.now += timedelta(seconds=seconds)
+
+    clock = Clock()
+    for module in (keys, metering, speech, models):
+        monkeypatch.setattr(module, "utcnow", lambda: clock.now)
+    return clock
+
+
+@pytest.fixture
+def upstream():
+    """The upstream, stubbed: its catalog, and audio for every speech request."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        stub_catalog(mock, STUB_UPSTREAM)
+        mock.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3audio", content_type="audio/mpeg")
+        yield mock
+
+
+def speech_calls(upstream) -> int:
+    return sum(call.request.url.endswith("/audio/speech") for call in upstream.calls)
+
+
+def speak(client, customer, text=TEN, voice="af_sky", model="kokoro", **kwargs):
+    body = {"input": text, "voice": voice, "model": model}
+    return client.post(SPEECH, json=body, headers=customer.headers, **kwargs)
+
+
+def control(app, key_id: int, **controls) -> None:
+    """Give the key these controls, as the dashboard and the key API do."""
+    with app.app_context():
+        key = db.session.get(ApiKey, key_id)
+        keys.set_controls(key, keys.read_controls(**controls))
+        db.session.commit()
+
+
+def key_row(app, key_id: int) -> ApiKey:
+    with app.app_context():
+        key = db.session.get(ApiKey, key_id)
+        db.session.expunge(key)
+        return key
+
+
+def books(app, team_id: int) -> tuple:
+    """What a refused request must leave as it was: the balance, the ledger and the requests."""
+    with app.app_context():
+        return (
+            factories.balance(app, team_id),
+            db.session.scalar(select(func.count()).where(LedgerEntry.team_id == team_id)),
+            db.session.scalar(select(func.count()).where(SpeechRequest.team_id == team_id)),
+        )
+
+
+def charge(team_id: int, key_id: int, made_by_id: int, credits: int) -> metering.Charge:
+    return metering.charge_speech(
+        team_id,
+        made_by_id,
+        key_id,
+        unlimited=False,
+        characters=credits,
+        model="kokoro",
+        voice="af_sky",
+        response_format="mp3",
+    )
+
+
+def error_of(response) -> tuple:
+    body = response.get_json()
+    assert body["detail"] == body["error"]["message"]
+    return response.status_code, body["error"]["code"], body["detail"]
+
+
+# Spending limits
+
+
+def test_a_limit_serves_what_it_covers_and_refuses_the_rest_with_its_own_error(app, client, upstream, clock):
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, spend_limit=25, spend_period="day")
+    assert speak(client, customer).status_code == 200
+    assert speak(client, customer).status_code == 200
+    before = books(app, customer.team_id)
+    refused = speak(client, customer)
+    status, code, detail = error_of(refused)
+    assert (status, code) == (402, "key_limit_reached")
+    assert detail == (
+        "This key's spending limit is reached: it may spend 25 credits until 2026-12-04T00:00:00Z, has spent 20 "
+        "and this request costs 10. The limit resets at 2026-12-04T00:00:00Z."
+    )
+    assert refused.headers["X-Key-Limit-Reset"] == "2026-12-04T00:00:00Z"
+    assert refused.headers["Retry-After"] == str(12 * 3600)
+    # Nothing written for it, nothing started upstream, and five credits of the limit are still there.
+    assert books(app, customer.team_id) == before == (980, 3, 2)
+    assert speech_calls(upstream) == 2
+    assert speak(client, customer, text="01234").status_code == 200
+    assert key_row(app, customer.key_id).spent == 25
+
+
+def test_a_lifetime_limit_says_it_never_resets(app, client, upstream, clock):
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, spend_limit=5, spend_period="lifetime")
+    refused = speak(client, customer)
+    assert error_of(refused) == (
+        402,
+        "key_limit_reached",
+        "This key's spending limit is reached: it may spend 5 credits in all, has spent 0 and this request costs 10. "
+        "Raise the key's limit to go on.",
+    )
+    assert "X-Key-Limit-Reset" not in refused.headers
+    clock.advance(400 * 86400)
+    assert speak(client, customer).status_code == 402
+
+
+def test_a_limit_counts_only_its_own_key(app, client, upstream, clock):
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, spend_limit=10, spend_period="day")
+    other = factories.add_key(app, customer.user_id)
+    assert speak(client, customer).status_code == 200
+    assert speak(client, customer).status_code == 402
+    assert (
+        client.post(
+            SPEECH, json={"input": TEN, "voice": "af_sky"}, headers={"Authorization": f"Bearer {other}"}
+        ).status_code
+        == 200
+    )
+
+
+def test_a_refund_gives_the_key_its_use_back(app, clock):
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, spend_limit=100, spend_period="day")
+    with app.app_context():
+        failed = charge(customer.team_id, customer.key_id, customer.user_id, 40)
+        broke = charge(customer.team_id, customer.key_id, customer.user_id, 40)
+        db.session.commit()
+        assert db.session.get(ApiKey, customer.key_id).spent == 80
+        # Nothing delivered: all of it back; broken off after some audio: the undelivered part back.
+        metering.refund_speech(failed.request_id, "upstream down", audio_ms=0)
+        given_back = metering.refund_speech(broke.request_id, "broke off", audio_ms=1000)
+        db.session.commit()
+        assert 0 < given_back < 40
+        assert db.session.get(ApiKey, customer.key_id).spent == 40 - given_back
+        with pytest.raises(keys.KeyLimitReached):
+            charge(customer.team_id, customer.key_id, customer.user_id, 100 - (40 - given_back) + 1)
+        db.session.rollback()
+        charge(customer.team_id, customer.key_id, customer.user_id, 100 - (40 - given_back))
+        db.session.commit()
+        assert db.session.get(ApiKey, customer.key_id).spent == 100
+
+
+def test_a_refund_after_the_period_ended_does_not_give_to_the_next_one(app, clock):
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, spend_limit=50, spend_period="day")
+    with app.app_context():
+        yesterday = charge(customer.team_id, customer.key_id, customer.user_id, 30)
+        db.session.commit()
+        clock.advance(86400)
+        charge(customer.team_id, customer.key_id, customer.user_id, 20)
+        db.session.commit()
+        metering.refund_speech(yesterday.request_id, "settled late", audio_ms=0)
+        db.session.commit()
+        key = db.session.get(ApiKey, customer.key_id)
+        assert (key.spent, key.spent_window) == (20, "day:2026-12-04")
+    assert factories.balance(app, customer.team_id) == 980
+
+
+BOUNDARIES = {
+    "day": datetime(2026, 12, 4, tzinfo=timezone.utc),
+    # ISO weeks start on Monday: 7 December 2026 is one.
+    "week": datetime(2026, 12, 7, tzinfo=timezone.utc),
+    # Across a year's end too.
+    "month": datetime(2027, 1, 1, tzinfo=timezone.utc),
+}
+
+
+@pytest.mark.parametrize("period", BOUNDARIES)
+def test_each_period_starts_again_exactly_at_its_boundary(app, clock, period):
+    boundary = BOUNDARIES[period]
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, spend_limit=30, spend_period=period)
+    clock.now = boundary - timedelta(microseconds=1)
+    with app.app_context():
+        charge(customer.team_id, customer.key_id, customer.user_id, 30)
+        db.session.commit()
+        key = db.session.get(ApiKey, customer.key_id)
+        assert keys.limit_resets_at(key, clock.now) == boundary
+        with pytest.raises(keys.KeyLimitReached) as reached:
+            charge(customer.team_id, customer.key_id, customer.user_id, 1)
+        assert (reached.value.spent, reached.value.resets_at) == (30, boundary)
+        db.session.rollback()
+        clock.now = boundary
+        charge(customer.team_id, customer.key_id, customer.user_id, 30)
+        db.session.commit()
+        db.session.refresh(key)
+        assert key.spent == 30 and key.spent_window == keys.window(period, boundary)
+        assert keys.limit_resets_at(key, clock.now) > boundary
+
+
+def test_a_limit_set_later_counts_what_the_key_already_spent_in_its_period(app, client, upstream, clock):
+    customer = factories.customer(app, balance=1000)
+    with app.app_context():
+        charge(customer.team_id, customer.key_id, customer.user_id, 30)
+        db.session.commit()
+        clock.advance(86400)
+        charge(customer.team_id, customer.key_id, customer.user_id, 20)
+        db.session.commit()
+    control(app, customer.key_id, spend_limit=25, spend_period="day")
+    assert key_row(app, customer.key_id).spent == 20
+    assert error_of(speak(client, customer))[:2] == (402, "key_limit_reached")
+    assert speak(client, customer, text="01234").status_code == 200
+    # Per month, both days count.
+    control(app, customer.key_id, spend_limit=100, spend_period="month")
+    assert keys.use_now(key_row(app, customer.key_id), clock.now) == 55
+
+
+def test_unlimited_teams_are_charged_nothing_so_their_keys_spend_nothing(app, client, upstream, clock):
+    rich = factories.customer(app, balance=0, unlimited=True)
+    control(app, rich.key_id, spend_limit=5, spend_period="day")
+    assert speak(client, rich).status_code == 200
+    assert key_row(app, rich.key_id).spent == 0
+
+
+def race_key_limit(app, customer, count: int, credits: int) -> Counter:
+    """`count` threads charge `credits` each through the customer's key at once."""
+    barrier = threading.Barrier(count)
+
+    def one(_):
+        with app.app_context():
+            barrier.wait(timeout=30)
+            try:
+                charge(customer.team_id, customer.key_id, customer.user_id, credits)
+                db.session.commit()
+                return "charged"
+            except keys.KeyLimitReached:
+                db.session.rollback()
+                return "limit"
+            finally:
+                db.session.remove()
+
+    with ThreadPoolExecutor(count) as pool:
+        return Counter(pool.map(one, range(count)))
+
+
+def test_two_hundred_racing_debits_never_overshoot_a_key_limit(app, postgres_only):
+    customer = factories.customer(app, balance=10_000)
+    control(app, customer.key_id, spend_limit=500, spend_period="month")
+    assert race_key_limit(app, customer, count=200, credits=10) == {"charged": 50, "limit": 150}
+    assert key_row(app, customer.key_id).spent == 500
+    assert factories.balance(app, customer.team_id) == 9_500
+    assert len(factories.speech_requests(app, customer.team_id)) == 50
+    factories.assert_books_balance(app, customer.team_id)
+
+
+def test_two_hundred_racing_requests_through_gunicorn_never_overshoot_a_key_limit(app, database_uri, postgres_only):
+    customer = factories.customer(app, balance=10_000)
+    control(app, customer.key_id, spend_limit=500, spend_period="day")
+    # Room for every request at once: only the key's limit refuses any.
+    room = {"MAX_STREAMS_PER_ACCOUNT": "1000", "UPSTREAM_QUEUE": "1000", "UPSTREAM_QUEUE_SECONDS": "60"}
+    results = race_speech(
+        database_uri,
+        FakeUpstream([b"ID3", b"audio"]),
+        [customer.secret],
+        count=200,
+        text=TEN,
+        threads=16,
+        timeout=60,
+        env=room,
+    )
+    statuses = Counter(status for status, _ in results)
+    assert statuses == {200: 50, 402: 150}
+    assert all(b"key_limit_reached" in body for status, body in results if status == 402)
+    assert key_row(app, customer.key_id).spent == 500
+    assert factories.balance(app, customer.team_id) == 9_500
+    assert len(factories.speech_requests(app, customer.team_id)) == 50
+    factories.assert_books_balance(app, customer.team_id)
+
+
+# Expiry
+
+
+def test_an_expired_key_is_refused_before_any_work(app, client, upstream, clock):
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, expires_at="2026-12-03T13:00:00Z")
+    clock.now = datetime(2026, 12, 3, 12, 59, 59, tzinfo=timezone.utc)
+    assert speak(client, customer).status_code == 200
+    clock.now = datetime(2026, 12, 3, 13, 0, tzinfo=timezone.utc)
+    before = books(app, customer.team_id)
+    for response in (speak(client, customer), client.get("/v1/balance", headers=customer.headers)):
+        assert error_of(response) == (401, "key_expired", "This API key expired at 2026-12-03T13:00:00Z.")
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    assert books(app, customer.team_id) == before
+    assert speech_calls(upstream) == 1
+
+
+def test_an_expiry_must_be_in_the_future(app, clock):
+    with pytest.raises(keys.BadControl, match="must be in the future"):
+        keys.read_controls(expires_at="2026-12-03T11:59:00Z")
+    with pytest.raises(keys.BadControl, match="such as 2027-01-31T18:00:00Z"):
+        keys.read_controls(expires_at="next tuesday")
+    # A time without a zone is UTC.
+    assert keys.read_controls(expires_at="2026-12-24T18:00").expires_at == datetime(
+        2026, 12, 24, 18, tzinfo=timezone.utc
+    )
+
+
+# Allowed addresses
+
+ALLOWED = "10.0.0.0/8, 2001:db8::/32 203.0.113.7"
+
+
+@pytest.mark.parametrize(
+    ("address", "status"),
+    [
+        ("10.1.2.3", 200),
+        ("203.0.113.7", 200),
+        ("2001:db8::1", 200),
+        # An IPv4 client seen through an IPv6 socket.
+        ("::ffff:10.0.0.1", 200),
+        ("203.0.113.8", 403),
+        ("11.0.0.1", 403),
+        ("2001:db9::1", 403),
+    ],
+)
+def test_a_key_works_only_from_its_allowed_addresses(app, client, upstream, address, status):
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, allowed_ips=ALLOWED)
+    assert key_row(app, customer.key_id).allowed_ips == "10.0.0.0/8 2001:db8::/32 203.0.113.7/32"
+    before = books(app, customer.team_id)
+    response = speak(client, customer, environ_base={"REMOTE_ADDR": address})
+    assert response.status_code == status
+    if status == 403:
+        assert error_of(response) == (403, "ip_not_allowed", f"This key may not be used from {address}.")
+        assert books(app, customer.team_id) == before
+        assert key_row(app, customer.key_id).last_used_at is None
+
+
+def test_a_forged_forwarded_for_does_not_get_in(make_app, upstream):
+    app = make_app()
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, allowed_ips="10.0.0.0/8")
+    forged = {**customer.headers, "X-Forwarded-For": "10.0.0.1"}
+    body = {"input": TEN, "voice": "af_sky"}
+    response = app.test_client().post(SPEECH, json=body, headers=forged, environ_base={"REMOTE_ADDR": "192.0.2.1"})
+    assert error_of(response) == (403, "ip_not_allowed", "This key may not be used from 192.0.2.1.")
+
+
+def test_behind_a_trusted_proxy_the_address_it_saw_counts(make_app, upstream):
+    app = make_app(TRUSTED_PROXIES=1)
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, allowed_ips="10.0.0.0/8")
+    client = app.test_client()
+    proxy = {"REMOTE_ADDR": "127.0.0.1"}
+
+    def through_proxy(forwarded_for):
+        headers = {**customer.headers, "X-Forwarded-For": forwarded_for}
+        return client.post(SPEECH, json={"input": TEN, "voice": "af_sky"}, headers=headers, environ_base=proxy)
+
+    assert through_proxy("10.0.0.1").status_code == 200
+    # The client wrote 10.0.0.1 itself; the proxy appended the address it really came from.
+    assert through_proxy("10.0.0.1, 192.0.2.1").status_code == 403
+
+
+def test_a_refused_address_is_not_counted_as_guessing_keys(make_app, upstream):
+    app = make_app(KEY_FAILURES_PER_IP="2/minute")
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, allowed_ips="10.0.0.0/8")
+    client = app.test_client()
+    outside = {"REMOTE_ADDR": "192.0.2.1"}
+    for _ in range(4):
+        assert client.get("/v1/balance", headers=customer.headers, environ_base=outside).status_code == 403
+
+
+@pytest.mark.parametrize("entry", ["10.0.0.0/33", "localhost", "10.0.0.1/8/8", "2001:db8::/129"])
+def test_an_address_that_is_not_one_is_refused_when_set(entry):
+    with pytest.raises(keys.BadControl, match="not an IPv4 or IPv6 address or CIDR range") as bad:
+        keys.read_controls(allowed_ips=f"10.0.0.1 {entry}")
+    assert bad.value.field == "allowed_ips"
+
+
+# Allowed voices and models
+
+
+@pytest.mark.parametrize(
+    ("voice", "refused"),
+    [
+        ("alloy", None),
+        # The voice alloy is spoken by: the same voice, by its Kokoro name.
+        ("af_alloy", None),
+        ("af_sky(2)+alloy(1)", None),
+        ("af_heart", "af_heart"),
+        ("af_sky+af_bella", "af_bella"),
+    ],
+)
+def test_a_key_asks_only_for_its_allowed_voices_resolved_as_requests_are(app, client, upstream, voice, refused):
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, allowed_voices="alloy af_sky")
+    before = books(app, customer.team_id)
+    response = speak(client, customer, voice=voice)
+    if refused is None:
+        assert response.status_code == 200
+        return
+    assert error_of(response) == (
+        403,
+        "voice_not_allowed",
+        f"This key may not use the voice '{refused}'; it may use alloy, af_sky.",
+    )
+    assert response.get_json()["error"]["param"] == "voice"
+    assert books(app, customer.team_id) == before
+    assert speech_calls(upstream) == 0
+
+
+def test_a_key_asks_only_for_its_allowed_models(app, client, upstream):
+    customer = factories.customer(app, balance=1000)
+    # OpenAI's tts-1 is spoken by kokoro: allowing one allows the other.
+    control(app, customer.key_id, allowed_models="tts-1")
+    assert speak(client, customer, model="kokoro").status_code == 200
+    control(app, customer.key_id, allowed_models="another-model")
+    before = books(app, customer.team_id)
+    response = speak(client, customer, model="tts-1")
+    assert error_of(response) == (
+        403,
+        "model_not_allowed",
+        "This key may not use the model 'tts-1'; it may use another-model.",
+    )
+    assert books(app, customer.team_id) == before
+
+
+# Rolling
+
+
+def balance_with(client, secret: str):
+    return client.get("/v1/balance", headers={"Authorization": f"Bearer {secret}"})
+
+
+def test_a_rolled_key_keeps_its_old_secret_for_the_grace_period_then_refuses_it(app, client, clock):
+    customer = factories.customer(app, balance=1000)
+    with app.app_context():
+        key = db.session.get(ApiKey, customer.key_id)
+        new = keys.roll(key, timedelta(hours=1))
+        db.session.commit()
+    assert balance_with(client, new).status_code == 200
+    assert balance_with(client, customer.secret).status_code == 200
+    clock.advance(3600)
+    assert error_of(balance_with(client, customer.secret)) == (
+        401,
+        "key_rolled",
+        "This secret was replaced when the key was rolled; it stopped working at 2026-12-03T13:00:00Z. "
+        "Use the key's new secret.",
+    )
+    assert balance_with(client, new).status_code == 200
+
+
+def test_rolling_with_no_grace_ends_the_old_secret_at_once_and_a_second_roll_ends_the_first(app, client, clock):
+    customer = factories.customer(app, balance=1000)
+    with app.app_context():
+        key = db.session.get(ApiKey, customer.key_id)
+        second = keys.roll(key, timedelta(days=7))
+        third = keys.roll(key, timedelta(0))
+        db.session.commit()
+    assert error_of(balance_with(client, customer.secret))[:2] == (401, "invalid_api_key")
+    assert error_of(balance_with(client, second))[:2] == (401, "invalid_api_key")
+    assert balance_with(client, third).status_code == 200
+    with app.app_context(), pytest.raises(ValueError, match="between 0 and 7 days"):
+        keys.roll(db.session.get(ApiKey, customer.key_id), timedelta(days=8))
+
+
+def test_the_balance_tells_the_calling_key_its_limit_use_and_reset(app, client, upstream, clock):
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, spend_limit=500, spend_period="week", expires_at="2027-01-01T00:00:00Z")
+    assert speak(client, customer).status_code == 200
+    assert client.get("/v1/balance", headers=customer.headers).get_json() == {
+        "balance": 990,
+        "unlimited": False,
+        "key": {
+            "spend_limit": 500,
+            "spend_period": "week",
+            "spent": 10,
+            "limit_resets_at": "2026-12-07T00:00:00Z",
+            "expires_at": "2027-01-01T00:00:00Z",
+        },
+    }
+
+
+# Who may: a management key's maker must manage keys
+
+
+def test_a_maker_who_no_longer_manages_keys_loses_their_management_keys(app):
+    owner = factories.customer(app, balance=0)
+    with app.app_context():
+        team = teams.create("Acme", db.session.get(User, owner.user_id))
+        admin = User(email="admin@example.com")
+        db.session.add(admin)
+        teams.create_personal(admin)
+        membership = teams.add_member(team, admin, TeamRole.ADMIN)
+        db.session.flush()
+        management, _ = keys.create_key(team, admin, "ci", kind=KeyKind.MANAGEMENT)
+        speaking, _ = keys.create_key(team, admin, "app")
+        db.session.commit()
+        actor = teams.membership(db.session.get(User, owner.user_id), team.id)
+        assert teams.change_role(actor, membership, TeamRole.DEVELOPER) == 1
+        db.session.commit()
+        assert db.session.get(ApiKey, management.id).revoked and not db.session.get(ApiKey, speaking.id).revoked
+
+
+# The audit
+
+
+def test_the_audit_checks_each_keys_use_against_its_books(app, runner, clock):
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, spend_limit=100, spend_period="day")
+    with app.app_context():
+        kept = charge(customer.team_id, customer.key_id, customer.user_id, 30)
+        refunded = charge(customer.team_id, customer.key_id, customer.user_id, 20)
+        metering.mark_delivered(kept.request_id)
+        metering.refund_speech(refunded.request_id, "upstream down", audio_ms=0)
+        db.session.commit()
+        clock.advance(86400)
+        charge(customer.team_id, customer.key_id, customer.user_id, 5)
+        db.session.commit()
+    result = runner.invoke(args=["audit"])
+    assert result.exit_code == 0, result.output
+    with app.app_context():
+        db.session.execute(update(ApiKey).where(ApiKey.id == customer.key_id).values(spent=4))
+        db.session.commit()
+    result = runner.invoke(args=["audit"])
+    assert result.exit_code == 1
+    key = f"key {customer.key_id} ({customer.secret[:12]}…)"
+    assert f"{key}: 4 credits recorded as used in day:2026-12-04, the ledger says 5" in result.output
+
+
+# The migration
+
+
+def test_migration_0012_counts_each_keys_lifetime_use_and_goes_back_only_without_controls(app, capfd):
+    customer = factories.customer(app, balance=1000)
+    with app.app_context():
+        delivered = charge(customer.team_id, customer.key_id, customer.user_id, 30)
+        refunded = charge(customer.team_id, customer.key_id, customer.user_id, 20)
+        metering.mark_delivered(delivered.request_id)
+        metering.refund_speech(refunded.request_id, "upstream down", audio_ms=0)
+        db.session.commit()
+        downgrade(revision="0011")
+        assert db.session.scalar(text("SELECT version_num FROM alembic_version")) == "0011"
+        upgrade()
+        db.session.expire_all()
+        key = db.session.get(ApiKey, customer.key_id)
+        assert (key.spent, key.spent_window, key.kind, key.spend_limit) == (30, "lifetime", "speech", None)
+    control(app, customer.key_id, spend_limit=100, spend_period="day")
+    with app.app_context():
+        with pytest.raises(SystemExit):
+            downgrade(revision="0011")
+        assert "1 keys are management keys, have controls or a rolled secret" in capfd.readouterr().err
+        db.session.rollback()
+        assert db.session.get(ApiKey, customer.key_id).spend_limit == 100
