@@ -76,7 +76,7 @@ class KeyForm(FlaskForm):
     # Management keys: only for those who manage every key of the team (the view checks the role).
     kind = SelectField(
         "Kind",
-        choices=[(KeyKind.SPEECH.value, "Speech"), (KeyKind.MANAGEMENT.value, "Management (the key API)")],
+        choices=[SelectChoice(KeyKind.SPEECH.value, "Speech"), SelectChoice(KeyKind.MANAGEMENT.value, "Management (the key API)")],
         default=KeyKind.SPEECH.value,
     )
 
@@ -89,11 +89,11 @@ class KeyControlsForm(FlaskForm):
     spend_period = SelectField(
         "Limit period",
         choices=[
-            ("", "No limit"),
-            (LimitPeriod.DAY.value, "Per day (UTC)"),
-            (LimitPeriod.WEEK.value, "Per week (from Monday, UTC)"),
-            (LimitPeriod.MONTH.value, "Per month (UTC)"),
-            (LimitPeriod.LIFETIME.value, "In all (the key's lifetime)"),
+            SelectChoice("", "No limit"),
+            SelectChoice(LimitPeriod.DAY.value, "Per day (UTC)"),
+            SelectChoice(LimitPeriod.WEEK.value, "Per week (from Monday, UTC)"),
+            SelectChoice(LimitPeriod.MONTH.value, "Per month (UTC)"),
+            SelectChoice(LimitPeriod.LIFETIME.value, "In all (the key's lifetime)"),
         ],
     )
     expires_at = DateTimeLocalField("Expires (UTC, optional)", validators=[Optional()], format="%Y-%m-%dT%H:%M")
@@ -106,11 +106,11 @@ class RollForm(FlaskForm):
     grace = SelectField(
         "The current secret keeps working for",
         choices=[
-            ("0", "No time: it stops now"),
-            ("3600", "1 hour"),
-            ("86400", "1 day"),
-            ("259200", "3 days"),
-            ("604800", "7 days"),
+            SelectChoice("0", "No time: it stops now"),
+            SelectChoice("3600", "1 hour"),
+            SelectChoice("86400", "1 day"),
+            SelectChoice("259200", "3 days"),
+            SelectChoice("604800", "7 days"),
         ],
         default="86400",
     )

@@ -3,6 +3,7 @@
 The key-management API that sets them over HTTP is tests/test_key_api.py's.
 """
 
+import re
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -585,3 +586,114 @@ def test_migration_0012_counts_each_keys_lifetime_use_and_goes_back_only_without
         assert "1 keys are management keys, have controls or a rolled secret" in capfd.readouterr().err
         db.session.rollback()
         assert db.session.get(ApiKey, customer.key_id).spend_limit == 100
+
+
+# The dashboard
+
+
+# The key page's form as a browser sends it with nothing filled in.
+BLANK_FORM = {
+    "name": "laptop",
+    "spend_limit": "",
+    "spend_period": "",
+    "expires_at": "",
+    "allowed_ips": "",
+    "allowed_voices": "",
+    "allowed_models": "",
+}
+
+
+def signed_in_with_key(app, web) -> tuple[int, str]:
+    """Signed in with 1,000 credits and one key made on the keys page: (its id, its secret)."""
+    team_id = factories.signed_up(app, web, "owner@example.com", 1000)
+    web.get("/keys")
+    page = web.post("/keys", {"name": "laptop"}).get_data(as_text=True)
+    secret = re.search(r'id="new-key">(kp_live_[A-Za-z0-9_-]{43})<', page).group(1)
+    with app.app_context():
+        return db.session.scalar(select(ApiKey.id).where(ApiKey.team_id == team_id)), secret
+
+
+def test_the_key_page_sets_its_controls_and_shows_its_use(app, web, upstream, clock):
+    key_id, secret = signed_in_with_key(app, web)
+    page = web.get(f"/keys/{key_id}")
+    assert page.status_code == 200
+    saved = web.post(
+        f"/keys/{key_id}",
+        {
+            "name": "laptop",
+            "spend_limit": "300",
+            "spend_period": "day",
+            "expires_at": "2027-01-31T18:00",
+            "allowed_ips": "10.0.0.0/8\n203.0.113.7",
+            "allowed_voices": "alloy, af_sky",
+            "allowed_models": "",
+        },
+        follow_redirects=True,
+    )
+    assert "is saved" in saved.get_data(as_text=True)
+    key = key_row(app, key_id)
+    assert keys.controls_of(key) == keys.Controls(
+        300, "day", datetime(2027, 1, 31, 18, tzinfo=timezone.utc), "10.0.0.0/8 203.0.113.7/32", "alloy af_sky", None
+    )
+    client = app.test_client()
+    speech = client.post(
+        SPEECH,
+        json={"input": TEN, "voice": "alloy"},
+        headers={"Authorization": f"Bearer {secret}"},
+        environ_base={"REMOTE_ADDR": "10.0.0.9"},
+    )
+    # Read to its end, as a client does: the stream's context is popped before the browser's next page.
+    assert speech.status_code == 200 and speech.data == b"ID3audio"
+    shown = web.get(f"/keys/{key_id}").get_data(as_text=True)
+    assert "Spent today" in shown and "10 <small>of 300</small>" in shown
+    assert "The limit starts again at 2026-12-04 00:00 UTC." in shown
+    listed = web.get("/keys").get_data(as_text=True)
+    assert "10 of 300" in listed
+
+
+@pytest.mark.parametrize(
+    ("form", "field_error"),
+    [
+        ({"spend_limit": "300", "spend_period": ""}, "A spending limit needs a period"),
+        ({"spend_limit": "", "spend_period": "day"}, "A period needs a spending limit"),
+        ({"allowed_ips": "10.0.0.0/8 somewhere"}, "&#39;somewhere&#39; is not an IPv4 or IPv6 address"),
+        ({"allowed_voices": "af_sky(2)+af_bella"}, "is not a voice name"),
+        ({"expires_at": "2026-12-01T00:00"}, "The expiry must be in the future."),
+        ({"spend_limit": "-5", "spend_period": "day"}, "Number must be at least 0."),
+    ],
+)
+def test_a_control_that_cannot_be_set_is_shown_beside_its_field_and_nothing_changes(app, web, clock, form, field_error):
+    key_id, _ = signed_in_with_key(app, web)
+    web.get(f"/keys/{key_id}")
+    before = keys.controls_of(key_row(app, key_id))
+    response = web.post(f"/keys/{key_id}", {**BLANK_FORM, **form})
+    assert response.status_code == 200
+    assert field_error in response.get_data(as_text=True)
+    assert keys.controls_of(key_row(app, key_id)) == before
+
+
+def test_an_expiry_already_past_stays_as_it_is_when_other_controls_change(app, web, clock):
+    key_id, _ = signed_in_with_key(app, web)
+    control(app, key_id, expires_at="2026-12-03T12:30:00Z")
+    clock.advance(3600)
+    page = web.get(f"/keys/{key_id}").get_data(as_text=True)
+    assert 'value="2026-12-03T12:30"' in page and "expired" in page
+    sent = {**BLANK_FORM, "name": "renamed", "expires_at": "2026-12-03T12:30"}
+    response = web.post(f"/keys/{key_id}", sent, follow_redirects=True)
+    assert "is saved" in response.get_data(as_text=True)
+    key = key_row(app, key_id)
+    assert (key.name, key.expires_at) == ("renamed", datetime(2026, 12, 3, 12, 30, tzinfo=timezone.utc))
+
+
+def test_rolling_on_the_dashboard_shows_the_new_secret_once_and_both_secrets_while_the_old_works(app, web, clock):
+    key_id, old = signed_in_with_key(app, web)
+    web.get(f"/keys/{key_id}")
+    page = web.post(f"/keys/{key_id}/roll", {"grace": "86400"}).get_data(as_text=True)
+    new = re.search(r'id="new-key">(kp_live_[A-Za-z0-9_-]{43})<', page).group(1)
+    assert "keeps working until 2026-12-04 12:00 UTC" in page
+    client = app.test_client()
+    assert client.get("/v1/balance", headers={"Authorization": f"Bearer {old}"}).status_code == 200
+    assert client.get("/v1/balance", headers={"Authorization": f"Bearer {new}"}).status_code == 200
+    listed = web.get("/keys").get_data(as_text=True)
+    assert f"<code>{new[:12]}…</code>" in listed and f"<code>{old[:12]}…</code> until 2026-12-04 12:00" in listed
+    assert new not in listed and new not in web.get(f"/keys/{key_id}").get_data(as_text=True)
