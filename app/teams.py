@@ -27,7 +27,8 @@ BILLING_ROLES = (TeamRole.OWNER, TeamRole.ADMIN, TeamRole.BILLING)
 class Permission(StrEnum):
     """What a member may do in a team, beyond seeing its name, balance and members (everyone may)."""
 
-    # Create keys and revoke their own; the playground (which spends the team's credits); their own usage.
+    # Create keys, set the controls of their own, roll and revoke them; the playground (which spends the
+    # team's credits); their own usage.
     SPEND = "spend"
     # See, change and revoke every member's keys; make management keys (the key-management API).
     MANAGE_KEYS = "manage keys"
