@@ -76,7 +76,10 @@ class KeyForm(FlaskForm):
     # Management keys: only for those who manage every key of the team (the view checks the role).
     kind = SelectField(
         "Kind",
-        choices=[SelectChoice(KeyKind.SPEECH.value, "Speech"), SelectChoice(KeyKind.MANAGEMENT.value, "Management (the key API)")],
+        choices=[
+            SelectChoice(KeyKind.SPEECH.value, "Speech"),
+            SelectChoice(KeyKind.MANAGEMENT.value, "Management (the key API)"),
+        ],
         default=KeyKind.SPEECH.value,
     )
 

@@ -697,3 +697,20 @@ def test_rolling_on_the_dashboard_shows_the_new_secret_once_and_both_secrets_whi
     listed = web.get("/keys").get_data(as_text=True)
     assert f"<code>{new[:12]}…</code>" in listed and f"<code>{old[:12]}…</code> until 2026-12-04 12:00" in listed
     assert new not in listed and new not in web.get(f"/keys/{key_id}").get_data(as_text=True)
+
+
+def test_a_management_keys_page_sets_only_what_applies_to_it(app, web, clock):
+    team_id = factories.signed_up(app, web, "owner@example.com", 1000)
+    web.get("/keys")
+    page = web.post("/keys", {"name": "ci", "kind": "management"}).get_data(as_text=True)
+    assert "a management key, for the key API" in page
+    with app.app_context():
+        key_id = db.session.scalar(
+            select(ApiKey.id).where(ApiKey.team_id == team_id, ApiKey.kind == KeyKind.MANAGEMENT)
+        )
+    form = web.get(f"/keys/{key_id}").get_data(as_text=True)
+    assert 'id="spend_limit"' not in form and 'id="allowed_voices"' not in form and 'id="allowed_ips"' in form
+    sent = {"name": "ci", "expires_at": "2027-06-01T00:00", "allowed_ips": "198.51.100.0/24"}
+    assert "is saved" in web.post(f"/keys/{key_id}", sent, follow_redirects=True).get_data(as_text=True)
+    key = key_row(app, key_id)
+    assert (key.allowed_ips, key.expires_at.year, key.spend_limit) == ("198.51.100.0/24", 2027, None)

@@ -75,16 +75,15 @@ def key_page(key_id: int):
     """A key's controls: its name, spending limit, expiry and what it may be used from and for."""
     key = _own_key(key_id)
     form = KeyControlsForm(obj=key)
+    if key.kind != KeyKind.SPEECH:
+        # A management key cannot speak: only its expiry and addresses apply to it.
+        for name in SPEECH_ONLY:
+            delattr(form, name)
     if not form.is_submitted() and key.expires_at is not None:
         form.expires_at.data = key.expires_at.astimezone(timezone.utc).replace(tzinfo=None)
     if not key.revoked and form.validate_on_submit():
-        changes = {
-            "spend_limit": form.spend_limit.data,
-            "spend_period": form.spend_period.data,
-            "allowed_ips": form.allowed_ips.data,
-            "allowed_voices": form.allowed_voices.data,
-            "allowed_models": form.allowed_models.data,
-        }
+        changes = {"allowed_ips": form.allowed_ips.data}
+        changes.update({name: form[name].data for name in SPEECH_ONLY if name in form})
         expires_at = form.expires_at.data and form.expires_at.data.replace(tzinfo=timezone.utc)
         # The form shows the expiry to the minute: sent back as shown, it is left as it is (even if past).
         if not _same_minute(key.expires_at, expires_at):
@@ -100,6 +99,10 @@ def key_page(key_id: int):
             flash(f"Key {key.prefix}… is saved. Its controls apply to its next request.", "success")
             return redirect(url_for("dashboard.key_page", key_id=key.id))
     return render_template("dashboard/key.html", key=key, form=form, roll=RollForm(), now_use=keys.use_now(key))
+
+
+# The controls that only speech keys have.
+SPEECH_ONLY = ("spend_limit", "spend_period", "allowed_voices", "allowed_models")
 
 
 def _same_minute(stored, shown) -> bool:
