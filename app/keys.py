@@ -212,7 +212,7 @@ def lookup(key_digest: str) -> Caller | None:
     """
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         row = connection.execute(_FIND, {"digest": key_digest}).first()
-    # The UTC column type marks SQLite's naive times as UTC, but a bare comparison column has no such type.
+    # SQLite answers the comparison `previous_secret` as 0 or 1.
     return Caller(*row[:-2], bool(row[-2]), row[-1]) if row else None
 
 

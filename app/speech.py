@@ -6,15 +6,17 @@ steps, in this order:
 1. `read_order`: the body is checked; only known, valid fields are sent upstream,
    so nothing a client sends can make the upstream break off after audio has gone out.
 2. `check_names`: OpenAI's voice and model names become Kokoro's (app/catalog.py), and
-   each is checked against the upstream's cached catalog: 400 before anything is charged.
+   each is checked against the upstream's cached catalog: 400 before anything is charged;
+   then `check_key_allows`: 403 for a voice or model the key may not ask for (app/keys.py).
 3. `admit`: what the charge will decide is checked first (402 for a balance short of the
-   cost, 429 for an account at its stream cap), so a request that cannot be charged never
-   takes a place in the wait for a speech server.
+   cost or a key's spending limit that does not cover it, 429 for an account at its stream
+   cap), so a request that cannot be charged never takes a place in the wait for a speech server.
 4. `reserve`: a place on the least busy speech server (app/upstream.py), waiting a
    bounded time when all are full, behind at most the account's share of the wait (429
    beyond it); 503 with nothing charged when none frees up.
-5. `charge`: one committed transaction records the request, debits it and counts the
-   account's open streams (402, 429), naming this gateway process (app/liveness.py);
+5. `charge`: one committed transaction records the request, debits it, counts it against
+   its key's limit and counts the account's open streams (402, 429), naming this gateway
+   process (app/liveness.py);
    nothing upstream starts before it.
 6. `open_upstream`: the synthesis starts; a failure before any audio is refunded in
    full and answered 502, or 400 when the upstream refused the request itself.

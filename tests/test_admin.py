@@ -69,6 +69,8 @@ def test_an_admin_finds_a_customer_and_sees_their_money_on_one_page(app, admin, 
     assert "10,920" in page  # 1,000 + 10,000 − 2 × 40
     assert "cs_test_admin" in page and "pi_admin" in page and '<span class="tag paid">paid</span>' in page
     assert page.count('data-label="Voice"') == 2 and "topup" in page and "kp_live_" in page
+    # Each key's use, as its own page shows it: the two requests of 40 credits, its whole life.
+    assert '<td data-label="Spent" class="num">80 <small class="muted">spent in all</small></td>' in page
 
 
 def test_grants_and_deductions_are_ledgered_with_the_reason_and_the_admin(app, admin, shopper):

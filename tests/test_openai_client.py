@@ -4,6 +4,9 @@ import openai
 import pytest
 from openai import OpenAI
 
+from app import keys
+from app.extensions import db
+from app.models import ApiKey
 from tests import factories
 from tests.fake_upstream import FakeUpstream
 from tests.servers import serve
@@ -56,6 +59,26 @@ def test_a_short_balance_is_a_402_status_error(running):
         client_for(base_url, customer.secret).audio.speech.create(model="kokoro", voice="af_sky", input="Hi")
     assert (error.value.status_code, error.value.code) == (402, "insufficient_quota")
     assert "Insufficient credits" in error.value.body["message"]
+
+
+def test_a_keys_controls_reach_the_sdk_as_their_own_errors_and_are_not_retried(running):
+    """With the SDK's default retries on: a 402 or 403 is raised at once, with its own code."""
+    app, base_url, upstream = running
+    customer = factories.customer(app, balance=1000)
+    with app.app_context():
+        key = db.session.get(ApiKey, customer.key_id)
+        keys.set_controls(key, keys.read_controls(spend_limit=5, spend_period="day", allowed_voices="alloy"))
+        db.session.commit()
+    client = OpenAI(base_url=base_url, api_key=customer.secret)
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        client.audio.speech.create(model="kokoro", voice="af_sky", input="Hi")
+    assert (refused.value.code, refused.value.body["param"]) == ("voice_not_allowed", "voice")
+    with pytest.raises(openai.APIStatusError) as limited:
+        client.audio.speech.create(model="kokoro", voice="alloy", input="Hello there")
+    assert (limited.value.status_code, limited.value.code) == (402, "key_limit_reached")
+    assert limited.value.response.headers["X-Key-Limit-Reset"].endswith("T00:00:00Z")
+    assert upstream.received == []
+    assert factories.balance(app, customer.team_id) == 1000
 
 
 def test_an_empty_input_is_a_bad_request_error(running):
