@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pytest
+import responses
 from flask_migrate import upgrade
 from sqlalchemy import create_engine, text
 
@@ -14,6 +15,7 @@ from app.config import database_url
 from app.extensions import db
 from bench import launch
 from tests import factories
+from tests.fake_upstream import stub_catalog
 from tests.servers import serve
 
 # The real engine's fixtures, one model and one engine process for the whole session.
@@ -179,6 +181,15 @@ def runner(app):
 def customer(app):
     """A user with 1,000 credits and one active key."""
     return factories.customer(app, balance=1000)
+
+
+@pytest.fixture
+def speaking_upstream():
+    """The upstream stubbed with `responses`: Kokoro-FastAPI's catalog, and audio for every speech request."""
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        stub_catalog(mock, STUB_UPSTREAM)
+        mock.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3audio", content_type="audio/mpeg")
+        yield mock
 
 
 @pytest.fixture

@@ -68,7 +68,8 @@ def charged(app, team_id: int, count: int = 1, characters: int = 10) -> list[str
 
 
 def race_charges(app, customer: "Customer", count: int, characters: int) -> Counter:
-    """`count` threads charge `characters` each to the customer's key at once; how many were "charged" or "short"."""
+    """`count` threads charge `characters` each to the customer's key at once; how many were "charged", "short"
+    (the balance did not cover it) or "limit" (the key's spending limit did not)."""
     barrier = threading.Barrier(count)
 
     def charge(_):
@@ -90,6 +91,9 @@ def race_charges(app, customer: "Customer", count: int, characters: int) -> Coun
             except billing.InsufficientCredits:
                 db.session.rollback()
                 return "short"
+            except keys.KeyLimitReached:
+                db.session.rollback()
+                return "limit"
             finally:
                 db.session.remove()
 

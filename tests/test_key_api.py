@@ -2,25 +2,19 @@
 team's speech keys; a speech key may not, and a management key cannot speak."""
 
 import pytest
-import responses
 from sqlalchemy import select
 
 from app import keys
 from app.extensions import db
 from app.models import ApiKey, KeyKind, Team, User
 from tests import factories
-from tests.conftest import STUB_UPSTREAM
-from tests.fake_upstream import stub_catalog
 
 KEYS = "/v1/keys"
 
 
 @pytest.fixture
-def upstream():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        stub_catalog(mock, STUB_UPSTREAM)
-        mock.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3audio", content_type="audio/mpeg")
-        yield mock
+def upstream(speaking_upstream):
+    return speaking_upstream
 
 
 class Team_:

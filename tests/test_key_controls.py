@@ -4,13 +4,10 @@ The key-management API that sets them over HTTP is tests/test_key_api.py's.
 """
 
 import re
-import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 
 import pytest
-import responses
 from flask_migrate import downgrade, upgrade
 from sqlalchemy import func, select, text, update
 
@@ -18,8 +15,7 @@ from app import keys, metering, models, speech, teams
 from app.extensions import db
 from app.models import ApiKey, KeyKind, LedgerEntry, SpeechRequest, TeamRole, User
 from tests import factories
-from tests.conftest import STUB_UPSTREAM
-from tests.fake_upstream import FakeUpstream, stub_catalog
+from tests.fake_upstream import FakeUpstream
 from tests.servers import race_speech
 
 SPEECH = "/v1/audio/speech"
@@ -45,12 +41,8 @@ def clock(monkeypatch):
 
 
 @pytest.fixture
-def upstream():
-    """The upstream, stubbed: its catalog, and audio for every speech request."""
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        stub_catalog(mock, STUB_UPSTREAM)
-        mock.post(f"{STUB_UPSTREAM}/audio/speech", body=b"ID3audio", content_type="audio/mpeg")
-        yield mock
+def upstream(speaking_upstream):
+    return speaking_upstream
 
 
 def speech_calls(upstream) -> int:
@@ -87,17 +79,9 @@ def books(app, team_id: int) -> tuple:
         )
 
 
-def charge(team_id: int, key_id: int, made_by_id: int, credits: int) -> metering.Charge:
-    return metering.charge_speech(
-        team_id,
-        made_by_id,
-        key_id,
-        unlimited=False,
-        characters=credits,
-        model="kokoro",
-        voice="af_sky",
-        response_format="mp3",
-    )
+def charge(customer, credits: int) -> SpeechRequest:
+    """A speech request of `credits` charged through the customer's key, in the caller's app context."""
+    return factories.charge_speech(customer.team_id, credits, customer.user_id, customer.key_id)
 
 
 def error_of(response) -> tuple:
@@ -164,20 +148,20 @@ def test_a_refund_gives_the_key_its_use_back(app, clock):
     customer = factories.customer(app, balance=1000)
     control(app, customer.key_id, spend_limit=100, spend_period="day")
     with app.app_context():
-        failed = charge(customer.team_id, customer.key_id, customer.user_id, 40)
-        broke = charge(customer.team_id, customer.key_id, customer.user_id, 40)
+        failed = charge(customer, 40)
+        broke = charge(customer, 40)
         db.session.commit()
         assert db.session.get(ApiKey, customer.key_id).spent == 80
         # Nothing delivered: all of it back; broken off after some audio: the undelivered part back.
-        metering.refund_speech(failed.request_id, "upstream down", audio_ms=0)
-        given_back = metering.refund_speech(broke.request_id, "broke off", audio_ms=1000)
+        metering.refund_speech(failed.id, "upstream down", audio_ms=0)
+        given_back = metering.refund_speech(broke.id, "broke off", audio_ms=1000)
         db.session.commit()
         assert 0 < given_back < 40
         assert db.session.get(ApiKey, customer.key_id).spent == 40 - given_back
         with pytest.raises(keys.KeyLimitReached):
-            charge(customer.team_id, customer.key_id, customer.user_id, 100 - (40 - given_back) + 1)
+            charge(customer, 100 - (40 - given_back) + 1)
         db.session.rollback()
-        charge(customer.team_id, customer.key_id, customer.user_id, 100 - (40 - given_back))
+        charge(customer, 100 - (40 - given_back))
         db.session.commit()
         assert db.session.get(ApiKey, customer.key_id).spent == 100
 
@@ -186,12 +170,12 @@ def test_a_refund_after_the_period_ended_does_not_give_to_the_next_one(app, cloc
     customer = factories.customer(app, balance=1000)
     control(app, customer.key_id, spend_limit=50, spend_period="day")
     with app.app_context():
-        yesterday = charge(customer.team_id, customer.key_id, customer.user_id, 30)
+        yesterday = charge(customer, 30)
         db.session.commit()
         clock.advance(86400)
-        charge(customer.team_id, customer.key_id, customer.user_id, 20)
+        charge(customer, 20)
         db.session.commit()
-        metering.refund_speech(yesterday.request_id, "settled late", audio_ms=0)
+        metering.refund_speech(yesterday.id, "settled late", audio_ms=0)
         db.session.commit()
         key = db.session.get(ApiKey, customer.key_id)
         assert (key.spent, key.spent_window) == (20, "day:2026-12-04")
@@ -214,16 +198,16 @@ def test_each_period_starts_again_exactly_at_its_boundary(app, clock, period):
     control(app, customer.key_id, spend_limit=30, spend_period=period)
     clock.now = boundary - timedelta(microseconds=1)
     with app.app_context():
-        charge(customer.team_id, customer.key_id, customer.user_id, 30)
+        charge(customer, 30)
         db.session.commit()
         key = db.session.get(ApiKey, customer.key_id)
         assert keys.limit_resets_at(key, clock.now) == boundary
         with pytest.raises(keys.KeyLimitReached) as reached:
-            charge(customer.team_id, customer.key_id, customer.user_id, 1)
+            charge(customer, 1)
         assert (reached.value.spent, reached.value.resets_at) == (30, boundary)
         db.session.rollback()
         clock.now = boundary
-        charge(customer.team_id, customer.key_id, customer.user_id, 30)
+        charge(customer, 30)
         db.session.commit()
         db.session.refresh(key)
         assert key.spent == 30 and key.spent_window == keys.window(period, boundary)
@@ -233,10 +217,10 @@ def test_each_period_starts_again_exactly_at_its_boundary(app, clock, period):
 def test_a_limit_set_later_counts_what_the_key_already_spent_in_its_period(app, client, upstream, clock):
     customer = factories.customer(app, balance=1000)
     with app.app_context():
-        charge(customer.team_id, customer.key_id, customer.user_id, 30)
+        charge(customer, 30)
         db.session.commit()
         clock.advance(86400)
-        charge(customer.team_id, customer.key_id, customer.user_id, 20)
+        charge(customer, 20)
         db.session.commit()
     control(app, customer.key_id, spend_limit=25, spend_period="day")
     assert key_row(app, customer.key_id).spent == 20
@@ -254,31 +238,10 @@ def test_unlimited_teams_are_charged_nothing_so_their_keys_spend_nothing(app, cl
     assert key_row(app, rich.key_id).spent == 0
 
 
-def race_key_limit(app, customer, count: int, credits: int) -> Counter:
-    """`count` threads charge `credits` each through the customer's key at once."""
-    barrier = threading.Barrier(count)
-
-    def one(_):
-        with app.app_context():
-            barrier.wait(timeout=30)
-            try:
-                charge(customer.team_id, customer.key_id, customer.user_id, credits)
-                db.session.commit()
-                return "charged"
-            except keys.KeyLimitReached:
-                db.session.rollback()
-                return "limit"
-            finally:
-                db.session.remove()
-
-    with ThreadPoolExecutor(count) as pool:
-        return Counter(pool.map(one, range(count)))
-
-
 def test_two_hundred_racing_debits_never_overshoot_a_key_limit(app, postgres_only):
     customer = factories.customer(app, balance=10_000)
     control(app, customer.key_id, spend_limit=500, spend_period="month")
-    assert race_key_limit(app, customer, count=200, credits=10) == {"charged": 50, "limit": 150}
+    assert factories.race_charges(app, customer, count=200, characters=10) == {"charged": 50, "limit": 150}
     assert key_row(app, customer.key_id).spent == 500
     assert factories.balance(app, customer.team_id) == 9_500
     assert len(factories.speech_requests(app, customer.team_id)) == 50
@@ -543,13 +506,13 @@ def test_the_audit_checks_each_keys_use_against_its_books(app, runner, clock):
     customer = factories.customer(app, balance=1000)
     control(app, customer.key_id, spend_limit=100, spend_period="day")
     with app.app_context():
-        kept = charge(customer.team_id, customer.key_id, customer.user_id, 30)
-        refunded = charge(customer.team_id, customer.key_id, customer.user_id, 20)
-        metering.mark_delivered(kept.request_id)
-        metering.refund_speech(refunded.request_id, "upstream down", audio_ms=0)
+        kept = charge(customer, 30)
+        refunded = charge(customer, 20)
+        metering.mark_delivered(kept.id)
+        metering.refund_speech(refunded.id, "upstream down", audio_ms=0)
         db.session.commit()
         clock.advance(86400)
-        charge(customer.team_id, customer.key_id, customer.user_id, 5)
+        charge(customer, 5)
         db.session.commit()
     result = runner.invoke(args=["audit"])
     assert result.exit_code == 0, result.output
@@ -568,10 +531,10 @@ def test_the_audit_checks_each_keys_use_against_its_books(app, runner, clock):
 def test_migration_0012_counts_each_keys_lifetime_use_and_goes_back_only_without_controls(app, capfd):
     customer = factories.customer(app, balance=1000)
     with app.app_context():
-        delivered = charge(customer.team_id, customer.key_id, customer.user_id, 30)
-        refunded = charge(customer.team_id, customer.key_id, customer.user_id, 20)
-        metering.mark_delivered(delivered.request_id)
-        metering.refund_speech(refunded.request_id, "upstream down", audio_ms=0)
+        delivered = charge(customer, 30)
+        refunded = charge(customer, 20)
+        metering.mark_delivered(delivered.id)
+        metering.refund_speech(refunded.id, "upstream down", audio_ms=0)
         db.session.commit()
         downgrade(revision="0011")
         assert db.session.scalar(text("SELECT version_num FROM alembic_version")) == "0011"
