@@ -130,6 +130,8 @@ def change_key(key_id: int):
     """Change the fields the body names (null clears a control); the others stay as they are."""
     body = _body(FIELDS)
     key = _speech_key(key_id)
+    # Read as locked: a change made meanwhile to a field this one does not name is kept.
+    keys.lock(key)
     if key.revoked:
         raise ApiError(409, "This key is revoked; it cannot be changed.", code="key_revoked")
     controls = _controls(

@@ -550,12 +550,17 @@ def set_controls(key: ApiKey, controls: Controls) -> None:
     again from its requests for the window of its new period: so a limit set now covers what the
     key already spent this period, and an interleaved debit is counted once.
     """
-    db.session.execute(select(ApiKey.id).where(ApiKey.id == key.id).with_for_update())
-    db.session.refresh(key)
+    lock(key)
     _apply(key, controls)
     now = utcnow()
     key.spent = recorded_use(key.id, key.spend_period, now)
     key.spent_window = window(key.spend_period, now)
+
+
+def lock(key: ApiKey) -> None:
+    """Lock the key's row until this transaction ends (a debit of it waits) and read it afresh."""
+    db.session.execute(select(ApiKey.id).where(ApiKey.id == key.id).with_for_update())
+    db.session.refresh(key)
 
 
 def _apply(key: ApiKey, controls: Controls) -> None:

@@ -1,6 +1,9 @@
 """The key-management API, /v1/keys: a management key creates, lists, changes, rolls and revokes its
 team's speech keys; a speech key may not, and a management key cannot speak."""
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 from sqlalchemy import select
 
@@ -186,3 +189,23 @@ def test_a_management_key_has_its_own_expiry_and_addresses(app, client, team):
     response = client.get(KEYS, headers=team.manager, environ_base={"REMOTE_ADDR": "192.0.2.1"})
     assert error_of(response)[:2] == (403, "ip_not_allowed")
     assert client.get(KEYS, headers=team.manager, environ_base={"REMOTE_ADDR": "10.9.9.9"}).status_code == 200
+
+
+def test_two_changes_at_once_of_different_fields_both_stay(app, team, postgres_only):
+    """Each change reads the key as locked: one made meanwhile to another field is not written over."""
+    path = f"{KEYS}/{team.customer.key_id}"
+    changes = [{"spend_limit": 100, "spend_period": "day"}, {"allowed_ips": ["10.0.0.0/8"]}]
+    for round_ in range(10):
+        barrier = threading.Barrier(2)
+
+        def change(body, barrier=barrier):
+            barrier.wait(timeout=10)
+            return app.test_client().patch(path, json=body, headers=team.manager).status_code
+
+        with ThreadPoolExecutor(2) as pool:
+            assert list(pool.map(change, changes)) == [200, 200]
+        with app.app_context():
+            key = db.session.get(ApiKey, team.customer.key_id)
+            assert (key.spend_limit, key.allowed_ips) == (100, "10.0.0.0/8"), f"round {round_}"
+            keys.set_controls(key, keys.Controls())
+            db.session.commit()
