@@ -53,7 +53,10 @@ def authenticate():
     except keys.KeyForbidden as forbidden:
         raise ApiError(forbidden.status, forbidden.detail, code=forbidden.code) from None
     except keys.KeyRefused as refused:
-        throttle.key_failed(ip)
+        # A key of ours that is refused (revoked, expired, rolled) is not a guess: an app still sending
+        # its old secret does not lock its address out for the new one.
+        if not refused.known:
+            throttle.key_failed(ip)
         raise ApiError(401, refused.detail, {"WWW-Authenticate": "Bearer"}, code=refused.code) from None
     # The key's last use, when it was due to be written.
     db.session.commit()
@@ -73,10 +76,14 @@ def _throttled(retry_after: int | None, reason: str = "Rate limit reached.") -> 
         raise ApiError(429, f"{reason} Retry in {retry_after} seconds.", {"Retry-After": str(retry_after)})
 
 
-def json_body():
-    """The request body decoded as JSON; ApiError(400) when it is not JSON, (413) when too large."""
+def json_body(empty=None):
+    """The request body decoded as JSON; ApiError(400) when it is not JSON, (413) when too large.
+    `empty`, when given, is what an empty body stands for (where every field is optional)."""
+    raw = _raw_body()
+    if empty is not None and not raw.strip():
+        return empty
     try:
-        return json.loads(_raw_body())
+        return json.loads(raw)
     except (ValueError, RecursionError):
         raise ApiError(400, "Invalid JSON body.", code="invalid_json") from None
 

@@ -99,7 +99,10 @@ class KeyControlsForm(FlaskForm):
             SelectChoice(LimitPeriod.LIFETIME.value, "In all (the key's lifetime)"),
         ],
     )
-    expires_at = DateTimeLocalField("Expires (UTC, optional)", validators=[Optional()], format="%Y-%m-%dT%H:%M")
+    # Browsers send minutes, or seconds when the field was given them.
+    expires_at = DateTimeLocalField(
+        "Expires (UTC, optional)", validators=[Optional()], format=["%Y-%m-%dT%H:%M", "%Y-%m-%dT%H:%M:%S"]
+    )
     allowed_ips = TextAreaField("Allowed addresses (IPs or CIDR ranges; empty: any)", validators=[Length(max=4000)])
     allowed_voices = StringField("Allowed voices (empty: any)", validators=[Length(max=4000)])
     allowed_models = StringField("Allowed models (empty: any)", validators=[Length(max=4000)])

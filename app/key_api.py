@@ -65,7 +65,8 @@ def _time(when):
 
 
 def _body(allowed: tuple[str, ...]) -> dict:
-    body = api.json_body()
+    """The body's fields, each one of `allowed`; no body at all is no field (every field is optional)."""
+    body = api.json_body(empty={})
     if not isinstance(body, dict):
         raise ApiError(400, "The body must be a JSON object.")
     unknown = sorted(set(body) - set(allowed))
@@ -155,7 +156,13 @@ def roll_key(key_id: int):
     key = _speech_key(key_id)
     if key.revoked:
         raise ApiError(409, "This key is revoked; it cannot be rolled.", code="key_revoked")
-    secret = keys.roll(key, timedelta(seconds=grace))
+    try:
+        secret = keys.roll(key, timedelta(seconds=grace))
+    except keys.KeyChanged:
+        db.session.rollback()
+        raise ApiError(
+            409, "The key was rolled meanwhile; nothing was changed. Roll it again.", code="key_changed"
+        ) from None
     db.session.commit()
     return jsonify({**describe(key), "secret": secret})
 

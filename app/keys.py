@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
 
-from sqlalchemy import bindparam, case, func, literal, or_, select, update
+from sqlalchemy import and_, bindparam, case, func, literal, or_, select, update
 from werkzeug.datastructures import Authorization
 
 from app import catalog
@@ -145,11 +145,13 @@ class KeyRefused(Exception):
 
     status = 401
 
-    def __init__(self, detail: str, code: str | None = None):
+    def __init__(self, detail: str, code: str | None = None, known: bool = True):
         super().__init__(detail)
         self.detail = detail
         # The error's `code` (None: invalid_api_key).
         self.code = code
+        # A key of ours (revoked, expired, rolled, disabled), not a guess: not counted as guessing keys.
+        self.known = known
 
 
 class KeyForbidden(KeyRefused):
@@ -170,13 +172,13 @@ def authenticate(authorization: Authorization | None, resolution_seconds: int, a
     recorded at most once per `resolution_seconds` (the caller commits it).
     """
     if authorization is None or (authorization.type == "bearer" and not authorization.token):
-        raise KeyRefused(f"Missing API key. {BEARER_HINT}")
+        raise KeyRefused(f"Missing API key. {BEARER_HINT}", known=False)
     if authorization.type != "bearer":
-        raise KeyRefused(f"Malformed Authorization header. {BEARER_HINT}")
+        raise KeyRefused(f"Malformed Authorization header. {BEARER_HINT}", known=False)
     key_digest = stored_digest(authorization.token)
     caller = lookup(key_digest) if key_digest else None
     if caller is None:
-        raise KeyRefused("Invalid API key.")
+        raise KeyRefused("Invalid API key.", known=False)
     if caller.revoked_at is not None:
         raise KeyRefused("This API key has been revoked.")
     if caller.disabled_at is not None:
@@ -237,21 +239,38 @@ def revoke(key: ApiKey) -> bool:
     return True
 
 
-def roll(key: ApiKey, grace: timedelta) -> str:
-    """Give `key` a new secret, returned (never stored); the current one keeps working for `grace`.
+class KeyChanged(Exception):
+    """The key was rolled by someone else between reading it and rolling it: nothing was changed."""
 
-    A grace of zero ends the current secret at once. A secret from an earlier roll still in its
-    grace period stops now: a key has at most two working secrets.
+
+def roll(key: ApiKey, grace: timedelta) -> str:
+    """Give `key` a new secret, returned (never stored); the current one keeps working for `grace`
+    (zero: it stops now), then gets 401 key_rolled.
+
+    The secret before the current one, if any, is forgotten (401 invalid_api_key): a key has at most
+    two working secrets. The key's row is locked and read afresh first, and the change applies only
+    to the secret read, so two rolls at once never hand out a secret that does not work: the second
+    starts from the first's (KeyChanged where the database cannot lock a row and they crossed).
     """
     if grace < timedelta(0) or grace > MAX_ROLL_GRACE:
         raise ValueError(f"the grace period must be between 0 and {MAX_ROLL_GRACE.days} days")
+    lock(key)
     secret = generate()
     now = utcnow()
-    if grace:
-        key.previous_digest, key.previous_prefix, key.previous_expires_at = key.digest, key.prefix, now + grace
-    else:
-        key.previous_digest = key.previous_prefix = key.previous_expires_at = None
-    key.digest, key.prefix, key.rolled_at = digest(secret), _prefix(secret), now
+    rolled = db.session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key.id, ApiKey.digest == key.digest)
+        .values(
+            previous_digest=key.digest,
+            previous_prefix=key.prefix,
+            previous_expires_at=now + grace,
+            digest=digest(secret),
+            prefix=_prefix(secret),
+            rolled_at=now,
+        )
+    )
+    if rolled.rowcount != 1:
+        raise KeyChanged(f"key {key.id} was rolled meanwhile")
     return secret
 
 
@@ -316,29 +335,39 @@ def _window_params(now: datetime) -> dict:
 _keys = ApiKey.__table__
 # The window a time falls in for the key's own period, computed in the statement from the key's row as
 # it is when the row is locked: a period changed meanwhile is the one that counts.
-_KEY_WINDOW = case(
+_WINDOW_THEN = case(
     *(
         (_keys.c.spend_period == period.value, bindparam(period.value))
         for period in (LimitPeriod.DAY, LimitPeriod.WEEK, LimitPeriod.MONTH)
     ),
     else_=literal(LIFETIME_WINDOW),
 )
+# Whether the key's stored count is of that window or a later one of the same period: names of one
+# period's windows sort as their times do ("day:2026-12-03" < "day:2026-12-04"), and their first four
+# letters name the period.
+_STORED_NOT_EARLIER = and_(
+    _keys.c.spent_window >= _WINDOW_THEN,
+    func.substr(_keys.c.spent_window, 1, 4) == func.substr(_WINDOW_THEN, 1, 4),
+)
+# The window a debit counts in: its own, or the key's stored one when that is later. A clock a few
+# milliseconds behind another gateway's, around a boundary, never takes the count back a period.
+_COUNTED_WINDOW = case((_STORED_NOT_EARLIER, _keys.c.spent_window), else_=_WINDOW_THEN)
 # What the key has spent in that window: nothing yet when the stored count is an earlier window's.
-_SPENT_IN_WINDOW = case((_keys.c.spent_window == _KEY_WINDOW, _keys.c.spent), else_=0)
+_SPENT_SO_FAR = case((_STORED_NOT_EARLIER, _keys.c.spent), else_=0)
 # Counts a debit, only while the key's limit covers it: no interleaving of debits can overshoot it.
 _COUNT_USE = (
     update(_keys)
     .where(
         _keys.c.id == bindparam("key_id"),
-        or_(_keys.c.spend_limit.is_(None), _SPENT_IN_WINDOW + bindparam("credits") <= _keys.c.spend_limit),
+        or_(_keys.c.spend_limit.is_(None), _SPENT_SO_FAR + bindparam("credits") <= _keys.c.spend_limit),
     )
-    .values(spent=_SPENT_IN_WINDOW + bindparam("credits"), spent_window=_KEY_WINDOW)
-    .returning(_keys.c.id)
+    .values(spent=_SPENT_SO_FAR + bindparam("credits"), spent_window=_COUNTED_WINDOW)
+    .returning(_keys.c.spent_window)
 )
 # A refund gives back to the window its debit was counted in, if that is still the key's current one.
 _GIVE_BACK = (
     update(_keys)
-    .where(_keys.c.id == bindparam("key_id"), _keys.c.spent_window == _KEY_WINDOW)
+    .where(_keys.c.id == bindparam("key_id"), _keys.c.spent_window == _WINDOW_THEN)
     .values(spent=_keys.c.spent - bindparam("credits"))
 )
 
@@ -354,15 +383,20 @@ class KeyLimitReached(Exception):
         self.resets_at = resets_at
 
 
-def count_use(key_id: int, credits: int, now: datetime) -> None:
-    """Count a debit of `credits` made `now` against the key's limit, in the debit's transaction.
+def count_use(key_id: int, credits: int, now: datetime) -> datetime:
+    """Count a debit of `credits` made `now` against the key's limit, in the debit's transaction; the time
+    the debit counts at: `now`, or the start of the later window the key has reached (a clock behind).
 
-    Raises KeyLimitReached, with nothing counted, when the limit does not cover it; the caller rolls
-    back. Concurrent debits of one key are counted one by one: the key's row is locked by the
-    UPDATE, and PostgreSQL checks its condition again on the row as the previous debit left it.
+    The debit's request is dated at that time, so its date always falls in the window it was counted
+    in, which refunds, a new limit's count and the audit all go by. Raises KeyLimitReached, with nothing
+    counted, when the limit does not cover it; the caller rolls back. Concurrent debits of one key are
+    counted one by one: the key's row is locked by the UPDATE, and PostgreSQL checks its condition again
+    on the row as the previous debit left it.
     """
-    if db.session.execute(_COUNT_USE, {"key_id": key_id, "credits": credits, **_window_params(now)}).first():
-        return
+    counted = db.session.execute(_COUNT_USE, {"key_id": key_id, "credits": credits, **_window_params(now)}).first()
+    if counted is not None:
+        start, _ = window_range(counted.spent_window)
+        return max(now, start) if start is not None else now
     key = db.session.get(ApiKey, key_id)
     if key is None:
         raise LookupError(f"no key {key_id}")
@@ -380,14 +414,14 @@ def use_now(key: ApiKey | Caller, now: datetime | None = None) -> int:
     return key.spent if key.spent_window == window(key.spend_period, now or utcnow()) else 0
 
 
-def recorded_use(key_id: int, period: str | None, now: datetime) -> int:
-    """What the key's requests of the window `now` falls in cost, less their refunds, from the requests."""
-    start, _ = window_bounds(period, now)
+def recorded_use(key_id: int, window_name: str) -> int:
+    """What the key's requests dated in the window `window_name` cost, less their refunds, from the requests."""
+    start, end = window_range(window_name)
     query = select(func.coalesce(func.sum(SpeechRequest.credits - SpeechRequest.credits_refunded), 0)).where(
         SpeechRequest.api_key_id == key_id
     )
     if start is not None:
-        query = query.where(SpeechRequest.created_at >= start)
+        query = query.where(SpeechRequest.created_at >= start, SpeechRequest.created_at < end)
     return db.session.scalar(query)
 
 
@@ -400,8 +434,9 @@ def limit_resets_at(key: ApiKey | Caller, now: datetime | None = None) -> dateti
 
 # --- Controls: read from a form or the API, applied to a key ---------------------------------------
 
-# A voice or model name as a key's allowed list holds it: one voice, no blend or weight.
-_NAME = re.compile(r"[A-Za-z0-9_.:\-/]{1,100}")
+# A voice or model name as a key's allowed list holds it: one voice (no blend, sign or weight), one model.
+_VOICE_NAME = re.compile(r"[A-Za-z0-9_.:]{1,100}")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_.:\-/]{1,100}")
 MAX_LIST_ENTRIES = 50
 MAX_LIMIT = 10**12
 
@@ -459,8 +494,8 @@ def read_controls(
         period,
         _expiry(expires_at, now),
         _joined("allowed_ips", allowed_ips, _network),
-        _joined("allowed_voices", allowed_voices, _name("voice")),
-        _joined("allowed_models", allowed_models, _name("model")),
+        _joined("allowed_voices", allowed_voices, _name("voice", _VOICE_NAME)),
+        _joined("allowed_models", allowed_models, _name("model", _MODEL_NAME)),
     )
 
 
@@ -499,9 +534,13 @@ def _expiry(value, now: datetime) -> datetime | None:
     if value.tzinfo is None:
         # A time without a zone is read as UTC, as every time this service shows.
         value = value.replace(tzinfo=timezone.utc)
+    try:
+        value = value.astimezone(timezone.utc)
+    except OverflowError:
+        raise BadControl("expires_at", "The expiry must be a date before the year 9999 ends.") from None
     if value <= now:
         raise BadControl("expires_at", "The expiry must be in the future.")
-    return value.astimezone(timezone.utc)
+    return value
 
 
 def _joined(field: str, value, check) -> str | None:
@@ -529,14 +568,18 @@ def _joined(field: str, value, check) -> str | None:
 def _network(entry: str) -> str:
     """An address or CIDR range, as its network (`10.0.0.7/8` is `10.0.0.0/8`; one address is /32 or /128)."""
     try:
-        return str(ipaddress.ip_network(entry, strict=False))
+        network = ipaddress.ip_network(entry, strict=False)
     except ValueError:
         raise ValueError(f"'{entry[:60]}' is not an IPv4 or IPv6 address or CIDR range.") from None
+    # An IPv4 address written the IPv6 way (::ffff:203.0.113.7) is kept as the IPv4 it is, as clients are matched.
+    if network.version == 6 and network.prefixlen >= 96 and network.network_address.ipv4_mapped is not None:
+        network = ipaddress.ip_network(f"{network.network_address.ipv4_mapped}/{network.prefixlen - 96}")
+    return str(network)
 
 
-def _name(what: str):
+def _name(what: str, pattern: re.Pattern):
     def check(entry: str) -> str:
-        if not _NAME.fullmatch(entry):
+        if not pattern.fullmatch(entry):
             raise ValueError(f"'{entry[:60]}' is not a {what} name (one {what}, no blend or weight).")
         return entry
 
@@ -551,10 +594,13 @@ def set_controls(key: ApiKey, controls: Controls) -> None:
     key already spent this period, and an interleaved debit is counted once.
     """
     lock(key)
+    stored = key.spent_window
     _apply(key, controls)
-    now = utcnow()
-    key.spent = recorded_use(key.id, key.spend_period, now)
-    key.spent_window = window(key.spend_period, now)
+    counted = window(key.spend_period, utcnow())
+    # As a debit does: a window of the same period the key has already reached stays (a clock behind).
+    if stored[:4] == counted[:4] and stored > counted:
+        counted = stored
+    key.spent, key.spent_window = recorded_use(key.id, counted), counted
 
 
 def lock(key: ApiKey) -> None:

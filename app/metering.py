@@ -114,8 +114,6 @@ def charge_speech(
     """
     credits = 0 if unlimited else characters
     request_id = request_id or new_request_id()
-    # One reading of the clock: the request's time is the one its key's use is counted under.
-    now = utcnow()
     if credits:
         note = f"{characters} characters"
         balance = billing.apply(
@@ -129,8 +127,11 @@ def charge_speech(
     else:
         # Takes the team's row lock as the debit would, which the stream count below relies on.
         balance = billing.hold(team_id)
+    # One reading of the clock, once the team's row is locked: the request is dated at the time its
+    # key's use is counted at (keys.count_use).
+    now = utcnow()
     if key_id is not None:
-        keys.count_use(key_id, credits, now)
+        now = keys.count_use(key_id, credits, now)
     row = {
         "id": request_id,
         "team_id": team_id,

@@ -209,3 +209,21 @@ def test_two_changes_at_once_of_different_fields_both_stay(app, team, postgres_o
             assert (key.spend_limit, key.allowed_ips) == (100, "10.0.0.0/8"), f"round {round_}"
             keys.set_controls(key, keys.Controls())
             db.session.commit()
+
+
+def test_every_field_being_optional_no_body_at_all_is_none_sent(app, client, team):
+    made = client.post(KEYS, headers=team.manager)
+    assert made.status_code == 201 and made.get_json()["name"] == ""
+    rolled = client.post(f"{KEYS}/{team.customer.key_id}/roll", headers=team.manager)
+    assert rolled.status_code == 200 and rolled.get_json()["secret"].startswith("kp_live_")
+    # No grace: the old secret stopped at once, and says so.
+    assert error_of(client.get("/v1/balance", headers=team.customer.headers))[:2] == (401, "key_rolled")
+
+
+@pytest.mark.parametrize("when", ["9999-12-31T23:00:00-05:00", "9999-12-31T23:59:59.999999-00:01"])
+def test_an_expiry_past_the_calendar_is_400_naming_it(app, client, team, when):
+    before = key_state(app, team.customer.team_id)
+    for method, path in (("patch", f"{KEYS}/{team.customer.key_id}"), ("post", KEYS)):
+        response = getattr(client, method)(path, json={"expires_at": when}, headers=team.manager)
+        assert error_of(response) == (400, "invalid_request_error", "expires_at")
+    assert key_state(app, team.customer.team_id) == before

@@ -11,7 +11,7 @@ import pytest
 from flask_migrate import downgrade, upgrade
 from sqlalchemy import func, select, text, update
 
-from app import keys, metering, models, speech, teams
+from app import audit, keys, metering, models, speech, teams
 from app.extensions import db
 from app.models import ApiKey, KeyKind, LedgerEntry, SpeechRequest, TeamRole, User
 from tests import factories
@@ -454,8 +454,9 @@ def test_rolling_with_no_grace_ends_the_old_secret_at_once_and_a_second_roll_end
         second = keys.roll(key, timedelta(days=7))
         third = keys.roll(key, timedelta(0))
         db.session.commit()
+    # The first secret is forgotten by the second roll; the second stopped at once, and says why.
     assert error_of(balance_with(client, customer.secret))[:2] == (401, "invalid_api_key")
-    assert error_of(balance_with(client, second))[:2] == (401, "invalid_api_key")
+    assert error_of(balance_with(client, second))[:2] == (401, "key_rolled")
     assert balance_with(client, third).status_code == 200
     with app.app_context(), pytest.raises(ValueError, match="between 0 and 7 days"):
         keys.roll(db.session.get(ApiKey, customer.key_id), timedelta(days=8))
@@ -677,3 +678,120 @@ def test_a_management_keys_page_sets_only_what_applies_to_it(app, web, clock):
     assert "is saved" in web.post(f"/keys/{key_id}", sent, follow_redirects=True).get_data(as_text=True)
     key = key_row(app, key_id)
     assert (key.allowed_ips, key.expires_at.year, key.spend_limit) == ("198.51.100.0/24", 2027, None)
+
+
+# What an attack run found: each seen failing first
+
+
+def test_a_charge_read_on_a_clock_behind_the_last_one_never_takes_the_count_back_a_period(app, clock):
+    """Two gateway hosts whose clocks differ by milliseconds, around midnight: the count only moves on."""
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, spend_limit=50, spend_period="day")
+    midnight = datetime(2026, 12, 4, tzinfo=timezone.utc)
+    with app.app_context():
+        clock.now = midnight + timedelta(milliseconds=5)
+        charge(customer, 40)
+        db.session.commit()
+        # The other host's clock is 10 ms behind: its request counts in the day the key has reached.
+        clock.now = midnight - timedelta(milliseconds=5)
+        late = charge(customer, 10)
+        db.session.commit()
+        assert late.created_at == midnight
+        clock.now = midnight + timedelta(seconds=1)
+        with pytest.raises(keys.KeyLimitReached):
+            charge(customer, 1)
+        db.session.rollback()
+        key = db.session.get(ApiKey, customer.key_id)
+        assert (key.spent, key.spent_window) == (50, "day:2026-12-04")
+        # Refunding the late one gives back to the day it was counted in.
+        metering.refund_speech(late.id, "upstream down", audio_ms=0)
+        db.session.commit()
+        db.session.refresh(key)
+        assert key.spent == 40
+        assert audit.key_use_matches_books() == []
+
+
+def test_a_limit_set_on_a_clock_behind_the_keys_count_keeps_the_period_the_key_reached(app, clock):
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, spend_limit=100, spend_period="day")
+    midnight = datetime(2026, 12, 4, tzinfo=timezone.utc)
+    with app.app_context():
+        clock.now = midnight - timedelta(hours=1)
+        charge(customer, 30)
+        clock.now = midnight + timedelta(milliseconds=5)
+        charge(customer, 20)
+        db.session.commit()
+    clock.now = midnight - timedelta(milliseconds=5)
+    control(app, customer.key_id, spend_limit=90, spend_period="day")
+    key = key_row(app, customer.key_id)
+    assert (key.spent, key.spent_window) == (20, "day:2026-12-04")
+    with app.app_context():
+        assert audit.key_use_matches_books() == []
+
+
+def test_rolling_twice_at_once_hands_out_no_secret_that_never_works(app, client):
+    customer = factories.customer(app, balance=1000)
+    with app.app_context():
+        seen_first = db.session.get(ApiKey, customer.key_id)
+        with app.app_context():
+            other = db.session.get(ApiKey, customer.key_id)
+            first = keys.roll(other, timedelta(hours=1))
+            db.session.commit()
+        second = keys.roll(seen_first, timedelta(hours=1))
+        db.session.commit()
+    # The second roll started from the first's secret: it is the previous one now, still in its grace.
+    assert balance_with(client, first).status_code == 200
+    assert balance_with(client, second).status_code == 200
+    assert error_of(balance_with(client, customer.secret))[:2] == (401, "invalid_api_key")
+
+
+def test_a_secret_rolled_away_from_with_no_grace_says_so(app, client, clock):
+    customer = factories.customer(app, balance=1000)
+    with app.app_context():
+        keys.roll(db.session.get(ApiKey, customer.key_id), timedelta(0))
+        db.session.commit()
+    assert error_of(balance_with(client, customer.secret))[:2] == (401, "key_rolled")
+
+
+def test_a_known_key_refused_is_not_taken_for_guessing(make_app, clock):
+    """Stragglers still sending a rolled or expired secret do not lock the address out for its new one."""
+    app = make_app(KEY_FAILURES_PER_IP="3/minute")
+    customer = factories.customer(app, balance=1000)
+    with app.app_context():
+        new = keys.roll(db.session.get(ApiKey, customer.key_id), timedelta(0))
+        db.session.commit()
+    client = app.test_client()
+    for _ in range(5):
+        assert error_of(balance_with(client, customer.secret))[:2] == (401, "key_rolled")
+    assert balance_with(client, new).status_code == 200
+    # Unknown keys still are.
+    for _ in range(3):
+        balance_with(client, "kp_live_" + "x" * 43)
+    assert balance_with(client, new).status_code == 429
+
+
+@pytest.mark.parametrize("when", ["9999-12-31T23:00:00-05:00", "9999-12-31T23:59:59.999999-00:01"])
+def test_an_expiry_past_the_calendar_is_refused_as_bad_input(when):
+    with pytest.raises(keys.BadControl) as bad:
+        keys.read_controls(expires_at=when)
+    assert bad.value.field == "expires_at"
+
+
+def test_an_address_written_as_ipv4_mapped_is_kept_as_the_ipv4_it_is(app, client, upstream):
+    assert keys.read_controls(allowed_ips="::ffff:203.0.113.7 ::ffff:10.0.0.0/104").allowed_ips == (
+        "203.0.113.7/32 10.0.0.0/8"
+    )
+
+
+def test_a_blend_is_not_an_allowed_voice(clock):
+    for blend in ("af_bella-af_sky", "af_bella+af_sky", "af_bella(2)"):
+        with pytest.raises(keys.BadControl, match="is not a voice name"):
+            keys.read_controls(allowed_voices=blend)
+
+
+def test_the_dashboards_expiry_may_carry_seconds(app, web, clock):
+    key_id, _ = signed_in_with_key(app, web)
+    web.get(f"/keys/{key_id}")
+    sent = {**BLANK_FORM, "expires_at": "2027-01-31T18:00:30"}
+    assert "is saved" in web.post(f"/keys/{key_id}", sent, follow_redirects=True).get_data(as_text=True)
+    assert key_row(app, key_id).expires_at == datetime(2027, 1, 31, 18, 0, 30, tzinfo=timezone.utc)

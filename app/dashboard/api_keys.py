@@ -123,7 +123,15 @@ def roll_key(key_id: int):
         flash("A revoked key cannot be rolled.", "error")
         return redirect(url_for("dashboard.key_page", key_id=key.id))
     if form.validate_on_submit():
-        secret = keys.roll(key, timedelta(seconds=int(form.grace.data)))
+        try:
+            secret = keys.roll(key, timedelta(seconds=int(form.grace.data)))
+        except keys.KeyChanged:
+            db.session.rollback()
+            flash(
+                "The key was rolled meanwhile, from elsewhere; nothing was changed. Roll it again if you need to.",
+                "error",
+            )
+            return redirect(url_for("dashboard.key_page", key_id=key.id))
         db.session.commit()
         return render_template("dashboard/key_created.html", key=key, secret=secret, rolled=True)
     return redirect(url_for("dashboard.key_page", key_id=key.id))
