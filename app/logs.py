@@ -1,6 +1,7 @@
 """Log lines carry the id of the request they were written for; LOG_FORMAT=json writes one JSON object per line."""
 
 import logging
+import sys
 
 from flask import Flask, g, has_request_context
 from pythonjsonlogger.json import JsonFormatter
@@ -17,9 +18,26 @@ class RequestId(logging.Filter):
         return True
 
 
+class Stderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a line is written, not as it was when the app was made
+    (unless given a stream of its own with setStream)."""
+
+    def __init__(self):
+        super().__init__()
+        self._stream = None
+
+    @property
+    def stream(self):
+        return self._stream or sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        self._stream = value
+
+
 def configure(app: Flask, log_format: str) -> None:
     """The app's log handler (stderr, where gunicorn's logs go too), in the format LOG_FORMAT names."""
-    handler = logging.StreamHandler()
+    handler = Stderr()
     handler.addFilter(RequestId())
     if log_format == "json":
         handler.setFormatter(

@@ -9,10 +9,12 @@ from flask import current_app
 # access to the values within the .ini file in use.
 config = context.config
 
-# Interpret the config file for Python logging.
-# This line sets up loggers basically.
+# Alembic's log lines ("Running upgrade …") go to stderr, as alembic.ini says, unless logging is set up
+# already (under pytest, which captures them): its handler is bound to the stderr of the moment, and
+# one bound inside a test that captured stderr would write to a closed stream ever after.
 # Keep the app's own loggers alive when migrations run inside it (tests, CLI).
-fileConfig(config.config_file_name, disable_existing_loggers=False)
+if not logging.getLogger().handlers:
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 logger = logging.getLogger('alembic.env')
 
 

@@ -1,7 +1,6 @@
 """Fixtures: a fresh, migrated database per test on SQLite and, when
 TEST_DATABASE_URL is set, on PostgreSQL too; the app, its clients, users and keys."""
 
-import logging
 import os
 import shutil
 
@@ -21,13 +20,6 @@ from tests.servers import serve
 # The real engine's fixtures, one model and one engine process for the whole session.
 pytest_plugins = ["tests.engine_fixtures"]
 
-# Werkzeug gives its request log a StreamHandler of its own the first time it logs with no handler
-# above it, bound to the sys.stderr of that moment. When that moment falls inside a test capturing
-# stderr, that stream is closed once the test ends, and every later request of a test server in the
-# process prints "--- Logging error ---" into whatever the running test captures (it once landed in
-# `flask samples prepare`'s output, failing tests/test_samples.py). A handler given now, before any
-# test, keeps werkzeug from making one.
-logging.getLogger("werkzeug").addHandler(logging.NullHandler())
 
 # Nothing listens here: tests that forget to stub the upstream fail fast with "refused".
 STUB_UPSTREAM = "http://127.0.0.1:9/v1"

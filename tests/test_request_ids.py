@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import re
+import sys
 
 import pytest
 
@@ -102,3 +103,16 @@ def test_json_logs_are_one_object_per_line_with_the_request_id(make_app):
 def test_an_unknown_log_format_stops_the_start():
     with pytest.raises(SettingError, match="LOG_FORMAT must be text or json"):
         create_app(app_config("sqlite://", LOG_FORMAT="xml"))
+
+
+def test_the_log_writes_to_stderr_as_it_is_when_a_line_is_written(make_app, monkeypatch):
+    """Not to the stderr of when the app was made: one closed since (a test's capture) must not take the log."""
+    made_with = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", made_with)
+    app = make_app()
+    made_with.close()
+    now = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", now)
+    app.logger.warning("written later")
+    assert now.getvalue().endswith("WARNING [-] app: written later\n")
+    assert "Logging error" not in now.getvalue()

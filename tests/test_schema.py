@@ -1,6 +1,8 @@
 """The schema: the models and the migrations describe the same one (`flask db check` finds nothing
 to add), and a migration that fills new columns from existing rows fills them right."""
 
+import logging
+
 from flask_migrate import downgrade, upgrade
 from sqlalchemy import select, text
 
@@ -69,3 +71,13 @@ def test_ledger_rows_written_before_their_causes_were_kept_get_them_from_their_r
             "ledger speech:req_gone: -5 credits for no speech request",
             "ledger topup:cs_gone: a top-up for no payment",
         ]
+
+
+def test_migrating_inside_the_app_leaves_the_logging_it_found(app):
+    """Alembic's stderr handler is set up only where nothing else logs (the `flask db` command): one set
+    up inside a test would stay bound to that test's captured stderr, closed when it ends."""
+    before = list(logging.getLogger().handlers)
+    with app.app_context():
+        downgrade(revision="0011")
+        upgrade()
+    assert logging.getLogger().handlers == before

@@ -461,7 +461,7 @@ def test_an_admin_sees_every_key_with_its_maker_a_developer_only_their_own(app, 
         )
 
 
-def test_migration_0011_goes_back_with_invitations_pending_but_not_while_a_team_is_closed(app, web, capfd):
+def test_migration_0011_goes_back_with_invitations_pending_but_not_while_a_team_is_closed(app, web, caplog):
     team_id = acme(app, web)
     invite(web, "dev@example.com")
     with app.app_context():
@@ -473,7 +473,7 @@ def test_migration_0011_goes_back_with_invitations_pending_but_not_while_a_team_
         db.session.commit()
         with pytest.raises(SystemExit):
             downgrade(revision="0010")
-        assert "1 teams are closed or disabled" in capfd.readouterr().err
+        assert "1 teams are closed or disabled" in caplog.text
         db.session.rollback()
         assert db.session.get(Team, team_id).closed_at is not None
 

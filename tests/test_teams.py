@@ -254,14 +254,14 @@ def test_the_migration_moves_every_account_into_a_personal_team_and_back(app, cl
     assert client.get("/v1/balance", headers=gone.headers).status_code == 401
 
 
-def test_the_migration_will_not_go_back_while_a_team_is_shared(app, customer, capfd):
+def test_the_migration_will_not_go_back_while_a_team_is_shared(app, customer, caplog):
     member = factories.customer(app)
     join(app, customer.team_id, member.user_id, TeamRole.DEVELOPER)
     with app.app_context():
         with pytest.raises(SystemExit):
             downgrade(revision="0009")
         # Flask-Migrate logs the refusal and exits 1, as `flask db downgrade` does.
-        assert "1 teams are shared or not personal" in capfd.readouterr().err
+        assert "1 teams are shared or not personal" in caplog.text
         db.session.rollback()
         # Nothing below 0010 was undone (PostgreSQL rolls back the whole run, SQLite stops after 0011's step).
         assert db.session.scalar(text("SELECT version_num FROM alembic_version")) >= "0010"
