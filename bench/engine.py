@@ -107,7 +107,7 @@ def measure(url: str, args) -> dict:
             clients: concurrent(url, clients, 1 if args.smoke else 3)
             for clients in ((1, 2) if args.smoke else (1, 2, 4))
         },
-        "interleaved": interleaved(url, 1 if args.smoke else 3, LONG_SENTENCE * (8 if args.smoke else 51)),
+        "interleaved": interleaved(url, 1 if args.smoke else 3, LONG_SENTENCE * (3 if args.smoke else 51)),
     }
 
 
