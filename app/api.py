@@ -171,11 +171,7 @@ def balance():
         "spend_limit": caller.spend_limit,
         "spend_period": caller.spend_period,
         "spent": keys.use_now(caller),
-        "limit_resets_at": _time(keys.limit_resets_at(caller)),
-        "expires_at": _time(caller.expires_at),
+        "limit_resets_at": keys.moment(keys.limit_resets_at(caller)),
+        "expires_at": keys.moment(caller.expires_at),
     }
     return jsonify(balance=caller.balance, unlimited=caller.unlimited, key=key)
-
-
-def _time(when):
-    return keys.moment(when) if when is not None else None

@@ -44,24 +44,20 @@ def describe(key: ApiKey) -> dict:
         "object": "api_key",
         "name": key.name,
         "prefix": key.prefix,
-        "created_at": _time(key.created_at),
-        "last_used_at": _time(key.last_used_at),
-        "revoked_at": _time(key.revoked_at),
-        "expires_at": _time(key.expires_at),
+        "created_at": keys.moment(key.created_at),
+        "last_used_at": keys.moment(key.last_used_at),
+        "revoked_at": keys.moment(key.revoked_at),
+        "expires_at": keys.moment(key.expires_at),
         "spend_limit": key.spend_limit,
         "spend_period": key.spend_period,
         "spent": keys.use_now(key),
-        "limit_resets_at": _time(keys.limit_resets_at(key)),
+        "limit_resets_at": keys.moment(keys.limit_resets_at(key)),
         "allowed_ips": keys.listed(key.allowed_ips) or None,
         "allowed_voices": keys.listed(key.allowed_voices) or None,
         "allowed_models": keys.listed(key.allowed_models) or None,
-        "rolled_at": _time(key.rolled_at),
-        "previous_secret_expires_at": _time(key.previous_expires_at) if key.previous_works else None,
+        "rolled_at": keys.moment(key.rolled_at),
+        "previous_secret_expires_at": keys.moment(key.previous_expires_at) if key.previous_works else None,
     }
-
-
-def _time(when):
-    return keys.moment(when) if when is not None else None
 
 
 def _body(allowed: tuple[str, ...]) -> dict:

@@ -200,9 +200,9 @@ def authenticate(authorization: Authorization | None, resolution_seconds: int, a
     return caller
 
 
-def moment(when: datetime) -> str:
-    """A time as the API states it: ISO 8601 in UTC, to the second."""
-    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+def moment(when: datetime | None) -> str | None:
+    """A time as the API states it: ISO 8601 in UTC, to the second (None for none)."""
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if when is not None else None
 
 
 def lookup(key_digest: str) -> Caller | None:
@@ -393,10 +393,13 @@ def count_use(key_id: int, credits: int, now: datetime) -> datetime:
     counted one by one: the key's row is locked by the UPDATE, and PostgreSQL checks its condition again
     on the row as the previous debit left it.
     """
-    counted = db.session.execute(_COUNT_USE, {"key_id": key_id, "credits": credits, **_window_params(now)}).first()
+    windows_now = _window_params(now)
+    counted = db.session.execute(_COUNT_USE, {"key_id": key_id, "credits": credits, **windows_now}).first()
     if counted is not None:
-        start, _ = window_range(counted.spent_window)
-        return max(now, start) if start is not None else now
+        if counted.spent_window == LIFETIME_WINDOW or counted.spent_window in windows_now.values():
+            return now
+        # A later window than `now`'s: dated at its start.
+        return window_range(counted.spent_window)[0]
     key = db.session.get(ApiKey, key_id)
     if key is None:
         raise LookupError(f"no key {key_id}")

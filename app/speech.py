@@ -340,8 +340,10 @@ def admit(payer: Payer, order: Order) -> None:
     if payer.balance < cost:
         raise _insufficient(cost, payer.balance)
     key = payer.key
-    if key is not None and key.spend_limit is not None and keys.use_now(key) + cost > key.spend_limit:
-        raise _key_limit(keys.KeyLimitReached(key.spend_limit, keys.use_now(key), cost, keys.limit_resets_at(key)))
+    if key is not None and key.spend_limit is not None:
+        spent = keys.use_now(key)
+        if spent + cost > key.spend_limit:
+            raise _key_limit(keys.KeyLimitReached(key.spend_limit, spent, cost, keys.limit_resets_at(key)))
     limit = config.current().max_streams_per_account
     if metering.streams_in_flight(payer.team_id) >= limit:
         db.session.rollback()

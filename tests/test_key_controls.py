@@ -84,6 +84,14 @@ def charge(customer, credits: int) -> SpeechRequest:
     return factories.charge_speech(customer.team_id, credits, customer.user_id, customer.key_id)
 
 
+def delivered_and_refunded(customer, delivered: int, refunded: int) -> None:
+    """Two requests through the customer's key, committed: one of `delivered` credits delivered, one of
+    `refunded` refunded in full before any audio."""
+    metering.mark_delivered(charge(customer, delivered).id)
+    metering.refund_speech(charge(customer, refunded).id, "upstream down", audio_ms=0)
+    db.session.commit()
+
+
 def error_of(response) -> tuple:
     body = response.get_json()
     assert body["detail"] == body["error"]["message"]
@@ -507,11 +515,7 @@ def test_the_audit_checks_each_keys_use_against_its_books(app, runner, clock):
     customer = factories.customer(app, balance=1000)
     control(app, customer.key_id, spend_limit=100, spend_period="day")
     with app.app_context():
-        kept = charge(customer, 30)
-        refunded = charge(customer, 20)
-        metering.mark_delivered(kept.id)
-        metering.refund_speech(refunded.id, "upstream down", audio_ms=0)
-        db.session.commit()
+        delivered_and_refunded(customer, 30, 20)
         clock.advance(86400)
         charge(customer, 5)
         db.session.commit()
@@ -532,11 +536,7 @@ def test_the_audit_checks_each_keys_use_against_its_books(app, runner, clock):
 def test_migration_0012_counts_each_keys_lifetime_use_and_goes_back_only_without_controls(app, caplog):
     customer = factories.customer(app, balance=1000)
     with app.app_context():
-        delivered = charge(customer, 30)
-        refunded = charge(customer, 20)
-        metering.mark_delivered(delivered.id)
-        metering.refund_speech(refunded.id, "upstream down", audio_ms=0)
-        db.session.commit()
+        delivered_and_refunded(customer, 30, 20)
         downgrade(revision="0011")
         assert db.session.scalar(text("SELECT version_num FROM alembic_version")) == "0011"
         upgrade()
