@@ -16,9 +16,7 @@ warning: a body can hold a reset link, a secret that never goes to a log.
 """
 
 import logging
-import os
 import smtplib
-import threading
 from collections import Counter
 from datetime import timedelta
 from typing import Protocol
@@ -28,6 +26,7 @@ from sqlalchemy import or_, select, update
 from app.extensions import db
 from app.mail.smtp import ABOUT_THIS_MAIL, Smtp, Unsendable, message, refused_for_good
 from app.models import MailState, OutboxMail, utcnow
+from app.rounds import Rounds
 
 log = logging.getLogger(__name__)
 
@@ -205,47 +204,18 @@ def _without_a_server(mail: OutboxMail, dev_outbox: bool, outcome: Counter) -> N
     outcome["failed"] += 1
 
 
-class Postman:
-    """One sender thread per process, started with the first request it serves (a forked worker starts its own).
+class Postman(Rounds):
+    """One sender thread per process (app/rounds.py).
 
     It wakes when this process commits a mail, and every MAIL_POLL_SECONDS for mail
     other processes queued and for retries.
     """
 
+    name = "mail-sender"
+
     def __init__(self, app, settings: MailSettings):
-        self.app = app
+        super().__init__(app, settings.mail_poll_seconds)
         self.settings = settings
-        self.poll_seconds = settings.mail_poll_seconds
-        self.wake = threading.Event()
-        self._pid = None
-        self._lock = threading.Lock()
-        self._stopped = False
 
-    def start(self) -> None:
-        if self._pid == os.getpid():
-            return
-        with self._lock:
-            if self._pid == os.getpid():
-                return
-            self._pid = os.getpid()
-            threading.Thread(target=self.run, name="mail-sender", daemon=True).start()
-
-    def stop(self) -> None:
-        """End the thread after its current round (tests; a process that ends takes it along)."""
-        self._stopped = True
-        self.wake.set()
-
-    def run(self, rounds: int | None = None) -> None:
-        """Deliver until the process ends (or for `rounds` rounds); an error in one round is logged, not fatal."""
-        while not self._stopped and (rounds is None or rounds > 0):
-            try:
-                with self.app.app_context():
-                    deliver_due(self.settings)
-            except Exception:
-                log.exception("the mail sender's round failed; the next round tries again")
-            if rounds is not None:
-                rounds -= 1
-                if not rounds:
-                    return
-            self.wake.wait(self.poll_seconds)
-            self.wake.clear()
+    def work(self) -> None:
+        deliver_due(self.settings)
