@@ -12,7 +12,7 @@ from flask_login import current_user
 from sqlalchemy import event
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from app import config, hangups, liveness, logs, mail, number_format
+from app import card_payments, config, hangups, liveness, logs, mail, number_format
 from app.config import Settings
 from app.extensions import csrf, db, login_manager, migrate
 from app.models import new_request_id
@@ -54,7 +54,7 @@ def create_app(overrides: dict | None = None) -> Flask:
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self' blob:; "
     "object-src 'none'; "
-    "base-uri 'self'; frame-ancestors 'none'; form-action 'self' {checkout}"
+    "base-uri 'self'; frame-ancestors 'none'; form-action 'self' {checkout} {portal}"
 )
 
 
@@ -63,7 +63,9 @@ def register_security_headers(app: Flask) -> None:
 
     # form-action also governs the redirect after the buy form, to Stripe Checkout.
     settings = app.extensions["settings"]
-    policy = CONTENT_SECURITY_POLICY.format(checkout=settings.stripe_checkout_origin)
+    policy = CONTENT_SECURITY_POLICY.format(
+        checkout=settings.stripe_checkout_origin, portal=settings.stripe_portal_origin
+    )
 
     @app.after_request
     def security_headers(response):
@@ -138,12 +140,16 @@ def register_extensions(app: Flask) -> None:
     app.extensions["stripe"] = stripe_client(settings)
     app.extensions["throttle"] = Throttle(settings)
     app.extensions["postman"] = postman = mail.Postman(app, settings)
+    app.extensions["buyer"] = buyer = card_payments.Buyer(app, settings.topup_poll_seconds)
     app.extensions["lease"] = liveness.Lease(app, settings.process_lease_seconds)
     app.extensions["hangups"] = hangups.Watch()
     number_format.register(app)
     if settings.mail_worker:
         # Each process sends its mail from a thread of its own, started with its first request.
         app.before_request(postman.start)
+    if settings.topup_worker and app.extensions["stripe"] is not None:
+        # Each process pays the queued automatic top-ups from a thread of its own (app/card_payments.py).
+        app.before_request(buyer.start)
     if settings.cors_allowed_origins:
         # Pages on these origins may call /v1 from the browser with a key; nothing else is opened.
         CORS(

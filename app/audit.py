@@ -7,9 +7,9 @@ whose streams break off unusually often) are listed for the operator but do not 
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import and_, case, func, or_, select
 
-from app import config, keys
+from app import autotopup, config, keys
 from app.extensions import db
 from app.metering import kept_credits, stale_charges
 from app.models import (
@@ -18,6 +18,7 @@ from app.models import (
     LedgerKind,
     Membership,
     Payment,
+    PaymentKind,
     PaymentReversal,
     SpeechRequest,
     SpeechState,
@@ -174,7 +175,7 @@ def payments_credited_once() -> list[str]:
     problems = []
     rows = db.session.execute(
         select(
-            Payment.checkout_session_id,
+            func.coalesce(Payment.checkout_session_id, Payment.idempotency_key),
             Payment.credits,
             Payment.paid_at,
             func.coalesce(func.sum(LedgerEntry.amount), 0),
@@ -218,7 +219,7 @@ def reversals_applied() -> list[str]:
         owed = owed_credits(payment, *reversed_cents(payment.payment_intent_id))
         if owed != payment.credits_reversed:
             problems.append(
-                f"payment {payment.checkout_session_id}: its refunds and disputes owe {owed} credits "
+                f"payment {payment.name}: its refunds and disputes owe {owed} credits "
                 f"back but {payment.credits_reversed} were taken"
             )
     return problems
@@ -248,6 +249,37 @@ def key_use_matches_books() -> list[str]:
     return problems
 
 
+def automatic_top_ups_in_step() -> list[str]:
+    """Automatic top-ups (app/autotopup.py): a team says one is pending exactly when one is queued or at
+    Stripe, at most one is, and each has its own idempotency key and no Checkout Session."""
+    problems = []
+    in_flight = dict(
+        db.session.execute(
+            select(Payment.team_id, func.count())
+            .where(Payment.kind == PaymentKind.AUTOMATIC, Payment.status.in_(autotopup.IN_FLIGHT))
+            .group_by(Payment.team_id)
+        ).all()
+    )
+    pending = set(db.session.scalars(select(Team.id).where(Team.auto_topup_pending)))
+    for team_id in sorted(pending | set(in_flight)):
+        count = in_flight.get(team_id, 0)
+        if count > 1:
+            problems.append(f"team {team_id}: {count} automatic top-ups in flight at once")
+        if (team_id in pending) != (count > 0):
+            state = "pending" if team_id in pending else "not pending"
+            problems.append(f"team {team_id}: automatic top-up {state}, but {count} in flight")
+    automatic_ids = select(Payment.id).where(Payment.kind == PaymentKind.AUTOMATIC)
+    unnamed = db.session.scalar(
+        select(func.count()).where(
+            Payment.id.in_(automatic_ids),
+            or_(Payment.idempotency_key.is_(None), Payment.checkout_session_id.is_not(None)),
+        )
+    )
+    if unnamed:
+        problems.append(f"{unnamed} automatic top-ups without their own idempotency key")
+    return problems
+
+
 CHECKS = (
     balances_match_ledgers,
     speech_charges_match_ledger,
@@ -258,6 +290,7 @@ CHECKS = (
     payments_credited_once,
     reversals_applied,
     key_use_matches_books,
+    automatic_top_ups_in_step,
 )
 
 

@@ -12,7 +12,7 @@ import uuid
 
 from sqlalchemy import bindparam, exists, insert, select, update
 
-from app import config
+from app import autotopup, config
 from app.extensions import db
 from app.models import LedgerEntry, LedgerKind, Team, utcnow
 
@@ -31,7 +31,15 @@ _CHANGE = (
     update(_teams)
     .where(_teams.c.id == bindparam("team_id"))
     .values(balance=_teams.c.balance + bindparam("amount"))
-    .returning(_teams.c.balance, _teams.c.low_balance_credits, _teams.c.low_balance_sent_at)
+    .returning(
+        _teams.c.balance,
+        _teams.c.low_balance_credits,
+        _teams.c.low_balance_sent_at,
+        _teams.c.auto_topup_below,
+        _teams.c.auto_topup_pending,
+        _teams.c.auto_topup_paused,
+        _teams.c.auto_topup_capped_until,
+    )
 )
 # A debit applies only where the balance covers it: no interleaving of debits can go below zero.
 _DEBIT = _CHANGE.where(_teams.c.balance + bindparam("amount") >= 0)
@@ -59,7 +67,9 @@ def apply(
     A reused reference violates the ledger's unique constraint (IntegrityError).
     Team objects already loaded in the session see the new balance after the commit.
     A debit that takes the balance below the team's alert threshold queues the
-    low-balance mail in the same transaction (see _low_balance_alert).
+    low-balance mail in the same transaction (see _low_balance_alert); a speech debit that
+    leaves it below the team's automatic top-up threshold queues one top-up the same way
+    (app/autotopup.py).
     """
     row = db.session.execute(_DEBIT if amount < 0 else _CHANGE, {"team_id": team_id, "amount": amount}).first()
     if row is None:
@@ -67,7 +77,7 @@ def apply(
         if current is None:
             raise LookupError(f"no team {team_id}")
         raise InsufficientCredits(current, -amount)
-    balance, threshold, alerted_at = row
+    balance, threshold, alerted_at, topup_below, topup_pending, topup_paused, topup_capped_until = row
     db.session.execute(
         _WRITE_LEDGER,
         {
@@ -90,6 +100,16 @@ def apply(
             _low_balance_alert(team_id, balance, threshold)
     elif alerted_at is not None and kind in _REARMING and balance >= threshold:
         db.session.execute(update(_teams).where(_teams.c.id == team_id).values(low_balance_sent_at=None))
+    if (
+        topup_below is not None
+        and balance < topup_below
+        and kind == LedgerKind.DEBIT
+        and not topup_pending
+        and topup_paused is None
+        and (topup_capped_until is None or utcnow() >= topup_capped_until)
+    ):
+        # The row lock this debit holds makes it the only one to see nothing pending (app/autotopup.py).
+        autotopup.queue(team_id)
     return balance
 
 
@@ -154,12 +174,13 @@ def refund_reference(request_id: str) -> str:
     return f"refund:{request_id}"
 
 
-def topup_reference(checkout_session_id: str) -> str:
-    return f"topup:{checkout_session_id}"
+def topup_reference(payment_name: str) -> str:
+    """A payment's credit; `payment_name` is its Checkout Session's id or its automatic top-up's key (Payment.name)."""
+    return f"topup:{payment_name}"
 
 
-def reversal_reference(kind: str, checkout_session_id: str, owed: int) -> str:
-    return f"{kind}:{checkout_session_id}:{owed}"
+def reversal_reference(kind: str, payment_name: str, owed: int) -> str:
+    return f"{kind}:{payment_name}:{owed}"
 
 
 def trial_reference(user_id: int) -> str:

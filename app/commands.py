@@ -6,7 +6,7 @@ from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from app import accounts, billing, config, keys, liveness, mail, metering, services, teams
+from app import accounts, billing, card_payments, config, keys, liveness, mail, metering, services, teams
 from app.audit import audit
 from app.extensions import db
 from app.forms import MIN_PASSWORD
@@ -227,8 +227,30 @@ def send_mail(once):
     services.postman().run()
 
 
+topups_cli = AppGroup("topups", help="Automatic top-ups: pay the queued ones with each team's saved card.")
+
+
+@topups_cli.command("buy")
+@click.option("--once", is_flag=True, help="Pay what is due now and exit (for cron), instead of running on.")
+def buy_topups(once):
+    """Pay the queued automatic top-ups at Stripe and make their invoices: on and on (a service of its own,
+    with TOPUP_WORKER=false), or --once."""
+    client = services.stripe_client()
+    if client is None:
+        raise click.ClickException("STRIPE_SECRET_KEY is not set: automatic top-ups cannot be paid.")
+    if once:
+        bought, invoiced = card_payments.buy_due(client), card_payments.invoice_due(client)
+        click.echo(
+            f"sent {bought['sent']}, failed {bought['failed']}, to retry {bought['later']};"
+            f" invoiced {invoiced['invoiced']}"
+        )
+        return
+    click.echo(f"Paying automatic top-ups every {config.current().topup_poll_seconds} s; Ctrl+C stops.")
+    services.buyer().run()
+
+
 def register_commands(app: Flask) -> None:
-    for group in (users_cli, credits_cli, keys_cli, speech_cli, mail_cli):
+    for group in (users_cli, credits_cli, keys_cli, speech_cli, mail_cli, topups_cli):
         app.cli.add_command(group)
     app.cli.add_command(samples_cli)
     app.cli.add_command(audit_books)

@@ -76,6 +76,10 @@ class Settings:
     stripe_api_base: str | None
     stripe_checkout_origin: str
     stripe_currency: str
+    stripe_automatic_tax: bool
+    stripe_portal_origin: str
+    topup_worker: bool
+    topup_poll_seconds: float
     credit_packs: list[Pack]
     log_format: str
     metrics_token: str | None
@@ -138,6 +142,7 @@ POSITIVE = (
     "REMEMBER_DAYS",
     "MAIL_TIMEOUT",
     "MAIL_POLL_SECONDS",
+    "TOPUP_POLL_SECONDS",
     "VERIFY_HOURS",
     "RESET_MINUTES",
     "INVITE_DAYS",

@@ -9,7 +9,18 @@ from enum import StrEnum
 from typing import Optional
 
 from flask_login import UserMixin
-from sqlalchemy import BigInteger, CheckConstraint, Float, ForeignKey, Index, String, Text, UniqueConstraint
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from app.extensions import db
@@ -80,6 +91,19 @@ class PaymentStatus(StrEnum):
     DISPUTED = "disputed"
     # Checkout was cancelled, or its session expired unpaid (Stripe's checkout.session.expired).
     EXPIRED = "expired"
+    # An automatic top-up waiting for the worker to ask Stripe (app/autotopup.py).
+    QUEUED = "queued"
+    # Stripe took an automatic top-up's payment; its credits come with payment_intent.succeeded.
+    PROCESSING = "processing"
+    # Stripe's answer to an automatic top-up: the bank wants the customer to authenticate (SCA).
+    ACTION_REQUIRED = "action_required"
+
+
+class PaymentKind(StrEnum):
+    # Bought by a person in Stripe Checkout.
+    CHECKOUT = "checkout"
+    # Bought by the automatic top-up worker with the team's saved card, off session.
+    AUTOMATIC = "automatic"
 
 
 def utcnow() -> datetime:
@@ -113,6 +137,25 @@ class Team(db.Model):
     low_balance_credits: Mapped[Optional[int]] = mapped_column(BigInteger)
     # When that email was queued; a top-up or grant back above the threshold clears it (re-arms the alert).
     low_balance_sent_at: Mapped[Optional[datetime]]
+    # The card saved at Stripe for automatic top-ups (its PaymentMethod), and what the pages show of it.
+    card_payment_method: Mapped[Optional[str]] = mapped_column(String(255))
+    card_brand: Mapped[Optional[str]] = mapped_column(String(32))
+    card_last4: Mapped[Optional[str]] = mapped_column(String(4))
+    card_expires: Mapped[Optional[str]] = mapped_column(String(7))
+    # Automatic top-up: when a debit leaves the balance below `auto_topup_below` credits, buy the pack
+    # `auto_topup_pack`, at most `auto_topup_monthly_limit` times a calendar month (UTC). Off: below is None.
+    auto_topup_below: Mapped[Optional[int]] = mapped_column(BigInteger)
+    auto_topup_pack: Mapped[Optional[str]] = mapped_column(String(50))
+    auto_topup_monthly_limit: Mapped[Optional[int]]
+    # Who turned it on (the payments it makes are recorded as theirs).
+    auto_topup_by_id: Mapped[Optional[int]] = mapped_column(ForeignKey("users.id"))
+    # An automatic top-up is queued or at Stripe: no other is queued until it ends.
+    auto_topup_pending: Mapped[bool] = mapped_column(default=False, server_default=false())
+    # Why automatic top-up stopped (a declined card, one that needs the customer, a removed card), and when.
+    auto_topup_paused: Mapped[Optional[str]] = mapped_column(String(200))
+    auto_topup_paused_at: Mapped[Optional[datetime]]
+    # The month's cap was reached: nothing is queued before this instant (the next month's start).
+    auto_topup_capped_until: Mapped[Optional[datetime]]
     # Set by an operator: every key of the team gets 401 and the playground refuses, until cleared.
     disabled_at: Mapped[Optional[datetime]]
     # Closed by an owner: nobody works on it any more and its keys are revoked; its books stay.
@@ -370,21 +413,49 @@ class GatewayProcess(db.Model):
 
 
 class Payment(db.Model):
-    """A Stripe Checkout purchase of a credit pack; the credits are fixed when the session is made."""
+    """A purchase of a credit pack: in Stripe Checkout, or an automatic top-up with the saved card.
+
+    The credits are fixed when it is made, from our own packs; they are credited only by Stripe's
+    webhook (checkout.session.completed, payment_intent.succeeded).
+    """
 
     __tablename__ = "payments"
+    __table_args__ = (
+        # At most one automatic top-up in flight per team, whatever the code above does.
+        Index(
+            "ix_payments_one_automatic_in_flight",
+            "team_id",
+            unique=True,
+            postgresql_where=text("kind = 'automatic' AND status IN ('queued', 'processing')"),
+            sqlite_where=text("kind = 'automatic' AND status IN ('queued', 'processing')"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     # The team credited, and the member who bought.
     team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)
     bought_by_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
-    checkout_session_id: Mapped[str] = mapped_column(String(255), unique=True)
+    kind: Mapped[str] = mapped_column(String(16), default=PaymentKind.CHECKOUT, server_default=PaymentKind.CHECKOUT)
+    # A Checkout purchase's session; None for an automatic top-up.
+    checkout_session_id: Mapped[Optional[str]] = mapped_column(String(255), unique=True)
     payment_intent_id: Mapped[Optional[str]] = mapped_column(String(255), index=True)
+    # An automatic top-up's Idempotency-Key at Stripe, made with its row: every try of it sends this
+    # key, so Stripe makes one PaymentIntent however often it is asked. Its metadata names it too.
+    idempotency_key: Mapped[Optional[str]] = mapped_column(String(64), unique=True)
+    # Stripe's invoice for the payment (Checkout's invoice_creation, or the one made for an automatic top-up).
+    invoice_id: Mapped[Optional[str]] = mapped_column(String(255))
+    # Why an automatic top-up failed (Stripe's message), for the team and the operator.
+    failure: Mapped[Optional[str]] = mapped_column(String(500))
+    # The worker's tries of an automatic top-up: how many, its claim on it, when it is due again.
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
+    claimed_until: Mapped[Optional[datetime]]
+    next_attempt_at: Mapped[Optional[datetime]]
     pack: Mapped[str] = mapped_column(String(50))
     credits: Mapped[int] = mapped_column(BigInteger)
     amount_cents: Mapped[int]
     currency: Mapped[str] = mapped_column(String(3))
-    # open → paid (credited) | pending (async payment) → paid | failed | expired; paid → refunded | disputed
+    # Checkout: open → paid (credited) | pending (async payment) → paid | failed | expired.
+    # Automatic: queued → processing → paid | failed | action_required. Then paid → refunded | disputed.
     status: Mapped[str] = mapped_column(String(16), default=PaymentStatus.OPEN)
     # Credits owed back through refunds and lost disputes, including any the balance could not cover.
     credits_reversed: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -392,6 +463,12 @@ class Payment(db.Model):
     paid_at: Mapped[Optional[datetime]]
 
     bought_by: Mapped["User"] = relationship()
+
+    @property
+    def name(self) -> str:
+        """The payment's own name, shown to people and in its ledger references: its Checkout Session's id,
+        or an automatic top-up's idempotency key."""
+        return self.checkout_session_id or self.idempotency_key
 
 
 class PaymentReversal(db.Model):

@@ -19,13 +19,25 @@ LINKS = {
     "low_balance": {"billing_url": "dashboard.billing_page", "account_url": "dashboard.account"},
     "receipt": {"billing_url": "dashboard.billing_page"},
     "reversal": {"billing_url": "dashboard.billing_page"},
+    "auto_topup_paused": {"billing_url": "dashboard.billing_page"},
 }
+
+
+def _links(kind: str, facts: dict) -> dict:
+    links = {name: external_url(endpoint) for name, endpoint in LINKS[kind].items()}
+    if kind == "auto_topup_paused":
+        links["card_url"] = external_url("dashboard.billing_page") + "#card"
+    payment = facts.get("payment")
+    if payment is not None:
+        # The payment's invoice or receipt at Stripe, through the page that looks it up when followed.
+        links["document_url"] = external_url("dashboard.payment_document", payment_id=payment.id)
+    return links
 
 
 @event.listens_for(Session, "before_commit")
 def _queue_money_mail(session):
     for kind, team_id, facts in session.info.pop(billing.TOLD, ()):
-        links = {name: external_url(endpoint) for name, endpoint in LINKS[kind].items()}
+        links = _links(kind, facts)
         for person in teams.billing_people(team_id):
             mail.notify(person, kind, **facts, **links)
 

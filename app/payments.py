@@ -1,4 +1,10 @@
-"""Stripe Checkout top-ups: packs, sessions, and the webhook events that move credits."""
+"""Top-ups: Stripe Checkout sessions, and the webhook events that move credits.
+
+Credits come only from here, from a signed event: checkout.session.completed (or its async
+success) for a Checkout purchase, payment_intent.succeeded for an automatic top-up
+(app/card_payments.py sends those), each credited once whatever the order and number of
+deliveries. Refunds and lost disputes of either are taken back the same way.
+"""
 
 import hashlib
 import logging
@@ -7,14 +13,15 @@ from datetime import datetime
 
 import stripe
 from itsdangerous import BadSignature, URLSafeTimedSerializer
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from app import billing
+from app import billing, card_payments, cards, config
 from app.extensions import db
 from app.models import (
     LedgerKind,
     Payment,
+    PaymentKind,
     PaymentReversal,
     PaymentStatus,
     ReversalKind,
@@ -46,28 +53,47 @@ def start_checkout(
     to send the browser to.
 
     The credits to grant are recorded here, from our own configuration: the webhook
-    credits this number, never one taken from a request.
+    credits this number, never one taken from a request, and never one that depends on tax.
+    Stripe makes an invoice of it (invoice_creation), for the team's Stripe Customer: the
+    team's own once it has one, else one Checkout makes and the webhook keeps for the team.
+    With STRIPE_AUTOMATIC_TAX, Stripe adds the tax of the buyer's address on top of the price.
     """
-    session = client.v1.checkout.sessions.create(
-        params={
-            "mode": "payment",
-            "client_reference_id": str(team.id),
-            "customer_email": buyer.email,
-            "line_items": [
-                {
-                    "quantity": 1,
-                    "price_data": {
-                        "currency": currency,
-                        "unit_amount": pack.price_cents,
-                        "product_data": {"name": f"{pack.credits:,} kokoro-pay credits"},
-                    },
-                }
-            ],
-            "metadata": {"team_id": str(team.id), "pack": pack.id, "credits": str(pack.credits)},
-            "success_url": success_url,
-            "cancel_url": cancel_url,
+    description = f"{pack.credits:,} kokoro-pay credits"
+    params = {
+        "mode": "payment",
+        "client_reference_id": str(team.id),
+        "line_items": [
+            {
+                "quantity": 1,
+                "price_data": {
+                    "currency": currency,
+                    "unit_amount": pack.price_cents,
+                    "product_data": {"name": description},
+                    **({"tax_behavior": "exclusive"} if config.current().stripe_automatic_tax else {}),
+                },
+            }
+        ],
+        "metadata": {"team_id": str(team.id), "pack": pack.id, "credits": str(pack.credits)},
+        "invoice_creation": {
+            "enabled": True,
+            "invoice_data": {"description": description, "metadata": {"team_id": str(team.id), "pack": pack.id}},
+        },
+        "success_url": success_url,
+        "cancel_url": cancel_url,
+    }
+    if team.stripe_customer_id:
+        params["customer"] = team.stripe_customer_id
+    else:
+        params |= {"customer_email": buyer.email, "customer_creation": "always"}
+    if config.current().stripe_automatic_tax:
+        params |= {
+            "automatic_tax": {"enabled": True},
+            "billing_address_collection": "required",
+            "tax_id_collection": {"enabled": True},
         }
-    )
+        if team.stripe_customer_id:
+            params["customer_update"] = {"address": "auto", "name": "auto"}
+    session = client.v1.checkout.sessions.create(params=params)
     db.session.add(
         Payment(
             team_id=team.id,
@@ -95,8 +121,11 @@ def record_event(event) -> None:
         raise AlreadyProcessed(event.id) from None
 
 
-def handle_event(event) -> str:
+def handle_event(event, client=None) -> str:
     """Apply one verified event; return what happened, for the log and the event row.
+
+    `client` (Stripe) is asked about the card a setup session or a customer's change saved;
+    a StripeError then leaves the event unapplied, for Stripe to send again.
 
     Stripe does not guarantee the order of events: a refund or a lost dispute may arrive
     before the payment it reverses is credited. It is kept (payment_reversals) and applied
@@ -105,7 +134,9 @@ def handle_event(event) -> str:
     check_shape(event)
     obj = event.data.object
     record_event(event)
-    if event.type == "checkout.session.completed":
+    if event.type == "checkout.session.completed" and getattr(obj, "mode", None) == "setup":
+        outcome = cards.save_from_setup(client, obj)
+    elif event.type == "checkout.session.completed":
         outcome = _fulfill(obj) if obj.payment_status == "paid" else _set_status(obj, PaymentStatus.PENDING)
     elif event.type == "checkout.session.async_payment_succeeded":
         outcome = _fulfill(obj)
@@ -113,6 +144,14 @@ def handle_event(event) -> str:
         outcome = _set_status(obj, PaymentStatus.FAILED)
     elif event.type == "checkout.session.expired":
         outcome = _set_status(obj, PaymentStatus.EXPIRED)
+    elif event.type == "payment_intent.succeeded":
+        outcome = _credit_automatic(obj)
+    elif event.type == "payment_intent.payment_failed":
+        outcome = _automatic_failed(obj)
+    elif event.type == "payment_method.detached":
+        outcome = cards.removed(obj)
+    elif event.type == "customer.updated":
+        outcome = cards.default_changed(client, obj)
     elif event.type == "charge.refunded":
         # amount_refunded is the charge's running total, so a late, older event changes nothing.
         outcome = _record_reversal(
@@ -131,6 +170,7 @@ def handle_event(event) -> str:
 _TEXT, _TEXT_OR_NULL, _CENTS, _CENTS_OR_NULL = (str,), (str, type(None)), "cents", "cents or null"
 _SESSION = {"id": _TEXT, "payment_status": _TEXT, "client_reference_id": _TEXT_OR_NULL}
 _SESSION |= {"payment_intent": _TEXT_OR_NULL, "amount_total": _CENTS_OR_NULL}
+_INTENT = {"id": _TEXT, "metadata": (dict,)}
 SHAPES = {
     "checkout.session.completed": _SESSION,
     "checkout.session.async_payment_succeeded": _SESSION,
@@ -138,6 +178,16 @@ SHAPES = {
     "checkout.session.expired": _SESSION,
     "charge.refunded": {"payment_intent": _TEXT_OR_NULL, "amount_refunded": _CENTS},
     "charge.dispute.closed": {"payment_intent": _TEXT_OR_NULL, "amount": _CENTS, "status": _TEXT},
+    "payment_intent.succeeded": _INTENT,
+    "payment_intent.payment_failed": _INTENT,
+    "payment_method.detached": {"id": _TEXT},
+    "customer.updated": {"id": _TEXT},
+}
+# Fields read when they are there: absent, null, or of the kind Stripe sends.
+OPTIONAL = {
+    "checkout.session.completed": {"mode": _TEXT, "customer": _TEXT, "invoice": _TEXT, "setup_intent": _TEXT},
+    "payment_intent.payment_failed": {"last_payment_error": (dict,)},
+    "customer.updated": {"invoice_settings": (dict,)},
 }
 
 
@@ -163,6 +213,10 @@ def check_shape(event) -> None:
             if type(value) is not int or not 0 <= value <= MAX_CENTS:
                 raise MalformedEvent(f"{field} is {value!r}, not a whole number of cents")
         elif field not in obj or not isinstance(value, kinds) or (isinstance(value, str) and not _stripe_text(value)):
+            raise MalformedEvent(f"{field} is {value!r:.80}, not what a {raw['type']} event carries")
+    for field, kinds in OPTIONAL.get(raw["type"], {}).items():
+        value = obj.get(field)
+        if value is not None and (not isinstance(value, kinds) or (isinstance(value, str) and not _stripe_text(value))):
             raise MalformedEvent(f"{field} is {value!r:.80}, not what a {raw['type']} event carries")
 
 
@@ -190,6 +244,8 @@ def _payment_for_session(session_obj) -> Payment | None:
         return None
     if payment is not None and session_obj.payment_intent and payment.payment_intent_id is None:
         payment.payment_intent_id = session_obj.payment_intent
+    if payment is not None and getattr(session_obj, "invoice", None) and payment.invoice_id is None:
+        payment.invoice_id = session_obj.invoice
     return payment
 
 
@@ -197,23 +253,80 @@ def _fulfill(session_obj) -> str:
     payment = _payment_for_session(session_obj)
     if payment is None:
         return "unknown checkout session"
+    customer = getattr(session_obj, "customer", None)
+    if customer:
+        # The Customer Checkout made for the team's first purchase becomes the team's.
+        team = db.session.get(Team, payment.team_id)
+        if team.stripe_customer_id is None:
+            team.stripe_customer_id = customer
+    return _credit(payment)
+
+
+def _credit(payment: Payment) -> str:
+    """Credit a paid payment, once: the caller holds its row lock."""
     if payment.paid_at is not None:
         return "already credited"
     payment.status = PaymentStatus.PAID
     payment.paid_at = utcnow()
+    how = "automatic top-up, " if payment.kind == PaymentKind.AUTOMATIC else ""
     balance = billing.apply(
         payment.team_id,
         payment.credits,
         kind=LedgerKind.TOPUP,
-        reference=billing.topup_reference(payment.checkout_session_id),
-        note=f"{payment.pack} pack, {payment.amount_cents / 100:.2f} {payment.currency.upper()}",
+        reference=billing.topup_reference(payment.name),
+        note=f"{payment.pack} pack, {how}{payment.amount_cents / 100:.2f} {payment.currency.upper()}",
         payment_id=payment.id,
     )
     outcome = f"credited {payment.credits} to team {payment.team_id}; balance {balance}"
-    # Stripe's own receipt page belongs to the charge; a Checkout Session does not name it.
     billing.tell("receipt", payment.team_id, payment=payment, balance=balance)
     waiting = _apply_reversals(payment)
     return outcome if waiting is None else f"{outcome}; {waiting}"
+
+
+def _automatic_payment(intent_obj) -> Payment | None:
+    """The automatic top-up a PaymentIntent event is about (by the key in its metadata), locked; None for
+    any other PaymentIntent (Checkout's are credited by their session's events)."""
+    key = getattr(intent_obj.metadata, card_payments.METADATA_KEY, None)
+    if not key:
+        return None
+    _lock_intent(intent_obj.id)
+    payment = db.session.scalar(select(Payment).where(Payment.idempotency_key == key).with_for_update())
+    if payment is None or str(payment.team_id) != str(getattr(intent_obj.metadata, "team_id", None)):
+        log.warning("payment intent %s names no automatic top-up of ours (%s)", intent_obj.id, key)
+        return None
+    if payment.payment_intent_id is None:
+        payment.payment_intent_id = intent_obj.id
+    elif payment.payment_intent_id != intent_obj.id:
+        log.warning("payment intent %s is not %s's (%s)", intent_obj.id, key, payment.payment_intent_id)
+        return None
+    return payment
+
+
+def _credit_automatic(intent_obj) -> str:
+    payment = _automatic_payment(intent_obj)
+    if payment is None:
+        return "ignored: not an automatic top-up"
+    outcome = _credit(payment)
+    db.session.execute(
+        update(Team)
+        .where(Team.id == payment.team_id)
+        .values(auto_topup_pending=False)
+        .execution_options(synchronize_session=False)
+    )
+    return outcome
+
+
+def _automatic_failed(intent_obj) -> str:
+    payment = _automatic_payment(intent_obj)
+    if payment is None:
+        return "ignored: not an automatic top-up"
+    error = getattr(intent_obj, "last_payment_error", None) or {}
+    code = getattr(error, "decline_code", None) or getattr(error, "code", None)
+    status = PaymentStatus.ACTION_REQUIRED if code in card_payments.NEEDS_THE_CUSTOMER else PaymentStatus.FAILED
+    reason = (getattr(error, "message", None) or "The card was declined.")[:400]
+    if card_payments.failed(payment, status, reason, intent_obj.id):
+        return f"automatic top-up {payment.name} failed: {reason}"
+    return "already ended"
 
 
 # Checkout Sessions expire at Stripe after a day; a way back from one is no older.
@@ -334,8 +447,8 @@ def _apply_reversals(payment: Payment, receipt_url: str | None = None) -> str | 
         payment.team_id,
         due,
         kind=kind,
-        reference=billing.reversal_reference(kind, payment.checkout_session_id, owed),
-        note=f"{status} payment {payment.checkout_session_id}",
+        reference=billing.reversal_reference(kind, payment.name, owed),
+        note=f"{status} payment {payment.name}",
         payment_id=payment.id,
     )
     billing.tell(

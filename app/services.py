@@ -12,6 +12,7 @@ from flask import current_app
 if TYPE_CHECKING:
     import stripe
 
+    from app.card_payments import Buyer
     from app.hangups import Watch
     from app.liveness import Lease
     from app.mail import Postman
@@ -30,6 +31,11 @@ def throttle() -> "Throttle":
 def stripe_client() -> "stripe.StripeClient | None":
     """Stripe; None until STRIPE_SECRET_KEY is set."""
     return current_app.extensions["stripe"]
+
+
+def buyer() -> "Buyer":
+    """The automatic top-up buyer (app/card_payments.py)."""
+    return current_app.extensions["buyer"]
 
 
 def postman() -> "Postman":

@@ -3,7 +3,7 @@
 import stripe
 from flask import Blueprint, current_app, jsonify, request
 
-from app import config, metrics, payments
+from app import config, metrics, payments, services
 from app.extensions import csrf, db
 
 bp = Blueprint("stripe", __name__, url_prefix="/stripe")
@@ -24,7 +24,7 @@ def webhook():
         # Correctly signed JSON that is not an event object (null, a list, …).
         return jsonify(detail="Malformed event."), 400
     try:
-        outcome = payments.handle_event(event)
+        outcome = payments.handle_event(event, services.stripe_client())
         db.session.commit()
     except payments.MalformedEvent as error:
         # Signed, but not shaped as Stripe sends it: refused before anything is stored. Stripe retries
@@ -32,6 +32,12 @@ def webhook():
         db.session.rollback()
         current_app.logger.warning("stripe event %r refused: %s", getattr(event, "id", None), error)
         return jsonify(detail="Malformed event."), 400
+    except stripe.StripeError as error:
+        # Stripe could not tell us about the card an event names: nothing is applied, and Stripe
+        # sends the event again.
+        db.session.rollback()
+        current_app.logger.warning("stripe event %s not applied: Stripe could not be asked: %s", event.id, error)
+        return jsonify(detail="Stripe could not be reached; send the event again."), 503
     except payments.AlreadyProcessed as redelivery:
         # Only the event id's own insert means this; any other failure is a bug, answered 500 (with
         # its traceback in the log) so that Stripe delivers the event again once it is fixed.

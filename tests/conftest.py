@@ -56,6 +56,8 @@ def app_config(uri: str, **overrides) -> dict:
         "CREDIT_PACKS": "starter:10000:500,pro:250000:8000",
         # The mail sender runs when a test asks for it (tests/test_mail.py).
         "MAIL_WORKER": False,
+        # The automatic top-up buyer runs when a test asks for it (tests/test_auto_topups.py).
+        "TOPUP_WORKER": False,
         # Landing samples kept in memory only; tests/test_samples.py gives them a directory.
         "SAMPLES_DIR": None,
         **overrides,

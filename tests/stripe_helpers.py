@@ -3,9 +3,10 @@
 import hashlib
 import hmac
 import json
+import re
 import time
 import uuid
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from tests.conftest import STRIPE_API, STRIPE_CHECKOUT
 
@@ -93,3 +94,162 @@ def deliver(client, payload: bytes, signature: str | None = None):
         "Stripe-Signature": signature if signature is not None else sign(payload),
     }
     return client.post("/stripe/webhook", data=payload, headers=headers)
+
+
+class FakeStripe:
+    """Stripe's API as saved cards, automatic top-ups, invoices and the billing portal use it, on a
+    `responses` mock, answering in Stripe's shapes.
+
+    PaymentIntents are idempotent as Stripe's are: a request with an Idempotency-Key seen before gets
+    the first answer again and makes nothing new. `intent_outcome` is what a new one does:
+    "succeeded", "declined", "authentication_required", "no_card" or "down" (HTTP 500).
+    """
+
+    CUSTOMER = "cus_test_1"
+    CARD = {"brand": "visa", "last4": "4242", "exp_month": 12, "exp_year": 2030}
+    PORTAL = "http://127.0.0.1:12113/p/session/bps_test_1"
+
+    def __init__(self, mock, intent_outcome: str = "succeeded"):
+        self.calls: list[tuple[str, str, dict, dict]] = []
+        self.intents: dict[str, tuple[int, dict]] = {}
+        self.intent_outcome = intent_outcome
+        self.sessions = 0
+        api = re.escape(STRIPE_API)
+        routes = [
+            ("POST", r"/v1/customers", self._customer),
+            ("POST", r"/v1/customers/[\w]+", self._customer),
+            ("POST", r"/v1/checkout/sessions", self._checkout_session),
+            ("GET", r"/v1/setup_intents/[\w]+", self._setup_intent),
+            ("GET", r"/v1/payment_methods/[\w]+", self._payment_method),
+            ("POST", r"/v1/payment_intents", self._payment_intent),
+            ("GET", r"/v1/payment_intents/[\w]+", self._retrieve_intent),
+            ("POST", r"/v1/invoices", self._invoice),
+            ("POST", r"/v1/invoiceitems", self._invoice_item),
+            ("POST", r"/v1/invoices/[\w]+/finalize", self._invoice),
+            ("POST", r"/v1/invoices/[\w]+/attach_payment", self._invoice),
+            ("GET", r"/v1/invoices/[\w]+", self._invoice),
+            ("POST", r"/v1/billing_portal/sessions", self._portal),
+        ]
+        for method, path, handler in routes:
+            mock.add_callback(
+                method,
+                re.compile(api + path + r"(\?.*)?$"),
+                callback=self._recorded(handler),
+                content_type="application/json",
+            )
+
+    def _recorded(self, handler):
+        def callback(request):
+            url = urlsplit(request.url)
+            body = request.body or ""
+            body = body.decode() if isinstance(body, bytes) else body
+            params = {key: values[0] for key, values in parse_qs(body or url.query).items()}
+            self.calls.append((request.method, url.path, params, dict(request.headers)))
+            status, answer = handler(url.path, params, request.headers)
+            return status, {"Request-Id": f"req_{len(self.calls)}"}, json.dumps(answer)
+
+        return callback
+
+    def called(self, method: str, path: str) -> list[tuple[dict, dict]]:
+        """The (params, headers) of each call of `method` on `path` (a prefix), in order."""
+        return [(params, headers) for m, p, params, headers in self.calls if m == method and p.startswith(path)]
+
+    def _customer(self, path, params, headers):
+        return 200, {"id": self.CUSTOMER, "object": "customer", "invoice_settings": {}}
+
+    def _checkout_session(self, path, params, headers):
+        self.sessions += 1
+        session_id = f"cs_test_{params.get('mode', 'payment')}_{self.sessions}"
+        return 200, {"id": session_id, "object": "checkout.session", "url": f"{STRIPE_CHECKOUT}/c/pay/{session_id}"}
+
+    def _setup_intent(self, path, params, headers):
+        method = {"id": "pm_test_1", "object": "payment_method", "type": "card", "card": self.CARD}
+        return 200, {
+            "id": path.rsplit("/", 1)[1],
+            "object": "setup_intent",
+            "status": "succeeded",
+            "payment_method": method,
+        }
+
+    def _payment_method(self, path, params, headers):
+        card = {"brand": "mastercard", "last4": "4444", "exp_month": 3, "exp_year": 2031}
+        return 200, {"id": path.rsplit("/", 1)[1], "object": "payment_method", "type": "card", "card": card}
+
+    def _payment_intent(self, path, params, headers):
+        key = headers.get("Idempotency-Key")
+        if key in self.intents:
+            return self.intents[key]
+        intent_id = f"pi_auto_{len(self.intents) + 1}"
+        intent = {
+            "id": intent_id,
+            "object": "payment_intent",
+            "amount": int(params["amount"]),
+            "currency": params["currency"],
+            "status": "succeeded",
+            "metadata": {},
+        }
+        if self.intent_outcome == "down":
+            return 500, {"error": {"type": "api_error", "message": "Stripe is having a moment."}}
+        if self.intent_outcome == "no_card":
+            return 400, {
+                "error": {
+                    "type": "invalid_request_error",
+                    "code": "resource_missing",
+                    "message": "No such PaymentMethod: 'pm_test_1'",
+                    "param": "payment_method",
+                }
+            }
+        if self.intent_outcome in ("declined", "authentication_required"):
+            code = "card_declined" if self.intent_outcome == "declined" else "authentication_required"
+            message = (
+                "Your card has insufficient funds."
+                if code == "card_declined"
+                else "Your card was declined. This transaction requires authentication."
+            )
+            answer = {
+                "error": {
+                    "type": "card_error",
+                    "code": code,
+                    "message": message,
+                    **({"decline_code": "insufficient_funds"} if code == "card_declined" else {}),
+                    "payment_intent": {**intent, "status": "requires_payment_method"},
+                }
+            }
+            self.intents[key] = (402, answer)
+        else:
+            self.intents[key] = (200, intent)
+        return self.intents[key]
+
+    def _retrieve_intent(self, path, params, headers):
+        intent_id = path.rsplit("/", 1)[1]
+        charge = {"id": "ch_auto_1", "object": "charge", "receipt_url": f"{STRIPE_CHECKOUT}/receipts/{intent_id}"}
+        return 200, {"id": intent_id, "object": "payment_intent", "status": "succeeded", "latest_charge": charge}
+
+    def _invoice(self, path, params, headers):
+        parts = path.split("/")
+        invoice_id = parts[3] if len(parts) > 3 else "in_test_1"
+        return 200, {
+            "id": invoice_id,
+            "object": "invoice",
+            "status": "paid",
+            "hosted_invoice_url": f"{STRIPE_CHECKOUT}/invoices/{invoice_id}",
+        }
+
+    def _invoice_item(self, path, params, headers):
+        return 200, {"id": "ii_test_1", "object": "invoiceitem"}
+
+    def _portal(self, path, params, headers):
+        return 200, {"id": "bps_test_1", "object": "billing_portal.session", "url": self.PORTAL}
+
+
+def payment_intent(key: str, team_id: int, intent_id: str = "pi_auto_1", **extra) -> dict:
+    """A PaymentIntent as its events carry it: one an automatic top-up made (its key in the metadata)."""
+    return {
+        "id": intent_id,
+        "object": "payment_intent",
+        "amount": 500,
+        "currency": "usd",
+        "status": "succeeded",
+        "metadata": {"kokoro_pay_auto_topup": key, "team_id": str(team_id), "pack": "starter", "credits": "10000"},
+        **extra,
+    }

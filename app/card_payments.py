@@ -1,0 +1,307 @@
+"""Automatic top-ups at Stripe: the buyer that pays the queued ones with the team's saved card.
+
+The buyer (`Buyer`: a thread in each gateway process, or `flask topups buy`) never runs inside a
+request. For each queued automatic top-up (app/autotopup.py) it:
+
+1. claims the row for CLAIM (several buyers never send one payment at once; a buyer that dies lets
+   the claim lapse and another takes the row up again);
+2. asks Stripe for an off-session PaymentIntent (`off_session`, `confirm`) with the row's
+   Idempotency-Key. A crash between Stripe's answer and our commit, a timeout or a retry sends the
+   same key again, and Stripe answers with the same PaymentIntent: one charge however often it is asked;
+3. records what Stripe said: `processing` (the credits come with payment_intent.succeeded, in
+   app/payments.py, and only there), or a failure. A declined card, one whose bank wants its holder
+   (`authentication_required`, SCA) or a card that is gone pauses automatic top-up and mails the
+   team's billing people; nothing is retried against it. Stripe out of reach is tried again with a
+   doubling wait, for as long as Stripe keeps the key (a day), then given up as failed.
+
+Once credited, an automatic top-up gets its invoice the same way, each step with a key of its own
+(`invoice_due`): an invoice for the pack, finalised, with the payment attached, so it shows paid.
+"""
+
+import logging
+from collections import Counter
+from datetime import timedelta
+
+import stripe
+from flask import current_app, has_app_context
+from flask_sqlalchemy.session import Session
+from sqlalchemy import event, or_, select, update
+
+from app import autotopup, billing, services
+from app.extensions import db
+from app.models import Payment, PaymentKind, PaymentStatus, Team, utcnow
+from app.rounds import Rounds
+
+log = logging.getLogger(__name__)
+
+CLAIM = timedelta(minutes=2)
+FIRST_RETRY_SECONDS = 30
+LAST_RETRY_SECONDS = 1800
+# Stripe keeps an idempotency key for 24 hours; a payment not sent by then is given up, never sent
+# again under a key Stripe may have forgotten.
+GIVE_UP_AFTER = timedelta(hours=23)
+# Stripe's decline codes that need the card holder, not another try.
+NEEDS_THE_CUSTOMER = ("authentication_required",)
+METADATA_KEY = "kokoro_pay_auto_topup"
+
+
+def retry_delay(attempts: int) -> timedelta:
+    return timedelta(seconds=min(FIRST_RETRY_SECONDS * 2 ** max(attempts - 1, 0), LAST_RETRY_SECONDS))
+
+
+def _due_ids(limit: int) -> list[int]:
+    now = utcnow()
+    due = db.session.scalars(
+        select(Payment.id)
+        .where(
+            Payment.kind == PaymentKind.AUTOMATIC,
+            Payment.status == PaymentStatus.QUEUED,
+            or_(Payment.next_attempt_at.is_(None), Payment.next_attempt_at <= now),
+            or_(Payment.claimed_until.is_(None), Payment.claimed_until < now),
+        )
+        .order_by(Payment.id)
+        .limit(limit)
+    ).all()
+    db.session.commit()
+    return due
+
+
+def _claim(payment_id: int) -> Payment | None:
+    now = utcnow()
+    claimed = db.session.execute(
+        update(Payment)
+        .where(
+            Payment.id == payment_id,
+            Payment.status == PaymentStatus.QUEUED,
+            or_(Payment.claimed_until.is_(None), Payment.claimed_until < now),
+        )
+        .values(claimed_until=now + CLAIM, attempts=Payment.attempts + 1),
+        execution_options={"synchronize_session": False},
+    ).rowcount
+    db.session.commit()
+    return db.session.get(Payment, payment_id, populate_existing=True) if claimed else None
+
+
+def buy_due(client: stripe.StripeClient, limit: int = 50) -> Counter:
+    """Send every due automatic top-up to Stripe; returns how many were sent, failed and left for later."""
+    outcome = Counter()
+    while due := _due_ids(limit):
+        for payment_id in due:
+            payment = _claim(payment_id)
+            if payment is not None:
+                outcome[charge(client, payment)] += 1
+        if len(due) < limit:
+            break
+    return outcome
+
+
+def charge(client: stripe.StripeClient, payment: Payment) -> str:
+    """Ask Stripe for the claimed payment and record its answer; returns "sent", "failed" or "later"."""
+    team = db.session.get(Team, payment.team_id)
+    if team.card_payment_method is None or team.stripe_customer_id is None:
+        failed(payment, PaymentStatus.FAILED, "No card is saved for automatic top-ups.")
+        db.session.commit()
+        return "failed"
+    try:
+        intent = client.v1.payment_intents.create(
+            params={
+                "amount": payment.amount_cents,
+                "currency": payment.currency,
+                "customer": team.stripe_customer_id,
+                "payment_method": team.card_payment_method,
+                "off_session": True,
+                "confirm": True,
+                "description": f"{payment.credits:,} kokoro-pay credits (automatic top-up)",
+                "metadata": {
+                    METADATA_KEY: payment.idempotency_key,
+                    "team_id": str(payment.team_id),
+                    "pack": payment.pack,
+                    "credits": str(payment.credits),
+                },
+            },
+            options={"idempotency_key": payment.idempotency_key},
+        )
+    except stripe.CardError as error:
+        intent = getattr(error.error, "payment_intent", None)
+        code = getattr(error.error, "decline_code", None) or error.code
+        status = PaymentStatus.ACTION_REQUIRED if code in NEEDS_THE_CUSTOMER else PaymentStatus.FAILED
+        failed(payment, status, _said(error), intent.id if intent is not None else None)
+        db.session.commit()
+        return "failed"
+    except stripe.InvalidRequestError as error:
+        # The card or customer is gone at Stripe, or the request cannot be made: no retry helps.
+        failed(payment, PaymentStatus.FAILED, f"The saved card cannot be charged: {_said(error)}")
+        db.session.commit()
+        return "failed"
+    except stripe.StripeError as error:
+        return _later(payment, error)
+    return _sent(payment, intent)
+
+
+def _said(error: stripe.StripeError) -> str:
+    return (error.user_message or str(error) or type(error).__name__)[:400]
+
+
+def _sent(payment: Payment, intent) -> str:
+    """Stripe answered with a PaymentIntent: it is processing or succeeded (credited by its webhook), or it failed."""
+    if intent.status in ("succeeded", "processing"):
+        sent = db.session.execute(
+            update(Payment)
+            .where(Payment.id == payment.id, Payment.status == PaymentStatus.QUEUED)
+            .values(status=PaymentStatus.PROCESSING, payment_intent_id=intent.id, claimed_until=None)
+            .execution_options(synchronize_session=False)
+        ).rowcount
+        if not sent:
+            # Its webhook came first (credited, or failed): the intent's id is all there is to add.
+            db.session.execute(
+                update(Payment)
+                .where(Payment.id == payment.id, Payment.payment_intent_id.is_(None))
+                .values(payment_intent_id=intent.id)
+                .execution_options(synchronize_session=False)
+            )
+        db.session.commit()
+        log.info("automatic top-up %s: payment intent %s %s", payment.idempotency_key, intent.id, intent.status)
+        return "sent"
+    status = PaymentStatus.ACTION_REQUIRED if intent.status == "requires_action" else PaymentStatus.FAILED
+    failed(payment, status, f"Stripe did not take the payment ({intent.status}).", intent.id)
+    db.session.commit()
+    return "failed"
+
+
+def _later(payment: Payment, error: stripe.StripeError) -> str:
+    if utcnow() - payment.created_at > GIVE_UP_AFTER:
+        failed(payment, PaymentStatus.FAILED, f"Stripe could not be reached: {_said(error)}")
+        db.session.commit()
+        return "failed"
+    payment.claimed_until = None
+    payment.next_attempt_at = utcnow() + retry_delay(payment.attempts)
+    payment.failure = f"Try {payment.attempts}: {_said(error)}"[:500]
+    db.session.commit()
+    log.warning("automatic top-up %s not sent (try %s): %s", payment.idempotency_key, payment.attempts, error)
+    return "later"
+
+
+def failed(payment: Payment, status: str, reason: str, intent_id: str | None = None) -> bool:
+    """The payment failed (the buyer's answer or Stripe's payment_intent.payment_failed, whichever comes
+    first): pause automatic top-up and tell the team's billing people, once. False when it had ended already."""
+    ended = db.session.execute(
+        update(Payment)
+        .where(Payment.id == payment.id, Payment.status.in_(autotopup.IN_FLIGHT))
+        .values(status=status, failure=reason[:500], claimed_until=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if intent_id:
+        db.session.execute(
+            update(Payment)
+            .where(Payment.id == payment.id, Payment.payment_intent_id.is_(None))
+            .values(payment_intent_id=intent_id)
+            .execution_options(synchronize_session=False)
+        )
+    if not ended:
+        return False
+    team = db.session.get(Team, payment.team_id)
+    db.session.refresh(team, with_for_update=True)
+    team.auto_topup_pending = False
+    autotopup.pause(team, reason)
+    db.session.flush()
+    db.session.refresh(payment)
+    log.warning("automatic top-up %s of team %s failed (%s): %s", payment.idempotency_key, team.id, status, reason)
+    billing.tell(
+        "auto_topup_paused",
+        team.id,
+        team_name=team.name,
+        payment=payment,
+        reason=reason,
+        needs_authentication=status == PaymentStatus.ACTION_REQUIRED,
+    )
+    return True
+
+
+def invoice_due(client: stripe.StripeClient, limit: int = 50) -> Counter:
+    """Give each credited automatic top-up its invoice at Stripe, shown paid; returns how many were made."""
+    outcome = Counter()
+    now = utcnow()
+    due = db.session.scalars(
+        select(Payment)
+        .where(
+            Payment.kind == PaymentKind.AUTOMATIC,
+            Payment.paid_at.is_not(None),
+            Payment.paid_at > now - GIVE_UP_AFTER,
+            Payment.invoice_id.is_(None),
+            Payment.payment_intent_id.is_not(None),
+            or_(Payment.next_attempt_at.is_(None), Payment.next_attempt_at <= now),
+        )
+        .order_by(Payment.id)
+        .limit(limit)
+    ).all()
+    for payment in due:
+        try:
+            payment.invoice_id = _make_invoice(client, payment)
+            outcome["invoiced"] += 1
+        except stripe.StripeError as error:
+            payment.next_attempt_at = now + timedelta(minutes=15)
+            log.warning("automatic top-up %s: no invoice yet: %s", payment.idempotency_key, error)
+            outcome["later"] += 1
+        db.session.commit()
+    return outcome
+
+
+def _make_invoice(client: stripe.StripeClient, payment: Payment) -> str:
+    key = payment.idempotency_key
+    customer = db.session.get(Team, payment.team_id).stripe_customer_id
+    description = f"{payment.credits:,} kokoro-pay credits (automatic top-up, {payment.pack} pack)"
+    invoice = client.v1.invoices.create(
+        params={
+            "customer": customer,
+            "collection_method": "charge_automatically",
+            "auto_advance": False,
+            "pending_invoice_items_behavior": "exclude",
+            "description": description,
+            "metadata": {METADATA_KEY: key, "team_id": str(payment.team_id)},
+        },
+        options={"idempotency_key": f"{key}-invoice"},
+    )
+    client.v1.invoice_items.create(
+        params={
+            "customer": customer,
+            "invoice": invoice.id,
+            "amount": payment.amount_cents,
+            "currency": payment.currency,
+            "description": description,
+        },
+        options={"idempotency_key": f"{key}-item"},
+    )
+    client.v1.invoices.finalize_invoice(
+        invoice.id, params={"auto_advance": False}, options={"idempotency_key": f"{key}-finalize"}
+    )
+    client.v1.invoices.attach_payment(
+        invoice.id, params={"payment_intent": payment.payment_intent_id}, options={"idempotency_key": f"{key}-attach"}
+    )
+    return invoice.id
+
+
+class Buyer(Rounds):
+    """One buyer thread per process (app/rounds.py): woken when this process queues a top-up, and every
+    TOPUP_POLL_SECONDS for those other processes queued and for retries."""
+
+    name = "topup-buyer"
+
+    def work(self) -> None:
+        client = services.stripe_client()
+        if client is None:
+            return
+        buy_due(client)
+        invoice_due(client)
+
+
+@event.listens_for(Session, "after_commit")
+def _wake_the_buyer(session):
+    if session.info.pop(autotopup.QUEUED, False) and has_app_context():
+        buyer = current_app.extensions.get("buyer")
+        if buyer is not None:
+            buyer.wake.set()
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_rolled_back_queueing(session, _previous_transaction):
+    session.info.pop(autotopup.QUEUED, None)

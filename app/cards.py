@@ -1,0 +1,148 @@
+"""A team at Stripe: its Customer, the card it saved for automatic top-ups, the billing portal, its documents.
+
+- **One Stripe Customer per team** (`teams.stripe_customer_id`), made the first time it is needed
+  (saving a card, the portal) under the team's row lock, or taken from the Customer Checkout made
+  for the team's first top-up. Checkout top-ups, their invoices, the saved card and the portal all
+  belong to it.
+- **Saving a card**: a Checkout Session in `setup` mode. Its checkout.session.completed event makes
+  the card the team's (`save_from_setup`: the SetupIntent's PaymentMethod, kept by id; the pages
+  show its brand, last four digits and expiry, nothing more) and the Customer's default. A card
+  changed in the portal becomes the team's too (customer.updated); a card removed there stops
+  automatic top-up (payment_method.detached). Either a saved card or a new default resumes it.
+- **Documents**: a payment's link opens Stripe's hosted invoice when there is one (Checkout's
+  invoice_creation, or the buyer's invoice for an automatic top-up), else the charge's receipt;
+  looked up when followed, so the link never goes stale.
+"""
+
+import logging
+
+import stripe
+from sqlalchemy import select
+
+from app import autotopup, billing
+from app.extensions import db
+from app.models import Payment, Team, User
+
+log = logging.getLogger(__name__)
+
+
+def customer_of(client: stripe.StripeClient, team: Team, person: User) -> str:
+    """The team's Stripe Customer, made now if it has none (the team's row locked meanwhile)."""
+    db.session.refresh(team, with_for_update=True)
+    if team.stripe_customer_id is None:
+        customer = client.v1.customers.create(
+            params={"name": team.name, "email": person.email, "metadata": {"team_id": str(team.id)}},
+            options={"idempotency_key": f"kp-team-{team.id}-customer-{team.created_at.timestamp():.6f}"},
+        )
+        team.stripe_customer_id = customer.id
+    return team.stripe_customer_id
+
+
+def start_card_setup(
+    client: stripe.StripeClient, team: Team, person: User, currency: str, success_url: str, cancel_url: str
+) -> str:
+    """A Checkout Session that saves a card for the team's later payments; the URL to send the browser to."""
+    session = client.v1.checkout.sessions.create(
+        params={
+            "mode": "setup",
+            "customer": customer_of(client, team, person),
+            "currency": currency,
+            "payment_method_types": ["card"],
+            "client_reference_id": str(team.id),
+            "metadata": {"team_id": str(team.id), "purpose": "save a card"},
+            "setup_intent_data": {"metadata": {"team_id": str(team.id)}},
+            "success_url": success_url,
+            "cancel_url": cancel_url,
+        }
+    )
+    return session.url
+
+
+def _team_of_customer(customer_id: str | None) -> Team | None:
+    if not customer_id:
+        return None
+    return db.session.scalar(select(Team).where(Team.stripe_customer_id == customer_id).with_for_update())
+
+
+def _keep(team: Team, method) -> None:
+    card = method.card
+    team.card_payment_method = method.id
+    team.card_brand = str(card.brand)[:32]
+    team.card_last4 = str(card.last4)[:4]
+    team.card_expires = f"{int(card.exp_month):02d}/{int(card.exp_year)}"
+    # A card the customer just gave is a new chance: what paused automatic top-up was the old one's.
+    team.auto_topup_paused = None
+    team.auto_topup_paused_at = None
+
+
+def save_from_setup(client: stripe.StripeClient, session_obj) -> str:
+    """checkout.session.completed in setup mode: the card it saved becomes the team's and the Customer's default."""
+    team = _team_of_customer(getattr(session_obj, "customer", None))
+    if team is None or str(team.id) != str(session_obj.client_reference_id):
+        return "setup session of no team of ours"
+    setup_intent = getattr(session_obj, "setup_intent", None)
+    if not setup_intent:
+        return "setup session without a setup intent"
+    intent = client.v1.setup_intents.retrieve(setup_intent, params={"expand": ["payment_method"]})
+    method = intent.payment_method
+    if intent.status != "succeeded" or method is None or method.type != "card":
+        return f"setup intent {intent.id} saved no card ({intent.status})"
+    _keep(team, method)
+    client.v1.customers.update(
+        team.stripe_customer_id, params={"invoice_settings": {"default_payment_method": method.id}}
+    )
+    return f"card {team.card_brand} {team.card_last4} saved for team {team.id}"
+
+
+def default_changed(client: stripe.StripeClient, customer_obj) -> str:
+    """customer.updated: a new default card chosen in the portal becomes the team's card."""
+    team = _team_of_customer(customer_obj.id)
+    if team is None:
+        return "customer of no team of ours"
+    settings = getattr(customer_obj, "invoice_settings", None) or {}
+    method_id = getattr(settings, "default_payment_method", None)
+    if not method_id or method_id == team.card_payment_method:
+        return "no new default card"
+    method = client.v1.payment_methods.retrieve(method_id)
+    if method.type != "card":
+        return f"default payment method {method_id} is not a card"
+    _keep(team, method)
+    return f"card {team.card_brand} {team.card_last4} now the card of team {team.id}"
+
+
+def removed(method_obj) -> str:
+    """payment_method.detached: the team's saved card was removed; automatic top-up stops until another is saved."""
+    team = db.session.scalar(select(Team).where(Team.card_payment_method == method_obj.id).with_for_update())
+    if team is None:
+        return "not a saved card"
+    team.card_payment_method = team.card_brand = team.card_last4 = team.card_expires = None
+    if team.auto_topup_below is None or team.auto_topup_paused is not None:
+        return f"card of team {team.id} removed"
+    reason = "The saved card was removed."
+    autotopup.pause(team, reason)
+    billing.tell(
+        "auto_topup_paused", team.id, team_name=team.name, payment=None, reason=reason, needs_authentication=False
+    )
+    return f"card of team {team.id} removed; automatic top-up paused"
+
+
+def portal_url(client: stripe.StripeClient, team: Team, person: User, return_url: str) -> str:
+    """A Stripe Billing Portal session for the team's Customer (cards, invoices), coming back to `return_url`."""
+    session = client.v1.billing_portal.sessions.create(
+        params={"customer": customer_of(client, team, person), "return_url": return_url}
+    )
+    return session.url
+
+
+def document_url(client: stripe.StripeClient, payment: Payment) -> str | None:
+    """Stripe's hosted invoice for the payment, else its charge's receipt; None when Stripe has neither yet."""
+    if payment.invoice_id:
+        invoice = client.v1.invoices.retrieve(payment.invoice_id)
+        if getattr(invoice, "hosted_invoice_url", None):
+            return invoice.hosted_invoice_url
+    if payment.payment_intent_id:
+        intent = client.v1.payment_intents.retrieve(payment.payment_intent_id, params={"expand": ["latest_charge"]})
+        charge = getattr(intent, "latest_charge", None)
+        if charge is not None and not isinstance(charge, str) and getattr(charge, "receipt_url", None):
+            return charge.receipt_url
+    return None

@@ -1,0 +1,653 @@
+"""Automatic top-ups, saved cards, invoices and the billing portal, against Stripe's API stubbed in its own shapes.
+
+A customer whose balance falls below their threshold gets one top-up from the saved card: queued by
+the debit that crosses, paid by the buyer (never a web request) with one Idempotency-Key however
+often it is tried, credited by the webhook alone, once, whatever the order.
+"""
+
+import re
+import threading
+from datetime import timedelta
+
+import pytest
+import responses
+from sqlalchemy import event, select
+
+from app import audit, autotopup, card_payments, metering, services
+from app.extensions import db
+from app.models import LedgerEntry, LedgerKind, Membership, Payment, PaymentKind, PaymentStatus, Team, TeamRole, User
+from tests import factories
+from tests.stripe_helpers import FakeStripe, charge, checkout_session, deliver, dispute, payment_intent
+from tests.stripe_helpers import event as stripe_event
+
+OWNER = "owner@example.com"
+
+
+@pytest.fixture
+def stripe_api():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield FakeStripe(mock)
+
+
+def owner(app, web, credits: int = 0) -> int:
+    """A signed-in owner on the billing page (its form's token at hand); their team's id."""
+    team_id = factories.signed_up(app, web, OWNER, credits=credits)
+    web.get("/billing")
+    return team_id
+
+
+def with_card(app, team_id: int) -> None:
+    with app.app_context():
+        team = db.session.get(Team, team_id)
+        team.stripe_customer_id = FakeStripe.CUSTOMER
+        team.card_payment_method = "pm_test_1"
+        team.card_brand, team.card_last4, team.card_expires = "visa", "4242", "12/2030"
+        db.session.commit()
+
+
+def turned_on(app, web, credits: int, below: int = 5_000, monthly_limit: int = 5) -> int:
+    """A signed-in owner whose team has `credits`, a saved card and automatic top-up on; the team's id."""
+    team_id = owner(app, web, credits)
+    with_card(app, team_id)
+    response = web.post("/billing/automatic", {"below": below, "pack": "starter", "monthly_limit": monthly_limit})
+    assert response.status_code == 302, response.data
+    return team_id
+
+
+def spend(app, team_id: int, characters: int, times: int = 1) -> None:
+    """`times` speech requests of `characters` each, charged and committed (made in the playground)."""
+    with app.app_context():
+        owner_id = db.session.scalar(select(Membership.user_id).where(Membership.team_id == team_id))
+        for _ in range(times):
+            factories.charge_speech(team_id, characters, made_by_id=owner_id, key_id=None)
+            db.session.commit()
+
+
+def automatic(app, team_id: int) -> list[Payment]:
+    with app.app_context():
+        rows = db.session.scalars(
+            select(Payment)
+            .where(Payment.team_id == team_id, Payment.kind == PaymentKind.AUTOMATIC)
+            .order_by(Payment.id)
+        ).all()
+        db.session.expunge_all()
+        return rows
+
+
+def team_row(app, team_id: int) -> Team:
+    with app.app_context():
+        team = db.session.get(Team, team_id)
+        db.session.expunge(team)
+        return team
+
+
+def buy(app) -> dict:
+    with app.app_context():
+        return dict(card_payments.buy_due(services.stripe_client()))
+
+
+def succeeded(client, payment: Payment, intent_id: str = "pi_auto_1", event_id: str | None = None):
+    return deliver(
+        client,
+        stripe_event(
+            "payment_intent.succeeded", payment_intent(payment.idempotency_key, payment.team_id, intent_id), event_id
+        ),
+    )
+
+
+# 1. A saved card.
+
+
+def test_saving_a_card_opens_checkout_in_setup_mode_and_its_webhook_keeps_the_card(app, web, client, stripe_api):
+    team_id = owner(app, web)
+    response = web.post("/billing/card")
+    assert response.status_code == 303
+    assert response.headers["Location"].endswith("/c/pay/cs_test_setup_1")
+    ((customer, _),) = stripe_api.called("POST", "/v1/customers")
+    assert customer == {"name": "Personal", "email": OWNER, "metadata[team_id]": str(team_id)}
+    ((session, _),) = stripe_api.called("POST", "/v1/checkout/sessions")
+    assert session["mode"] == "setup"
+    assert session["customer"] == FakeStripe.CUSTOMER
+    assert session["currency"] == "usd"
+    assert session["client_reference_id"] == str(team_id)
+    assert session["success_url"].endswith("/billing?card=saved")
+    assert team_row(app, team_id).card_payment_method is None  # nothing is saved before Stripe says so
+
+    completed = checkout_session(
+        team_id,
+        session_id="cs_test_setup_1",
+        payment_status="no_payment_required",
+        payment_intent=None,
+        mode="setup",
+        amount_total=None,
+        customer=FakeStripe.CUSTOMER,
+        setup_intent="seti_test_1",
+    )
+    assert deliver(client, stripe_event("checkout.session.completed", completed)).status_code == 200
+    team = team_row(app, team_id)
+    assert (team.card_payment_method, team.card_brand, team.card_last4, team.card_expires) == (
+        "pm_test_1",
+        "visa",
+        "4242",
+        "12/2030",
+    )
+    ((made_default, _),) = stripe_api.called("POST", f"/v1/customers/{FakeStripe.CUSTOMER}")
+    assert made_default == {"invoice_settings[default_payment_method]": "pm_test_1"}
+    page = web.get("/billing").get_data(as_text=True)
+    assert "Visa ending in <strong>4242</strong>, expires 12/2030" in page
+    assert "pm_test_1" not in page
+
+
+def test_a_setup_session_of_another_customer_saves_nothing(app, web, client, stripe_api):
+    team_id = owner(app, web)
+    with_card(app, team_id)
+    other = checkout_session(
+        team_id + 1,
+        session_id="cs_x",
+        payment_status="no_payment_required",
+        payment_intent=None,
+        mode="setup",
+        amount_total=None,
+        customer=FakeStripe.CUSTOMER,
+        setup_intent="seti_9",
+    )
+    deliver(client, stripe_event("checkout.session.completed", other))
+    assert stripe_api.called("GET", "/v1/setup_intents") == []
+
+
+def test_a_card_made_default_in_the_portal_becomes_the_teams_and_a_removed_card_pauses(app, web, client, stripe_api):
+    team_id = turned_on(app, web, credits=20_000)
+    updated = {
+        "id": FakeStripe.CUSTOMER,
+        "object": "customer",
+        "invoice_settings": {"default_payment_method": "pm_new"},
+    }
+    assert deliver(client, stripe_event("customer.updated", updated)).status_code == 200
+    team = team_row(app, team_id)
+    assert (team.card_payment_method, team.card_brand, team.card_last4) == ("pm_new", "mastercard", "4444")
+
+    detached = {"id": "pm_new", "object": "payment_method", "type": "card", "customer": None}
+    assert deliver(client, stripe_event("payment_method.detached", detached)).status_code == 200
+    team = team_row(app, team_id)
+    assert team.card_payment_method is None and team.card_last4 is None
+    assert team.auto_topup_paused == "The saved card was removed."
+    (notice,) = factories.mails(app, OWNER, "auto_topup_paused")
+    assert "The saved card was removed." in notice.body
+    assert re.search(r"again: \S*/billing#card\n", notice.body)
+    # Below the threshold now: nothing is queued while paused.
+    spend(app, team_id, 16_000)
+    assert automatic(app, team_id) == []
+
+
+# 2. Automatic top-up: settings.
+
+
+@pytest.mark.parametrize(
+    "form, message",
+    [
+        ({"below": 0, "pack": "starter", "monthly_limit": 5}, "at least 1"),
+        ({"below": "lots", "pack": "starter", "monthly_limit": 5}, "at least 1"),
+        ({"below": 5000, "pack": "gold", "monthly_limit": 5}, "Not a valid choice"),
+        ({"below": 5000, "pack": "starter", "monthly_limit": 0}, "from 1 to 100"),
+        ({"below": 5000, "pack": "starter", "monthly_limit": 101}, "from 1 to 100"),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_beside_their_field_and_change_nothing(app, web, form, message):
+    team_id = owner(app, web, 100)
+    with_card(app, team_id)
+    response = web.post("/billing/automatic", form)
+    assert response.status_code == 400
+    assert message in response.get_data(as_text=True)
+    team = team_row(app, team_id)
+    assert (team.auto_topup_below, team.auto_topup_pack) == (None, None)
+    assert automatic(app, team_id) == []
+
+
+def test_automatic_top_up_needs_a_saved_card(app, web):
+    team_id = owner(app, web, 100)
+    response = web.post("/billing/automatic", {"below": 5000, "pack": "starter", "monthly_limit": 5})
+    assert response.status_code == 302
+    assert "Save a card first" in web.get("/billing").get_data(as_text=True)
+    assert team_row(app, team_id).auto_topup_below is None
+
+
+def test_turning_it_on_below_the_threshold_queues_one_now_and_turning_it_off_calls_it_off(app, web):
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    assert (queued.status, queued.pack, queued.credits, queued.amount_cents) == ("queued", "starter", 10_000, 500)
+    assert "a top-up is on its way" in web.get("/billing").get_data(as_text=True).lower()
+    web.post("/billing/automatic", {"action": "off"})
+    (called_off,) = automatic(app, team_id)
+    assert called_off.status == PaymentStatus.EXPIRED
+    team = team_row(app, team_id)
+    assert team.auto_topup_below is None and not team.auto_topup_pending
+
+
+# 2. Queued by the debit, paid by the buyer, credited by the webhook.
+
+
+def test_the_debit_that_crosses_queues_one_top_up_and_the_buyer_pays_it_with_one_key(app, web, client, stripe_api):
+    team_id = turned_on(app, web, credits=5_010)
+    spend(app, team_id, 5)  # 5,005: above
+    assert automatic(app, team_id) == []
+    spend(app, team_id, 10)  # 4,995: crossed
+    spend(app, team_id, 10, times=3)  # still below, one already pending
+    (queued,) = automatic(app, team_id)
+    assert queued.status == PaymentStatus.QUEUED and team_row(app, team_id).auto_topup_pending
+    assert stripe_api.called("POST", "/v1/payment_intents") == []  # no web request or debit pays
+
+    assert buy(app) == {"sent": 1}
+    ((params, headers),) = stripe_api.called("POST", "/v1/payment_intents")
+    assert headers["Idempotency-Key"] == queued.idempotency_key
+    assert params["amount"] == "500" and params["currency"] == "usd"
+    assert params["customer"] == FakeStripe.CUSTOMER and params["payment_method"] == "pm_test_1"
+    assert params["off_session"] == "true" and params["confirm"] == "true"
+    assert params["metadata[kokoro_pay_auto_topup]"] == queued.idempotency_key
+    assert params["metadata[team_id]"] == str(team_id)
+    (sent,) = automatic(app, team_id)
+    assert (sent.status, sent.payment_intent_id) == (PaymentStatus.PROCESSING, "pi_auto_1")
+    assert factories.balance(app, team_id) == 4_965  # nothing credited before the webhook
+    assert buy(app) == {}  # nothing due: never sent twice
+
+    assert succeeded(client, sent, event_id="evt_auto_1").get_json()["outcome"].startswith("credited 10000")
+    assert succeeded(client, sent, event_id="evt_auto_1").get_json()["outcome"] == "already processed"
+    assert succeeded(client, sent, event_id="evt_auto_again").get_json()["outcome"] == "already credited"
+    assert factories.balance(app, team_id) == 14_965
+    (paid,) = automatic(app, team_id)
+    assert paid.status == PaymentStatus.PAID and not team_row(app, team_id).auto_topup_pending
+    factories.assert_books_balance(app, team_id)
+    (receipt,) = factories.mails(app, OWNER, "receipt")
+    assert "automatic top-up" in receipt.body
+    assert f"/billing/payments/{paid.id}/document" in receipt.body
+    with app.app_context():
+        assert audit.audit().problems == []
+
+
+def test_a_checkout_payment_intent_is_not_an_automatic_top_up(app, web, client, stripe_api):
+    team_id = owner(app, web, 10)
+    checkout_intent = {"id": "pi_checkout", "object": "payment_intent", "metadata": {}, "status": "succeeded"}
+    response = deliver(client, stripe_event("payment_intent.succeeded", checkout_intent))
+    assert response.get_json()["outcome"] == "ignored: not an automatic top-up"
+    forged = payment_intent("kp-auto-topup-nothing", team_id)
+    assert deliver(client, stripe_event("payment_intent.succeeded", forged)).get_json()["outcome"].startswith("ignored")
+    assert factories.balance(app, team_id) == 10
+
+
+class Crash(BaseException):
+    """The process dies: nothing after this point runs, and the transaction never commits."""
+
+
+def test_a_buyer_that_dies_after_stripe_answered_sends_the_same_key_again_and_is_credited_once(
+    app, web, client, stripe_api
+):
+    team_id = turned_on(app, web, credits=100)
+
+    def die_before_commit(session):
+        if any(isinstance(row, Payment) for row in session.dirty) or session.info.get("crash"):
+            raise Crash
+
+    with app.app_context():
+        (queued,) = automatic(app, team_id)
+        payment = card_payments._claim(queued.id)
+        db.session.info["crash"] = True
+        event.listen(db.session(), "before_commit", die_before_commit)
+        with pytest.raises(Crash):
+            card_payments.charge(services.stripe_client(), payment)
+        event.remove(db.session(), "before_commit", die_before_commit)
+        db.session.info.pop("crash", None)
+        db.session.rollback()
+    (unsent,) = automatic(app, team_id)
+    assert unsent.status == PaymentStatus.QUEUED and unsent.payment_intent_id is None
+    assert len(stripe_api.called("POST", "/v1/payment_intents")) == 1
+
+    # The claim lapses; the next round asks again, with the same key, and gets the same intent.
+    with app.app_context():
+        db.session.get(Payment, unsent.id).claimed_until -= card_payments.CLAIM
+        db.session.commit()
+    assert buy(app) == {"sent": 1}
+    first, again = stripe_api.called("POST", "/v1/payment_intents")
+    assert first[1]["Idempotency-Key"] == again[1]["Idempotency-Key"] == unsent.idempotency_key
+    assert len(stripe_api.intents) == 1
+    (sent,) = automatic(app, team_id)
+    assert (sent.status, sent.payment_intent_id) == (PaymentStatus.PROCESSING, "pi_auto_1")
+    succeeded(client, sent)
+    succeeded(client, sent)
+    assert factories.balance(app, team_id) == 10_100
+    factories.assert_books_balance(app, team_id)
+
+
+def test_the_webhook_may_come_before_the_buyer_records_stripes_answer(app, web, client, stripe_api):
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    # Stripe's event overtakes the buyer's commit (or the buyer died): the payment is credited from the event.
+    assert succeeded(client, queued).get_json()["outcome"].startswith("credited 10000")
+    assert buy(app) == {}  # paid already: not sent again
+    assert stripe_api.called("POST", "/v1/payment_intents") == []
+    (paid,) = automatic(app, team_id)
+    assert (paid.status, paid.payment_intent_id) == (PaymentStatus.PAID, "pi_auto_1")
+    assert factories.balance(app, team_id) == 10_100
+
+
+# 3. When it fails.
+
+
+@pytest.mark.parametrize(
+    "outcome, status, said",
+    [
+        ("declined", PaymentStatus.FAILED, "Your card has insufficient funds."),
+        ("authentication_required", PaymentStatus.ACTION_REQUIRED, "requires authentication"),
+        ("no_card", PaymentStatus.FAILED, "The saved card cannot be charged"),
+    ],
+)
+def test_a_card_that_fails_pauses_automatic_top_up_mails_billing_and_is_not_tried_again(
+    app, web, client, stripe_api, outcome, status, said
+):
+    stripe_api.intent_outcome = outcome
+    team_id = turned_on(app, web, credits=100)
+    with app.app_context():
+        team = db.session.get(Team, team_id)
+        billing_person = User(email="books@example.com")
+        db.session.add(billing_person)
+        db.session.flush()
+        db.session.add(Membership(team_id=team.id, user_id=billing_person.id, role=TeamRole.BILLING))
+        db.session.add(User(email="dev@example.com"))
+        db.session.commit()
+    assert buy(app) == {"failed": 1}
+    (failed,) = automatic(app, team_id)
+    assert failed.status == status and said in failed.failure
+    team = team_row(app, team_id)
+    assert team.auto_topup_paused and said in team.auto_topup_paused and not team.auto_topup_pending
+    for person in (OWNER, "books@example.com"):
+        (notice,) = factories.mails(app, person, "auto_topup_paused")
+        assert said in notice.body and "nothing was charged" in notice.body
+        assert re.search(r"\): \S*/billing\n", notice.body) and re.search(r"again: \S*/billing#card\n", notice.body)
+        assert ("confirm this payment yourself" in notice.body) == (status == PaymentStatus.ACTION_REQUIRED)
+    page = web.get("/billing").get_data(as_text=True)
+    assert "Automatic top-up is paused." in page
+    # Stripe's own failure event for the same intent changes nothing more.
+    if outcome != "no_card":
+        failed_event = payment_intent(
+            failed.idempotency_key,
+            team_id,
+            status="requires_payment_method",
+            last_payment_error={"code": "card_declined", "message": "declined"},
+        )
+        assert (
+            deliver(client, stripe_event("payment_intent.payment_failed", failed_event)).get_json()["outcome"]
+            == "already ended"
+        )
+    # Below the threshold, more debits: nothing queued, nothing sent, no more mail.
+    spend(app, team_id, 10, times=3)
+    assert buy(app) == {}
+    assert len(stripe_api.called("POST", "/v1/payment_intents")) == 1
+    assert len(factories.mails(app, OWNER, "auto_topup_paused")) == 1
+    # Turned on again (after, say, paying in Checkout): a new top-up, a new key.
+    stripe_api.intent_outcome = "succeeded"
+    web.post("/billing/automatic", {"below": 5000, "pack": "starter", "monthly_limit": 5})
+    assert buy(app) == {"sent": 1}
+    keys_sent = [headers["Idempotency-Key"] for _, headers in stripe_api.called("POST", "/v1/payment_intents")]
+    assert len(set(keys_sent)) == 2
+
+
+def test_the_failure_event_may_come_first(app, web, client, stripe_api):
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    failed_event = payment_intent(
+        queued.idempotency_key,
+        team_id,
+        status="requires_payment_method",
+        last_payment_error={"code": "card_declined", "message": "Your card was declined."},
+    )
+    outcome = deliver(client, stripe_event("payment_intent.payment_failed", failed_event)).get_json()["outcome"]
+    assert outcome.endswith("failed: Your card was declined.")
+    assert buy(app) == {}
+    assert team_row(app, team_id).auto_topup_paused == "Your card was declined."
+    assert len(factories.mails(app, OWNER, "auto_topup_paused")) == 1
+
+
+def test_stripe_out_of_reach_is_tried_again_with_the_same_key_and_given_up_after_a_day(app, web, client, stripe_api):
+    stripe_api.intent_outcome = "down"
+    team_id = turned_on(app, web, credits=100)
+    assert buy(app) == {"later": 1}
+    (waiting,) = automatic(app, team_id)
+    assert waiting.status == PaymentStatus.QUEUED and waiting.next_attempt_at > waiting.created_at
+    assert buy(app) == {}  # not due yet
+    with app.app_context():
+        db.session.get(Payment, waiting.id).next_attempt_at = waiting.created_at
+        db.session.commit()
+    assert buy(app) == {"later": 1}
+    sent_keys = {headers["Idempotency-Key"] for _, headers in stripe_api.called("POST", "/v1/payment_intents")}
+    assert sent_keys == {waiting.idempotency_key}
+    with app.app_context():
+        row = db.session.get(Payment, waiting.id)
+        row.created_at -= timedelta(hours=24)
+        row.next_attempt_at = row.created_at
+        db.session.commit()
+    assert buy(app) == {"failed": 1}
+    assert team_row(app, team_id).auto_topup_paused.startswith("Stripe could not be reached")
+
+
+# The monthly cap.
+
+
+def test_the_monthly_cap_stops_queueing_until_the_next_month(app, web, client, stripe_api, monkeypatch):
+    team_id = turned_on(app, web, credits=5_100, monthly_limit=2)
+    for round_ in range(2):
+        spend(app, team_id, 10_000 if round_ else 200)
+        (queued,) = [p for p in automatic(app, team_id) if p.status == PaymentStatus.QUEUED]
+        buy(app)
+        succeeded(client, queued, intent_id=f"pi_auto_{round_ + 1}")
+    assert factories.balance(app, team_id) == 5_100 - 200 - 10_000 + 20_000
+    spend(app, team_id, 10_000)  # below again: the third this month is not made
+    assert len(automatic(app, team_id)) == 2
+    team = team_row(app, team_id)
+    start = autotopup.month_start(team.auto_topup_capped_until - timedelta(days=1))
+    assert team.auto_topup_capped_until == autotopup.next_month(start)
+    assert "This month's cap of 2 automatic top-ups is reached" in web.get("/billing").get_data(as_text=True)
+    # The next month: the next debit queues one again.
+    later = team.auto_topup_capped_until + timedelta(seconds=1)
+    for module in (autotopup, metering):
+        monkeypatch.setattr(f"{module.__name__}.utcnow", lambda: later, raising=False)
+    monkeypatch.setattr("app.billing.utcnow", lambda: later)
+    spend(app, team_id, 10)
+    assert [p.status for p in automatic(app, team_id)][-1] == PaymentStatus.QUEUED
+
+
+# Refunds and disputes, the audit.
+
+
+def test_a_refund_or_lost_dispute_of_an_automatic_top_up_is_taken_back_like_checkouts(app, web, client, stripe_api):
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    buy(app)
+    # The refund overtakes the credit: kept, applied with it.
+    deliver(client, stripe_event("charge.refunded", charge("pi_auto_1", amount=500, amount_refunded=250)))
+    succeeded(client, queued)
+    assert factories.balance(app, team_id) == 100 + 10_000 - 5_000
+    deliver(client, stripe_event("charge.dispute.closed", dispute("pi_auto_1", amount=500)))
+    assert factories.balance(app, team_id) == 100
+    (reversed_,) = automatic(app, team_id)
+    assert reversed_.status == PaymentStatus.DISPUTED and reversed_.credits_reversed == 10_000
+    factories.assert_books_balance(app, team_id)
+    with app.app_context():
+        kinds = db.session.scalars(select(LedgerEntry.kind).where(LedgerEntry.team_id == team_id)).all()
+        assert LedgerKind.PAYMENT_REFUND in kinds and LedgerKind.CHARGEBACK in kinds
+        assert audit.audit().problems == []
+
+
+def test_the_audit_sees_an_automatic_top_up_out_of_step_with_its_team(app, web, client, stripe_api):
+    team_id = turned_on(app, web, credits=100)
+    with app.app_context():
+        assert audit.audit().problems == []
+        db.session.get(Team, team_id).auto_topup_pending = False
+        db.session.commit()
+        assert audit.audit().problems == [f"team {team_id}: automatic top-up not pending, but 1 in flight"]
+
+
+# 4. Invoices and receipts; 5. the portal; 6. tax.
+
+
+def test_checkout_makes_an_invoice_for_the_teams_customer_and_its_link_opens_it(app, web, client, stripe_api):
+    team_id = owner(app, web)
+    assert web.post("/billing/checkout", {"pack": "starter"}).status_code == 303
+    ((first, _),) = stripe_api.called("POST", "/v1/checkout/sessions")
+    assert first["invoice_creation[enabled]"] == "true"
+    assert first["customer_email"] == OWNER and first["customer_creation"] == "always"
+    assert "automatic_tax[enabled]" not in first
+    completed = checkout_session(
+        team_id, session_id="cs_test_payment_1", customer="cus_from_checkout", invoice="in_checkout_1"
+    )
+    deliver(client, stripe_event("checkout.session.completed", completed))
+    assert team_row(app, team_id).stripe_customer_id == "cus_from_checkout"
+    with app.app_context():
+        payment = db.session.scalar(select(Payment).where(Payment.team_id == team_id))
+        assert payment.invoice_id == "in_checkout_1"
+        payment_id = payment.id
+    page = web.get("/billing").get_data(as_text=True)
+    assert f'href="/billing/payments/{payment_id}/document">Invoice</a>' in page
+    document = web.get(f"/billing/payments/{payment_id}/document")
+    assert document.status_code == 302 and document.headers["Location"].endswith("/invoices/in_checkout_1")
+    (receipt,) = factories.mails(app, OWNER, "receipt")
+    assert f"/billing/payments/{payment_id}/document" in receipt.body
+    # The next purchase is the team's customer's.
+    web.post("/billing/checkout", {"pack": "starter"})
+    second = stripe_api.called("POST", "/v1/checkout/sessions")[1][0]
+    assert second["customer"] == "cus_from_checkout" and "customer_email" not in second
+
+
+def test_an_automatic_top_up_gets_a_paid_invoice_and_otherwise_its_receipt(app, web, client, stripe_api):
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    buy(app)
+    succeeded(client, queued)
+    receipt = web.get(f"/billing/payments/{queued.id}/document")
+    assert receipt.headers["Location"].endswith("/receipts/pi_auto_1")
+    with app.app_context():
+        assert dict(card_payments.invoice_due(services.stripe_client())) == {"invoiced": 1}
+        assert dict(card_payments.invoice_due(services.stripe_client())) == {}
+    key = queued.idempotency_key
+    steps = [
+        (path, headers["Idempotency-Key"])
+        for method, path, _, headers in stripe_api.calls
+        if path.startswith(("/v1/invoices", "/v1/invoiceitems")) and method == "POST"
+    ]
+    assert steps == [
+        ("/v1/invoices", f"{key}-invoice"),
+        ("/v1/invoiceitems", f"{key}-item"),
+        ("/v1/invoices/in_test_1/finalize", f"{key}-finalize"),
+        ("/v1/invoices/in_test_1/attach_payment", f"{key}-attach"),
+    ]
+    ((attach, _),) = stripe_api.called("POST", "/v1/invoices/in_test_1/attach_payment")
+    assert attach == {"payment_intent": "pi_auto_1"}
+    ((item, _),) = stripe_api.called("POST", "/v1/invoiceitems")
+    assert (item["amount"], item["currency"], item["invoice"]) == ("500", "usd", "in_test_1")
+    invoice = web.get(f"/billing/payments/{queued.id}/document")
+    assert invoice.headers["Location"].endswith("/invoices/in_test_1")
+
+
+def test_a_payment_of_another_team_has_no_document_here(app, web, stripe_api):
+    owner(app, web)
+    other = factories.customer(app)
+    with app.app_context():
+        payment = factories.starter_payment(other.team_id, "cs_other", status="paid", invoice_id="in_other")
+        db.session.commit()
+        payment_id = payment.id
+    assert web.get(f"/billing/payments/{payment_id}/document").status_code == 404
+    assert stripe_api.calls == []
+
+
+def test_the_billing_portal_opens_for_the_teams_customer_and_comes_back_to_billing(app, web, stripe_api):
+    team_id = owner(app, web)
+    response = web.post("/billing/portal")
+    assert response.status_code == 303 and response.headers["Location"] == FakeStripe.PORTAL
+    ((params, _),) = stripe_api.called("POST", "/v1/billing_portal/sessions")
+    assert params == {"customer": FakeStripe.CUSTOMER, "return_url": "http://localhost/billing"}
+    assert team_row(app, team_id).stripe_customer_id == FakeStripe.CUSTOMER
+    web.post("/billing/portal")
+    assert len(stripe_api.called("POST", "/v1/customers")) == 1  # one customer per team
+
+
+def test_the_portal_comes_back_to_the_public_address(make_app, stripe_api):
+    app = make_app(PUBLIC_BASE_URL="https://tts.example.com")
+    web = factories.WebClient(app.test_client())
+    owner(app, web)
+    web.post("/billing/portal")
+    ((params, _),) = stripe_api.called("POST", "/v1/billing_portal/sessions")
+    assert params["return_url"] == "https://tts.example.com/billing"
+
+
+def test_with_automatic_tax_checkout_collects_the_address_and_the_credits_stay_the_packs(make_app, stripe_api):
+    app = make_app(STRIPE_AUTOMATIC_TAX=True)
+    web, client = factories.WebClient(app.test_client()), app.test_client()
+    team_id = owner(app, web)
+    web.post("/billing/checkout", {"pack": "starter"})
+    ((params, _),) = stripe_api.called("POST", "/v1/checkout/sessions")
+    assert params["automatic_tax[enabled]"] == "true"
+    assert params["billing_address_collection"] == "required"
+    assert params["line_items[0][price_data][tax_behavior]"] == "exclusive"
+    taxed = checkout_session(team_id, session_id="cs_test_payment_1", amount_total=595)
+    deliver(client, stripe_event("checkout.session.completed", taxed))
+    assert factories.balance(app, team_id) == 10_000
+
+
+# 7. The admin console.
+
+
+def test_the_admin_console_shows_the_card_the_settings_and_the_attempts(app, web, runner, stripe_api):
+    team_id = turned_on(app, web, credits=100)
+    buy(app)
+    runner.invoke(args=["users", "create", "boss@example.com", "--password", "correct horse battery"])
+    runner.invoke(args=["users", "admin", "boss@example.com", "--on"])
+    operator = factories.WebClient(app.test_client())
+    operator.login("boss@example.com")
+    page = operator.get(f"/admin/teams/{team_id}").get_data(as_text=True)
+    assert "Visa ending in 4242, expires 12/2030" in page
+    assert "below 5,000 credits, buy starter, at most 5 a month · one in flight" in page
+    assert "automatic" in page and "processing" in page and "pi_auto_1" in page
+    assert "pm_test_1" not in page
+
+
+# On PostgreSQL: many debits at once.
+
+
+def test_fifty_concurrent_debits_crossing_the_threshold_make_exactly_one_payment_intent(
+    postgres_only, app, web, client, stripe_api
+):
+    team_id = turned_on(app, web, credits=5_500)
+    with app.app_context():
+        owner_id = db.session.scalar(select(Membership.user_id).where(Membership.team_id == team_id))
+    person = factories.Customer(user_id=owner_id, email=OWNER, secret="", key_id=None, team_id=team_id)
+    assert factories.race_charges(app, person, 50, 20) == {"charged": 50}
+    assert factories.balance(app, team_id) == 4_500
+    (queued,) = automatic(app, team_id)
+    assert queued.status == PaymentStatus.QUEUED
+    assert buy(app) == {"sent": 1}
+    assert len(stripe_api.called("POST", "/v1/payment_intents")) == 1
+    succeeded(client, automatic(app, team_id)[0])
+    assert factories.balance(app, team_id) == 14_500
+    factories.assert_books_balance(app, team_id)
+
+
+def test_flask_topups_buy_once_pays_what_is_due(app, web, client, runner, stripe_api):
+    team_id = turned_on(app, web, credits=100)
+    result = runner.invoke(args=["topups", "buy", "--once"])
+    assert result.exit_code == 0 and result.output.splitlines()[-1] == "sent 1, failed 0, to retry 0; invoiced 0"
+    succeeded(client, automatic(app, team_id)[0])
+    result = runner.invoke(args=["topups", "buy", "--once"])
+    assert result.output.splitlines()[-1] == "sent 0, failed 0, to retry 0; invoiced 1"
+
+
+def test_the_buyer_thread_wakes_when_a_debit_queues_a_top_up(make_app, stripe_api):
+    app = make_app(TOPUP_WORKER=True, TOPUP_POLL_SECONDS=3600)
+    web = factories.WebClient(app.test_client())
+    team_id = turned_on(app, web, credits=5_010)
+    buyer = app.extensions["buyer"]
+    try:
+        spend(app, team_id, 20)  # the commit wakes the thread at once, not in an hour
+        for _ in range(200):
+            if automatic(app, team_id)[0].status == PaymentStatus.PROCESSING:
+                break
+            threading.Event().wait(0.05)
+        assert automatic(app, team_id)[0].status == PaymentStatus.PROCESSING
+    finally:
+        buyer.stop()
