@@ -130,6 +130,21 @@ class BuyForm(FlaskForm):
     pack = HiddenField(validators=[DataRequired()])
 
 
+class AutoTopupForm(FlaskForm):
+    """Automatic top-up's settings; the pack's choices are the packs on sale (set by the view)."""
+
+    below = IntegerField(
+        "Threshold (credits)",
+        validators=[NumberRange(min=1, max=10**12, message="Enter a whole number of credits, at least 1.")],
+    )
+    pack = SelectField("Pack to buy", choices=[])
+    monthly_limit = IntegerField(
+        "Most top-ups a month",
+        validators=[NumberRange(min=1, max=100, message="Enter a number from 1 to 100.")],
+        default=5,
+    )
+
+
 class ForgotForm(FlaskForm):
     email = email_field("Email")
 

@@ -34,7 +34,8 @@ class Permission(StrEnum):
     MANAGE_KEYS = "manage keys"
     # Every member's usage and its CSV.
     SEE_USAGE = "see usage"
-    # Buy credits, the payments, the ledger and its CSV, the low-balance alert.
+    # Buy credits, the saved card, automatic top-up, Stripe's billing portal, the payments and their invoices,
+    # the ledger and its CSV, the low-balance alert.
     BILLING = "billing"
     # Invite people, resend and cancel invitations, change roles and remove members (owners aside).
     MANAGE_MEMBERS = "manage members"

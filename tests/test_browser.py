@@ -683,3 +683,57 @@ def test_a_customer_limits_a_key_and_rolls_its_secret(app, site, browser, width,
     expect(page.locator("#keys")).to_contain_text("0 of 300")
     check_page(page, "keys-limited", width, database_uri)
     page.context.close()
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_billing_with_a_saved_card_automatic_top_up_and_a_failed_one(browser, furnished, width, database_uri):
+    """The billing page in each state automatic top-up can be in, at both widths, checked as every page is;
+    and it is turned on in the browser."""
+    from app.extensions import db
+    from app.models import Payment, PaymentKind, PaymentStatus
+
+    app, site, email = furnished
+    team_id = _team_id(app, email)
+    context = browser.new_context(viewport=WIDTHS[width], has_touch=True, is_mobile=width == "phone")
+    page = context.new_page()
+    sign_in(page, site, email)
+    page.goto(f"{site}/billing")
+    expect(page.locator("#card")).to_contain_text("No card is saved")
+    expect(page.locator("#automatic button[value=on]")).to_be_disabled()
+    check_page(page, "billing-no-card", width, database_uri)
+    with app.app_context():
+        team = db.session.get(factories.Team, team_id)
+        team.stripe_customer_id, team.card_payment_method = "cus_browser", "pm_browser"
+        team.card_brand, team.card_last4, team.card_expires = "visa", "4242", "12/2030"
+        db.session.commit()
+    page.goto(f"{site}/billing")
+    page.fill("#below", "1000")
+    page.select_option("#pack", "starter")
+    page.fill("#monthly_limit", "3")
+    page.click("#automatic button[value=on]")
+    expect(page.locator(".flash")).to_contain_text("Automatic top-up is on")
+    expect(page.locator("#automatic")).to_contain_text("below 1,000 credits, buy the starter pack")
+    check_page(page, "billing-automatic-on", width, database_uri)
+    with app.app_context():
+        team = db.session.get(factories.Team, team_id)
+        team.auto_topup_paused = "Your card has insufficient funds."
+        db.session.add(
+            Payment(
+                team_id=team_id,
+                bought_by_id=team.auto_topup_by_id,
+                kind=PaymentKind.AUTOMATIC,
+                idempotency_key="kp-auto-topup-browser",
+                pack="starter",
+                credits=10_000,
+                amount_cents=500,
+                currency="usd",
+                status=PaymentStatus.FAILED,
+                failure="Your card has insufficient funds.",
+            )
+        )
+        db.session.commit()
+    page.goto(f"{site}/billing")
+    expect(page.locator("#automatic")).to_contain_text("Automatic top-up is paused.")
+    expect(page.locator("#payment-kp-auto-topup-browser")).to_contain_text("insufficient funds")
+    check_page(page, "billing-automatic-paused", width, database_uri)
+    context.close()

@@ -21,7 +21,7 @@ from app import billing, keys, teams
 from app.extensions import db
 from app.models import ApiKey, Invitation, LedgerEntry, Membership, OutboxMail, Payment, Team, TeamRole, User, utcnow
 from tests import factories
-from tests.stripe_helpers import stub_checkout
+from tests.stripe_helpers import FakeStripe, stub_checkout
 
 ROLES = [TeamRole.OWNER, TeamRole.ADMIN, TeamRole.DEVELOPER, TeamRole.BILLING]
 EVERYONE = set(ROLES)
@@ -70,6 +70,7 @@ class Team_:
     invitation: int = 0
     owner_invitation: int = 0
     session_id: str = ""
+    payment: int = 0
     n: int = 0
 
 
@@ -128,6 +129,24 @@ def bought(app, team, response):
     assert response.status_code == 303
     payment = one(app, select(Payment).where(Payment.team_id == team.id, Payment.bought_by_id == team.actor))
     assert payment is not None
+
+
+def card_setup_started(app, team, response):
+    assert response.status_code == 303
+    assert one(app, select(Team.stripe_customer_id).where(Team.id == team.id)) == FakeStripe.CUSTOMER
+
+
+def automatic_on(app, team, response):
+    assert response.status_code == 302
+    row = one(app, select(Team).where(Team.id == team.id))
+    assert (row.auto_topup_below, row.auto_topup_by_id) == (5000, team.actor)
+
+
+def went_to(url: str):
+    def check(app, team, response):
+        assert response.status_code in (302, 303) and response.headers["Location"].endswith(url)
+
+    return check
 
 
 def invited(app, team, response):
@@ -285,6 +304,32 @@ CASES = [
         "dashboard.checkout",
         data=lambda t: {"pack": "starter"},
         works=bought,
+    ),
+    Case("save a card", "POST", lambda t: "/billing/card", BILLING, "dashboard.save_card", works=card_setup_started),
+    Case(
+        "turn on automatic top-up",
+        "POST",
+        lambda t: "/billing/automatic",
+        BILLING,
+        "dashboard.automatic_topup",
+        data=lambda t: {"below": 5000, "pack": "starter", "monthly_limit": 3},
+        works=automatic_on,
+    ),
+    Case(
+        "open the billing portal",
+        "POST",
+        lambda t: "/billing/portal",
+        BILLING,
+        "dashboard.billing_portal",
+        works=went_to(FakeStripe.PORTAL),
+    ),
+    Case(
+        "a payment's invoice",
+        "GET",
+        lambda t: f"/billing/payments/{t.payment}/document",
+        BILLING,
+        "dashboard.payment_document",
+        works=went_to("/invoices/in_team"),
     ),
     Case(
         "a payment's page",
@@ -470,8 +515,10 @@ def make_team(app, actor: User, role: TeamRole, n: int) -> Team_:
         )
         db.session.add(to_be_owner)
         case.session_id = f"cs_team_{n}"
-        factories.starter_payment(team.id, case.session_id, status="paid")
+        payment = factories.starter_payment(team.id, case.session_id, status="paid", invoice_id="in_team")
+        team.card_payment_method, team.card_brand, team.card_last4 = "pm_test_1", "visa", "4242"
         db.session.commit()
+        case.payment = payment.id
         case.invitation = invitation.id
         case.owner_invitation = to_be_owner.id
         return case
@@ -499,7 +546,8 @@ def snapshot(app, team: Team_) -> tuple:
     with app.app_context():
         row = db.session.get(Team, team.id)
         return (
-            (row.name, row.balance, row.low_balance_credits, row.closed_at),
+            (row.name, row.balance, row.low_balance_credits, row.closed_at, row.stripe_customer_id),
+            (row.card_payment_method, row.auto_topup_below, row.auto_topup_pack, row.auto_topup_monthly_limit),
             sorted(
                 db.session.execute(select(Membership.user_id, Membership.role).where(Membership.team_id == team.id))
             ),
@@ -536,6 +584,7 @@ def test_every_route_for_every_role(app, web, role):
     outcomes = []
     with responses.RequestsMock(assert_all_requests_are_fired=False) as stripe_api:
         stub_checkout(stripe_api, "cs_bought")
+        FakeStripe(stripe_api)
         for n, case in enumerate(CASES):
             team = make_team(app, actor, role, n)
             web.get("/account")
