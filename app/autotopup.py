@@ -105,7 +105,8 @@ def turn_on(team: Team, person: User, settings: Settings) -> Payment | None:
 
 
 def turn_off(team: Team) -> None:
-    """Stop queueing; a top-up queued and not yet taken by the buyer is called off (one being sent ends as it will)."""
+    """Stop queueing; a top-up queued and not being sent right now is called off (one being sent ends as it
+    will; should an earlier try have reached Stripe after all, its payment_intent.succeeded still credits it)."""
     db.session.refresh(team, with_for_update=True)
     team.auto_topup_below = None
     team.auto_topup_paused = None
@@ -118,7 +119,6 @@ def turn_off(team: Team) -> None:
             Payment.team_id == team.id,
             Payment.kind == PaymentKind.AUTOMATIC,
             Payment.status == PaymentStatus.QUEUED,
-            Payment.attempts == 0,
             (Payment.claimed_until.is_(None)) | (Payment.claimed_until < now),
         )
         .values(status=PaymentStatus.EXPIRED, failure="Called off: automatic top-up was turned off before it was sent.")
@@ -151,7 +151,8 @@ def queue(team_id: int) -> Payment | None:
 
     The caller holds the team's row lock (the debit's UPDATE, or turn_on) and saw nothing pending.
     """
-    team = db.session.get(Team, team_id)
+    db.session.flush()
+    team = db.session.get(Team, team_id, populate_existing=True)
     now = utcnow()
     pack = pack_named(team.auto_topup_pack)
     if pack is None:

@@ -1,8 +1,9 @@
 """A team at Stripe: its Customer, the card it saved for automatic top-ups, the billing portal, its documents.
 
 - **One Stripe Customer per team** (`teams.stripe_customer_id`), made the first time it is needed
-  (saving a card, the portal) under the team's row lock, or taken from the Customer Checkout made
-  for the team's first top-up. Checkout top-ups, their invoices, the saved card and the portal all
+  (saving a card, the portal), or taken from the Customer Checkout made for the team's first
+  top-up. No team row is locked while Stripe is asked anything, so a team's requests never wait
+  on Stripe. Checkout top-ups, their invoices, the saved card and the portal all
   belong to it.
 - **Saving a card**: a Checkout Session in `setup` mode. Its checkout.session.completed event makes
   the card the team's (`save_from_setup`: the SetupIntent's PaymentMethod, kept by id; the pages
@@ -17,7 +18,7 @@
 import logging
 
 import stripe
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from app import autotopup, billing
 from app.extensions import db
@@ -27,14 +28,26 @@ log = logging.getLogger(__name__)
 
 
 def customer_of(client: stripe.StripeClient, team: Team, person: User) -> str:
-    """The team's Stripe Customer, made now if it has none (the team's row locked meanwhile)."""
-    db.session.refresh(team, with_for_update=True)
+    """The team's Stripe Customer, made now if it has none.
+
+    No lock is held while Stripe is asked (a debit waits for none of it): two people asking at
+    once send the same Idempotency-Key, made with the team, and get the same Customer back;
+    the first to write it keeps it. It is committed at once, before the caller asks Stripe for
+    more: the Customer exists at Stripe whatever comes next, and the row's lock is let go.
+    """
     if team.stripe_customer_id is None:
         customer = client.v1.customers.create(
             params={"name": team.name, "email": person.email, "metadata": {"team_id": str(team.id)}},
             options={"idempotency_key": f"kp-team-{team.id}-customer-{team.created_at.timestamp():.6f}"},
         )
-        team.stripe_customer_id = customer.id
+        db.session.execute(
+            update(Team)
+            .where(Team.id == team.id, Team.stripe_customer_id.is_(None))
+            .values(stripe_customer_id=customer.id)
+            .execution_options(synchronize_session=False)
+        )
+        db.session.commit()
+        db.session.refresh(team)
     return team.stripe_customer_id
 
 
@@ -61,10 +74,12 @@ def start_card_setup(
 def _team_of_customer(customer_id: str | None) -> Team | None:
     if not customer_id:
         return None
-    return db.session.scalar(select(Team).where(Team.stripe_customer_id == customer_id).with_for_update())
+    return db.session.scalar(select(Team).where(Team.stripe_customer_id == customer_id))
 
 
 def _keep(team: Team, method) -> None:
+    """Make `method` the team's card: its row locked only now, after every question to Stripe."""
+    db.session.refresh(team, with_for_update=True)
     card = method.card
     team.card_payment_method = method.id
     team.card_brand = str(card.brand)[:32]
@@ -77,6 +92,8 @@ def _keep(team: Team, method) -> None:
 
 def save_from_setup(client: stripe.StripeClient, session_obj) -> str:
     """checkout.session.completed in setup mode: the card it saved becomes the team's and the Customer's default."""
+    if client is None:
+        return "not applied: STRIPE_SECRET_KEY is not set, so the card cannot be looked up"
     team = _team_of_customer(getattr(session_obj, "customer", None))
     if team is None or str(team.id) != str(session_obj.client_reference_id):
         return "setup session of no team of ours"
@@ -87,10 +104,10 @@ def save_from_setup(client: stripe.StripeClient, session_obj) -> str:
     method = intent.payment_method
     if intent.status != "succeeded" or method is None or method.type != "card":
         return f"setup intent {intent.id} saved no card ({intent.status})"
-    _keep(team, method)
     client.v1.customers.update(
         team.stripe_customer_id, params={"invoice_settings": {"default_payment_method": method.id}}
     )
+    _keep(team, method)
     return f"card {team.card_brand} {team.card_last4} saved for team {team.id}"
 
 
@@ -99,6 +116,8 @@ def default_changed(client: stripe.StripeClient, customer_obj) -> str:
     team = _team_of_customer(customer_obj.id)
     if team is None:
         return "customer of no team of ours"
+    if client is None:
+        return "not applied: STRIPE_SECRET_KEY is not set, so the card cannot be looked up"
     settings = getattr(customer_obj, "invoice_settings", None) or {}
     method_id = getattr(settings, "default_payment_method", None)
     if not method_id or method_id == team.card_payment_method:
@@ -112,9 +131,12 @@ def default_changed(client: stripe.StripeClient, customer_obj) -> str:
 
 def removed(method_obj) -> str:
     """payment_method.detached: the team's saved card was removed; automatic top-up stops until another is saved."""
-    team = db.session.scalar(select(Team).where(Team.card_payment_method == method_obj.id).with_for_update())
+    team = db.session.scalar(select(Team).where(Team.card_payment_method == method_obj.id))
     if team is None:
         return "not a saved card"
+    db.session.refresh(team, with_for_update=True)
+    if team.card_payment_method != method_obj.id:
+        return "not the saved card any more"
     team.card_payment_method = team.card_brand = team.card_last4 = team.card_expires = None
     if team.auto_topup_below is None or team.auto_topup_paused is not None:
         return f"card of team {team.id} removed"

@@ -109,11 +109,13 @@ class FakeStripe:
     CARD = {"brand": "visa", "last4": "4242", "exp_month": 12, "exp_year": 2030}
     PORTAL = "http://127.0.0.1:12113/p/session/bps_test_1"
 
-    def __init__(self, mock, intent_outcome: str = "succeeded"):
+    def __init__(self, mock=None, intent_outcome: str = "succeeded"):
         self.calls: list[tuple[str, str, dict, dict]] = []
         self.intents: dict[str, tuple[int, dict]] = {}
         self.intent_outcome = intent_outcome
         self.sessions = 0
+        # Called with each request's path while Stripe "thinks": a test's look at our side meanwhile.
+        self.meanwhile = None
         api = re.escape(STRIPE_API)
         routes = [
             ("POST", r"/v1/customers", self._customer),
@@ -130,13 +132,27 @@ class FakeStripe:
             ("GET", r"/v1/invoices/[\w]+", self._invoice),
             ("POST", r"/v1/billing_portal/sessions", self._portal),
         ]
-        for method, path, handler in routes:
+        self.routes = [(method, re.compile(path + "$"), self._recorded(handler)) for method, path, handler in routes]
+        for method, path, handler in routes if mock is not None else ():
             mock.add_callback(
                 method,
                 re.compile(api + path + r"(\?.*)?$"),
                 callback=self._recorded(handler),
                 content_type="application/json",
             )
+
+    def __call__(self, environ, start_response):
+        """The same API as a WSGI app, for a process of its own to call over real HTTP (tests.servers.serve)."""
+        from werkzeug.wrappers import Request
+
+        request = Request(environ)
+        for method, path, callback in self.routes:
+            if request.method == method and path.match(request.path):
+                status, headers, body = callback(_Sent(request))
+                start_response(f"{status} ANSWER", [("Content-Type", "application/json"), *headers.items()])
+                return [body.encode()]
+        start_response("404 NOT FOUND", [("Content-Type", "application/json")])
+        return [b'{"error": {"type": "invalid_request_error", "message": "Unrecognized request URL"}}']
 
     def _recorded(self, handler):
         def callback(request):
@@ -145,6 +161,8 @@ class FakeStripe:
             body = body.decode() if isinstance(body, bytes) else body
             params = {key: values[0] for key, values in parse_qs(body or url.query).items()}
             self.calls.append((request.method, url.path, params, dict(request.headers)))
+            if self.meanwhile is not None:
+                self.meanwhile(url.path)
             status, answer = handler(url.path, params, request.headers)
             return status, {"Request-Id": f"req_{len(self.calls)}"}, json.dumps(answer)
 
@@ -240,6 +258,16 @@ class FakeStripe:
 
     def _portal(self, path, params, headers):
         return 200, {"id": "bps_test_1", "object": "billing_portal.session", "url": self.PORTAL}
+
+
+class _Sent:
+    """A request to the WSGI stand-in, shaped as `responses` hands one to a callback."""
+
+    def __init__(self, request):
+        self.method = request.method
+        self.url = request.url
+        self.body = request.get_data(as_text=True)
+        self.headers = request.headers
 
 
 def payment_intent(key: str, team_id: int, intent_id: str = "pi_auto_1", **extra) -> dict:

@@ -5,18 +5,25 @@ the debit that crosses, paid by the buyer (never a web request) with one Idempot
 often it is tried, credited by the webhook alone, once, whatever the order.
 """
 
+import os
 import re
+import sqlite3
+import subprocess
 import threading
 from datetime import timedelta
 
+import psycopg
 import pytest
 import responses
-from sqlalchemy import event, select
+from flask_migrate import downgrade, upgrade
+from sqlalchemy import event, select, text
 
 from app import audit, autotopup, card_payments, metering, services
 from app.extensions import db
 from app.models import LedgerEntry, LedgerKind, Membership, Payment, PaymentKind, PaymentStatus, Team, TeamRole, User
 from tests import factories
+from tests.conftest import STUB_UPSTREAM, app_config
+from tests.servers import ROOT, serve, wait_for
 from tests.stripe_helpers import FakeStripe, charge, checkout_session, deliver, dispute, payment_intent
 from tests.stripe_helpers import event as stripe_event
 
@@ -651,3 +658,148 @@ def test_the_buyer_thread_wakes_when_a_debit_queues_a_top_up(make_app, stripe_ap
         assert automatic(app, team_id)[0].status == PaymentStatus.PROCESSING
     finally:
         buyer.stop()
+
+
+def test_no_team_row_is_locked_while_stripe_is_asked(postgres_only, app, web, client, stripe_api):
+    """A team's requests never wait on Stripe: while any Stripe call of the dashboard, the webhook or the
+    buyer is under way, the team's row can be locked at once (as a debit locks it)."""
+    import sqlalchemy
+
+    team_id = owner(app, web, credits=100)
+    engine = sqlalchemy.create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    asked = []
+
+    def lock_the_team(path):
+        with engine.connect() as other:
+            other.execute(sqlalchemy.text("SET lock_timeout = '200ms'"))
+            other.execute(sqlalchemy.text("SELECT id FROM teams WHERE id = :id FOR UPDATE"), {"id": team_id})
+            other.rollback()
+        asked.append(path)
+
+    stripe_api.meanwhile = lock_the_team
+    web.post("/billing/card")
+    completed = checkout_session(
+        team_id,
+        session_id="cs_test_setup_1",
+        payment_status="no_payment_required",
+        payment_intent=None,
+        mode="setup",
+        amount_total=None,
+        customer=FakeStripe.CUSTOMER,
+        setup_intent="seti_test_1",
+    )
+    assert deliver(client, stripe_event("checkout.session.completed", completed)).status_code == 200
+    updated = {"id": FakeStripe.CUSTOMER, "object": "customer", "invoice_settings": {"default_payment_method": "pm_2"}}
+    assert deliver(client, stripe_event("customer.updated", updated)).status_code == 200
+    web.post("/billing/automatic", {"below": 5000, "pack": "starter", "monthly_limit": 5})
+    buy(app)
+    web.post("/billing/portal")
+    web.get(f"/billing/payments/{automatic(app, team_id)[0].id}/document")
+    engine.dispose()
+    assert asked == [
+        "/v1/customers",
+        "/v1/checkout/sessions",
+        "/v1/setup_intents/seti_test_1",
+        f"/v1/customers/{FakeStripe.CUSTOMER}",
+        "/v1/payment_methods/pm_2",
+        "/v1/payment_intents",
+        "/v1/billing_portal/sessions",
+        "/v1/payment_intents/pi_auto_1",
+    ]
+
+
+def test_the_billing_page_lists_every_payment_a_page_at_a_time(app, web):
+    team_id = owner(app, web)
+    with app.app_context():
+        for n in range(25):
+            factories.starter_payment(team_id, f"cs_listed_{n:02d}", status="paid")
+        db.session.commit()
+    first = web.get("/billing").get_data(as_text=True)
+    second = web.get("/billing?page=2").get_data(as_text=True)
+    listed = re.findall(r'id="payment-(cs_listed_\d+)"', first) + re.findall(r'id="payment-(cs_listed_\d+)"', second)
+    assert listed == [f"cs_listed_{n:02d}" for n in reversed(range(25))]
+    assert 'href="/billing?page=2"' in first
+
+
+def test_a_buyer_process_killed_after_stripe_answered_is_retried_with_the_same_key_and_credited_once(app, web, client):
+    """`flask topups buy` in a process of its own, against a Stripe stand-in over real HTTP: killed (-9) once
+    Stripe has answered and before its commit (the test holds the database until the kill), then run again."""
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    uri = app.config["SQLALCHEMY_DATABASE_URI"]
+    held = []
+
+    def hold_the_database(path):
+        if path != "/v1/payment_intents" or held:
+            return
+        if uri.startswith("sqlite"):
+            connection = sqlite3.connect(uri.removeprefix("sqlite:///"), isolation_level=None, check_same_thread=False)
+            connection.execute("BEGIN IMMEDIATE")  # the buyer's next write waits for this
+        else:
+            connection = psycopg.connect(uri.replace("postgresql+psycopg://", "postgresql://"))
+            connection.execute("SELECT id FROM payments WHERE id = %s FOR UPDATE", (queued.id,))
+        held.append(connection)
+
+    stand_in = FakeStripe()
+    stand_in.meanwhile = hold_the_database
+    with serve(stand_in) as stripe_url:
+        env = {
+            **{key: value for key, value in os.environ.items() if key not in ("DATABASE_URL", "FLASK_APP")},
+            "FLASK_APP": "wsgi.py",
+            "DATABASE_URL": uri,
+            "SECRET_KEY": "test-secret-key",
+            "UPSTREAM_URL": STUB_UPSTREAM,
+            "STRIPE_SECRET_KEY": "sk_test_kokoro",
+            "STRIPE_API_BASE": stripe_url,
+            "CREDIT_PACKS": app_config("")["CREDIT_PACKS"],
+            "MAIL_WORKER": "false",
+            "TOPUP_WORKER": "false",
+        }
+        flask = [str(ROOT / ".venv" / "bin" / "flask"), "topups", "buy", "--once"]
+        buyer = subprocess.Popen(flask, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wait_for(lambda: held or buyer.poll() is not None, timeout=60, what="the buyer's call to Stripe")
+        assert held, buyer.communicate()[0].decode()
+        buyer.kill()
+        buyer.wait()
+        held[0].rollback() if hasattr(held[0], "rollback") else None
+        held[0].close()
+        (unsent,) = automatic(app, team_id)
+        assert (unsent.status, unsent.payment_intent_id, unsent.attempts) == (PaymentStatus.QUEUED, None, 1)
+
+        with app.app_context():  # the dead buyer's claim lapses
+            db.session.get(Payment, unsent.id).claimed_until -= card_payments.CLAIM
+            db.session.commit()
+        again = subprocess.run(flask, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert again.stdout.splitlines()[-1] == "sent 1, failed 0, to retry 0; invoiced 0", again.stdout + again.stderr
+    first, second = stand_in.called("POST", "/v1/payment_intents")
+    assert first[1]["Idempotency-Key"] == second[1]["Idempotency-Key"] == queued.idempotency_key
+    assert len(stand_in.intents) == 1
+    (sent,) = automatic(app, team_id)
+    assert (sent.status, sent.payment_intent_id) == (PaymentStatus.PROCESSING, "pi_auto_1")
+    succeeded(client, sent)
+    succeeded(client, sent)
+    assert factories.balance(app, team_id) == 10_100
+    factories.assert_books_balance(app, team_id)
+
+
+def test_migration_0013_keeps_checkout_payments_and_goes_back_only_without_cards_or_automatic_top_ups(app, web, caplog):
+    team_id = owner(app, web)
+    with app.app_context():
+        factories.starter_payment(team_id, "cs_before_0013", status="paid")
+        db.session.commit()
+        downgrade(revision="0012")
+        upgrade()
+        kind, key = db.session.execute(
+            text("SELECT kind, idempotency_key FROM payments WHERE checkout_session_id = 'cs_before_0013'")
+        ).one()
+        assert (kind, key) == ("checkout", None)
+        # The team's id sequence survives the table's rebuild on SQLite: a new team is numbered after it.
+        other = factories.customer(app)
+        assert other.team_id > team_id
+    with_card(app, team_id)
+    with app.app_context():
+        with pytest.raises(SystemExit):
+            downgrade(revision="0012")
+        assert "saved cards or automatic top-up settings exist" in caplog.text
+        db.session.rollback()
+        assert db.session.scalar(text("SELECT card_payment_method FROM teams WHERE id = :id"), {"id": team_id})

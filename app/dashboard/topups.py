@@ -14,7 +14,7 @@ from flask import (
 from flask_login import current_user, login_required
 from sqlalchemy import or_, select
 
-from app import autotopup, cards, config, payments, services
+from app import autotopup, cards, config, payments, services, usage
 from app.dashboard import bp, current_team, packs, team_permission, verified_required
 from app.extensions import db
 from app.forms import AutoTopupForm, BuyForm, ConfirmForm
@@ -28,9 +28,11 @@ from app.urls import external_url
 @team_permission(Permission.BILLING)
 def billing_page(automatic_form: AutoTopupForm | None = None):
     team = current_team()
-    recent = db.session.scalars(
-        select(Payment).where(Payment.team_id == team.id).order_by(Payment.id.desc()).limit(20)
-    ).all()
+    payments_page = db.paginate(
+        select(Payment).where(Payment.team_id == team.id).order_by(Payment.id.desc()),
+        page=usage.page_number(request.args),
+        per_page=PAYMENTS_PER_PAGE,
+    )
     if automatic_form is None:
         automatic_form = _automatic_form()
         if team.auto_topup_below is not None:
@@ -46,9 +48,14 @@ def billing_page(automatic_form: AutoTopupForm | None = None):
         now=utcnow(),
         automatic_this_month=autotopup.counted_this_month(team.id, utcnow()),
         in_flight=autotopup.in_flight(team.id),
-        payments=recent,
+        payments=payments_page.items,
+        payments_page=payments_page,
         enabled=services.stripe_client() is not None,
     ), (400 if automatic_form.errors else 200)
+
+
+# Payments a page of the billing page lists, newest first; the pager reaches every one.
+PAYMENTS_PER_PAGE = 20
 
 
 def _automatic_form() -> AutoTopupForm:

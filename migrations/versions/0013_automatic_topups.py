@@ -28,7 +28,8 @@ IN_FLIGHT = "kind = 'automatic' AND status IN ('queued', 'processing')"
 
 
 def upgrade():
-    with op.batch_alter_table('teams', schema=None) as batch_op:
+    # Recreated on SQLite (a foreign key is added): it keeps AUTOINCREMENT, so a team's id is never reused.
+    with op.batch_alter_table('teams', schema=None, table_kwargs={'sqlite_autoincrement': True}) as batch_op:
         batch_op.add_column(sa.Column('card_payment_method', sa.String(length=255), nullable=True))
         batch_op.add_column(sa.Column('card_brand', sa.String(length=32), nullable=True))
         batch_op.add_column(sa.Column('card_last4', sa.String(length=4), nullable=True))
@@ -78,7 +79,8 @@ def downgrade():
                        'kind'):
             batch_op.drop_column(column)
 
-    with op.batch_alter_table('teams', schema=None) as batch_op:
+    # Recreated on SQLite (a foreign key is added): it keeps AUTOINCREMENT, so a team's id is never reused.
+    with op.batch_alter_table('teams', schema=None, table_kwargs={'sqlite_autoincrement': True}) as batch_op:
         batch_op.drop_constraint(batch_op.f('fk_teams_auto_topup_by_id_users'), type_='foreignkey')
         for column in ('auto_topup_capped_until', 'auto_topup_paused_at', 'auto_topup_paused', 'auto_topup_pending',
                        'auto_topup_by_id', 'auto_topup_monthly_limit', 'auto_topup_pack', 'auto_topup_below',
