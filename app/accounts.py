@@ -37,7 +37,7 @@ from itsdangerous import BadSignature, SignatureExpired, TimestampSigner, URLSaf
 from sqlalchemy import delete, func, select, update
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from app import billing, config, mail, services, teams
+from app import autotopup, billing, config, mail, services, teams
 from app.extensions import db, insert, login_manager
 from app.models import ApiKey, Invitation, LedgerEntry, LedgerKind, LoginSession, OutboxMail, TrialClaim, User, utcnow
 from app.urls import external_url
@@ -485,7 +485,16 @@ def delete_account(user: User) -> None:
     db.session.execute(delete(LoginSession).where(LoginSession.user_id == user.id))
     db.session.execute(delete(OutboxMail).where(OutboxMail.user_id == user.id))
     team = teams.personal(user)
+    # Automatic top-up ends with the account; one already being paid would charge the card for credits
+    # the account forfeits, so the account waits for it (a minute or so).
+    autotopup.turn_off(team)
+    if autotopup.in_flight(team.id) is not None:
+        raise teams.TeamError(
+            "An automatic top-up of your personal team is being paid right now: delete the account once it is "
+            "credited, in a minute or so."
+        )
     team.stripe_customer_id = None
+    team.card_payment_method = team.card_brand = team.card_last4 = team.card_expires = None
     team.low_balance_credits = None
     user.email = f"deleted-{user.id}@deleted.invalid"
     user.email_version += 1

@@ -12,7 +12,8 @@ request. For each queued automatic top-up (app/autotopup.py) it:
    app/payments.py, and only there), or a failure. A declined card, one whose bank wants its holder
    (`authentication_required`, SCA) or a card that is gone pauses automatic top-up and mails the
    team's billing people; nothing is retried against it. Stripe out of reach is tried again with a
-   doubling wait, for as long as Stripe keeps the key (a day), then given up as failed.
+   doubling wait, for as long as Stripe keeps the key (a day), then given up as failed; a top-up no
+   buyer took up within a day is called off unsent.
 
 Once credited, an automatic top-up gets its invoice the same way, each step with a key of its own
 (`invoice_due`): an invoice for the pack, finalised, with the payment attached, so it shows paid.
@@ -37,8 +38,8 @@ log = logging.getLogger(__name__)
 CLAIM = timedelta(minutes=2)
 FIRST_RETRY_SECONDS = 30
 LAST_RETRY_SECONDS = 1800
-# Stripe keeps an idempotency key for 24 hours; a payment not sent by then is given up, never sent
-# again under a key Stripe may have forgotten.
+# Stripe keeps an idempotency key for 24 hours from its first use, which is after the queueing: no try
+# is sent later than this after it (charge), so none goes under a key Stripe may have forgotten.
 GIVE_UP_AFTER = timedelta(hours=23)
 # Stripe's decline codes that need the card holder, not another try.
 NEEDS_THE_CUSTOMER = ("authentication_required",)
@@ -96,10 +97,30 @@ def buy_due(client: stripe.StripeClient, limit: int = 50) -> Counter:
 
 
 def charge(client: stripe.StripeClient, payment: Payment) -> str:
-    """Ask Stripe for the claimed payment and record its answer; returns "sent", "failed" or "later"."""
+    """Ask Stripe for the claimed payment and record its answer; returns "sent", "failed" or "later".
+
+    A try is never sent once Stripe may have forgotten the key (GIVE_UP_AFTER from the queueing,
+    which is before any try): one that was never tried is called off (a later debit queues a new
+    one), one that was is given up, as it may have reached Stripe.
+    """
+    tried_before = payment.attempts > 1
+    if utcnow() - payment.created_at > GIVE_UP_AFTER:
+        if not tried_before:
+            return _called_off(payment)
+        failed(
+            payment,
+            PaymentStatus.FAILED,
+            "Stripe could not be reached for a day. Should an earlier try have gone through, its credits "
+            "arrive when Stripe confirms it.",
+            charged_nothing=False,
+        )
+        db.session.commit()
+        return "failed"
     team = db.session.get(Team, payment.team_id)
     if team.card_payment_method is None or team.stripe_customer_id is None:
-        failed(payment, PaymentStatus.FAILED, "No card is saved for automatic top-ups.")
+        failed(
+            payment, PaymentStatus.FAILED, "No card is saved for automatic top-ups.", charged_nothing=not tried_before
+        )
         db.session.commit()
         return "failed"
     try:
@@ -168,11 +189,27 @@ def _sent(payment: Payment, intent) -> str:
     return "failed"
 
 
+def _called_off(payment: Payment) -> str:
+    """A top-up no buyer took up for a day (none ran): called off unsent; the team is not paused."""
+    ended = db.session.execute(
+        update(Payment)
+        .where(Payment.id == payment.id, Payment.status == PaymentStatus.QUEUED)
+        .values(status=PaymentStatus.EXPIRED, failure="Called off: not sent within a day.", claimed_until=None)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if ended:
+        db.session.execute(
+            update(Team)
+            .where(Team.id == payment.team_id)
+            .values(auto_topup_pending=False)
+            .execution_options(synchronize_session=False)
+        )
+    db.session.commit()
+    log.warning("automatic top-up %s was not sent within a day: called off", payment.idempotency_key)
+    return "called off"
+
+
 def _later(payment: Payment, error: stripe.StripeError) -> str:
-    if utcnow() - payment.created_at > GIVE_UP_AFTER:
-        failed(payment, PaymentStatus.FAILED, f"Stripe could not be reached: {_said(error)}")
-        db.session.commit()
-        return "failed"
     payment.claimed_until = None
     payment.next_attempt_at = utcnow() + retry_delay(payment.attempts)
     payment.failure = f"Try {payment.attempts}: {_said(error)}"[:500]
@@ -181,9 +218,14 @@ def _later(payment: Payment, error: stripe.StripeError) -> str:
     return "later"
 
 
-def failed(payment: Payment, status: str, reason: str, intent_id: str | None = None) -> bool:
+def failed(
+    payment: Payment, status: str, reason: str, intent_id: str | None = None, charged_nothing: bool = True
+) -> bool:
     """The payment failed (the buyer's answer or Stripe's payment_intent.payment_failed, whichever comes
-    first): pause automatic top-up and tell the team's billing people, once. False when it had ended already."""
+    first): pause automatic top-up and tell the team's billing people, once. False when it had ended already.
+
+    `charged_nothing`: Stripe said so (its answer to this key), or nothing was ever sent; else the mail
+    does not claim it."""
     ended = db.session.execute(
         update(Payment)
         .where(Payment.id == payment.id, Payment.status.in_(autotopup.IN_FLIGHT))
@@ -213,6 +255,7 @@ def failed(payment: Payment, status: str, reason: str, intent_id: str | None = N
         payment=payment,
         reason=reason,
         needs_authentication=status == PaymentStatus.ACTION_REQUIRED,
+        charged_nothing=charged_nothing,
     )
     return True
 

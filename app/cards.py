@@ -6,10 +6,11 @@
   on Stripe. Checkout top-ups, their invoices, the saved card and the portal all
   belong to it.
 - **Saving a card**: a Checkout Session in `setup` mode. Its checkout.session.completed event makes
-  the card the team's (`save_from_setup`: the SetupIntent's PaymentMethod, kept by id; the pages
+  the card the team's (`ask_stripe`, then `keep`: the SetupIntent's PaymentMethod, kept by id; the pages
   show its brand, last four digits and expiry, nothing more) and the Customer's default. A card
-  changed in the portal becomes the team's too (customer.updated); a card removed there stops
-  automatic top-up (payment_method.detached). Either a saved card or a new default resumes it.
+  made the default in the portal becomes the team's too (customer.updated: the default as Stripe
+  has it when the event is handled, so a late event never brings back a removed card); a card
+  removed there stops automatic top-up (payment_method.detached). Either a saved card or a new default resumes it.
 - **Documents**: a payment's link opens Stripe's hosted invoice when there is one (Checkout's
   invoice_creation, or the buyer's invoice for an automatic top-up), else the charge's receipt;
   looked up when followed, so the link never goes stale.
@@ -90,43 +91,56 @@ def _keep(team: Team, method) -> None:
     team.auto_topup_paused_at = None
 
 
-def save_from_setup(client: stripe.StripeClient, session_obj) -> str:
-    """checkout.session.completed in setup mode: the card it saved becomes the team's and the Customer's default."""
+def ask_stripe(client: stripe.StripeClient | None, event_type: str, obj):
+    """What a card event needs from Stripe, asked before the webhook writes anything (on SQLite a write
+    holds the whole database, and a team's requests must not wait on Stripe): the card to keep, or the
+    outcome when there is none. None for events that need nothing from Stripe.
+
+    checkout.session.completed in setup mode: the card it saved becomes the Customer's default (at
+    Stripe, here) and the team's (`keep`). customer.updated: the Customer's default card as Stripe has
+    it now, not as the event says (events come in no fixed order, and an old one may name a card
+    removed since).
+    """
+    setup = event_type == "checkout.session.completed" and getattr(obj, "mode", None) == "setup"
+    if not setup and event_type != "customer.updated":
+        return None
+    customer_id = getattr(obj, "customer", None) if setup else obj.id
+    team = _team_of_customer(customer_id)
+    if team is None or (setup and str(team.id) != str(obj.client_reference_id)):
+        return "a customer of no team of ours"
     if client is None:
         return "not applied: STRIPE_SECRET_KEY is not set, so the card cannot be looked up"
-    team = _team_of_customer(getattr(session_obj, "customer", None))
-    if team is None or str(team.id) != str(session_obj.client_reference_id):
-        return "setup session of no team of ours"
-    setup_intent = getattr(session_obj, "setup_intent", None)
-    if not setup_intent:
-        return "setup session without a setup intent"
-    intent = client.v1.setup_intents.retrieve(setup_intent, params={"expand": ["payment_method"]})
-    method = intent.payment_method
-    if intent.status != "succeeded" or method is None or method.type != "card":
-        return f"setup intent {intent.id} saved no card ({intent.status})"
-    client.v1.customers.update(
-        team.stripe_customer_id, params={"invoice_settings": {"default_payment_method": method.id}}
-    )
+    if setup:
+        if not getattr(obj, "setup_intent", None):
+            return "setup session without a setup intent"
+        intent = client.v1.setup_intents.retrieve(obj.setup_intent, params={"expand": ["payment_method"]})
+        method = intent.payment_method
+        if intent.status != "succeeded" or method is None or method.type != "card":
+            return f"setup intent {intent.id} saved no card ({intent.status})"
+    else:
+        customer = client.v1.customers.retrieve(
+            customer_id, params={"expand": ["invoice_settings.default_payment_method"]}
+        )
+        method = getattr(getattr(customer, "invoice_settings", None), "default_payment_method", None)
+        if method is None or isinstance(method, str) or method.id == team.card_payment_method:
+            return "no new default card"
+        if method.type != "card":
+            return f"default payment method {method.id} is not a card"
+    if getattr(method, "customer", None) != customer_id:
+        # Removed since (a late event): not brought back.
+        return f"card {method.id} is not the customer's any more"
+    if setup:
+        client.v1.customers.update(customer_id, params={"invoice_settings": {"default_payment_method": method.id}})
+    return method
+
+
+def keep(customer_id: str, method) -> str:
+    """Make the card `ask_stripe` found the team's, and resume automatic top-up."""
+    team = _team_of_customer(customer_id)
+    if team is None:
+        return "a customer of no team of ours"
     _keep(team, method)
     return f"card {team.card_brand} {team.card_last4} saved for team {team.id}"
-
-
-def default_changed(client: stripe.StripeClient, customer_obj) -> str:
-    """customer.updated: a new default card chosen in the portal becomes the team's card."""
-    team = _team_of_customer(customer_obj.id)
-    if team is None:
-        return "customer of no team of ours"
-    if client is None:
-        return "not applied: STRIPE_SECRET_KEY is not set, so the card cannot be looked up"
-    settings = getattr(customer_obj, "invoice_settings", None) or {}
-    method_id = getattr(settings, "default_payment_method", None)
-    if not method_id or method_id == team.card_payment_method:
-        return "no new default card"
-    method = client.v1.payment_methods.retrieve(method_id)
-    if method.type != "card":
-        return f"default payment method {method_id} is not a card"
-    _keep(team, method)
-    return f"card {team.card_brand} {team.card_last4} now the card of team {team.id}"
 
 
 def removed(method_obj) -> str:
@@ -143,7 +157,13 @@ def removed(method_obj) -> str:
     reason = "The saved card was removed."
     autotopup.pause(team, reason)
     billing.tell(
-        "auto_topup_paused", team.id, team_name=team.name, payment=None, reason=reason, needs_authentication=False
+        "auto_topup_paused",
+        team.id,
+        team_name=team.name,
+        payment=None,
+        reason=reason,
+        needs_authentication=False,
+        charged_nothing=True,
     )
     return f"card of team {team.id} removed; automatic top-up paused"
 

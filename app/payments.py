@@ -133,9 +133,13 @@ def handle_event(event, client=None) -> str:
     """
     check_shape(event)
     obj = event.data.object
+    # Asked before anything is written: no lock is held while Stripe answers.
+    card = cards.ask_stripe(client, event.type, obj)
     record_event(event)
-    if event.type == "checkout.session.completed" and getattr(obj, "mode", None) == "setup":
-        outcome = cards.save_from_setup(client, obj)
+    if isinstance(card, str):
+        outcome = card
+    elif card is not None:
+        outcome = cards.keep(obj.customer if event.type != "customer.updated" else obj.id, card)
     elif event.type == "checkout.session.completed":
         outcome = _fulfill(obj) if obj.payment_status == "paid" else _set_status(obj, PaymentStatus.PENDING)
     elif event.type == "checkout.session.async_payment_succeeded":
@@ -150,8 +154,6 @@ def handle_event(event, client=None) -> str:
         outcome = _automatic_failed(obj)
     elif event.type == "payment_method.detached":
         outcome = cards.removed(obj)
-    elif event.type == "customer.updated":
-        outcome = cards.default_changed(client, obj)
     elif event.type == "charge.refunded":
         # amount_refunded is the charge's running total, so a late, older event changes nothing.
         outcome = _record_reversal(
@@ -255,10 +257,13 @@ def _fulfill(session_obj) -> str:
         return "unknown checkout session"
     customer = getattr(session_obj, "customer", None)
     if customer:
-        # The Customer Checkout made for the team's first purchase becomes the team's.
-        team = db.session.get(Team, payment.team_id)
-        if team.stripe_customer_id is None:
-            team.stripe_customer_id = customer
+        # The Customer Checkout made for the team's first purchase becomes the team's, unless it has one.
+        db.session.execute(
+            update(Team)
+            .where(Team.id == payment.team_id, Team.stripe_customer_id.is_(None))
+            .values(stripe_customer_id=customer)
+            .execution_options(synchronize_session=False)
+        )
     return _credit(payment)
 
 
@@ -306,13 +311,17 @@ def _credit_automatic(intent_obj) -> str:
     payment = _automatic_payment(intent_obj)
     if payment is None:
         return "ignored: not an automatic top-up"
+    # Only the top-up in flight frees the team for the next; one called off or given up earlier that
+    # Stripe took after all is credited, and leaves the one in flight now as it is.
+    was_in_flight = payment.status in (PaymentStatus.QUEUED, PaymentStatus.PROCESSING)
     outcome = _credit(payment)
-    db.session.execute(
-        update(Team)
-        .where(Team.id == payment.team_id)
-        .values(auto_topup_pending=False)
-        .execution_options(synchronize_session=False)
-    )
+    if was_in_flight:
+        db.session.execute(
+            update(Team)
+            .where(Team.id == payment.team_id)
+            .values(auto_topup_pending=False)
+            .execution_options(synchronize_session=False)
+        )
     return outcome
 
 

@@ -239,10 +239,14 @@ def close(actor: Membership) -> None:
     if team.personal:
         raise TeamError("A personal team closes with its account.")
     _lock(team.id)
-    # A checkout still open or being paid would credit a team nobody works on any more.
+    # A checkout still open or being paid, or an automatic top-up queued or at Stripe, would credit
+    # (and charge) a team nobody works on any more.
     unsettled = db.session.scalar(
         select(func.min(Payment.created_at)).where(
-            Payment.team_id == team.id, Payment.status.in_((PaymentStatus.OPEN, PaymentStatus.PENDING))
+            Payment.team_id == team.id,
+            Payment.status.in_(
+                (PaymentStatus.OPEN, PaymentStatus.PENDING, PaymentStatus.QUEUED, PaymentStatus.PROCESSING)
+            ),
         )
     )
     if unsettled is not None:
@@ -252,6 +256,7 @@ def close(actor: Membership) -> None:
         )
     now = utcnow()
     team.closed_at = now
+    team.auto_topup_below = None
     db.session.execute(
         update(ApiKey).where(ApiKey.team_id == team.id, ApiKey.revoked_at.is_(None)).values(revoked_at=now)
     )

@@ -116,10 +116,13 @@ class FakeStripe:
         self.sessions = 0
         # Called with each request's path while Stripe "thinks": a test's look at our side meanwhile.
         self.meanwhile = None
+        # The Customer's default card as Stripe has it now (a PaymentMethod id, or None).
+        self.default_method = None
         api = re.escape(STRIPE_API)
         routes = [
             ("POST", r"/v1/customers", self._customer),
             ("POST", r"/v1/customers/[\w]+", self._customer),
+            ("GET", r"/v1/customers/[\w]+", self._customer_now),
             ("POST", r"/v1/checkout/sessions", self._checkout_session),
             ("GET", r"/v1/setup_intents/[\w]+", self._setup_intent),
             ("GET", r"/v1/payment_methods/[\w]+", self._payment_method),
@@ -175,13 +178,24 @@ class FakeStripe:
     def _customer(self, path, params, headers):
         return 200, {"id": self.CUSTOMER, "object": "customer", "invoice_settings": {}}
 
+    def _customer_now(self, path, params, headers):
+        method = self._payment_method(f"/v1/payment_methods/{self.default_method}", {}, {})[1]
+        default = method if self.default_method else None
+        return 200, {"id": self.CUSTOMER, "object": "customer", "invoice_settings": {"default_payment_method": default}}
+
     def _checkout_session(self, path, params, headers):
         self.sessions += 1
         session_id = f"cs_test_{params.get('mode', 'payment')}_{self.sessions}"
         return 200, {"id": session_id, "object": "checkout.session", "url": f"{STRIPE_CHECKOUT}/c/pay/{session_id}"}
 
     def _setup_intent(self, path, params, headers):
-        method = {"id": "pm_test_1", "object": "payment_method", "type": "card", "card": self.CARD}
+        method = {
+            "id": "pm_test_1",
+            "object": "payment_method",
+            "type": "card",
+            "card": self.CARD,
+            "customer": self.CUSTOMER,
+        }
         return 200, {
             "id": path.rsplit("/", 1)[1],
             "object": "setup_intent",
@@ -191,7 +205,14 @@ class FakeStripe:
 
     def _payment_method(self, path, params, headers):
         card = {"brand": "mastercard", "last4": "4444", "exp_month": 3, "exp_year": 2031}
-        return 200, {"id": path.rsplit("/", 1)[1], "object": "payment_method", "type": "card", "card": card}
+        method_id = path.rsplit("/", 1)[1]
+        return 200, {
+            "id": method_id,
+            "object": "payment_method",
+            "type": "card",
+            "card": card,
+            "customer": self.CUSTOMER,
+        }
 
     def _payment_intent(self, path, params, headers):
         key = headers.get("Idempotency-Key")

@@ -18,9 +18,20 @@ import responses
 from flask_migrate import downgrade, upgrade
 from sqlalchemy import event, select, text
 
-from app import audit, autotopup, card_payments, metering, services
+from app import accounts, audit, autotopup, billing, card_payments, metering, services, teams
 from app.extensions import db
-from app.models import LedgerEntry, LedgerKind, Membership, Payment, PaymentKind, PaymentStatus, Team, TeamRole, User
+from app.models import (
+    LedgerEntry,
+    LedgerKind,
+    Membership,
+    Payment,
+    PaymentKind,
+    PaymentStatus,
+    Team,
+    TeamRole,
+    User,
+    utcnow,
+)
 from tests import factories
 from tests.conftest import STUB_UPSTREAM, app_config
 from tests.servers import ROOT, serve, wait_for
@@ -164,6 +175,7 @@ def test_a_setup_session_of_another_customer_saves_nothing(app, web, client, str
 
 def test_a_card_made_default_in_the_portal_becomes_the_teams_and_a_removed_card_pauses(app, web, client, stripe_api):
     team_id = turned_on(app, web, credits=20_000)
+    stripe_api.default_method = "pm_new"
     updated = {
         "id": FakeStripe.CUSTOMER,
         "object": "customer",
@@ -184,6 +196,12 @@ def test_a_card_made_default_in_the_portal_becomes_the_teams_and_a_removed_card_
     # Below the threshold now: nothing is queued while paused.
     spend(app, team_id, 16_000)
     assert automatic(app, team_id) == []
+    # A late customer.updated that still names the removed card brings nothing back: Stripe is asked.
+    stripe_api.default_method = None
+    late = deliver(client, stripe_event("customer.updated", updated)).get_json()["outcome"]
+    assert late == "no new default card"
+    team = team_row(app, team_id)
+    assert team.card_payment_method is None and team.auto_topup_paused == "The saved card was removed."
 
 
 # 2. Automatic top-up: settings.
@@ -430,8 +448,15 @@ def test_stripe_out_of_reach_is_tried_again_with_the_same_key_and_given_up_after
         row.created_at -= timedelta(hours=24)
         row.next_attempt_at = row.created_at
         db.session.commit()
+    # A day on, Stripe may have forgotten the key: never sent again under it, given up instead.
     assert buy(app) == {"failed": 1}
+    assert len(stripe_api.called("POST", "/v1/payment_intents")) == 2
     assert team_row(app, team_id).auto_topup_paused.startswith("Stripe could not be reached")
+    (notice,) = factories.mails(app, OWNER, "auto_topup_paused")
+    assert "nothing was charged" not in notice.body  # an earlier try may have gone through
+    # Should it have, its success still credits it, and frees the team for the next.
+    succeeded(client, waiting)
+    assert factories.balance(app, team_id) == 10_100
 
 
 # The monthly cap.
@@ -660,20 +685,25 @@ def test_the_buyer_thread_wakes_when_a_debit_queues_a_top_up(make_app, stripe_ap
         buyer.stop()
 
 
-def test_no_team_row_is_locked_while_stripe_is_asked(postgres_only, app, web, client, stripe_api):
+def test_no_team_row_is_locked_while_stripe_is_asked(app, web, client, stripe_api):
     """A team's requests never wait on Stripe: while any Stripe call of the dashboard, the webhook or the
-    buyer is under way, the team's row can be locked at once (as a debit locks it)."""
-    import sqlalchemy
-
+    buyer is under way, the team's row can be locked at once (as a debit locks it); on SQLite, where a
+    write holds the whole database, a write can start at once."""
     team_id = owner(app, web, credits=100)
-    engine = sqlalchemy.create_engine(app.config["SQLALCHEMY_DATABASE_URI"])
+    uri = app.config["SQLALCHEMY_DATABASE_URI"]
     asked = []
 
     def lock_the_team(path):
-        with engine.connect() as other:
-            other.execute(sqlalchemy.text("SET lock_timeout = '200ms'"))
-            other.execute(sqlalchemy.text("SELECT id FROM teams WHERE id = :id FOR UPDATE"), {"id": team_id})
+        if uri.startswith("sqlite"):
+            other = sqlite3.connect(uri.removeprefix("sqlite:///"), isolation_level=None, timeout=0.2)
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+        else:
+            other = psycopg.connect(uri.replace("postgresql+psycopg://", "postgresql://"))
+            other.execute("SET lock_timeout = '200ms'")
+            other.execute("SELECT id FROM teams WHERE id = %s FOR UPDATE", (team_id,))
             other.rollback()
+        other.close()
         asked.append(path)
 
     stripe_api.meanwhile = lock_the_team
@@ -690,21 +720,23 @@ def test_no_team_row_is_locked_while_stripe_is_asked(postgres_only, app, web, cl
     )
     assert deliver(client, stripe_event("checkout.session.completed", completed)).status_code == 200
     updated = {"id": FakeStripe.CUSTOMER, "object": "customer", "invoice_settings": {"default_payment_method": "pm_2"}}
+    stripe_api.default_method = "pm_2"
     assert deliver(client, stripe_event("customer.updated", updated)).status_code == 200
     web.post("/billing/automatic", {"below": 5000, "pack": "starter", "monthly_limit": 5})
     buy(app)
     web.post("/billing/portal")
     web.get(f"/billing/payments/{automatic(app, team_id)[0].id}/document")
-    engine.dispose()
+    web.post("/billing/checkout", {"pack": "starter"})
     assert asked == [
         "/v1/customers",
         "/v1/checkout/sessions",
         "/v1/setup_intents/seti_test_1",
         f"/v1/customers/{FakeStripe.CUSTOMER}",
-        "/v1/payment_methods/pm_2",
+        f"/v1/customers/{FakeStripe.CUSTOMER}",
         "/v1/payment_intents",
         "/v1/billing_portal/sessions",
         "/v1/payment_intents/pi_auto_1",
+        "/v1/checkout/sessions",
     ]
 
 
@@ -803,3 +835,101 @@ def test_migration_0013_keeps_checkout_payments_and_goes_back_only_without_cards
         assert "saved cards or automatic top-up settings exist" in caplog.text
         db.session.rollback()
         assert db.session.scalar(text("SELECT card_payment_method FROM teams WHERE id = :id"), {"id": team_id})
+
+
+def test_a_top_up_no_buyer_took_up_for_a_day_is_called_off_unsent_and_the_next_debit_queues_anew(app, web, stripe_api):
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    with app.app_context():
+        db.session.get(Payment, queued.id).created_at -= timedelta(hours=24)
+        db.session.commit()
+    assert buy(app) == {"called off": 1}
+    assert stripe_api.called("POST", "/v1/payment_intents") == []
+    (called_off,) = automatic(app, team_id)
+    assert called_off.status == PaymentStatus.EXPIRED
+    team = team_row(app, team_id)
+    assert not team.auto_topup_pending and team.auto_topup_paused is None
+    assert factories.mails(app, OWNER, "auto_topup_paused") == []
+    spend(app, team_id, 10)
+    assert [p.status for p in automatic(app, team_id)] == [PaymentStatus.EXPIRED, PaymentStatus.QUEUED]
+
+
+def test_a_late_success_of_a_top_up_called_off_leaves_the_one_in_flight_alone(app, web, client, stripe_api):
+    stripe_api.intent_outcome = "down"
+    team_id = turned_on(app, web, credits=100)
+    buy(app)  # tried once: Stripe may have taken it
+    web.post("/billing/automatic", {"action": "off"})
+    (first,) = automatic(app, team_id)
+    assert first.status == PaymentStatus.EXPIRED
+    web.post("/billing/automatic", {"below": 5000, "pack": "starter", "monthly_limit": 5})
+    second = automatic(app, team_id)[1]
+    assert second.status == PaymentStatus.QUEUED
+    # The first try had gone through after all.
+    succeeded(client, first, intent_id="pi_late")
+    assert factories.balance(app, team_id) == 10_100
+    assert team_row(app, team_id).auto_topup_pending  # the second is still in flight
+    spend(app, team_id, 10)  # no second queueing, no error
+    assert [p.status for p in automatic(app, team_id)] == [PaymentStatus.PAID, PaymentStatus.QUEUED]
+    with app.app_context():
+        assert audit.audit().problems == []
+
+
+def test_checkouts_customer_never_replaces_the_teams_own(app, web, client, stripe_api):
+    team_id = owner(app, web)
+    with_card(app, team_id)
+    web.post("/billing/checkout", {"pack": "starter"})
+    completed = checkout_session(team_id, session_id="cs_test_payment_1", customer="cus_someone_else")
+    deliver(client, stripe_event("checkout.session.completed", completed))
+    assert team_row(app, team_id).stripe_customer_id == FakeStripe.CUSTOMER
+
+
+def test_a_team_with_a_top_up_in_flight_cannot_close_and_closing_turns_automatic_top_up_off(app, web, stripe_api):
+    with app.app_context():
+        ann = accounts.create_user("ann@example.com", "correct horse battery")
+        ann.email_verified_at = utcnow()
+        acme = teams.create("Acme", ann)
+        db.session.flush()
+        billing.grant(acme, 100, "start")
+        db.session.commit()
+        team_id = acme.id
+    web.login("ann@example.com")
+    web.get("/account")
+    assert web.post("/teams/switch", {"team": team_id}).status_code == 302
+    with_card(app, team_id)
+    web.get("/billing")
+    web.post("/billing/automatic", {"below": 5000, "pack": "starter", "monthly_limit": 5})
+    assert len(automatic(app, team_id)) == 1
+    buy(app)  # at Stripe now
+    web.get("/team")
+    refused = web.post("/team/close")
+    assert team_row(app, team_id).closed_at is None, refused.status_code
+    with app.app_context():
+        payment = db.session.get(Payment, automatic(app, team_id)[0].id)
+        payment.status, payment.paid_at = PaymentStatus.PAID, utcnow()
+        db.session.get(Team, team_id).auto_topup_pending = False
+        db.session.commit()
+    web.get("/team")
+    web.post("/team/close")
+    team = team_row(app, team_id)
+    assert team.closed_at is not None and team.auto_topup_below is None
+
+
+def test_deleting_the_account_ends_automatic_top_up_and_waits_for_one_being_paid(app, web, stripe_api):
+    team_id = turned_on(app, web, credits=100)
+    buy(app)  # at Stripe now
+    web.get("/account")
+    refused = web.post("/account/delete", {"current": "correct horse battery", "understood": "y"})
+    assert "being paid right now" in refused.get_data(as_text=True)
+    assert team_row(app, team_id).auto_topup_below == 5000
+    with app.app_context():
+        payment = db.session.get(Payment, automatic(app, team_id)[0].id)
+        payment.status, payment.paid_at = PaymentStatus.PAID, utcnow()
+        db.session.get(Team, team_id).auto_topup_pending = False
+        db.session.commit()
+    spend(app, team_id, 10)  # below again: one queued, not yet taken
+    web.get("/account")
+    web.post("/account/delete", {"current": "correct horse battery", "understood": "y"})
+    team = team_row(app, team_id)
+    assert (team.auto_topup_below, team.card_payment_method, team.stripe_customer_id) == (None, None, None)
+    assert automatic(app, team_id)[-1].status == PaymentStatus.EXPIRED
+    assert buy(app) == {}
