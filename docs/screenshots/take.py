@@ -35,10 +35,16 @@ def main() -> None:
             app_config(uri, UPSTREAM_URL=f"{upstream}/v1", TRUSTED_HOSTS=["127.0.0.1"], SIGNUP_CREDITS=1000)
         )
         customer = factories.customer(app, balance=9000, password=PASSWORD)
-        factories.charged(app, customer.user_id, count=4, characters=180)
+        factories.charged(app, customer.team_id, count=4, characters=180)
         with app.app_context():
-            factories.starter_payment(customer.user_id, "cs_test_screens", status="paid")
-            billing.grant(db.session.get(factories.User, customer.user_id), 1000, "Welcome credits")
+            factories.starter_payment(customer.team_id, "cs_test_screens", status="paid")
+            team = db.session.get(factories.Team, customer.team_id)
+            billing.grant(team, 1000, "Welcome credits")
+            # A saved card and automatic top-up on, as the billing page shows them.
+            team.stripe_customer_id, team.card_payment_method = "cus_screens", "pm_screens"
+            team.card_brand, team.card_last4, team.card_expires = "visa", "4242", "12/2030"
+            team.auto_topup_below, team.auto_topup_pack, team.auto_topup_monthly_limit = 2000, "starter", 4
+            team.auto_topup_by_id = customer.user_id
             db.session.commit()
         with serve(app) as site, sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
