@@ -140,7 +140,7 @@ def register_extensions(app: Flask) -> None:
     app.extensions["stripe"] = stripe_client(settings)
     app.extensions["throttle"] = Throttle(settings)
     app.extensions["postman"] = postman = mail.Postman(app, settings)
-    app.extensions["buyer"] = buyer = card_payments.Buyer(app, settings.topup_poll_seconds)
+    app.extensions["buyer"] = buyer = card_payments.Buyer(app, settings.topup_poll_seconds, app.extensions["stripe"])
     app.extensions["lease"] = liveness.Lease(app, settings.process_lease_seconds)
     app.extensions["hangups"] = hangups.Watch()
     number_format.register(app)

@@ -128,6 +128,16 @@ def turn_off(team: Team) -> None:
         team.auto_topup_pending = False
 
 
+def free(team_id: int) -> None:
+    """The team's top-up in flight has ended (credited, failed or called off): the next may be queued."""
+    db.session.execute(
+        update(Team)
+        .where(Team.id == team_id)
+        .values(auto_topup_pending=False)
+        .execution_options(synchronize_session=False)
+    )
+
+
 def pause(team: Team, reason: str) -> None:
     team.auto_topup_paused = reason[:200]
     team.auto_topup_paused_at = utcnow()

@@ -28,7 +28,7 @@ from flask import current_app, has_app_context
 from flask_sqlalchemy.session import Session
 from sqlalchemy import event, or_, select, update
 
-from app import autotopup, billing, services
+from app import autotopup, billing
 from app.extensions import db
 from app.models import Payment, PaymentKind, PaymentStatus, Team, utcnow
 from app.rounds import Rounds
@@ -174,12 +174,7 @@ def _sent(payment: Payment, intent) -> str:
         ).rowcount
         if not sent:
             # Its webhook came first (credited, or failed): the intent's id is all there is to add.
-            db.session.execute(
-                update(Payment)
-                .where(Payment.id == payment.id, Payment.payment_intent_id.is_(None))
-                .values(payment_intent_id=intent.id)
-                .execution_options(synchronize_session=False)
-            )
+            _note_intent(payment.id, intent.id)
         db.session.commit()
         log.info("automatic top-up %s: payment intent %s %s", payment.idempotency_key, intent.id, intent.status)
         return "sent"
@@ -187,6 +182,16 @@ def _sent(payment: Payment, intent) -> str:
     failed(payment, status, f"Stripe did not take the payment ({intent.status}).", intent.id)
     db.session.commit()
     return "failed"
+
+
+def _note_intent(payment_id: int, intent_id: str) -> None:
+    """The PaymentIntent Stripe made for the payment, unless one is noted already."""
+    db.session.execute(
+        update(Payment)
+        .where(Payment.id == payment_id, Payment.payment_intent_id.is_(None))
+        .values(payment_intent_id=intent_id)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _called_off(payment: Payment) -> str:
@@ -198,12 +203,7 @@ def _called_off(payment: Payment) -> str:
         .execution_options(synchronize_session=False)
     ).rowcount
     if ended:
-        db.session.execute(
-            update(Team)
-            .where(Team.id == payment.team_id)
-            .values(auto_topup_pending=False)
-            .execution_options(synchronize_session=False)
-        )
+        autotopup.free(payment.team_id)
     db.session.commit()
     log.warning("automatic top-up %s was not sent within a day: called off", payment.idempotency_key)
     return "called off"
@@ -233,31 +233,36 @@ def failed(
         .execution_options(synchronize_session=False)
     ).rowcount
     if intent_id:
-        db.session.execute(
-            update(Payment)
-            .where(Payment.id == payment.id, Payment.payment_intent_id.is_(None))
-            .values(payment_intent_id=intent_id)
-            .execution_options(synchronize_session=False)
-        )
+        _note_intent(payment.id, intent_id)
     if not ended:
         return False
+    autotopup.free(payment.team_id)
     team = db.session.get(Team, payment.team_id)
     db.session.refresh(team, with_for_update=True)
-    team.auto_topup_pending = False
-    autotopup.pause(team, reason)
-    db.session.flush()
     db.session.refresh(payment)
     log.warning("automatic top-up %s of team %s failed (%s): %s", payment.idempotency_key, team.id, status, reason)
+    pause_and_tell(team, reason, payment, status == PaymentStatus.ACTION_REQUIRED, charged_nothing)
+    return True
+
+
+def pause_and_tell(
+    team: Team,
+    reason: str,
+    payment: Payment | None = None,
+    needs_authentication: bool = False,
+    charged_nothing: bool = True,
+) -> None:
+    """Pause the team's automatic top-up (its row locked by the caller) and mail its billing people why."""
+    autotopup.pause(team, reason)
     billing.tell(
         "auto_topup_paused",
         team.id,
         team_name=team.name,
         payment=payment,
         reason=reason,
-        needs_authentication=status == PaymentStatus.ACTION_REQUIRED,
+        needs_authentication=needs_authentication,
         charged_nothing=charged_nothing,
     )
-    return True
 
 
 def invoice_due(client: stripe.StripeClient, limit: int = 50) -> Counter:
@@ -329,12 +334,13 @@ class Buyer(Rounds):
 
     name = "topup-buyer"
 
+    def __init__(self, app, poll_seconds: float, client: stripe.StripeClient):
+        super().__init__(app, poll_seconds)
+        self.client = client
+
     def work(self) -> None:
-        client = services.stripe_client()
-        if client is None:
-            return
-        buy_due(client)
-        invoice_due(client)
+        buy_due(self.client)
+        invoice_due(self.client)
 
 
 @event.listens_for(Session, "after_commit")

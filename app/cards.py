@@ -21,7 +21,7 @@ import logging
 import stripe
 from sqlalchemy import select, update
 
-from app import autotopup, billing
+from app import card_payments
 from app.extensions import db
 from app.models import Payment, Team, User
 
@@ -154,17 +154,7 @@ def removed(method_obj) -> str:
     team.card_payment_method = team.card_brand = team.card_last4 = team.card_expires = None
     if team.auto_topup_below is None or team.auto_topup_paused is not None:
         return f"card of team {team.id} removed"
-    reason = "The saved card was removed."
-    autotopup.pause(team, reason)
-    billing.tell(
-        "auto_topup_paused",
-        team.id,
-        team_name=team.name,
-        payment=None,
-        reason=reason,
-        needs_authentication=False,
-        charged_nothing=True,
-    )
+    card_payments.pause_and_tell(team, "The saved card was removed.")
     return f"card of team {team.id} removed; automatic top-up paused"
 
 

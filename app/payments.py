@@ -16,7 +16,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
-from app import billing, card_payments, cards, config
+from app import autotopup, billing, card_payments, cards, config
 from app.extensions import db
 from app.models import (
     LedgerKind,
@@ -316,12 +316,7 @@ def _credit_automatic(intent_obj) -> str:
     was_in_flight = payment.status in (PaymentStatus.QUEUED, PaymentStatus.PROCESSING)
     outcome = _credit(payment)
     if was_in_flight:
-        db.session.execute(
-            update(Team)
-            .where(Team.id == payment.team_id)
-            .values(auto_topup_pending=False)
-            .execution_options(synchronize_session=False)
-        )
+        autotopup.free(payment.team_id)
     return outcome
 
 

@@ -104,6 +104,20 @@ def buy(app) -> dict:
         return dict(card_payments.buy_due(services.stripe_client()))
 
 
+def setup_completed(team_id: int, session_id: str = "cs_test_setup_1", setup_intent: str = "seti_test_1") -> dict:
+    """A Checkout Session in setup mode as its checkout.session.completed event carries it."""
+    return checkout_session(
+        team_id,
+        session_id=session_id,
+        payment_status="no_payment_required",
+        payment_intent=None,
+        mode="setup",
+        amount_total=None,
+        customer=FakeStripe.CUSTOMER,
+        setup_intent=setup_intent,
+    )
+
+
 def succeeded(client, payment: Payment, intent_id: str = "pi_auto_1", event_id: str | None = None):
     return deliver(
         client,
@@ -131,16 +145,7 @@ def test_saving_a_card_opens_checkout_in_setup_mode_and_its_webhook_keeps_the_ca
     assert session["success_url"].endswith("/billing?card=saved")
     assert team_row(app, team_id).card_payment_method is None  # nothing is saved before Stripe says so
 
-    completed = checkout_session(
-        team_id,
-        session_id="cs_test_setup_1",
-        payment_status="no_payment_required",
-        payment_intent=None,
-        mode="setup",
-        amount_total=None,
-        customer=FakeStripe.CUSTOMER,
-        setup_intent="seti_test_1",
-    )
+    completed = setup_completed(team_id, "cs_test_setup_1", "seti_test_1")
     assert deliver(client, stripe_event("checkout.session.completed", completed)).status_code == 200
     team = team_row(app, team_id)
     assert (team.card_payment_method, team.card_brand, team.card_last4, team.card_expires) == (
@@ -159,16 +164,7 @@ def test_saving_a_card_opens_checkout_in_setup_mode_and_its_webhook_keeps_the_ca
 def test_a_setup_session_of_another_customer_saves_nothing(app, web, client, stripe_api):
     team_id = owner(app, web)
     with_card(app, team_id)
-    other = checkout_session(
-        team_id + 1,
-        session_id="cs_x",
-        payment_status="no_payment_required",
-        payment_intent=None,
-        mode="setup",
-        amount_total=None,
-        customer=FakeStripe.CUSTOMER,
-        setup_intent="seti_9",
-    )
+    other = setup_completed(team_id + 1, "cs_x", "seti_9")
     deliver(client, stripe_event("checkout.session.completed", other))
     assert stripe_api.called("GET", "/v1/setup_intents") == []
 
@@ -298,6 +294,20 @@ def test_a_checkout_payment_intent_is_not_an_automatic_top_up(app, web, client, 
     assert factories.balance(app, team_id) == 10
 
 
+def one_intent_credited_once(app, client, stripe_api: FakeStripe, team_id: int, key: str) -> None:
+    """The buyer asked twice with the one key; Stripe made one PaymentIntent; its success, delivered
+    twice, credited the team once (it had 100 credits)."""
+    first, again = stripe_api.called("POST", "/v1/payment_intents")
+    assert first[1]["Idempotency-Key"] == again[1]["Idempotency-Key"] == key
+    assert len(stripe_api.intents) == 1
+    (sent,) = automatic(app, team_id)
+    assert (sent.status, sent.payment_intent_id) == (PaymentStatus.PROCESSING, "pi_auto_1")
+    succeeded(client, sent)
+    succeeded(client, sent)
+    assert factories.balance(app, team_id) == 10_100
+    factories.assert_books_balance(app, team_id)
+
+
 class Crash(BaseException):
     """The process dies: nothing after this point runs, and the transaction never commits."""
 
@@ -330,15 +340,7 @@ def test_a_buyer_that_dies_after_stripe_answered_sends_the_same_key_again_and_is
         db.session.get(Payment, unsent.id).claimed_until -= card_payments.CLAIM
         db.session.commit()
     assert buy(app) == {"sent": 1}
-    first, again = stripe_api.called("POST", "/v1/payment_intents")
-    assert first[1]["Idempotency-Key"] == again[1]["Idempotency-Key"] == unsent.idempotency_key
-    assert len(stripe_api.intents) == 1
-    (sent,) = automatic(app, team_id)
-    assert (sent.status, sent.payment_intent_id) == (PaymentStatus.PROCESSING, "pi_auto_1")
-    succeeded(client, sent)
-    succeeded(client, sent)
-    assert factories.balance(app, team_id) == 10_100
-    factories.assert_books_balance(app, team_id)
+    one_intent_credited_once(app, client, stripe_api, team_id, unsent.idempotency_key)
 
 
 def test_the_webhook_may_come_before_the_buyer_records_stripes_answer(app, web, client, stripe_api):
@@ -708,16 +710,7 @@ def test_no_team_row_is_locked_while_stripe_is_asked(app, web, client, stripe_ap
 
     stripe_api.meanwhile = lock_the_team
     web.post("/billing/card")
-    completed = checkout_session(
-        team_id,
-        session_id="cs_test_setup_1",
-        payment_status="no_payment_required",
-        payment_intent=None,
-        mode="setup",
-        amount_total=None,
-        customer=FakeStripe.CUSTOMER,
-        setup_intent="seti_test_1",
-    )
+    completed = setup_completed(team_id, "cs_test_setup_1", "seti_test_1")
     assert deliver(client, stripe_event("checkout.session.completed", completed)).status_code == 200
     updated = {"id": FakeStripe.CUSTOMER, "object": "customer", "invoice_settings": {"default_payment_method": "pm_2"}}
     stripe_api.default_method = "pm_2"
@@ -803,15 +796,7 @@ def test_a_buyer_process_killed_after_stripe_answered_is_retried_with_the_same_k
             db.session.commit()
         again = subprocess.run(flask, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert again.stdout.splitlines()[-1] == "sent 1, failed 0, to retry 0; invoiced 0", again.stdout + again.stderr
-    first, second = stand_in.called("POST", "/v1/payment_intents")
-    assert first[1]["Idempotency-Key"] == second[1]["Idempotency-Key"] == queued.idempotency_key
-    assert len(stand_in.intents) == 1
-    (sent,) = automatic(app, team_id)
-    assert (sent.status, sent.payment_intent_id) == (PaymentStatus.PROCESSING, "pi_auto_1")
-    succeeded(client, sent)
-    succeeded(client, sent)
-    assert factories.balance(app, team_id) == 10_100
-    factories.assert_books_balance(app, team_id)
+    one_intent_credited_once(app, client, stand_in, team_id, queued.idempotency_key)
 
 
 def test_migration_0013_keeps_checkout_payments_and_goes_back_only_without_cards_or_automatic_top_ups(app, web, caplog):

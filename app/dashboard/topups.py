@@ -71,31 +71,41 @@ def _stripe_or_flash():
     return client
 
 
+def _to_stripe(start, failure: str, could_not: str):
+    """Send the browser to the Stripe page `start(client)` makes (its URL); back to billing, nothing kept,
+    when payments are off, the form's token is wrong or Stripe fails."""
+    client = _stripe_or_flash()
+    if not ConfirmForm().validate_on_submit() or client is None:
+        return redirect(url_for("dashboard.billing_page"))
+    try:
+        url = start(client)
+        db.session.commit()
+    except stripe.StripeError:
+        db.session.rollback()
+        current_app.logger.exception(failure)
+        flash(could_not, "error")
+        return redirect(url_for("dashboard.billing_page"))
+    return redirect(url, 303)
+
+
 @bp.post("/billing/card")
 @login_required
 @team_permission(Permission.BILLING)
 @verified_required
 def save_card():
     """Save (or replace) the team's card in a Stripe Checkout Session in setup mode: nothing is charged."""
-    client = _stripe_or_flash()
-    if not ConfirmForm().validate_on_submit() or client is None:
-        return redirect(url_for("dashboard.billing_page"))
-    try:
-        url = cards.start_card_setup(
+    return _to_stripe(
+        lambda client: cards.start_card_setup(
             client,
             current_team(),
             current_user,
             config.current().stripe_currency,
             success_url=external_url("dashboard.billing_page", card="saved"),
             cancel_url=external_url("dashboard.billing_page"),
-        )
-        db.session.commit()
-    except stripe.StripeError:
-        db.session.rollback()
-        current_app.logger.exception("could not start saving a card")
-        flash("Stripe could not be reached; nothing was saved. Please try again.", "error")
-        return redirect(url_for("dashboard.billing_page"))
-    return redirect(url, 303)
+        ),
+        "could not start saving a card",
+        "Stripe could not be reached; nothing was saved. Please try again.",
+    )
 
 
 @bp.post("/billing/automatic")
@@ -137,18 +147,11 @@ def automatic_topup():
 @verified_required
 def billing_portal():
     """Stripe's billing portal for the team's Customer: cards and invoices; it comes back to the billing page."""
-    client = _stripe_or_flash()
-    if not ConfirmForm().validate_on_submit() or client is None:
-        return redirect(url_for("dashboard.billing_page"))
-    try:
-        url = cards.portal_url(client, current_team(), current_user, external_url("dashboard.billing_page"))
-        db.session.commit()
-    except stripe.StripeError:
-        db.session.rollback()
-        current_app.logger.exception("could not open the billing portal")
-        flash("Stripe's billing portal could not be opened. Please try again.", "error")
-        return redirect(url_for("dashboard.billing_page"))
-    return redirect(url, 303)
+    return _to_stripe(
+        lambda client: cards.portal_url(client, current_team(), current_user, external_url("dashboard.billing_page")),
+        "could not open the billing portal",
+        "Stripe's billing portal could not be opened. Please try again.",
+    )
 
 
 @bp.get("/billing/payments/<int:payment_id>/document")
