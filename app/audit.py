@@ -20,6 +20,7 @@ from app.models import (
     Payment,
     PaymentKind,
     PaymentReversal,
+    PaymentStatus,
     SpeechRequest,
     SpeechState,
     Team,
@@ -253,20 +254,22 @@ def automatic_top_ups_in_step() -> list[str]:
     """Automatic top-ups (app/autotopup.py): a team says one is pending exactly when one is queued or at
     Stripe, at most one is, and each has its own idempotency key and no Checkout Session."""
     problems = []
-    in_flight = dict(
-        db.session.execute(
-            select(Payment.team_id, func.count())
-            .where(Payment.kind == PaymentKind.AUTOMATIC, Payment.status.in_(autotopup.IN_FLIGHT))
-            .group_by(Payment.team_id)
-        ).all()
+    # One statement, so a credit committing meanwhile cannot show a team half-way.
+    in_flight = (
+        select(func.count())
+        .where(
+            Payment.team_id == Team.id, Payment.kind == PaymentKind.AUTOMATIC, Payment.status.in_(autotopup.IN_FLIGHT)
+        )
+        .scalar_subquery()
     )
-    pending = set(db.session.scalars(select(Team.id).where(Team.auto_topup_pending)))
-    for team_id in sorted(pending | set(in_flight)):
-        count = in_flight.get(team_id, 0)
+    rows = db.session.execute(
+        select(Team.id, Team.auto_topup_pending, in_flight).where(or_(Team.auto_topup_pending, in_flight > 0))
+    )
+    for team_id, pending, count in rows:
         if count > 1:
             problems.append(f"team {team_id}: {count} automatic top-ups in flight at once")
-        if (team_id in pending) != (count > 0):
-            state = "pending" if team_id in pending else "not pending"
+        if pending != (count > 0):
+            state = "pending" if pending else "not pending"
             problems.append(f"team {team_id}: automatic top-up {state}, but {count} in flight")
     automatic_ids = select(Payment.id).where(Payment.kind == PaymentKind.AUTOMATIC)
     unnamed = db.session.scalar(
@@ -292,6 +295,22 @@ CHECKS = (
     key_use_matches_books,
     automatic_top_ups_in_step,
 )
+
+
+def automatic_top_ups_without_an_answer() -> list[str]:
+    """Automatic top-ups Stripe took more than a day ago whose payment_intent.succeeded (or failure) never
+    came: the card may be charged and nothing credited. Check the webhook's events in Stripe."""
+    rows = db.session.execute(
+        select(Payment.team_id, Payment.idempotency_key, Payment.payment_intent_id).where(
+            Payment.kind == PaymentKind.AUTOMATIC,
+            Payment.status == PaymentStatus.PROCESSING,
+            Payment.created_at < utcnow() - timedelta(days=1),
+        )
+    )
+    return [
+        f"team {team_id}: automatic top-up {key} ({intent}) at Stripe for over a day without its event"
+        for team_id, key, intent in rows
+    ]
 
 
 def frequent_mid_stream_breaks() -> list[str]:
@@ -327,7 +346,7 @@ def audit() -> Report:
     report = Report()
     for check in CHECKS:
         report.problems.extend(check())
-    report.notices = frequent_mid_stream_breaks()
+    report.notices = frequent_mid_stream_breaks() + automatic_top_ups_without_an_answer()
     report.checked = {
         "users": db.session.scalar(select(func.count(User.id))),
         "ledger entries": db.session.scalar(select(func.count(LedgerEntry.id))),

@@ -105,8 +105,8 @@ def turn_on(team: Team, person: User, settings: Settings) -> Payment | None:
 
 
 def turn_off(team: Team) -> None:
-    """Stop queueing; a top-up queued and not being sent right now is called off (one being sent ends as it
-    will; should an earlier try have reached Stripe after all, its payment_intent.succeeded still credits it)."""
+    """Stop queueing; a top-up queued and never tried is called off. One tried already stays in flight until
+    Stripe's answer to its key settles it: the try may have reached Stripe, which nothing here can know."""
     db.session.refresh(team, with_for_update=True)
     team.auto_topup_below = None
     team.auto_topup_paused = None
@@ -119,6 +119,7 @@ def turn_off(team: Team) -> None:
             Payment.team_id == team.id,
             Payment.kind == PaymentKind.AUTOMATIC,
             Payment.status == PaymentStatus.QUEUED,
+            Payment.attempts == 0,
             (Payment.claimed_until.is_(None)) | (Payment.claimed_until < now),
         )
         .values(status=PaymentStatus.EXPIRED, failure="Called off: automatic top-up was turned off before it was sent.")

@@ -241,7 +241,9 @@ def failed(
     db.session.refresh(team, with_for_update=True)
     db.session.refresh(payment)
     log.warning("automatic top-up %s of team %s failed (%s): %s", payment.idempotency_key, team.id, status, reason)
-    pause_and_tell(team, reason, payment, status == PaymentStatus.ACTION_REQUIRED, charged_nothing)
+    if team.auto_topup_paused is None:
+        # Paused already (its card removed, say): its people were told then.
+        pause_and_tell(team, reason, payment, status == PaymentStatus.ACTION_REQUIRED, charged_nothing)
     return True
 
 
@@ -266,17 +268,21 @@ def pause_and_tell(
 
 
 def invoice_due(client: stripe.StripeClient, limit: int = 50) -> Counter:
-    """Give each credited automatic top-up its invoice at Stripe, shown paid; returns how many were made."""
+    """Give each credited automatic top-up its invoice at Stripe, shown paid; returns how many were made,
+    left for later, and voided (an invoice not finished within a day is voided, so none is left to pay)."""
     outcome = Counter()
     now = utcnow()
+    waiting = (
+        Payment.kind == PaymentKind.AUTOMATIC,
+        Payment.paid_at.is_not(None),
+        Payment.invoice_id.is_(None),
+        Payment.payment_intent_id.is_not(None),
+    )
     due = db.session.scalars(
         select(Payment)
         .where(
-            Payment.kind == PaymentKind.AUTOMATIC,
-            Payment.paid_at.is_not(None),
+            *waiting,
             Payment.paid_at > now - GIVE_UP_AFTER,
-            Payment.invoice_id.is_(None),
-            Payment.payment_intent_id.is_not(None),
             or_(Payment.next_attempt_at.is_(None), Payment.next_attempt_at <= now),
         )
         .order_by(Payment.id)
@@ -284,17 +290,49 @@ def invoice_due(client: stripe.StripeClient, limit: int = 50) -> Counter:
     ).all()
     for payment in due:
         try:
-            payment.invoice_id = _make_invoice(client, payment)
+            _make_invoice(client, payment)
             outcome["invoiced"] += 1
         except stripe.StripeError as error:
+            db.session.rollback()
             payment.next_attempt_at = now + timedelta(minutes=15)
             log.warning("automatic top-up %s: no invoice yet: %s", payment.idempotency_key, error)
             outcome["later"] += 1
         db.session.commit()
+    unfinished = db.session.scalars(
+        select(Payment).where(*waiting, Payment.paid_at <= now - GIVE_UP_AFTER, Payment.draft_invoice_id.is_not(None))
+    ).all()
+    for payment in unfinished:
+        try:
+            _void(client, payment.draft_invoice_id)
+        except stripe.StripeError as error:
+            log.warning(
+                "automatic top-up %s: invoice %s not voided yet: %s",
+                payment.idempotency_key,
+                payment.draft_invoice_id,
+                error,
+            )
+            continue
+        log.warning(
+            "automatic top-up %s: invoice %s never finished; voided", payment.idempotency_key, payment.draft_invoice_id
+        )
+        payment.draft_invoice_id = None
+        db.session.commit()
+        outcome["voided"] += 1
     return outcome
 
 
-def _make_invoice(client: stripe.StripeClient, payment: Payment) -> str:
+def _void(client: stripe.StripeClient, invoice_id: str) -> None:
+    """An unfinished invoice goes: voided once finalised, deleted while a draft."""
+    invoice = client.v1.invoices.retrieve(invoice_id)
+    if invoice.status == "draft":
+        client.v1.invoices.delete(invoice_id)
+    elif invoice.status == "open":
+        client.v1.invoices.void_invoice(invoice_id)
+
+
+def _make_invoice(client: stripe.StripeClient, payment: Payment) -> None:
+    """The invoice, each step with its own key; its id is kept as soon as Stripe made it (committed), so an
+    invoice never finished can be voided."""
     key = payment.idempotency_key
     customer = db.session.get(Team, payment.team_id).stripe_customer_id
     description = f"{payment.credits:,} kokoro-pay credits (automatic top-up, {payment.pack} pack)"
@@ -309,6 +347,8 @@ def _make_invoice(client: stripe.StripeClient, payment: Payment) -> str:
         },
         options={"idempotency_key": f"{key}-invoice"},
     )
+    payment.draft_invoice_id = invoice.id
+    db.session.commit()
     client.v1.invoice_items.create(
         params={
             "customer": customer,
@@ -325,7 +365,7 @@ def _make_invoice(client: stripe.StripeClient, payment: Payment) -> str:
     client.v1.invoices.attach_payment(
         invoice.id, params={"payment_intent": payment.payment_intent_id}, options={"idempotency_key": f"{key}-attach"}
     )
-    return invoice.id
+    payment.invoice_id, payment.draft_invoice_id = invoice.id, None
 
 
 class Buyer(Rounds):

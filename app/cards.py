@@ -17,13 +17,14 @@
 """
 
 import logging
+from datetime import datetime, timezone
 
 import stripe
 from sqlalchemy import select, update
 
 from app import card_payments
 from app.extensions import db
-from app.models import Payment, Team, User
+from app.models import Payment, Team, User, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def _keep(team: Team, method) -> None:
     team.card_brand = str(card.brand)[:32]
     team.card_last4 = str(card.last4)[:4]
     team.card_expires = f"{int(card.exp_month):02d}/{int(card.exp_year)}"
+    team.card_saved_at = utcnow()
     # A card the customer just gave is a new chance: what paused automatic top-up was the old one's.
     team.auto_topup_paused = None
     team.auto_topup_paused_at = None
@@ -113,6 +115,14 @@ def ask_stripe(client: stripe.StripeClient | None, event_type: str, obj):
     if setup:
         if not getattr(obj, "setup_intent", None):
             return "setup session without a setup intent"
+        created = getattr(obj, "created", None)
+        if (
+            created is not None
+            and team.card_saved_at is not None
+            and (datetime.fromtimestamp(created, timezone.utc) < team.card_saved_at)
+        ):
+            # A late event of an older setup: the card saved since stays, at Stripe and here.
+            return "a setup older than the card saved since: not applied"
         intent = client.v1.setup_intents.retrieve(obj.setup_intent, params={"expand": ["payment_method"]})
         method = intent.payment_method
         if intent.status != "succeeded" or method is None or method.type != "card":

@@ -142,6 +142,8 @@ class Team(db.Model):
     card_brand: Mapped[Optional[str]] = mapped_column(String(32))
     card_last4: Mapped[Optional[str]] = mapped_column(String(4))
     card_expires: Mapped[Optional[str]] = mapped_column(String(7))
+    # When the card was saved: a setup made before it (a late or replayed event) never replaces it.
+    card_saved_at: Mapped[Optional[datetime]]
     # Automatic top-up: when a debit leaves the balance below `auto_topup_below` credits, buy the pack
     # `auto_topup_pack`, at most `auto_topup_monthly_limit` times a calendar month (UTC). Off: below is None.
     auto_topup_below: Mapped[Optional[int]] = mapped_column(BigInteger)
@@ -444,6 +446,9 @@ class Payment(db.Model):
     idempotency_key: Mapped[Optional[str]] = mapped_column(String(64), unique=True)
     # Stripe's invoice for the payment (Checkout's invoice_creation, or the one made for an automatic top-up).
     invoice_id: Mapped[Optional[str]] = mapped_column(String(255))
+    # An automatic top-up's invoice while it is being made (created, not yet finalised and paid): voided
+    # should it never be finished, so no payable invoice is left at Stripe.
+    draft_invoice_id: Mapped[Optional[str]] = mapped_column(String(255))
     # Why an automatic top-up failed (Stripe's message), for the team and the operator.
     failure: Mapped[Optional[str]] = mapped_column(String(500))
     # The worker's tries of an automatic top-up: how many, its claim on it, when it is due again.

@@ -133,6 +133,8 @@ def handle_event(event, client=None) -> str:
     """
     check_shape(event)
     obj = event.data.object
+    if db.session.get(StripeEvent, event.id) is not None:
+        raise AlreadyProcessed(event.id)
     # Asked before anything is written: no lock is held while Stripe answers.
     card = cards.ask_stripe(client, event.type, obj)
     record_event(event)
@@ -172,7 +174,7 @@ def handle_event(event, client=None) -> str:
 _TEXT, _TEXT_OR_NULL, _CENTS, _CENTS_OR_NULL = (str,), (str, type(None)), "cents", "cents or null"
 _SESSION = {"id": _TEXT, "payment_status": _TEXT, "client_reference_id": _TEXT_OR_NULL}
 _SESSION |= {"payment_intent": _TEXT_OR_NULL, "amount_total": _CENTS_OR_NULL}
-_INTENT = {"id": _TEXT, "metadata": (dict,)}
+_INTENT = {"id": _TEXT, "metadata": "metadata"}
 SHAPES = {
     "checkout.session.completed": _SESSION,
     "checkout.session.async_payment_succeeded": _SESSION,
@@ -187,8 +189,14 @@ SHAPES = {
 }
 # Fields read when they are there: absent, null, or of the kind Stripe sends.
 OPTIONAL = {
-    "checkout.session.completed": {"mode": _TEXT, "customer": _TEXT, "invoice": _TEXT, "setup_intent": _TEXT},
-    "payment_intent.payment_failed": {"last_payment_error": (dict,)},
+    "checkout.session.completed": {
+        "mode": _TEXT,
+        "customer": _TEXT,
+        "invoice": _TEXT,
+        "setup_intent": _TEXT,
+        "created": (int,),
+    },
+    "payment_intent.payment_failed": {"last_payment_error": "error"},
     "customer.updated": {"invoice_settings": (dict,)},
 }
 
@@ -209,6 +217,9 @@ def check_shape(event) -> None:
         raise MalformedEvent("not an event: it needs an id, a type and data.object")
     for field, kinds in SHAPES.get(raw["type"], {}).items():
         value = obj.get(field)
+        if kinds in ("metadata", "error"):
+            _check_texts(raw["type"], field, value, required=kinds == "metadata")
+            continue
         if kinds in (_CENTS, _CENTS_OR_NULL):
             if value is None and kinds == _CENTS_OR_NULL:
                 continue
@@ -218,8 +229,24 @@ def check_shape(event) -> None:
             raise MalformedEvent(f"{field} is {value!r:.80}, not what a {raw['type']} event carries")
     for field, kinds in OPTIONAL.get(raw["type"], {}).items():
         value = obj.get(field)
+        if kinds in ("metadata", "error"):
+            _check_texts(raw["type"], field, value, required=False)
+            continue
         if value is not None and (not isinstance(value, kinds) or (isinstance(value, str) and not _stripe_text(value))):
             raise MalformedEvent(f"{field} is {value!r:.80}, not what a {raw['type']} event carries")
+
+
+def _check_texts(event_type: str, field: str, value, required: bool) -> None:
+    """A dict whose values are text (Stripe's metadata: text to text), or null when not required; an error
+    object's code, decline_code and message are text or null."""
+    if value is None and not required:
+        return
+    if not isinstance(value, dict) or not all(
+        isinstance(item, str) or (item is None and field != "metadata")
+        for name, item in value.items()
+        if field == "metadata" or name in ("code", "decline_code", "message")
+    ):
+        raise MalformedEvent(f"{field} is {value!r:.80}, not what a {event_type} event carries")
 
 
 def _stripe_text(value, limit: int = 255) -> bool:
@@ -366,7 +393,9 @@ def checkout_left(user: User, token: str, secret: str) -> Payment | None:
     if claims.get("user") != user.id:
         return None
     first = db.session.scalar(
-        select(func.min(Payment.id)).where(Payment.bought_by_id == user.id, Payment.created_at >= issued)
+        select(func.min(Payment.id)).where(
+            Payment.bought_by_id == user.id, Payment.kind == PaymentKind.CHECKOUT, Payment.created_at >= issued
+        )
     )
     payment = None if first is None else db.session.get(Payment, first)
     return payment if payment is not None and payment.status == PaymentStatus.OPEN else None

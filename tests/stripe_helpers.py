@@ -118,6 +118,9 @@ class FakeStripe:
         self.meanwhile = None
         # The Customer's default card as Stripe has it now (a PaymentMethod id, or None).
         self.default_method = None
+        # Attaching a payment to an invoice is refused (400), and the invoices' status as Stripe has it.
+        self.refuse_attach = False
+        self.invoice_status = "paid"
         api = re.escape(STRIPE_API)
         routes = [
             ("POST", r"/v1/customers", self._customer),
@@ -131,7 +134,9 @@ class FakeStripe:
             ("POST", r"/v1/invoices", self._invoice),
             ("POST", r"/v1/invoiceitems", self._invoice_item),
             ("POST", r"/v1/invoices/[\w]+/finalize", self._invoice),
-            ("POST", r"/v1/invoices/[\w]+/attach_payment", self._invoice),
+            ("POST", r"/v1/invoices/[\w]+/attach_payment", self._attach),
+            ("POST", r"/v1/invoices/[\w]+/void", self._invoice),
+            ("DELETE", r"/v1/invoices/[\w]+", self._invoice),
             ("GET", r"/v1/invoices/[\w]+", self._invoice),
             ("POST", r"/v1/billing_portal/sessions", self._portal),
         ]
@@ -270,9 +275,14 @@ class FakeStripe:
         return 200, {
             "id": invoice_id,
             "object": "invoice",
-            "status": "paid",
+            "status": self.invoice_status,
             "hosted_invoice_url": f"{STRIPE_CHECKOUT}/invoices/{invoice_id}",
         }
+
+    def _attach(self, path, params, headers):
+        if self.refuse_attach:
+            return 400, {"error": {"type": "invalid_request_error", "message": "This invoice cannot take payments."}}
+        return self._invoice(path, params, headers)
 
     def _invoice_item(self, path, params, headers):
         return 200, {"id": "ii_test_1", "object": "invoiceitem"}

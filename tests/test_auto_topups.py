@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import responses
 from flask_migrate import downgrade, upgrade
-from sqlalchemy import event, select, text
+from sqlalchemy import event, func, select, text
 
 from app import accounts, audit, autotopup, billing, card_payments, metering, services, teams
 from app.extensions import db
@@ -27,6 +27,7 @@ from app.models import (
     Payment,
     PaymentKind,
     PaymentStatus,
+    StripeEvent,
     Team,
     TeamRole,
     User,
@@ -839,24 +840,121 @@ def test_a_top_up_no_buyer_took_up_for_a_day_is_called_off_unsent_and_the_next_d
     assert [p.status for p in automatic(app, team_id)] == [PaymentStatus.EXPIRED, PaymentStatus.QUEUED]
 
 
-def test_a_late_success_of_a_top_up_called_off_leaves_the_one_in_flight_alone(app, web, client, stripe_api):
+def test_turning_off_leaves_a_tried_top_up_in_flight_and_a_late_success_frees_only_its_own(
+    app, web, client, stripe_api
+):
     stripe_api.intent_outcome = "down"
     team_id = turned_on(app, web, credits=100)
     buy(app)  # tried once: Stripe may have taken it
     web.post("/billing/automatic", {"action": "off"})
     (first,) = automatic(app, team_id)
-    assert first.status == PaymentStatus.EXPIRED
+    assert first.status == PaymentStatus.QUEUED and team_row(app, team_id).auto_topup_pending
+    # A day on it is given up, the team freed and paused; turned on again, a second is queued.
+    with app.app_context():
+        row = db.session.get(Payment, first.id)
+        row.created_at -= timedelta(hours=24)
+        row.next_attempt_at = row.created_at
+        db.session.commit()
+    assert buy(app) == {"failed": 1}
     web.post("/billing/automatic", {"below": 5000, "pack": "starter", "monthly_limit": 5})
     second = automatic(app, team_id)[1]
     assert second.status == PaymentStatus.QUEUED
-    # The first try had gone through after all.
+    # The first try had gone through after all: credited, and the second is still the one in flight.
     succeeded(client, first, intent_id="pi_late")
     assert factories.balance(app, team_id) == 10_100
-    assert team_row(app, team_id).auto_topup_pending  # the second is still in flight
+    assert team_row(app, team_id).auto_topup_pending
     spend(app, team_id, 10)  # no second queueing, no error
     assert [p.status for p in automatic(app, team_id)] == [PaymentStatus.PAID, PaymentStatus.QUEUED]
     with app.app_context():
         assert audit.audit().problems == []
+
+
+def test_a_replayed_or_late_setup_event_never_brings_an_older_card_back(app, web, client, stripe_api):
+    team_id = owner(app, web)
+    web.post("/billing/card")
+    older = setup_completed(team_id, "cs_test_setup_1", "seti_old") | {"created": int(utcnow().timestamp()) - 600}
+    newer = setup_completed(team_id, "cs_test_setup_2", "seti_new") | {"created": int(utcnow().timestamp()) - 60}
+    assert deliver(client, stripe_event("checkout.session.completed", newer, "evt_new")).status_code == 200
+    asked = len(stripe_api.calls)
+    # The same event again: nothing asked of Stripe, nothing changed.
+    again = deliver(client, stripe_event("checkout.session.completed", newer, "evt_new")).get_json()
+    assert again["outcome"] == "already processed" and len(stripe_api.calls) == asked
+    # The older setup's event, late: the card saved since stays, and Stripe's default is not touched.
+    late = deliver(client, stripe_event("checkout.session.completed", older, "evt_old")).get_json()["outcome"]
+    assert late == "a setup older than the card saved since: not applied"
+    assert stripe_api.called("POST", f"/v1/customers/{FakeStripe.CUSTOMER}") == [
+        ({"invoice_settings[default_payment_method]": "pm_test_1"}, stripe_api.calls[asked - 1][3])
+    ]
+
+
+@pytest.mark.parametrize(
+    "event_type, obj",
+    [
+        ("payment_intent.succeeded", payment_intent("kp-auto-topup-x", 7001) | {"metadata": {"team_id": {"a": 1}}}),
+        ("payment_intent.succeeded", payment_intent("kp-auto-topup-x", 7001) | {"metadata": ["x"]}),
+        ("payment_intent.succeeded", {"id": "pi_1", "object": "payment_intent"}),
+        (
+            "payment_intent.payment_failed",
+            payment_intent("kp-auto-topup-x", 7001) | {"last_payment_error": {"message": 5}},
+        ),
+        ("payment_intent.payment_failed", payment_intent("kp-auto-topup-x", 7001) | {"last_payment_error": "no"}),
+        ("checkout.session.completed", checkout_session(7001, mode="setup", created="yesterday")),
+    ],
+)
+def test_a_signed_event_of_the_wrong_shape_is_refused_and_changes_nothing(app, client, event_type, obj):
+    response = deliver(client, stripe_event(event_type, obj))
+    assert response.status_code == 400 and response.get_json() == {"detail": "Malformed event."}
+    with app.app_context():
+        assert db.session.scalar(select(func.count()).select_from(StripeEvent)) == 0
+
+
+def test_a_card_removed_while_a_top_up_waits_is_told_once(app, web, client, stripe_api):
+    team_id = turned_on(app, web, credits=100)
+    detached = {"id": "pm_test_1", "object": "payment_method", "type": "card", "customer": None}
+    deliver(client, stripe_event("payment_method.detached", detached))
+    assert buy(app) == {"failed": 1}
+    assert stripe_api.called("POST", "/v1/payment_intents") == []
+    assert len(factories.mails(app, OWNER, "auto_topup_paused")) == 1
+    assert team_row(app, team_id).auto_topup_paused == "The saved card was removed."
+    assert automatic(app, team_id)[0].failure == "No card is saved for automatic top-ups."
+
+
+def test_an_invoice_never_finished_is_voided_so_none_is_left_to_pay(app, web, client, stripe_api):
+    stripe_api.refuse_attach = True
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    buy(app)
+    succeeded(client, queued)
+    with app.app_context():
+        assert dict(card_payments.invoice_due(services.stripe_client())) == {"later": 1}
+    (waiting,) = automatic(app, team_id)
+    assert (waiting.invoice_id, waiting.draft_invoice_id) == (None, "in_test_1")
+    with app.app_context():
+        db.session.get(Payment, waiting.id).paid_at -= timedelta(hours=24)
+        db.session.commit()
+        stripe_api.invoice_status = "open"
+        assert dict(card_payments.invoice_due(services.stripe_client())) == {"voided": 1}
+        assert dict(card_payments.invoice_due(services.stripe_client())) == {}
+    assert len(stripe_api.called("POST", "/v1/invoices/in_test_1/void")) == 1
+    (voided,) = automatic(app, team_id)
+    assert (voided.invoice_id, voided.draft_invoice_id) == (None, None)
+    # Its link opens the charge's receipt instead.
+    receipt = web.get(f"/billing/payments/{voided.id}/document")
+    assert receipt.headers["Location"].endswith("/receipts/pi_auto_1")
+
+
+def test_the_audit_tells_of_a_top_up_at_stripe_for_a_day_without_its_event(app, web, stripe_api):
+    team_id = turned_on(app, web, credits=100)
+    buy(app)
+    (sent,) = automatic(app, team_id)
+    with app.app_context():
+        assert audit.audit().notices == []
+        db.session.get(Payment, sent.id).created_at -= timedelta(days=2)
+        db.session.commit()
+        assert audit.audit().notices == [
+            f"team {team_id}: automatic top-up {sent.idempotency_key} (pi_auto_1) at Stripe for over a day "
+            "without its event"
+        ]
 
 
 def test_checkouts_customer_never_replaces_the_teams_own(app, web, client, stripe_api):
