@@ -24,11 +24,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from app import config
-from app.extensions import db
-from app.models import Payment, PaymentKind, PaymentStatus, Team, User, utcnow
+from app.extensions import db, insert
+from app.models import AUTOMATIC_IN_FLIGHT, Payment, PaymentKind, PaymentStatus, Team, User, utcnow
 from app.packs import Pack
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ COUNTED = (
     PaymentStatus.DISPUTED,
 )
 IN_FLIGHT = (PaymentStatus.QUEUED, PaymentStatus.PROCESSING)
+# The partial unique index that keeps one in flight per team (models.Payment, migration 0013).
+IN_FLIGHT_INDEX = text(AUTOMATIC_IN_FLIGHT)
 
 
 class NotAllowed(ValueError):
@@ -174,24 +176,36 @@ def queue(team_id: int) -> Payment | None:
         team.auto_topup_capped_until = next_month(now)
         log.info("team %s: automatic top-up cap of %s this month reached", team_id, team.auto_topup_monthly_limit)
         return None
-    payment = Payment(
-        kind=PaymentKind.AUTOMATIC,
-        status=PaymentStatus.QUEUED,
-        team_id=team_id,
-        bought_by_id=team.auto_topup_by_id,
-        pack=pack.id,
-        credits=pack.credits,
-        amount_cents=pack.price_cents,
-        currency=config.current().stripe_currency,
-        idempotency_key=f"kp-auto-topup-{uuid.uuid4().hex}",
-        next_attempt_at=now,
-    )
-    db.session.add(payment)
+    key = f"kp-auto-topup-{uuid.uuid4().hex}"
+    # ON CONFLICT with the one-in-flight index: should a top-up be in flight though the team did not say
+    # so (the audit names that), the debit goes on and nothing more is queued, never an error.
+    queued = db.session.execute(
+        insert(Payment)
+        .values(
+            kind=PaymentKind.AUTOMATIC,
+            status=PaymentStatus.QUEUED,
+            team_id=team_id,
+            bought_by_id=team.auto_topup_by_id,
+            pack=pack.id,
+            credits=pack.credits,
+            amount_cents=pack.price_cents,
+            currency=config.current().stripe_currency,
+            idempotency_key=key,
+            attempts=0,
+            created_at=now,
+            next_attempt_at=now,
+        )
+        .on_conflict_do_nothing(index_elements=[Payment.team_id], index_where=IN_FLIGHT_INDEX)
+        .returning(Payment.id)
+    ).scalar()
     team.auto_topup_pending = True
     db.session.flush()
+    if queued is None:
+        log.error("team %s: an automatic top-up is in flight already though none was pending; none queued", team_id)
+        return None
     db.session.info[QUEUED] = True
-    log.info("team %s: automatic top-up %s queued (%s pack)", team_id, payment.idempotency_key, pack.id)
-    return payment
+    log.info("team %s: automatic top-up %s queued (%s pack)", team_id, key, pack.id)
+    return db.session.get(Payment, queued)
 
 
 def in_flight(team_id: int) -> Payment | None:

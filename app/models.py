@@ -414,6 +414,10 @@ class GatewayProcess(db.Model):
     lease_until: Mapped[datetime]
 
 
+# The payments an index keeps to one per team: automatic top-ups queued or at Stripe.
+AUTOMATIC_IN_FLIGHT = "kind = 'automatic' AND status IN ('queued', 'processing')"
+
+
 class Payment(db.Model):
     """A purchase of a credit pack: in Stripe Checkout, or an automatic top-up with the saved card.
 
@@ -428,8 +432,8 @@ class Payment(db.Model):
             "ix_payments_one_automatic_in_flight",
             "team_id",
             unique=True,
-            postgresql_where=text("kind = 'automatic' AND status IN ('queued', 'processing')"),
-            sqlite_where=text("kind = 'automatic' AND status IN ('queued', 'processing')"),
+            postgresql_where=text(AUTOMATIC_IN_FLIGHT),
+            sqlite_where=text(AUTOMATIC_IN_FLIGHT),
         ),
     )
 

@@ -1016,3 +1016,16 @@ def test_deleting_the_account_ends_automatic_top_up_and_waits_for_one_being_paid
     assert (team.auto_topup_below, team.card_payment_method, team.stripe_customer_id) == (None, None, None)
     assert automatic(app, team_id)[-1].status == PaymentStatus.EXPIRED
     assert buy(app) == {}
+
+
+def test_a_debit_goes_on_when_a_top_up_is_in_flight_though_the_team_did_not_say_so(app, web, stripe_api):
+    team_id = turned_on(app, web, credits=100)
+    with app.app_context():
+        db.session.get(Team, team_id).auto_topup_pending = False  # out of step, as only a bug could make it
+        db.session.commit()
+    spend(app, team_id, 10)  # below the threshold: it would queue a second
+    assert factories.balance(app, team_id) == 90
+    assert [p.status for p in automatic(app, team_id)] == [PaymentStatus.QUEUED]
+    assert team_row(app, team_id).auto_topup_pending
+    with app.app_context():
+        assert audit.audit().problems == []
