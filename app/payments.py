@@ -194,7 +194,7 @@ OPTIONAL = {
         "customer": _TEXT,
         "invoice": _TEXT,
         "setup_intent": _TEXT,
-        "created": (int,),
+        "created": "timestamp",
     },
     "payment_intent.payment_failed": {"last_payment_error": "error"},
     "customer.updated": {"invoice_settings": (dict,)},
@@ -229,6 +229,11 @@ def check_shape(event) -> None:
             raise MalformedEvent(f"{field} is {value!r:.80}, not what a {raw['type']} event carries")
     for field, kinds in OPTIONAL.get(raw["type"], {}).items():
         value = obj.get(field)
+        if kinds == "timestamp":
+            # Unix seconds, as Stripe writes them: within the years a date can hold.
+            if value is not None and (type(value) is not int or not 0 <= value < 2**37):
+                raise MalformedEvent(f"{field} is {value!r:.80}, not a time Stripe writes")
+            continue
         if kinds in ("metadata", "error"):
             _check_texts(raw["type"], field, value, required=False)
             continue

@@ -899,6 +899,8 @@ def test_a_replayed_or_late_setup_event_never_brings_an_older_card_back(app, web
         ),
         ("payment_intent.payment_failed", payment_intent("kp-auto-topup-x", 7001) | {"last_payment_error": "no"}),
         ("checkout.session.completed", checkout_session(7001, mode="setup", created="yesterday")),
+        ("checkout.session.completed", checkout_session(7001, mode="setup", created=10**20)),
+        ("checkout.session.completed", checkout_session(7001, mode="setup", created=True)),
     ],
 )
 def test_a_signed_event_of_the_wrong_shape_is_refused_and_changes_nothing(app, client, event_type, obj):
