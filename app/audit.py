@@ -271,10 +271,9 @@ def automatic_top_ups_in_step() -> list[str]:
         if pending != (count > 0):
             state = "pending" if pending else "not pending"
             problems.append(f"team {team_id}: automatic top-up {state}, but {count} in flight")
-    automatic_ids = select(Payment.id).where(Payment.kind == PaymentKind.AUTOMATIC)
     unnamed = db.session.scalar(
         select(func.count()).where(
-            Payment.id.in_(automatic_ids),
+            Payment.kind == PaymentKind.AUTOMATIC,
             or_(Payment.idempotency_key.is_(None), Payment.checkout_session_id.is_not(None)),
         )
     )

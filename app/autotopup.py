@@ -26,7 +26,7 @@ from datetime import datetime
 
 from sqlalchemy import func, select, text, update
 
-from app import config
+from app import config, packs
 from app.extensions import db, insert
 from app.models import AUTOMATIC_IN_FLIGHT, Payment, PaymentKind, PaymentStatus, Team, User, utcnow
 from app.packs import Pack
@@ -70,7 +70,7 @@ def next_month(moment: datetime) -> datetime:
 
 
 def pack_named(name: str | None) -> Pack | None:
-    return next((pack for pack in config.current().credit_packs if pack.id == name), None)
+    return packs.named(config.current().credit_packs, name)
 
 
 def check(below: int | None, pack: str | None, monthly_limit: int | None) -> Settings:

@@ -46,6 +46,12 @@ NEEDS_THE_CUSTOMER = ("authentication_required",)
 METADATA_KEY = "kokoro_pay_auto_topup"
 
 
+def failure_status(code: str | None) -> str:
+    """What a declined payment is, by Stripe's decline code: one its bank wants the customer to confirm
+    (SCA), or failed."""
+    return PaymentStatus.ACTION_REQUIRED if code in NEEDS_THE_CUSTOMER else PaymentStatus.FAILED
+
+
 def retry_delay(attempts: int) -> timedelta:
     return timedelta(seconds=min(FIRST_RETRY_SECONDS * 2 ** max(attempts - 1, 0), LAST_RETRY_SECONDS))
 
@@ -144,8 +150,7 @@ def charge(client: stripe.StripeClient, payment: Payment) -> str:
         )
     except stripe.CardError as error:
         intent = getattr(error.error, "payment_intent", None)
-        code = getattr(error.error, "decline_code", None) or error.code
-        status = PaymentStatus.ACTION_REQUIRED if code in NEEDS_THE_CUSTOMER else PaymentStatus.FAILED
+        status = failure_status(getattr(error.error, "decline_code", None) or error.code)
         failed(payment, status, _said(error), intent.id if intent is not None else None)
         db.session.commit()
         return "failed"
@@ -194,16 +199,23 @@ def _note_intent(payment_id: int, intent_id: str) -> None:
     )
 
 
-def _called_off(payment: Payment) -> str:
-    """A top-up no buyer took up for a day (none ran): called off unsent; the team is not paused."""
+def _end(payment: Payment, status: str, why: str, only: tuple) -> bool:
+    """End the payment with `status` if it is still in one of `only`, and free its team for the next top-up;
+    False when something else ended it first."""
     ended = db.session.execute(
         update(Payment)
-        .where(Payment.id == payment.id, Payment.status == PaymentStatus.QUEUED)
-        .values(status=PaymentStatus.EXPIRED, failure="Called off: not sent within a day.", claimed_until=None)
+        .where(Payment.id == payment.id, Payment.status.in_(only))
+        .values(status=status, failure=why[:500], claimed_until=None)
         .execution_options(synchronize_session=False)
     ).rowcount
     if ended:
         autotopup.free(payment.team_id)
+    return bool(ended)
+
+
+def _called_off(payment: Payment) -> str:
+    """A top-up no buyer took up for a day (none ran): called off unsent; the team is not paused."""
+    _end(payment, PaymentStatus.EXPIRED, "Called off: not sent within a day.", (PaymentStatus.QUEUED,))
     db.session.commit()
     log.warning("automatic top-up %s was not sent within a day: called off", payment.idempotency_key)
     return "called off"
@@ -226,17 +238,11 @@ def failed(
 
     `charged_nothing`: Stripe said so (its answer to this key), or nothing was ever sent; else the mail
     does not claim it."""
-    ended = db.session.execute(
-        update(Payment)
-        .where(Payment.id == payment.id, Payment.status.in_(autotopup.IN_FLIGHT))
-        .values(status=status, failure=reason[:500], claimed_until=None)
-        .execution_options(synchronize_session=False)
-    ).rowcount
+    ended = _end(payment, status, reason, autotopup.IN_FLIGHT)
     if intent_id:
         _note_intent(payment.id, intent_id)
     if not ended:
         return False
-    autotopup.free(payment.team_id)
     team = db.session.get(Team, payment.team_id)
     db.session.refresh(team, with_for_update=True)
     db.session.refresh(payment)

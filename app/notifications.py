@@ -14,19 +14,22 @@ from sqlalchemy import event
 from app import billing, mail, teams
 from app.urls import external_url
 
-# The dashboard's pages each kind of mail links to, by the name its template uses.
+# The dashboard's pages each kind of mail links to, by the name its template uses ("#…": a place on the page).
 LINKS = {
     "low_balance": {"billing_url": "dashboard.billing_page", "account_url": "dashboard.account"},
     "receipt": {"billing_url": "dashboard.billing_page"},
     "reversal": {"billing_url": "dashboard.billing_page"},
-    "auto_topup_paused": {"billing_url": "dashboard.billing_page"},
+    "auto_topup_paused": {"billing_url": "dashboard.billing_page", "card_url": "dashboard.billing_page#card"},
 }
 
 
+def _link(target: str) -> str:
+    endpoint, _, place = target.partition("#")
+    return external_url(endpoint) + (f"#{place}" if place else "")
+
+
 def _links(kind: str, facts: dict) -> dict:
-    links = {name: external_url(endpoint) for name, endpoint in LINKS[kind].items()}
-    if kind == "auto_topup_paused":
-        links["card_url"] = external_url("dashboard.billing_page") + "#card"
+    links = {name: _link(target) for name, target in LINKS[kind].items()}
     payment = facts.get("payment")
     if payment is not None:
         # The payment's invoice or receipt at Stripe, through the page that looks it up when followed.

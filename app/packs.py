@@ -27,3 +27,8 @@ def parse_packs(raw: str) -> list[Pack]:
             raise ValueError(f"CREDIT_PACKS entry {item!r} needs a name and positive numbers")
         packs.append(pack)
     return packs
+
+
+def named(packs: list[Pack], pack_id: str | None) -> Pack | None:
+    """The pack of `packs` with this id; None when none is (sold no more, or never)."""
+    return next((pack for pack in packs if pack.id == pack_id), None)

@@ -216,36 +216,35 @@ def check_shape(event) -> None:
     if not _stripe_text(raw.get("id")) or not _stripe_text(raw.get("type"), 100) or not isinstance(obj, dict):
         raise MalformedEvent("not an event: it needs an id, a type and data.object")
     for field, kinds in SHAPES.get(raw["type"], {}).items():
-        value = obj.get(field)
-        if kinds in ("metadata", "error"):
-            _check_texts(raw["type"], field, value, required=kinds == "metadata")
-            continue
-        if kinds in (_CENTS, _CENTS_OR_NULL):
-            if value is None and kinds == _CENTS_OR_NULL:
-                continue
-            if type(value) is not int or not 0 <= value <= MAX_CENTS:
-                raise MalformedEvent(f"{field} is {value!r}, not a whole number of cents")
-        elif field not in obj or not isinstance(value, kinds) or (isinstance(value, str) and not _stripe_text(value)):
-            raise MalformedEvent(f"{field} is {value!r:.80}, not what a {raw['type']} event carries")
+        _check_field(raw["type"], obj, field, kinds, required=True)
     for field, kinds in OPTIONAL.get(raw["type"], {}).items():
-        value = obj.get(field)
-        if kinds == "timestamp":
-            # Unix seconds, as Stripe writes them: within the years a date can hold.
-            if value is not None and (type(value) is not int or not 0 <= value < 2**37):
-                raise MalformedEvent(f"{field} is {value!r:.80}, not a time Stripe writes")
-            continue
-        if kinds in ("metadata", "error"):
-            _check_texts(raw["type"], field, value, required=False)
-            continue
-        if value is not None and (not isinstance(value, kinds) or (isinstance(value, str) and not _stripe_text(value))):
-            raise MalformedEvent(f"{field} is {value!r:.80}, not what a {raw['type']} event carries")
+        _check_field(raw["type"], obj, field, kinds, required=False)
 
 
-def _check_texts(event_type: str, field: str, value, required: bool) -> None:
-    """A dict whose values are text (Stripe's metadata: text to text), or null when not required; an error
-    object's code, decline_code and message are text or null."""
+def _check_field(event_type: str, obj: dict, field: str, kinds, required: bool) -> None:
+    """One field as SHAPES (required: there, null only where its kinds allow) or OPTIONAL (absent or null
+    pass) describe it; MalformedEvent otherwise."""
+    value = obj.get(field)
     if value is None and not required:
         return
+    if kinds == "timestamp":
+        # Unix seconds, as Stripe writes them: within the years a date can hold.
+        if type(value) is not int or not 0 <= value < 2**37:
+            raise MalformedEvent(f"{field} is {value!r:.80}, not a time Stripe writes")
+    elif kinds in ("metadata", "error"):
+        _check_texts(event_type, field, value)
+    elif kinds in (_CENTS, _CENTS_OR_NULL):
+        if value is None and kinds == _CENTS_OR_NULL:
+            return
+        if type(value) is not int or not 0 <= value <= MAX_CENTS:
+            raise MalformedEvent(f"{field} is {value!r}, not a whole number of cents")
+    elif field not in obj or not isinstance(value, kinds) or (isinstance(value, str) and not _stripe_text(value)):
+        raise MalformedEvent(f"{field} is {value!r:.80}, not what a {event_type} event carries")
+
+
+def _check_texts(event_type: str, field: str, value) -> None:
+    """A dict whose values are text (Stripe's metadata: text to text); of an error object, the code,
+    decline_code and message are text or null."""
     if not isinstance(value, dict) or not all(
         isinstance(item, str) or (item is None and field != "metadata")
         for name, item in value.items()
@@ -345,7 +344,7 @@ def _credit_automatic(intent_obj) -> str:
         return "ignored: not an automatic top-up"
     # Only the top-up in flight frees the team for the next; one called off or given up earlier that
     # Stripe took after all is credited, and leaves the one in flight now as it is.
-    was_in_flight = payment.status in (PaymentStatus.QUEUED, PaymentStatus.PROCESSING)
+    was_in_flight = payment.status in autotopup.IN_FLIGHT
     outcome = _credit(payment)
     if was_in_flight:
         autotopup.free(payment.team_id)
@@ -357,8 +356,7 @@ def _automatic_failed(intent_obj) -> str:
     if payment is None:
         return "ignored: not an automatic top-up"
     error = getattr(intent_obj, "last_payment_error", None) or {}
-    code = getattr(error, "decline_code", None) or getattr(error, "code", None)
-    status = PaymentStatus.ACTION_REQUIRED if code in card_payments.NEEDS_THE_CUSTOMER else PaymentStatus.FAILED
+    status = card_payments.failure_status(getattr(error, "decline_code", None) or getattr(error, "code", None))
     reason = (getattr(error, "message", None) or "The card was declined.")[:400]
     if card_payments.failed(payment, status, reason, intent_obj.id):
         return f"automatic top-up {payment.name} failed: {reason}"

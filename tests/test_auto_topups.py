@@ -100,6 +100,15 @@ def team_row(app, team_id: int) -> Team:
         return team
 
 
+def a_day_passes(app, payment_id: int) -> None:
+    """The top-up was queued a day ago, and is due now."""
+    with app.app_context():
+        row = db.session.get(Payment, payment_id)
+        row.created_at -= timedelta(hours=24)
+        row.next_attempt_at = row.created_at
+        db.session.commit()
+
+
 def buy(app) -> dict:
     with app.app_context():
         return dict(card_payments.buy_due(services.stripe_client()))
@@ -446,11 +455,7 @@ def test_stripe_out_of_reach_is_tried_again_with_the_same_key_and_given_up_after
     assert buy(app) == {"later": 1}
     sent_keys = {headers["Idempotency-Key"] for _, headers in stripe_api.called("POST", "/v1/payment_intents")}
     assert sent_keys == {waiting.idempotency_key}
-    with app.app_context():
-        row = db.session.get(Payment, waiting.id)
-        row.created_at -= timedelta(hours=24)
-        row.next_attempt_at = row.created_at
-        db.session.commit()
+    a_day_passes(app, waiting.id)
     # A day on, Stripe may have forgotten the key: never sent again under it, given up instead.
     assert buy(app) == {"failed": 1}
     assert len(stripe_api.called("POST", "/v1/payment_intents")) == 2
@@ -826,9 +831,7 @@ def test_migration_0013_keeps_checkout_payments_and_goes_back_only_without_cards
 def test_a_top_up_no_buyer_took_up_for_a_day_is_called_off_unsent_and_the_next_debit_queues_anew(app, web, stripe_api):
     team_id = turned_on(app, web, credits=100)
     (queued,) = automatic(app, team_id)
-    with app.app_context():
-        db.session.get(Payment, queued.id).created_at -= timedelta(hours=24)
-        db.session.commit()
+    a_day_passes(app, queued.id)
     assert buy(app) == {"called off": 1}
     assert stripe_api.called("POST", "/v1/payment_intents") == []
     (called_off,) = automatic(app, team_id)
@@ -850,11 +853,7 @@ def test_turning_off_leaves_a_tried_top_up_in_flight_and_a_late_success_frees_on
     (first,) = automatic(app, team_id)
     assert first.status == PaymentStatus.QUEUED and team_row(app, team_id).auto_topup_pending
     # A day on it is given up, the team freed and paused; turned on again, a second is queued.
-    with app.app_context():
-        row = db.session.get(Payment, first.id)
-        row.created_at -= timedelta(hours=24)
-        row.next_attempt_at = row.created_at
-        db.session.commit()
+    a_day_passes(app, first.id)
     assert buy(app) == {"failed": 1}
     web.post("/billing/automatic", {"below": 5000, "pack": "starter", "monthly_limit": 5})
     second = automatic(app, team_id)[1]

@@ -19,6 +19,7 @@ from app.dashboard import bp, current_team, packs, team_permission, verified_req
 from app.extensions import db
 from app.forms import AutoTopupForm, BuyForm, ConfirmForm
 from app.models import Payment, utcnow
+from app.packs import named
 from app.teams import Permission
 from app.urls import external_url
 
@@ -27,7 +28,7 @@ from app.urls import external_url
 @login_required
 @team_permission(Permission.BILLING)
 def billing_page(automatic_form: AutoTopupForm | None = None):
-    team = current_team()
+    team, now = current_team(), utcnow()
     payments_page = db.paginate(
         select(Payment).where(Payment.team_id == team.id).order_by(Payment.id.desc()),
         page=usage.page_number(request.args),
@@ -45,8 +46,8 @@ def billing_page(automatic_form: AutoTopupForm | None = None):
         form=BuyForm(),
         button=ConfirmForm(),
         automatic_form=automatic_form,
-        now=utcnow(),
-        automatic_this_month=autotopup.counted_this_month(team.id, utcnow()),
+        now=now,
+        automatic_this_month=autotopup.counted_this_month(team.id, now),
         in_flight=autotopup.in_flight(team.id),
         payments=payments_page.items,
         payments_page=payments_page,
@@ -180,13 +181,12 @@ def payment_document(payment_id: int):
 @verified_required
 def checkout():
     form = BuyForm()
-    pack = next((pack for pack in packs() if pack.id == form.pack.data), None)
+    pack = named(packs(), form.pack.data)
     if not form.validate_on_submit() or pack is None:
         flash("Choose one of the credit packs.", "error")
         return redirect(url_for("dashboard.billing_page"))
-    client = services.stripe_client()
+    client = _stripe_or_flash()
     if client is None:
-        flash("Payments are not configured on this server yet.", "error")
         return redirect(url_for("dashboard.billing_page"))
     try:
         url = payments.start_checkout(
