@@ -4,21 +4,24 @@ Run as its own process (`gunicorn 'engine.server:create_app()'`), never inside t
 gateway's workers: the model takes about half a gigabyte.
 """
 
+import base64
 import contextlib
 import heapq
 import itertools
+import json
 import logging
 import re
 import select
 import socket
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 from flask import Flask, Response, jsonify, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
-from engine import assets
-from engine.audio import CONTENT_TYPES, Encoder, time_stretch
+from engine import assets, captions
+from engine.audio import CONTENT_TYPES, SAMPLE_RATE, Encoder, time_stretch
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +126,31 @@ class Synthesizer:
                 return ""
         return phonemes if self._kokoro.tokenizer.tokenize(phonemes) else ""
 
+    def plan(self, piece: str, offset: int, lang: str) -> captions.Plan | None:
+        """How to speak `piece` (at code point `offset` of the input) so each word's phonemes are known."""
+        whole = self.phonemes(piece, lang)
+        if not whole:
+            return None
+        piece_words = captions.words(piece, offset)
+        return captions.plan(piece_words, whole, [self.phonemes(word.text, lang) for word in piece_words])
+
     def sentence(self, phonemes: str, style: np.ndarray, speed: float, lang: str, first: bool = True) -> np.ndarray:
         """One piece's audio at `speed` (0.25–4.0): the model speaks 0.5–2.0, time-stretching does the rest.
 
         `first`: no audio of this request has gone out yet (its turn comes sooner).
         """
+        return self.speak(phonemes, style, speed, lang, first)[0]
+
+    def speak(self, phonemes: str, style: np.ndarray, speed: float, lang: str, first: bool = True):
+        """`sentence`'s audio, with when each phoneme is spoken (kokoro-onnx's timings, before any
+        time stretch) and how much longer the stretch made the audio."""
         model_speed = min(max(speed, MODEL_SPEEDS[0]), MODEL_SPEEDS[1])
         with self.turns.turn(first):
-            samples, _ = self._kokoro.create(phonemes, style, speed=model_speed, lang=lang, is_phonemes=True)
-        return time_stretch(samples, speed / model_speed)
+            samples, _, timings = self._kokoro.create_timed(
+                phonemes, style, speed=model_speed, lang=lang, is_phonemes=True
+            )
+        stretched = time_stretch(samples, speed / model_speed)
+        return stretched, timings, len(stretched) / len(samples) if len(samples) else 1.0
 
 
 def blend(voice: str) -> list[tuple[str, str, float]]:
@@ -207,6 +226,30 @@ def client_gone(environ: dict) -> bool:
         return True
 
 
+@dataclass(frozen=True)
+class Request:
+    """A checked synthesis request."""
+
+    text: str
+    parts: list[str]
+    style: np.ndarray
+    lang: str
+    speed: float
+    volume: float
+    response_format: str
+
+    def louder(self, samples: np.ndarray) -> np.ndarray:
+        return samples * self.volume if self.volume != 1.0 else samples
+
+
+def _audio_headers(order: Request) -> dict:
+    return {
+        "Content-Disposition": f"attachment; filename=speech.{order.response_format}",
+        "X-Accel-Buffering": "no",
+        "Cache-Control": "no-cache",
+    }
+
+
 def create_app(synthesizer: Synthesizer | None = None, split=pieces) -> Flask:
     """The engine's app; `split` cuts a text into the pieces it is spoken in (see `pieces`)."""
     app = Flask(__name__)
@@ -236,9 +279,19 @@ def create_app(synthesizer: Synthesizer | None = None, split=pieces) -> Flask:
     def health():
         return jsonify(status="healthy")
 
-    @app.post("/v1/audio/speech")
-    def speech():
-        body = request.get_json(force=True, silent=True)
+    @app.get("/openapi.json")
+    def openapi():
+        """The routes this engine has, as Kokoro-FastAPI's own document lists them (a gateway reads
+        `paths` to know whether word timings can be asked of it)."""
+        paths = ["/v1/models", "/v1/audio/voices", "/v1/audio/speech", "/dev/captioned_speech", "/health"]
+        return jsonify(
+            openapi="3.1.0",
+            info={"title": "kokoro-pay engine", "version": "1"},
+            paths={path: {} for path in paths},
+        )
+
+    def read(body):
+        """The checked request, or the error to answer with (Kokoro-FastAPI's 400s and 422s)."""
         if not isinstance(body, dict):
             return _field_error("body", "Input should be a valid JSON object", None)
         text, model = body.get("input"), body.get("model", "kokoro")
@@ -252,6 +305,9 @@ def create_app(synthesizer: Synthesizer | None = None, split=pieces) -> Flask:
             )
         if isinstance(speed, bool) or not isinstance(speed, (int, float)) or not 0.25 <= speed <= 4.0:
             return _field_error("speed", "Input should be a number from 0.25 to 4.0", speed)
+        for flag in ("stream", "return_timestamps"):
+            if flag in body and not isinstance(body[flag], bool):
+                return _field_error(flag, "Input should be a valid boolean", body[flag])
         if model not in MODELS:
             return _error(400, f"Unsupported model: {model}", error="invalid_model")
         if not isinstance(voice, str):
@@ -270,22 +326,29 @@ def create_app(synthesizer: Synthesizer | None = None, split=pieces) -> Flask:
             return _error(400, str(error))
         lang = LANGUAGES.get(body.get("lang_code") or voice[:1], "en-us")
         volume = body.get("volume_multiplier") or 1.0
+        return Request(text, parts, style, lang, float(speed), volume, response_format)
+
+    @app.post("/v1/audio/speech")
+    def speech():
+        order = read(request.get_json(force=True, silent=True))
+        if not isinstance(order, Request):
+            return order
         # Pieces with nothing to say (a run of symbols, say) are skipped, as a reader would.
-        spoken = [phonemes for phonemes in (synthesizer.phonemes(part, lang) for part in parts) if phonemes]
+        spoken = [phonemes for phonemes in (synthesizer.phonemes(part, order.lang) for part in order.parts) if phonemes]
         if not spoken:
-            return _field_error("input", "Input text produces no speech", text)
+            return _field_error("input", "Input text produces no speech", order.text)
 
         environ = request.environ
 
         def stream():
-            encoder = Encoder(response_format)
+            encoder = Encoder(order.response_format)
             for index, phonemes in enumerate(spoken):
                 if index and client_gone(environ):
                     # Nobody is listening: the model's next turn goes to a request that has a client.
                     log.info("client gone after %d of %d pieces; the rest is not synthesised", index, len(spoken))
                     return
-                samples = synthesizer.sentence(phonemes, style, float(speed), lang, first=index == 0)
-                chunk = encoder.feed(samples * volume if volume != 1.0 else samples)
+                samples = synthesizer.sentence(phonemes, order.style, order.speed, order.lang, first=index == 0)
+                chunk = encoder.feed(order.louder(samples))
                 if chunk:
                     yield chunk
             tail = encoder.close()
@@ -294,12 +357,69 @@ def create_app(synthesizer: Synthesizer | None = None, split=pieces) -> Flask:
 
         return Response(
             stream_with_context(stream()),
-            content_type=CONTENT_TYPES[response_format],
-            headers={
-                "Content-Disposition": f"attachment; filename=speech.{response_format}",
-                "X-Accel-Buffering": "no",
-                "Cache-Control": "no-cache",
-            },
+            content_type=CONTENT_TYPES[order.response_format],
+            headers=_audio_headers(order),
         )
+
+    @app.post("/dev/captioned_speech")
+    def captioned_speech():
+        """Kokoro-FastAPI's captioned speech: the audio in base64 with when each word is spoken.
+
+        Streamed (the default) as one JSON object per line, each with the audio made for a
+        piece of the text and the words it holds; with `"stream": false`, one JSON object.
+        Each word also says where it is in `input` (`char_start`, `char_end`, code points).
+        """
+        body = request.get_json(force=True, silent=True)
+        order = read(body)
+        if not isinstance(order, Request):
+            return order
+        plans, cursor = [], 0
+        for part in order.parts:
+            at = order.text.index(part, cursor)
+            cursor = at + len(part)
+            plan = synthesizer.plan(part, at, order.lang)
+            if plan is not None:
+                plans.append(plan)
+        if not plans:
+            return _field_error("input", "Input text produces no speech", order.text)
+        wanted = body.get("return_timestamps", True)
+        content_type = CONTENT_TYPES[order.response_format]
+        environ = request.environ
+
+        def lines():
+            encoder, made, pending = Encoder(order.response_format), 0, []
+            for index, plan in enumerate(plans):
+                if index and client_gone(environ):
+                    log.info("client gone after %d of %d pieces; the rest is not synthesised", index, len(plans))
+                    return
+                samples, timings, scale = synthesizer.speak(
+                    plan.phonemes, order.style, order.speed, order.lang, first=index == 0
+                )
+                pending += captions.place(plan, timings, made / SAMPLE_RATE, scale)
+                made += len(samples)
+                chunk = encoder.feed(order.louder(samples))
+                # A piece whose audio the encoder still holds gives its words to the next line.
+                if chunk:
+                    yield chunk, pending
+                    pending = []
+            yield encoder.close(), pending
+
+        def line(audio: bytes, words: list) -> dict:
+            return {
+                "audio": base64.b64encode(audio).decode("ascii"),
+                "audio_format": content_type,
+                "timestamps": [word.as_json() for word in words] if wanted else None,
+            }
+
+        headers = _audio_headers(order)
+        if body.get("stream", True):
+            stream = (json.dumps(line(audio, words), separators=(",", ":")) + "\n" for audio, words in lines())
+            return Response(stream_with_context(stream), content_type="application/json", headers=headers)
+        audio, words = b"", []
+        for chunk, placed in lines():
+            audio += chunk
+            words += placed
+        del headers["X-Accel-Buffering"]
+        return Response(json.dumps(line(audio, words)), content_type="application/json", headers=headers)
 
     return app
