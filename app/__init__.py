@@ -184,11 +184,13 @@ def register_blueprints(app: Flask) -> None:
     # Before any route is added: an id in a path the database cannot hold is 404, not a 500.
     app.url_map.converters["int"] = DatabaseId
     csrf.exempt(api.bp)
+    csrf.exempt(api.captioned)
     csrf.exempt(key_api.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.after_request(metrics.count_request)
     app.register_blueprint(api.bp)
+    app.register_blueprint(api.captioned)
     app.register_blueprint(key_api.bp)
     app.register_blueprint(dashboard.bp)
     app.register_blueprint(playground.bp)

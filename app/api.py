@@ -13,12 +13,14 @@ from flask import Blueprint, g, jsonify, request
 from werkzeug.exceptions import ClientDisconnected, RequestEntityTooLarge
 
 from app import catalog, config, keys, services, speech
-from app.errors import ApiError
+from app.errors import CAPTIONED_PATH, ApiError
 from app.extensions import db
 from app.models import KeyKind, new_request_id
 from app.upstream import UpstreamError
 
 bp = Blueprint("api", __name__, url_prefix="/v1")
+# Kokoro-FastAPI's captioned speech at its own path, so its clients only change the host and key.
+captioned = Blueprint("captioned", __name__)
 
 
 # Served without a key when PUBLIC_CATALOG is on (Open WebUI and others fetch them keyless).
@@ -30,6 +32,7 @@ _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}")
 
 
 @bp.before_request
+@captioned.before_request
 def authenticate():
     g.received = time.monotonic()
     own = request.headers.get("X-Request-Id", "")
@@ -64,6 +67,7 @@ def authenticate():
 
 
 @bp.after_request
+@captioned.after_request
 def server_timing(response):
     """The gateway's own time for every /v1 answer (speech sets its own, with the upstream's)."""
     if "received" in g:
@@ -111,12 +115,22 @@ def _raw_body() -> bytes:
 
 @bp.post("/audio/speech")
 def speech_request():
+    return _serve(speech.read_order)
+
+
+@captioned.post(CAPTIONED_PATH)
+def captioned_speech():
+    """Kokoro-FastAPI's captioned speech (its body and answers), metered as speech."""
+    return _serve(speech.read_captioned_order)
+
+
+def _serve(read):
     caller = g.caller
     if caller.kind != KeyKind.SPEECH:
         raise ApiError(
             403, "A management key cannot call speech: use one of the team's speech keys.", code="speech_key_required"
         )
-    order = speech.read_order(json_body(), config.current().max_input_chars)
+    order = read(json_body(), config.current().max_input_chars)
     payer = speech.Payer(caller.team_id, caller.created_by_id, caller.key_id, caller.balance, caller.unlimited, caller)
     arrival = speech.Arrival.of(request.environ, g.received, g.request_id, g.client_request_id)
     return speech.serve(payer, order, arrival)

@@ -15,6 +15,8 @@ from werkzeug.exceptions import HTTPException, InternalServerError
 from app.extensions import db
 
 API_PREFIX = "/v1"
+# Kokoro-FastAPI's captioned speech, served at its own path (app/api.py): an API route too.
+CAPTIONED_PATH = "/dev/captioned_speech"
 
 # Each status's OpenAI error `type` and its `code` unless the raiser names a more precise one.
 KINDS = {
@@ -60,7 +62,7 @@ class ApiError(Exception):
 
 
 def is_api_request() -> bool:
-    return request.path == API_PREFIX or request.path.startswith(API_PREFIX + "/")
+    return request.path in (API_PREFIX, CAPTIONED_PATH) or request.path.startswith(API_PREFIX + "/")
 
 
 def _from_http_exception(error: HTTPException):

@@ -46,13 +46,22 @@ import requests
 from flask import current_app, stream_with_context
 from sqlalchemy.exc import SQLAlchemyError
 
-from app import audio_meter, billing, catalog, config, keys, metering, metrics, services
+from app import audio_meter, billing, captions, catalog, config, keys, metering, metrics, services
 from app.errors import ApiError
 from app.extensions import db
 from app.models import utcnow
 from app.upstream import AccountQueueFull, Busy, Slot, SpeechStream, UpstreamError, timed_out
 
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+# What each format is answered as (docs/api.md), where the gateway names it itself (word timings).
+CONTENT_TYPES = {
+    "mp3": "audio/mpeg",
+    "opus": "audio/opus",
+    "aac": "audio/aac",
+    "flac": "audio/flac",
+    "wav": "audio/wav",
+    "pcm": "audio/pcm",
+}
 DEFAULT_MODEL = "kokoro"
 DEFAULT_VOICE = "af_heart"
 DEFAULT_FORMAT = "mp3"
@@ -89,7 +98,14 @@ class Order:
     response_format: str
     speed: float
     payload: dict
+    # "audio", "sse", or for word timings also "lines" (Kokoro-FastAPI's streamed captions) and
+    # "json" (one JSON answer with the audio in base64).
     stream_format: str = "audio"
+    # Word timings asked for (app/captions.py), and subtitles made from them ("srt", "vtt").
+    timestamps: bool = False
+    subtitles: str | None = None
+    # False when the captioned route was asked for its audio without the words ("return_timestamps": false).
+    with_words: bool = True
 
 
 def _is_number(value) -> bool:
@@ -194,7 +210,32 @@ def read_order(body, max_chars: int) -> Order:
     stream_format = _field(
         body, "stream_format", lambda v: v in STREAM_FORMATS, "must be 'audio' or 'sse'.", "audio", nullable=True
     )
-    return Order(text, model, voice, response_format, float(speed), payload, stream_format)
+    subtitles = _field(
+        body, "subtitles", lambda v: v in captions.SUBTITLE_FORMATS, "must be 'srt' or 'vtt'.", nullable=True
+    )
+    timestamps = (
+        _field(body, "return_timestamps", lambda v: isinstance(v, bool), "must be true or false.", nullable=True)
+        or subtitles is not None
+    )
+    if timestamps and stream_format == "audio":
+        # Audio and timings together need a container: one JSON answer.
+        stream_format = "json"
+    return Order(text, model, voice, response_format, float(speed), payload, stream_format, timestamps, subtitles)
+
+
+def read_captioned_order(body, max_chars: int) -> Order:
+    """The order in a body sent to Kokoro-FastAPI's captioned route: its fields, and its defaults
+    (`stream` and `return_timestamps` true); ApiError(400) naming the field otherwise."""
+    order = read_order(body, max_chars)
+    streamed = body.get("stream") is not False
+    if streamed and order.subtitles:
+        raise ApiError(400, "'subtitles' needs \"stream\": false on this route.", param="subtitles")
+    return replace(
+        order,
+        timestamps=True,
+        stream_format="lines" if streamed else "json",
+        with_words=body.get("return_timestamps") is not False,
+    )
 
 
 def check_names(order: Order) -> Order:
@@ -236,6 +277,22 @@ def check_key_allows(key: keys.Caller | None, order: Order) -> None:
             f"This key may not use the model '{order.model}'; it may use {', '.join(keys.listed(key.allowed_models))}.",
             param="model",
             code="model_not_allowed",
+        )
+
+
+def check_timestamps() -> None:
+    """400 before any charge when the speech servers cannot give word timings.
+
+    When that cannot be known now (the servers are out of reach), the request goes on, and
+    the servers' own answer decides (refunded).
+    """
+    if services.upstream().has_captions() is False:
+        raise ApiError(
+            400,
+            "The speech server behind this API cannot give word timings. Nothing was charged; "
+            "ask without 'return_timestamps' and 'subtitles'.",
+            param="return_timestamps",
+            code="timestamps_unsupported",
         )
 
 
@@ -294,6 +351,8 @@ def serve(payer: Payer, order: Order, arrival: Arrival):
     """
     order = check_names(order)
     check_key_allows(payer.key, order)
+    if order.timestamps:
+        check_timestamps()
     admit(payer, order)
     slot = reserve(payer.team_id)
     try:
@@ -305,11 +364,18 @@ def serve(payer: Payer, order: Order, arrival: Arrival):
         raise
     received = arrival.received
     relay = Relay(paid.request_id, order, audio, started, arrival.client)
-    if order.stream_format == "sse":
-        body, content_type = sse_events(relay, len(order.text)), "text/event-stream"
+    if order.stream_format == "json":
+        response = current_app.response_class(
+            json.dumps(captioned_answer(relay, order)), status=200, content_type="application/json"
+        )
     else:
-        body, content_type = relay.chunks(), audio.content_type
-    response = current_app.response_class(stream_with_context(body), status=200, content_type=content_type)
+        if order.stream_format == "sse":
+            body, content_type = sse_events(relay, order), "text/event-stream"
+        elif order.stream_format == "lines":
+            body, content_type = caption_lines(relay, order), "application/json"
+        else:
+            body, content_type = relay.chunks(), audio.content_type
+        response = current_app.response_class(stream_with_context(body), status=200, content_type=content_type)
     # What this request cost and what was left right after it was charged (as GET /v1/balance says).
     response.headers["X-Credits-Charged"] = str(paid.credits)
     response.headers["X-Credits-Remaining"] = str(paid.balance)
@@ -452,6 +518,10 @@ def open_upstream(request_id: str, order: Order, started: float, slot: Slot) -> 
     """
     try:
         upstream = services.upstream()
+        if order.timestamps:
+            # The captioned route, streamed; how the client gets it is the gateway's business.
+            payload = {**order.payload, "stream": True, "return_timestamps": True}
+            return upstream.open_speech(payload, config.current().stream_chunk_bytes, slot, captioned=True)
         return upstream.open_speech(order.payload, config.current().stream_chunk_bytes, slot)
     except UpstreamError as failure:
         _settle_refund(request_id, failure.detail, audio_ms=0, upstream_status=failure.status, duration_ms=_ms(started))
@@ -466,23 +536,75 @@ def open_upstream(request_id: str, order: Order, started: float, slot: Slot) -> 
         raise
 
 
-def sse_events(relay: "Relay", characters: int):
+def sse_events(relay: "Relay", order: Order):
     """The relayed audio as OpenAI's speech events: `speech.audio.delta`s, then `speech.audio.done`.
 
-    A stream that breaks off ends with an `error` event instead (settled as any break is).
+    With word timings, a `speech.audio.timestamps` event goes in the same write as the delta
+    holding the words' audio, just before it; with subtitles, `speech.audio.subtitles` comes
+    before `speech.audio.done`. A stream that breaks off ends with an `error` event instead
+    (settled as any break is).
     """
-    audio = relay.chunks()
+    pieces = relay.pieces()
+    said = []
     try:
-        for chunk in audio:
-            yield _event({"type": "speech.audio.delta", "audio": base64.b64encode(chunk).decode("ascii")})
+        for audio, words in pieces:
+            events = b""
+            if words:
+                said += words
+                events += _event({"type": "speech.audio.timestamps", "words": words})
+            if audio:
+                events += _event({"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode("ascii")})
+            yield events
     except StreamAborted as aborted:
         error = {"message": aborted.reason, "type": "server_error", "param": None, "code": "upstream_error"}
         yield _event({"type": "error", "error": error})
         return
     finally:
-        audio.close()
+        pieces.close()
+    if order.subtitles:
+        text = captions.subtitles(said, order.subtitles)
+        yield _event({"type": "speech.audio.subtitles", "format": order.subtitles, "text": text})
+    characters = len(order.text)
     usage = {"input_tokens": characters, "output_tokens": 0, "total_tokens": characters}
     yield _event({"type": "speech.audio.done", "usage": usage})
+
+
+def caption_lines(relay: "Relay", order: Order):
+    """Kokoro-FastAPI's streamed captions: a JSON object per line, each a piece of audio in base64
+    with the words it holds. A stream that breaks off is aborted, as plain audio is."""
+    content_type = CONTENT_TYPES[order.response_format]
+    pieces = relay.pieces()
+    try:
+        for audio, words in pieces:
+            line = {"audio": base64.b64encode(audio).decode("ascii"), "audio_format": content_type}
+            line["timestamps"] = words if order.with_words else None
+            yield json.dumps(line, separators=(",", ":")).encode() + b"\n"
+    finally:
+        pieces.close()
+
+
+def captioned_answer(relay: "Relay", order: Order) -> dict:
+    """The whole audio in base64 with every word's timing, in Kokoro-FastAPI's captioned shape.
+
+    Nothing reaches the client before the synthesis is whole: a break on the way is refunded
+    in full and answered 502.
+    """
+    relay.hold = True
+    audio, words = [], []
+    try:
+        for piece, placed in relay.pieces():
+            audio.append(piece)
+            words += placed
+    except StreamAborted as aborted:
+        raise ApiError(502, aborted.reason, code="upstream_error") from None
+    answer = {
+        "audio": base64.b64encode(b"".join(audio)).decode("ascii"),
+        "audio_format": CONTENT_TYPES[order.response_format],
+        "timestamps": words if order.with_words else None,
+    }
+    if order.subtitles:
+        answer["subtitles"] = captions.subtitles(words, order.subtitles)
+    return answer
 
 
 def _event(data: dict) -> bytes:
@@ -518,6 +640,12 @@ class Relay:
         # The audio the last progress record covers, and when the last chunk was handed to the client.
         self.recorded_ms = 0
         self.handed_at = None
+        # Word timings relayed with the audio (app/captions.py), when the order asked for them.
+        self.words = captions.Words(order.text) if order.timestamps else None
+        # Set when nothing goes to the client before the end (one JSON answer): until then
+        # nothing counts as delivered, so a break is refunded in full.
+        self.hold = False
+        self.held: list[bytes] = []
 
     def audio_ms(self) -> int | None:
         """The audio in what was handed to the client so far; None when it cannot be measured."""
@@ -535,19 +663,32 @@ class Relay:
 
     def chunks(self):
         """Yield the audio as it arrives; settle the charge however the stream ends."""
+        pieces = self.pieces()
+        try:
+            for chunk, _ in pieces:
+                yield chunk
+        finally:
+            pieces.close()
+
+    def pieces(self):
+        """Yield (audio, words) as they arrive; settle the charge however the stream ends.
+
+        `words` are the timings that came with the audio (empty without timings)."""
         metrics.STREAMS.inc()
         # A client that leaves while the stream waits for the speech server ends that wait at once.
         unwatch = services.hangups().add(self.client, self._left) if self.client else None
         try:
-            for chunk in self._upstream_chunks():
+            for chunk, words in self._upstream_pieces():
                 now = time.monotonic()
                 self._check_deadline(now)
-                self.sent += len(chunk)
-                self.meter.feed(chunk)
+                if self.hold:
+                    self.held.append(chunk)
+                else:
+                    self._count(chunk)
                 # Progress is written before the chunk is handed over: what settle sees covers it.
                 self._beat(now)
                 self.handed_at = time.monotonic()
-                yield chunk
+                yield chunk, words
         except GeneratorExit:
             # The client hung up, or took nothing for CLIENT_IDLE_SECONDS (its socket's writes timed
             # out): what it received was synthesised for it, so the charge stands.
@@ -568,11 +709,32 @@ class Relay:
             # The upstream's part is over: its server's place is free before the client sees the end.
             self.audio.close()
             metrics.STREAMS.dec()
+        for chunk in self.held:
+            self._count(chunk)
         _settle(metering.mark_delivered, self.request_id, **self.outcome())
 
-    def _upstream_chunks(self):
+    def _count(self, chunk: bytes) -> None:
+        self.sent += len(chunk)
+        self.meter.feed(chunk)
+
+    def _upstream_pieces(self):
         # The first chunk, then the rest without empty ones.
-        return itertools.chain((self.audio.first_chunk,), filter(None, self.audio.rest))
+        chunks = itertools.chain((self.audio.first_chunk,), filter(None, self.audio.rest))
+        if self.words is None:
+            return ((chunk, ()) for chunk in chunks)
+        return self._captioned(captions.lines(chunks))
+
+    def _captioned(self, lines):
+        """Each line's audio with its words; the words of a line without audio wait for the next
+        (they describe audio still to come); any left at the end go with the last."""
+        waiting = []
+        for line in lines:
+            waiting += self.words.take(line.words)
+            if line.audio:
+                yield line.audio, waiting
+                waiting = []
+        if waiting:
+            yield b"", waiting
 
     def _check_deadline(self, now: float) -> None:
         if now > self.deadline:

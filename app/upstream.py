@@ -112,6 +112,11 @@ def _validation_message(item) -> str:
     return f"'{location[-1]}': {item.get('msg', '')}" if location else str(item.get("msg", item))
 
 
+def root_of(base_url: str) -> str:
+    """A speech server's root from its API's base URL (UPSTREAM_URL names …/v1)."""
+    return base_url.removesuffix("/v1")
+
+
 def timed_out(exc: requests.RequestException) -> bool:
     """True for a timeout, also the read timeouts that requests reports as ConnectionError mid-body."""
     return isinstance(exc, requests.Timeout) or any(isinstance(arg, ReadTimeoutError) for arg in exc.args)
@@ -348,12 +353,14 @@ class Upstream:
                 raise UpstreamError("The speech server did not answer in time.", retry=False) from None
             raise UpstreamError("The speech server could not be reached.") from None
 
-    def _send(self, method: str, path: str) -> requests.Response:
-        """The first answer from the servers, those in service first; a failed connection moves on."""
+    def _send(self, method: str, path: str, at_root: bool = False) -> requests.Response:
+        """The first answer from the servers, those in service first; a failed connection moves on.
+        `at_root`: `path` is under the server's root, not its API's base (…/v1)."""
         failure = UpstreamError("The speech server could not be reached.")
         for server in self.upstreams.in_order():
+            base = root_of(server.base_url) if at_root else server.base_url
             try:
-                return self._request(method, f"{server.base_url}/{path}")
+                return self._request(method, f"{base}/{path}")
             except UpstreamError as error:
                 self.upstreams.failed(server)
                 if not error.retry:
@@ -361,20 +368,21 @@ class Upstream:
                 failure = error
         raise failure
 
-    def open_speech(self, payload: dict, chunk_size: int, slot: Slot) -> SpeechStream:
+    def open_speech(self, payload: dict, chunk_size: int, slot: Slot, captioned: bool = False) -> SpeechStream:
         """Start a streamed synthesis on `slot`'s server and wait for its first audio bytes.
 
         The stream holds the slot until it is closed. A server that fails before sending
         audio is taken out and, unless it timed out, the next one with room is tried.
         Raises UpstreamError, with the response closed and the slot released, when no
         server gives audio: unreachable, timed out, non-2xx, not audio, empty.
+        `captioned`: the server's captioned route, whose answer is JSON lines (app/captions.py).
         """
         tried = []
         try:
             while True:
                 tried.append(slot.server)
                 try:
-                    stream = self._open(payload, chunk_size, slot)
+                    stream = self._open(payload, chunk_size, slot, captioned)
                 except UpstreamError as failure:
                     metrics.UPSTREAM_FAILURES.labels(failure.kind).inc()
                     if failure.blames_request:
@@ -395,14 +403,20 @@ class Upstream:
             slot.release()
             raise
 
-    def _open(self, payload: dict, chunk_size: int, slot: Slot) -> SpeechStream:
+    def _open(self, payload: dict, chunk_size: int, slot: Slot, captioned: bool) -> SpeechStream:
         started = time.monotonic()
-        response = self._request("post", f"{slot.server.base_url}/audio/speech", json=payload, stream=True)
+        url = (
+            f"{root_of(slot.server.base_url)}/dev/captioned_speech"
+            if captioned
+            else f"{slot.server.base_url}/audio/speech"
+        )
+        response = self._request("post", url, json=payload, stream=True)
         try:
             if not 200 <= response.status_code < 300:
                 reason = _error_reason(response)
                 raise UpstreamError(f"Upstream synthesis error: {reason}", response.status_code, reason)
-            if not is_audio(response.headers.get("Content-Type", "")):
+            content_type = response.headers.get("Content-Type", "")
+            if not (content_type.startswith("application/json") if captioned else is_audio(content_type)):
                 raise UpstreamError(
                     "Upstream synthesis error: the speech server answered without audio.", response.status_code
                 )
@@ -422,32 +436,44 @@ class Upstream:
             raise
         return SpeechStream(response, first_chunk, chunks, slot, (time.monotonic() - started) * 1000)
 
-    def catalog(self, path: str):
+    def has_captions(self) -> bool | None:
+        """Whether the speech servers have the captioned route (their /openapi.json lists it, as
+        Kokoro-FastAPI's and the embedded engine's do); None when that cannot be read now."""
+        try:
+            document = self.catalog("openapi.json", at_root=True)
+        except UpstreamError as failure:
+            # A server that answers, but has no such document, has no captioned route either.
+            return False if failure.status == 404 else None
+        paths = document.get("paths") if isinstance(document, dict) else None
+        return isinstance(paths, dict) and "/dev/captioned_speech" in paths
+
+    def catalog(self, path: str, at_root: bool = False):
         """GET a small JSON document (`models`, `audio/voices`), cached for `catalog_ttl` seconds.
 
         A failure is remembered for a few seconds too, so a sick upstream is not asked
         again by every speech request that checks its names.
         """
         # (expires at, document, the failure's arguments when the fetch failed)
-        cached = self._catalog.get(path)
+        key = (path, at_root)
+        cached = self._catalog.get(key)
         if cached is None or time.monotonic() >= cached[0]:
             with self._catalog_lock:
-                cached = self._catalog.get(path)
+                cached = self._catalog.get(key)
                 if cached is None or time.monotonic() >= cached[0]:
                     try:
-                        cached = (time.monotonic() + self.catalog_ttl, self._fetch_document(path), None)
+                        cached = (time.monotonic() + self.catalog_ttl, self._fetch_document(path, at_root), None)
                     except UpstreamError as failure:
                         # Only its words are kept: the exception's traceback would keep the
                         # frames of the request that met it (and their streams) alive.
                         cached = (time.monotonic() + min(self.catalog_ttl, FAILURE_TTL), None, failure.args)
-                    self._catalog[path] = cached
+                    self._catalog[key] = cached
         _, document, failure = cached
         if failure:
             raise UpstreamError(*failure)
         return document
 
-    def _fetch_document(self, path: str):
-        with self._send("get", path) as response:
+    def _fetch_document(self, path: str, at_root: bool = False):
+        with self._send("get", path, at_root) as response:
             try:
                 if response.status_code != 200:
                     raise UpstreamError(f"Upstream error: {_error_reason(response)}", response.status_code)

@@ -15,13 +15,30 @@ pausing. What is left is to know which phonemes belong to which word of the text
   punctuation: the pause a comma or full stop asks for lies between two words, never
   inside one. A word with nothing to say ("—", "&" alone) is placed, with no length, where
   the speech around it meets.
+- The decoder's sound lags its frames: every time is taken LEAD frames earlier, as
+  Kokoro's own `join_timestamps` does (3 frames of 25 ms). The model also lengthens the last
+  sound before a pause, and part of that length is already silence: a word's start and end
+  are moved in over the quiet 10 ms frames at its edges (40 dB below the piece's loudest),
+  never past its own span. Where a mark ends a word, the pause is the silence the audio
+  has nearest to the mark (within 150 ms, as kokoro-onnx looks for it when it lengthens
+  pauses): the word ends where that silence starts, the next starts where it ends.
 """
 
 import re
 import unicodedata
 from dataclasses import dataclass
 
+import numpy as np
+
 WORD = re.compile(r"\S+")
+SAMPLE_RATE = 24000
+# Kokoro's frames are 600 samples (25 ms) at the speed the model spoke.
+LEAD = 3 * 600 / SAMPLE_RATE
+FRAME = 0.01
+QUIET_DB = -40
+# A pause is at least this much silence, found this close to its mark (kokoro-onnx looks as far).
+PAUSE_MIN = 0.02
+REACH = 0.15
 
 
 @dataclass(frozen=True)
@@ -85,12 +102,13 @@ def _spoken(phoneme: str) -> bool:
     return not unicodedata.category(phoneme).startswith("P")
 
 
-def place(plan: Plan, timings, offset: float, scale: float) -> list[Timed]:
+def place(plan: Plan, timings, samples: np.ndarray, offset: float, scale: float) -> list[Timed]:
     """Each word of `plan` in time, from the piece's per-phoneme `timings` (kokoro-onnx's).
 
-    `offset`: where the piece starts in the whole audio (seconds); `scale`: how much longer
-    the audio was made after synthesis (a time stretch). The timings follow the phonemes
-    one to one, but for the spaces kokoro-onnx drops where it splits a long piece in two.
+    `samples`: the piece's audio as it goes out; `offset`: where it starts in the whole
+    audio (seconds); `scale`: how much longer the audio was made after synthesis (a time
+    stretch). The timings follow the phonemes one to one, but for the spaces kokoro-onnx
+    drops where it splits a long piece in two.
     """
     # The (start, end) of each phoneme character; None for a space the model never saw.
     spans: list[tuple[float, float] | None] = []
@@ -108,15 +126,83 @@ def place(plan: Plan, timings, offset: float, scale: float) -> list[Timed]:
     for group in plan.phonemes.split(" "):
         group_at.append((position, position + len(group)))
         position += len(group) + 1
-    placed, last_end = [], 0.0
-    for word, (first, count) in zip(plan.words, plan.groups, strict=True):
+    loud = _loud_frames(samples)
+    # [start, stop, where its closing mark ends or None] per word, in seconds into the piece.
+    times: list[list] = []
+    last_end = 0.0
+    for first, count in plan.groups:
         if count == 0:
-            placed.append(Timed(word, offset + last_end * scale, offset + last_end * scale))
+            times.append([last_end, last_end, None])
             continue
         begin, end = group_at[first][0], group_at[first + count - 1][1]
         inside = [(plan.phonemes[i], spans[i]) for i in range(begin, end) if spans[i] is not None]
         sounds = [span for phoneme, span in inside if _spoken(phoneme)] or [span for _, span in inside]
-        start, stop = sounds[0][0], sounds[-1][1]
+        start = max(last_end, (sounds[0][0] - LEAD) * scale)
+        stop = max(start, (sounds[-1][1] - LEAD) * scale)
+        start, stop = _heard(loud, start, stop)
+        mark = inside[-1][1][1] * scale if not _spoken(inside[-1][0]) else None
         last_end = stop
-        placed.append(Timed(word, offset + start * scale, offset + stop * scale))
-    return placed
+        times.append([start, stop, mark])
+    # A mark's pause is the silence the audio has around the mark: the word before it ends
+    # where the silence starts, the word after it starts where the silence ends.
+    # When the silence outlasts the next word's frames, the decoder spoke that word later than
+    # its frames say: it moves past the silence, and the words after it follow.
+    for before, after in zip(times, times[1:], strict=False):
+        pause = _pause_at(loud, before[2]) if before[2] is not None else None
+        if pause is not None and before[0] <= pause[0] <= after[0] + REACH:
+            before[1], after[0] = pause[0], max(pause[1], before[1])
+        after[0] = max(after[0], before[1])
+        after[1] = max(after[1], after[0])
+    # Whatever the piece still sounds after its last word is that word's end.
+    heard = np.flatnonzero(loud)
+    if times and len(heard):
+        times[-1][1] = max(times[-1][1], (heard[-1] + 1) * FRAME)
+    return [
+        Timed(word, offset + start, offset + stop) for word, (start, stop, _) in zip(plan.words, times, strict=True)
+    ]
+
+
+def _pause_at(loud: np.ndarray, at: float) -> tuple[float, float] | None:
+    """The longest run of quiet frames (at least PAUSE_MIN) within REACH of `at` seconds: a stop
+    consonant's closure near the mark is silent too, but shorter than the pause."""
+    runs, run_start = [], None
+    for index, is_loud in enumerate([*loud, True]):
+        if not is_loud and run_start is None:
+            run_start = index
+        elif is_loud and run_start is not None:
+            if (index - run_start) * FRAME >= PAUSE_MIN:
+                runs.append((run_start * FRAME, index * FRAME))
+            run_start = None
+
+    def distance(run):
+        return 0.0 if run[0] <= at <= run[1] else min(abs(at - run[0]), abs(at - run[1]))
+
+    near = [run for run in runs if distance(run) <= REACH]
+    return max(near, key=lambda run: run[1] - run[0]) if near else None
+
+
+def _loud_frames(samples: np.ndarray) -> np.ndarray:
+    """Which 10 ms frames of `samples` are louder than 40 dB below the loudest."""
+    frame = int(FRAME * SAMPLE_RATE)
+    usable = len(samples) // frame * frame
+    if not usable:
+        return np.zeros(0, dtype=bool)
+    loudness = np.sqrt((samples[:usable].astype(np.float64).reshape(-1, frame) ** 2).mean(axis=1))
+    return loudness > loudness.max() * 10 ** (QUIET_DB / 20)
+
+
+def end_of_speech(samples: np.ndarray, keep: float) -> int:
+    """How many samples to keep: up to the last loud 10 ms frame, and `keep` seconds after it."""
+    loud = np.flatnonzero(_loud_frames(samples))
+    if not len(loud):
+        return len(samples)
+    return min(len(samples), int(((loud[-1] + 1) * FRAME + keep) * SAMPLE_RATE))
+
+
+def _heard(loud: np.ndarray, start: float, stop: float) -> tuple[float, float]:
+    """(start, stop) moved in over the quiet frames at its edges; as it is when all of it is quiet."""
+    first, last = int(start / FRAME), min(len(loud), int(np.ceil(stop / FRAME)))
+    heard = np.flatnonzero(loud[first:last])
+    if not len(heard):
+        return start, stop
+    return max(start, (first + heard[0]) * FRAME), min(stop, (first + heard[-1] + 1) * FRAME)

@@ -51,6 +51,8 @@ CLAUSE_END = re.compile(r"(?<=[,;:—–，；：、])\s+|\s+(?=[—–]\s)")
 # A first sentence longer than this is spoken from its first clause on its own.
 FIRST_PIECE = 60
 FIRST_CLAUSE_MIN = 16
+# The silence kept after the last sound of a request (seconds).
+END_SILENCE = 0.05
 
 
 class Turns:
@@ -134,14 +136,18 @@ class Synthesizer:
         piece_words = captions.words(piece, offset)
         return captions.plan(piece_words, whole, [self.phonemes(word.text, lang) for word in piece_words])
 
-    def sentence(self, phonemes: str, style: np.ndarray, speed: float, lang: str, first: bool = True) -> np.ndarray:
+    def sentence(
+        self, phonemes: str, style: np.ndarray, speed: float, lang: str, first: bool = True, last: bool = False
+    ) -> np.ndarray:
         """One piece's audio at `speed` (0.25–4.0): the model speaks 0.5–2.0, time-stretching does the rest.
 
-        `first`: no audio of this request has gone out yet (its turn comes sooner).
+        `first`: no audio of this request has gone out yet (its turn comes sooner). `last`: no
+        piece follows, so the pause after its final mark is cut to END_SILENCE (a pause
+        separates sentences; after the last one it is only dead air).
         """
-        return self.speak(phonemes, style, speed, lang, first)[0]
+        return self.speak(phonemes, style, speed, lang, first, last)[0]
 
-    def speak(self, phonemes: str, style: np.ndarray, speed: float, lang: str, first: bool = True):
+    def speak(self, phonemes: str, style: np.ndarray, speed: float, lang: str, first: bool = True, last: bool = False):
         """`sentence`'s audio, with when each phoneme is spoken (kokoro-onnx's timings, before any
         time stretch) and how much longer the stretch made the audio."""
         model_speed = min(max(speed, MODEL_SPEEDS[0]), MODEL_SPEEDS[1])
@@ -150,7 +156,10 @@ class Synthesizer:
                 phonemes, style, speed=model_speed, lang=lang, is_phonemes=True
             )
         stretched = time_stretch(samples, speed / model_speed)
-        return stretched, timings, len(stretched) / len(samples) if len(samples) else 1.0
+        scale = len(stretched) / len(samples) if len(samples) else 1.0
+        if last:
+            stretched = stretched[: captions.end_of_speech(stretched, END_SILENCE)]
+        return stretched, timings, scale
 
 
 def blend(voice: str) -> list[tuple[str, str, float]]:
@@ -347,7 +356,9 @@ def create_app(synthesizer: Synthesizer | None = None, split=pieces) -> Flask:
                     # Nobody is listening: the model's next turn goes to a request that has a client.
                     log.info("client gone after %d of %d pieces; the rest is not synthesised", index, len(spoken))
                     return
-                samples = synthesizer.sentence(phonemes, order.style, order.speed, order.lang, first=index == 0)
+                samples = synthesizer.sentence(
+                    phonemes, order.style, order.speed, order.lang, first=index == 0, last=index == len(spoken) - 1
+                )
                 chunk = encoder.feed(order.louder(samples))
                 if chunk:
                     yield chunk
@@ -393,9 +404,9 @@ def create_app(synthesizer: Synthesizer | None = None, split=pieces) -> Flask:
                     log.info("client gone after %d of %d pieces; the rest is not synthesised", index, len(plans))
                     return
                 samples, timings, scale = synthesizer.speak(
-                    plan.phonemes, order.style, order.speed, order.lang, first=index == 0
+                    plan.phonemes, order.style, order.speed, order.lang, first=index == 0, last=index == len(plans) - 1
                 )
-                pending += captions.place(plan, timings, made / SAMPLE_RATE, scale)
+                pending += captions.place(plan, timings, samples, made / SAMPLE_RATE, scale)
                 made += len(samples)
                 chunk = encoder.feed(order.louder(samples))
                 # A piece whose audio the encoder still holds gives its words to the next line.

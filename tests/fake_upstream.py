@@ -1,6 +1,8 @@
 """A stand-in Kokoro server (a WSGI app) whose behaviour each test sets."""
 
+import base64
 import json
+import re
 import threading
 import time
 
@@ -49,8 +51,20 @@ class FakeUpstream:
     endless: keep sending the last chunk until the reader goes away.
     """
 
-    def __init__(self, chunks=(b"ID3\x04audio-", b"bytes"), *, gate=None, break_after=None, endless=False):
+    def __init__(
+        self,
+        chunks=(b"ID3\x04audio-", b"bytes"),
+        *,
+        gate=None,
+        break_after=None,
+        endless=False,
+        captions="ours",
+    ):
+        """captions: "ours" (the embedded engine's captioned route: each word says where it is in
+        the input), "kokoro-fastapi" (its own: word and times only), or None (an upstream
+        without the route, as Kokoro-FastAPI before it had one)."""
         self.chunks = list(chunks)
+        self.captions = captions
         self.gate = gate
         self.break_after = break_after
         self.endless = endless
@@ -65,6 +79,15 @@ class FakeUpstream:
         if path == "/v1/audio/voices":
             legacy = "legacy=true" in environ.get("QUERY_STRING", "")
             return self._json(start_response, "200 OK", LEGACY_VOICES if legacy else VOICES)
+        if path == "/openapi.json" and self.captions:
+            paths = {"/v1/audio/speech": {}, "/dev/captioned_speech": {}}
+            return self._json(start_response, "200 OK", {"openapi": "3.1.0", "paths": paths})
+        if path == "/dev/captioned_speech" and environ["REQUEST_METHOD"] == "POST" and self.captions:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            body = json.loads(environ["wsgi.input"].read(length))
+            self.received.append({**body, "path": path})
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return self._captioned(body)
         if path == "/v1/audio/speech" and environ["REQUEST_METHOD"] == "POST":
             length = int(environ.get("CONTENT_LENGTH") or 0)
             body = json.loads(environ["wsgi.input"].read(length))
@@ -83,18 +106,50 @@ class FakeUpstream:
         return self._json(start_response, "404 Not Found", {"detail": "Not Found"})
 
     def _stream(self):
+        return self._send(self.chunks)
+
+    def _send(self, chunks):
         try:
-            for index, chunk in enumerate(self.chunks):
+            for index, chunk in enumerate(chunks):
                 if self.break_after is not None and index == self.break_after:
                     raise ConnectionAbortedError("fake upstream breaks off")
                 yield chunk
                 if index == 0 and self.gate is not None:
                     self.gate.wait(timeout=30)
             while self.endless:
-                yield self.chunks[-1]
+                yield chunks[-1]
             self.finished.set()
         finally:
             self.stream_closed.set()
+
+    def _captioned(self, body):
+        """One JSON line per chunk: its audio in base64 and the words it holds. The words are dealt
+        out over the chunks in order; a chunk of PCM lasts its bytes / 48,000 seconds, any other 0.1 s."""
+        found = list(re.finditer(r"\S+", body["input"]))
+        content_type = CONTENT_TYPES[body.get("response_format", "mp3")]
+        timed = self._timed_chunks(body)
+        lines, start = [], 0.0
+        for index, (chunk, seconds) in enumerate(timed):
+            mine = [m for k, m in enumerate(found) if k * len(timed) // len(found) == index]
+            words = []
+            for k, match in enumerate(mine):
+                word = {
+                    "word": match.group(),
+                    "start_time": round(start + seconds * k / len(mine), 3),
+                    "end_time": round(start + seconds * (k + 1) / len(mine), 3),
+                }
+                if self.captions == "ours":
+                    word.update(char_start=match.start(), char_end=match.end())
+                words.append(word)
+            start += seconds
+            line = {"audio": base64.b64encode(chunk).decode(), "audio_format": content_type, "timestamps": words}
+            lines.append(json.dumps(line).encode() + b"\n")
+        return self._send(lines)
+
+    def _timed_chunks(self, body) -> list[tuple[bytes, float]]:
+        """The chunks of audio for `body`, each with how long it plays."""
+        pcm = body.get("response_format") == "pcm"
+        return [(chunk, len(chunk) / 48000 if pcm else 0.1) for chunk in self.chunks]
 
     @staticmethod
     def _json(start_response, status, document):
@@ -158,22 +213,31 @@ class Paced(FakeUpstream):
 
 
 class KokoroStandIn(FakeUpstream):
-    """Kokoro-FastAPI's answers without its model: a tone as long as the text would be, really encoded."""
+    """Kokoro-FastAPI's answers without its model: a tone as long as the text would be, really encoded;
+    its captioned route as Kokoro-FastAPI's (words and times, no place in the input)."""
+
+    def __init__(self):
+        super().__init__(captions="kokoro-fastapi")
 
     def _stream(self):
+        for chunk, _ in self._timed_chunks(self.received[-1]):
+            yield chunk
+
+    def _timed_chunks(self, body):
         import numpy as np
 
         from engine.audio import Encoder
 
-        body = self.received[-1]
         seconds = max(0.5, len(body["input"]) / 15 / float(body.get("speed", 1.0)))
         t = np.arange(int(24000 * seconds)) / 24000
         tone = (0.2 * np.sin(2 * np.pi * 220 * t)).astype("float32")
         encoder = Encoder(body.get("response_format", "mp3"))
+        timed = []
         for piece in np.array_split(tone, 4):
             chunk = encoder.feed(piece)
             if chunk:
-                yield chunk
+                timed.append((chunk, len(piece) / 24000))
         tail = encoder.close()
         if tail:
-            yield tail
+            timed.append((tail, 0.0))
+        return timed

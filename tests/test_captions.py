@@ -1,0 +1,208 @@
+"""Word timings through the gateway: asked for on /v1/audio/speech or on Kokoro-FastAPI's captioned
+route, metered as speech, refunded as speech, and never ahead of the audio they describe."""
+
+import base64
+import json
+
+import pytest
+import requests
+
+from app import captions
+from tests import factories
+from tests.fake_upstream import FakeUpstream
+from tests.servers import serve
+from tests.test_paid_audio import in_chunks, pcm_of
+
+SPEECH = "/v1/audio/speech"
+CAPTIONED = "/dev/captioned_speech"
+TEXT = "Dr. Smith paid $5.20 on 3/4. Then he left."
+ASK = {"model": "kokoro", "input": TEXT, "voice": "af_sky", "response_format": "pcm", "return_timestamps": True}
+
+
+@pytest.fixture
+def upstream():
+    return FakeUpstream(in_chunks(pcm_of(2.0), 4))
+
+
+@pytest.fixture
+def app(make_app, upstream):
+    with serve(upstream) as upstream_url:
+        yield make_app(UPSTREAM_URL=f"{upstream_url}/v1")
+
+
+def sse_events(data: bytes) -> list[dict]:
+    return [json.loads(block[len("data: ") :]) for block in data.decode().split("\n\n")[:-1]]
+
+
+def assert_spans(words: list[dict], text: str = TEXT) -> None:
+    assert [w["word"] for w in words] == text.split()
+    assert all(text[w["char_start"] : w["char_end"]] == w["word"] for w in words)
+
+
+def test_sse_sends_each_words_timings_with_the_audio_they_describe(client, customer, upstream):
+    response = client.post(SPEECH, json={**ASK, "stream_format": "sse"}, headers=customer.headers)
+    assert response.status_code == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+    events = sse_events(response.data)
+    assert [e["type"] for e in events].count("speech.audio.delta") == 4
+    audio, words = b"", []
+    for event in events:
+        if event["type"] == "speech.audio.timestamps":
+            words += event["words"]
+        elif event["type"] == "speech.audio.delta":
+            audio += base64.b64decode(event["audio"])
+            # Every timing so far describes audio that has arrived with it or before.
+            assert all(w["start_time"] <= len(audio) / 48000 for w in words)
+    assert audio == pcm_of(2.0)
+    assert_spans(words)
+    assert events[-1]["type"] == "speech.audio.done"
+    # The gateway asked the captioned route; metered as any speech: one credit per character.
+    assert upstream.received[-1]["path"] == CAPTIONED and upstream.received[-1]["return_timestamps"] is True
+    assert factories.balance(client.application, customer.team_id) == 1000 - len(TEXT)
+    [speech] = factories.speech_requests(client.application, customer.team_id)
+    assert speech.state == "delivered" and speech.audio_ms == 2000
+
+
+def test_without_sse_one_json_answer_in_kokoro_fastapis_captioned_shape(client, customer):
+    response = client.post(SPEECH, json=ASK, headers=customer.headers)
+    assert response.status_code == 200 and response.headers["Content-Type"] == "application/json"
+    body = response.get_json()
+    assert set(body) == {"audio", "audio_format", "timestamps"} and body["audio_format"] == "audio/pcm"
+    assert base64.b64decode(body["audio"]) == pcm_of(2.0)
+    assert_spans(body["timestamps"])
+    assert response.headers["X-Credits-Charged"] == str(len(TEXT))
+    assert factories.balance(client.application, customer.team_id) == 1000 - len(TEXT)
+
+
+def test_kokoro_fastapis_own_route_and_body_work_unchanged(client, customer):
+    streamed = client.post(
+        CAPTIONED, json={"input": TEXT, "voice": "af_sky", "response_format": "pcm"}, headers=customer.headers
+    )
+    assert streamed.status_code == 200
+    lines = [json.loads(line) for line in streamed.data.decode().splitlines()]
+    assert len(lines) == 4 and all(set(line) == {"audio", "audio_format", "timestamps"} for line in lines)
+    assert b"".join(base64.b64decode(line["audio"]) for line in lines) == pcm_of(2.0)
+    assert_spans([w for line in lines for w in line["timestamps"]])
+    whole = client.post(
+        CAPTIONED, json={"input": TEXT, "response_format": "pcm", "stream": False}, headers=customer.headers
+    )
+    assert base64.b64decode(whole.get_json()["audio"]) == pcm_of(2.0)
+    assert factories.balance(client.application, customer.team_id) == 1000 - 2 * len(TEXT)
+
+
+def test_the_captioned_route_needs_a_key_like_every_metered_route(client, customer):
+    response = client.post(CAPTIONED, json={"input": TEXT})
+    assert response.status_code == 401 and "detail" in response.get_json()
+    assert factories.speech_requests(client.application, customer.team_id) == []
+
+
+def test_words_in_front_of_kokoro_fastapi_are_found_in_the_input(make_app, customer):
+    upstream = FakeUpstream(in_chunks(pcm_of(1.0), 3), captions="kokoro-fastapi")
+    with serve(upstream) as upstream_url:
+        client = make_app(UPSTREAM_URL=f"{upstream_url}/v1").test_client()
+        body = client.post(SPEECH, json=ASK, headers=customer.headers).get_json()
+    assert_spans(body["timestamps"])
+
+
+def test_an_upstream_that_cannot_give_timings_is_a_400_before_any_charge(make_app, customer):
+    upstream = FakeUpstream(in_chunks(pcm_of(1.0), 3), captions=None)
+    with serve(upstream) as upstream_url:
+        client = make_app(UPSTREAM_URL=f"{upstream_url}/v1").test_client()
+        response = client.post(SPEECH, json=ASK, headers=customer.headers)
+        assert response.status_code == 400
+        assert response.get_json()["error"]["code"] == "timestamps_unsupported"
+        assert upstream.received == []
+        assert factories.balance(client.application, customer.team_id) == 1000
+        # Plain speech still works in front of it.
+        assert (
+            client.post(SPEECH, json={**ASK, "return_timestamps": False}, headers=customer.headers).status_code == 200
+        )
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("return_timestamps", "yes", "'return_timestamps' must be true or false."),
+        ("subtitles", "ass", "'subtitles' must be 'srt' or 'vtt'."),
+    ],
+)
+def test_bad_caption_fields_are_400_and_charge_nothing(client, customer, upstream, field, value, message):
+    response = client.post(SPEECH, json={**ASK, field: value}, headers=customer.headers)
+    assert response.status_code == 400 and response.get_json()["detail"] == message
+    assert upstream.received == [] and factories.balance(client.application, customer.team_id) == 1000
+
+
+def test_a_break_mid_stream_refunds_as_speech_and_sends_no_timing_for_audio_not_sent(make_app, customer):
+    upstream = FakeUpstream(in_chunks(pcm_of(2.0), 10), break_after=5)
+    with serve(upstream) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", SPEECH_CHARS_PER_SECOND=1.0)
+        with serve(app) as url:
+            text = " ".join(f"w{i}" for i in range(40)) + "."
+            response = requests.post(
+                f"{url}{SPEECH}",
+                json={**ASK, "input": text, "stream_format": "sse"},
+                headers=customer.headers,
+                timeout=10,
+            )
+    events = sse_events(response.content)
+    assert events[-1]["type"] == "error"
+    delivered = sum(len(base64.b64decode(e["audio"])) for e in events if e["type"] == "speech.audio.delta")
+    words = [w for e in events if e["type"] == "speech.audio.timestamps" for w in e["words"]]
+    assert delivered == 5 * len(pcm_of(2.0)) // 10
+    # Five of ten chunks went out, and only the words those chunks hold (four of forty per chunk).
+    assert [w["word"] for w in words] == text.split()[:20]
+    assert all(w["end_time"] <= delivered / 48000 for w in words)
+    [speech] = factories.speech_requests(app, customer.team_id)
+    # As any speech: 1 s delivered at 1 character a second keeps 1 credit.
+    assert speech.state == "refunded" and speech.audio_ms == 1000
+    assert factories.balance(app, customer.team_id) == 1000 - 1
+    factories.assert_books_balance(app, customer.team_id)
+
+
+def test_a_break_before_a_json_answer_is_refunded_in_full(make_app, customer):
+    upstream = FakeUpstream(in_chunks(pcm_of(2.0), 10), break_after=5)
+    with serve(upstream) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
+        response = app.test_client().post(SPEECH, json=ASK, headers=customer.headers)
+    assert response.status_code == 502 and "refunded" in response.get_json()["detail"]
+    [speech] = factories.speech_requests(app, customer.team_id)
+    assert speech.state == "refunded" and speech.credits_refunded == len(TEXT)
+    assert factories.balance(app, customer.team_id) == 1000
+    factories.assert_books_balance(app, customer.team_id)
+
+
+@pytest.mark.parametrize("kind", ["srt", "vtt"])
+def test_subtitles_come_in_the_same_answer_billed_once(client, customer, kind):
+    response = client.post(SPEECH, json={**ASK, "subtitles": kind}, headers=customer.headers)
+    body = response.get_json()
+    assert body["subtitles"] == captions.subtitles(body["timestamps"], kind)
+    text = body["subtitles"]
+    assert text.startswith("WEBVTT\n\n" if kind == "vtt" else "1\n00:00:00")
+    assert "Dr. Smith paid $5.20 on 3/4." in text.replace("\n", " ")
+    assert factories.balance(client.application, customer.team_id) == 1000 - len(TEXT)
+
+
+@pytest.mark.parametrize(
+    "word,ends", [("left.", True), ("3/4.", True), ("Why?", True), ("Dr.", False), ("a.m.", False), ("U.S.", False)]
+)
+def test_a_cue_ends_at_a_sentences_end_not_at_an_abbreviation(word, ends):
+    assert captions.ends_sentence(word) is ends
+
+
+def test_subtitle_cues_keep_to_two_short_lines_and_a_few_seconds():
+    words = [
+        {"word": f"word{i:02d}", "start_time": i * 0.4, "end_time": i * 0.4 + 0.3, "char_start": 0, "char_end": 0}
+        for i in range(60)
+    ]
+    cues = captions.cues(words)
+    assert len(cues) > 4
+    for cue in cues:
+        lines = cue.text.split("\n")
+        assert len(lines) <= 2 and all(len(line) <= captions.MAX_LINE for line in lines)
+        assert cue.end - cue.start <= captions.MAX_CUE_SECONDS
+    assert [w for cue in cues for w in cue.text.split()] == [w["word"] for w in words]
+    # Six words of six letters fill a line of 42; two lines make a cue of twelve words, 4.7 s long.
+    srt = captions.subtitles(words, "srt")
+    first = " ".join(f"word{i:02d}" for i in range(6)) + "\n" + " ".join(f"word{i:02d}" for i in range(6, 12))
+    assert srt.startswith(f"1\n00:00:00,000 --> 00:00:04,700\n{first}\n\n2\n00:00:04,800 --> ")
+    vtt = captions.subtitles(words, "vtt")
+    assert vtt.startswith(f"WEBVTT\n\n00:00:00.000 --> 00:00:04.700\n{first}\n\n00:00:04.800 --> ")
