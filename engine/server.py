@@ -51,7 +51,7 @@ CLAUSE_END = re.compile(r"(?<=[,;:—–，；：、])\s+|\s+(?=[—–]\s)")
 # A first sentence longer than this is spoken from its first clause on its own.
 FIRST_PIECE = 60
 FIRST_CLAUSE_MIN = 16
-# The silence kept after the last sound of a request (seconds).
+# The silence kept after the last sound of a request (seconds, at the speed the model spoke).
 END_SILENCE = 0.05
 
 
@@ -136,30 +136,25 @@ class Synthesizer:
         piece_words = captions.words(piece, offset)
         return captions.plan(piece_words, whole, [self.phonemes(word.text, lang) for word in piece_words])
 
-    def sentence(
-        self, phonemes: str, style: np.ndarray, speed: float, lang: str, first: bool = True, last: bool = False
-    ) -> np.ndarray:
-        """One piece's audio at `speed` (0.25–4.0): the model speaks 0.5–2.0, time-stretching does the rest.
-
-        `first`: no audio of this request has gone out yet (its turn comes sooner). `last`: no
-        piece follows, so the pause after its final mark is cut to END_SILENCE (a pause
-        separates sentences; after the last one it is only dead air).
-        """
-        return self.speak(phonemes, style, speed, lang, first, last)[0]
-
     def speak(self, phonemes: str, style: np.ndarray, speed: float, lang: str, first: bool = True, last: bool = False):
-        """`sentence`'s audio, with when each phoneme is spoken (kokoro-onnx's timings, before any
-        time stretch) and how much longer the stretch made the audio."""
+        """One piece's audio at `speed` (0.25–4.0), when each phoneme is spoken (kokoro-onnx's timings,
+        before any time stretch) and how much longer the stretch made the audio.
+
+        The model speaks 0.5–2.0, time-stretching does the rest. `first`: no audio of this
+        request has gone out yet (its turn comes sooner). `last`: no piece follows, so the
+        pause after its final mark is cut to END_SILENCE (a pause separates sentences; after
+        the last one it is only dead air).
+        """
         model_speed = min(max(speed, MODEL_SPEEDS[0]), MODEL_SPEEDS[1])
         with self.turns.turn(first):
             samples, _, timings = self._kokoro.create_timed(
                 phonemes, style, speed=model_speed, lang=lang, is_phonemes=True
             )
-        stretched = time_stretch(samples, speed / model_speed)
-        scale = len(stretched) / len(samples) if len(samples) else 1.0
         if last:
-            stretched = stretched[: captions.end_of_speech(stretched, END_SILENCE)]
-        return stretched, timings, scale
+            # Cut before the stretch, so that stretched audio is the model's own at another tempo.
+            samples = samples[: captions.end_of_speech(samples, END_SILENCE)]
+        stretched = time_stretch(samples, speed / model_speed)
+        return stretched, timings, len(stretched) / len(samples) if len(samples) else 1.0
 
 
 def blend(voice: str) -> list[tuple[str, str, float]]:
@@ -249,6 +244,37 @@ class Request:
 
     def louder(self, samples: np.ndarray) -> np.ndarray:
         return samples * self.volume if self.volume != 1.0 else samples
+
+
+def made(synthesizer: Synthesizer, order: Request, spoken: list, environ: dict):
+    """(audio bytes, timed words) for each piece of `spoken` as the encoder gives them out.
+
+    A piece is its phonemes, or a captions.Plan when its words are to be timed; a piece whose
+    audio the encoder still holds gives its words to the next. Before each piece but the
+    first, a client that has gone ends it: the model's next turn goes to a request that has one.
+    """
+    encoder, done, pending = Encoder(order.response_format), 0, []
+    for index, piece in enumerate(spoken):
+        if index and client_gone(environ):
+            log.info("client gone after %d of %d pieces; the rest is not synthesised", index, len(spoken))
+            return
+        timed = isinstance(piece, captions.Plan)
+        samples, timings, scale = synthesizer.speak(
+            piece.phonemes if timed else piece,
+            order.style,
+            order.speed,
+            order.lang,
+            first=index == 0,
+            last=index == len(spoken) - 1,
+        )
+        if timed:
+            pending += captions.place(piece, timings, samples, done / SAMPLE_RATE, scale)
+        done += len(samples)
+        chunk = encoder.feed(order.louder(samples))
+        if chunk:
+            yield chunk, pending
+            pending = []
+    yield encoder.close(), pending
 
 
 def _audio_headers(order: Request) -> dict:
@@ -350,21 +376,9 @@ def create_app(synthesizer: Synthesizer | None = None, split=pieces) -> Flask:
         environ = request.environ
 
         def stream():
-            encoder = Encoder(order.response_format)
-            for index, phonemes in enumerate(spoken):
-                if index and client_gone(environ):
-                    # Nobody is listening: the model's next turn goes to a request that has a client.
-                    log.info("client gone after %d of %d pieces; the rest is not synthesised", index, len(spoken))
-                    return
-                samples = synthesizer.sentence(
-                    phonemes, order.style, order.speed, order.lang, first=index == 0, last=index == len(spoken) - 1
-                )
-                chunk = encoder.feed(order.louder(samples))
+            for chunk, _ in made(synthesizer, order, spoken, environ):
                 if chunk:
                     yield chunk
-            tail = encoder.close()
-            if tail:
-                yield tail
 
         return Response(
             stream_with_context(stream()),
@@ -397,24 +411,6 @@ def create_app(synthesizer: Synthesizer | None = None, split=pieces) -> Flask:
         content_type = CONTENT_TYPES[order.response_format]
         environ = request.environ
 
-        def lines():
-            encoder, made, pending = Encoder(order.response_format), 0, []
-            for index, plan in enumerate(plans):
-                if index and client_gone(environ):
-                    log.info("client gone after %d of %d pieces; the rest is not synthesised", index, len(plans))
-                    return
-                samples, timings, scale = synthesizer.speak(
-                    plan.phonemes, order.style, order.speed, order.lang, first=index == 0, last=index == len(plans) - 1
-                )
-                pending += captions.place(plan, timings, samples, made / SAMPLE_RATE, scale)
-                made += len(samples)
-                chunk = encoder.feed(order.louder(samples))
-                # A piece whose audio the encoder still holds gives its words to the next line.
-                if chunk:
-                    yield chunk, pending
-                    pending = []
-            yield encoder.close(), pending
-
         def line(audio: bytes, words: list) -> dict:
             return {
                 "audio": base64.b64encode(audio).decode("ascii"),
@@ -424,10 +420,11 @@ def create_app(synthesizer: Synthesizer | None = None, split=pieces) -> Flask:
 
         headers = _audio_headers(order)
         if body.get("stream", True):
-            stream = (json.dumps(line(audio, words), separators=(",", ":")) + "\n" for audio, words in lines())
+            pieces = made(synthesizer, order, plans, environ)
+            stream = (json.dumps(line(audio, words), separators=(",", ":")) + "\n" for audio, words in pieces)
             return Response(stream_with_context(stream), content_type="application/json", headers=headers)
         audio, words = b"", []
-        for chunk, placed in lines():
+        for chunk, placed in made(synthesizer, order, plans, environ):
             audio += chunk
             words += placed
         del headers["X-Accel-Buffering"]

@@ -130,14 +130,14 @@ def test_text_is_split_into_sentences_and_long_runs_at_spaces():
 
 def test_audio_streams_before_the_whole_text_is_synthesised(synthesizer):
     finished = []
-    original = synthesizer.sentence
+    original = synthesizer.speak
 
     def counting(*args, **kwargs):
-        samples = original(*args, **kwargs)
-        finished.append(len(samples))
-        return samples
+        spoken = original(*args, **kwargs)
+        finished.append(len(spoken[0]))
+        return spoken
 
-    synthesizer.sentence = counting
+    synthesizer.speak = counting
     text = " ".join(f"This is sentence number {n}, spoken on its own." for n in range(1, 7))
     try:
         with serve(create_app(synthesizer)) as url:
@@ -152,7 +152,7 @@ def test_audio_streams_before_the_whole_text_is_synthesised(synthesizer):
                 done_at_first_byte = len(finished)
                 rest = b"".join(chunks)
     finally:
-        del synthesizer.sentence
+        del synthesizer.speak
     assert len(first) > 0
     assert done_at_first_byte < 6, "the first audio waited for the whole text"
     assert len(finished) == 6 and len(first) + len(rest) == 2 * sum(finished)
@@ -204,14 +204,14 @@ def test_a_new_request_is_phonemised_while_the_model_speaks_another(synthesizer)
 
 def test_a_short_request_is_not_stuck_behind_a_long_one(synthesizer):
     spoken = []
-    original = synthesizer.sentence
+    original = synthesizer.speak
 
     def recording(phonemes, *args, **kwargs):
-        samples = original(phonemes, *args, **kwargs)
+        made = original(phonemes, *args, **kwargs)
         spoken.append(phonemes)
-        return samples
+        return made
 
-    synthesizer.sentence = recording
+    synthesizer.speak = recording
     long_text = " ".join(f"This is sentence number {n}, one of many in a long request." for n in range(1, 9))
     try:
         with serve(create_app(synthesizer)) as url:
@@ -230,5 +230,5 @@ def test_a_short_request_is_not_stuck_behind_a_long_one(synthesizer):
                     assert len(spoken) - before <= 2 and len(spoken) < 9
                 rest = b"".join(long_chunks)
     finally:
-        del synthesizer.sentence
+        del synthesizer.speak
     assert len(rest) > 0 and len(spoken) == 9

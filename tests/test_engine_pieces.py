@@ -98,11 +98,11 @@ class _Counted:
     def phonemes(self, text, lang):
         return text
 
-    def sentence(self, phonemes, style, speed, lang, first=True):
+    def speak(self, phonemes, style, speed, lang, first=True, last=False):
         self.asked.release()
         assert self.go.acquire(timeout=10), "the test never let this piece be synthesised"
         self.spoken += 1
-        return np.zeros(2400, dtype="float32")
+        return np.zeros(2400, dtype="float32"), [], 1.0
 
 
 def test_the_engine_stops_before_its_next_piece_once_its_client_has_gone():
