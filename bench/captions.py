@@ -102,12 +102,13 @@ def measure(client, text: str, voice: str, speed: float) -> dict:
         gap = (before["end_time"], after["start_time"])
         middle = sum(gap) / 2
         # The silence the model made for this mark, if it made one: 50 ms or more, near the gap,
-        # and not before the word with the mark starts or after the next one ends (another mark's).
+        # ending after the middle of the word with the mark and starting before the next word
+        # ends (a silence wholly before or after those is another mark's).
         near = [
             run
             for run in runs
             if run[1] - run[0] >= PAUSE_MIN
-            and run[1] > max(gap[0] - NEAR, before["start_time"])
+            and run[1] > max(gap[0] - NEAR, (before["start_time"] + before["end_time"]) / 2)
             and run[0] < min(gap[1] + NEAR, after["end_time"])
         ]
         if not near:
@@ -124,12 +125,15 @@ def measure(client, text: str, voice: str, speed: float) -> dict:
     }
 
 
-def run(sentences, voices, speeds) -> dict:
+def run(sentences, voices, speeds, synthesizer=None) -> dict:
+    """The figures for every sentence × voice × speed; `synthesizer`: a loaded engine model, else one is loaded."""
     from engine import assets
     from engine.server import Synthesizer, create_app
 
-    model, voice_file = assets.ensure()
-    client = create_app(Synthesizer(str(model), str(voice_file))).test_client()
+    if synthesizer is None:
+        model, voice_file = assets.ensure()
+        synthesizer = Synthesizer(str(model), str(voice_file))
+    client = create_app(synthesizer).test_client()
     results = [measure(client, text, voice, speed) for text in sentences for voice in voices for speed in speeds]
     pauses = [error for result in results for error in result["pauses"]]
     tails = [result["tail"] for result in results]

@@ -153,13 +153,24 @@ def place(plan: Plan, timings, samples: np.ndarray, offset: float, scale: float)
             before[1], after[0] = pause[0], max(pause[1], before[1])
         after[0] = max(after[0], before[1])
         after[1] = max(after[1], after[0])
-    # Whatever the piece still sounds after its last word is that word's end.
-    heard = np.flatnonzero(loud)
-    if times and len(heard):
-        times[-1][1] = max(times[-1][1], (heard[-1] + 1) * FRAME)
+    # Sound that goes on after the piece's last word, with no pause between, is that word's end.
+    if times:
+        times[-1][1] = _sounding_until(loud, times[-1][1])
     return [
         Timed(word, offset + start, offset + stop) for word, (start, stop, _) in zip(plan.words, times, strict=True)
     ]
+
+
+def _sounding_until(loud: np.ndarray, at: float) -> float:
+    """The end of the sound going on at `at` seconds: until the first pause (PAUSE_MIN of quiet frames)."""
+    frame, end, quiet = int(at / FRAME), at, 0
+    while frame < len(loud) and quiet * FRAME < PAUSE_MIN:
+        if loud[frame]:
+            end, quiet = (frame + 1) * FRAME, 0
+        else:
+            quiet += 1
+        frame += 1
+    return max(at, end)
 
 
 def _pause_at(loud: np.ndarray, at: float) -> tuple[float, float] | None:

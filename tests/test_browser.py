@@ -603,8 +603,8 @@ def test_the_balance_banner_is_as_wide_as_the_narrow_card_below_it(make_app, bro
         page.close()
 
 
-def a_second_of_sound() -> bytes:
-    """One second of a 440 Hz tone as WAV, for a stand-in speech server whose audio a browser can play."""
+def a_second_of_sound(seconds: int = 1) -> bytes:
+    """One second (or `seconds`) of a 440 Hz tone as WAV, for a stand-in speech server whose audio a browser can play."""
     import io
     import math
     import struct
@@ -615,9 +615,41 @@ def a_second_of_sound() -> bytes:
         sound.setnchannels(1)
         sound.setsampwidth(2)
         sound.setframerate(24000)
-        tone = (int(8000 * math.sin(2 * math.pi * 440 * n / 24000)) for n in range(24000))
+        tone = (int(8000 * math.sin(2 * math.pi * 440 * n / 24000)) for n in range(24000 * seconds))
         sound.writeframes(b"".join(struct.pack("<h", sample) for sample in tone))
     return out.getvalue()
+
+
+class _TimedWav(FakeUpstream):
+    """Three seconds of tone as one WAV; its captioned route times the words over those three seconds."""
+
+    def _timed_chunks(self, body):
+        return [(a_second_of_sound(3), 3.0)]
+
+
+def test_the_playground_marks_each_word_as_it_is_spoken(make_app, browser, database_uri):
+    with serve(_TimedWav()) as upstream:
+        app = make_app(UPSTREAM_URL=f"{upstream}/v1")
+        customer = factories.customer(app, balance=1000, password="correct horse battery")
+        with serve(app) as site:
+            page = browser.new_page(viewport=WIDTHS["desktop"])
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            sign_in(page, site, customer.email)
+            page.goto(f"{site}/playground")
+            page.fill("#input", "Héllo, brave world.")
+            page.select_option("#format", "wav")
+            expect(page.locator("#highlight")).to_be_checked()
+            page.click("#play")
+            # One word a second: each is marked in turn, pointing at the text as typed.
+            for word in ("Héllo,", "brave", "world."):
+                expect(page.locator("#transcript mark")).to_have_text(word, timeout=4000)
+            shot(page, "desktop-playground-words", database_uri)
+            expect(page.locator("#playground-status")).to_contain_text("Done.")
+            expect(page.locator("#transcript")).to_have_text("Héllo, brave world.")
+            assert factories.balance(app, customer.team_id) == 1000 - len("Héllo, brave world.")
+            assert errors == []
+            page.close()
 
 
 def test_a_visitor_hears_a_voice_on_the_landing_page_with_our_player(make_app, browser):

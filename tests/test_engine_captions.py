@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from engine import captions
+from bench import captions as accuracy
+from engine import assets, captions
 from engine.server import create_app
 
 pytestmark = pytest.mark.engine
@@ -94,3 +95,31 @@ def test_captioned_speech_refuses_what_speech_refuses(engine):
     assert engine.post("/dev/captioned_speech", json={"voice": "af_heart"}).status_code == 422
     refused = engine.post("/dev/captioned_speech", json={"input": "Hi.", "voice": "zz_nobody"})
     assert refused.status_code == 400
+
+
+def test_the_timed_copy_of_the_model_makes_the_same_audio(synthesizer):
+    """Only an output was added: fed the same tokens, both graphs give the same samples."""
+    import onnxruntime
+
+    cache = assets.cache_dir()
+    tokens = np.array([[0, *synthesizer._kokoro.tokenizer.tokenize("həlˈoʊ wˈɜːld."), 0]], dtype=np.int64)
+    inputs = {
+        "tokens": tokens,
+        "style": synthesizer.style("af_heart")[tokens.shape[1] - 3],
+        "speed": np.ones(1, np.float32),
+    }
+    original = onnxruntime.InferenceSession(str(cache / assets.MODEL_NAME)).run(["audio"], inputs)[0]
+    audio, durations = onnxruntime.InferenceSession(str(cache / assets.TIMED_MODEL_NAME)).run(
+        ["audio", "duration"], inputs
+    )
+    assert np.array_equal(original, audio)
+    # One duration per token, the pads included, and the audio is 600 samples a frame.
+    assert len(durations) == tokens.shape[1] and len(audio) == 600 * int(durations.sum())
+
+
+def test_the_accuracy_checks_hold_on_a_few_sentences(synthesizer):
+    """bench/captions.py's checks, on three of its sentences (the README's figures are its whole run)."""
+    figures = accuracy.run(accuracy.SENTENCES[:3], accuracy.VOICES[:1], accuracy.SPEEDS[:1], synthesizer)
+    assert figures["every_word_once_in_order"] == figures["monotonic"] == figures["requests"] == 3
+    assert figures["tail_ms"]["within_100"] == 3
+    assert figures["pauses"] >= 2 and figures["pause_within_50ms"] == figures["pauses"]

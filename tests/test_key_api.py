@@ -110,8 +110,9 @@ def test_a_speech_key_may_not_manage_keys_and_a_management_key_cannot_speak(app,
     for method, path in (("get", KEYS), ("post", KEYS), ("patch", f"{KEYS}/{team.customer.key_id}")):
         response = getattr(client, method)(path, json={"name": "x"}, headers=team.customer.headers)
         assert error_of(response) == (403, "management_key_required", None)
-    speech = client.post("/v1/audio/speech", json={"input": "Hello.", "voice": "af_sky"}, headers=team.manager)
-    assert error_of(speech) == (403, "speech_key_required", None)
+    for path in ("/v1/audio/speech", "/dev/captioned_speech"):
+        speech = client.post(path, json={"input": "Hello.", "voice": "af_sky"}, headers=team.manager)
+        assert error_of(speech) == (403, "speech_key_required", None)
     assert key_state(app, team.customer.team_id) == before
     assert factories.balance(app, team.customer.team_id) == 1000
 
