@@ -39,6 +39,7 @@ QUIET_DB = -40
 # A pause is at least this much silence, found this close to its mark (kokoro-onnx looks as far).
 PAUSE_MIN = 0.02
 REACH = 0.15
+TAIL_PAUSE = 0.05
 
 
 @dataclass(frozen=True)
@@ -162,9 +163,10 @@ def place(plan: Plan, timings, samples: np.ndarray, offset: float, scale: float)
 
 
 def _sounding_until(loud: np.ndarray, at: float) -> float:
-    """The end of the sound going on at `at` seconds: until the first pause (PAUSE_MIN of quiet frames)."""
+    """The end of the sound going on at `at` seconds: until the first quiet of TAIL_PAUSE or more
+    (longer than PAUSE_MIN: the closure before a "t" is a short silence inside a word)."""
     frame, end, quiet = int(at / FRAME), at, 0
-    while frame < len(loud) and quiet * FRAME < PAUSE_MIN:
+    while frame < len(loud) and quiet * FRAME < TAIL_PAUSE:
         if loud[frame]:
             end, quiet = (frame + 1) * FRAME, 0
         else:

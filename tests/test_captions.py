@@ -103,6 +103,42 @@ def test_words_in_front_of_kokoro_fastapi_are_found_in_the_input(make_app, custo
     assert_spans(body["timestamps"])
 
 
+class _Repeating(FakeUpstream):
+    """Kokoro-FastAPI's streamed captions as its users report them: a line with null timestamps
+    (remsky/Kokoro-FastAPI #331) and words sent again in the next line (#139)."""
+
+    def _captioned(self, body):
+        def line(audio, words):
+            return json.dumps(
+                {"audio": base64.b64encode(audio).decode(), "audio_format": "audio/pcm", "timestamps": words}
+            )
+
+        first = [
+            {"word": "Then", "start_time": 0.0, "end_time": 0.2},
+            {"word": "he", "start_time": 0.2, "end_time": 0.3},
+        ]
+        again = [*first, {"word": "left.", "start_time": 0.3, "end_time": 0.6}]
+        audio = pcm_of(0.6)
+        return self._send(
+            [
+                f"{line(audio[:9600], None)}\n{line(audio[9600:19200], first)}\n".encode(),
+                f"{line(audio[19200:], again)}\n".encode(),
+            ]
+        )
+
+
+def test_each_word_is_passed_on_once_whatever_the_server_repeats(make_app, customer):
+    with serve(_Repeating(captions="kokoro-fastapi")) as upstream_url:
+        client = make_app(UPSTREAM_URL=f"{upstream_url}/v1").test_client()
+        body = client.post(SPEECH, json={**ASK, "input": "Then he left."}, headers=customer.headers).get_json()
+    assert [(w["word"], w["char_start"], w["char_end"]) for w in body["timestamps"]] == [
+        ("Then", 0, 4),
+        ("he", 5, 7),
+        ("left.", 8, 13),
+    ]
+    assert base64.b64decode(body["audio"]) == pcm_of(0.6)
+
+
 def test_an_upstream_that_cannot_give_timings_is_a_400_before_any_charge(make_app, customer):
     upstream = FakeUpstream(in_chunks(pcm_of(1.0), 3), captions=None)
     with serve(upstream) as upstream_url:
