@@ -33,10 +33,12 @@ ABBREVIATION = re.compile(r"[A-Z][a-z]{0,3}\.")
 
 
 class Line(NamedTuple):
-    """One line of the captioned stream: its audio and the words the server placed with it."""
+    """One line of the captioned stream: its audio, the words the server placed with it, and the
+    audio's content type as the server names it (None when it does not)."""
 
     audio: bytes
     words: list
+    audio_format: str | None = None
 
 
 class NotCaptions(requests.exceptions.ContentDecodingError):
@@ -65,7 +67,8 @@ def _line(raw: bytes) -> Line:
         raise NotCaptions("The speech server sent a line that is not captioned audio.") from None
     if not isinstance(words, list):
         raise NotCaptions("The speech server sent timestamps that are not a list.")
-    return Line(audio, words)
+    audio_format = document.get("audio_format")
+    return Line(audio, words, audio_format if isinstance(audio_format, str) and audio_format.isprintable() else None)
 
 
 def _seconds(value) -> float | None:

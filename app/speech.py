@@ -53,15 +53,6 @@ from app.models import utcnow
 from app.upstream import AccountQueueFull, Busy, Slot, SpeechStream, UpstreamError, timed_out
 
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
-# What each format is answered as (docs/api.md), where the gateway names it itself (word timings).
-CONTENT_TYPES = {
-    "mp3": "audio/mpeg",
-    "opus": "audio/opus",
-    "aac": "audio/aac",
-    "flac": "audio/flac",
-    "wav": "audio/wav",
-    "pcm": "audio/pcm",
-}
 DEFAULT_MODEL = "kokoro"
 DEFAULT_VOICE = "af_heart"
 DEFAULT_FORMAT = "mp3"
@@ -572,11 +563,10 @@ def sse_events(relay: "Relay", order: Order):
 def caption_lines(relay: "Relay", order: Order):
     """Kokoro-FastAPI's streamed captions: a JSON object per line, each a piece of audio in base64
     with the words it holds. A stream that breaks off is aborted, as plain audio is."""
-    content_type = CONTENT_TYPES[order.response_format]
     pieces = relay.pieces()
     try:
         for audio, words in pieces:
-            line = {"audio": base64.b64encode(audio).decode("ascii"), "audio_format": content_type}
+            line = {"audio": base64.b64encode(audio).decode("ascii"), "audio_format": relay.audio_format}
             line["timestamps"] = words if order.with_words else None
             yield json.dumps(line, separators=(",", ":")).encode() + b"\n"
     finally:
@@ -599,7 +589,7 @@ def captioned_answer(relay: "Relay", order: Order) -> dict:
         raise ApiError(502, aborted.reason, code="upstream_error") from None
     answer = {
         "audio": base64.b64encode(b"".join(audio)).decode("ascii"),
-        "audio_format": CONTENT_TYPES[order.response_format],
+        "audio_format": relay.audio_format,
         "timestamps": words if order.with_words else None,
     }
     if order.subtitles:
@@ -640,8 +630,10 @@ class Relay:
         # The audio the last progress record covers, and when the last chunk was handed to the client.
         self.recorded_ms = 0
         self.handed_at = None
-        # Word timings relayed with the audio (app/captions.py), when the order asked for them.
+        # Word timings relayed with the audio (app/captions.py), when the order asked for them,
+        # and the audio's type as the server names it in its captioned lines.
         self.words = captions.Words(order.text) if order.timestamps else None
+        self.audio_format = f"audio/{order.response_format}"
         # Set when nothing goes to the client before the end (one JSON answer): until then
         # nothing counts as delivered, so a break is refunded in full.
         self.hold = False
@@ -729,6 +721,7 @@ class Relay:
         (they describe audio still to come); any left at the end go with the last."""
         waiting = []
         for line in lines:
+            self.audio_format = line.audio_format or self.audio_format
             waiting += self.words.take(line.words)
             if line.audio:
                 yield line.audio, waiting
