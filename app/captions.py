@@ -9,8 +9,9 @@ word once (Kokoro-FastAPI has sent words twice), in order, with where it is in `
 span when it gives one that points at the word, else the word found in `input` after
 the words before it, else null.
 
-Subtitles (`subtitles`): cues of at most two lines of MAX_LINE characters and at most
-MAX_CUE_SECONDS, each ending at a sentence's end (a full stop after "Dr." or "a.m." is not
+Subtitles (`subtitles`): cues of at most two lines of MAX_LINE characters, at most
+MAX_CUE_SECONDS of speech and shown at least MIN_CUE_SECONDS (less only when the next cue
+starts sooner), each ending at a sentence's end (a full stop after "Dr." or "a.m." is not
 one), as SRT or WebVTT.
 """
 
@@ -18,7 +19,6 @@ import base64
 import binascii
 import json
 import math
-import re
 import textwrap
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
@@ -28,8 +28,12 @@ import requests
 SUBTITLE_FORMATS = ("srt", "vtt")
 MAX_LINE = 42
 MAX_CUE_SECONDS = 6.0
-# "Dr.", "Mr.", "Mrs.", "St.": a capital and up to three letters before a full stop.
-ABBREVIATION = re.compile(r"[A-Z][a-z]{0,3}\.")
+MIN_CUE_SECONDS = 1.0
+# Titles and such that a full stop follows inside a sentence (case as written).
+ABBREVIATIONS = frozenset(
+    "Mr. Mrs. Ms. Dr. Prof. St. Sr. Jr. Mt. Inc. Ltd. Co. Corp. vs. Gen. Sen. Rep. Gov. Capt. Lt. Col. "
+    "Sgt. Rev. Fig. Vol. approx. Jan. Feb. Mar. Apr. Aug. Sep. Sept. Oct. Nov. Dec.".split()
+)
 
 
 class Line(NamedTuple):
@@ -144,7 +148,7 @@ def cues(words: list[dict]) -> list[Cue]:
             current.clear()
 
     for word in words:
-        candidate = current + [word]
+        candidate = [*current, word]
         wrapped = textwrap.wrap(" ".join(w["word"] for w in candidate), MAX_LINE, break_long_words=False)
         if current and (len(wrapped) > 2 or word["end_time"] - current[0]["start_time"] > MAX_CUE_SECONDS):
             close()
@@ -152,14 +156,19 @@ def cues(words: list[dict]) -> list[Cue]:
         if ends_sentence(word["word"]):
             close()
     close()
+    # A cue too short to read stays up longer, until the next one starts at the latest.
+    for index, cue in enumerate(made):
+        following = made[index + 1].start if index + 1 < len(made) else math.inf
+        made[index] = cue._replace(end=max(cue.end, min(cue.start + MIN_CUE_SECONDS, following)))
     return made
 
 
 def ends_sentence(word: str) -> bool:
-    """A word that ends a sentence: ! ? … or a full stop that is not an abbreviation's ("Dr.", "a.m.", "U.S.")."""
+    """A word that ends a sentence: ! ? … or a full stop that is not an abbreviation's: a title such as
+    "Dr." (ABBREVIATIONS), or a word with a full stop inside ("a.m.", "U.S.")."""
     if word[-1:] in "!?…":
         return True
-    return word.endswith(".") and not (ABBREVIATION.fullmatch(word) or "." in word[:-1])
+    return word.endswith(".") and word.lstrip("\"'“‘(") not in ABBREVIATIONS and "." not in word[:-1]
 
 
 def _clock(seconds: float, separator: str) -> str:

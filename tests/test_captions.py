@@ -218,10 +218,30 @@ def test_subtitles_come_in_the_same_answer_billed_once(client, customer, kind):
 
 
 @pytest.mark.parametrize(
-    "word,ends", [("left.", True), ("3/4.", True), ("Why?", True), ("Dr.", False), ("a.m.", False), ("U.S.", False)]
+    "word,ends",
+    [
+        ("left.", True),
+        ("3/4.", True),
+        ("Why?", True),
+        ("Yes.", True),
+        ("No.", True),
+        ("Dr.", False),
+        ("Mrs.", False),
+        ("a.m.", False),
+        ("U.S.", False),
+    ],
 )
 def test_a_cue_ends_at_a_sentences_end_not_at_an_abbreviation(word, ends):
     assert captions.ends_sentence(word) is ends
+
+
+def test_a_short_cue_stays_up_a_second_but_never_over_the_next():
+    words = [
+        {"word": "Yes.", "start_time": 0.0, "end_time": 0.3},
+        {"word": "No.", "start_time": 0.6, "end_time": 0.8},
+        {"word": "Maybe.", "start_time": 3.0, "end_time": 3.4},
+    ]
+    assert [(cue.start, cue.end) for cue in captions.cues(words)] == [(0.0, 0.6), (0.6, 1.6), (3.0, 4.0)]
 
 
 def test_subtitle_cues_keep_to_two_short_lines_and_a_few_seconds():
