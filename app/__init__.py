@@ -154,7 +154,10 @@ def register_extensions(app: Flask) -> None:
         # Pages on these origins may call /v1 from the browser with a key; nothing else is opened.
         CORS(
             app,
-            resources={r"/v1/*": {"origins": settings.cors_allowed_origins}},
+            resources={
+                r"/v1/*": {"origins": settings.cors_allowed_origins},
+                r"/dev/captioned_speech": {"origins": settings.cors_allowed_origins},
+            },
             methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
             expose_headers=[

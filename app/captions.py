@@ -6,8 +6,9 @@ object per line, each with a piece of audio in base64 and the words it holds. `l
 reads that stream; `Words` keeps what is passed on honest whatever the server sends: each
 word once (Kokoro-FastAPI has sent words twice), in order, with where it is in `input`
 (`char_start`, `char_end`, code points, as characters are billed): the server's own
-span when it gives one that points at the word, else the word found in `input` after
-the words before it, else null.
+span when it gives one that points at the word, else the word found, whole, in `input`
+shortly after the words before it, else null. A time no audio could have (negative, beyond
+a day, not a number) leaves its word out.
 
 Subtitles (`subtitles`): cues of at most two lines of MAX_LINE characters, at most
 MAX_CUE_SECONDS of speech and shown at least MIN_CUE_SECONDS (less only when the next cue
@@ -19,6 +20,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import textwrap
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
@@ -26,6 +28,12 @@ from typing import NamedTuple
 import requests
 
 SUBTITLE_FORMATS = ("srt", "vtt")
+# No audio is longer (the gateway ends a stream long before); a time beyond it is not one.
+MAX_SECONDS = 24 * 3600.0
+# A captioned line holds one piece of audio in base64; none is near this long.
+MAX_LINE_BYTES = 128 * 1024 * 1024
+# How far past the last word found a word is looked for in the input.
+FIND_WITHIN = 64
 MAX_LINE = 42
 MAX_CUE_SECONDS = 6.0
 MIN_CUE_SECONDS = 1.0
@@ -50,16 +58,22 @@ class NotCaptions(requests.exceptions.ContentDecodingError):
 
 
 def lines(chunks: Iterable[bytes]) -> Iterator[Line]:
-    """The captioned stream `chunks` (bytes as they arrive) as Lines; NotCaptions for a malformed line."""
-    pending = b""
+    """The captioned stream `chunks` (bytes as they arrive) as Lines; NotCaptions for a malformed
+    line, or one longer than MAX_LINE_BYTES."""
+    pending, searched = bytearray(), 0
     for chunk in chunks:
         pending += chunk
-        *complete, pending = pending.split(b"\n")
-        for raw in complete:
+        while (end := pending.find(b"\n", searched)) >= 0:
+            raw = bytes(pending[:end])
+            del pending[: end + 1]
+            searched = 0
             if raw.strip():
                 yield _line(raw)
+        searched = len(pending)
+        if len(pending) > MAX_LINE_BYTES:
+            raise NotCaptions("The speech server sent a line longer than any captioned audio.")
     if pending.strip():
-        yield _line(pending)
+        yield _line(bytes(pending))
 
 
 def _line(raw: bytes) -> Line:
@@ -67,7 +81,7 @@ def _line(raw: bytes) -> Line:
         document = json.loads(raw)
         audio = base64.b64decode(document["audio"], validate=True)
         words = document.get("timestamps") or []
-    except (ValueError, KeyError, TypeError, binascii.Error):
+    except (ValueError, KeyError, TypeError, binascii.Error, RecursionError):
         raise NotCaptions("The speech server sent a line that is not captioned audio.") from None
     if not isinstance(words, list):
         raise NotCaptions("The speech server sent timestamps that are not a list.")
@@ -76,9 +90,14 @@ def _line(raw: bytes) -> Line:
 
 
 def _seconds(value) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    """A time in seconds as the server sent it; None for anything no audio could have."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    return round(float(value), 3)
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return round(seconds, 3) if 0 <= seconds <= MAX_SECONDS else None
 
 
 class Words:
@@ -88,18 +107,20 @@ class Words:
         self.text = text
         self.cursor = 0
         self.last_start = 0.0
-        self.seen: set[tuple[str, float]] = set()
+        self.seen: set[tuple] = set()
 
     def take(self, raw: list) -> list[dict]:
         """The words of one line worth passing on; anything that is not a timed word is left out."""
         taken = []
         for item in raw:
-            if not isinstance(item, dict) or not isinstance(item.get("word"), str):
+            if not isinstance(item, dict) or not isinstance(item.get("word"), str) or not item["word"].strip():
                 continue
             start, end = _seconds(item.get("start_time")), _seconds(item.get("end_time"))
-            if start is None or end is None or (item["word"], start) in self.seen or start < self.last_start:
+            # The same word at the same time and place, sent again (Kokoro-FastAPI has).
+            said = (item["word"], start, end, repr(item.get("char_start")))
+            if start is None or end is None or said in self.seen or start < self.last_start:
                 continue
-            self.seen.add((item["word"], start))
+            self.seen.add(said)
             self.last_start = start
             char_start, char_end = self._span(item)
             taken.append(
@@ -124,11 +145,15 @@ class Words:
         ):
             self.cursor = end
             return start, end
-        found = self.text.find(word, self.cursor) if word.strip() else -1
-        if found < 0:
+        # As a whole word (not "one" inside "gone"), not far past the last word found.
+        pattern = (
+            (r"(?<!\w)" if word[0].isalnum() else "") + re.escape(word) + (r"(?!\w)" if word[-1].isalnum() else "")
+        )
+        found = re.compile(pattern).search(self.text, self.cursor, self.cursor + FIND_WITHIN + len(word))
+        if found is None:
             return None, None
-        self.cursor = found + len(word)
-        return found, found + len(word)
+        self.cursor = found.end()
+        return found.start(), found.end()
 
 
 class Cue(NamedTuple):
@@ -166,7 +191,9 @@ def cues(words: list[dict]) -> list[Cue]:
 def ends_sentence(word: str) -> bool:
     """A word that ends a sentence: ! ? … or a full stop that is not an abbreviation's: a title such as
     "Dr." (ABBREVIATIONS), or a word with a full stop inside ("a.m.", "U.S.")."""
-    if word[-1:] in "!?…":
+    if not word:
+        return False
+    if word[-1] in "!?…":
         return True
     return word.endswith(".") and word.lstrip("\"'“‘(") not in ABBREVIATIONS and "." not in word[:-1]
 

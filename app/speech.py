@@ -50,7 +50,7 @@ from app import audio_meter, billing, captions, catalog, config, keys, metering,
 from app.errors import ApiError
 from app.extensions import db
 from app.models import utcnow
-from app.upstream import AccountQueueFull, Busy, Slot, SpeechStream, UpstreamError, timed_out
+from app.upstream import NO_SUCH_ROUTE, AccountQueueFull, Busy, Slot, SpeechStream, UpstreamError, timed_out
 
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 DEFAULT_MODEL = "kokoro"
@@ -278,13 +278,17 @@ def check_timestamps() -> None:
     the servers' own answer decides (refunded).
     """
     if services.upstream().has_captions() is False:
-        raise ApiError(
-            400,
-            "The speech server behind this API cannot give word timings. Nothing was charged; "
-            "ask without 'return_timestamps' and 'subtitles'.",
-            param="return_timestamps",
-            code="timestamps_unsupported",
-        )
+        raise _no_timestamps("Nothing was charged.")
+
+
+def _no_timestamps(charge: str) -> ApiError:
+    return ApiError(
+        400,
+        f"The speech server behind this API cannot give word timings. {charge} "
+        "Ask for the audio alone: POST /v1/audio/speech without 'return_timestamps' and 'subtitles'.",
+        param="return_timestamps",
+        code="timestamps_unsupported",
+    )
 
 
 def upstream_catalog() -> catalog.Catalog | None:
@@ -517,6 +521,8 @@ def open_upstream(request_id: str, order: Order, started: float, slot: Slot) -> 
     except UpstreamError as failure:
         _settle_refund(request_id, failure.detail, audio_ms=0, upstream_status=failure.status, duration_ms=_ms(started))
         # The answer carries the request's id, as every /v1 answer does (security_headers in app/__init__.py).
+        if order.timestamps and failure.status in NO_SUCH_ROUTE:
+            raise _no_timestamps("The charge was refunded.") from None
         if failure.blames_request:
             raise ApiError(
                 400, f"The speech server refused this request: {failure.reason} The charge was refunded."
@@ -633,7 +639,7 @@ class Relay:
         # Word timings relayed with the audio (app/captions.py), when the order asked for them,
         # and the audio's type as the server names it in its captioned lines.
         self.words = captions.Words(order.text) if order.timestamps else None
-        self.audio_format = f"audio/{order.response_format}"
+        self.audio_format = "audio/mpeg" if order.response_format == "mp3" else f"audio/{order.response_format}"
         # Set when nothing goes to the client before the end (one JSON answer): until then
         # nothing counts as delivered, so a break is refunded in full.
         self.hold = False
@@ -703,6 +709,12 @@ class Relay:
             metrics.STREAMS.dec()
         for chunk in self.held:
             self._count(chunk)
+        if self.words is not None and not self.sent:
+            # Plain audio is checked for its first bytes before the charge stands (app/upstream.py);
+            # captioned lines carry it inside: lines without any are a failure like no audio.
+            reason = "The speech server sent no audio."
+            _settle_refund(self.request_id, reason, **self.outcome())
+            raise StreamAborted(self.request_id, f"{reason} The charge was refunded.")
         _settle(metering.mark_delivered, self.request_id, **self.outcome())
 
     def _count(self, chunk: bytes) -> None:
@@ -718,15 +730,16 @@ class Relay:
 
     def _captioned(self, lines):
         """Each line's audio with its words; the words of a line without audio wait for the next
-        (they describe audio still to come); any left at the end go with the last."""
-        waiting = []
+        (they describe audio still to come); any left at the end go last, when there was audio."""
+        waiting, any_audio = [], False
         for line in lines:
             self.audio_format = line.audio_format or self.audio_format
             waiting += self.words.take(line.words)
             if line.audio:
+                any_audio = True
                 yield line.audio, waiting
                 waiting = []
-        if waiting:
+        if waiting and any_audio:
             yield b"", waiting
 
     def _check_deadline(self, now: float) -> None:

@@ -112,6 +112,10 @@ def _validation_message(item) -> str:
     return f"'{location[-1]}': {item.get('msg', '')}" if location else str(item.get("msg", item))
 
 
+# What a server without a route answers for it.
+NO_SUCH_ROUTE = (404, 405)
+
+
 def root_of(base_url: str) -> str:
     """A speech server's root from its API's base URL (UPSTREAM_URL names …/v1)."""
     return base_url.removesuffix("/v1")
@@ -385,7 +389,8 @@ class Upstream:
                     stream = self._open(payload, chunk_size, slot, captioned)
                 except UpstreamError as failure:
                     metrics.UPSTREAM_FAILURES.labels(failure.kind).inc()
-                    if failure.blames_request:
+                    # A server without the captioned route is not broken: it stays in service.
+                    if failure.blames_request or (captioned and failure.status in NO_SUCH_ROUTE):
                         raise
                     self.upstreams.failed(slot.server)
                     if not failure.retry:

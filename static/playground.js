@@ -136,9 +136,13 @@ if (form) {
   }
 
   // The word whose time the player is in, marked in the text; redrawn only when it changes.
+  // A newer request's words take over: the older loop ends at its next frame.
+  let following = 0;
   function follow(words, letters) {
+    const mine = ++following;
     let shown = -2;
     const draw = () => {
+      if (mine !== following) return;
       const now = player.currentTime;
       let at = -1;
       for (let index = 0; index < words.length && words[index].start_time <= now; index += 1) at = index;

@@ -604,7 +604,7 @@ def test_the_balance_banner_is_as_wide_as_the_narrow_card_below_it(make_app, bro
 
 
 def a_second_of_sound(seconds: int = 1) -> bytes:
-    """One second (or `seconds`) of a 440 Hz tone as WAV, for a stand-in speech server whose audio a browser can play."""
+    """`seconds` of a 440 Hz tone as WAV, for a stand-in speech server whose audio a browser can play."""
     import io
     import math
     import struct

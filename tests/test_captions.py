@@ -262,3 +262,106 @@ def test_subtitle_cues_keep_to_two_short_lines_and_a_few_seconds():
     assert srt.startswith(f"1\n00:00:00,000 --> 00:00:04,700\n{first}\n\n2\n00:00:04,800 --> ")
     vtt = captions.subtitles(words, "vtt")
     assert vtt.startswith(f"WEBVTT\n\n00:00:00.000 --> 00:00:04.700\n{first}\n\n00:00:04.800 --> ")
+
+
+class _Lines(FakeUpstream):
+    """A captioned route that sends the lines it is given, each as a chunk."""
+
+    def __init__(self, *lines: bytes):
+        super().__init__(captions="ours")
+        self.lines = list(lines)
+
+    def _captioned(self, body):
+        return self._send(self.lines)
+
+
+def caption_line(audio: bytes, words) -> bytes:
+    return (
+        json.dumps(
+            {"audio": base64.b64encode(audio).decode(), "audio_format": "audio/pcm", "timestamps": words}
+        ).encode()
+        + b"\n"
+    )
+
+
+def ask_of(make_app, upstream, customer, **fields):
+    with serve(upstream) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
+        response = app.test_client().post(SPEECH, json={**ASK, **fields}, headers=customer.headers)
+        [speech] = factories.speech_requests(app, customer.team_id)
+        return app, response, speech
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"word": "Dr.", "start_time": 10**400, "end_time": 1},  # too large for a float
+        {"word": "Dr.", "start_time": 1.7e306, "end_time": 1.8e306},  # a float, but no time in any audio
+        {"word": "", "start_time": 0.1, "end_time": 0.2},  # not a word
+    ],
+)
+def test_a_timing_no_audio_could_have_is_left_out_and_the_request_settles(make_app, customer, odd):
+    upstream = _Lines(caption_line(pcm_of(0.5), [odd, {"word": "Smith", "start_time": 0.2, "end_time": 0.4}]))
+    app, response, speech = ask_of(make_app, upstream, customer, subtitles="srt")
+    assert response.status_code == 200
+    assert [w["word"] for w in response.get_json()["timestamps"]] == ["Smith"]
+    assert speech.state == "delivered"
+
+
+@pytest.mark.parametrize("broken", [b"[" * 200_000 + b"\n", b'{"audio": 5}\n', b"\xff\xfe not json\n"])
+def test_a_line_that_is_not_captioned_audio_is_a_break_refunded_in_full(make_app, customer, broken):
+    upstream = _Lines(caption_line(pcm_of(0.2), []), broken)
+    app, response, speech = ask_of(make_app, upstream, customer)
+    assert response.status_code == 502
+    assert speech.state == "refunded" and factories.balance(app, customer.team_id) == 1000
+    factories.assert_books_balance(app, customer.team_id)
+
+
+@pytest.mark.parametrize("stream_format", [None, "sse"])
+def test_captions_without_any_audio_are_refunded_in_full(make_app, customer, stream_format):
+    upstream = _Lines(caption_line(b"", [{"word": "Dr.", "start_time": 0.0, "end_time": 0.1}]))
+    app, response, speech = ask_of(make_app, upstream, customer, stream_format=stream_format)
+    if stream_format == "sse":
+        assert sse_events(response.data)[-1]["type"] == "error"
+    else:
+        assert response.status_code == 502
+    assert speech.state == "refunded" and factories.balance(app, customer.team_id) == 1000
+
+
+def test_a_server_without_the_route_is_a_400_refunded_and_stays_in_service(make_app, customer):
+    """Its document said nothing (unreachable at that moment): the route's 404 decides, refunded."""
+    upstream = FakeUpstream(in_chunks(pcm_of(1.0), 3), captions=None)
+    with serve(upstream) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
+        with app.app_context():
+            from app import services
+
+            services.upstream().has_captions = lambda: None
+        client = app.test_client()
+        refused = client.post(SPEECH, json=ASK, headers=customer.headers)
+        assert refused.status_code == 400 and refused.get_json()["error"]["code"] == "timestamps_unsupported"
+        assert factories.balance(app, customer.team_id) == 1000
+        # The server is not taken out: plain speech goes on at once.
+        assert (
+            client.post(SPEECH, json={**ASK, "return_timestamps": False}, headers=customer.headers).status_code == 200
+        )
+
+
+def test_a_word_is_found_in_the_input_only_as_a_whole_word_near_where_the_last_one_was():
+    words = captions.Words("Route 1 ends gone")
+    found = words.take(
+        [
+            {"word": "Route", "start_time": 0.0, "end_time": 0.3},
+            {"word": "one", "start_time": 0.3, "end_time": 0.5},
+            {"word": "ends", "start_time": 0.5, "end_time": 0.7},
+            {"word": "gone", "start_time": 0.7, "end_time": 0.9},
+        ]
+    )
+    assert [(w["char_start"], w["char_end"]) for w in found] == [(0, 5), (None, None), (8, 12), (13, 17)]
+
+
+def test_the_same_word_twice_at_one_time_is_two_words_when_its_places_differ():
+    words = captions.Words("Wait — — go")
+    dashes = [{"word": "—", "start_time": 0.4, "end_time": 0.4, "char_start": at, "char_end": at + 1} for at in (5, 7)]
+    assert [w["char_start"] for w in words.take(dashes)] == [5, 7]
+    assert words.take(dashes) == []

@@ -4,7 +4,9 @@ nginx runs the repository's deploy/nginx/kokoro-pay-locations.conf as it is, ins
 server block on loopback (the TLS server block around it is the operator's).
 """
 
+import base64
 import http.client
+import json
 import os
 import shutil
 import socket
@@ -113,11 +115,12 @@ def stack(app, database_uri, nginx_binary):
         gate.set()
 
 
-def test_the_first_audio_byte_passes_through_before_the_upstream_finishes(app, stack):
+@pytest.mark.parametrize("path", ["/v1/audio/speech", "/dev/captioned_speech"])
+def test_the_first_audio_byte_passes_through_before_the_upstream_finishes(app, stack, path):
     url, upstream, gate = stack
     customer = factories.customer(app, balance=100)
     with requests.post(
-        f"{url}/v1/audio/speech",
+        f"{url}{path}",
         json={"input": "Hello.", "voice": "af_sky"},
         headers=customer.headers,
         stream=True,
@@ -127,10 +130,16 @@ def test_the_first_audio_byte_passes_through_before_the_upstream_finishes(app, s
         chunks = answer.iter_content(chunk_size=None)
         first = next(chunks)
         # The upstream is still holding the rest back: only an unbuffered proxy lets this through.
-        assert first.startswith(b"ID3") and not gate.is_set() and not upstream.finished.is_set()
+        if path == "/dev/captioned_speech":
+            # The first line of captions, whole: its audio is the upstream's first chunk.
+            assert json.loads(first)["audio"] == base64.b64encode(b"ID3\x04first").decode()
+        else:
+            assert first.startswith(b"ID3")
+        assert not gate.is_set() and not upstream.finished.is_set()
         gate.set()
         rest = b"".join(chunks)
-    assert first + rest == b"ID3\x04first-rest"
+    if path == "/v1/audio/speech":
+        assert first + rest == b"ID3\x04first-rest"
 
 
 def test_stalled_request_bodies_do_not_hold_the_gateways_threads(app, stack):

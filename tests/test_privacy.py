@@ -295,9 +295,10 @@ def test_without_allowed_origins_browsers_are_refused(client):
     assert response.status_code == 401 and "Access-Control-Allow-Origin" not in response.headers
 
 
-def test_an_allowed_origin_gets_its_preflight_without_a_key(make_app, customer):
+@pytest.mark.parametrize("path", ["/v1/audio/speech", "/dev/captioned_speech"])
+def test_an_allowed_origin_gets_its_preflight_without_a_key(make_app, customer, path):
     client = make_app(CORS_ALLOWED_ORIGINS=["http://127.0.0.1:5173"]).test_client()
-    response = client.options("/v1/audio/speech", headers=PREFLIGHT)
+    response = client.options(path, headers=PREFLIGHT)
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == "http://127.0.0.1:5173"
     assert "authorization" in response.headers["Access-Control-Allow-Headers"].lower()
