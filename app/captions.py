@@ -18,6 +18,7 @@ one), as SRT or WebVTT.
 
 import base64
 import binascii
+import html
 import json
 import math
 import re
@@ -117,7 +118,8 @@ class Words:
                 continue
             start, end = _seconds(item.get("start_time")), _seconds(item.get("end_time"))
             # The same word at the same time and place, sent again (Kokoro-FastAPI has).
-            said = (item["word"], start, end, repr(item.get("char_start")))
+            place = item.get("char_start")
+            said = (item["word"], start, end, place if isinstance(place, int) else None)
             if start is None or end is None or said in self.seen or start < self.last_start:
                 continue
             self.seen.add(said)
@@ -208,7 +210,11 @@ def _clock(seconds: float, separator: str) -> str:
 def subtitles(words: list[dict], kind: str) -> str:
     """The words as SRT (`srt`) or WebVTT (`vtt`)."""
     if kind == "vtt":
-        blocks = [f"{_clock(c.start, '.')} --> {_clock(c.end, '.')}\n{c.text}\n" for c in cues(words)]
+        # WebVTT's cue text is markup: & and < (and so any "-->") are written as entities.
+        blocks = [
+            f"{_clock(c.start, '.')} --> {_clock(c.end, '.')}\n{html.escape(c.text, quote=False)}\n"
+            for c in cues(words)
+        ]
         return "WEBVTT\n\n" + "\n".join(blocks)
     blocks = [f"{n}\n{_clock(c.start, ',')} --> {_clock(c.end, ',')}\n{c.text}\n" for n, c in enumerate(cues(words), 1)]
     return "\n".join(blocks)

@@ -365,3 +365,10 @@ def test_the_same_word_twice_at_one_time_is_two_words_when_its_places_differ():
     dashes = [{"word": "—", "start_time": 0.4, "end_time": 0.4, "char_start": at, "char_end": at + 1} for at in (5, 7)]
     assert [w["char_start"] for w in words.take(dashes)] == [5, 7]
     assert words.take(dashes) == []
+
+
+def test_webvtt_cue_text_is_escaped_as_its_markup_needs():
+    words = [
+        {"word": w, "start_time": i * 0.5, "end_time": i * 0.5 + 0.4} for i, w in enumerate("R&D <b> --> ok".split())
+    ]
+    assert captions.subtitles(words, "vtt").splitlines()[3] == "R&amp;D &lt;b&gt; --&gt; ok"
