@@ -9,6 +9,7 @@ import os
 import re
 import sqlite3
 import subprocess
+import sys
 import threading
 from datetime import timedelta
 
@@ -786,7 +787,9 @@ def test_a_buyer_process_killed_after_stripe_answered_is_retried_with_the_same_k
             "MAIL_WORKER": "false",
             "TOPUP_WORKER": "false",
         }
-        flask = [str(ROOT / ".venv" / "bin" / "flask"), "topups", "buy", "--once"]
+        # This interpreter's flask, run in the checkout under test (mutants/ under `make mutate`,
+        # which has no .venv of its own).
+        flask = [sys.executable, "-m", "flask", "topups", "buy", "--once"]
         buyer = subprocess.Popen(flask, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         wait_for(lambda: held or buyer.poll() is not None, timeout=60, what="the buyer's call to Stripe")
         assert held, buyer.communicate()[0].decode()
