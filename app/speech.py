@@ -541,23 +541,21 @@ def sse_events(relay: "Relay", order: Order):
     before `speech.audio.done`. A stream that breaks off ends with an `error` event instead
     (settled as any break is).
     """
-    pieces = relay.pieces()
     said = []
-    try:
-        for audio, words in pieces:
-            events = b""
-            if words:
-                said += words
-                events += _event({"type": "speech.audio.timestamps", "words": words})
-            if audio:
-                events += _event({"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode("ascii")})
-            yield events
-    except StreamAborted as aborted:
-        error = {"message": aborted.reason, "type": "server_error", "param": None, "code": "upstream_error"}
-        yield _event({"type": "error", "error": error})
-        return
-    finally:
-        pieces.close()
+    with contextlib.closing(relay.pieces()) as pieces:
+        try:
+            for audio, words in pieces:
+                events = b""
+                if words:
+                    said += words
+                    events += _event({"type": "speech.audio.timestamps", "words": words})
+                if audio:
+                    events += _event({"type": "speech.audio.delta", "audio": base64.b64encode(audio).decode("ascii")})
+                yield events
+        except StreamAborted as aborted:
+            error = {"message": aborted.reason, "type": "server_error", "param": None, "code": "upstream_error"}
+            yield _event({"type": "error", "error": error})
+            return
     if order.subtitles:
         text = captions.subtitles(said, order.subtitles)
         yield _event({"type": "speech.audio.subtitles", "format": order.subtitles, "text": text})
@@ -569,14 +567,11 @@ def sse_events(relay: "Relay", order: Order):
 def caption_lines(relay: "Relay", order: Order):
     """Kokoro-FastAPI's streamed captions: a JSON object per line, each a piece of audio in base64
     with the words it holds. A stream that breaks off is aborted, as plain audio is."""
-    pieces = relay.pieces()
-    try:
+    with contextlib.closing(relay.pieces()) as pieces:
         for audio, words in pieces:
             line = {"audio": base64.b64encode(audio).decode("ascii"), "audio_format": relay.audio_format}
             line["timestamps"] = words if order.with_words else None
             yield json.dumps(line, separators=(",", ":")).encode() + b"\n"
-    finally:
-        pieces.close()
 
 
 def captioned_answer(relay: "Relay", order: Order) -> dict:
@@ -585,7 +580,6 @@ def captioned_answer(relay: "Relay", order: Order) -> dict:
     Nothing reaches the client before the synthesis is whole: a break on the way is refunded
     in full and answered 502.
     """
-    relay.hold = True
     audio, words = [], []
     try:
         for piece, placed in relay.pieces():
@@ -640,9 +634,9 @@ class Relay:
         # and the audio's type as the server names it in its captioned lines.
         self.words = captions.Words(order.text) if order.timestamps else None
         self.audio_format = "audio/mpeg" if order.response_format == "mp3" else f"audio/{order.response_format}"
-        # Set when nothing goes to the client before the end (one JSON answer): until then
-        # nothing counts as delivered, so a break is refunded in full.
-        self.hold = False
+        # One JSON answer: nothing goes to the client before the end, so until then nothing
+        # counts as delivered, and a break is refunded in full.
+        self.hold = order.stream_format == "json"
         self.held: list[bytes] = []
 
     def audio_ms(self) -> int | None:
@@ -661,12 +655,9 @@ class Relay:
 
     def chunks(self):
         """Yield the audio as it arrives; settle the charge however the stream ends."""
-        pieces = self.pieces()
-        try:
+        with contextlib.closing(self.pieces()) as pieces:
             for chunk, _ in pieces:
                 yield chunk
-        finally:
-            pieces.close()
 
     def pieces(self):
         """Yield (audio, words) as they arrive; settle the charge however the stream ends.
