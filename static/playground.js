@@ -165,29 +165,16 @@ if (form) {
     requestAnimationFrame(draw);
   }
 
-  // MP3 plays as it arrives (Media Source Extensions); other formats once the whole file is in.
+  // The plain audio as it arrives: MP3 plays while it streams in, other formats once the whole file is in.
   async function play(response, format) {
-    if (format === "mp3" && window.MediaSource && MediaSource.isTypeSupported("audio/mpeg")) {
-      const source = new MediaSource();
-      player.src = URL.createObjectURL(source);
-      await new Promise((resolve) => source.addEventListener("sourceopen", resolve, { once: true }));
-      const buffer = source.addSourceBuffer("audio/mpeg");
-      const reader = response.body.getReader();
-      let started = false;
-      for (;;) {
-        const { done, value } = await reader.read();
-        if (done) break;
-        await append(buffer, value);
-        if (!started) {
-          started = true;
-          player.play().catch(() => {});
-        }
-      }
-      source.endOfStream();
-    } else {
-      player.src = URL.createObjectURL(await response.blob());
-      player.play().catch(() => {});
+    const audio = await opened(format);
+    const reader = response.body.getReader();
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      await audio.add(value);
     }
+    audio.end();
   }
 
   function append(buffer, chunk) {
