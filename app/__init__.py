@@ -136,12 +136,12 @@ def register_extensions(app: Flask) -> None:
     csrf.init_app(app)
     settings = app.extensions["settings"]
     # The shared services, asked for through app/services.py.
-    app.extensions["upstream"] = Upstream.from_settings(settings)
+    app.extensions["lease"] = lease = liveness.Lease(app, settings.process_lease_seconds)
+    app.extensions["upstream"] = Upstream.from_settings(settings, app, lease)
     app.extensions["stripe"] = stripe_client(settings)
     app.extensions["throttle"] = Throttle(settings)
     app.extensions["postman"] = postman = mail.Postman(app, settings)
     app.extensions["buyer"] = buyer = card_payments.Buyer(app, settings.topup_poll_seconds, app.extensions["stripe"])
-    app.extensions["lease"] = liveness.Lease(app, settings.process_lease_seconds)
     app.extensions["hangups"] = hangups.Watch()
     number_format.register(app)
     if settings.mail_worker:

@@ -43,6 +43,7 @@ class Lease:
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._pending: list[Callable[[], object]] = []
+        self._upkeep: list[Callable[[], object]] = []
 
     def process_id(self) -> str:
         """This process's id, its lease registered and its renewer running; for a speech request to name."""
@@ -61,6 +62,10 @@ class Lease:
         renewed = self._write(update(_processes).where(_processes.c.id == self._id))
         if not renewed:
             self._write(insert(_processes), id=self._id, host=socket.gethostname()[:255], pid=os.getpid())
+
+    def on_renewal(self, upkeep: Callable[[], object]) -> None:
+        """Run `upkeep` after each renewal, in the lease's thread (app/places.py's sweep)."""
+        self._upkeep.append(upkeep)
 
     def retry_later(self, settle: Callable[[], object]) -> None:
         """Keep a settlement that failed to write; `settle_pending` (each renewal) tries it again."""
@@ -106,6 +111,11 @@ class Lease:
                 # and each stream stops at its next progress record (app/speech.py).
                 log.exception("could not renew this gateway process's lease (%s)", self._id)
             self.settle_pending()
+            for upkeep in self._upkeep:
+                try:
+                    upkeep()
+                except SQLAlchemyError:
+                    log.exception("a lease renewal's upkeep failed; it runs again at the next renewal")
 
 
 def too_short(stale: float, lease: float) -> str:

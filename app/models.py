@@ -414,6 +414,30 @@ class GatewayProcess(db.Model):
     lease_until: Mapped[datetime]
 
 
+class UpstreamServer(db.Model):
+    """A speech server's health as every gateway sees it (app/places.py): taken out until
+    `out_until` (seconds since the epoch) after `failures` failures in a row."""
+
+    __tablename__ = "upstream_servers"
+
+    url: Mapped[str] = mapped_column(String(512), primary_key=True)
+    failures: Mapped[int] = mapped_column(default=0)
+    out_until: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class UpstreamPlace(db.Model):
+    """A place a gateway process holds: on a speech server (`server_url`), or in the wait for one
+    (`server_url` empty). It counts while its process's lease is alive (app/places.py)."""
+
+    __tablename__ = "upstream_places"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    process_id: Mapped[str] = mapped_column(ForeignKey("gateway_processes.id", ondelete="CASCADE"), index=True)
+    server_url: Mapped[Optional[str]] = mapped_column(String(512), index=True)
+    team_id: Mapped[Optional[int]]
+    taken_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 # The payments an index keeps to one per team: automatic top-ups queued or at Stripe.
 AUTOMATIC_IN_FLIGHT = "kind = 'automatic' AND status IN ('queued', 'processing')"
 

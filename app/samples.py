@@ -18,7 +18,8 @@ import click
 from flask.cli import AppGroup
 
 from app import catalog, config, services, speech
-from app.upstream import Busy, UpstreamError
+from app.places import Busy
+from app.upstream import UpstreamError
 
 samples_cli = AppGroup("samples", help="The landing page's voice samples.")
 

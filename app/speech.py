@@ -50,7 +50,8 @@ from app import audio_meter, billing, captions, catalog, config, keys, metering,
 from app.errors import ApiError
 from app.extensions import db
 from app.models import utcnow
-from app.upstream import NO_SUCH_ROUTE, AccountQueueFull, Busy, Slot, SpeechStream, UpstreamError, timed_out
+from app.places import AccountQueueFull, Busy, Slot
+from app.upstream import NO_SUCH_ROUTE, SpeechStream, UpstreamError, timed_out
 
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 DEFAULT_MODEL = "kokoro"

@@ -1,24 +1,15 @@
-"""The Kokoro servers we sit in front of: one pooled HTTP session per app, and a place on
-the least busy server for each speech request.
+"""The Kokoro servers we sit in front of: one pooled HTTP session per app, speaking to them.
 
 `UPSTREAM_URL` may list several servers. Each speech request reserves a place on one before
-it is charged (`Upstreams.reserve`): the server with the fewest streams in flight, among
-those not taken out for failing. With UPSTREAM_MAX_STREAMS set, a full server takes no
-more; when all are full a request waits, at most UPSTREAM_QUEUE of them for at most
-UPSTREAM_QUEUE_SECONDS, and is then refused (`Busy`) with nothing charged. A server that
-fails before sending audio (no connection, a timeout, a 5xx) is taken out for
-UPSTREAM_RETRY_SECONDS, doubling while it keeps failing, and the request moves on to the
-next; once that time is up the next request tries it again, which brings it back. One
-account holds at most UPSTREAM_QUEUE_PER_ACCOUNT places in the wait (a quarter of it by
-default); its next request is refused at once (`AccountQueueFull`), so one client cannot
-crowd out the others. The counts are per gateway process.
+it is charged; which server, the wait when all are full, and which servers are taken out for
+failing are app/places.py's, shared by every gateway process and host. A server that fails
+before sending audio (no connection, a timeout, a 5xx) is taken out there, and the request
+moves on to the next with room.
 """
 
-import math
 import re
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 
 import requests
@@ -27,16 +18,13 @@ from urllib3.exceptions import ReadTimeoutError
 
 from app import metrics
 from app.config import Settings, base_urls
+from app.places import Busy, Slot, Upstreams
 
 # Statuses with which an upstream blames the request itself (FastAPI's validation errors are 422).
 REQUEST_REFUSED = (400, 422)
 MAX_REASON = 160
 # How long a failed catalog fetch is remembered before the upstream is asked again.
 FAILURE_TTL = 5.0
-# The longest a failing server is taken out for, however often it failed.
-MAX_RETRY_SECONDS = 60.0
-# The clock a failed server's time out is kept by; tests move it by hand.
-clock = time.monotonic
 
 
 class UpstreamError(Exception):
@@ -131,148 +119,6 @@ def is_audio(content_type: str) -> bool:
     return media_type.startswith("audio/") or media_type == "application/octet-stream"
 
 
-class Busy(Exception):
-    """Every speech server is full, and no place freed up in time."""
-
-    def __init__(self, retry_after: int):
-        super().__init__(retry_after)
-        self.retry_after = retry_after
-
-
-class AccountQueueFull(Busy):
-    """The account already has its share of the requests waiting for a server."""
-
-    def __init__(self, limit: int, retry_after: int):
-        super().__init__(retry_after)
-        self.limit = limit
-
-
-class Server:
-    """One Kokoro server: its address, its streams in flight, and whether it is taken out."""
-
-    def __init__(self, base_url: str, limit: int):
-        self.base_url = base_url
-        self.limit = limit
-        self.in_flight = 0
-        self.failures = 0
-        self.out_until = 0.0
-
-    def has_room(self) -> bool:
-        return not self.limit or self.in_flight < self.limit
-
-    def is_out(self, now: float) -> bool:
-        return now < self.out_until
-
-
-class Slot:
-    """A place on one server, held from before the charge until the stream is closed."""
-
-    def __init__(self, upstreams: "Upstreams", server: Server):
-        self.upstreams = upstreams
-        self.server = server
-        self.waited = 0.0
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self.upstreams.release(self.server)
-
-
-class Upstreams:
-    """The servers, least busy first; see the module's docstring."""
-
-    def __init__(
-        self,
-        base_urls: list[str],
-        limit: int,
-        queue: int,
-        queue_seconds: float,
-        retry_seconds: float,
-        queue_per_account: int = 0,
-    ):
-        self.servers = [Server(url, limit) for url in base_urls]
-        self.queue = queue
-        self.queue_seconds = queue_seconds
-        self.retry_seconds = retry_seconds
-        # 0: a quarter of the wait, at least one place.
-        self.queue_per_account = queue_per_account or max(1, queue // 4)
-        self.waiting = 0
-        self._waiting_by_account: Counter = Counter()
-        self._changed = threading.Condition()
-
-    def reserve(self, exclude: tuple[Server, ...] = (), wait: bool = True, account: int | None = None) -> Slot:
-        """A place on the least busy server not in `exclude`; Busy when none frees up in time.
-
-        AccountQueueFull, at once, when `account` already has its share of the wait.
-        """
-        started = time.monotonic()
-        retry_after = max(1, math.ceil(self.queue_seconds))
-        with self._changed:
-            server = self._pick(exclude)
-            if server is None and wait and self.waiting < self.queue:
-                if account is not None and self._waiting_by_account[account] >= self.queue_per_account:
-                    raise AccountQueueFull(self.queue_per_account, retry_after)
-                self.waiting += 1
-                self._waiting_by_account[account] += 1
-                try:
-                    deadline = started + self.queue_seconds
-                    while server is None and (left := deadline - time.monotonic()) > 0:
-                        self._changed.wait(left)
-                        server = self._pick(exclude)
-                finally:
-                    self.waiting -= 1
-                    self._waiting_by_account[account] -= 1
-                    if not self._waiting_by_account[account]:
-                        del self._waiting_by_account[account]
-            if server is None:
-                raise Busy(retry_after)
-            server.in_flight += 1
-        slot = Slot(self, server)
-        slot.waited = time.monotonic() - started
-        return slot
-
-    def _pick(self, exclude) -> Server | None:
-        """The least busy server with room: one in service if any is, else one taken out."""
-        now = clock()
-        candidates = [server for server in self.servers if server not in exclude]
-        in_service = [server for server in candidates if not server.is_out(now)]
-        # While a server in service is only full, wait for it rather than try one that failed.
-        pool = in_service or candidates
-        with_room = [server for server in pool if server.has_room()]
-        return min(with_room, key=lambda server: server.in_flight, default=None)
-
-    def release(self, server: Server) -> None:
-        with self._changed:
-            server.in_flight -= 1
-            self._changed.notify_all()
-
-    def failed(self, server: Server) -> None:
-        with self._changed:
-            server.failures += 1
-            pause = min(self.retry_seconds * 2 ** (server.failures - 1), MAX_RETRY_SECONDS)
-            server.out_until = clock() + pause
-            # Requests waiting for a server may now take one that was not their first choice.
-            self._changed.notify_all()
-
-    def worked(self, server: Server) -> None:
-        if server.failures:
-            with self._changed:
-                server.failures = 0
-                server.out_until = 0.0
-
-    def states(self) -> list[dict]:
-        """Each server's streams in flight and whether it is taken out now, in the order configured."""
-        now = clock()
-        with self._changed:
-            return [{"streams": server.in_flight, "taken_out": server.is_out(now)} for server in self.servers]
-
-    def in_order(self) -> list[Server]:
-        """Every server, those in service first: the order to ask for a document."""
-        now = clock()
-        return sorted(self.servers, key=lambda server: server.is_out(now))
-
-
 class SpeechStream:
     """An upstream audio response whose first bytes have already arrived.
 
@@ -321,8 +167,11 @@ class Upstream:
         self._catalog_lock = threading.Lock()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Upstream":
+    def from_settings(cls, settings: Settings, app, lease) -> "Upstream":
+        """For `app`, whose processes hold their places on the servers under `lease` (app/liveness.py)."""
         upstreams = Upstreams(
+            app,
+            lease,
             base_urls(settings.upstream_url),
             settings.upstream_max_streams,
             settings.upstream_queue,
@@ -402,7 +251,7 @@ class Upstream:
                     slot.release()
                     slot = following
                     continue
-                self.upstreams.worked(slot.server)
+                self.upstreams.worked(slot)
                 return stream
         except BaseException:
             slot.release()

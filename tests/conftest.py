@@ -3,6 +3,8 @@ TEST_DATABASE_URL is set, on PostgreSQL too; the app, its clients, users and key
 
 import os
 import shutil
+import socket
+import subprocess
 
 import pytest
 import responses
@@ -141,7 +143,7 @@ def make_app(database_uri):
 
 @pytest.fixture
 def freeze(monkeypatch):
-    """Stops a module's `clock` (app/upstream.py's, app/accounts.py's, …) at its reading now;
+    """Stops a module's `clock` (app/places.py's, app/accounts.py's, …) at its reading now;
     `freeze(module)` returns the function that moves it on by some seconds, in place of a sleep."""
 
     def freeze(module):
@@ -223,3 +225,34 @@ TEST_PASSWORD_HASH = "scrypt:1024:8:1"
 def cheap_password_hashes(request, monkeypatch):
     if request.node.get_closest_marker("production_password_hash") is None:
         monkeypatch.setattr(accounts, "PASSWORD_HASH", TEST_PASSWORD_HASH)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis server of this test's own, which the test may stop: yields (its URL, stop)."""
+    from tests.servers import free_port, wait_for
+
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+    )
+
+    def answers():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                probe.sendall(b"PING\r\n")
+                return probe.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    wait_for(answers, what="Redis to start")
+
+    def stop():
+        server.terminate()
+        server.wait(10)
+
+    yield f"redis://127.0.0.1:{port}/0", stop
+    if server.poll() is None:
+        stop()

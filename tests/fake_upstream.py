@@ -241,3 +241,30 @@ class KokoroStandIn(FakeUpstream):
         if tail:
             timed.append((tail, 0.0))
         return timed
+
+
+class Counting(FakeUpstream):
+    """Counts its speech streams open at once (`open`) and the most ever open at once (`most`):
+    a Kokoro server sized for a number of streams, which tells whether the gateways kept to it.
+    Each stream is held `hold` seconds after its first chunk, or until `gate` is set."""
+
+    def __init__(self, hold: float = 0.0, gate: threading.Event | None = None):
+        super().__init__(gate=gate)
+        self.hold = hold
+        self.open = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def _stream(self):
+        with self._lock:
+            self.open += 1
+            self.most = max(self.most, self.open)
+        try:
+            yield self.chunks[0]
+            if self.gate is not None:
+                self.gate.wait(timeout=30)
+            time.sleep(self.hold)
+            yield from self.chunks[1:]
+        finally:
+            with self._lock:
+                self.open -= 1

@@ -174,39 +174,6 @@ def test_an_oversized_body_is_refused_before_it_is_read(make_app):
     assert factories.balance(app, customer.team_id) == 100
 
 
-@pytest.fixture
-def own_redis(tmp_path):
-    """A Redis server of this test's own, which the test may stop: yields (its URL, stop)."""
-    import subprocess
-
-    from tests.servers import free_port, wait_for
-
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-    )
-
-    def answers():
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
-                probe.sendall(b"PING\r\n")
-                return probe.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    wait_for(answers, what="Redis to start")
-
-    def stop():
-        server.terminate()
-        server.wait(10)
-
-    yield f"redis://127.0.0.1:{port}/0", stop
-    if server.poll() is None:
-        stop()
-
-
 def test_with_redis_down_the_abuse_limits_let_traffic_through_and_the_money_rules_still_hold(
     make_app, own_redis, caplog
 ):
@@ -233,7 +200,7 @@ def test_with_redis_down_the_abuse_limits_let_traffic_through_and_the_money_rule
     gate = threading.Event()
     with serve(FakeUpstream(gate=gate)) as upstream_url:
         moved = dataclasses.replace(app.extensions["settings"], upstream_url=f"{upstream_url}/v1")
-        app.extensions["upstream"] = type(app.extensions["upstream"]).from_settings(moved)
+        app.extensions["upstream"] = type(app.extensions["upstream"]).from_settings(moved, app, app.extensions["lease"])
         with serve(app) as gateway:
             first = requests.post(f"{gateway}/v1/audio/speech", json=HELLO, headers=customer.headers, stream=True)
             second = requests.post(f"{gateway}/v1/audio/speech", json=HELLO, headers=customer.headers)

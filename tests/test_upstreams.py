@@ -10,7 +10,7 @@ import requests
 import responses
 from urllib3.exceptions import NameResolutionError
 
-from app import upstream as upstream_module
+from app import places
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import Failing, FakeUpstream, Silent, stub_catalog
@@ -101,7 +101,8 @@ def test_requests_wait_for_a_free_place_uncharged_and_are_then_served(make_app):
                 held.set()
                 assert [future.result().content for future in waiting] == [AUDIO, AUDIO]
             assert [stream.content for stream in streams] == [AUDIO, AUDIO]
-    assert (len(first.received), len(second.received)) == (2, 2)
+    # Which server each waiting request got depends on which place was given back first.
+    assert len(first.received) + len(second.received) == 4
     assert factories.balance(app, customer.team_id) == 1000 - 4 * COST
     factories.assert_books_balance(app, customer.team_id)
 
@@ -127,7 +128,7 @@ def test_a_failing_server_is_taken_out_and_probed_back_in(make_app, freeze, down
     sickly, healthy = Failing(), FakeUpstream()
     # Out for 5 s after a failure, on a clock that moves only when told: the five requests below
     # fit in that however loaded the machine.
-    advance = freeze(upstream_module)
+    advance = freeze(places)
     with serve(sickly) as s, serve(healthy) as h:
         first = "http://127.0.0.1:9" if down == "refusing connections" else s
         app = make_app(UPSTREAM_URL=f"{first}/v1,{h}/v1", UPSTREAM_RETRY_SECONDS=5)

@@ -1,0 +1,376 @@
+"""The places on the speech servers, shared by every gateway process and host through the database.
+
+Each speech request holds a place on one server from before it is charged until its stream is
+closed (`Upstreams.reserve`): the server with the fewest places held, among those not taken out
+for failing. With UPSTREAM_MAX_STREAMS set, a full server takes no more; when all are full a
+request waits, at most UPSTREAM_QUEUE of them for at most UPSTREAM_QUEUE_SECONDS, and is then
+refused (`Busy`) with nothing charged. One account holds at most UPSTREAM_QUEUE_PER_ACCOUNT places
+in the wait (a quarter of it by default); its next request is refused at once
+(`AccountQueueFull`), so one client cannot crowd out the others. A server that fails before
+sending audio is taken out for UPSTREAM_RETRY_SECONDS, doubling while it keeps failing; once that
+time is up the next request tries it again, which brings it back.
+
+All of it is counted in the database every gateway already shares, so the limits hold however
+many processes and hosts serve (every gateway must list the same servers with the same limit):
+
+- `upstream_places` holds one row per place: on a server, or in the wait (no server). A place
+  belongs to its gateway process (app/liveness.py) and counts only while that process's lease is
+  alive, so a gateway that is killed gives its places back within PROCESS_LEASE_SECONDS.
+- `upstream_servers` holds each server's failures and the time it is taken out until, on the
+  wall clock (hosts are expected to keep their clocks within a second or so of each other).
+- A place is taken in one short transaction that locks the first server's row, the lock every
+  gateway takes first, so two gateways never both take the last place. Those transactions, and
+  the ones that give a place back, are committed without waiting for the write-ahead log on
+  PostgreSQL: they hold no money, and after a database crash each process's lease renewal
+  deletes the places it does not hold (`sweep`).
+- A request waiting for a place is woken at once by a place given back in its own process, and
+  looks again every POLL_SECONDS for places given back elsewhere.
+"""
+
+import contextlib
+import logging
+import math
+import threading
+import time
+import uuid
+from datetime import datetime
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from app.extensions import db
+from app.models import GatewayProcess, UpstreamPlace, UpstreamServer, utcnow
+
+log = logging.getLogger(__name__)
+
+# The longest a failing server is taken out for, however often it failed.
+MAX_RETRY_SECONDS = 60.0
+# How often a waiting request looks for a place given back by another process.
+POLL_SECONDS = 0.1
+# The wall clock a failed server's time out is kept by; tests move it by hand.
+clock = time.time
+
+_servers = UpstreamServer.__table__
+_places = UpstreamPlace.__table__
+_processes = GatewayProcess.__table__
+
+
+class Busy(Exception):
+    """Every speech server is full, and no place freed up in time."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+class AccountQueueFull(Busy):
+    """The account already has its share of the requests waiting for a server."""
+
+    def __init__(self, limit: int, retry_after: int):
+        super().__init__(retry_after)
+        self.limit = limit
+
+
+class Server:
+    """One Kokoro server: its address and how many streams it takes at once (0: no limit)."""
+
+    def __init__(self, base_url: str, limit: int):
+        self.base_url = base_url
+        self.limit = limit
+
+    def has_room(self, streams: int) -> bool:
+        return not self.limit or streams < self.limit
+
+
+class Slot:
+    """A place on one server, held from before the charge until the stream is closed."""
+
+    def __init__(self, upstreams: "Upstreams", server: Server, place_id: str, failing: bool):
+        self.upstreams = upstreams
+        self.server = server
+        self.place_id = place_id
+        # The server had failed before this place was taken: serving it brings the server back.
+        self.failing = failing
+        self.waited = 0.0
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self.upstreams.release(self)
+
+
+@contextlib.contextmanager
+def _transaction(engine):
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+        yield connection
+
+
+def _alive(now: datetime):
+    """The places whose process's lease has not run out."""
+    return _places.c.process_id.in_(select(_processes.c.id).where(_processes.c.lease_until >= now))
+
+
+class Upstreams:
+    """The servers, least busy first; see the module's docstring."""
+
+    def __init__(
+        self,
+        app,
+        lease,
+        base_urls: list[str],
+        limit: int,
+        queue: int,
+        queue_seconds: float,
+        retry_seconds: float,
+        queue_per_account: int = 0,
+    ):
+        self.app = app
+        self.lease = lease
+        self.servers = [Server(url, limit) for url in base_urls]
+        self.queue = queue
+        self.queue_seconds = queue_seconds
+        self.retry_seconds = retry_seconds
+        # 0: a quarter of the wait, at least one place.
+        self.queue_per_account = queue_per_account or max(1, queue // 4)
+        self._urls = [server.base_url for server in self.servers]
+        # Every gateway locks the same row first: the server that sorts first.
+        self._lock_url = min(self._urls) if self._urls else None
+        # The places this process holds (on a server or in the wait); `sweep` deletes any other row of it.
+        self._held: set[str] = set()
+        self._registered = False
+        self._changed = threading.Condition()
+        lease.on_renewal(self.sweep)
+
+    # Taking and giving back places
+
+    def reserve(self, exclude: tuple[Server, ...] = (), wait: bool = True, account: int | None = None) -> Slot:
+        """A place on the least busy server not in `exclude`; Busy when none frees up in time.
+
+        AccountQueueFull, at once, when `account` already has its share of the wait.
+        """
+        started = time.monotonic()
+        retry_after = max(1, math.ceil(self.queue_seconds))
+        waiting = None
+        try:
+            while True:
+                slot, waiting = self._take(exclude, account, waiting, wait, retry_after)
+                if slot is not None:
+                    slot.waited = time.monotonic() - started
+                    return slot
+                left = started + self.queue_seconds - time.monotonic()
+                if waiting is None or left <= 0:
+                    raise Busy(retry_after)
+                with self._changed:
+                    self._changed.wait(min(POLL_SECONDS, left))
+        except BaseException:
+            if waiting is not None:
+                self._give_back(waiting)
+            raise
+
+    def _take(self, exclude, account, waiting: str | None, may_wait: bool, retry_after: int):
+        """One try, in one transaction: a place on a server (giving back `waiting`, the place in the
+        wait, if any), else a place in the wait when `may_wait` and there is none yet.
+        Returns (the slot or None, the place in the wait or None)."""
+        self._register()
+        place_id = uuid.uuid4().hex
+        process_id = self.lease.process_id()
+        # Held before the row is written, so that a sweep running meanwhile leaves it alone.
+        self._held.add(place_id)
+        try:
+            with self._begin() as connection:
+                now = utcnow()
+                self._lock(connection)
+                health = self._health(connection)
+                counts = self._counts(connection, now)
+                server = self._choose(exclude, health, counts)
+                row = {"id": place_id, "process_id": process_id, "team_id": account, "taken_at": now}
+                if server is not None:
+                    connection.execute(insert(_places).values(server_url=server.base_url, **row))
+                    if waiting is not None:
+                        connection.execute(delete(_places).where(_places.c.id == waiting))
+                    slot = Slot(self, server, place_id, health.get(server.base_url, (0, 0.0))[0] > 0)
+                else:
+                    slot = None
+                    if waiting is None and may_wait:
+                        if counts.get(None, 0) >= self.queue:
+                            raise Busy(retry_after)
+                        if account is not None:
+                            mine = connection.scalar(
+                                select(func.count()).where(
+                                    _places.c.server_url.is_(None), _places.c.team_id == account, _alive(now)
+                                )
+                            )
+                            if mine >= self.queue_per_account:
+                                raise AccountQueueFull(self.queue_per_account, retry_after)
+                        connection.execute(insert(_places).values(server_url=None, **row))
+                        waiting = place_id
+                    else:
+                        self._held.discard(place_id)
+        except BaseException:
+            self._held.discard(place_id)
+            raise
+        if slot is not None and waiting is not None:
+            self._held.discard(waiting)
+            waiting = None
+        return slot, waiting
+
+    def _choose(self, exclude, health: dict, counts: dict) -> Server | None:
+        """The least busy server with room: one in service if any is, else one taken out."""
+        now = clock()
+        candidates = [server for server in self.servers if server not in exclude]
+        in_service = [server for server in candidates if not self._is_out(health, server, now)]
+        # While a server in service is only full, wait for it rather than try one that failed.
+        pool = in_service or candidates
+        with_room = [server for server in pool if server.has_room(counts.get(server.base_url, 0))]
+        return min(with_room, key=lambda server: counts.get(server.base_url, 0), default=None)
+
+    def release(self, slot: Slot) -> None:
+        self._give_back(slot.place_id)
+
+    def _give_back(self, place_id: str) -> None:
+        # Not held any more whatever happens below: if the delete fails, the next sweep deletes the row.
+        self._held.discard(place_id)
+        try:
+            with self._begin() as connection:
+                connection.execute(delete(_places).where(_places.c.id == place_id))
+        except SQLAlchemyError:
+            log.exception("could not give back a place on a speech server; the next lease renewal will")
+        with self._changed:
+            self._changed.notify_all()
+
+    # Health
+
+    def failed(self, server: Server) -> None:
+        """Take `server` out for a while, longer each time it fails again."""
+        try:
+            with self._begin() as connection:
+                failures = connection.scalar(
+                    update(_servers)
+                    .where(_servers.c.url == server.base_url)
+                    .values(failures=_servers.c.failures + 1)
+                    .returning(_servers.c.failures)
+                )
+                if failures is not None:
+                    pause = min(self.retry_seconds * 2 ** (failures - 1), MAX_RETRY_SECONDS)
+                    connection.execute(
+                        update(_servers).where(_servers.c.url == server.base_url).values(out_until=clock() + pause)
+                    )
+        except SQLAlchemyError:
+            log.exception("could not record a speech server's failure")
+        # Requests waiting for a server may now take one that was not their first choice.
+        with self._changed:
+            self._changed.notify_all()
+
+    def worked(self, slot: Slot) -> None:
+        """`slot`'s server gave audio: if it had failed, it is back in service."""
+        if not slot.failing:
+            return
+        try:
+            with self._begin() as connection:
+                connection.execute(
+                    update(_servers).where(_servers.c.url == slot.server.base_url).values(failures=0, out_until=0.0)
+                )
+        except SQLAlchemyError:
+            log.exception("could not bring a speech server back into service")
+
+    # What is known of the servers
+
+    def states(self) -> list[dict]:
+        """Each server's streams in flight (from every gateway) and whether it is taken out now,
+        in the order configured; None for both while the database cannot say."""
+        try:
+            with self._begin() as connection:
+                health = self._health(connection)
+                counts = self._counts(connection, utcnow())
+        except SQLAlchemyError:
+            log.exception("could not read the speech servers' places")
+            return [{"streams": None, "taken_out": None} for _ in self.servers]
+        now = clock()
+        return [
+            {"streams": counts.get(server.base_url, 0), "taken_out": self._is_out(health, server, now)}
+            for server in self.servers
+        ]
+
+    def in_order(self) -> list[Server]:
+        """Every server, those in service first: the order to ask for a document."""
+        try:
+            with self._begin() as connection:
+                health = self._health(connection)
+        except SQLAlchemyError:
+            return list(self.servers)
+        now = clock()
+        return sorted(self.servers, key=lambda server: self._is_out(health, server, now))
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a place now, from every gateway."""
+        with self._begin() as connection:
+            return self._counts(connection, utcnow()).get(None, 0)
+
+    # Upkeep
+
+    def sweep(self) -> None:
+        """Delete this process's places it does not hold (a give-back that failed, a commit a
+        database crash lost) and every place of a process whose lease has run out."""
+        process_id = self.lease.process_id()
+        held = list(self._held)
+        with self._begin() as connection:
+            connection.execute(delete(_places).where(_places.c.process_id == process_id, _places.c.id.not_in(held)))
+            connection.execute(
+                delete(_places).where(
+                    _places.c.process_id.in_(select(_processes.c.id).where(_processes.c.lease_until < utcnow()))
+                )
+            )
+
+    def _register(self) -> None:
+        """Write a row for each server not yet known to the database (once per process)."""
+        if self._registered:
+            return
+        for url in self._urls:
+            try:
+                with self._begin() as connection:
+                    known = connection.scalar(select(func.count()).where(_servers.c.url == url))
+                    if not known:
+                        connection.execute(insert(_servers).values(url=url, failures=0, out_until=0.0))
+            except IntegrityError:
+                pass  # another gateway wrote it first
+        self._registered = True
+
+    def _begin(self):
+        """A transaction on a connection of its own, outside any request's; not waiting for the
+        write-ahead log on PostgreSQL (see the module's docstring)."""
+        with self.app.app_context():
+            engine = db.engine
+        return _transaction(engine)
+
+    def _lock(self, connection: Connection) -> None:
+        """The lock every place is taken under: the first server's row."""
+        if connection.dialect.name == "sqlite":
+            # A write first: SQLite then holds its one write lock for the rest of the transaction.
+            connection.execute(
+                update(_servers).where(_servers.c.url == self._lock_url).values(failures=_servers.c.failures)
+            )
+        else:
+            connection.execute(select(_servers.c.url).where(_servers.c.url == self._lock_url).with_for_update())
+
+    def _health(self, connection: Connection) -> dict[str, tuple[int, float]]:
+        rows = connection.execute(
+            select(_servers.c.url, _servers.c.failures, _servers.c.out_until).where(_servers.c.url.in_(self._urls))
+        )
+        return {url: (failures, out_until) for url, failures, out_until in rows}
+
+    @staticmethod
+    def _counts(connection: Connection, now: datetime) -> dict[str | None, int]:
+        """Places held now by live processes: per server, and in the wait (None)."""
+        rows = connection.execute(
+            select(_places.c.server_url, func.count()).where(_alive(now)).group_by(_places.c.server_url)
+        )
+        return dict(rows.all())
+
+    @staticmethod
+    def _is_out(health: dict, server: Server, now: float) -> bool:
+        return now < health.get(server.base_url, (0, 0.0))[1]
