@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 export FLASK_APP := wsgi.py
 
-.PHONY: run test bench mutate
+.PHONY: run test bench bench-litellm mutate
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,14 @@ test: $(VENV)/.dev $(NODE_CLIENTS)/node_modules/.package-lock.json $(BROWSER_CHE
 # What the gateway adds on top of the upstream; needs PostgreSQL (BENCH_DATABASE_URL).
 bench: $(VENV)/.dev
 	$(BIN)/python -m bench.run
+
+# LiteLLM's proxy, the benchmark's peer (bench/litellm.py), in a virtualenv of its own: it pins
+# its own versions of libraries the app uses too. `make bench` includes it once this exists.
+bench-litellm: .venv-litellm/bin/litellm
+.venv-litellm/bin/litellm: bench/requirements-litellm.txt
+	$(PYTHON) -m venv .venv-litellm
+	.venv-litellm/bin/pip install -q -r bench/requirements-litellm.txt
+	touch $@
 
 # Mutation testing of the money modules (slow, not part of CI): mutmut breaks them on purpose,
 # one small change at a time, and the tests must notice. Scores go to mutation/RESULTS.md.

@@ -34,8 +34,9 @@ import threading
 import time
 import uuid
 from datetime import datetime
+from typing import NamedTuple
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
@@ -109,9 +110,29 @@ def _transaction(engine):
         yield connection
 
 
-def _alive(now: datetime):
-    """The places whose process's lease has not run out."""
-    return _places.c.process_id.in_(select(_processes.c.id).where(_processes.c.lease_until >= now))
+# The places whose process's lease has not run out at `now`.
+_ALIVE = _places.c.process_id.in_(select(_processes.c.id).where(_processes.c.lease_until >= bindparam("now")))
+# Each listed server's failures, time out and places held now: one statement.
+_SERVERS_NOW = (
+    select(_servers.c.url, _servers.c.failures, _servers.c.out_until, func.count(_places.c.id))
+    .select_from(_servers.outerjoin(_places, and_(_places.c.server_url == _servers.c.url, _ALIVE)))
+    .where(_servers.c.url.in_(bindparam("urls", expanding=True)))
+    .group_by(_servers.c.url, _servers.c.failures, _servers.c.out_until)
+)
+_WAITING = select(func.count()).where(_places.c.server_url.is_(None), _ALIVE)
+_WAITING_FOR = _WAITING.where(_places.c.team_id == bindparam("team_id"))
+_LOCK = select(_servers.c.url).where(_servers.c.url == bindparam("lock_url")).with_for_update()
+_LOCK_SQLITE = update(_servers).where(_servers.c.url == bindparam("lock_url")).values(failures=_servers.c.failures)
+_TAKE = insert(_places)
+_GIVE_BACK = delete(_places).where(_places.c.id == bindparam("place_id"))
+
+
+class ServerNow(NamedTuple):
+    """A server as the database has it now."""
+
+    failures: int
+    out_until: float
+    streams: int
 
 
 class Upstreams:
@@ -184,29 +205,24 @@ class Upstreams:
             with self._begin() as connection:
                 now = utcnow()
                 self._lock(connection)
-                health = self._health(connection)
-                counts = self._counts(connection, now)
-                server = self._choose(exclude, health, counts)
+                servers = self._servers_now(connection, now)
+                server = self._choose(exclude, servers)
                 row = {"id": place_id, "process_id": process_id, "team_id": account, "taken_at": now}
                 if server is not None:
-                    connection.execute(insert(_places).values(server_url=server.base_url, **row))
+                    connection.execute(_TAKE, {"server_url": server.base_url, **row})
                     if waiting is not None:
-                        connection.execute(delete(_places).where(_places.c.id == waiting))
-                    slot = Slot(self, server, place_id, health.get(server.base_url, (0, 0.0))[0] > 0)
+                        connection.execute(_GIVE_BACK, {"place_id": waiting})
+                    slot = Slot(self, server, place_id, servers[server.base_url].failures > 0)
                 else:
                     slot = None
                     if waiting is None and may_wait:
-                        if counts.get(None, 0) >= self.queue:
+                        if connection.scalar(_WAITING, {"now": now}) >= self.queue:
                             raise Busy(retry_after)
                         if account is not None:
-                            mine = connection.scalar(
-                                select(func.count()).where(
-                                    _places.c.server_url.is_(None), _places.c.team_id == account, _alive(now)
-                                )
-                            )
+                            mine = connection.scalar(_WAITING_FOR, {"now": now, "team_id": account})
                             if mine >= self.queue_per_account:
                                 raise AccountQueueFull(self.queue_per_account, retry_after)
-                        connection.execute(insert(_places).values(server_url=None, **row))
+                        connection.execute(_TAKE, {"server_url": None, **row})
                         waiting = place_id
                     else:
                         self._held.discard(place_id)
@@ -218,15 +234,15 @@ class Upstreams:
             waiting = None
         return slot, waiting
 
-    def _choose(self, exclude, health: dict, counts: dict) -> Server | None:
+    def _choose(self, exclude, servers: dict[str, ServerNow]) -> Server | None:
         """The least busy server with room: one in service if any is, else one taken out."""
         now = clock()
         candidates = [server for server in self.servers if server not in exclude]
-        in_service = [server for server in candidates if not self._is_out(health, server, now)]
+        in_service = [server for server in candidates if now >= servers[server.base_url].out_until]
         # While a server in service is only full, wait for it rather than try one that failed.
         pool = in_service or candidates
-        with_room = [server for server in pool if server.has_room(counts.get(server.base_url, 0))]
-        return min(with_room, key=lambda server: counts.get(server.base_url, 0), default=None)
+        with_room = [server for server in pool if server.has_room(servers[server.base_url].streams)]
+        return min(with_room, key=lambda server: servers[server.base_url].streams, default=None)
 
     def release(self, slot: Slot) -> None:
         self._give_back(slot.place_id)
@@ -235,8 +251,10 @@ class Upstreams:
         # Not held any more whatever happens below: if the delete fails, the next sweep deletes the row.
         self._held.discard(place_id)
         try:
-            with self._begin() as connection:
-                connection.execute(delete(_places).where(_places.c.id == place_id))
+            # One statement, committed on its own (this waits for the write-ahead log on PostgreSQL, but
+            # after the stream, when no one waits for it).
+            with self._engine().connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+                connection.execute(_GIVE_BACK, {"place_id": place_id})
         except SQLAlchemyError:
             log.exception("could not give back a place on a speech server; the next lease renewal will")
         with self._changed:
@@ -284,14 +302,13 @@ class Upstreams:
         in the order configured; None for both while the database cannot say."""
         try:
             with self._begin() as connection:
-                health = self._health(connection)
-                counts = self._counts(connection, utcnow())
+                servers = self._servers_now(connection, utcnow())
         except SQLAlchemyError:
             log.exception("could not read the speech servers' places")
             return [{"streams": None, "taken_out": None} for _ in self.servers]
         now = clock()
         return [
-            {"streams": counts.get(server.base_url, 0), "taken_out": self._is_out(health, server, now)}
+            {"streams": servers[server.base_url].streams, "taken_out": now < servers[server.base_url].out_until}
             for server in self.servers
         ]
 
@@ -299,17 +316,17 @@ class Upstreams:
         """Every server, those in service first: the order to ask for a document."""
         try:
             with self._begin() as connection:
-                health = self._health(connection)
+                servers = self._servers_now(connection, utcnow())
         except SQLAlchemyError:
             return list(self.servers)
         now = clock()
-        return sorted(self.servers, key=lambda server: self._is_out(health, server, now))
+        return sorted(self.servers, key=lambda server: now < servers[server.base_url].out_until)
 
     @property
     def waiting(self) -> int:
         """Requests waiting for a place now, from every gateway."""
         with self._begin() as connection:
-            return self._counts(connection, utcnow()).get(None, 0)
+            return connection.scalar(_WAITING, {"now": utcnow()})
 
     # Upkeep
 
@@ -340,37 +357,26 @@ class Upstreams:
                 pass  # another gateway wrote it first
         self._registered = True
 
+    def _engine(self):
+        with self.app.app_context():
+            return db.engine
+
     def _begin(self):
         """A transaction on a connection of its own, outside any request's; not waiting for the
         write-ahead log on PostgreSQL (see the module's docstring)."""
-        with self.app.app_context():
-            engine = db.engine
-        return _transaction(engine)
+        return _transaction(self._engine())
 
     def _lock(self, connection: Connection) -> None:
         """The lock every place is taken under: the first server's row."""
-        if connection.dialect.name == "sqlite":
-            # A write first: SQLite then holds its one write lock for the rest of the transaction.
-            connection.execute(
-                update(_servers).where(_servers.c.url == self._lock_url).values(failures=_servers.c.failures)
-            )
-        else:
-            connection.execute(select(_servers.c.url).where(_servers.c.url == self._lock_url).with_for_update())
+        # On SQLite a write: it then holds its one write lock for the rest of the transaction.
+        lock = _LOCK_SQLITE if connection.dialect.name == "sqlite" else _LOCK
+        connection.execute(lock, {"lock_url": self._lock_url})
 
-    def _health(self, connection: Connection) -> dict[str, tuple[int, float]]:
-        rows = connection.execute(
-            select(_servers.c.url, _servers.c.failures, _servers.c.out_until).where(_servers.c.url.in_(self._urls))
-        )
-        return {url: (failures, out_until) for url, failures, out_until in rows}
-
-    @staticmethod
-    def _counts(connection: Connection, now: datetime) -> dict[str | None, int]:
-        """Places held now by live processes: per server, and in the wait (None)."""
-        rows = connection.execute(
-            select(_places.c.server_url, func.count()).where(_alive(now)).group_by(_places.c.server_url)
-        )
-        return dict(rows.all())
-
-    @staticmethod
-    def _is_out(health: dict, server: Server, now: float) -> bool:
-        return now < health.get(server.base_url, (0, 0.0))[1]
+    def _servers_now(self, connection: Connection, now: datetime) -> dict[str, ServerNow]:
+        """Each server's state; a server whose row is missing (deleted by hand) is in service and
+        idle, and its row is written again before the next place is taken."""
+        rows = connection.execute(_SERVERS_NOW, {"now": now, "urls": self._urls})
+        servers = {url: ServerNow(failures, out_until, streams) for url, failures, out_until, streams in rows}
+        if len(servers) < len(self._urls):
+            self._registered = False
+        return {url: servers.get(url, ServerNow(0, 0.0, 0)) for url in self._urls}

@@ -10,6 +10,7 @@ Prints a table and writes bench/results/bench-<time>.{md,json,png}.
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import requests
 
-from bench import launch
+from bench import launch, litellm
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -144,10 +145,11 @@ def server_timing(header: str) -> dict:
 
 
 def drive(
-    url: str, headers: dict, concurrency: int, count: int, first: int = 0, ramp: float = 0.0
+    url: str | list[str], headers: dict, concurrency: int, count: int, first: int = 0, ramp: float = 0.0
 ) -> tuple[list[dict], float]:
     """`count` speech requests, `concurrency` at a time, each thread on its own kept-alive connection;
     each request's result, and the wall time they took. `first` continues the mix of input lengths.
+    Given several URLs (several gateway hosts), the threads are dealt out over them in turn.
 
     The threads start spread evenly over `ramp` seconds, as independent clients would, rather than
     all in one instant: a burst of `concurrency` simultaneous first requests is another test.
@@ -158,14 +160,17 @@ def drive(
     def work(index: int) -> dict:
         if not hasattr(local, "session"):
             local.session = requests.Session()
-            delay = started + next(starters) * ramp / concurrency - time.perf_counter()
+            starter = next(starters)
+            local.url = urls[starter % len(urls)]
+            delay = started + starter * ramp / concurrency - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
         length = INPUT_LENGTHS[index % len(INPUT_LENGTHS)]
         text = (SENTENCE * (length // len(SENTENCE) + 1))[:length]
-        return one_request(
-            local.session, f"{url}/v1/audio/speech", headers, {"model": "kokoro", "input": text, "voice": "af_sky"}
-        )
+        body = {"model": "kokoro", "input": text, "voice": "af_sky"}
+        return one_request(local.session, f"{local.url}/v1/audio/speech", headers, body)
+
+    urls = [url] if isinstance(url, str) else url
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
@@ -233,15 +238,20 @@ def large_body(url: str, headers: dict, sampler: MemorySampler, size: int) -> di
     }
 
 
-PATHS = ("direct", "floor", "gateway")
+# direct: the stand-in itself; floor: the bare forwarder; books: the floor with books (bench/floor.py);
+# gateway: kokoro-pay; litellm: LiteLLM's proxy, when it is installed (bench/litellm.py).
+PATHS = ("direct", "floor", "books", "gateway", "litellm")
+# What the gateway is held to against the floor with books, at every level (throughput at 64 streams).
+TARGETS = {"added_p50": 1.3, "added_p99": 2.0, "cpu": 1.5, "rps_at_64": 0.95}
 
 
 def markdown(report: dict) -> str:
+    paths = report["paths"]
     lines = [
         f"# kokoro-pay gateway benchmark ({report['when']})",
         "",
-        f"Stand-in upstream: {report['standin']}. Floor (bench/floor.py) and gateway: gunicorn {report['gunicorn']}; "
-        f"the gateway on PostgreSQL. Requests per path: "
+        f"Stand-in upstream: {report['standin']}. Floors (bench/floor.py) and gateway: gunicorn {report['gunicorn']}; "
+        f"the floor with books and the gateway on PostgreSQL. {report.get('litellm', '')} Requests per path: "
         f"{', '.join(str(level['direct']['requests']) for level in report['levels'])} at "
         f"concurrency {', '.join(str(level['concurrency']) for level in report['levels'])}, in {report['rounds']} "
         f"rounds rotating the paths, the clients of a round starting over {report['ramp_s']} s; "
@@ -252,7 +262,7 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for level in report["levels"]:
-        for path in PATHS:
+        for path in paths:
             row = level[path]
             own = f"{row['peak_rss_mb']:.0f} | {row['cpu_ms_per_request']:.1f}" if path != "direct" else " | "
             lines.append(
@@ -267,35 +277,53 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "Against the floor: the time each adds to the first byte over direct, and CPU per request.",
+        "Against the floors: the time each path adds to the first byte over direct, and CPU per request. The "
+        f"targets are against the floor with books: added first byte p50 ≤ {TARGETS['added_p50']}×, "
+        f"p99 ≤ {TARGETS['added_p99']}×, CPU per request ≤ {TARGETS['cpu']}×, and ≥ {TARGETS['rps_at_64']} of "
+        "direct's throughput at 64 streams.",
         "",
-        "| concurrency | added TTFB p50 floor / gateway ms | ratio | added TTFB p99 floor / gateway ms | ratio "
-        "| CPU ms/request floor / gateway | ratio | Server-Timing: gateway's own p50 ms | upstream p50 ms said / "
-        "direct measured |",
+        "| concurrency | added TTFB p50 ms: " + " / ".join(paths[1:]) + " | gateway ÷ books "
+        "| added TTFB p99 ms: " + " / ".join(paths[1:]) + " | gateway ÷ books "
+        "| CPU ms/request: " + " / ".join(paths[1:]) + " | gateway ÷ books "
+        "| Server-Timing: gateway's own p50 ms | upstream p50 ms said / direct measured |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for level in report["levels"]:
-        floor, said = level["floor_ratio"], level["server_timing"]
+        books, said, added = level["books_ratio"], level["server_timing"], level["added"]
+        p50 = " / ".join(f"{added[f'{path}_p50']:+.2f}" for path in paths[1:])
+        p99 = " / ".join(f"{added[f'{path}_p99']:+.2f}" for path in paths[1:])
+        cpu = " / ".join(f"{level[path]['cpu_ms_per_request']:.1f}" for path in paths[1:])
         lines.append(
-            f"| {level['concurrency']} | {level['added']['floor_p50']:+.2f} / {level['added']['gateway_p50']:+.2f} "
-            f"| {floor['added_p50']:.2f} | {level['added']['floor_p99']:+.2f} / {level['added']['gateway_p99']:+.2f} "
-            f"| {floor['added_p99']:.2f} | {level['floor']['cpu_ms_per_request']:.1f} / "
-            f"{level['gateway']['cpu_ms_per_request']:.1f} | {floor['cpu']:.2f} | {said['gateway_p50']:.2f} "
-            f"| {said['upstream_p50']:.1f} / {level['direct']['ttfb_p50']:.1f} "
+            f"| {level['concurrency']} | {p50} | {books['added_p50']:.2f} {_met(level, 'added_p50')} "
+            f"| {p99} | {books['added_p99']:.2f} {_met(level, 'added_p99')} "
+            f"| {cpu} | {books['cpu']:.2f} {_met(level, 'cpu')} "
+            f"| {said['gateway_p50']:.2f} | {said['upstream_p50']:.1f} / {level['direct']['ttfb_p50']:.1f} "
             f"({'agrees' if said['agrees'] else 'DISAGREES'} within 0.5 ms) |"
         )
+    sixty_four = [level for level in report["levels"] if level["concurrency"] == 64]
+    if sixty_four:
+        rps = sixty_four[0]["ratio"]["rps"]
+        lines += [
+            "",
+            f"Throughput at 64 streams, gateway/direct: {rps:.3f} (target ≥ {TARGETS['rps_at_64']}: "
+            f"{'met' if rps >= TARGETS['rps_at_64'] else 'NOT met'}).",
+        ]
+    hosts = report["upstreams"][0]
     lines += [
         "",
-        f"Several speech servers: the gateway (one worker) in front of one stand-in, then two, each taking at most "
-        f"8 streams at once (`UPSTREAM_MAX_STREAMS=8`), {report['upstreams'][0]['concurrency']} concurrent clients.",
+        f"Several speech servers: {hosts['hosts']} gateway hosts of {hosts['workers']} workers each (gunicorn "
+        f"masters on one database) in front of one stand-in, then two, each taking at most "
+        f"{hosts['max_streams']} streams at once (`UPSTREAM_MAX_STREAMS`, kept by every gateway together), "
+        f"{hosts['concurrency']} concurrent clients dealt out over the hosts. The stand-ins count the most "
+        "streams they were sent at once.",
         "",
-        "| speech servers | TTFB p50 ms | TTFB p95 ms | total p50 ms | req/s | failed |",
-        "|---|---|---|---|---|---|",
+        "| speech servers | TTFB p50 ms | TTFB p95 ms | total p50 ms | req/s | failed | most at once per server |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in report["upstreams"]:
         lines.append(
             f"| {row['upstreams']} | {row['ttfb_p50']:.1f} | {row['ttfb_p95']:.1f} | {row['total_p50']:.1f} | "
-            f"{row['rps']:.1f} | {row['failed']} |"
+            f"{row['rps']:.1f} | {row['failed']} | {', '.join(str(most) for most in row['most'])} |"
         )
     big = report["large_body"]
     lines += [
@@ -310,6 +338,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _met(level: dict, target: str) -> str:
+    return "(met)" if level["targets_met"][target] else "(**not met**)"
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -318,7 +350,9 @@ def plot(report: dict, path: Path) -> None:
 
     levels = [level["concurrency"] for level in report["levels"]]
     figure, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, style in (("direct", "o--"), ("floor", "^:"), ("gateway", "s-")):
+    styles = {"direct": "o--", "floor": "^:", "books": "v:", "gateway": "s-", "litellm": "d-."}
+    for name in report["paths"]:
+        style = styles[name]
         latency.plot(levels, [level[name]["ttfb_p50"] for level in report["levels"]], style, label=f"{name} p50")
         latency.plot(
             levels, [level[name]["ttfb_p95"] for level in report["levels"]], style, alpha=0.5, label=f"{name} p95"
@@ -336,57 +370,61 @@ def plot(report: dict, path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
-def measure(args, levels, large, headers, standin_url, floor_url, app_url, floor_process, app_process) -> dict:
-    """Each level's rounds over the three paths; then /v1/balance alone, and one large body."""
-    measured = {"levels": []}
-    samplers = {"floor": MemorySampler(floor_process.pid), "gateway": MemorySampler(app_process.pid)}
-    sampler = samplers["gateway"]
+def measure(args, levels, large, paths: dict) -> dict:
+    """Each level's rounds over the paths; then /v1/balance alone, and one large body.
+
+    `paths`: for each path, its (URL, request headers, server process or None for direct)."""
+    names = [name for name in PATHS if name in paths]
+    measured = {"levels": [], "paths": names}
+    samplers = {name: MemorySampler(process.pid) for name, (_, _, process) in paths.items() if process is not None}
     # Warm every path up: a fresh gateway answers its first ~100 requests about a millisecond slower
     # (connection pools filling, statements prepared), which is not what a customer of a running one sees.
-    urls = {"direct": standin_url, "floor": floor_url, "gateway": app_url}
-    for url in urls.values():
+    for url, headers, _ in paths.values():
         drive(url, headers, *((4, 8) if args.smoke else (8, 128)))
     for index, concurrency in enumerate(levels):
         count = args.requests or (8 if args.smoke else max(256, 32 * concurrency))
         rounds = args.rounds
         per_round = max(1, count // rounds)
-        results = {path: [] for path in PATHS}
-        walls = dict.fromkeys(PATHS, 0.0)
+        results = {name: [] for name in names}
+        walls = dict.fromkeys(names, 0.0)
         cpu, peak = dict.fromkeys(samplers, 0.0), dict.fromkeys(samplers, 0)
         for round_ in range(rounds):
             # The paths' order rotates each round, so a drift of the machine weighs on all alike.
-            shift = (index + round_) % len(PATHS)
-            for path in PATHS[shift:] + PATHS[:shift]:
-                run = partial(drive, urls[path], headers, concurrency, per_round, round_ * per_round, args.ramp)
-                if path in samplers:
-                    cpu_before = samplers[path].cpu_seconds()
-                    with samplers[path]:
+            shift = (index + round_) % len(names)
+            for name in names[shift:] + names[:shift]:
+                url, headers, _ = paths[name]
+                run = partial(drive, url, headers, concurrency, per_round, round_ * per_round, args.ramp)
+                if name in samplers:
+                    cpu_before = samplers[name].cpu_seconds()
+                    with samplers[name]:
                         done, wall = run()
-                    cpu[path] += samplers[path].cpu_seconds() - cpu_before
-                    peak[path] = max(peak[path], samplers[path].peak)
+                    cpu[name] += samplers[name].cpu_seconds() - cpu_before
+                    peak[name] = max(peak[name], samplers[name].peak)
                 else:
                     done, wall = run()
-                results[path] += done
-                walls[path] += wall
-        level = {path: summarise(results[path], walls[path]) for path in PATHS}
+                results[name] += done
+                walls[name] += wall
+        level = {name: summarise(results[name], walls[name]) for name in names}
         level["concurrency"] = concurrency
-        for path in samplers:
-            level[path]["peak_rss_mb"] = peak[path] / 2**20
-            level[path]["cpu_ms_per_request"] = cpu[path] * 1000 / len(results[path])
+        for name in samplers:
+            level[name]["peak_rss_mb"] = peak[name] / 2**20
+            level[name]["cpu_ms_per_request"] = cpu[name] * 1000 / len(results[name])
         level["ratio"] = {
             key: level["gateway"][key] / level["direct"][key]
             for key in ("ttfb_p50", "ttfb_p95", "ttfb_p99", "total_p50", "rps")
         }
         level["added"] = {
-            f"{path}_{share}": level[path][f"ttfb_{share}"] - level["direct"][f"ttfb_{share}"]
-            for path in ("floor", "gateway")
+            f"{name}_{share}": level[name][f"ttfb_{share}"] - level["direct"][f"ttfb_{share}"]
+            for name in names[1:]
             for share in ("p50", "p99")
         }
-        level["floor_ratio"] = {
-            "added_p50": level["added"]["gateway_p50"] / level["added"]["floor_p50"],
-            "added_p99": level["added"]["gateway_p99"] / level["added"]["floor_p99"],
-            "cpu": level["gateway"]["cpu_ms_per_request"] / level["floor"]["cpu_ms_per_request"],
-        }
+        for floor in ("floor", "books"):
+            level[f"{floor}_ratio"] = {
+                "added_p50": level["added"]["gateway_p50"] / level["added"][f"{floor}_p50"],
+                "added_p99": level["added"]["gateway_p99"] / level["added"][f"{floor}_p99"],
+                "cpu": level["gateway"]["cpu_ms_per_request"] / level[floor]["cpu_ms_per_request"],
+            }
+        level["targets_met"] = {target: ratio <= TARGETS[target] for target, ratio in level["books_ratio"].items()}
         said_upstream = level["gateway"]["said_upstream_p50"]
         level["server_timing"] = {
             "gateway_p50": level["gateway"]["said_gateway_p50"],
@@ -397,43 +435,62 @@ def measure(args, levels, large, headers, standin_url, floor_url, app_url, floor
         level["added_ttfb_p50_ms"] = level["added"]["gateway_p50"]
         measured["levels"].append(level)
         print(
-            f"concurrency {concurrency:>3}: TTFB p50 direct {level['direct']['ttfb_p50']:.1f} ms, floor "
-            f"{level['added']['floor_p50']:+.2f} ms, gateway {level['added']['gateway_p50']:+.2f} ms "
-            f"(×{level['floor_ratio']['added_p50']:.2f} the floor's); req/s {level['direct']['rps']:.1f} vs "
-            f"{level['gateway']['rps']:.1f} (×{level['ratio']['rps']:.3f}); CPU ms/request floor "
-            f"{level['floor']['cpu_ms_per_request']:.1f}, gateway {level['gateway']['cpu_ms_per_request']:.1f}; "
-            f"failed {level['gateway']['failed']}",
+            f"concurrency {concurrency:>3}: TTFB p50 direct {level['direct']['ttfb_p50']:.1f} ms, added: "
+            + ", ".join(f"{name} {level['added'][f'{name}_p50']:+.2f} ms" for name in names[1:])
+            + f" (gateway ×{level['books_ratio']['added_p50']:.2f} the floor with books'); req/s "
+            f"{level['direct']['rps']:.1f} vs {level['gateway']['rps']:.1f} (×{level['ratio']['rps']:.3f}); "
+            "CPU ms/request "
+            + ", ".join(f"{name} {level[name]['cpu_ms_per_request']:.1f}" for name in samplers)
+            + f"; failed {level['gateway']['failed']}",
             file=sys.stderr,
         )
+    app_url, headers, app_process = paths["gateway"]
     measured["balance_concurrency"] = 16
     measured["balance_rps"] = balance_rps(app_url, headers, 16, 1.0 if args.smoke else 5.0)
-    measured["large_body"] = large_body(app_url, headers, sampler, large * 1_000_000)
+    measured["large_body"] = large_body(app_url, headers, samplers["gateway"], large * 1_000_000)
 
     return measured
 
 
 def upstreams_table(args, headers, standin_env, app_env, app_args) -> list[dict]:
-    """The gateway in front of one stand-in, then two, each able to make 8 streams at once
-    (UPSTREAM_MAX_STREAMS=8): 16 concurrent clients queue for the one, and are spread over the two."""
-    concurrency, count = (4, 8) if args.smoke else (16, 256)
-    standin_args = ("--config", os.devnull, "--workers", "1", "--worker-class", "gthread", "--threads", "8")
+    """Two gateway hosts of `args.workers` workers each in front of one stand-in, then two, each stand-in
+    taking at most 8 streams at once (UPSTREAM_MAX_STREAMS=8, kept by all the gateways together):
+    16 concurrent clients queue for the one, and are spread over the two. Each stand-in (one worker)
+    says the most streams it was sent at once."""
+    concurrency, count, max_streams, hosts = (4, 8, 2, 2) if args.smoke else (16, 256, 8, 2)
+    standin_args = ("--config", os.devnull, "--workers", "1", "--worker-class", "gthread", "--threads", "32")
     rows = []
-    with (
-        launch.gunicorn("bench.standin:app", standin_env, standin_args, "/v1/models") as (first, _),
-        launch.gunicorn("bench.standin:app", standin_env, standin_args, "/v1/models") as (second, _),
-    ):
-        for servers in ([first], [first, second]):
+    for servers in (1, 2):
+        with contextlib.ExitStack() as stack:
+            standins = [
+                stack.enter_context(launch.gunicorn("bench.standin:app", standin_env, standin_args, "/v1/models"))[0]
+                for _ in range(servers)
+            ]
             env = {
                 **app_env,
-                "UPSTREAM_URL": ",".join(f"{url}/v1" for url in servers),
-                "UPSTREAM_MAX_STREAMS": "8",
+                "UPSTREAM_URL": ",".join(f"{url}/v1" for url in standins),
+                "UPSTREAM_MAX_STREAMS": str(max_streams),
                 "UPSTREAM_QUEUE": "256",
+                "UPSTREAM_QUEUE_PER_ACCOUNT": "256",
                 "UPSTREAM_QUEUE_SECONDS": "60",
             }
-            with launch.gunicorn("wsgi:app", env, app_args, "/healthz") as (url, _):
-                drive(url, headers, concurrency, concurrency)
-                results, wall = drive(url, headers, concurrency, count, ramp=args.ramp)
-            rows.append({"upstreams": len(servers), "concurrency": concurrency, **summarise(results, wall)})
+            gateways = [launch.gunicorn("wsgi:app", env, app_args, "/healthz") for _ in range(hosts)]
+            urls = [stack.enter_context(gateway)[0] for gateway in gateways]
+            drive(urls, headers, concurrency, concurrency)
+            results, wall = drive(urls, headers, concurrency, count, ramp=args.ramp)
+            most = [requests.get(f"{url}/stats", timeout=10).json()["most"] for url in standins]
+        rows.append(
+            {
+                "upstreams": servers,
+                "hosts": hosts,
+                "workers": int(app_env["WEB_CONCURRENCY"]),
+                "max_streams": max_streams,
+                "concurrency": concurrency,
+                "most": most,
+                **summarise(results, wall),
+            }
+        )
+        print(f"{servers} speech server(s): most streams at once {most} (limit {max_streams})", file=sys.stderr)
     return rows
 
 
@@ -467,6 +524,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=64)
     parser.add_argument("--large-mb", type=int, default=50)
+    parser.add_argument("--no-litellm", action="store_true", help="leave LiteLLM's proxy out even when installed")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.smoke:
@@ -506,18 +564,31 @@ def main(argv=None) -> dict:
     app_args = ("--config", "gunicorn.conf.py", "--access-logfile", "/dev/null")
     with launch.gunicorn("bench.standin:app", standin_env, standin_args, "/v1/models") as (standin_url, _):
         app_env["UPSTREAM_URL"] = f"{standin_url}/v1"
-        with (
-            launch.gunicorn("bench.floor:app", app_env, app_args, "/ready") as (floor_url, floor_process),
-            launch.gunicorn("wsgi:app", app_env, app_args, "/healthz") as (app_url, app_process),
-        ):
-            report.update(
-                measure(args, levels, large, headers, standin_url, floor_url, app_url, floor_process, app_process)
+        with contextlib.ExitStack() as stack:
+            floor_url, floor_process = stack.enter_context(
+                launch.gunicorn("bench.floor:app", app_env, app_args, "/ready")
             )
-    # Two speech servers: with 2 gateway workers each counts its own places (8 per server per worker),
-    # so this table runs one worker, as the default configuration does.
-    report["upstreams"] = upstreams_table(
-        args, headers, standin_env, {**app_env, "WEB_CONCURRENCY": "1", "RATELIMIT_STORAGE_URI": "memory://"}, app_args
-    )
+            books_url, books_process = stack.enter_context(
+                launch.gunicorn("bench.floor:books", app_env, app_args, "/ready")
+            )
+            app_url, app_process = stack.enter_context(launch.gunicorn("wsgi:app", app_env, app_args, "/healthz"))
+            paths = {
+                "direct": (standin_url, headers, None),
+                "floor": (floor_url, headers, floor_process),
+                "books": (books_url, headers, books_process),
+                "gateway": (app_url, headers, app_process),
+            }
+            if litellm.available() and not args.no_litellm:
+                litellm_url, litellm_process, litellm_headers = stack.enter_context(
+                    litellm.proxy(standin_url, args.workers)
+                )
+                paths["litellm"] = (litellm_url, litellm_headers, litellm_process)
+                report["litellm"] = litellm.DESCRIPTION
+            else:
+                print("LiteLLM is not installed (make bench-litellm): its row is left out.", file=sys.stderr)
+            report.update(measure(args, levels, large, paths))
+    # Several speech servers, with the gateway's own worker count on each of two hosts: the limits are shared.
+    report["upstreams"] = upstreams_table(args, headers, standin_env, app_env, app_args)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

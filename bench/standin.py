@@ -5,11 +5,15 @@ Settings (environment): STANDIN_TTFB_MS (latency to the first byte, default 50),
 STANDIN_BITRATE_KBPS (default 128), STANDIN_SPEED (seconds of audio made per second, default 20),
 STANDIN_CHARS_PER_SECOND (speech rate, default 15). A request may ask for an exact size with the
 input text "standin_bytes=N" (the gateway sends only the fields it knows upstream).
+
+`GET /stats` says how many speech streams this process has open now and the most it had open at
+once (`{"open": …, "most": …}`): run with one worker, that is the server's.
 """
 
 import json
 import os
 import re
+import threading
 import time
 
 TTFB = float(os.environ.get("STANDIN_TTFB_MS", "50")) / 1000
@@ -37,16 +41,27 @@ def _json(start_response, status, document):
     return [body]
 
 
+_streams = {"open": 0, "most": 0}
+_counting = threading.Lock()
+
+
 def _audio(total: int):
-    time.sleep(TTFB)
-    pause = CHUNK_AUDIO_SECONDS / SPEED
-    sent = 0
-    while sent < total:
-        piece = CHUNK if total - sent >= len(CHUNK) else CHUNK[: total - sent]
-        yield piece
-        sent += len(piece)
-        if sent < total and pause:
-            time.sleep(pause)
+    with _counting:
+        _streams["open"] += 1
+        _streams["most"] = max(_streams["most"], _streams["open"])
+    try:
+        time.sleep(TTFB)
+        pause = CHUNK_AUDIO_SECONDS / SPEED
+        sent = 0
+        while sent < total:
+            piece = CHUNK if total - sent >= len(CHUNK) else CHUNK[: total - sent]
+            yield piece
+            sent += len(piece)
+            if sent < total and pause:
+                time.sleep(pause)
+    finally:
+        with _counting:
+            _streams["open"] -= 1
 
 
 def app(environ, start_response):
@@ -55,6 +70,9 @@ def app(environ, start_response):
         return _json(start_response, "200 OK", MODELS)
     if path == "/v1/audio/voices":
         return _json(start_response, "200 OK", VOICES)
+    if path == "/stats":
+        with _counting:
+            return _json(start_response, "200 OK", dict(_streams))
     if path == "/v1/audio/speech" and environ["REQUEST_METHOD"] == "POST":
         body = json.loads(environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0)))
         exact = re.fullmatch(r"standin_bytes=(\d+)", body["input"])

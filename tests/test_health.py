@@ -48,7 +48,7 @@ def test_readyz_is_503_naming_what_cannot_serve(app, monkeypatch):
         app.extensions["upstream"]._catalog.clear()
         monkeypatch.setattr(db.session, "execute", no_database)
         # The servers' places and health are kept in the database too (app/places.py).
-        monkeypatch.setattr(app.extensions["upstream"].upstreams, "_begin", no_database)
+        monkeypatch.setattr(app.extensions["upstream"].upstreams, "_engine", no_database)
         response = client.get("/readyz")
     assert response.status_code == 503
     assert response.get_json()["database"] == {"ok": False} and response.get_json()["upstream"]["ok"] is True

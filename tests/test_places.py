@@ -203,7 +203,7 @@ def test_a_place_that_could_not_be_given_back_is_deleted_by_the_next_renewal(app
         raise OperationalError("DELETE", {}, Exception("database is down"))
 
     with monkeypatch.context() as patched:
-        patched.setattr(upstreams, "_begin", no_database)
+        patched.setattr(upstreams, "_engine", no_database)
         lost.release()
     # The database was away when it was given back: it still counts, until the lease's next renewal.
     assert [state["streams"] for state in upstreams.states()] == [2]
