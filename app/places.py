@@ -19,10 +19,10 @@ many processes and hosts serve (every gateway must list the same servers with th
 - `upstream_servers` holds each server's failures and the time it is taken out until, on the
   wall clock (hosts are expected to keep their clocks within a second or so of each other).
 - A place is taken in one short transaction that locks the first server's row, the lock every
-  gateway takes first, so two gateways never both take the last place. Those transactions, and
-  the ones that give a place back, are committed without waiting for the write-ahead log on
-  PostgreSQL: they hold no money, and after a database crash each process's lease renewal
-  deletes the places it does not hold (`sweep`).
+  gateway takes first, so two gateways never both take the last place; on PostgreSQL it is
+  committed without waiting for the write-ahead log (places hold no money: after a database
+  crash, each process's next lease renewal deletes any place it does not hold, `sweep`). It is
+  given back with one delete, committed on its own once the stream is over.
 - A request waiting for a place is woken at once by a place given back in its own process, and
   looks again every POLL_SECONDS for places given back elsewhere.
 """
@@ -334,8 +334,11 @@ class Upstreams:
         """Delete this process's places it does not hold (a give-back that failed, a commit a
         database crash lost) and every place of a process whose lease has run out."""
         process_id = self.lease.process_id()
-        held = list(self._held)
         with self._begin() as connection:
+            # Under the lock places are taken under: a place taken before it is in `_held` by now, and
+            # none is taken until this commits.
+            self._lock(connection)
+            held = list(self._held)
             connection.execute(delete(_places).where(_places.c.process_id == process_id, _places.c.id.not_in(held)))
             connection.execute(
                 delete(_places).where(

@@ -226,3 +226,30 @@ def test_places_of_a_process_whose_lease_ran_out_stop_counting_and_are_deleted(a
     upstreams.sweep()
     with app.app_context():
         assert db.session.scalar(select(func.count()).select_from(UpstreamPlace)) == 0
+
+
+def test_a_place_taken_while_a_renewal_sweeps_is_kept(app, monkeypatch):
+    """A renewal's sweep that starts just as a place is taken must not delete that place: the
+    stream would then run uncounted, and the server take one more than its limit."""
+    upstreams = app.extensions["upstream"].upstreams
+    upstreams.reserve().release()  # the servers' rows are written
+    sweep_started, taken = threading.Event(), threading.Event()
+    begin = upstreams._begin
+
+    def paused_begin():
+        # The sweep's transaction starts only once the place below is taken.
+        if threading.current_thread().name == "sweep":
+            sweep_started.set()
+            assert taken.wait(5)
+        return begin()
+
+    monkeypatch.setattr(upstreams, "_begin", paused_begin)
+    sweeper = threading.Thread(target=upstreams.sweep, name="sweep")
+    sweeper.start()
+    assert sweep_started.wait(5)
+    slot = upstreams.reserve()
+    taken.set()
+    sweeper.join(5)
+    assert [state["streams"] for state in upstreams.states()] == [1]
+    slot.release()
+    assert [state["streams"] for state in upstreams.states()] == [0]
