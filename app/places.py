@@ -19,7 +19,8 @@ many processes and hosts serve (every gateway must list the same servers with th
 - `upstream_servers` holds each server's failures and the time it is taken out until, on the
   wall clock (hosts are expected to keep their clocks within a second or so of each other).
 - A place is taken in one short transaction that locks the first server's row, the lock every
-  gateway takes first, so two gateways never both take the last place; on PostgreSQL it is
+  gateway takes first, so two gateways never both take the last place (with no limit set there
+  is no last place, and no lock); on PostgreSQL it is
   committed without waiting for the write-ahead log (places hold no money: after a database
   crash, each process's next lease renewal deletes any place it does not hold, `sweep`). It is
   given back with one delete, committed on its own once the stream is over.
@@ -34,7 +35,7 @@ import threading
 import time
 import uuid
 from datetime import datetime
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 from sqlalchemy import and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Connection
@@ -160,6 +161,9 @@ class Upstreams:
         self._urls = [server.base_url for server in self.servers]
         # Every gateway locks the same row first: the server that sorts first.
         self._lock_url = min(self._urls) if self._urls else None
+        # Without a limit every server always has room: a place on one is taken without the lock,
+        # which only keeps two gateways from both taking the last place (or the wait's last).
+        self._limited = bool(limit)
         # The places this process holds (on a server or in the wait); `sweep` deletes any other row of it.
         self._held: set[str] = set()
         self._registered = False
@@ -168,25 +172,42 @@ class Upstreams:
 
     # Taking and giving back places
 
-    def reserve(self, exclude: tuple[Server, ...] = (), wait: bool = True, account: int | None = None) -> Slot:
+    def reserve(
+        self,
+        exclude: tuple[Server, ...] = (),
+        wait: bool = True,
+        account: int | None = None,
+        before_waiting: Callable[[], None] | None = None,
+    ) -> Slot:
         """A place on the least busy server not in `exclude`; Busy when none frees up in time.
 
         AccountQueueFull, at once, when `account` already has its share of the wait.
+        `before_waiting` runs once, when every server is full and before a place in the wait is
+        taken: the caller's checks that only matter to a request about to wait (an exception it
+        raises leaves nothing taken).
         """
         started = time.monotonic()
         retry_after = max(1, math.ceil(self.queue_seconds))
         waiting = None
         try:
-            while True:
+            # A first try that does not wait, so `before_waiting` runs only for a request that would.
+            slot, _ = self._take(exclude, account, None, False, retry_after)
+            if slot is None:
+                if not wait:
+                    raise Busy(retry_after)
+                if before_waiting is not None:
+                    before_waiting()
+            while slot is None:
                 slot, waiting = self._take(exclude, account, waiting, wait, retry_after)
                 if slot is not None:
-                    slot.waited = time.monotonic() - started
-                    return slot
+                    break
                 left = started + self.queue_seconds - time.monotonic()
                 if waiting is None or left <= 0:
                     raise Busy(retry_after)
                 with self._changed:
                     self._changed.wait(min(POLL_SECONDS, left))
+            slot.waited = time.monotonic() - started
+            return slot
         except BaseException:
             if waiting is not None:
                 self._give_back(waiting)
@@ -204,7 +225,8 @@ class Upstreams:
         try:
             with self._begin() as connection:
                 now = utcnow()
-                self._lock(connection)
+                if self._limited or may_wait:
+                    self._lock(connection)
                 servers = self._servers_now(connection, now)
                 server = self._choose(exclude, servers)
                 row = {"id": place_id, "process_id": process_id, "team_id": account, "taken_at": now}

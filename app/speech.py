@@ -350,7 +350,7 @@ def serve(payer: Payer, order: Order, arrival: Arrival):
     if order.timestamps:
         check_timestamps()
     admit(payer, order)
-    slot = reserve(payer.team_id)
+    slot = reserve(payer.team_id, lambda: admit_to_wait(payer))
     try:
         paid = charge(payer, order, arrival)
         started = time.monotonic()
@@ -393,10 +393,11 @@ def serve(payer: Payer, order: Order, arrival: Arrival):
 
 
 def admit(payer: Payer, order: Order) -> None:
-    """402 or 429 at once for a request its charge would refuse, before it waits for a speech server.
+    """402 at once for a request its charge would refuse, before it takes a place on a speech server.
 
-    The charge decides again, atomically (a balance can change meanwhile); this only keeps a
-    client that cannot pay from holding a place in the wait that a paying one needs.
+    The charge decides again, atomically (a balance can change meanwhile); this and
+    `admit_to_wait` only keep a client that cannot pay from holding a place in the wait that a
+    paying one needs.
     """
     cost = 0 if payer.unlimited else len(order.text)
     if payer.balance < cost:
@@ -406,11 +407,18 @@ def admit(payer: Payer, order: Order) -> None:
         spent = keys.use_now(key)
         if spent + cost > key.spend_limit:
             raise _key_limit(keys.KeyLimitReached(key.spend_limit, spent, cost, keys.limit_resets_at(key)))
-    limit = config.current().max_streams_per_account
-    if metering.streams_in_flight(payer.team_id) >= limit:
-        db.session.rollback()
-        raise _too_many_streams(limit)
     db.session.rollback()
+
+
+def admit_to_wait(payer: Payer) -> None:
+    """429 for an account at its stream cap, before its request waits for a speech server (with a
+    place free, the charge refuses it just the same, atomically, and the place is given back)."""
+    limit = config.current().max_streams_per_account
+    try:
+        if metering.streams_in_flight(payer.team_id) >= limit:
+            raise _too_many_streams(limit)
+    finally:
+        db.session.rollback()
 
 
 def _insufficient(cost: int, balance: int) -> ApiError:
@@ -447,11 +455,12 @@ def _too_many_streams(limit: int) -> ApiError:
     )
 
 
-def reserve(account: int) -> Slot:
+def reserve(account: int, before_waiting=None) -> Slot:
     """A place on the least busy speech server, before anything is charged; 503 when all stay full,
-    429 when `account` already has its share of the wait."""
+    429 when `account` already has its share of the wait. `before_waiting` runs when all are
+    full, before the request waits."""
     try:
-        return services.upstream().reserve(account)
+        return services.upstream().reserve(account, before_waiting)
     except AccountQueueFull as full:
         raise ApiError(
             429,

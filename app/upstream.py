@@ -192,9 +192,9 @@ class Upstream:
         """What health may say of the servers: their load and whether each is taken out (no addresses)."""
         return self.upstreams.states()
 
-    def reserve(self, account: int | None = None) -> Slot:
+    def reserve(self, account: int | None = None, before_waiting=None) -> Slot:
         """A place on the least busy server for one speech request of `account`; Busy when there is none in time."""
-        return self.upstreams.reserve(account=account)
+        return self.upstreams.reserve(account=account, before_waiting=before_waiting)
 
     def _request(self, method: str, url: str, **kwargs) -> requests.Response:
         try:

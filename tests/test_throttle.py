@@ -83,6 +83,8 @@ def test_concurrent_streams_per_account_are_capped(make_app):
             refused, _ = open_stream(customer.headers)
             assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
             assert "concurrent speech streams" in refused.json()["detail"]
+            # Refused by the charge: the place it took on the speech server is given back at once.
+            assert [state["streams"] for state in app.extensions["upstream"].upstreams.states()] == [2]
             gate.set()
             for _, chunks in streams:
                 assert b"".join(chunks) == b"rest"
