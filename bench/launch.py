@@ -38,6 +38,37 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def started(command: list, ready_url: str, name: str, timeout: float = 60, **popen):
+    """Run `command` (Popen's `popen` arguments besides) until `ready_url` answers 2xx; yield the
+    process. Stopped with SIGTERM (then SIGKILL); its errors are shown if it exits early."""
+    # Errors go to a file, not a pipe: a pipe nobody reads would block a chatty server.
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors, **popen)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    errors.seek(0)
+                    raise RuntimeError(f"{name} exited: {errors.read().decode()[-2000:]}")
+                try:
+                    if requests.get(ready_url, timeout=2).ok:
+                        break
+                except requests.RequestException:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start in {timeout:g} s")
+                time.sleep(0.1)
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextlib.contextmanager
 def gunicorn(
     spec: str, env: dict, args: tuple = (), ready_path: str = "/healthz", timeout: float = 60, cwd: Path = ROOT
 ):
@@ -49,37 +80,9 @@ def gunicorn(
     """
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    # Errors go to a file, not a pipe: a pipe nobody reads would block a chatty server.
-    with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", *args, "--bind", f"127.0.0.1:{port}", spec],
-            cwd=cwd,
-            env={**os.environ, **env},
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-        )
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if process.poll() is not None:
-                    errors.seek(0)
-                    raise RuntimeError(f"gunicorn {spec} exited: {errors.read().decode()[-2000:]}")
-                try:
-                    if requests.get(url + ready_path, timeout=2).ok:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"gunicorn {spec} did not start in {timeout:g} s")
-                time.sleep(0.1)
-            yield url, process
-        finally:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+    command = [sys.executable, "-m", "gunicorn", *args, "--bind", f"127.0.0.1:{port}", spec]
+    with started(command, url + ready_path, f"gunicorn {spec}", timeout, cwd=cwd, env={**os.environ, **env}) as process:
+        yield url, process
 
 
 def empty_database(url: str) -> None:

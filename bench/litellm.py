@@ -10,12 +10,9 @@ import contextlib
 import os
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
-import requests
-
-from bench.launch import free_port
+from bench.launch import free_port, started
 
 ROOT = Path(__file__).resolve().parent.parent
 EXECUTABLE = ROOT / ".venv-litellm" / "bin" / "litellm"
@@ -52,37 +49,13 @@ def proxy(upstream: str, workers: int, timeout: float = 120):
     """LiteLLM's proxy in front of `upstream`, with `workers` workers; yields (URL, process, request headers)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as directory, tempfile.TemporaryFile() as errors:
+    with tempfile.TemporaryDirectory() as directory:
         config = Path(directory) / "config.yaml"
         config.write_text(CONFIG.format(upstream=upstream, master_key=MASTER_KEY))
-        process = subprocess.Popen(
-            [EXECUTABLE, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
-            + ["--num_workers", str(workers)],
-            cwd=directory,
-            # The cost map shipped with it: LiteLLM would otherwise fetch one from the internet at start.
-            env={**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True"},
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-        )
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if process.poll() is not None:
-                    errors.seek(0)
-                    raise RuntimeError(f"LiteLLM exited: {errors.read().decode()[-2000:]}")
-                try:
-                    if requests.get(f"{url}/health/liveliness", timeout=2).ok:
-                        break
-                except requests.RequestException:
-                    pass
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"LiteLLM did not start in {timeout:g} s")
-                time.sleep(0.2)
+        command = [EXECUTABLE, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+        command += ["--num_workers", str(workers)]
+        # The cost map shipped with it: LiteLLM would otherwise fetch one from the internet at start.
+        env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+        ready = f"{url}/health/liveliness"
+        with started(command, ready, "LiteLLM", timeout, cwd=directory, env=env) as process:
             yield url, process, {"Authorization": f"Bearer {MASTER_KEY}"}
-        finally:
-            process.terminate()
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
