@@ -357,11 +357,18 @@ class Upstreams:
         database crash lost) and every place of a process whose lease has run out."""
         process_id = self.lease.process_id()
         with self._begin() as connection:
-            # Under the lock places are taken under: a place taken before it is in `_held` by now, and
-            # none is taken until this commits.
+            # Under the lock places are taken under with a limit: a place taken before it is in `_held`
+            # by now, and none is taken until this commits. Without a limit places are taken without
+            # the lock, so only places taken before `before` go: one that is not in `held` was
+            # added to `_held` after it was read, and dated later (`_take` reads the clock after).
             self._lock(connection)
+            before = utcnow()
             held = list(self._held)
-            connection.execute(delete(_places).where(_places.c.process_id == process_id, _places.c.id.not_in(held)))
+            connection.execute(
+                delete(_places).where(
+                    _places.c.process_id == process_id, _places.c.id.not_in(held), _places.c.taken_at < before
+                )
+            )
             connection.execute(
                 delete(_places).where(
                     _places.c.process_id.in_(select(_processes.c.id).where(_processes.c.lease_until < utcnow()))

@@ -253,3 +253,31 @@ def test_a_place_taken_while_a_renewal_sweeps_is_kept(app, monkeypatch):
     assert [state["streams"] for state in upstreams.states()] == [1]
     slot.release()
     assert [state["streams"] for state in upstreams.states()] == [0]
+
+
+def test_a_place_taken_without_a_limit_while_a_sweep_reads_what_is_held_is_kept(app, monkeypatch):
+    """With no server limit places are taken without the lock: one taken after a sweep has read
+    which places this process holds, but before it deletes the others, stays counted."""
+    upstreams = app.extensions["upstream"].upstreams
+    upstreams.reserve().release()  # the servers' rows are written
+    read, taken = threading.Event(), threading.Event()
+
+    class Held(set):
+        def __iter__(self):
+            now_held = list(super().__iter__())
+            if threading.current_thread().name == "sweep":
+                read.set()
+                # On SQLite the sweep holds the one write lock: the place below waits for it instead.
+                taken.wait(1)
+            return iter(now_held)
+
+    monkeypatch.setattr(upstreams, "_held", Held())
+    sweeper = threading.Thread(target=upstreams.sweep, name="sweep")
+    sweeper.start()
+    assert read.wait(5)
+    slot = upstreams.reserve()
+    taken.set()
+    sweeper.join(5)
+    assert [state["streams"] for state in upstreams.states()] == [1]
+    slot.release()
+    assert [state["streams"] for state in upstreams.states()] == [0]
