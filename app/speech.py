@@ -775,6 +775,8 @@ class Relay:
             return
         self.last_beat, self.recorded_ms = now, audio_ms or 0
         try:
+            # A stream writes one every heartbeat: the round trips saved are CPU saved.
+            _one_statement()
             live = metering.record_progress(self.request_id, self.sent, audio_ms)
             db.session.commit()
         except SQLAlchemyError:
@@ -813,8 +815,16 @@ def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
+def _one_statement() -> None:
+    """The transaction starting now is one statement: committed as it runs, as durably, without the
+    round trips of BEGIN and COMMIT. The connection goes back to the pool as it came."""
+    db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+
+
 def _settle(settle, request_id: str, *args, **details) -> None:
     try:
+        if settle is metering.mark_delivered:
+            _one_statement()
         settle(request_id, *args, **details)
         db.session.commit()
     except SQLAlchemyError:

@@ -6,12 +6,13 @@ import itertools
 import json
 import os
 import socket
+import sqlite3
 from datetime import timedelta
 from urllib.parse import urlsplit
 
 import pytest
 import requests
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, event, select, update
 
 from app import create_app, metering
 from app.config import SettingError
@@ -233,6 +234,41 @@ def test_progress_is_recorded_for_every_heartbeat_of_audio_however_fast_it_arriv
     covered = [0, *recorded]
     assert all(0 < later - earlier <= heartbeat_ms for earlier, later in itertools.pairwise(covered))
     assert 30_000 - covered[-1] < heartbeat_ms
+
+
+def test_a_progress_record_leaves_its_connection_all_or_nothing_for_the_next_transaction(make_app, monkeypatch):
+    """Progress, and a delivery, are each written as one statement committed as it runs; the connection it ran
+    on must go back to the pool as it came, or the next charge on it would commit its debit before its
+    ledger row (checked on PostgreSQL: a connection left so makes this fail)."""
+    chunks = in_chunks(pcm_of(30), 30)
+    recorded = []
+    record = metering.record_progress
+
+    def spy(request_id, bytes_sent, audio_ms):
+        recorded.append(audio_ms)
+        return record(request_id, bytes_sent, audio_ms)
+
+    monkeypatch.setattr(metering, "record_progress", spy)
+    with serve(FakeUpstream(chunks)) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
+        customer = factories.customer(app, balance=10_000)
+        handed_out = []
+        with app.app_context():
+            event.listen(db.engine, "checkout", lambda dbapi, *_: handed_out.append(_commits_each_statement(dbapi)))
+        with serve(app) as url:
+            for _ in range(3):
+                response = requests.post(f"{url}{SPEECH}", json=speech_body(), headers=customer.headers, timeout=30)
+                assert response.content == b"".join(chunks)
+    assert len(recorded) >= 3 * 6
+    # Every connection handed out afterwards (the next requests' charges and settlements included) began
+    # transactions again.
+    assert handed_out and not any(handed_out)
+
+
+def _commits_each_statement(dbapi_connection) -> bool:
+    if isinstance(dbapi_connection, sqlite3.Connection):
+        return dbapi_connection.isolation_level is None
+    return dbapi_connection.autocommit
 
 
 def quiet_since(app, customer) -> timedelta:
