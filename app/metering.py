@@ -12,7 +12,6 @@ billing's: every credit taken or given back here goes through billing.apply. Lik
 functions change state inside the caller's transaction; the caller commits.
 """
 
-import functools
 import math
 from datetime import datetime, timedelta
 from fractions import Fraction
@@ -160,17 +159,21 @@ def streams_in_flight(team_id: int) -> int:
 
 
 # A charged request's row, changed only while it is still charged: the guard every step below relies on.
+# Built once: the columns set are those the parameters name (SQLAlchemy compiles, and keeps, one
+# statement per set of them). A stream writes its progress every STREAM_HEARTBEAT_SECONDS of time and
+# of audio, and building the statement anew each time cost more CPU than running it (8% of a
+# request's, at 16 streams).
 _WHILE_CHARGED = update(_speech).where(_speech.c.id == bindparam("request_id"), _speech.c.state == SpeechState.CHARGED)
-
-
-def _set(*columns: str) -> dict:
-    """Each column set from the parameter of its own name, typed as the column is."""
-    return {name: bindparam(name, type_=_speech.c[name].type) for name in columns}
-
-
-# Built once: a stream writes its progress every STREAM_HEARTBEAT_SECONDS of time and of audio, and
-# building the statement anew each time cost more CPU than running it (8% of a request's, at 16 streams).
-_RECORD_PROGRESS = _WHILE_CHARGED.values(_set("bytes_sent", "audio_ms", "progress_at")).returning(_speech.c.id)
+_RECORD_PROGRESS = _WHILE_CHARGED.returning(_speech.c.id)
+_CLOSE = _WHILE_CHARGED.returning(
+    _speech.c.team_id,
+    _speech.c.credits,
+    _speech.c.characters,
+    _speech.c.speed,
+    _speech.c.audio_ms,
+    _speech.c.api_key_id,
+    _speech.c.created_at,
+)
 
 
 def record_progress(request_id: str, bytes_sent: int, audio_ms: int | None) -> bool:
@@ -182,29 +185,14 @@ def record_progress(request_id: str, bytes_sent: int, audio_ms: int | None) -> b
     return row is not None
 
 
-@functools.cache
-def _closing(columns: tuple[str, ...]):
-    """The statement that closes a charged request writing `columns`, built once for each set of them
-    (the few ways a request ends: delivered, refunded before any audio, broken off mid-stream…)."""
-    return _WHILE_CHARGED.values(_set(*columns)).returning(
-        _speech.c.team_id,
-        _speech.c.credits,
-        _speech.c.characters,
-        _speech.c.speed,
-        _speech.c.audio_ms,
-        _speech.c.api_key_id,
-        _speech.c.created_at,
-    )
-
-
 def _close_speech(request_id: str, state: str, details: dict):
     """Move a charged request to `state`; None when it was not in `charged` any more."""
     values = {"state": state, "finished_at": utcnow(), **details}
     if values.get("error"):
         values["error"] = values["error"][:500]
-    # A table statement built once, not an ORM one: every speech request runs it, and the ORM's bulk
+    # A table statement, not an ORM one: every speech request runs it, and the ORM's bulk
     # update machinery cost more CPU than the database work.
-    return db.session.execute(_closing(tuple(sorted(values))), {**values, "request_id": request_id}).first()
+    return db.session.execute(_CLOSE, {**values, "request_id": request_id}).first()
 
 
 def mark_delivered(request_id: str, **details) -> bool:

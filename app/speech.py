@@ -816,13 +816,16 @@ def _ms(started: float) -> int:
 
 
 def _one_statement() -> None:
-    """The transaction starting now is one statement: committed as it runs, as durably, without the
-    round trips of BEGIN and COMMIT. The connection goes back to the pool as it came."""
+    """The transaction starting now (the session holds none) is one statement: committed as it runs, as
+    durably, without the round trips of BEGIN and COMMIT. Its connection goes back to the pool
+    transactional again (SQLAlchemy resets the isolation level on release)."""
     db.session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
 
 
 def _settle(settle, request_id: str, *args, **details) -> None:
     try:
+        # A delivery is one statement; a refund writes several (the request, the balance, the ledger, the
+        # key's use), all or nothing, so it stays one transaction.
         if settle is metering.mark_delivered:
             _one_statement()
         settle(request_id, *args, **details)

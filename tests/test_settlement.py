@@ -13,9 +13,9 @@ import responses
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 
-from app import metering
+from app import billing, metering
 from app.extensions import db
-from app.models import GatewayProcess, LedgerEntry, SpeechRequest, utcnow
+from app.models import GatewayProcess, LedgerEntry, LedgerKind, SpeechRequest, utcnow
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import FakeUpstream, stub_catalog
@@ -125,6 +125,36 @@ def test_a_lost_database_at_settlement_leaves_the_request_charged_and_the_log_na
         db.session.commit()
     assert "settled 1" in runner.invoke(args=["speech", "settle", "--older-than", "60"]).output
     assert factories.balance(app, customer.team_id) == 1000
+
+
+def test_a_refund_the_database_refuses_halfway_leaves_the_request_charged_and_its_process_refunds_it_whole(
+    app, runner, customer, monkeypatch, caplog
+):
+    # The database goes away between the refund's first writes (the request marked refunded) and its credit.
+    apply = billing.apply
+
+    def credit_lost(team_id, amount, **kwargs):
+        if kwargs["kind"] == LedgerKind.REFUND:
+            database_gone()
+        return apply(team_id, amount, **kwargs)
+
+    monkeypatch.setattr(billing, "apply", credit_lost)
+    with responses.RequestsMock() as upstream:
+        stub_catalog(upstream, STUB_UPSTREAM)
+        upstream.post(f"{STUB_UPSTREAM}/audio/speech", status=500, json={"detail": "model crashed"})
+        response = app.test_client().post("/v1/audio/speech", json=HELLO, headers=customer.headers)
+    assert response.status_code == 502
+    # Nothing of the refund was written: not the request's state, not half of it.
+    [row] = factories.speech_requests(app, customer.team_id)
+    assert (row.state, row.credits_refunded) == ("charged", 0)
+    assert factories.balance(app, customer.team_id) == 1000 - STREAMING_TEXT
+    assert_logged_database_error(caplog, f"could not settle speech request {row.id}")
+    monkeypatch.undo()
+    assert app.extensions["lease"].settle_pending() == 0
+    [row] = factories.speech_requests(app, customer.team_id)
+    assert (row.state, row.credits_refunded) == ("refunded", STREAMING_TEXT)
+    assert factories.balance(app, customer.team_id) == 1000
+    assert runner.invoke(args=["audit"]).exit_code == 0
 
 
 def test_a_stream_whose_progress_cannot_be_written_goes_on_and_the_log_names_it(make_app, monkeypatch, caplog):
