@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import json
 import os
+import signal
 import statistics
 import sys
 import threading
@@ -602,5 +603,11 @@ def main(argv=None) -> dict:
     return report
 
 
+def _exit_on_sigterm(signum, frame):
+    # As Ctrl+C would: the servers this run started are stopped on the way out, not left running.
+    sys.exit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     main()

@@ -1,6 +1,11 @@
 """A short smoke run of the benchmark (the numbers themselves are read by people, not asserted)."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +40,40 @@ def test_the_benchmark_runs_and_writes_its_table_json_and_plot(postgres_only, tm
     assert "gateway/direct" in text and "| floor |" in text and "| books |" in text
     assert json.loads(next(tmp_path.glob("bench-*.json")).read_text())["levels"]
     assert next(tmp_path.glob("bench-*.png")).stat().st_size > 10_000
+
+
+def test_a_benchmark_stopped_with_sigterm_stops_every_server_it_started(postgres_only, tmp_path):
+    bench_url = PG_URL.rsplit("/", 1)[0] + "/kokoro_bench"
+    command = [sys.executable, "-m", "bench.run", "--smoke", "--no-litellm", "--database-url", bench_url]
+    run = subprocess.Popen([*command, "--out", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        # Until the gateway is up: the stand-in, both floors and the gateway have been started by then.
+        while len(servers := _descendants(run.pid)) < 4 * 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(servers) >= 8, servers
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(60) != 0
+    finally:
+        run.kill()
+    time.sleep(1)
+    assert [pid for pid in servers if _alive(pid)] == []
+
+
+def _descendants(pid: int) -> list[int]:
+    try:
+        children = [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 @pytest.mark.engine
