@@ -43,7 +43,8 @@ def test_the_benchmark_runs_and_writes_its_table_json_and_plot(postgres_only, tm
 
 
 def test_a_benchmark_stopped_with_sigterm_stops_every_server_it_started(postgres_only, tmp_path):
-    bench_url = PG_URL.rsplit("/", 1)[0] + "/kokoro_bench"
+    # A database of its own: the smoke run above may be emptying and filling kokoro_bench at the same time.
+    bench_url = PG_URL.rsplit("/", 1)[0] + "/kokoro_bench_stopped"
     command = [sys.executable, "-m", "bench.run", "--smoke", "--no-litellm", "--database-url", bench_url]
     run = subprocess.Popen([*command, "--out", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
