@@ -212,9 +212,8 @@ def test_a_settlement_the_database_refused_is_written_by_its_process_when_the_da
     assert runner.invoke(args=["audit"]).exit_code == 0
 
 
-def test_progress_is_recorded_for_every_heartbeat_of_audio_however_fast_it_arrives(make_app, monkeypatch):
-    # 30 one-second chunks, sent as fast as they are read: far faster than real time.
-    chunks = in_chunks(pcm_of(30), 30)
+def recorded_progress(monkeypatch) -> list:
+    """The audio each progress record of the test's streams covered, in ms, in the order written."""
     recorded = []
     record = metering.record_progress
 
@@ -223,6 +222,13 @@ def test_progress_is_recorded_for_every_heartbeat_of_audio_however_fast_it_arriv
         return record(request_id, bytes_sent, audio_ms)
 
     monkeypatch.setattr(metering, "record_progress", spy)
+    return recorded
+
+
+def test_progress_is_recorded_for_every_heartbeat_of_audio_however_fast_it_arrives(make_app, monkeypatch):
+    # 30 one-second chunks, sent as fast as they are read: far faster than real time.
+    chunks = in_chunks(pcm_of(30), 30)
+    recorded = recorded_progress(monkeypatch)
     with serve(FakeUpstream(chunks)) as upstream_url:
         app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
         customer = factories.customer(app, balance=10_000)
@@ -241,14 +247,7 @@ def test_a_progress_record_leaves_its_connection_all_or_nothing_for_the_next_tra
     on must go back to the pool as it came, or the next charge on it would commit its debit before its
     ledger row (checked on PostgreSQL: a connection left so makes this fail)."""
     chunks = in_chunks(pcm_of(30), 30)
-    recorded = []
-    record = metering.record_progress
-
-    def spy(request_id, bytes_sent, audio_ms):
-        recorded.append(audio_ms)
-        return record(request_id, bytes_sent, audio_ms)
-
-    monkeypatch.setattr(metering, "record_progress", spy)
+    recorded = recorded_progress(monkeypatch)
     with serve(FakeUpstream(chunks)) as upstream_url:
         app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
         customer = factories.customer(app, balance=10_000)

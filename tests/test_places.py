@@ -244,15 +244,7 @@ def test_a_place_taken_while_a_renewal_sweeps_is_kept(app, monkeypatch):
         return begin()
 
     monkeypatch.setattr(upstreams, "_begin", paused_begin)
-    sweeper = threading.Thread(target=upstreams.sweep, name="sweep")
-    sweeper.start()
-    assert sweep_started.wait(5)
-    slot = upstreams.reserve()
-    taken.set()
-    sweeper.join(5)
-    assert [state["streams"] for state in upstreams.states()] == [1]
-    slot.release()
-    assert [state["streams"] for state in upstreams.states()] == [0]
+    take_a_place_while_it_sweeps(upstreams, sweep_started, taken)
 
 
 def test_a_place_taken_without_a_limit_while_a_sweep_reads_what_is_held_is_kept(app, monkeypatch):
@@ -272,9 +264,15 @@ def test_a_place_taken_without_a_limit_while_a_sweep_reads_what_is_held_is_kept(
             return iter(now_held)
 
     monkeypatch.setattr(upstreams, "_held", Held())
+    take_a_place_while_it_sweeps(upstreams, read, taken)
+
+
+def take_a_place_while_it_sweeps(upstreams, paused: threading.Event, taken: threading.Event) -> None:
+    """Start a sweep (in a thread named "sweep"); once it has `paused`, take a place and set `taken` so it
+    goes on. The place stays counted after the sweep, and is gone once given back."""
     sweeper = threading.Thread(target=upstreams.sweep, name="sweep")
     sweeper.start()
-    assert read.wait(5)
+    assert paused.wait(5)
     slot = upstreams.reserve()
     taken.set()
     sweeper.join(5)
