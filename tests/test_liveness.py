@@ -8,13 +8,14 @@ import os
 import socket
 import sqlite3
 from datetime import timedelta
+from types import SimpleNamespace
 from urllib.parse import urlsplit
 
 import pytest
 import requests
 from sqlalchemy import delete, event, select, update
 
-from app import create_app, metering
+from app import create_app, metering, speech
 from app.config import SettingError
 from app.extensions import db
 from app.models import GatewayProcess, LedgerEntry, SpeechRequest, utcnow
@@ -292,6 +293,37 @@ def raw_speech_request(url: str, customer, body: dict) -> socket.socket:
     )
     assert client.recv(64).startswith(b"HTTP/1.1 200")
     return client
+
+
+@pytest.mark.parametrize(
+    ("client_does", "recorded"), [("hangs up", "client disconnected"), ("stops reading", "client took nothing for 1 s")]
+)
+def test_a_stream_blocked_on_its_client_records_whether_it_hung_up_or_took_nothing_for_the_idle_time(
+    make_app, monkeypatch, client_does, recorded
+):
+    """The request's error tells the operator why a charged stream ended early: the client hung up, or it
+    took nothing for CLIENT_IDLE_SECONDS, counted from when the audio was handed over (the speech module's
+    monotonic clock injected: exactly the idle time counts as idle)."""
+    clock = [1000.0]
+    monkeypatch.setattr(speech, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    # One piece larger than every buffer between, read whole: the relay hands it over once, then blocks writing it.
+    with serve(FakeUpstream([pcm_of(200)])) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", CLIENT_IDLE_SECONDS=1.0, STREAM_CHUNK_BYTES=1 << 24)
+        customer = factories.customer(app, balance=10_000)
+        with serve(app) as url:
+            # The status line is out: the audio was handed over at 1000.0 s.
+            client = raw_speech_request(url, customer, speech_body())
+            if client_does == "hangs up":
+                client.close()
+            else:
+                clock[0] += 1.0
+            [row] = wait_for(
+                lambda: [r for r in factories.speech_requests(app, customer.team_id) if r.state != "charged"],
+                timeout=20,
+                what="the blocked stream to end",
+            )
+            client.close()
+    assert row.state == "delivered" and row.credits_refunded == 0 and row.error == recorded
 
 
 def read_to_the_end(client: socket.socket) -> bytes:
