@@ -56,7 +56,8 @@ bench-litellm: .venv-litellm/bin/litellm
 # Mutation testing of the money modules (slow, not part of CI): mutmut breaks them on purpose,
 # one small change at a time, and the tests must notice. Scores go to mutation/RESULTS.md.
 # mutmut runs on SQLite, two mutants at a time; with TEST_DATABASE_URL set, each survivor then
-# meets the PostgreSQL-only tests (locks, races), one at a time (mutation/postgresql.py).
+# meets the PostgreSQL-only tests (locks, races) and the PostgreSQL side of the tests that reach
+# its function, one at a time (mutation/postgresql.py).
 mutate: $(VENV)/.dev
 	$(BIN)/python -m mutation.state restore
 	env -u TEST_DATABASE_URL $(BIN)/mutmut run --max-children 2

@@ -7,18 +7,23 @@ the PostgreSQL tests are skipped. Here each mutant that survived it is switched 
 (mutmut's MUTANT_UNDER_TEST; `python -m mutation.generate` writes mutants/ without a run) and
 the PostgreSQL side of two sets of tests runs against it: those only PostgreSQL can prove
 (locks, races), and the audit's (`flask audit` and the checks of app/audit.py), since SQL that
-SQLite accepts can still fail on PostgreSQL. The survivors listed as equivalent run too: a
-claim made on SQLite must hold on PostgreSQL. Those killed are written to
+SQLite accepts can still fail on PostgreSQL; then the PostgreSQL twin of every test mutmut's
+statistics found reaching the mutant's function (mutants/mutmut-stats.json; a test that takes
+no database has no twin and ran in the SQLite pass). The survivors listed as equivalent run
+too: a claim made on SQLite must hold on PostgreSQL. Those killed are written to
 mutation/postgresql.txt with the first test that failed; mutation/report.py counts them as
 killed, and refuses an equivalent line for a mutant PostgreSQL kills.
 
 Named mutants are checked alone and their lines in postgresql.txt replaced; the others kept.
 """
 
+import json
 import os
 import re
 import subprocess
 import sys
+
+from mutmut.utils.format_utils import mangled_name_from_mutant_name
 
 from mutation.report import EQUIVALENT, MODULES, POSTGRES, ROOT, equivalents, statuses
 
@@ -43,10 +48,31 @@ TESTS = AUDIT + [test for test in RACES if test.partition("::")[0] not in AUDIT]
 FAILED = re.compile(r"^FAILED (\S+)", re.M)
 
 
+STATS = ROOT / "mutants" / "mutmut-stats.json"
+
+
+def reaching(mutant: str) -> list[str]:
+    """The PostgreSQL twins of the tests mutmut's statistics run (on SQLite) found reaching `mutant`'s
+    function, quickest first: `test_x[sqlite-a]` runs as `test_x[postgresql-a]`."""
+    if not STATS.exists():
+        return []
+    stats = json.loads(STATS.read_text())
+    function = mangled_name_from_mutant_name(mutant)
+    tests = stats["tests_by_mangled_function_name"].get(function, [])
+    durations = stats["duration_by_test"]
+    return [
+        test.replace("[sqlite", "[postgresql", 1)
+        for test in sorted(tests, key=lambda test: durations.get(test, 0.0))
+        if "[sqlite" in test
+    ]
+
+
 def tests_for(mutant: str) -> list[str]:
-    """The audit's own mutants run only under its checks (no race calls into app/audit.py but to run
-    `flask audit`, which the audit's tests run on every offence); every other mutant meets both sets."""
-    return AUDIT if mutant.startswith("app.audit.") else TESTS
+    """The audit's own mutants meet its checks (no race calls into app/audit.py but to run `flask audit`,
+    which the audit's tests run on every offence); every other mutant meets both sets. Then the PostgreSQL
+    side of every test that reaches its function."""
+    fixed = AUDIT if mutant.startswith("app.audit.") else TESTS
+    return fixed + [test for test in reaching(mutant) if test.partition("::")[0] not in fixed and test not in fixed]
 
 
 def killer(mutant: str) -> str | None:

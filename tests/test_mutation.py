@@ -5,7 +5,7 @@ import json
 import pytest
 from mutmut.mutation.file_mutation import mutate_file_contents
 
-from mutation import report, state
+from mutation import postgresql, report, state
 
 TINY = """
 def double(n):
@@ -134,3 +134,31 @@ def test_a_listed_equivalent_that_postgresql_kills_counts_killed_and_its_line_mu
     # mutants, not checked, killed, survived, no test ran, equivalent
     assert row.split(" | ")[1:7] == [str(len(names)), "0", "1", "0", "0", str(len(names) - 1)]
     assert f"{names[0]}: listed as equivalent but killed on PostgreSQL" in capsys.readouterr().err
+
+
+def test_the_postgresql_pass_runs_the_postgresql_twin_of_every_test_that_reaches_the_mutants_function(
+    tmp_path, monkeypatch
+):
+    """A survivor's claim made on SQLite meets, on PostgreSQL, each database test that reaches its function
+    (quickest first, after the fixed race and audit set); a test with no database has no twin."""
+    stats = {
+        "tests_by_mangled_function_name": {
+            "app.tiny.x_double": [
+                "tests/test_tiny.py::test_slow[sqlite]",
+                "tests/test_tiny.py::test_pure",
+                "tests/test_tiny.py::test_fast[sqlite-a-sqlite]",
+            ]
+        },
+        "duration_by_test": {
+            "tests/test_tiny.py::test_slow[sqlite]": 2.0,
+            "tests/test_tiny.py::test_fast[sqlite-a-sqlite]": 0.1,
+        },
+    }
+    (tmp_path / "mutmut-stats.json").write_text(json.dumps(stats))
+    monkeypatch.setattr(postgresql, "STATS", tmp_path / "mutmut-stats.json")
+
+    assert postgresql.tests_for("app.tiny.x_double__mutmut_3") == postgresql.TESTS + [
+        "tests/test_tiny.py::test_fast[postgresql-a-sqlite]",
+        "tests/test_tiny.py::test_slow[postgresql]",
+    ]
+    assert postgresql.tests_for("app.tiny.x_halve__mutmut_1") == postgresql.TESTS
