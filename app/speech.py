@@ -700,6 +700,9 @@ class Relay:
                 return
             metrics.UPSTREAM_FAILURES.labels("stalled" if timed_out(exc) else "broke_off").inc()
             reason = "Upstream stalled mid-stream." if timed_out(exc) else "Upstream broke off mid-stream."
+            if isinstance(exc, captions.NotCaptions):
+                # The server broke its side off with a line that says what was wrong with it.
+                reason = str(exc)
             _settle_refund(self.request_id, reason, **self.outcome())
             raise StreamAborted(self.request_id, f"{reason} The undelivered part was refunded.") from exc
         finally:

@@ -312,8 +312,11 @@ def test_a_timing_no_audio_could_have_is_left_out_and_the_request_settles(make_a
 def test_a_line_that_is_not_captioned_audio_is_a_break_refunded_in_full(make_app, customer, broken):
     upstream = _Lines(caption_line(pcm_of(0.2), []), broken)
     app, response, speech = ask_of(make_app, upstream, customer)
+    # The client and the books say what was wrong, not only that the stream ended.
+    said = "The speech server sent a line that is not captioned audio."
     assert response.status_code == 502
-    assert speech.state == "refunded" and factories.balance(app, customer.team_id) == 1000
+    assert response.get_json()["error"]["message"] == f"{said} The undelivered part was refunded."
+    assert speech.state == "refunded" and speech.error == said and factories.balance(app, customer.team_id) == 1000
     factories.assert_books_balance(app, customer.team_id)
 
 
