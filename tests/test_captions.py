@@ -229,6 +229,11 @@ def test_subtitles_come_in_the_same_answer_billed_once(client, customer, kind):
         ("Mrs.", False),
         ("a.m.", False),
         ("U.S.", False),
+        ('"Dr.', False),  # quotes and brackets before a title are not part of it
+        ("(Mr.", False),
+        ("XCo.", True),  # only those: a word that merely ends like a title is not one
+        ("Hm..", False),  # a full stop inside
+        ("MAX", False),
     ],
 )
 def test_a_cue_ends_at_a_sentences_end_not_at_an_abbreviation(word, ends):
@@ -375,3 +380,145 @@ def test_webvtt_cue_text_is_escaped_as_its_markup_needs():
         {"word": w, "start_time": i * 0.5, "end_time": i * 0.5 + 0.4} for i, w in enumerate("R&D <b> --> ok".split())
     ]
     assert captions.subtitles(words, "vtt").splitlines()[3] == "R&amp;D &lt;b&gt; --&gt; ok"
+
+
+LINES = [
+    caption_line(b"one", [{"word": "Dr.", "start_time": 0.0, "end_time": 0.2}]),
+    caption_line(b"two", [{"word": "Smith", "start_time": 0.2, "end_time": 0.5}]),
+    caption_line(b"three", []),
+]
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        pytest.param(lambda a, b, c: [a + b + c], id="every line in one read"),
+        pytest.param(lambda a, b, c: [a + b"\n" + b, c], id="a blank line between"),
+        pytest.param(lambda a, b, c: [a[:9], a[9:] + b[:3], b[3:] + c[:-1]], id="lines cut anywhere, the last unended"),
+    ],
+)
+def test_captioned_lines_are_read_whole_however_the_network_cuts_them(cut):
+    chunks = cut(*LINES)
+    assert [(line.audio, line.words) for line in captions.lines(chunks)] == [
+        (b"one", [{"word": "Dr.", "start_time": 0.0, "end_time": 0.2}]),
+        (b"two", [{"word": "Smith", "start_time": 0.2, "end_time": 0.5}]),
+        (b"three", []),
+    ]
+
+
+def test_a_line_may_be_as_long_as_the_limit_and_not_a_byte_longer(monkeypatch):
+    monkeypatch.setattr(captions, "MAX_LINE_BYTES", 16)
+    whole = b'{"audio":"AAAA"}'
+    assert [line.audio for line in captions.lines([whole, b"\n"])] == [b"\x00\x00\x00"]
+    with pytest.raises(
+        captions.NotCaptions, match=r"^The speech server sent a line longer than any captioned audio\.$"
+    ):
+        list(captions.lines([whole + b" ", b"\n"]))
+
+
+def test_audio_that_is_not_strict_base64_is_not_captioned_audio():
+    with pytest.raises(captions.NotCaptions, match=r"^The speech server sent a line that is not captioned audio\.$"):
+        list(captions.lines([b'{"audio": "AA!AA"}\n']))
+
+
+@pytest.mark.parametrize(
+    "start,end,passed",
+    [
+        ("0.5", 1.0, None),  # a string is not a time
+        (0.12345, 0.98765, (0.123, 0.988)),  # to the millisecond
+        (captions.MAX_SECONDS, captions.MAX_SECONDS, (captions.MAX_SECONDS, captions.MAX_SECONDS)),
+        (captions.MAX_SECONDS + 0.001, captions.MAX_SECONDS + 0.002, None),
+    ],
+)
+def test_a_words_times_are_passed_on_to_the_millisecond_when_audio_could_have_them(start, end, passed):
+    taken = captions.Words("Smith").take([{"word": "Smith", "start_time": start, "end_time": end}])
+    assert [(w["start_time"], w["end_time"]) for w in taken] == ([passed] if passed else [])
+
+
+def spans(text: str, words: list[dict]) -> list[tuple]:
+    timed = [{"start_time": i * 0.1, "end_time": i * 0.1 + 0.1, **word} for i, word in enumerate(words)]
+    return [(w["char_start"], w["char_end"]) for w in captions.Words(text).take(timed)]
+
+
+def test_the_servers_own_span_is_passed_on_when_it_points_at_the_word_even_inside_a_longer_one():
+    """Kokoro-FastAPI can split "isn't" in two: as whole words neither piece is in the input, but the spans it
+    gives point at them, at the very start and the very end of the input; a word after them is found."""
+    words = [
+        {"word": "is", "char_start": 0, "char_end": 2},
+        {"word": "n't", "char_start": 2, "char_end": 5},
+        {"word": "it", "char_start": 6, "char_end": 8},
+    ]
+    assert spans("isn't it", words) == [(0, 2), (2, 5), (6, 8)]
+    words = [
+        {"word": "It"},
+        {"word": "is", "char_start": 3, "char_end": 5},
+        {"word": "n't", "char_start": 5, "char_end": 8},
+    ]
+    assert spans("It isn't", words) == [(0, 2), (3, 5), (5, 8)]
+    assert spans("It isn't so", [*words, {"word": "so"}]) == [(0, 2), (3, 5), (5, 8), (9, 11)]
+
+
+@pytest.mark.parametrize(
+    "span",
+    [
+        {"char_start": -3, "char_end": 8},  # Python would read it from the end; no client does
+        {"char_start": 5},  # half a span
+        {"char_start": 5, "char_end": 8.0},  # not whole numbers
+        {"char_start": True, "char_end": 8},
+        {"char_start": 5, "char_end": 9},  # past the input
+    ],
+)
+def test_a_span_that_is_not_the_words_place_in_the_input_is_not_passed_on(span):
+    assert spans("It isn't", [{"word": "It"}, {"word": "n't", **span}]) == [(0, 2), (None, None)]
+
+
+def test_a_word_is_found_as_a_whole_word_whatever_characters_it_begins_or_ends_with():
+    assert spans("Smith's car", [{"word": "Smith"}, {"word": "'s"}, {"word": "car"}]) == [(0, 5), (5, 7), (8, 11)]
+    assert spans("$5 now", [{"word": "$"}, {"word": "5"}, {"word": "now"}]) == [(0, 1), (1, 2), (3, 6)]
+    assert spans("I am", [{"word": "I"}, {"word": "am"}]) == [(0, 1), (2, 4)]
+    assert spans("gone go", [{"word": "go"}]) == [(5, 7)]
+
+
+def test_a_word_is_looked_for_only_within_64_characters_past_the_last_one_found():
+    near = "x" * 62 + " far"  # "far" ends at 66: within 64 characters and its own length of 0
+    assert spans(near, [{"word": "far"}]) == [(63, 66)]
+    assert spans("x" * 65 + " far", [{"word": "far"}]) == [(None, None)]
+
+
+def test_a_word_longer_than_a_line_keeps_its_own_line_unbroken():
+    link = "https://example.com/" + "a" * 40
+    words = [{"word": w, "start_time": i * 0.3, "end_time": i * 0.3 + 0.2} for i, w in enumerate(["See", link, "now"])]
+    assert [cue.text for cue in captions.cues(words)] == [f"See\n{link}", "now"]
+
+
+@pytest.mark.parametrize(
+    "late,cues",
+    [
+        (0.0, [(0.0, 6.0, "one two")]),  # exactly MAX_CUE_SECONDS of speech is one cue
+        (100.0, [(100.0, 106.0, "one two")]),  # the same, later in the audio
+    ],
+)
+def test_a_cue_holds_at_most_six_seconds_of_speech_counted_from_its_own_first_word(late, cues):
+    words = [
+        {"word": "one", "start_time": late, "end_time": late + 0.5},
+        {"word": "two", "start_time": late + 5.5, "end_time": late + 6.0},
+    ]
+    assert [tuple(cue) for cue in captions.cues(words)] == cues
+    words[1]["end_time"] += 0.001
+    assert [cue.text for cue in captions.cues(words)] == ["one", "two"]
+
+
+def test_the_last_cue_but_one_stays_up_a_second_but_never_over_the_last():
+    words = [{"word": "Yes.", "start_time": 0.0, "end_time": 0.3}, {"word": "No.", "start_time": 0.6, "end_time": 0.8}]
+    assert [(cue.start, cue.end) for cue in captions.cues(words)] == [(0.0, 0.6), (0.6, 1.6)]
+
+
+def test_subtitle_clocks_count_hours_minutes_and_seconds():
+    words = [{"word": "Late.", "start_time": 3754.0, "end_time": 3754.5}]
+    assert captions.subtitles(words, "srt") == "1\n01:02:34,000 --> 01:02:35,000\nLate.\n"
+    assert captions.subtitles(words, "vtt") == "WEBVTT\n\n01:02:34.000 --> 01:02:35.000\nLate.\n"
+
+
+def test_webvtt_cue_text_keeps_quotes_as_written():
+    words = [{"word": w, "start_time": i * 0.5, "end_time": i * 0.5 + 0.4} for i, w in enumerate(['"Hi"', "it's"])]
+    assert captions.subtitles(words, "vtt").splitlines()[3] == '"Hi" it\'s'
