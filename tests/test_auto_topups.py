@@ -443,6 +443,50 @@ def test_the_failure_event_may_come_first(app, web, client, stripe_api):
     assert len(factories.mails(app, OWNER, "auto_topup_paused")) == 1
 
 
+@pytest.mark.parametrize(
+    "error,status,said",
+    [
+        (
+            {"code": "card_declined", "decline_code": "authentication_required", "message": "Needs your bank."},
+            PaymentStatus.ACTION_REQUIRED,
+            "Needs your bank.",
+        ),
+        (
+            {"code": "authentication_required", "message": "Needs your bank."},
+            PaymentStatus.ACTION_REQUIRED,
+            "Needs your bank.",
+        ),
+        ({"code": "card_declined"}, PaymentStatus.FAILED, "The card was declined."),
+        ({"code": "expired_card", "message": "x" * 500}, PaymentStatus.FAILED, "x" * 400),
+        (None, PaymentStatus.FAILED, "The card was declined."),
+    ],
+)
+def test_stripes_failure_event_says_whether_the_customer_must_confirm_and_why_it_failed(
+    app, web, client, stripe_api, error, status, said
+):
+    """The decline code, or else the error's code, tells a payment the bank wants confirmed (SCA) from one
+    that failed; the reason shown and mailed is Stripe's message, cut to 400 characters, or a plain one."""
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    extra = {"last_payment_error": error} if error is not None else {}
+    failed_event = payment_intent(queued.idempotency_key, team_id, status="requires_payment_method", **extra)
+    outcome = deliver(client, stripe_event("payment_intent.payment_failed", failed_event)).get_json()["outcome"]
+    assert outcome == f"automatic top-up {queued.name} failed: {said}"
+    (failed,) = automatic(app, team_id)
+    assert (failed.status, failed.failure) == (status, said)
+    assert team_row(app, team_id).auto_topup_paused == said[:200]  # the column the billing page shows
+    (notice,) = factories.mails(app, OWNER, "auto_topup_paused")
+    assert said in notice.body
+    assert ("confirm this payment yourself" in notice.body) == (status == PaymentStatus.ACTION_REQUIRED)
+
+
+def test_a_failure_event_of_a_payment_that_is_no_automatic_top_up_is_answered_ignored(app, client):
+    checkout_intent = payment_intent("", 1, status="requires_payment_method", last_payment_error={"code": "x"})
+    checkout_intent["metadata"] = {}
+    outcome = deliver(client, stripe_event("payment_intent.payment_failed", checkout_intent)).get_json()["outcome"]
+    assert outcome == "ignored: not an automatic top-up"
+
+
 def test_stripe_out_of_reach_is_tried_again_with_the_same_key_and_given_up_after_a_day(app, web, client, stripe_api):
     stripe_api.intent_outcome = "down"
     team_id = turned_on(app, web, credits=100)
