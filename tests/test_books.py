@@ -17,7 +17,17 @@ import app.audit as audit_checks
 from app import billing, metering, packs, payments
 from app.audit import audit
 from app.extensions import db
-from app.models import LedgerEntry, LedgerKind, Payment, PaymentReversal, SpeechRequest, StripeEvent, Team, utcnow
+from app.models import (
+    LedgerEntry,
+    LedgerKind,
+    Membership,
+    Payment,
+    PaymentReversal,
+    SpeechRequest,
+    StripeEvent,
+    Team,
+    utcnow,
+)
 from tests import factories
 from tests.servers import wait_for
 from tests.stripe_helpers import WEBHOOK_SECRET, charge, checkout_session, deliver, event, sign
@@ -201,6 +211,16 @@ def test_the_audit_names_each_offence(app, customer, offence):
         db.session.commit()
     found = problems(app)
     assert any(words in problem for problem in found), found
+
+
+def test_an_offence_of_a_team_that_has_no_owner_left_says_so(app, customer):
+    with app.app_context():
+        team = db.session.get(Team, customer.team_id)
+        db.session.execute(delete(Membership).where(Membership.team_id == team.id))
+        plant_balance_off(team.id)
+        db.session.commit()
+        named = f"team {team.id} ({team.name}, no owner)"
+    assert any(problem.startswith(named) for problem in problems(app)), problems(app)
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ The key-management API that sets them over HTTP is tests/test_key_api.py's.
 """
 
 import re
+import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
@@ -121,6 +122,19 @@ def test_a_limit_serves_what_it_covers_and_refuses_the_rest_with_its_own_error(a
     assert speech_calls(upstream) == 2
     assert speak(client, customer, text="01234").status_code == 200
     assert key_row(app, customer.key_id).spent == 25
+    # Half a second before the limit resets, a client is told to wait a whole second: never 0.
+    clock.now = datetime(2026, 12, 3, 23, 59, 59, 500_000, tzinfo=timezone.utc)
+    assert speak(client, customer).headers["Retry-After"] == "1"
+
+
+def test_times_are_stated_in_utc_whatever_the_servers_own_zone(monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert keys.moment(datetime(2026, 12, 3, 12, 0, 30, tzinfo=timezone.utc)) == "2026-12-03T12:00:30Z"
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_a_lifetime_limit_says_it_never_resets(app, client, upstream, clock):
@@ -339,6 +353,27 @@ def test_a_key_works_only_from_its_allowed_addresses(app, client, upstream, addr
         assert key_row(app, customer.key_id).last_used_at is None
 
 
+@pytest.mark.parametrize(
+    ("written", "kept"),
+    [
+        ("10.0.0.7/8", "10.0.0.0/8"),  # a range written from one of its addresses
+        ("2001:db8::7/32", "2001:db8::/32"),
+        ("::ffff:203.0.113.7", "203.0.113.7/32"),  # IPv4 written the IPv6 way, as clients are matched
+        ("::ffff:0:0/96", "0.0.0.0/0"),  # every IPv4 address, written the IPv6 way
+        ("::ffff:0:0/95", "::fffe:0:0/95"),  # wider than IPv4's space: IPv6 it stays
+    ],
+)
+def test_allowed_addresses_are_kept_as_the_networks_they_name(written, kept):
+    assert keys.read_controls(allowed_ips=written).allowed_ips == kept
+
+
+def test_a_bad_address_is_named_in_the_error_up_to_60_characters():
+    written = "host-" + "x" * 70
+    with pytest.raises(keys.BadControl) as refused:
+        keys.read_controls(allowed_ips=written)
+    assert f"'{written[:60]}' is not an IPv4 or IPv6 address or CIDR range." in str(refused.value)
+
+
 def test_a_forged_forwarded_for_does_not_get_in(make_app, upstream):
     app = make_app()
     customer = factories.customer(app, balance=1000)
@@ -468,6 +503,29 @@ def test_rolling_with_no_grace_ends_the_old_secret_at_once_and_a_second_roll_end
     assert balance_with(client, third).status_code == 200
     with app.app_context(), pytest.raises(ValueError, match="between 0 and 7 days"):
         keys.roll(db.session.get(ApiKey, customer.key_id), timedelta(days=8))
+
+
+def test_a_roll_that_crossed_another_is_refused_and_the_secret_the_other_handed_out_works(app, client, monkeypatch):
+    """Where the database cannot lock the key's row, two rolls can cross: the one that read the secret before
+    the other changed it changes nothing (KeyChanged; the API answers 409 key_changed), and the secret the
+    other handed out is the one that works. Here the other roll commits where the lock would have waited."""
+    customer = factories.customer(app, balance=1000)
+    real_lock, other = keys.lock, {}
+
+    def another_roll_commits_first(stale: ApiKey) -> None:
+        monkeypatch.setattr(keys, "lock", real_lock)
+        with app.app_context():
+            other["secret"] = keys.roll(db.session.get(ApiKey, stale.id), timedelta(0))
+            db.session.commit()
+
+    monkeypatch.setattr(keys, "lock", another_roll_commits_first)
+    with app.app_context():
+        key = db.session.get(ApiKey, customer.key_id)
+        with pytest.raises(keys.KeyChanged):
+            keys.roll(key, timedelta(hours=1))
+        db.session.rollback()
+    assert balance_with(client, other["secret"]).status_code == 200
+    assert error_of(balance_with(client, customer.secret))[:2] == (401, "key_rolled")
 
 
 def test_the_balance_tells_the_calling_key_its_limit_use_and_reset(app, client, upstream, clock):
