@@ -89,6 +89,41 @@ def test_kokoro_fastapis_own_route_and_body_work_unchanged(client, customer):
     assert factories.balance(client.application, customer.team_id) == 1000 - 2 * len(TEXT)
 
 
+@pytest.mark.parametrize(
+    ("asked", "words"), [({}, True), ({"return_timestamps": True}, True), ({"return_timestamps": False}, False)]
+)
+def test_the_captioned_route_sends_words_unless_told_not_to(client, customer, asked, words):
+    body = {"input": TEXT, "voice": "af_sky", "response_format": "pcm", **asked}
+    streamed = client.post(CAPTIONED, json=body, headers=customer.headers)
+    lines = [json.loads(line) for line in streamed.data.decode().splitlines()]
+    assert b"".join(base64.b64decode(line["audio"]) for line in lines) == pcm_of(2.0)
+    if words:
+        assert_spans([w for line in lines for w in line["timestamps"]])
+    else:
+        assert all(line["timestamps"] is None for line in lines)
+
+
+def test_subtitles_on_the_captioned_route_need_the_whole_answer(client, customer, upstream):
+    body = {"input": TEXT, "voice": "af_sky", "subtitles": "srt"}
+    response = client.post(CAPTIONED, json=body, headers=customer.headers)
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert (error["message"], error["param"]) == ("'subtitles' needs \"stream\": false on this route.", "subtitles")
+    assert upstream.received == [] and factories.balance(client.application, customer.team_id) == 1000
+    whole = client.post(CAPTIONED, json={**body, "stream": False}, headers=customer.headers).get_json()
+    assert whole["subtitles"] == captions.subtitles(whole["timestamps"], "srt")
+
+
+def test_sse_subtitles_come_last_made_of_every_word_sent(client, customer):
+    response = client.post(SPEECH, json={**ASK, "stream_format": "sse", "subtitles": "vtt"}, headers=customer.headers)
+    events = sse_events(response.data)
+    words = [w for e in events if e["type"] == "speech.audio.timestamps" for w in e["words"]]
+    assert sum(e["type"] == "speech.audio.timestamps" for e in events) > 1
+    assert events[-2] == {"type": "speech.audio.subtitles", "format": "vtt", "text": captions.subtitles(words, "vtt")}
+    assert_spans(words)
+    assert events[-1]["type"] == "speech.audio.done"
+
+
 def test_the_captioned_route_needs_a_key_like_every_metered_route(client, customer):
     response = client.post(CAPTIONED, json={"input": TEXT})
     assert response.status_code == 401 and "detail" in response.get_json()
@@ -145,7 +180,12 @@ def test_an_upstream_that_cannot_give_timings_is_a_400_before_any_charge(make_ap
         client = make_app(UPSTREAM_URL=f"{upstream_url}/v1").test_client()
         response = client.post(SPEECH, json=ASK, headers=customer.headers)
         assert response.status_code == 400
-        assert response.get_json()["error"]["code"] == "timestamps_unsupported"
+        error = response.get_json()["error"]
+        assert (error["code"], error["param"]) == ("timestamps_unsupported", "return_timestamps")
+        assert error["message"] == (
+            "The speech server behind this API cannot give word timings. Nothing was charged. Ask for the audio "
+            "alone: POST /v1/audio/speech without 'return_timestamps' and 'subtitles'."
+        )
         assert upstream.received == []
         assert factories.balance(client.application, customer.team_id) == 1000
         # Plain speech still works in front of it.
