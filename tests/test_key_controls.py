@@ -127,14 +127,102 @@ def test_a_limit_serves_what_it_covers_and_refuses_the_rest_with_its_own_error(a
     assert speak(client, customer).headers["Retry-After"] == "1"
 
 
-def test_times_are_stated_in_utc_whatever_the_servers_own_zone(monkeypatch):
+@pytest.fixture
+def server_in_new_york(monkeypatch):
+    """The server's own time zone is New York's: every key rule still reads and states UTC."""
     monkeypatch.setenv("TZ", "America/New_York")
     time.tzset()
-    try:
-        assert keys.moment(datetime(2026, 12, 3, 12, 0, 30, tzinfo=timezone.utc)) == "2026-12-03T12:00:30Z"
-    finally:
-        monkeypatch.undo()
-        time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_times_are_stated_in_utc_whatever_the_servers_own_zone(server_in_new_york):
+    assert keys.moment(datetime(2026, 12, 3, 12, 0, 30, tzinfo=timezone.utc)) == "2026-12-03T12:00:30Z"
+    # A limit's day is UTC's: at 02:00 UTC (21:00 the day before in New York) it is already the 3rd.
+    early = datetime(2026, 12, 3, 2, 0, tzinfo=timezone.utc)
+    assert keys.window_bounds("day", early) == (
+        datetime(2026, 12, 3, tzinfo=timezone.utc),
+        datetime(2026, 12, 4, tzinfo=timezone.utc),
+    )
+    # An expiry without a zone is UTC's, and kept in UTC.
+    expiry = keys.read_controls(expires_at="2026-12-24T18:00", now=NOON).expires_at
+    assert expiry == datetime(2026, 12, 24, 18, tzinfo=timezone.utc) and expiry.utcoffset() == timedelta(0)
+    expiry = keys.read_controls(expires_at="2027-01-31T18:00:00+02:00", now=NOON).expires_at
+    assert expiry.utcoffset() == timedelta(0) and expiry.hour == 16
+
+
+def test_a_month_window_runs_to_the_first_of_the_next_month():
+    assert keys.window_bounds("month", datetime(2026, 6, 15, 9, tzinfo=timezone.utc)) == (
+        datetime(2026, 6, 1, tzinfo=timezone.utc),
+        datetime(2026, 7, 1, tzinfo=timezone.utc),
+    )
+
+
+LONGEST = "host-" + "x" * 70
+
+
+@pytest.mark.parametrize(
+    ("sent", "field", "message"),
+    [
+        (
+            {"expires_at": "next tuesday"},
+            "expires_at",
+            "The expiry must be a date and time such as 2027-01-31T18:00:00Z.",
+        ),
+        ({"expires_at": 12}, "expires_at", "The expiry must be a date and time such as 2027-01-31T18:00:00Z."),
+        (
+            {"expires_at": "9999-12-31T23:30:00-01:00"},
+            "expires_at",
+            "The expiry must be a date before the year 9999 ends.",
+        ),
+        ({"expires_at": "2026-12-03T12:00:00Z"}, "expires_at", "The expiry must be in the future."),  # exactly now
+        (
+            {"spend_limit": 5, "spend_period": "year"},
+            "spend_period",
+            "The period must be one of lifetime, day, week or month.",
+        ),
+        (
+            {"allowed_ips": [1, 2]},
+            "allowed_ips",
+            "Give a list of names, or one string of names separated by commas or spaces.",
+        ),
+        ({"allowed_ips": " ".join(f"10.0.0.{n}" for n in range(51))}, "allowed_ips", "At most 50 entries."),
+        (
+            {"allowed_voices": LONGEST},
+            "allowed_voices",
+            f"'{LONGEST[:60]}' is not a voice name (one voice, no blend or weight).",
+        ),
+    ],
+)
+def test_a_control_that_cannot_be_set_is_named_with_why(sent, field, message):
+    with pytest.raises(keys.BadControl) as refused:
+        keys.read_controls(**sent, now=NOON)
+    assert (refused.value.field, str(refused.value)) == (field, message)
+
+
+def test_controls_are_read_as_people_write_them():
+    assert keys.read_controls(expires_at="", now=NOON).expires_at is None
+    assert keys.read_controls(expires_at="2027-01-31T18:00:00Z", now=NOON).expires_at == datetime(
+        2027, 1, 31, 18, tzinfo=timezone.utc
+    )
+    # A day alone, with or without UTC's Z, is its first instant.
+    for day in ("2027-01-31", "2027-01-31Z"):
+        assert keys.read_controls(expires_at=day, now=NOON).expires_at == datetime(2027, 1, 31, tzinfo=timezone.utc)
+    # A list's entries may themselves hold several, separated by commas.
+    assert keys.read_controls(allowed_ips=["10.0.0.0/8, 203.0.113.7"]).allowed_ips == "10.0.0.0/8 203.0.113.7/32"
+    fifty = [f"10.0.0.{n}" for n in range(50)]
+    assert keys.read_controls(allowed_ips=fifty).allowed_ips == " ".join(f"{ip}/32" for ip in fifty)
+
+
+def test_changing_one_control_keeps_the_others(app):
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, allowed_models="kokoro", allowed_voices="af_sky", allowed_ips="10.0.0.0/8")
+    with app.app_context():
+        key = db.session.get(ApiKey, customer.key_id)
+        changed = keys.changed_controls(key, {"spend_limit": 100, "spend_period": "day"})
+    assert (changed.allowed_models, changed.allowed_voices, changed.allowed_ips) == ("kokoro", "af_sky", "10.0.0.0/8")
+    assert (changed.spend_limit, changed.spend_period) == (100, "day")
 
 
 def test_a_lifetime_limit_says_it_never_resets(app, client, upstream, clock):
@@ -202,6 +290,27 @@ def test_a_refund_after_the_period_ended_does_not_give_to_the_next_one(app, cloc
         key = db.session.get(ApiKey, customer.key_id)
         assert (key.spent, key.spent_window) == (20, "day:2026-12-04")
     assert factories.balance(app, customer.team_id) == 980
+
+
+def test_a_limit_set_later_counts_its_periods_requests_less_their_refunds_from_its_first_instant(app, clock):
+    """Spent is counted again from the key's requests: each costs its credits less what was refunded; a request
+    made exactly when the period began counts, and one dated the next period (a clock behind) does not."""
+    customer = factories.customer(app, balance=1000)
+    day = datetime(2026, 12, 3, tzinfo=timezone.utc)
+    with app.app_context():
+        clock.now = day - timedelta(microseconds=1)
+        charge(customer, 7)  # the day before
+        clock.now = day
+        charge(customer, 30)
+        refunded = charge(customer, 20)
+        clock.now = day + timedelta(days=1)
+        charge(customer, 9)  # the next day
+        db.session.commit()
+        metering.refund_speech(refunded.id, "broke off", audio_ms=0)
+        db.session.commit()
+        clock.now = NOON
+    control(app, customer.key_id, spend_limit=100, spend_period="day")
+    assert key_row(app, customer.key_id).spent == 30
 
 
 BOUNDARIES = {
