@@ -487,6 +487,43 @@ def test_a_failure_event_of_a_payment_that_is_no_automatic_top_up_is_answered_ig
     assert outcome == "ignored: not an automatic top-up"
 
 
+def test_an_error_object_may_hold_nulls_where_stripe_writes_them(app, web, client, stripe_api):
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    error = {"code": None, "decline_code": None, "message": None, "type": "card_error"}
+    failed_event = payment_intent(
+        queued.idempotency_key, team_id, status="requires_payment_method", last_payment_error=error
+    )
+    response = deliver(client, stripe_event("payment_intent.payment_failed", failed_event))
+    assert response.status_code == 200
+    assert response.get_json()["outcome"] == f"automatic top-up {queued.name} failed: The card was declined."
+
+
+def test_an_intent_that_names_a_top_up_not_its_own_changes_nothing_and_the_log_says_which(
+    app, web, client, stripe_api, caplog
+):
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    elsewhere = payment_intent(queued.idempotency_key, team_id + 1, "pi_elsewhere")
+    nameless = payment_intent(queued.idempotency_key, team_id, "pi_nameless")
+    del nameless["metadata"]["team_id"]
+    for intent in (elsewhere, nameless):
+        assert deliver(client, stripe_event("payment_intent.succeeded", intent)).get_json()["outcome"] == (
+            "ignored: not an automatic top-up"
+        )
+        said = f"payment intent {intent['id']} names no automatic top-up of ours ({queued.idempotency_key})"
+        assert said in [record.getMessage() for record in caplog.records]
+    # Credited through its own intent; a second intent for it is not applied, and the log names all three.
+    assert succeeded(client, queued).status_code == 200
+    other = payment_intent(queued.idempotency_key, team_id, "pi_other")
+    assert deliver(client, stripe_event("payment_intent.succeeded", other)).get_json()["outcome"] == (
+        "ignored: not an automatic top-up"
+    )
+    said = f"payment intent pi_other is not {queued.idempotency_key}'s (pi_auto_1)"
+    assert said in [record.getMessage() for record in caplog.records]
+    assert factories.balance(app, team_id) == 10_100
+
+
 def test_stripe_out_of_reach_is_tried_again_with_the_same_key_and_given_up_after_a_day(app, web, client, stripe_api):
     stripe_api.intent_outcome = "down"
     team_id = turned_on(app, web, credits=100)
@@ -944,6 +981,15 @@ def test_a_replayed_or_late_setup_event_never_brings_an_older_card_back(app, web
             payment_intent("kp-auto-topup-x", 7001) | {"last_payment_error": {"message": 5}},
         ),
         ("payment_intent.payment_failed", payment_intent("kp-auto-topup-x", 7001) | {"last_payment_error": "no"}),
+        (
+            "payment_intent.payment_failed",
+            payment_intent("kp-auto-topup-x", 7001) | {"last_payment_error": {"code": 5}},
+        ),
+        (
+            "payment_intent.payment_failed",
+            payment_intent("kp-auto-topup-x", 7001) | {"last_payment_error": {"decline_code": ["x"]}},
+        ),
+        ("payment_intent.succeeded", payment_intent("kp-auto-topup-x", 7001) | {"metadata": {"team_id": None}}),
         ("checkout.session.completed", checkout_session(7001, mode="setup", created="yesterday")),
         ("checkout.session.completed", checkout_session(7001, mode="setup", created=10**20)),
         ("checkout.session.completed", checkout_session(7001, mode="setup", created=True)),
@@ -954,6 +1000,16 @@ def test_a_signed_event_of_the_wrong_shape_is_refused_and_changes_nothing(app, c
     assert response.status_code == 400 and response.get_json() == {"detail": "Malformed event."}
     with app.app_context():
         assert db.session.scalar(select(func.count()).select_from(StripeEvent)) == 0
+
+
+def test_the_log_says_why_a_signed_event_was_refused(app, client, caplog):
+    obj = payment_intent("kp-auto-topup-x", 7001) | {"last_payment_error": {"code": 5}}
+    assert deliver(client, stripe_event("payment_intent.payment_failed", obj, "evt_odd")).status_code == 400
+    said = (
+        "stripe event 'evt_odd' refused: last_payment_error is {'code': 5}, "
+        "not what a payment_intent.payment_failed event carries"
+    )
+    assert said in [record.getMessage() for record in caplog.records]
 
 
 def test_a_card_removed_while_a_top_up_waits_is_told_once(app, web, client, stripe_api):
