@@ -97,10 +97,13 @@ def test_the_captioned_route_sends_words_unless_told_not_to(client, customer, as
     streamed = client.post(CAPTIONED, json=body, headers=customer.headers)
     lines = [json.loads(line) for line in streamed.data.decode().splitlines()]
     assert b"".join(base64.b64decode(line["audio"]) for line in lines) == pcm_of(2.0)
+    whole = client.post(CAPTIONED, json={**body, "stream": False}, headers=customer.headers).get_json()
+    assert base64.b64decode(whole["audio"]) == pcm_of(2.0)
     if words:
         assert_spans([w for line in lines for w in line["timestamps"]])
+        assert_spans(whole["timestamps"])
     else:
-        assert all(line["timestamps"] is None for line in lines)
+        assert all(line["timestamps"] is None for line in lines) and whole["timestamps"] is None
 
 
 def test_subtitles_on_the_captioned_route_need_the_whole_answer(client, customer, upstream):
@@ -361,6 +364,7 @@ def test_a_line_that_is_not_captioned_audio_is_a_break_refunded_in_full(make_app
     said = "The speech server sent a line that is not captioned audio."
     assert response.status_code == 502
     assert response.get_json()["error"]["message"] == f"{said} The undelivered part was refunded."
+    assert response.get_json()["error"]["code"] == "upstream_error"
     assert speech.state == "refunded" and speech.error == said and factories.balance(app, customer.team_id) == 1000
     factories.assert_books_balance(app, customer.team_id)
 

@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 
 from app import payments
 from app.extensions import db
-from app.models import LedgerEntry, Payment, PaymentReversal, StripeEvent, utcnow
+from app.models import LedgerEntry, Payment, PaymentKind, PaymentReversal, PaymentStatus, StripeEvent, User, utcnow
 from tests import factories
 from tests.conftest import STRIPE_CHECKOUT
 from tests.stripe_helpers import charge, checkout_session, deliver, dispute, event, sign, stub_checkout
@@ -381,6 +381,33 @@ def test_a_cancel_link_cancels_the_checkout_it_was_made_for_not_an_older_one_lef
     expire_at_stripe(stripe_api, "cs_test_2")
     web.get(cancel_link(sent))
     assert payment(app, "cs_test_2").status == "expired" and payment(app, "cs_test_1").status == "open"
+
+
+def test_a_cancel_link_cancels_its_checkout_not_an_automatic_top_up_its_buyer_turned_on(app, web, buyer, stripe_api):
+    # The team's automatic top-up, queued with this customer as its buyer: recorded before the checkout (a
+    # lower id) but stamped after the link's instant, as one the worker queues meanwhile would be.
+    with app.app_context():
+        user_id = db.session.scalar(select(User.id).where(User.email == "buyer@example.com"))
+        db.session.add(
+            Payment(
+                kind=PaymentKind.AUTOMATIC,
+                status=PaymentStatus.QUEUED,
+                team_id=buyer,
+                bought_by_id=user_id,
+                pack="starter",
+                credits=10000,
+                amount_cents=1000,
+                currency="usd",
+                idempotency_key="kp-auto-topup-meanwhile",
+                attempts=0,
+                created_at=utcnow() + timedelta(hours=1),
+            )
+        )
+        db.session.commit()
+    _, sent = buy(web, stripe_api)
+    expire_at_stripe(stripe_api)
+    web.get(cancel_link(sent))
+    assert payment(app).status == "expired"
 
 
 def test_a_cancel_link_never_reaches_another_customers_checkout(app, web, buyer, stripe_api):
