@@ -615,12 +615,18 @@ def test_checkout_makes_an_invoice_for_the_teams_customer_and_its_link_opens_it(
     ((first, _),) = stripe_api.called("POST", "/v1/checkout/sessions")
     assert first["invoice_creation[enabled]"] == "true"
     assert first["customer_email"] == OWNER and first["customer_creation"] == "always"
-    assert "automatic_tax[enabled]" not in first
+    assert "automatic_tax[enabled]" not in first and "line_items[0][price_data][tax_behavior]" not in first
+    # The invoice says what was bought, for which team.
+    assert first["invoice_creation[invoice_data][description]"] == "10,000 kokoro-pay credits"
+    assert first["invoice_creation[invoice_data][metadata][team_id]"] == str(team_id)
+    assert first["invoice_creation[invoice_data][metadata][pack]"] == "starter"
     completed = checkout_session(
         team_id, session_id="cs_test_payment_1", customer="cus_from_checkout", invoice="in_checkout_1"
     )
+    bystander = factories.customer(app)  # another team, with no customer yet either
     deliver(client, stripe_event("checkout.session.completed", completed))
     assert team_row(app, team_id).stripe_customer_id == "cus_from_checkout"
+    assert team_row(app, bystander.team_id).stripe_customer_id is None
     with app.app_context():
         payment = db.session.scalar(select(Payment).where(Payment.team_id == team_id))
         assert payment.invoice_id == "in_checkout_1"

@@ -566,3 +566,22 @@ def test_subtitle_clocks_count_hours_minutes_and_seconds():
 def test_webvtt_cue_text_keeps_quotes_as_written():
     words = [{"word": w, "start_time": i * 0.5, "end_time": i * 0.5 + 0.4} for i, w in enumerate(['"Hi"', "it's"])]
     assert captions.subtitles(words, "vtt").splitlines()[3] == '"Hi" it\'s'
+
+
+def test_words_sent_before_their_audio_or_after_the_last_of_it_all_go_out_once_with_the_audio_alone(make_app, customer):
+    """Lines of words without audio wait for the next audio, however many come; words after the last audio go
+    out at the end with no audio of their own; a server that names no audio type is taken at the order's."""
+
+    def bare_line(audio: bytes, words: list) -> bytes:
+        return json.dumps({"audio": base64.b64encode(audio).decode(), "timestamps": words}).encode() + b"\n"
+
+    said = [{"word": w, "start_time": i * 0.1, "end_time": i * 0.1 + 0.1} for i, w in enumerate(TEXT.split()[:4])]
+    audio = pcm_of(0.5)
+    upstream = _Lines(
+        bare_line(b"", said[:1]), bare_line(b"", said[1:2]), bare_line(audio, said[2:3]), bare_line(b"", said[3:])
+    )
+    app, response, speech = ask_of(make_app, upstream, customer)
+    body = response.get_json()
+    assert [w["word"] for w in body["timestamps"]] == ["Dr.", "Smith", "paid", "$5.20"]
+    assert base64.b64decode(body["audio"]) == audio and body["audio_format"] == "audio/pcm"
+    assert speech.state == "delivered"

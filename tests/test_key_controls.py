@@ -166,6 +166,33 @@ LONGEST = "host-" + "x" * 70
     ("sent", "field", "message"),
     [
         (
+            {"spend_limit": True, "spend_period": "day"},
+            "spend_limit",
+            "The spending limit must be a whole number of credits.",
+        ),
+        (
+            {"spend_limit": "lots", "spend_period": "day"},
+            "spend_limit",
+            "The spending limit must be a whole number of credits.",
+        ),
+        (
+            {"spend_limit": -1, "spend_period": "day"},
+            "spend_limit",
+            "The spending limit must be between 0 and 1,000,000,000,000 credits.",
+        ),
+        (
+            {"spend_limit": 10**12 + 1, "spend_period": "day"},
+            "spend_limit",
+            "The spending limit must be between 0 and 1,000,000,000,000 credits.",
+        ),
+        ({"spend_limit": 5}, "spend_period", "A spending limit needs a period: lifetime, day, week or month."),
+        ({"spend_period": "day"}, "spend_limit", "A period needs a spending limit in credits."),
+        (
+            {"allowed_models": "kokoro(2)"},
+            "allowed_models",
+            "'kokoro(2)' is not a model name (one model, no blend or weight).",
+        ),
+        (
             {"expires_at": "next tuesday"},
             "expires_at",
             "The expiry must be a date and time such as 2027-01-31T18:00:00Z.",
@@ -203,6 +230,10 @@ def test_a_control_that_cannot_be_set_is_named_with_why(sent, field, message):
 
 def test_controls_are_read_as_people_write_them():
     assert keys.read_controls(expires_at="", now=NOON).expires_at is None
+    # A limit from a form's text, from 0 (nothing may be spent) to the largest.
+    assert keys.read_controls(spend_limit="", spend_period="").spend_limit is None
+    for limit in (0, "0", 10**12):
+        assert keys.read_controls(spend_limit=limit, spend_period="day").spend_limit == int(limit)
     assert keys.read_controls(expires_at="2027-01-31T18:00:00Z", now=NOON).expires_at == datetime(
         2027, 1, 31, 18, tzinfo=timezone.utc
     )
