@@ -712,10 +712,17 @@ def test_with_automatic_tax_checkout_collects_the_address_and_the_credits_stay_t
     ((params, _),) = stripe_api.called("POST", "/v1/checkout/sessions")
     assert params["automatic_tax[enabled]"] == "true"
     assert params["billing_address_collection"] == "required"
+    assert params["tax_id_collection[enabled]"] == "true"
     assert params["line_items[0][price_data][tax_behavior]"] == "exclusive"
-    taxed = checkout_session(team_id, session_id="cs_test_payment_1", amount_total=595)
+    assert "customer_update[address]" not in params  # a new customer: Checkout makes it with the address
+    taxed = checkout_session(team_id, session_id="cs_test_payment_1", amount_total=595, customer="cus_from_checkout")
     deliver(client, stripe_event("checkout.session.completed", taxed))
     assert factories.balance(app, team_id) == 10_000
+    # The team's next checkout is its customer's, and keeps the address and name given there.
+    web.post("/billing/checkout", {"pack": "starter"})
+    (_, (params, _)) = stripe_api.called("POST", "/v1/checkout/sessions")
+    assert params["customer"] == "cus_from_checkout"
+    assert (params["customer_update[address]"], params["customer_update[name]"]) == ("auto", "auto")
 
 
 # 7. The admin console.
