@@ -346,6 +346,8 @@ def ask_of(make_app, upstream, customer, **fields):
         {"word": "Dr.", "start_time": 10**400, "end_time": 1},  # too large for a float
         {"word": "Dr.", "start_time": 1.7e306, "end_time": 1.8e306},  # a float, but no time in any audio
         {"word": "", "start_time": 0.1, "end_time": 0.2},  # not a word
+        {"word": 5, "start_time": 0.1, "end_time": 0.2},
+        "Dr.",  # not a timed word at all
     ],
 )
 def test_a_timing_no_audio_could_have_is_left_out_and_the_request_settles(make_app, customer, odd):
@@ -356,12 +358,22 @@ def test_a_timing_no_audio_could_have_is_left_out_and_the_request_settles(make_a
     assert speech.state == "delivered"
 
 
-@pytest.mark.parametrize("broken", [b"[" * 200_000 + b"\n", b'{"audio": 5}\n', b"\xff\xfe not json\n"])
-def test_a_line_that_is_not_captioned_audio_is_a_break_refunded_in_full(make_app, customer, broken):
+NOT_CAPTIONED = "The speech server sent a line that is not captioned audio."
+
+
+@pytest.mark.parametrize(
+    "broken,said",
+    [
+        (b"[" * 200_000 + b"\n", NOT_CAPTIONED),
+        (b'{"audio": 5}\n', NOT_CAPTIONED),
+        (b"\xff\xfe not json\n", NOT_CAPTIONED),
+        (b'{"audio": "", "timestamps": "Dr."}\n', "The speech server sent timestamps that are not a list."),
+    ],
+)
+def test_a_line_that_is_not_captioned_audio_is_a_break_refunded_in_full(make_app, customer, broken, said):
     upstream = _Lines(caption_line(pcm_of(0.2), []), broken)
     app, response, speech = ask_of(make_app, upstream, customer)
     # The client and the books say what was wrong, not only that the stream ended.
-    said = "The speech server sent a line that is not captioned audio."
     assert response.status_code == 502
     assert response.get_json()["error"]["message"] == f"{said} The undelivered part was refunded."
     assert response.get_json()["error"]["code"] == "upstream_error"
@@ -585,3 +597,18 @@ def test_words_sent_before_their_audio_or_after_the_last_of_it_all_go_out_once_w
     assert [w["word"] for w in body["timestamps"]] == ["Dr.", "Smith", "paid", "$5.20"]
     assert base64.b64decode(body["audio"]) == audio and body["audio_format"] == "audio/pcm"
     assert speech.state == "delivered"
+
+
+@pytest.mark.parametrize(("named", "answered"), [("audio/x-kokoro", "audio/x-kokoro"), ("audio/\x00", "audio/pcm")])
+def test_the_answer_names_the_audio_as_the_server_did_when_it_named_it_in_plain_text(
+    make_app, customer, named, answered
+):
+    line = json.dumps({"audio": base64.b64encode(pcm_of(0.2)).decode(), "audio_format": named, "timestamps": []})
+    app, response, speech = ask_of(make_app, _Lines(line.encode() + b"\n"), customer)
+    assert response.get_json()["audio_format"] == answered
+
+
+def test_a_span_of_a_kind_no_server_sends_is_left_out_and_the_word_found():
+    words = captions.Words("Dr. Smith")
+    taken = words.take([{"word": "Smith", "start_time": 0.1, "end_time": 0.2, "char_start": [4], "char_end": 9}])
+    assert [(w["char_start"], w["char_end"]) for w in taken] == [(4, 9)]
