@@ -432,6 +432,8 @@ def test_a_chunk_at_exactly_the_longest_a_stream_may_run_still_goes_out(make_app
         assert body == b"".join(chunks) and row.state == "delivered" and row.credits_refunded == 0
         # The books time it on the same clock: read at the arrival, ended 5 s after it.
         assert (row.first_byte_ms, row.duration_ms) == (0, 5000)
+    # And say when it was settled, whichever way.
+    assert row.finished_at is not None and row.finished_at >= row.created_at
 
 
 def test_a_live_stream_records_its_progress_as_it_goes(make_app):
