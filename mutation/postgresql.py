@@ -17,6 +17,7 @@ killed, and refuses an equivalent line for a mutant PostgreSQL kills.
 Named mutants are checked alone and their lines in postgresql.txt replaced; the others kept.
 """
 
+import functools
 import json
 import os
 import re
@@ -51,20 +52,29 @@ FAILED = re.compile(r"^FAILED (\S+)", re.M)
 STATS = ROOT / "mutants" / "mutmut-stats.json"
 
 
+@functools.cache
+def collected() -> frozenset[str]:
+    """Every PostgreSQL test id in mutants/: a twin must be one (pytest refuses to run an id it cannot find)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", "-k", "postgresql", "tests/"],
+        cwd=ROOT / "mutants",
+        capture_output=True,
+        text=True,
+    )
+    return frozenset(line for line in run.stdout.splitlines() if "::" in line)
+
+
 def reaching(mutant: str) -> list[str]:
     """The PostgreSQL twins of the tests mutmut's statistics run (on SQLite) found reaching `mutant`'s
-    function, quickest first: `test_x[sqlite-a]` runs as `test_x[postgresql-a]`."""
+    function, quickest first: `test_x[sqlite-a]` runs as `test_x[postgresql-a]`, where that test exists."""
     if not STATS.exists():
         return []
     stats = json.loads(STATS.read_text())
     function = mangled_name_from_mutant_name(mutant)
     tests = stats["tests_by_mangled_function_name"].get(function, [])
     durations = stats["duration_by_test"]
-    return [
-        test.replace("[sqlite", "[postgresql", 1)
-        for test in sorted(tests, key=lambda test: durations.get(test, 0.0))
-        if "[sqlite" in test
-    ]
+    twins = (test.replace("[sqlite", "[postgresql", 1) for test in sorted(tests, key=lambda t: durations.get(t, 0.0)))
+    return [twin for twin in twins if twin in collected()]
 
 
 def tests_for(mutant: str) -> list[str]:
@@ -87,6 +97,9 @@ def killer(mutant: str) -> str | None:
     )
     if run.returncode == 0:
         return None
+    if run.returncode != 1:
+        # Not a failing test (pytest's usage or collection error, or an interrupt): nothing was learnt.
+        raise RuntimeError(f"pytest exited {run.returncode} for {mutant}:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
     found = FAILED.search(run.stdout)
     return found.group(1) if found else f"pytest exited {run.returncode}"
 

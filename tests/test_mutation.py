@@ -156,9 +156,16 @@ def test_the_postgresql_pass_runs_the_postgresql_twin_of_every_test_that_reaches
     }
     (tmp_path / "mutmut-stats.json").write_text(json.dumps(stats))
     monkeypatch.setattr(postgresql, "STATS", tmp_path / "mutmut-stats.json")
+    # What pytest collects on PostgreSQL: a twin it would not find is left out, not run (pytest would refuse all).
+    known = {"tests/test_tiny.py::test_fast[postgresql-a-sqlite]", "tests/test_tiny.py::test_slow[postgresql]"}
+    monkeypatch.setattr(postgresql, "collected", lambda: known)
 
     assert postgresql.tests_for("app.tiny.x_double__mutmut_3") == postgresql.TESTS + [
         "tests/test_tiny.py::test_fast[postgresql-a-sqlite]",
         "tests/test_tiny.py::test_slow[postgresql]",
     ]
     assert postgresql.tests_for("app.tiny.x_halve__mutmut_1") == postgresql.TESTS
+    known.discard("tests/test_tiny.py::test_slow[postgresql]")
+    assert (
+        postgresql.tests_for("app.tiny.x_double__mutmut_3")[-1] == "tests/test_tiny.py::test_fast[postgresql-a-sqlite]"
+    )
