@@ -1146,3 +1146,11 @@ def test_a_debit_goes_on_when_a_top_up_is_in_flight_though_the_team_did_not_say_
     assert team_row(app, team_id).auto_topup_pending
     with app.app_context():
         assert audit.audit().problems == []
+
+
+def test_a_balance_left_exactly_at_the_threshold_queues_no_top_up_and_one_credit_below_does(app, web):
+    team_id = turned_on(app, web, credits=5_010, below=5_000)
+    spend(app, team_id, 10)
+    assert automatic(app, team_id) == []
+    spend(app, team_id, 1)
+    assert [p.status for p in automatic(app, team_id)] == [PaymentStatus.QUEUED]
