@@ -64,12 +64,18 @@ def collected() -> frozenset[str]:
     return frozenset(line for line in run.stdout.splitlines() if "::" in line)
 
 
+@functools.cache
+def _statistics(path) -> dict:
+    """mutmut's statistics (megabytes of JSON), read once for the whole pass, not once a mutant."""
+    return json.loads(path.read_text())
+
+
 def reaching(mutant: str) -> list[str]:
     """The PostgreSQL twins of the tests mutmut's statistics run (on SQLite) found reaching `mutant`'s
     function, quickest first: `test_x[sqlite-a]` runs as `test_x[postgresql-a]`, where that test exists."""
     if not STATS.exists():
         return []
-    stats = json.loads(STATS.read_text())
+    stats = _statistics(STATS)
     function = mangled_name_from_mutant_name(mutant)
     tests = stats["tests_by_mangled_function_name"].get(function, [])
     durations = stats["duration_by_test"]
