@@ -239,6 +239,53 @@ def test_a_block_in_a_run_of_one_header_that_only_looks_like_it_is_not_a_frame()
     assert metered(data, "mp3", len(data)).samples == metered(data, "mp3", 1).samples == 7 * samples
 
 
+def id3_tag(body: bytes, flags: int = 0) -> bytes:
+    """An ID3v2.4 tag: its header, `body` and, when flags has 0x10, the 10-byte footer its size leaves out."""
+    size = len(body)
+    syncsafe = bytes([size >> 21 & 0x7F, size >> 14 & 0x7F, size >> 7 & 0x7F, size & 0x7F])
+    footer = b"3DI\x04\x00" + bytes([flags]) + syncsafe if flags & 0x10 else b""
+    return b"ID3\x04\x00" + bytes([flags]) + syncsafe + body + footer
+
+
+@pytest.mark.parametrize(
+    "flags", [0x00, 0x10, 0x0F, 0x1F, 0xE0], ids=["none", "footer", "undefined", "footer+undefined", "others"]
+)
+def test_an_id3_tag_ends_where_its_size_and_footer_flag_say_whatever_it_holds(flags):
+    # A body of nothing but MPEG-1 frame headers (1152 samples at 32 kHz): any of it left unskipped is counted.
+    frame, samples, rate = mp3_frame_of(0b10, 8, 1)
+    body = mp3_header(0b11, bitrate=1, rate=2) * 75
+    data = id3_tag(body, flags) + frame * 3
+    for chunk in (1, 10, 11, 97, len(data)):
+        meter = metered(data, "mp3", chunk)
+        assert (meter.samples, meter.rate) == (3 * samples, rate), (flags, chunk)
+
+
+def test_an_id3_tag_of_more_than_two_megabytes_is_skipped_whole():
+    # A large cover picture: the size's first byte counts 2 MiB a unit.
+    frame, samples, _ = mp3_frame_of(0b10, 8, 1)
+    data = id3_tag(bytes(5 << 20)) + frame * 3
+    meter = metered(data, "mp3", 1 << 16)
+    assert meter.understood and meter.samples == 3 * samples
+
+
+def test_16_kib_of_junk_after_a_tag_and_its_footer_is_passed_over_but_not_one_byte_more():
+    frame, samples, _ = mp3_frame_of(0b10, 8, 1)
+    for junk, understood in ((1 << 14, True), ((1 << 14) + 1, False)):
+        meter = audio_meter.for_format("mp3")
+        meter.feed(id3_tag(bytes(100), flags=0x10) + bytes([0x55]) * junk)
+        meter.feed(frame * 3)
+        assert meter.understood is understood and meter.samples == 3 * samples * understood, junk
+
+
+def test_only_the_leading_id3_tag_is_skipped_what_looks_like_one_later_hides_no_frames():
+    # Once audio has begun, "ID3" is junk: a size that claims the frames after it takes none of them.
+    frame, samples, _ = mp3_frame_of(0b10, 8, 1)
+    fake = b"ID3\x04\x00\x00" + bytes([0, 0, 0x7F, 0x7F])
+    data = id3_tag(bytes(20)) + frame * 2 + fake + frame * 40
+    for chunk in (1, 3, len(frame), len(data)):
+        assert metered(data, "mp3", chunk).samples == 42 * samples, chunk
+
+
 ADTS_RATES = (96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350)
 
 
@@ -289,6 +336,14 @@ def test_every_adts_sample_rate_length_and_block_count_is_counted(rate_index):
 )
 def test_an_adts_header_the_specification_forbids_is_not_a_frame(not_a_frame):
     assert metered(adts() * 3 + not_a_frame + adts() * 2, "aac", 4096).samples == 5 * 1024
+
+
+def test_an_adts_frame_as_short_as_its_header_counts_once_it_is_in():
+    # 7 bytes: a header with no payload. Last in what has arrived, it is whole, so it is audio.
+    data = adts() * 2 + adts(length=7)
+    for chunk in (1, 7, len(data)):
+        assert metered(data, "aac", chunk).samples == 3 * 1024, chunk
+    assert metered(data[:-1], "aac", 1).samples == 2 * 1024
 
 
 def riff(*chunks: bytes) -> bytes:
@@ -594,12 +649,44 @@ def test_flac_metadata_blocks_before_the_audio_are_skipped_whatever_their_sizes(
     application = bytes([2]) + len(inside).to_bytes(3, "big") + inside
     picture = bytes([6]) + (70000).to_bytes(3, "big") + bytes(70000)  # more than 16 bits of size
     empty = bytes([1]) + bytes(3)
+    # STREAMINFO's size, not its kind: a padding block of 34 zero bytes gives no sample rate.
+    as_long_as_streaminfo = bytes([1]) + (34).to_bytes(3, "big") + bytes(34)
     last = bytes([0x80 | 1]) + (3).to_bytes(3, "big") + b"\xff\xf8\x89"
-    data = b"fLaC" + streaminfo(rate, last=False) + padding + application + picture + empty + last
+    data = b"fLaC" + streaminfo(rate, last=False) + padding + application + picture + empty + as_long_as_streaminfo
+    data += last
     data += b"".join(flac_frame(n, 4096) for n in range(5)) + bytes(16)
     for size in (1, 4, 5, 38, 4096, len(data)):
         meter = metered(data, "flac", size)
         assert meter.understood and meter.rate == rate and meter.samples == 5 * 4096, size
+
+
+def test_the_last_flac_metadata_block_is_metadata_until_its_last_byte_is_in():
+    # It ends with a whole frame header (variable blocks, so no frame number to rule it out).
+    fake_header = flac_frame(0, 192, variable=True)[:-40]
+    body = b"kpay" + bytes([0x55]) * 30 + fake_header
+    last = bytes([0x80 | 2]) + len(body).to_bytes(3, "big") + body
+    data = b"fLaC" + streaminfo(44100, last=False) + last + b"".join(flac_frame(n, 4096) for n in range(3)) + bytes(16)
+    for size in (1, 2, 5, 7, 38, len(data)):
+        assert metered(data, "flac", size).samples == 3 * 4096, size
+
+
+def test_a_flac_frame_header_is_read_once_even_when_its_own_bytes_begin_another():
+    # A header whose block size byte is 0xFF and whose CRC-8 is a sync code's second byte (0xF8 or 0xF9),
+    # then a first subframe (FIXED, order 4) whose bytes would complete a header begun by those two.
+    header = next(
+        header
+        for channels in range(11)
+        for sample_size in (0, 1, 2, 4, 5, 6, 7)
+        for rate_code in range(1, 12)
+        if flac_crc8(header := bytes([0xFF, 0xF8, 6 << 4 | rate_code, channels << 4 | sample_size << 1, 0, 0xFF]))
+        in (0xF8, 0xF9)
+    )
+    crc = flac_crc8(header)
+    begun = bytes([0xFF, crc, 1 << 4 | 9, 0x08, 1])
+    first = header + bytes([crc]) + begun[2:] + bytes([flac_crc8(begun)]) + bytes([0x55]) * 40
+    data = b"fLaC" + streaminfo(44100) + first + b"".join(flac_frame(n, 4096) for n in range(1, 3)) + bytes(16)
+    for size in (1, 16, len(data)):
+        assert metered(data, "flac", size).samples == 256 + 2 * 4096, size
 
 
 def test_a_flac_stream_counts_a_frame_once_its_header_is_in():
