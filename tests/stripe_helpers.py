@@ -102,7 +102,9 @@ class FakeStripe:
 
     PaymentIntents are idempotent as Stripe's are: a request with an Idempotency-Key seen before gets
     the first answer again and makes nothing new. `intent_outcome` is what a new one does:
-    "succeeded", "declined", "authentication_required", "no_card" or "down" (HTTP 500).
+    "succeeded" (answered with `intent_status`), "declined", "authentication_required",
+    "declined_for_authentication" (a decline whose decline code asks for the card holder), "no_card" or
+    "down" (HTTP 500). `error_message`, when set, is the message of the error answered instead.
     """
 
     CUSTOMER = "cus_test_1"
@@ -113,6 +115,8 @@ class FakeStripe:
         self.calls: list[tuple[str, str, dict, dict]] = []
         self.intents: dict[str, tuple[int, dict]] = {}
         self.intent_outcome = intent_outcome
+        self.intent_status = "succeeded"
+        self.error_message = None
         self.sessions = 0
         # Called with each request's path while Stripe "thinks": a test's look at our side meanwhile.
         self.meanwhile = None
@@ -121,6 +125,11 @@ class FakeStripe:
         # Attaching a payment to an invoice is refused (400), and the invoices' status as Stripe has it.
         self.refuse_attach = False
         self.invoice_status = "paid"
+        # Invoices whose voiding is refused (400), and each invoice made, by its Idempotency-Key.
+        self.refuse_void_of: set[str] = set()
+        self.invoices: dict[str, str] = {}
+        # Each answer's path and Request-Id header, in order.
+        self.answered: list[dict] = []
         api = re.escape(STRIPE_API)
         routes = [
             ("POST", r"/v1/customers", self._customer),
@@ -172,9 +181,15 @@ class FakeStripe:
             if self.meanwhile is not None:
                 self.meanwhile(url.path)
             status, answer = handler(url.path, params, request.headers)
-            return status, {"Request-Id": f"req_{len(self.calls)}"}, json.dumps(answer)
+            request_id = f"req_{len(self.calls)}"
+            self.answered.append({"path": url.path, "Request-Id": request_id})
+            return status, {"Request-Id": request_id}, json.dumps(answer)
 
         return callback
+
+    def answered_to(self, fragment: str) -> list[dict]:
+        """The answers (path, Request-Id) to the requests whose path holds `fragment`, in order."""
+        return [answer for answer in self.answered if fragment in answer["path"]]
 
     def called(self, method: str, path: str) -> list[tuple[dict, dict]]:
         """The (params, headers) of each call of `method` on `path` (a prefix), in order."""
@@ -229,11 +244,12 @@ class FakeStripe:
             "object": "payment_intent",
             "amount": int(params["amount"]),
             "currency": params["currency"],
-            "status": "succeeded",
+            "status": self.intent_status,
             "metadata": {},
         }
         if self.intent_outcome == "down":
-            return 500, {"error": {"type": "api_error", "message": "Stripe is having a moment."}}
+            message = "Stripe is having a moment." if self.error_message is None else self.error_message
+            return 500, {"error": {"type": "api_error", "message": message}}
         if self.intent_outcome == "no_card":
             return 400, {
                 "error": {
@@ -243,19 +259,23 @@ class FakeStripe:
                     "param": "payment_method",
                 }
             }
-        if self.intent_outcome in ("declined", "authentication_required"):
-            code = "card_declined" if self.intent_outcome == "declined" else "authentication_required"
+        if self.intent_outcome in ("declined", "authentication_required", "declined_for_authentication"):
+            code = "authentication_required" if self.intent_outcome == "authentication_required" else "card_declined"
             message = (
                 "Your card has insufficient funds."
-                if code == "card_declined"
+                if self.intent_outcome == "declined"
                 else "Your card was declined. This transaction requires authentication."
             )
+            decline = {
+                "declined": {"decline_code": "insufficient_funds"},
+                "declined_for_authentication": {"decline_code": "authentication_required"},
+            }.get(self.intent_outcome, {})
             answer = {
                 "error": {
                     "type": "card_error",
                     "code": code,
-                    "message": message,
-                    **({"decline_code": "insufficient_funds"} if code == "card_declined" else {}),
+                    "message": message if self.error_message is None else self.error_message,
+                    **decline,
                     "payment_intent": {**intent, "status": "requires_payment_method"},
                 }
             }
@@ -271,7 +291,14 @@ class FakeStripe:
 
     def _invoice(self, path, params, headers):
         parts = path.split("/")
-        invoice_id = parts[3] if len(parts) > 3 else "in_test_1"
+        if len(parts) > 3:
+            invoice_id = parts[3]
+        else:
+            # A new invoice for each key (in_test_1, in_test_2…); the same one for a key seen before.
+            key = headers.get("Idempotency-Key")
+            invoice_id = self.invoices.setdefault(key, f"in_test_{len(self.invoices) + 1}")
+        if path.endswith("/void") and invoice_id in self.refuse_void_of:
+            return 400, {"error": {"type": "invalid_request_error", "message": "This invoice cannot be voided."}}
         return 200, {
             "id": invoice_id,
             "object": "invoice",

@@ -1,0 +1,217 @@
+"""Saved cards and the automatic top-up settings (app/cards.py, app/autotopup.py), to the field: what Stripe
+is asked for, what is kept of what it answers, what each card event's outcome says, and when a month ends.
+
+tests/test_auto_topups.py walks the whole flow; these pin what the customer, Stripe and the operator read.
+"""
+
+import logging
+from datetime import datetime
+
+import pytest
+import responses
+from sqlalchemy import select
+
+from app import autotopup
+from app.extensions import db
+from app.models import Payment, PaymentKind, PaymentStatus, Team
+from tests import factories
+from tests.stripe_helpers import FakeStripe, deliver
+from tests.stripe_helpers import event as stripe_event
+from tests.test_auto_topups import (
+    OWNER,
+    a_day_passes,
+    automatic,
+    buy,
+    owner,
+    setup_completed,
+    team_row,
+    turned_on,
+    with_card,
+)
+
+
+@pytest.fixture
+def stripe_api():
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield FakeStripe(mock)
+
+
+def other_team(app, web, email: str = "other@example.com") -> int:
+    """Another person's team, `web` signed in as them on the billing page."""
+    web.post("/logout")
+    team_id = factories.signed_up(app, web, email)
+    web.get("/billing")
+    return team_id
+
+
+def outcome(client, event_type: str, obj: dict) -> str:
+    response = deliver(client, stripe_event(event_type, obj))
+    assert response.status_code == 200
+    return response.get_json()["outcome"]
+
+
+def test_saving_a_card_asks_stripe_for_a_setup_session_of_this_team_only(app, web, stripe_api):
+    bystander = owner(app, web)  # a team with no Stripe customer yet, as the next one has
+    team_id = other_team(app, web)
+    assert web.post("/billing/card").status_code == 303
+    ((_, headers),) = stripe_api.called("POST", "/v1/customers")
+    with app.app_context():
+        created = db.session.get(Team, team_id).created_at
+    assert headers["Idempotency-Key"] == f"kp-team-{team_id}-customer-{created.timestamp():.6f}"
+    ((session, _),) = stripe_api.called("POST", "/v1/checkout/sessions")
+    assert session == {
+        "mode": "setup",
+        "customer": FakeStripe.CUSTOMER,
+        "currency": "usd",
+        "payment_method_types[0]": "card",
+        "client_reference_id": str(team_id),
+        "metadata[team_id]": str(team_id),
+        "metadata[purpose]": "save a card",
+        "setup_intent_data[metadata][team_id]": str(team_id),
+        "success_url": session["success_url"],
+        "cancel_url": session["cancel_url"],
+    }
+    assert session["success_url"].endswith("/billing?card=saved")
+    assert session["cancel_url"].endswith("/billing")
+    assert team_row(app, team_id).stripe_customer_id == FakeStripe.CUSTOMER
+    assert team_row(app, bystander).stripe_customer_id is None
+
+
+def test_what_stripe_says_of_a_card_is_kept_to_the_columns_width(app, web, client, stripe_api):
+    team_id = owner(app, web)
+    web.post("/billing/card")
+    stripe_api.CARD = {"brand": "b" * 40, "last4": "123456", "exp_month": 1, "exp_year": 2031}
+    said = outcome(client, "checkout.session.completed", setup_completed(team_id))
+    team = team_row(app, team_id)
+    assert (team.card_brand, team.card_last4, team.card_expires) == ("b" * 32, "1234", "01/2031")
+    assert said == f"card {'b' * 32} 1234 saved for team {team_id}"
+
+
+def test_a_card_event_of_a_customer_that_is_no_teams_any_more_saves_nothing(app, web, client, stripe_api):
+    team_id = owner(app, web)
+    web.post("/billing/card")
+
+    def meanwhile(path):
+        # While Stripe is asked for the card, the team's customer changes (another tab, the admin).
+        if path.startswith("/v1/setup_intents"):
+            with app.app_context():
+                db.session.get(Team, team_id).stripe_customer_id = "cus_other"
+                db.session.commit()
+
+    stripe_api.meanwhile = meanwhile
+    assert outcome(client, "checkout.session.completed", setup_completed(team_id)) == "a customer of no team of ours"
+    assert team_row(app, team_id).card_payment_method is None
+    stripe_api.meanwhile = None
+    unknown = {"id": "cus_nobody", "object": "customer", "invoice_settings": {"default_payment_method": None}}
+    assert outcome(client, "customer.updated", unknown) == "a customer of no team of ours"
+
+
+def test_a_removed_card_pauses_only_an_automatic_top_up_that_is_on(app, web, client, stripe_api):
+    unknown = {"id": "pm_unknown", "object": "payment_method", "type": "card", "customer": None}
+    assert outcome(client, "payment_method.detached", unknown) == "not a saved card"
+
+    team_id = owner(app, web)
+    with_card(app, team_id)  # automatic top-up off
+    detached = {"id": "pm_test_1", "object": "payment_method", "type": "card", "customer": None}
+    assert outcome(client, "payment_method.detached", detached) == f"card of team {team_id} removed"
+    team = team_row(app, team_id)
+    assert team.card_payment_method is None and team.auto_topup_paused is None
+    assert factories.mails(app, OWNER, "auto_topup_paused") == []
+
+
+def test_a_receipt_is_asked_for_with_its_charge_expanded(app, web, client, stripe_api):
+    from tests.test_auto_topups import succeeded
+
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    buy(app)
+    succeeded(client, queued)
+    assert web.get(f"/billing/payments/{queued.id}/document").headers["Location"].endswith("/receipts/pi_auto_1")
+    ((params, _),) = stripe_api.called("GET", "/v1/payment_intents/pi_auto_1")
+    assert params == {"expand[0]": "latest_charge"}
+
+
+@pytest.mark.parametrize(
+    "moment, following",
+    [
+        (datetime(2026, 1, 31, 23, 59), datetime(2026, 2, 1)),
+        (datetime(2026, 11, 15, 8), datetime(2026, 12, 1)),
+        (datetime(2026, 12, 1), datetime(2027, 1, 1)),
+        (datetime(2026, 12, 31, 23, 59, 59), datetime(2027, 1, 1)),
+    ],
+)
+def test_a_monthly_cap_ends_on_the_first_of_the_next_month(moment, following):
+    assert autotopup.next_month(moment) == following
+
+
+def test_turning_off_calls_off_only_this_teams_top_up_that_was_never_sent(app, web, stripe_api, caplog):
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    # An older top-up of the team that a day called off keeps its own reason.
+    a_day_passes(app, queued.id)
+    assert buy(app) == {"called off": 1}
+    with app.app_context():
+        team = db.session.get(Team, team_id)
+        team.auto_topup_pending = False
+        db.session.commit()
+    web.post("/billing/automatic", {"below": 5_000, "pack": "starter", "monthly_limit": 5})
+    (_, waiting) = automatic(app, team_id)
+    second = other_team(app, web)
+    with_card(app, second)
+    web.post("/billing/automatic", {"below": 5_000, "pack": "starter", "monthly_limit": 5})
+    (theirs,) = automatic(app, second)
+
+    web.post("/logout")
+    web.login(OWNER)
+    web.get("/billing")
+    assert web.post("/billing/automatic", {"action": "off"}).status_code == 302
+    with app.app_context():
+        rows = {p.id: (p.status, p.failure) for p in db.session.scalars(select(Payment))}
+    assert rows[queued.id] == (PaymentStatus.EXPIRED, "Called off: not sent within a day.")
+    turned_off = "Called off: automatic top-up was turned off before it was sent."
+    assert rows[waiting.id] == (PaymentStatus.EXPIRED, turned_off)
+    assert rows[theirs.id] == (PaymentStatus.QUEUED, None)
+    assert not team_row(app, team_id).auto_topup_pending
+
+
+def test_the_admin_console_says_since_when_automatic_top_up_is_paused(app, web, runner, stripe_api, caplog):
+    caplog.set_level(logging.WARNING)
+    stripe_api.intent_outcome = "declined"
+    team_id = turned_on(app, web, credits=100)
+    buy(app)
+    paused_at = team_row(app, team_id).auto_topup_paused_at
+    assert paused_at is not None
+    runner.invoke(args=["users", "create", "boss@example.com", "--password", "correct horse battery"])
+    runner.invoke(args=["users", "admin", "boss@example.com", "--on"])
+    operator = factories.WebClient(app.test_client())
+    operator.login("boss@example.com")
+    page = operator.get(f"/admin/teams/{team_id}").get_data(as_text=True)
+    assert f"since {paused_at.strftime('%Y-%m-%d %H:%M')} UTC: Your card has insufficient funds." in page
+    assert PaymentKind.AUTOMATIC in page
+
+
+def test_a_top_up_tried_before_turning_off_that_then_fails_is_still_told(app, web, stripe_api):
+    stripe_api.intent_outcome = "down"
+    team_id = turned_on(app, web, credits=100)
+    assert buy(app) == {"later": 1}  # tried: it may have reached Stripe, so turning off leaves it in flight
+    assert web.post("/billing/automatic", {"action": "off"}).status_code == 302
+    (waiting,) = automatic(app, team_id)
+    assert waiting.status == PaymentStatus.QUEUED
+    with app.app_context():
+        db.session.get(Payment, waiting.id).next_attempt_at = waiting.created_at
+        db.session.commit()
+    stripe_api.intent_outcome = "declined"
+    assert buy(app) == {"failed": 1}
+    (notice,) = factories.mails(app, OWNER, "auto_topup_paused")
+    assert "Your card has insufficient funds." in notice.body
+
+
+def test_a_removed_card_tells_which_team_stopped_and_asks_no_one_to_confirm_a_payment(app, web, client, stripe_api):
+    team_id = turned_on(app, web, credits=20_000)
+    detached = {"id": "pm_test_1", "object": "payment_method", "type": "card", "customer": None}
+    said = outcome(client, "payment_method.detached", detached)
+    assert said == f"card of team {team_id} removed; automatic top-up paused"
+    (notice,) = factories.mails(app, OWNER, "auto_topup_paused")
+    assert notice.subject == "Automatic top-up is paused for Personal"
+    assert "Automatic top-up for Personal has stopped:\n\n  The saved card was removed." in notice.body
+    assert "confirm" not in notice.body and "charged" not in notice.body
