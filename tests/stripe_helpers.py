@@ -125,6 +125,8 @@ class FakeStripe:
         # Attaching a payment to an invoice is refused (400), and the invoices' status as Stripe has it.
         self.refuse_attach = False
         self.invoice_status = "paid"
+        # Whether an invoice has its hosted page yet (Stripe leaves the field out of a draft's answer).
+        self.invoice_hosted = True
         # Invoices whose voiding is refused (400), and each invoice made, by its Idempotency-Key.
         self.refuse_void_of: set[str] = set()
         self.invoices: dict[str, str] = {}
@@ -299,12 +301,10 @@ class FakeStripe:
             invoice_id = self.invoices.setdefault(key, f"in_test_{len(self.invoices) + 1}")
         if path.endswith("/void") and invoice_id in self.refuse_void_of:
             return 400, {"error": {"type": "invalid_request_error", "message": "This invoice cannot be voided."}}
-        return 200, {
-            "id": invoice_id,
-            "object": "invoice",
-            "status": self.invoice_status,
-            "hosted_invoice_url": f"{STRIPE_CHECKOUT}/invoices/{invoice_id}",
-        }
+        answer = {"id": invoice_id, "object": "invoice", "status": self.invoice_status}
+        if self.invoice_hosted:
+            answer["hosted_invoice_url"] = f"{STRIPE_CHECKOUT}/invoices/{invoice_id}"
+        return 200, answer
 
     def _attach(self, path, params, headers):
         if self.refuse_attach:

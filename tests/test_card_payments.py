@@ -6,6 +6,7 @@ pin the words and numbers a customer, Stripe or an operator reads.
 """
 
 import logging
+import threading
 from datetime import timedelta
 
 import pytest
@@ -279,6 +280,11 @@ def test_invoices_are_made_oldest_first_a_round_at_a_time_and_tried_again_in_15_
     app, web, client, stripe_api, caplog
 ):
     ids = paid_top_ups(app, web, client, 3)
+    with app.app_context():
+        # The oldest row written last: PostgreSQL then keeps its new version after the others' (a scan
+        # without an order would meet it last).
+        db.session.get(Payment, ids[0]).next_attempt_at = utcnow() - timedelta(minutes=1)
+        db.session.commit()
     assert invoice(app) == {"invoiced": 1}  # a round of one
     assert [bool(row(app, payment_id).invoice_id) for payment_id in ids] == [True, False, False]
 
@@ -324,3 +330,25 @@ def test_each_invoice_not_finished_within_a_day_is_voided_though_one_cannot_be_y
         f"automatic top-up {keys[1]}: invoice {drafts[1]} never finished; voided",
         f"automatic top-up {keys[2]}: invoice {drafts[2]} never finished; voided",
     ]
+
+
+def test_the_buyer_thread_also_makes_the_invoice_once_the_top_up_is_credited(make_app, stripe_api):
+    app = make_app(TOPUP_WORKER=True, TOPUP_POLL_SECONDS=3600)
+    web = factories.WebClient(app.test_client())
+    team_id = turned_on(app, web, credits=100)  # below the threshold: queued at once, and the thread woken
+    buyer = app.extensions["buyer"]
+
+    def settled(check) -> bool:
+        for _ in range(200):
+            if check(automatic(app, team_id)[0]):
+                return True
+            threading.Event().wait(0.05)
+        return False
+
+    try:
+        assert settled(lambda payment: payment.status == PaymentStatus.PROCESSING)
+        succeeded(app.test_client(), automatic(app, team_id)[0])
+        buyer.wake.set()
+        assert settled(lambda payment: payment.invoice_id == "in_test_1")
+    finally:
+        buyer.stop()

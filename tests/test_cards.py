@@ -129,6 +129,13 @@ def test_a_receipt_is_asked_for_with_its_charge_expanded(app, web, client, strip
     assert web.get(f"/billing/payments/{queued.id}/document").headers["Location"].endswith("/receipts/pi_auto_1")
     ((params, _),) = stripe_api.called("GET", "/v1/payment_intents/pi_auto_1")
     assert params == {"expand[0]": "latest_charge"}
+    # Invoiced, but Stripe's answer has no hosted page for it (yet): the receipt still opens.
+    with app.app_context():
+        db.session.get(Payment, queued.id).invoice_id = "in_test_9"
+        db.session.commit()
+    stripe_api.invoice_hosted = False
+    assert web.get(f"/billing/payments/{queued.id}/document").headers["Location"].endswith("/receipts/pi_auto_1")
+    assert len(stripe_api.called("GET", "/v1/invoices/in_test_9")) == 1
 
 
 @pytest.mark.parametrize(
