@@ -304,6 +304,9 @@ def test_an_account_at_its_stream_cap_is_refused_before_the_wait(make_app):
             stream = _open(url, customer)
             refused = _speak(url, customer)
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_streams"
+            assert refused.json()["detail"] == (
+                "Too many concurrent speech streams for this account (at most 1). Retry when one has finished."
+            )
             assert upstreams.waiting == 0
             held.set()
             assert stream.content == AUDIO
