@@ -352,3 +352,26 @@ def test_the_buyer_thread_also_makes_the_invoice_once_the_top_up_is_credited(mak
         assert settled(lambda payment: payment.invoice_id == "in_test_1")
     finally:
         buyer.stop()
+
+
+def test_an_answer_that_comes_after_another_buyer_gave_the_top_up_up_still_notes_its_intent(app, web, stripe_api):
+    # Buyer A asks Stripe a minute before the day is out; Stripe is slow, A's claim lapses, and buyer B,
+    # past the day, gives the top-up up. A's answer then finds it ended, and notes the intent it names.
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+
+    def meanwhile(path):
+        if path == "/v1/payment_intents" and stripe_api.meanwhile is not None:
+            stripe_api.meanwhile = None
+            with app.app_context():
+                payment = db.session.get(Payment, queued.id)
+                payment.created_at -= timedelta(hours=24)
+                payment.claimed_until = utcnow() - timedelta(seconds=1)
+                db.session.commit()
+                assert dict(card_payments.buy_due(services.stripe_client())) == {"failed": 1}
+
+    stripe_api.meanwhile = meanwhile
+    assert buy(app) == {"sent": 1}
+    payment = row(app, queued.id)
+    assert (payment.status, payment.payment_intent_id) == (PaymentStatus.FAILED, "pi_auto_1")
+    assert payment.failure.startswith("Stripe could not be reached for a day.")
