@@ -375,3 +375,19 @@ def test_an_answer_that_comes_after_another_buyer_gave_the_top_up_up_still_notes
     payment = row(app, queued.id)
     assert (payment.status, payment.payment_intent_id) == (PaymentStatus.FAILED, "pi_auto_1")
     assert payment.failure.startswith("Stripe could not be reached for a day.")
+
+
+def test_an_unfinished_invoice_still_a_draft_is_deleted_not_voided(app, web, client, stripe_api):
+    (payment_id,) = paid_top_ups(app, web, client, 1)
+    stripe_api.refuse_attach = True
+    with app.app_context():
+        assert dict(card_payments.invoice_due(services.stripe_client())) == {"later": 1}
+        db.session.get(Payment, payment_id).paid_at -= timedelta(hours=23)
+        db.session.commit()
+    draft = row(app, payment_id).draft_invoice_id
+    stripe_api.invoice_status = "draft"
+    with app.app_context():
+        assert dict(card_payments.invoice_due(services.stripe_client())) == {"voided": 1}
+    assert len(stripe_api.called("DELETE", f"/v1/invoices/{draft}")) == 1
+    assert stripe_api.called("POST", f"/v1/invoices/{draft}/void") == []
+    assert row(app, payment_id).draft_invoice_id is None
