@@ -127,6 +127,8 @@ class FakeStripe:
         self.invoice_status = "paid"
         # Whether an invoice has its hosted page yet (Stripe leaves the field out of a draft's answer).
         self.invoice_hosted = True
+        # What a retrieved PaymentIntent's latest_charge is (None: the charge it would have, with its receipt).
+        self.latest_charge = None
         # Invoices whose voiding is refused (400), and each invoice made, by its Idempotency-Key.
         self.refuse_void_of: set[str] = set()
         self.invoices: dict[str, str] = {}
@@ -289,6 +291,8 @@ class FakeStripe:
     def _retrieve_intent(self, path, params, headers):
         intent_id = path.rsplit("/", 1)[1]
         charge = {"id": "ch_auto_1", "object": "charge", "receipt_url": f"{STRIPE_CHECKOUT}/receipts/{intent_id}"}
+        if self.latest_charge is not None:
+            charge = self.latest_charge() if callable(self.latest_charge) else self.latest_charge
         return 200, {"id": intent_id, "object": "payment_intent", "status": "succeeded", "latest_charge": charge}
 
     def _invoice(self, path, params, headers):

@@ -222,3 +222,25 @@ def test_a_removed_card_tells_which_team_stopped_and_asks_no_one_to_confirm_a_pa
     assert notice.subject == "Automatic top-up is paused for Personal"
     assert "Automatic top-up for Personal has stopped:\n\n  The saved card was removed." in notice.body
     assert "confirm" not in notice.body and "charged" not in notice.body
+
+
+@pytest.mark.parametrize(
+    "latest_charge",
+    [
+        lambda: None,  # no charge yet (the intent is still processing)
+        {"id": "ch_auto_1", "object": "charge"},  # a charge without its receipt yet
+        "ch_auto_1",  # a charge Stripe did not expand
+    ],
+    ids=["no charge", "no receipt", "not expanded"],
+)
+def test_a_payment_with_no_receipt_yet_says_so_and_links_nowhere(app, web, client, stripe_api, latest_charge):
+    from tests.test_auto_topups import succeeded
+
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    buy(app)
+    succeeded(client, queued)
+    stripe_api.latest_charge = latest_charge
+    answer = web.get(f"/billing/payments/{queued.id}/document")
+    assert answer.status_code == 302 and answer.headers["Location"].endswith("/billing")
+    assert "Stripe has no invoice or receipt for this payment yet." in web.get("/billing").get_data(as_text=True)
