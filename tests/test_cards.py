@@ -244,3 +244,20 @@ def test_a_payment_with_no_receipt_yet_says_so_and_links_nowhere(app, web, clien
     answer = web.get(f"/billing/payments/{queued.id}/document")
     assert answer.status_code == 302 and answer.headers["Location"].endswith("/billing")
     assert "Stripe has no invoice or receipt for this payment yet." in web.get("/billing").get_data(as_text=True)
+
+
+def test_the_first_customer_written_for_a_team_is_kept(app, web, stripe_api):
+    # Two tabs save a card at once: the other's Customer is written while Stripe answers this one.
+    team_id = owner(app, web)
+
+    def meanwhile(path):
+        if path == "/v1/customers":
+            with app.app_context():
+                db.session.get(Team, team_id).stripe_customer_id = "cus_first"
+                db.session.commit()
+
+    stripe_api.meanwhile = meanwhile
+    assert web.post("/billing/card").status_code == 303
+    assert team_row(app, team_id).stripe_customer_id == "cus_first"
+    ((session, _),) = stripe_api.called("POST", "/v1/checkout/sessions")
+    assert session["customer"] == "cus_first"
