@@ -9,6 +9,7 @@ from datetime import datetime
 
 import pytest
 import responses
+from flask_sqlalchemy.session import Session
 from sqlalchemy import select
 
 from app import autotopup
@@ -261,3 +262,26 @@ def test_the_first_customer_written_for_a_team_is_kept(app, web, stripe_api):
     assert team_row(app, team_id).stripe_customer_id == "cus_first"
     ((session, _),) = stripe_api.called("POST", "/v1/checkout/sessions")
     assert session["customer"] == "cus_first"
+
+
+def test_a_card_saved_just_as_the_old_one_is_removed_is_kept(postgres_only, app, web, client, stripe_api, monkeypatch):
+    # On PostgreSQL (on SQLite the webhook holds the whole database): the detach event finds the team by
+    # its old card; before it takes the team's row, another request saves a new card. The new card
+    # stays, and automatic top-up is not paused.
+    team_id = turned_on(app, web, credits=20_000)
+    original = Session.refresh
+
+    def refresh(session, instance, *args, **kwargs):
+        if isinstance(instance, Team) and kwargs.get("with_for_update"):
+            monkeypatch.setattr(Session, "refresh", original)
+            with app.app_context():
+                db.session.get(Team, team_id).card_payment_method = "pm_new"
+                db.session.commit()
+        return original(session, instance, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "refresh", refresh)
+    detached = {"id": "pm_test_1", "object": "payment_method", "type": "card", "customer": None}
+    assert outcome(client, "payment_method.detached", detached) == "not the saved card any more"
+    team = team_row(app, team_id)
+    assert (team.card_payment_method, team.auto_topup_paused) == ("pm_new", None)
+    assert factories.mails(app, OWNER, "auto_topup_paused") == []
