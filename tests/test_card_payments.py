@@ -391,3 +391,24 @@ def test_an_unfinished_invoice_still_a_draft_is_deleted_not_voided(app, web, cli
     assert len(stripe_api.called("DELETE", f"/v1/invoices/{draft}")) == 1
     assert stripe_api.called("POST", f"/v1/invoices/{draft}/void") == []
     assert row(app, payment_id).draft_invoice_id is None
+
+
+@pytest.mark.parametrize("outcome", ["succeeded", "declined"])
+def test_what_stripe_answers_for_one_top_up_touches_no_other_teams(app, web, stripe_api, outcome):
+    stripe_api.intent_outcome = outcome
+    team_id = turned_on(app, web, credits=100)
+    (mine,) = automatic(app, team_id)
+    theirs = owner_with_a_queued_top_up(app, web, "other@example.com")
+    with app.app_context():
+        # Theirs waits for a later try: not due now.
+        db.session.get(Payment, theirs).next_attempt_at = utcnow() + timedelta(hours=1)
+        db.session.commit()
+    assert buy(app) == {("sent" if outcome == "succeeded" else "failed"): 1}
+    assert row(app, mine.id).payment_intent_id == "pi_auto_1"
+    untouched = row(app, theirs)
+    assert (untouched.status, untouched.payment_intent_id, untouched.failure, untouched.attempts) == (
+        PaymentStatus.QUEUED,
+        None,
+        None,
+        0,
+    )
