@@ -117,6 +117,8 @@ class FakeStripe:
         self.intent_outcome = intent_outcome
         self.intent_status = "succeeded"
         self.error_message = None
+        # Whether a card error names the PaymentIntent it made (Stripe's do when one was made).
+        self.error_intent = True
         self.sessions = 0
         # Called with each request's path while Stripe "thinks": a test's look at our side meanwhile.
         self.meanwhile = None
@@ -280,7 +282,9 @@ class FakeStripe:
                     "code": code,
                     "message": message if self.error_message is None else self.error_message,
                     **decline,
-                    "payment_intent": {**intent, "status": "requires_payment_method"},
+                    **(
+                        {"payment_intent": {**intent, "status": "requires_payment_method"}} if self.error_intent else {}
+                    ),
                 }
             }
             self.intents[key] = (402, answer)

@@ -374,7 +374,10 @@ def test_an_answer_that_comes_after_another_buyer_gave_the_top_up_up_still_notes
     assert buy(app) == {"sent": 1}
     payment = row(app, queued.id)
     assert (payment.status, payment.payment_intent_id) == (PaymentStatus.FAILED, "pi_auto_1")
-    assert payment.failure.startswith("Stripe could not be reached for a day.")
+    assert payment.failure == (
+        "Stripe could not be reached for a day. Should an earlier try have gone through, its credits "
+        "arrive when Stripe confirms it."
+    )
 
 
 def test_an_unfinished_invoice_still_a_draft_is_deleted_not_voided(app, web, client, stripe_api):
@@ -412,3 +415,90 @@ def test_what_stripe_answers_for_one_top_up_touches_no_other_teams(app, web, str
         None,
         0,
     )
+
+
+def test_a_card_error_that_names_no_payment_intent_fails_the_top_up_all_the_same(app, web, stripe_api):
+    stripe_api.intent_outcome, stripe_api.error_intent = "declined", False
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    assert buy(app) == {"failed": 1}
+    payment = row(app, queued.id)
+    assert (payment.status, payment.payment_intent_id, payment.failure) == (
+        PaymentStatus.FAILED,
+        None,
+        "Your card has insufficient funds.",
+    )
+
+
+def test_a_call_sends_every_due_top_up_oldest_first_whatever_the_rounds_size(app, web, stripe_api):
+    first = automatic(app, turned_on(app, web, credits=100))[0].id
+    second = owner_with_a_queued_top_up(app, web, "other@example.com")
+    with app.app_context():
+        # The oldest row written last: PostgreSQL keeps its new version after the other's.
+        db.session.get(Payment, first).next_attempt_at = utcnow() - timedelta(minutes=1)
+        db.session.commit()
+    with app.app_context():
+        assert dict(card_payments.buy_due(services.stripe_client(), limit=1)) == {"sent": 2}
+    sent = [params["metadata[kokoro_pay_auto_topup]"] for params, _ in stripe_api.called("POST", "/v1/payment_intents")]
+    assert sent == [row(app, first).idempotency_key, row(app, second).idempotency_key]
+
+
+def test_rows_that_cannot_be_sent_now_end_a_call_at_once(app, web, stripe_api, monkeypatch):
+    # One ended, one another buyer holds up to this very instant, one due later: nothing to send, and the
+    # call returns (it does not go round them again and again).
+    stripe_api.intent_outcome = "declined"
+    ended = automatic(app, turned_on(app, web, credits=100))[0].id
+    buy(app)
+    held = owner_with_a_queued_top_up(app, web, "held@example.com")
+    later = owner_with_a_queued_top_up(app, web, "later@example.com")
+    now = utcnow()
+    with app.app_context():
+        db.session.get(Payment, held).claimed_until = now
+        db.session.get(Payment, later).next_attempt_at = now + timedelta(microseconds=1)
+        db.session.commit()
+    monkeypatch.setattr(card_payments, "utcnow", lambda: now)
+    with app.app_context():
+        assert dict(card_payments.buy_due(services.stripe_client(), limit=1)) == {}
+    assert row(app, ended).status == PaymentStatus.FAILED
+    # Due at this very instant: sent.
+    monkeypatch.setattr(card_payments, "utcnow", lambda: now + timedelta(microseconds=1))
+    with app.app_context():
+        assert dict(card_payments.buy_due(services.stripe_client(), limit=1)) == {"failed": 2}
+
+
+def test_an_invoice_is_made_within_23_hours_of_the_payment_and_not_retried_before_15_minutes(
+    app, web, client, stripe_api, monkeypatch
+):
+    ids = paid_top_ups(app, web, client, 3)
+    with app.app_context():
+        payments = [db.session.get(Payment, payment_id) for payment_id in ids]
+        paid_at = payments[0].paid_at
+        payments[1].paid_at = payments[2].paid_at = paid_at
+        payments[2].paid_at -= timedelta(microseconds=1)
+        db.session.commit()
+    # 23 hours on: the first two are still due (a day's last instant), the third was paid a moment earlier:
+    # left alone (nothing is asked of Stripe for it; with no invoice begun, nothing is voided either).
+    monkeypatch.setattr(card_payments, "utcnow", lambda: paid_at + timedelta(hours=23) - timedelta(microseconds=1))
+    with app.app_context():
+        assert dict(card_payments.invoice_due(services.stripe_client())) == {"invoiced": 2}
+    assert [bool(row(app, payment_id).invoice_id) for payment_id in ids] == [True, True, False]
+    made = [
+        h["Idempotency-Key"]
+        for _, h in stripe_api.called("POST", "/v1/invoices")
+        if h["Idempotency-Key"].endswith("-invoice")
+    ]
+    assert made == [f"{row(app, payment_id).idempotency_key}-invoice" for payment_id in ids[:2]]
+
+
+def test_an_invoice_that_failed_waits_its_15_minutes_to_the_instant(app, web, client, stripe_api, monkeypatch):
+    (payment_id,) = paid_top_ups(app, web, client, 1)
+    stripe_api.refuse_attach = True
+    now = utcnow()
+    monkeypatch.setattr(card_payments, "utcnow", lambda: now)
+    with app.app_context():
+        assert dict(card_payments.invoice_due(services.stripe_client())) == {"later": 1}
+        assert dict(card_payments.invoice_due(services.stripe_client())) == {}  # not before its time
+    stripe_api.refuse_attach = False
+    monkeypatch.setattr(card_payments, "utcnow", lambda: now + timedelta(minutes=15))
+    with app.app_context():
+        assert dict(card_payments.invoice_due(services.stripe_client())) == {"invoiced": 1}
