@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from app import card_payments, services
 from app.extensions import db
-from app.models import Payment, PaymentStatus, Team, utcnow
+from app.models import LedgerEntry, Payment, PaymentStatus, Team, utcnow
 from tests import factories
 from tests.stripe_helpers import FakeStripe
 from tests.test_auto_topups import OWNER, a_day_passes, automatic, buy, succeeded, team_row, turned_on
@@ -68,6 +68,9 @@ def test_stripe_is_asked_for_exactly_this_top_up_and_its_invoice(app, web, clien
     assert logged(caplog, logging.INFO) == [f"automatic top-up {key}: payment intent pi_auto_1 succeeded"]
 
     succeeded(client, queued)
+    with app.app_context():
+        (note,) = db.session.scalars(select(LedgerEntry.note).where(LedgerEntry.payment_id == queued.id))
+    assert note == "starter pack, automatic top-up, 5.00 USD"
     assert invoice(app) == {"invoiced": 1}
     description = "10,000 kokoro-pay credits (automatic top-up, starter pack)"
     ((created, _),) = stripe_api.called("POST", "/v1/invoices")[:1]

@@ -4,6 +4,7 @@ is asked for, what is kept of what it answers, what each card event's outcome sa
 tests/test_auto_topups.py walks the whole flow; these pin what the customer, Stripe and the operator read.
 """
 
+import dataclasses
 import logging
 from datetime import datetime
 
@@ -25,6 +26,7 @@ from tests.test_auto_topups import (
     buy,
     owner,
     setup_completed,
+    spend,
     team_row,
     turned_on,
     with_card,
@@ -285,3 +287,18 @@ def test_a_card_saved_just_as_the_old_one_is_removed_is_kept(postgres_only, app,
     team = team_row(app, team_id)
     assert (team.card_payment_method, team.auto_topup_paused) == ("pm_new", None)
     assert factories.mails(app, OWNER, "auto_topup_paused") == []
+
+
+def test_a_pack_no_longer_sold_pauses_automatic_top_up_and_says_which(app, web, caplog):
+    team_id = turned_on(app, web, credits=5_010)
+    settings = app.extensions["settings"]
+    app.extensions["settings"] = dataclasses.replace(
+        settings, credit_packs=[pack for pack in settings.credit_packs if pack.id != "starter"]
+    )
+    spend(app, team_id, 20)  # crosses the threshold
+    assert automatic(app, team_id) == []
+    team = team_row(app, team_id)
+    assert team.auto_topup_paused == "The pack 'starter' is not sold any more: choose another."
+    assert team.auto_topup_paused_at is not None
+    warned = [r.getMessage() for r in caplog.records if r.name == "app.autotopup" and r.levelno == logging.WARNING]
+    assert warned == [f"team {team_id}: automatic top-up pack 'starter' is not sold any more; paused"]

@@ -993,3 +993,18 @@ def test_the_dashboards_expiry_may_carry_seconds(app, web, clock):
     sent = {**BLANK_FORM, "expires_at": "2027-01-31T18:00:30"}
     assert "is saved" in web.post(f"/keys/{key_id}", sent, follow_redirects=True).get_data(as_text=True)
     assert key_row(app, key_id).expires_at == datetime(2027, 1, 31, 18, 0, 30, tzinfo=timezone.utc)
+
+
+def test_what_a_key_spent_in_an_earlier_period_no_longer_counts_as_spent(app, client):
+    customer = factories.customer(app, balance=1000)
+    with app.app_context():
+        key = db.session.get(ApiKey, customer.key_id)
+        key.spend_limit, key.spend_period, key.spent = 100, "day", 40
+        key.spent_window = keys.window("day", models.utcnow() - timedelta(days=1))
+        db.session.commit()
+    shown = client.get("/v1/balance", headers=customer.headers).get_json()["key"]
+    assert (shown["spend_limit"], shown["spend_period"], shown["spent"]) == (100, "day", 0)
+    with app.app_context():
+        db.session.get(ApiKey, customer.key_id).spent_window = keys.window("day", models.utcnow())
+        db.session.commit()
+    assert client.get("/v1/balance", headers=customer.headers).get_json()["key"]["spent"] == 40
