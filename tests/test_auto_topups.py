@@ -5,6 +5,7 @@ the debit that crosses, paid by the buyer (never a web request) with one Idempot
 often it is tried, credited by the webhook alone, once, whatever the order.
 """
 
+import logging
 import os
 import re
 import sqlite3
@@ -552,7 +553,8 @@ def test_stripe_out_of_reach_is_tried_again_with_the_same_key_and_given_up_after
 # The monthly cap.
 
 
-def test_the_monthly_cap_stops_queueing_until_the_next_month(app, web, client, stripe_api, monkeypatch):
+def test_the_monthly_cap_stops_queueing_until_the_next_month(app, web, client, stripe_api, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, "app.autotopup")
     team_id = turned_on(app, web, credits=5_100, monthly_limit=2)
     for round_ in range(2):
         spend(app, team_id, 10_000 if round_ else 200)
@@ -562,6 +564,8 @@ def test_the_monthly_cap_stops_queueing_until_the_next_month(app, web, client, s
     assert factories.balance(app, team_id) == 5_100 - 200 - 10_000 + 20_000
     spend(app, team_id, 10_000)  # below again: the third this month is not made
     assert len(automatic(app, team_id)) == 2
+    capped = [r.getMessage() for r in caplog.records if r.name == "app.autotopup" and r.levelno == logging.INFO]
+    assert capped[-1] == f"team {team_id}: automatic top-up cap of 2 this month reached"
     team = team_row(app, team_id)
     start = autotopup.month_start(team.auto_topup_capped_until - timedelta(days=1))
     assert team.auto_topup_capped_until == autotopup.next_month(start)
