@@ -726,6 +726,49 @@ def test_a_refund_that_arrives_while_its_payment_is_being_credited_waits_for_the
     assert problems(app) == []
 
 
+def test_a_refund_that_arrives_while_an_automatic_top_up_is_being_credited_waits_for_the_credit(
+    make_app, postgres_only
+):
+    """The same race for an automatic top-up, credited by its payment_intent.succeeded event."""
+    from tests.stripe_helpers import payment_intent
+    from tests.test_auto_topups import automatic, turned_on
+
+    app = make_app()
+    team_id = turned_on(app, factories.WebClient(app.test_client()), credits=100)
+    (queued,) = automatic(app, team_id)
+    credit = event("payment_intent.succeeded", payment_intent(queued.idempotency_key, team_id, "pi_held"))
+    refund = event("charge.refunded", charge(payment_intent="pi_held", amount_refunded=250))
+    credited, finished = threading.Event(), threading.Event()
+
+    def credit_and_hold():
+        with app.test_request_context():
+            payments.handle_event(stripe.Webhook.construct_event(credit, sign(credit), WEBHOOK_SECRET))
+            credited.set()
+            wait_for(
+                lambda: finished.is_set() or _waiting_for_a_lock(),
+                what="the refund to wait for the credit's locks (or to go ahead)",
+            )
+            assert not finished.is_set(), "the refund went ahead while the top-up's credit was uncommitted"
+            db.session.commit()
+            db.session.remove()
+
+    def refund_now():
+        credited.wait(10)
+        assert deliver(app.test_client(), refund).status_code == 200
+        finished.set()
+
+    failures = []
+    threads = [threading.Thread(target=_recording(failures, step)) for step in (credit_and_hold, refund_now)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert failures == []
+    # Half the pack's price refunded: half its credits taken back.
+    assert factories.balance(app, team_id) == 100 + 10_000 - 5_000
+    assert problems(app) == []
+
+
 def _waiting_for_a_lock() -> bool:
     """Whether a session of this database waits for a lock another one holds (PostgreSQL)."""
     with db.engine.connect() as connection:
