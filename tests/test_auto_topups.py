@@ -566,6 +566,8 @@ def test_the_monthly_cap_stops_queueing_until_the_next_month(app, web, client, s
     assert len(automatic(app, team_id)) == 2
     capped = [r.getMessage() for r in caplog.records if r.name == "app.autotopup" and r.levelno == logging.INFO]
     assert capped[-1] == f"team {team_id}: automatic top-up cap of 2 this month reached"
+    keys = [payment.idempotency_key for payment in automatic(app, team_id)]
+    assert capped[:-1] == [f"team {team_id}: automatic top-up {key} queued (starter pack)" for key in keys]
     team = team_row(app, team_id)
     start = autotopup.month_start(team.auto_topup_capped_until - timedelta(days=1))
     assert team.auto_topup_capped_until == autotopup.next_month(start)
@@ -1139,7 +1141,7 @@ def test_deleting_the_account_ends_automatic_top_up_and_waits_for_one_being_paid
     assert buy(app) == {}
 
 
-def test_a_debit_goes_on_when_a_top_up_is_in_flight_though_the_team_did_not_say_so(app, web, stripe_api):
+def test_a_debit_goes_on_when_a_top_up_is_in_flight_though_the_team_did_not_say_so(app, web, stripe_api, caplog):
     team_id = turned_on(app, web, credits=100)
     with app.app_context():
         db.session.get(Team, team_id).auto_topup_pending = False  # out of step, as only a bug could make it
@@ -1148,6 +1150,8 @@ def test_a_debit_goes_on_when_a_top_up_is_in_flight_though_the_team_did_not_say_
     assert factories.balance(app, team_id) == 90
     assert [p.status for p in automatic(app, team_id)] == [PaymentStatus.QUEUED]
     assert team_row(app, team_id).auto_topup_pending
+    errors = [r.getMessage() for r in caplog.records if r.name == "app.autotopup" and r.levelno == logging.ERROR]
+    assert errors == [f"team {team_id}: an automatic top-up is in flight already though none was pending; none queued"]
     with app.app_context():
         assert audit.audit().problems == []
 

@@ -351,3 +351,12 @@ def test_a_change_to_a_teams_card_or_automatic_top_up_holds_its_row_so_a_debit_w
     for thread in threads:
         thread.join(30)
     assert failures == [] and debited.is_set()
+
+
+def test_the_settings_are_checked_whoever_gives_them(app):
+    # The form checks them too; the rule itself is the module's.
+    with app.app_context():
+        assert autotopup.check(1, "starter", 1) == autotopup.Settings(1, "starter", 1)
+        for below in (None, 0, 10**12 + 1):
+            with pytest.raises(autotopup.NotAllowed, match="at least 1"):
+                autotopup.check(below, "starter", 1)
