@@ -505,3 +505,14 @@ def test_an_invoice_that_failed_waits_its_15_minutes_to_the_instant(app, web, cl
     monkeypatch.setattr(card_payments, "utcnow", lambda: now + timedelta(minutes=15))
     with app.app_context():
         assert dict(card_payments.invoice_due(services.stripe_client())) == {"invoiced": 1}
+
+
+def test_an_unfinished_invoice_is_voided_from_the_23rd_hour_to_the_instant(app, web, client, stripe_api, monkeypatch):
+    (payment_id,) = paid_top_ups(app, web, client, 1)
+    stripe_api.refuse_attach = True
+    with app.app_context():
+        assert dict(card_payments.invoice_due(services.stripe_client())) == {"later": 1}
+    paid_at = row(app, payment_id).paid_at
+    monkeypatch.setattr(card_payments, "utcnow", lambda: paid_at + timedelta(hours=23))
+    with app.app_context():
+        assert dict(card_payments.invoice_due(services.stripe_client())) == {"voided": 1}

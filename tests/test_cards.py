@@ -357,6 +357,20 @@ def test_the_settings_are_checked_whoever_gives_them(app):
     # The form checks them too; the rule itself is the module's.
     with app.app_context():
         assert autotopup.check(1, "starter", 1) == autotopup.Settings(1, "starter", 1)
+        assert autotopup.check(10**12, "starter", 1) == autotopup.Settings(10**12, "starter", 1)
         for below in (None, 0, 10**12 + 1):
             with pytest.raises(autotopup.NotAllowed, match="at least 1"):
                 autotopup.check(below, "starter", 1)
+
+
+def test_turning_off_leaves_a_top_up_its_webhook_already_credited_as_it_is(app, web, client, stripe_api):
+    # Stripe's event came before any buyer sent it (attempts 0): paid, and turning off changes nothing of it.
+    from tests.test_auto_topups import succeeded
+
+    team_id = turned_on(app, web, credits=100)
+    (queued,) = automatic(app, team_id)
+    succeeded(client, queued)
+    assert web.post("/billing/automatic", {"action": "off"}).status_code == 302
+    (paid,) = automatic(app, team_id)
+    assert (paid.status, paid.attempts, paid.failure) == (PaymentStatus.PAID, 0, None)
+    assert factories.balance(app, team_id) == 10_100
