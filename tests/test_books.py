@@ -11,7 +11,7 @@ from datetime import timedelta
 
 import pytest
 import stripe
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import delete, select, update
 
 import app.audit as audit_checks
 from app import billing, metering, packs, payments
@@ -29,7 +29,7 @@ from app.models import (
     utcnow,
 )
 from tests import factories
-from tests.servers import wait_for
+from tests.locks import second_waits_for_first
 from tests.stripe_helpers import WEBHOOK_SECRET, charge, checkout_session, deliver, event, sign
 
 
@@ -694,34 +694,7 @@ def test_a_refund_that_arrives_while_its_payment_is_being_credited_waits_for_the
     credit = event(
         "checkout.session.completed", checkout_session(customer.team_id, "cs_held", payment_intent="pi_held")
     )
-    refund = event("charge.refunded", charge(payment_intent="pi_held", amount_refunded=250))
-    credited, finished = threading.Event(), threading.Event()
-
-    def credit_and_hold():
-        with app.test_request_context():
-            # The credit is applied, with its locks, and not committed until the refund has had its chance.
-            payments.handle_event(stripe.Webhook.construct_event(credit, sign(credit), WEBHOOK_SECRET))
-            credited.set()
-            wait_for(
-                lambda: finished.is_set() or _waiting_for_a_lock(),
-                what="the refund to wait for the credit's locks (or to go ahead)",
-            )
-            assert not finished.is_set(), "the refund went ahead while its payment's credit was uncommitted"
-            db.session.commit()
-            db.session.remove()
-
-    def refund_now():
-        credited.wait(10)
-        assert deliver(app.test_client(), refund).status_code == 200
-        finished.set()
-
-    failures = []
-    threads = [threading.Thread(target=_recording(failures, step)) for step in (credit_and_hold, refund_now)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert failures == []
+    _refund_waits_for(app, credit)
     assert _taken_back(app, "cs_held") == 5000 and factories.balance(app, customer.team_id) == 5000
     assert problems(app) == []
 
@@ -736,57 +709,22 @@ def test_a_refund_that_arrives_while_an_automatic_top_up_is_being_credited_waits
     app = make_app()
     team_id = turned_on(app, factories.WebClient(app.test_client()), credits=100)
     (queued,) = automatic(app, team_id)
-    credit = event("payment_intent.succeeded", payment_intent(queued.idempotency_key, team_id, "pi_held"))
-    refund = event("charge.refunded", charge(payment_intent="pi_held", amount_refunded=250))
-    credited, finished = threading.Event(), threading.Event()
-
-    def credit_and_hold():
-        with app.test_request_context():
-            payments.handle_event(stripe.Webhook.construct_event(credit, sign(credit), WEBHOOK_SECRET))
-            credited.set()
-            wait_for(
-                lambda: finished.is_set() or _waiting_for_a_lock(),
-                what="the refund to wait for the credit's locks (or to go ahead)",
-            )
-            assert not finished.is_set(), "the refund went ahead while the top-up's credit was uncommitted"
-            db.session.commit()
-            db.session.remove()
-
-    def refund_now():
-        credited.wait(10)
-        assert deliver(app.test_client(), refund).status_code == 200
-        finished.set()
-
-    failures = []
-    threads = [threading.Thread(target=_recording(failures, step)) for step in (credit_and_hold, refund_now)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert failures == []
+    _refund_waits_for(
+        app, event("payment_intent.succeeded", payment_intent(queued.idempotency_key, team_id, "pi_held"))
+    )
     # Half the pack's price refunded: half its credits taken back.
     assert factories.balance(app, team_id) == 100 + 10_000 - 5_000
     assert problems(app) == []
 
 
-def _waiting_for_a_lock() -> bool:
-    """Whether a session of this database waits for a lock another one holds (PostgreSQL)."""
-    with db.engine.connect() as connection:
-        return bool(
-            connection.scalar(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity"
-                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-                )
-            )
-        )
-
-
-def _recording(failures: list, step):
-    def run():
-        try:
-            step()
-        except AssertionError as failure:
-            failures.append(str(failure))
-
-    return run
+def _refund_waits_for(app, credit: str) -> None:
+    """`credit` is applied, with its locks, and not committed until a refund of half of pi_held has had its
+    chance: the refund must wait for it."""
+    refund = event("charge.refunded", charge(payment_intent="pi_held", amount_refunded=250))
+    failures = second_waits_for_first(
+        app.test_request_context,
+        lambda: payments.handle_event(stripe.Webhook.construct_event(credit, sign(credit), WEBHOOK_SECRET)),
+        lambda: deliver(app.test_client(), refund),
+        "the refund",
+    )
+    assert failures == []

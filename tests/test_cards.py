@@ -6,7 +6,6 @@ tests/test_auto_topups.py walks the whole flow; these pin what the customer, Str
 
 import dataclasses
 import logging
-import threading
 from datetime import datetime
 
 import pytest
@@ -312,45 +311,28 @@ def test_a_change_to_a_teams_card_or_automatic_top_up_holds_its_row_so_a_debit_w
     from types import SimpleNamespace
 
     from app import card_payments, cards
-    from tests.servers import wait_for
-    from tests.test_books import _recording, _waiting_for_a_lock
+    from tests.locks import second_waits_for_first
 
     app = make_app()
     team_id = turned_on(app, factories.WebClient(app.test_client()), credits=20_000)
     if change == "fail a top-up":
         spend(app, team_id, 15_001)  # queues one
-    held, debited = threading.Event(), threading.Event()
 
-    def change_and_hold():
-        with app.app_context():
-            team = db.session.get(Team, team_id)
-            if change == "turn off":
-                autotopup.turn_off(team)
-            elif change == "keep a card":
-                card = SimpleNamespace(brand="visa", last4="1111", exp_month=1, exp_year=2031)
-                cards._keep(team, SimpleNamespace(id="pm_new", card=card))
-            elif change == "remove the card":
-                cards.removed(SimpleNamespace(id="pm_test_1"))
-            else:
-                (payment,) = db.session.scalars(select(Payment).where(Payment.team_id == team_id)).all()
-                assert card_payments.failed(payment, PaymentStatus.FAILED, "Declined.")
-            held.set()
-            wait_for(lambda: debited.is_set() or _waiting_for_a_lock(), what="the debit to wait (or to go ahead)")
-            assert not debited.is_set(), f"a debit went ahead while '{change}' held the team's row"
-            db.session.commit()
+    def make_the_change():
+        team = db.session.get(Team, team_id)
+        if change == "turn off":
+            autotopup.turn_off(team)
+        elif change == "keep a card":
+            card = SimpleNamespace(brand="visa", last4="1111", exp_month=1, exp_year=2031)
+            cards._keep(team, SimpleNamespace(id="pm_new", card=card))
+        elif change == "remove the card":
+            cards.removed(SimpleNamespace(id="pm_test_1"))
+        else:
+            (payment,) = db.session.scalars(select(Payment).where(Payment.team_id == team_id)).all()
+            assert card_payments.failed(payment, PaymentStatus.FAILED, "Declined.")
 
-    def debit_now():
-        held.wait(10)
-        spend(app, team_id, 10)
-        debited.set()
-
-    failures = []
-    threads = [threading.Thread(target=_recording(failures, step)) for step in (change_and_hold, debit_now)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert failures == [] and debited.is_set()
+    failures = second_waits_for_first(app.app_context, make_the_change, lambda: spend(app, team_id, 10), "a debit")
+    assert failures == []
 
 
 def test_the_settings_are_checked_whoever_gives_them(app):

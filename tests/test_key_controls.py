@@ -4,7 +4,6 @@ The key-management API that sets them over HTTP is tests/test_key_api.py's.
 """
 
 import re
-import threading
 import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -1014,36 +1013,18 @@ def test_what_a_key_spent_in_an_earlier_period_no_longer_counts_as_spent(app, cl
 def test_a_debit_of_a_key_waits_while_its_controls_are_being_changed(make_app, postgres_only):
     """keys.lock holds the key's row while its controls change: a request of that key charged meanwhile
     waits, so the change counts it (PostgreSQL: SQLite holds the whole database for a write anyway)."""
-    from tests.servers import wait_for
-    from tests.test_books import _recording, _waiting_for_a_lock
+    from tests.locks import second_waits_for_first
 
     app = make_app()
     customer = factories.customer(app, balance=1000)
-    locked, charged = threading.Event(), threading.Event()
 
-    def change_and_hold():
-        with app.app_context():
-            keys.lock(db.session.get(ApiKey, customer.key_id))
-            locked.set()
-            wait_for(
-                lambda: charged.is_set() or _waiting_for_a_lock(),
-                what="the key's debit to wait for the lock (or to go ahead)",
-            )
-            assert not charged.is_set(), "a debit of the key went ahead while its row was locked"
-            db.session.commit()
-
-    def charge_now():
-        locked.wait(10)
+    def charge():
         with app.app_context():
             factories.charge_speech(customer.team_id, 10)
             db.session.commit()
-        charged.set()
 
-    failures = []
-    threads = [threading.Thread(target=_recording(failures, step)) for step in (change_and_hold, charge_now)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert failures == [] and charged.is_set()
+    failures = second_waits_for_first(
+        app.app_context, lambda: keys.lock(db.session.get(ApiKey, customer.key_id)), charge, "a debit of the key"
+    )
+    assert failures == []
     assert factories.balance(app, customer.team_id) == 990

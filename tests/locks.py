@@ -1,0 +1,68 @@
+"""Proving a row or advisory lock on PostgreSQL: one transaction takes its locks and stays open while a
+second one starts; the second must wait for them, seen in pg_stat_activity, not by sleeping."""
+
+import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+from sqlalchemy import text
+
+from app.extensions import db
+from tests.servers import wait_for
+
+
+def waiting_for_a_lock() -> bool:
+    """Whether a session of this database waits for a lock another one holds (PostgreSQL)."""
+    with db.engine.connect() as connection:
+        return bool(
+            connection.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            )
+        )
+
+
+def recording(failures: list, step: Callable[[], None]) -> Callable[[], None]:
+    """`step`, with its assertion failures kept in `failures` (a thread's own are lost otherwise)."""
+
+    def run():
+        try:
+            step()
+        except AssertionError as failure:
+            failures.append(str(failure))
+
+    return run
+
+
+def second_waits_for_first(
+    context: Callable[[], AbstractContextManager], first: Callable[[], None], second: Callable[[], None], what: str
+) -> list[str]:
+    """Run `first` in a transaction of its own (inside `context()`) and keep it open while `second`
+    starts in another thread; `second` must wait for the locks `first` holds. The failures seen."""
+    held, finished = threading.Event(), threading.Event()
+
+    def hold():
+        with context():
+            first()
+            held.set()
+            wait_for(lambda: finished.is_set() or waiting_for_a_lock(), what=f"{what} to wait (or to go ahead)")
+            assert not finished.is_set(), f"{what} went ahead while the locks were held"
+            db.session.commit()
+            db.session.remove()
+
+    def then():
+        held.wait(10)
+        second()
+        finished.set()
+
+    failures = []
+    threads = [threading.Thread(target=recording(failures, step)) for step in (hold, then)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    if not finished.is_set():
+        failures.append(f"{what} never finished")
+    return failures
