@@ -256,3 +256,13 @@ def own_redis(tmp_path):
     yield f"redis://127.0.0.1:{port}/0", stop
     if server.poll() is None:
         stop()
+
+
+@pytest.fixture
+def stripe_api():
+    """Stripe's API as saved cards, automatic top-ups, invoices and the portal use it (tests.stripe_helpers.FakeStripe),
+    on a `responses` mock. tests/test_payments.py has its own: the bare mock, for Checkout."""
+    from tests.stripe_helpers import FakeStripe  # it reads this module's Stripe addresses
+
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield FakeStripe(mock)

@@ -96,6 +96,10 @@ def deliver(client, payload: bytes, signature: str | None = None):
     return client.post("/stripe/webhook", data=payload, headers=headers)
 
 
+# FakeStripe.latest_charge's default: the PaymentIntent's charge, with its receipt.
+RECEIPT = object()
+
+
 class FakeStripe:
     """Stripe's API as saved cards, automatic top-ups, invoices and the billing portal use it, on a
     `responses` mock, answering in Stripe's shapes.
@@ -129,8 +133,8 @@ class FakeStripe:
         self.invoice_status = "paid"
         # Whether an invoice has its hosted page yet (Stripe leaves the field out of a draft's answer).
         self.invoice_hosted = True
-        # What a retrieved PaymentIntent's latest_charge is (None: the charge it would have, with its receipt).
-        self.latest_charge = None
+        # What a retrieved PaymentIntent's latest_charge is: RECEIPT, its charge with a receipt, or as set.
+        self.latest_charge = RECEIPT
         # Invoices whose voiding is refused (400), and each invoice made, by its Idempotency-Key.
         self.refuse_void_of: set[str] = set()
         self.invoices: dict[str, str] = {}
@@ -294,9 +298,9 @@ class FakeStripe:
 
     def _retrieve_intent(self, path, params, headers):
         intent_id = path.rsplit("/", 1)[1]
-        charge = {"id": "ch_auto_1", "object": "charge", "receipt_url": f"{STRIPE_CHECKOUT}/receipts/{intent_id}"}
-        if self.latest_charge is not None:
-            charge = self.latest_charge() if callable(self.latest_charge) else self.latest_charge
+        charge = self.latest_charge
+        if charge is RECEIPT:
+            charge = {"id": "ch_auto_1", "object": "charge", "receipt_url": f"{STRIPE_CHECKOUT}/receipts/{intent_id}"}
         return 200, {"id": intent_id, "object": "payment_intent", "status": "succeeded", "latest_charge": charge}
 
     def _invoice(self, path, params, headers):

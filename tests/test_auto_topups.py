@@ -16,7 +16,6 @@ from datetime import timedelta
 
 import psycopg
 import pytest
-import responses
 from flask_migrate import downgrade, upgrade
 from sqlalchemy import event, func, select, text
 
@@ -44,15 +43,9 @@ from tests.stripe_helpers import event as stripe_event
 OWNER = "owner@example.com"
 
 
-@pytest.fixture
-def stripe_api():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield FakeStripe(mock)
-
-
-def owner(app, web, credits: int = 0) -> int:
+def owner(app, web, credits: int = 0, email: str = OWNER) -> int:
     """A signed-in owner on the billing page (its form's token at hand); their team's id."""
-    team_id = factories.signed_up(app, web, OWNER, credits=credits)
+    team_id = factories.signed_up(app, web, email, credits=credits)
     web.get("/billing")
     return team_id
 
@@ -66,9 +59,9 @@ def with_card(app, team_id: int) -> None:
         db.session.commit()
 
 
-def turned_on(app, web, credits: int, below: int = 5_000, monthly_limit: int = 5) -> int:
+def turned_on(app, web, credits: int, below: int = 5_000, monthly_limit: int = 5, email: str = OWNER) -> int:
     """A signed-in owner whose team has `credits`, a saved card and automatic top-up on; the team's id."""
-    team_id = owner(app, web, credits)
+    team_id = owner(app, web, credits, email)
     with_card(app, team_id)
     response = web.post("/billing/automatic", {"below": below, "pack": "starter", "monthly_limit": monthly_limit})
     assert response.status_code == 302, response.data
@@ -111,9 +104,10 @@ def a_day_passes(app, payment_id: int) -> None:
         db.session.commit()
 
 
-def buy(app) -> dict:
+def buy(app, limit: int = 50) -> dict:
+    """One call of the buyer (rounds of `limit`): how many top-ups it sent, failed and left for later."""
     with app.app_context():
-        return dict(card_payments.buy_due(services.stripe_client()))
+        return dict(card_payments.buy_due(services.stripe_client(), limit))
 
 
 def setup_completed(team_id: int, session_id: str = "cs_test_setup_1", setup_intent: str = "seti_test_1") -> dict:

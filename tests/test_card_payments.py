@@ -10,7 +10,6 @@ import threading
 from datetime import timedelta
 
 import pytest
-import responses
 from sqlalchemy import select
 
 from app import card_payments, services
@@ -21,12 +20,6 @@ from tests.stripe_helpers import FakeStripe
 from tests.test_auto_topups import OWNER, a_day_passes, automatic, buy, succeeded, team_row, turned_on
 
 LOGGER = "app.card_payments"
-
-
-@pytest.fixture
-def stripe_api():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield FakeStripe(mock)
 
 
 def logged(caplog, level=logging.WARNING) -> list[str]:
@@ -40,9 +33,10 @@ def row(app, payment_id: int) -> Payment:
         return payment
 
 
-def invoice(app) -> dict:
+def invoice(app, limit: int = 50) -> dict:
+    """One call of the invoicer (rounds of `limit`): how many invoices it made, left for later and voided."""
     with app.app_context():
-        return dict(card_payments.invoice_due(services.stripe_client(), limit=1))
+        return dict(card_payments.invoice_due(services.stripe_client(), limit))
 
 
 def test_stripe_is_asked_for_exactly_this_top_up_and_its_invoice(app, web, client, stripe_api, caplog):
@@ -71,7 +65,7 @@ def test_stripe_is_asked_for_exactly_this_top_up_and_its_invoice(app, web, clien
     with app.app_context():
         (note,) = db.session.scalars(select(LedgerEntry.note).where(LedgerEntry.payment_id == queued.id))
     assert note == "starter pack, automatic top-up, 5.00 USD"
-    assert invoice(app) == {"invoiced": 1}
+    assert invoice(app, limit=1) == {"invoiced": 1}
     description = "10,000 kokoro-pay credits (automatic top-up, starter pack)"
     ((created, _),) = stripe_api.called("POST", "/v1/invoices")[:1]
     assert created == {
@@ -157,15 +151,7 @@ def test_stripes_words_are_kept_to_400_characters_and_a_missing_message_names_th
 def owner_with_a_queued_top_up(app, web, email: str) -> int:
     """Another team, signed in as `web`, with a card and a queued automatic top-up; the payment's id."""
     web.post("/logout")
-    team_id = factories.signed_up(app, web, email, credits=100)
-    web.get("/billing")
-    with app.app_context():
-        team = db.session.get(Team, team_id)
-        team.stripe_customer_id, team.card_payment_method = FakeStripe.CUSTOMER, "pm_test_2"
-        team.card_brand, team.card_last4, team.card_expires = "visa", "4242", "12/2030"
-        db.session.commit()
-    assert web.post("/billing/automatic", {"below": 5_000, "pack": "starter", "monthly_limit": 5}).status_code == 302
-    (queued,) = automatic(app, team_id)
+    (queued,) = automatic(app, turned_on(app, web, credits=100, email=email))
     return queued.id
 
 
@@ -288,13 +274,12 @@ def test_invoices_are_made_oldest_first_a_round_at_a_time_and_tried_again_in_15_
         # without an order would meet it last).
         db.session.get(Payment, ids[0]).next_attempt_at = utcnow() - timedelta(minutes=1)
         db.session.commit()
-    assert invoice(app) == {"invoiced": 1}  # a round of one
+    assert invoice(app, limit=1) == {"invoiced": 1}  # a round of one
     assert [bool(row(app, payment_id).invoice_id) for payment_id in ids] == [True, False, False]
 
     stripe_api.refuse_attach = True
     before = utcnow()
-    with app.app_context():
-        assert dict(card_payments.invoice_due(services.stripe_client())) == {"later": 2}
+    assert invoice(app) == {"later": 2}
     for payment_id in ids[1:]:
         waiting = row(app, payment_id)
         assert waiting.invoice_id is None
@@ -322,8 +307,7 @@ def test_each_invoice_not_finished_within_a_day_is_voided_though_one_cannot_be_y
     caplog.clear()
     # Finalised, open: voided (a draft would be deleted); Stripe refuses the first.
     stripe_api.invoice_status, stripe_api.refuse_void_of = "open", {drafts[0]}
-    with app.app_context():
-        assert dict(card_payments.invoice_due(services.stripe_client())) == {"voided": 2}
+    assert invoice(app) == {"voided": 2}
     assert [row(app, payment_id).draft_invoice_id for payment_id in ids] == [drafts[0], None, None]
     keys = [row(app, payment_id).idempotency_key for payment_id in ids]
     (refused,) = stripe_api.answered_to(f"{drafts[0]}")[-1:]
@@ -392,8 +376,7 @@ def test_an_unfinished_invoice_still_a_draft_is_deleted_not_voided(app, web, cli
         db.session.commit()
     draft = row(app, payment_id).draft_invoice_id
     stripe_api.invoice_status = "draft"
-    with app.app_context():
-        assert dict(card_payments.invoice_due(services.stripe_client())) == {"voided": 1}
+    assert invoice(app) == {"voided": 1}
     assert len(stripe_api.called("DELETE", f"/v1/invoices/{draft}")) == 1
     assert stripe_api.called("POST", f"/v1/invoices/{draft}/void") == []
     assert row(app, payment_id).draft_invoice_id is None
@@ -440,8 +423,7 @@ def test_a_call_sends_every_due_top_up_oldest_first_whatever_the_rounds_size(app
         # The oldest row written last: PostgreSQL keeps its new version after the other's.
         db.session.get(Payment, first).next_attempt_at = utcnow() - timedelta(minutes=1)
         db.session.commit()
-    with app.app_context():
-        assert dict(card_payments.buy_due(services.stripe_client(), limit=1)) == {"sent": 2}
+    assert buy(app, limit=1) == {"sent": 2}
     sent = [params["metadata[kokoro_pay_auto_topup]"] for params, _ in stripe_api.called("POST", "/v1/payment_intents")]
     assert sent == [row(app, first).idempotency_key, row(app, second).idempotency_key]
 
@@ -460,13 +442,11 @@ def test_rows_that_cannot_be_sent_now_end_a_call_at_once(app, web, stripe_api, m
         db.session.get(Payment, later).next_attempt_at = now + timedelta(microseconds=1)
         db.session.commit()
     monkeypatch.setattr(card_payments, "utcnow", lambda: now)
-    with app.app_context():
-        assert dict(card_payments.buy_due(services.stripe_client(), limit=1)) == {}
+    assert buy(app, limit=1) == {}
     assert row(app, ended).status == PaymentStatus.FAILED
     # Due at this very instant: sent.
     monkeypatch.setattr(card_payments, "utcnow", lambda: now + timedelta(microseconds=1))
-    with app.app_context():
-        assert dict(card_payments.buy_due(services.stripe_client(), limit=1)) == {"failed": 2}
+    assert buy(app, limit=1) == {"failed": 2}
 
 
 def test_an_invoice_is_made_within_23_hours_of_the_payment_and_not_retried_before_15_minutes(
@@ -482,8 +462,7 @@ def test_an_invoice_is_made_within_23_hours_of_the_payment_and_not_retried_befor
     # 23 hours on: the first two are still due (a day's last instant), the third was paid a moment earlier:
     # left alone (nothing is asked of Stripe for it; with no invoice begun, nothing is voided either).
     monkeypatch.setattr(card_payments, "utcnow", lambda: paid_at + timedelta(hours=23) - timedelta(microseconds=1))
-    with app.app_context():
-        assert dict(card_payments.invoice_due(services.stripe_client())) == {"invoiced": 2}
+    assert invoice(app) == {"invoiced": 2}
     assert [bool(row(app, payment_id).invoice_id) for payment_id in ids] == [True, True, False]
     made = [
         h["Idempotency-Key"]
@@ -498,21 +477,17 @@ def test_an_invoice_that_failed_waits_its_15_minutes_to_the_instant(app, web, cl
     stripe_api.refuse_attach = True
     now = utcnow()
     monkeypatch.setattr(card_payments, "utcnow", lambda: now)
-    with app.app_context():
-        assert dict(card_payments.invoice_due(services.stripe_client())) == {"later": 1}
-        assert dict(card_payments.invoice_due(services.stripe_client())) == {}  # not before its time
+    assert invoice(app) == {"later": 1}
+    assert invoice(app) == {}  # not before its time
     stripe_api.refuse_attach = False
     monkeypatch.setattr(card_payments, "utcnow", lambda: now + timedelta(minutes=15))
-    with app.app_context():
-        assert dict(card_payments.invoice_due(services.stripe_client())) == {"invoiced": 1}
+    assert invoice(app) == {"invoiced": 1}
 
 
 def test_an_unfinished_invoice_is_voided_from_the_23rd_hour_to_the_instant(app, web, client, stripe_api, monkeypatch):
     (payment_id,) = paid_top_ups(app, web, client, 1)
     stripe_api.refuse_attach = True
-    with app.app_context():
-        assert dict(card_payments.invoice_due(services.stripe_client())) == {"later": 1}
+    assert invoice(app) == {"later": 1}
     paid_at = row(app, payment_id).paid_at
     monkeypatch.setattr(card_payments, "utcnow", lambda: paid_at + timedelta(hours=23))
-    with app.app_context():
-        assert dict(card_payments.invoice_due(services.stripe_client())) == {"voided": 1}
+    assert invoice(app) == {"voided": 1}

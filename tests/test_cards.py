@@ -9,7 +9,6 @@ import logging
 from datetime import datetime
 
 import pytest
-import responses
 from flask_sqlalchemy.session import Session
 from sqlalchemy import select
 
@@ -33,18 +32,10 @@ from tests.test_auto_topups import (
 )
 
 
-@pytest.fixture
-def stripe_api():
-    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
-        yield FakeStripe(mock)
-
-
 def other_team(app, web, email: str = "other@example.com") -> int:
     """Another person's team, `web` signed in as them on the billing page."""
     web.post("/logout")
-    team_id = factories.signed_up(app, web, email)
-    web.get("/billing")
-    return team_id
+    return owner(app, web, email=email)
 
 
 def outcome(client, event_type: str, obj: dict) -> str:
@@ -166,10 +157,8 @@ def test_turning_off_calls_off_only_this_teams_top_up_that_was_never_sent(app, w
         db.session.commit()
     web.post("/billing/automatic", {"below": 5_000, "pack": "starter", "monthly_limit": 5})
     (_, waiting) = automatic(app, team_id)
-    second = other_team(app, web)
-    with_card(app, second)
-    web.post("/billing/automatic", {"below": 5_000, "pack": "starter", "monthly_limit": 5})
-    (theirs,) = automatic(app, second)
+    web.post("/logout")
+    (theirs,) = automatic(app, turned_on(app, web, credits=100, email="other@example.com"))
 
     web.post("/logout")
     web.login(OWNER)
@@ -230,7 +219,7 @@ def test_a_removed_card_tells_which_team_stopped_and_asks_no_one_to_confirm_a_pa
 @pytest.mark.parametrize(
     "latest_charge",
     [
-        lambda: None,  # no charge yet (the intent is still processing)
+        None,  # no charge yet (the intent is still processing)
         {"id": "ch_auto_1", "object": "charge"},  # a charge without its receipt yet
         "ch_auto_1",  # a charge Stripe did not expand
     ],
