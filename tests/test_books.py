@@ -30,7 +30,8 @@ from app.models import (
 )
 from tests import factories
 from tests.locks import second_waits_for_first
-from tests.stripe_helpers import WEBHOOK_SECRET, charge, checkout_session, deliver, event, sign
+from tests.stripe_helpers import WEBHOOK_SECRET, charge, checkout_session, deliver, event, payment_intent, sign
+from tests.test_auto_topups import automatic, turned_on
 
 
 def problems(app) -> list[str]:
@@ -703,9 +704,6 @@ def test_a_refund_that_arrives_while_an_automatic_top_up_is_being_credited_waits
     make_app, postgres_only
 ):
     """The same race for an automatic top-up, credited by its payment_intent.succeeded event."""
-    from tests.stripe_helpers import payment_intent
-    from tests.test_auto_topups import automatic, turned_on
-
     app = make_app()
     team_id = turned_on(app, factories.WebClient(app.test_client()), credits=100)
     (queued,) = automatic(app, team_id)

@@ -7,15 +7,17 @@ tests/test_auto_topups.py walks the whole flow; these pin what the customer, Str
 import dataclasses
 import logging
 from datetime import datetime
+from types import SimpleNamespace
 
 import pytest
 from flask_sqlalchemy.session import Session
 from sqlalchemy import select
 
-from app import autotopup
+from app import autotopup, card_payments, cards
 from app.extensions import db
 from app.models import Payment, PaymentKind, PaymentStatus, Team
 from tests import factories
+from tests.locks import second_waits_for_first
 from tests.stripe_helpers import FakeStripe, deliver
 from tests.stripe_helpers import event as stripe_event
 from tests.test_auto_topups import (
@@ -26,6 +28,7 @@ from tests.test_auto_topups import (
     owner,
     setup_completed,
     spend,
+    succeeded,
     team_row,
     turned_on,
     with_card,
@@ -114,8 +117,6 @@ def test_a_removed_card_pauses_only_an_automatic_top_up_that_is_on(app, web, cli
 
 
 def test_a_receipt_is_asked_for_with_its_charge_expanded(app, web, client, stripe_api):
-    from tests.test_auto_topups import succeeded
-
     team_id = turned_on(app, web, credits=100)
     (queued,) = automatic(app, team_id)
     buy(app)
@@ -226,8 +227,6 @@ def test_a_removed_card_tells_which_team_stopped_and_asks_no_one_to_confirm_a_pa
     ids=["no charge", "no receipt", "not expanded"],
 )
 def test_a_payment_with_no_receipt_yet_says_so_and_links_nowhere(app, web, client, stripe_api, latest_charge):
-    from tests.test_auto_topups import succeeded
-
     team_id = turned_on(app, web, credits=100)
     (queued,) = automatic(app, team_id)
     buy(app)
@@ -297,11 +296,6 @@ def test_a_pack_no_longer_sold_pauses_automatic_top_up_and_says_which(app, web, 
 def test_a_change_to_a_teams_card_or_automatic_top_up_holds_its_row_so_a_debit_waits(make_app, postgres_only, change):
     """Each takes the team's row before it reads the settings it changes; a debit of the team meanwhile
     (which may queue a top-up by those settings) waits for it (PostgreSQL: SQLite holds the whole database)."""
-    from types import SimpleNamespace
-
-    from app import card_payments, cards
-    from tests.locks import second_waits_for_first
-
     app = make_app()
     team_id = turned_on(app, factories.WebClient(app.test_client()), credits=20_000)
     if change == "fail a top-up":
@@ -336,8 +330,6 @@ def test_the_settings_are_checked_whoever_gives_them(app):
 
 def test_turning_off_leaves_a_top_up_its_webhook_already_credited_as_it_is(app, web, client, stripe_api):
     # Stripe's event came before any buyer sent it (attempts 0): paid, and turning off changes nothing of it.
-    from tests.test_auto_topups import succeeded
-
     team_id = turned_on(app, web, credits=100)
     (queued,) = automatic(app, team_id)
     succeeded(client, queued)

@@ -17,6 +17,7 @@ from app.extensions import db
 from app.models import ApiKey, KeyKind, LedgerEntry, SpeechRequest, TeamRole, User
 from tests import factories
 from tests.fake_upstream import FakeUpstream
+from tests.locks import second_waits_for_first
 from tests.servers import race_speech
 
 SPEECH = "/v1/audio/speech"
@@ -1013,8 +1014,6 @@ def test_what_a_key_spent_in_an_earlier_period_no_longer_counts_as_spent(app, cl
 def test_a_debit_of_a_key_waits_while_its_controls_are_being_changed(make_app, postgres_only):
     """keys.lock holds the key's row while its controls change: a request of that key charged meanwhile
     waits, so the change counts it (PostgreSQL: SQLite holds the whole database for a write anyway)."""
-    from tests.locks import second_waits_for_first
-
     app = make_app()
     customer = factories.customer(app, balance=1000)
 
