@@ -290,6 +290,25 @@ def test_the_debit_that_crosses_queues_one_top_up_and_the_buyer_pays_it_with_one
         assert audit.audit().problems == []
 
 
+def test_the_top_up_queued_is_of_the_pack_saved_last_though_the_request_read_its_team_before(app, web):
+    # A speech request reads its team (as the playground's does), the owner saves another pack in another
+    # tab, then the request's debit crosses the threshold: the top-up it queues buys the pack saved last.
+    team_id = turned_on(app, web, credits=5_010)
+    with app.app_context():
+        owner_id = db.session.scalar(select(Membership.user_id).where(Membership.team_id == team_id))
+        # Read, held (as the playground holds its team through the request) and not committed: the
+        # session's identity map keeps it only while it is referenced.
+        read = db.session.get(Team, team_id)
+        assert read.auto_topup_pack == "starter"
+        with app.app_context():  # the other tab, a session of its own
+            db.session.get(Team, team_id).auto_topup_pack = "pro"
+            db.session.commit()
+        factories.charge_speech(read.id, 20, made_by_id=owner_id, key_id=None)
+        db.session.commit()
+    (queued,) = automatic(app, team_id)
+    assert (queued.pack, queued.credits, queued.amount_cents) == ("pro", 250_000, 8_000)
+
+
 def test_a_checkout_payment_intent_is_not_an_automatic_top_up(app, web, client, stripe_api):
     team_id = owner(app, web, 10)
     checkout_intent = {"id": "pi_checkout", "object": "payment_intent", "metadata": {}, "status": "succeeded"}

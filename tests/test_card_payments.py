@@ -17,7 +17,7 @@ from app.extensions import db
 from app.models import LedgerEntry, Payment, PaymentStatus, Team, utcnow
 from tests import factories
 from tests.stripe_helpers import FakeStripe
-from tests.test_auto_topups import OWNER, a_day_passes, automatic, buy, succeeded, team_row, turned_on
+from tests.test_auto_topups import OWNER, a_day_passes, automatic, buy, spend, succeeded, team_row, turned_on
 
 LOGGER = "app.card_payments"
 
@@ -417,12 +417,17 @@ def test_a_card_error_that_names_no_payment_intent_fails_the_top_up_all_the_same
 
 
 def test_a_call_sends_every_due_top_up_oldest_first_whatever_the_rounds_size(app, web, stripe_api):
-    first = automatic(app, turned_on(app, web, credits=100))[0].id
-    second = owner_with_a_queued_top_up(app, web, "other@example.com")
+    # The oldest top-up is the later team's, and its row was written last: neither the teams' order (an index
+    # on team_id) nor the order rows lie in (PostgreSQL keeps an updated row's new version after the others)
+    # is the order they were queued in.
+    first_team = turned_on(app, web, credits=6_000)
+    first = owner_with_a_queued_top_up(app, web, "other@example.com")
+    spend(app, first_team, 2_000)
+    (second,) = [payment.id for payment in automatic(app, first_team)]
     with app.app_context():
-        # The oldest row written last: PostgreSQL keeps its new version after the other's.
         db.session.get(Payment, first).next_attempt_at = utcnow() - timedelta(minutes=1)
         db.session.commit()
+    assert first < second
     assert buy(app, limit=1) == {"sent": 2}
     sent = [params["metadata[kokoro_pay_auto_topup]"] for params, _ in stripe_api.called("POST", "/v1/payment_intents")]
     assert sent == [row(app, first).idempotency_key, row(app, second).idempotency_key]
