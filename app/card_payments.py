@@ -63,7 +63,7 @@ def _due_ids(limit: int) -> list[int]:
         .where(
             Payment.kind == PaymentKind.AUTOMATIC,
             Payment.status == PaymentStatus.QUEUED,
-            or_(Payment.next_attempt_at.is_(None), Payment.next_attempt_at <= now),
+            Payment.next_attempt_at <= now,
             or_(Payment.claimed_until.is_(None), Payment.claimed_until < now),
         )
         .order_by(Payment.id)
@@ -289,7 +289,7 @@ def invoice_due(client: stripe.StripeClient, limit: int = 50) -> Counter:
         .where(
             *waiting,
             Payment.paid_at > now - GIVE_UP_AFTER,
-            or_(Payment.next_attempt_at.is_(None), Payment.next_attempt_at <= now),
+            Payment.next_attempt_at <= now,
         )
         .order_by(Payment.id)
         .limit(limit)

@@ -479,7 +479,8 @@ class Payment(db.Model):
     draft_invoice_id: Mapped[Optional[str]] = mapped_column(String(255))
     # Why an automatic top-up failed (Stripe's message), for the team and the operator.
     failure: Mapped[Optional[str]] = mapped_column(String(500))
-    # The worker's tries of an automatic top-up: how many, its claim on it, when it is due again.
+    # The worker's tries of an automatic top-up: how many, its claim on it, when it is due again (set
+    # when it is queued, so never null for one: the buyer and the invoicer take a row only once it is due).
     attempts: Mapped[int] = mapped_column(default=0, server_default="0")
     claimed_until: Mapped[Optional[datetime]]
     next_attempt_at: Mapped[Optional[datetime]]

@@ -594,6 +594,29 @@ def test_the_monthly_cap_stops_queueing_until_the_next_month(app, web, client, s
     assert [p.status for p in automatic(app, team_id)][-1] == PaymentStatus.QUEUED
 
 
+def test_a_top_up_queued_in_a_months_last_instant_counts_in_that_month_not_the_next(
+    app, web, client, stripe_api, monkeypatch
+):
+    # The clock stopped at the last microsecond of last month: the top-up it queues is dated then, so this
+    # month's cap of one is whole and the next debit below queues this month's.
+    this_month = autotopup.month_start(utcnow())
+    team_id = turned_on(app, web, credits=5_100, monthly_limit=1)
+
+    def clock_at(moment):
+        for module in (autotopup, metering, billing, card_payments):
+            monkeypatch.setattr(module, "utcnow", lambda: moment)
+
+    clock_at(this_month - timedelta(microseconds=1))
+    spend(app, team_id, 200)
+    (last_months,) = automatic(app, team_id)
+    assert last_months.created_at == this_month - timedelta(microseconds=1)
+    assert buy(app) == {"sent": 1}
+    succeeded(client, last_months)
+    clock_at(this_month)
+    spend(app, team_id, 10_000)
+    assert [payment.status for payment in automatic(app, team_id)] == [PaymentStatus.PAID, PaymentStatus.QUEUED]
+
+
 # Refunds and disputes, the audit.
 
 
