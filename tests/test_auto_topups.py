@@ -234,7 +234,8 @@ def test_automatic_top_up_needs_a_saved_card(app, web):
     team_id = owner(app, web, 100)
     response = web.post("/billing/automatic", {"below": 5000, "pack": "starter", "monthly_limit": 5})
     assert response.status_code == 302
-    assert "Save a card first" in web.get("/billing").get_data(as_text=True)
+    flashed = '<div class="flash error" role="status">Save a card first: automatic top-ups pay with it.</div>'
+    assert flashed in web.get("/billing").get_data(as_text=True)
     assert team_row(app, team_id).auto_topup_below is None
 
 
@@ -1190,6 +1191,12 @@ def test_a_debit_goes_on_when_a_top_up_is_in_flight_though_the_team_did_not_say_
     assert errors == [f"team {team_id}: an automatic top-up is in flight already though none was pending; none queued"]
     with app.app_context():
         assert audit.audit().problems == []
+
+
+@pytest.mark.parametrize(("credits", "queued"), [(5_000, 0), (4_999, 1)])
+def test_turning_it_on_queues_one_only_when_the_balance_is_below_the_threshold(app, web, credits, queued):
+    team_id = turned_on(app, web, credits=credits, below=5_000)
+    assert len(automatic(app, team_id)) == queued
 
 
 def test_a_balance_left_exactly_at_the_threshold_queues_no_top_up_and_one_credit_below_does(app, web):

@@ -319,13 +319,23 @@ def test_a_change_to_a_teams_card_or_automatic_top_up_holds_its_row_so_a_debit_w
 
 
 def test_the_settings_are_checked_whoever_gives_them(app):
-    # The form checks them too; the rule itself is the module's.
+    # The form checks them too; the rule itself is the module's, and its words are what the page shows.
+    threshold = "The threshold must be a whole number of credits, at least 1."
+    pack = "Choose one of the credit packs."
+    cap = f"The monthly cap must be between 1 and {autotopup.MONTHLY_LIMIT_MAX} top-ups."
     with app.app_context():
-        assert autotopup.check(1, "starter", 1) == autotopup.Settings(1, "starter", 1)
-        assert autotopup.check(10**12, "starter", 1) == autotopup.Settings(10**12, "starter", 1)
-        for below in (None, 0, 10**12 + 1):
-            with pytest.raises(autotopup.NotAllowed, match="at least 1"):
-                autotopup.check(below, "starter", 1)
+        for below, pack_name, monthly_limit in [(1, "starter", 1), (10**12, "pro", autotopup.MONTHLY_LIMIT_MAX)]:
+            settings = autotopup.check(below, pack_name, monthly_limit)
+            assert settings == autotopup.Settings(below, pack_name, monthly_limit)
+        refused = [
+            *[((below, "starter", 1), threshold) for below in (None, 0, 10**12 + 1)],
+            *[((1, name, 1), pack) for name in (None, "", "gold")],
+            *[((1, "starter", limit), cap) for limit in (None, 0, autotopup.MONTHLY_LIMIT_MAX + 1)],
+        ]
+        for given, words in refused:
+            with pytest.raises(autotopup.NotAllowed) as refusal:
+                autotopup.check(*given)
+            assert str(refusal.value) == words, given
 
 
 def test_turning_off_leaves_a_top_up_its_webhook_already_credited_as_it_is(app, web, client, stripe_api):
