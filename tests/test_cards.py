@@ -11,11 +11,12 @@ from types import SimpleNamespace
 
 import pytest
 from flask_sqlalchemy.session import Session
-from sqlalchemy import select
+from sqlalchemy import event, select, text
+from sqlalchemy.exc import OperationalError
 
 from app import autotopup, card_payments, cards
 from app.extensions import db
-from app.models import Payment, PaymentKind, PaymentStatus, Team
+from app.models import Membership, Payment, PaymentKind, PaymentStatus, Team, User
 from tests import factories
 from tests.locks import second_waits_for_first
 from tests.stripe_helpers import FakeStripe, deliver
@@ -316,6 +317,33 @@ def test_a_change_to_a_teams_card_or_automatic_top_up_holds_its_row_so_a_debit_w
 
     failures = second_waits_for_first(app.app_context, make_the_change, lambda: spend(app, team_id, 10), "a debit")
     assert failures == []
+
+
+def test_turning_automatic_top_up_on_holds_the_teams_row_from_the_read_it_decides_on(make_app, postgres_only):
+    """turn_on decides by the balance and by whether a top-up is pending: the read itself locks the row, so no
+    debit changes either before the decision (its own write would lock the row only afterwards)."""
+    app = make_app()
+    team_id = turned_on(app, factories.WebClient(app.test_client()), credits=20_000)
+    held = []
+
+    def try_to_lock(_team, _context, _attributes):
+        with db.engine.connect() as other:
+            try:
+                other.execute(text("SELECT id FROM teams WHERE id = :id FOR UPDATE NOWAIT"), {"id": team_id})
+                held.append(False)
+            except OperationalError:
+                held.append(True)
+
+    event.listen(Team, "refresh", try_to_lock)
+    try:
+        with app.app_context():
+            owner_id = db.session.scalar(select(Membership.user_id).where(Membership.team_id == team_id))
+            team, person = db.session.get(Team, team_id), db.session.get(User, owner_id)
+            assert autotopup.turn_on(team, person, autotopup.Settings(6_000, "pro", 5)) is None
+            db.session.rollback()
+    finally:
+        event.remove(Team, "refresh", try_to_lock)
+    assert held == [True]
 
 
 def test_the_settings_are_checked_whoever_gives_them(app):
