@@ -6,7 +6,7 @@ tests/test_auto_topups.py walks the whole flow; these pin what the customer, Str
 
 import dataclasses
 import logging
-from datetime import datetime
+from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import pytest
@@ -19,7 +19,7 @@ from app.extensions import db
 from app.models import Membership, Payment, PaymentKind, PaymentStatus, Team, User
 from tests import factories
 from tests.locks import second_waits_for_first
-from tests.stripe_helpers import FakeStripe, deliver
+from tests.stripe_helpers import FakeStripe, checkout_session, deliver
 from tests.stripe_helpers import event as stripe_event
 from tests.test_auto_topups import (
     OWNER,
@@ -83,6 +83,57 @@ def test_what_stripe_says_of_a_card_is_kept_to_the_columns_width(app, web, clien
     team = team_row(app, team_id)
     assert (team.card_brand, team.card_last4, team.card_expires) == ("b" * 32, "1234", "01/2031")
     assert said == f"card {'b' * 32} 1234 saved for team {team_id}"
+
+
+def test_the_setup_intent_is_asked_for_with_its_card(app, web, client, stripe_api):
+    team_id = owner(app, web)
+    web.post("/billing/card")
+    outcome(client, "checkout.session.completed", setup_completed(team_id))
+    ((params, _),) = stripe_api.called("GET", "/v1/setup_intents/seti_test_1")
+    assert params == {"expand[0]": "payment_method"}
+
+
+def test_a_setup_with_no_setup_intent_customer_or_stripe_key_is_not_applied_and_says_why(make_app, stripe_api):
+    app = make_app()
+    web = factories.WebClient(app.test_client())
+    team_id = owner(app, web)
+    web.post("/billing/card")
+    # Stripe writes null; an event without the field at all is taken the same way (app/payments.py's OPTIONAL).
+    intentless = setup_completed(team_id) | {"setup_intent": None}
+    assert outcome(app.test_client(), "checkout.session.completed", intentless) == (
+        "setup session without a setup intent"
+    )
+    del intentless["setup_intent"]
+    assert outcome(app.test_client(), "checkout.session.completed", intentless) == (
+        "setup session without a setup intent"
+    )
+    customerless = setup_completed(team_id)
+    del customerless["customer"]
+    assert outcome(app.test_client(), "checkout.session.completed", customerless) == "a customer of no team of ours"
+    modeless = checkout_session(team_id, session_id="cs_test_nobodys")
+    del modeless["mode"]
+    assert outcome(app.test_client(), "checkout.session.completed", modeless) == "unknown checkout session"
+    keyless = make_app(STRIPE_SECRET_KEY="")
+    assert outcome(keyless.test_client(), "checkout.session.completed", setup_completed(team_id)) == (
+        "not applied: STRIPE_SECRET_KEY is not set, so the card cannot be looked up"
+    )
+    assert team_row(app, team_id).card_payment_method is None
+
+
+def test_a_setup_made_in_the_very_second_the_card_was_saved_is_not_older_and_is_applied(
+    app, web, client, stripe_api, monkeypatch
+):
+    team_id = owner(app, web)
+    web.post("/billing/card")
+    saved_at = datetime(2026, 12, 4, 12, 0, 0, tzinfo=timezone.utc)
+    monkeypatch.setattr(cards, "utcnow", lambda: saved_at)
+    first = setup_completed(team_id, "cs_test_setup_1", "seti_first") | {"created": int(saved_at.timestamp()) - 60}
+    outcome(client, "checkout.session.completed", first)
+    assert team_row(app, team_id).card_saved_at == saved_at
+    stripe_api.CARD = {"brand": "mastercard", "last4": "4444", "exp_month": 2, "exp_year": 2032}
+    same_second = setup_completed(team_id, "cs_test_setup_2", "seti_second") | {"created": int(saved_at.timestamp())}
+    assert outcome(client, "checkout.session.completed", same_second).startswith("card mastercard 4444 saved")
+    assert team_row(app, team_id).card_last4 == "4444"
 
 
 def test_a_card_event_of_a_customer_that_is_no_teams_any_more_saves_nothing(app, web, client, stripe_api):
