@@ -120,6 +120,8 @@ class FakeStripe:
         self.intents: dict[str, tuple[int, dict]] = {}
         self.intent_outcome = intent_outcome
         self.intent_status = "succeeded"
+        # A SetupIntent's status and its payment method's type (None: no payment method).
+        self.setup_status, self.setup_method = "succeeded", "card"
         self.error_message = None
         # Whether a card error names the PaymentIntent it made (Stripe's do when one was made).
         self.error_intent = True
@@ -222,15 +224,15 @@ class FakeStripe:
         method = {
             "id": "pm_test_1",
             "object": "payment_method",
-            "type": "card",
-            "card": self.CARD,
+            "type": self.setup_method,
+            "card": self.CARD if self.setup_method == "card" else None,
             "customer": self.CUSTOMER,
         }
         return 200, {
             "id": path.rsplit("/", 1)[1],
             "object": "setup_intent",
-            "status": "succeeded",
-            "payment_method": method,
+            "status": self.setup_status,
+            "payment_method": method if self.setup_method else None,
         }
 
     def _payment_method(self, path, params, headers):

@@ -93,6 +93,22 @@ def test_the_setup_intent_is_asked_for_with_its_card(app, web, client, stripe_ap
     assert params == {"expand[0]": "payment_method"}
 
 
+@pytest.mark.parametrize(
+    ("status", "method", "said"),
+    [
+        ("requires_payment_method", "card", "setup intent seti_test_1 saved no card (requires_payment_method)"),
+        ("succeeded", None, "setup intent seti_test_1 saved no card (succeeded)"),
+        ("succeeded", "sepa_debit", "setup intent seti_test_1 saved no card (succeeded)"),
+    ],
+)
+def test_a_setup_that_saved_no_card_keeps_nothing_and_says_so(app, web, client, stripe_api, status, method, said):
+    team_id = owner(app, web)
+    web.post("/billing/card")
+    stripe_api.setup_status, stripe_api.setup_method = status, method
+    assert outcome(client, "checkout.session.completed", setup_completed(team_id)) == said
+    assert team_row(app, team_id).card_payment_method is None
+
+
 def test_a_setup_with_no_setup_intent_customer_or_stripe_key_is_not_applied_and_says_why(make_app, stripe_api):
     app = make_app()
     web = factories.WebClient(app.test_client())
