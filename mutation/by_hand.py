@@ -1,0 +1,58 @@
+"""Check mutation/by_hand.txt again: `python -m mutation.by_hand [mutant …]`.
+
+Each line of mutation/by_hand.txt names a mutant that mutmut's own run recorded as surviving and
+the SQLite test that kills it when plain pytest runs that test from mutants/ with the mutant
+switched on (mutmut's MUTANT_UNDER_TEST; `python -m mutation.generate` writes mutants/ without
+a run). mutation/report.py counts those lines as killed, so this re-runs every one (or those
+named) and exits 1 when a named test no longer fails: the line must then go.
+
+Why such lines exist: a kept result stands until its function changes, not when a test that
+kills it is added (a run re-checks only what it is named); and mutmut runs a mutant's tests in
+a child forked from its own long-lived test process, where a few mutants that the same tests,
+in the same order, kill in a fresh pytest process were recorded as surviving (mutation/FINDINGS.md,
+2026-12-04, night).
+"""
+
+import os
+import subprocess
+import sys
+
+from mutation.report import BY_HAND, ROOT, equivalents
+
+
+def kills(mutant: str, test: str) -> bool:
+    """Whether `test` fails with `mutant` switched on (a usage or collection error is no kill)."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", test],
+        cwd=ROOT / "mutants",
+        env={**os.environ, "MUTANT_UNDER_TEST": mutant},
+        capture_output=True,
+        text=True,
+    )
+    if run.returncode not in (0, 1):
+        raise RuntimeError(f"pytest exited {run.returncode} for {mutant}:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
+    return run.returncode == 1
+
+
+def main(names: list[str]) -> int:
+    if not (ROOT / "mutants").exists():
+        print("no mutants/: run `python -m mutation.generate` first", file=sys.stderr)
+        return 2
+    lines = equivalents(BY_HAND)
+    unknown = [name for name in names if name not in lines]
+    if unknown:
+        print(f"not in {BY_HAND.name}: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    wrong = []
+    for mutant, test in lines.items():
+        if names and mutant not in names:
+            continue
+        killed = kills(mutant, test)
+        print(f"{mutant}: {'killed' if killed else 'SURVIVES'} by {test}", file=sys.stderr, flush=True)
+        if not killed:
+            wrong.append(mutant)
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
