@@ -85,12 +85,16 @@ def test_what_stripe_says_of_a_card_is_kept_to_the_columns_width(app, web, clien
     assert said == f"card {'b' * 32} 1234 saved for team {team_id}"
 
 
-def test_the_setup_intent_is_asked_for_with_its_card(app, web, client, stripe_api):
+def test_the_setup_intent_and_the_customer_are_asked_for_with_their_card(app, web, client, stripe_api):
     team_id = owner(app, web)
     web.post("/billing/card")
     outcome(client, "checkout.session.completed", setup_completed(team_id))
     ((params, _),) = stripe_api.called("GET", "/v1/setup_intents/seti_test_1")
     assert params == {"expand[0]": "payment_method"}
+    changed = {"id": FakeStripe.CUSTOMER, "object": "customer", "invoice_settings": {}}
+    assert outcome(client, "customer.updated", changed) == "no new default card"
+    ((params, _),) = stripe_api.called("GET", f"/v1/customers/{FakeStripe.CUSTOMER}")
+    assert params == {"expand[0]": "invoice_settings.default_payment_method"}
 
 
 @pytest.mark.parametrize(
