@@ -113,6 +113,30 @@ def test_a_setup_that_saved_no_card_keeps_nothing_and_says_so(app, web, client, 
     assert team_row(app, team_id).card_payment_method is None
 
 
+def test_a_customer_change_that_keeps_the_same_default_card_changes_nothing(app, web, client, stripe_api):
+    team_id = owner(app, web)
+    with_card(app, team_id)
+    stripe_api.default_method = "pm_test_1"  # the team's card already
+    changed = {"id": FakeStripe.CUSTOMER, "object": "customer", "invoice_settings": {}}
+    assert outcome(client, "customer.updated", changed) == "no new default card"
+    team = team_row(app, team_id)
+    assert (team.card_payment_method, team.card_last4, team.card_saved_at) == ("pm_test_1", "4242", None)
+
+
+@pytest.mark.parametrize(("created", "taken"), [(-1, False), (0, True), (2**37 - 1, True), (2**37, False)])
+def test_a_setup_events_time_is_taken_within_the_years_a_date_holds(app, web, client, stripe_api, created, taken):
+    team_id = owner(app, web)
+    web.post("/billing/card")
+    response = deliver(
+        client, stripe_event("checkout.session.completed", setup_completed(team_id) | {"created": created})
+    )
+    if taken:
+        assert response.get_json()["outcome"] == f"card visa 4242 saved for team {team_id}"
+    else:
+        assert (response.status_code, response.get_json()) == (400, {"detail": "Malformed event."})
+        assert team_row(app, team_id).card_payment_method is None
+
+
 def test_a_setup_with_no_setup_intent_customer_or_stripe_key_is_not_applied_and_says_why(make_app, stripe_api):
     app = make_app()
     web = factories.WebClient(app.test_client())
