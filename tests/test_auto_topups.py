@@ -19,7 +19,7 @@ import pytest
 from flask_migrate import downgrade, upgrade
 from sqlalchemy import event, func, select, text
 
-from app import accounts, audit, autotopup, billing, card_payments, metering, services, teams
+from app import accounts, audit, autotopup, billing, card_payments, metering, payments, services, teams
 from app.extensions import db
 from app.models import (
     LedgerEntry,
@@ -1066,6 +1066,38 @@ def test_the_log_says_why_a_signed_event_was_refused(app, client, caplog):
         "not what a payment_intent.payment_failed event carries"
     )
     assert said in [record.getMessage() for record in caplog.records]
+
+
+@pytest.mark.parametrize(
+    ("event_type", "obj", "said"),
+    [
+        ("t" * 101, {}, "not an event: it needs an id, a type and data.object"),
+        ("t" * 100, {}, None),
+        (
+            "checkout.session.completed",
+            checkout_session(7001, mode="setup", created=2**37),
+            "created is 137438953472, not a time Stripe writes",
+        ),
+        (
+            "charge.refunded",
+            charge() | {"payment_intent": 5},
+            "payment_intent is 5, not what a charge.refunded event carries",
+        ),
+        ("charge.refunded", charge() | {"amount_refunded": payments.MAX_CENTS}, None),
+        (
+            "charge.refunded",
+            charge() | {"amount_refunded": payments.MAX_CENTS + 1},
+            f"amount_refunded is {payments.MAX_CENTS + 1}, not a whole number of cents",
+        ),
+    ],
+)
+def test_each_refusal_of_a_signed_event_says_why_and_its_limits_are_taken(app, client, caplog, event_type, obj, said):
+    response = deliver(client, stripe_event(event_type, obj, "evt_odd"))
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stripe event 'evt_odd' refused")]
+    if said is None:
+        assert response.status_code == 200 and refused == []
+    else:
+        assert (response.status_code, refused) == (400, [f"stripe event 'evt_odd' refused: {said}"])
 
 
 def test_a_card_removed_while_a_top_up_waits_is_told_once(app, web, client, stripe_api):
