@@ -6,7 +6,7 @@ tests/test_auto_topups.py walks the whole flow; these pin what the customer, Str
 
 import dataclasses
 import logging
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
@@ -439,6 +439,39 @@ def test_turning_automatic_top_up_on_holds_the_teams_row_from_the_read_it_decide
     finally:
         event.remove(Team, "refresh", try_to_lock)
     assert held == [True]
+
+
+def test_the_monthly_cap_counts_this_teams_top_ups_made_or_on_their_way_from_the_months_first_instant(app, web):
+    team_id = owner(app, web)
+    other = other_team(app, web)
+    start = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    now = start + timedelta(days=3, microseconds=500_000)
+    with app.app_context():
+        person = db.session.scalar(select(Membership.user_id).where(Membership.team_id == team_id))
+
+        def made(team, created_at, status=PaymentStatus.PAID, kind=PaymentKind.AUTOMATIC):
+            db.session.add(
+                Payment(
+                    team_id=team,
+                    bought_by_id=person,
+                    kind=kind,
+                    status=status,
+                    pack="starter",
+                    credits=10_000,
+                    amount_cents=500,
+                    currency="usd",
+                    created_at=created_at,
+                )
+            )
+
+        made(team_id, start)  # the month's first instant: counted
+        made(team_id, start - timedelta(microseconds=1))  # last month's
+        made(team_id, now, PaymentStatus.FAILED)  # not made
+        made(team_id, now, PaymentStatus.PAID, PaymentKind.CHECKOUT)  # bought by hand
+        made(other, now, PaymentStatus.QUEUED)  # another team's, in flight
+        db.session.commit()
+        assert autotopup.counted_this_month(team_id, now) == 1
+        assert autotopup.in_flight(team_id) is None  # the other team's is not this one's
 
 
 def test_the_settings_are_checked_whoever_gives_them(app):
