@@ -447,22 +447,9 @@ def test_the_monthly_cap_counts_this_teams_top_ups_made_or_on_their_way_from_the
     start = datetime(2026, 11, 1, tzinfo=timezone.utc)
     now = start + timedelta(days=3, microseconds=500_000)
     with app.app_context():
-        person = db.session.scalar(select(Membership.user_id).where(Membership.team_id == team_id))
 
         def made(team, created_at, status=PaymentStatus.PAID, kind=PaymentKind.AUTOMATIC):
-            db.session.add(
-                Payment(
-                    team_id=team,
-                    bought_by_id=person,
-                    kind=kind,
-                    status=status,
-                    pack="starter",
-                    credits=10_000,
-                    amount_cents=500,
-                    currency="usd",
-                    created_at=created_at,
-                )
-            )
+            factories.starter_payment(team, None, kind=kind, status=status, created_at=created_at)
 
         made(team_id, start)  # the month's first instant: counted
         made(team_id, start - timedelta(microseconds=1))  # last month's
