@@ -128,7 +128,9 @@ def main() -> int:
         failures
         + [f"{name}: listed but no such mutant" for name in stale]
         + [
-            f"{name}: listed as equivalent but killed (mutation/postgresql.txt or mutation/by_hand.txt)"
+            f"{name}: listed as equivalent but killed on PostgreSQL (mutation/postgresql.txt)"
+            if name in on_postgres
+            else f"{name}: listed as equivalent but killed by a named test (mutation/by_hand.txt)"
             for name in disproved
         ]
     ):

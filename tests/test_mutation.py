@@ -118,7 +118,9 @@ def test_under_mutmut_a_mutants_tests_start_with_those_that_killed_its_function_
     assert killers == ["app.billing.x_apply\ttest_order.py::test_killer"] * 2
 
 
-def test_a_listed_equivalent_that_postgresql_kills_counts_killed_and_its_line_must_go(project, monkeypatch, capsys):
+def test_a_listed_equivalent_that_postgresql_or_a_named_test_kills_counts_killed_and_its_line_must_go(
+    project, monkeypatch, capsys
+):
     (project / "app" / "tiny.py").write_text(TINY)
     save_run(project, TINY, lambda function: 0)  # every mutant survives the SQLite run
     names = sorted(report.statuses("app/tiny.py"))
@@ -126,14 +128,19 @@ def test_a_listed_equivalent_that_postgresql_kills_counts_killed_and_its_line_mu
     monkeypatch.setattr(report, "RESULTS", project / "RESULTS.md")
     monkeypatch.setattr(report, "EQUIVALENT", project / "equivalent.txt")
     monkeypatch.setattr(report, "POSTGRES", project / "postgresql.txt")
+    monkeypatch.setattr(report, "BY_HAND", project / "by_hand.txt")
     (project / "equivalent.txt").write_text("".join(f"{name} # claimed on SQLite\n" for name in names))
     (project / "postgresql.txt").write_text(f"{names[0]} # tests/test_audit.py::test_x[postgresql]\n")
+    (project / "by_hand.txt").write_text(f"{names[1]} # tests/test_tiny.py::test_x[sqlite]\n")
 
     assert report.main() == 1
     row = next(line for line in (project / "RESULTS.md").read_text().splitlines() if "app/tiny.py" in line)
     # mutants, not checked, killed, survived, no test ran, equivalent
-    assert row.split(" | ")[1:7] == [str(len(names)), "0", "1", "0", "0", str(len(names) - 1)]
-    assert f"{names[0]}: listed as equivalent but killed on PostgreSQL" in capsys.readouterr().err
+    assert row.split(" | ")[1:7] == [str(len(names)), "0", "2", "0", "0", str(len(names) - 2)]
+    said = capsys.readouterr().err
+    assert f"{names[0]}: listed as equivalent but killed on PostgreSQL (mutation/postgresql.txt)" in said
+    assert f"{names[1]}: listed as equivalent but killed by a named test (mutation/by_hand.txt)" in said
+    assert "no such mutant" not in said
 
 
 def test_the_postgresql_pass_runs_the_postgresql_twin_of_every_test_that_reaches_the_mutants_function(
