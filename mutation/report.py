@@ -60,15 +60,15 @@ def main() -> int:
         found = statuses(module)
         seen |= set(found)
         counts = Counter(found.values())
-        # PostgreSQL's verdict wins over a claim made on SQLite: a listed mutant it kills is killed.
+        # A kill outside mutmut's run (PostgreSQL's, a named test's) wins over a claim of equivalence.
         equivalent = sum(
             1 for name, status in found.items() if status == "survived" and name in listed and name not in elsewhere
         )
-        by_postgres = sum(1 for name, status in found.items() if status == "survived" and name in elsewhere)
-        survived = counts["survived"] - equivalent - by_postgres
+        killed_elsewhere = sum(1 for name, status in found.items() if status == "survived" and name in elsewhere)
+        survived = counts["survived"] - equivalent - killed_elsewhere
         untested = counts["no tests"]
         unchecked = counts["not checked"]
-        killed = counts["killed"] + counts["timeout"] + counts["caught by type check"] + by_postgres
+        killed = counts["killed"] + counts["timeout"] + counts["caught by type check"] + killed_elsewhere
         considered = killed + survived + untested
         score = killed / considered if considered else None
         rows.append((module, len(found), unchecked, killed, survived, untested, equivalent, score))
