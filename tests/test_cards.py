@@ -137,26 +137,22 @@ def test_a_setup_events_time_is_taken_within_the_years_a_date_holds(app, web, cl
         assert team_row(app, team_id).card_payment_method is None
 
 
-def test_a_setup_with_no_setup_intent_customer_or_stripe_key_is_not_applied_and_says_why(make_app, stripe_api):
-    app = make_app()
-    web = factories.WebClient(app.test_client())
+def test_a_setup_with_no_setup_intent_customer_or_stripe_key_is_not_applied_and_says_why(
+    app, web, client, make_app, stripe_api
+):
     team_id = owner(app, web)
     web.post("/billing/card")
     # Stripe writes null; an event without the field at all is taken the same way (app/payments.py's OPTIONAL).
     intentless = setup_completed(team_id) | {"setup_intent": None}
-    assert outcome(app.test_client(), "checkout.session.completed", intentless) == (
-        "setup session without a setup intent"
-    )
+    assert outcome(client, "checkout.session.completed", intentless) == ("setup session without a setup intent")
     del intentless["setup_intent"]
-    assert outcome(app.test_client(), "checkout.session.completed", intentless) == (
-        "setup session without a setup intent"
-    )
+    assert outcome(client, "checkout.session.completed", intentless) == ("setup session without a setup intent")
     customerless = setup_completed(team_id)
     del customerless["customer"]
-    assert outcome(app.test_client(), "checkout.session.completed", customerless) == "a customer of no team of ours"
+    assert outcome(client, "checkout.session.completed", customerless) == "a customer of no team of ours"
     modeless = checkout_session(team_id, session_id="cs_test_nobodys")
     del modeless["mode"]
-    assert outcome(app.test_client(), "checkout.session.completed", modeless) == "unknown checkout session"
+    assert outcome(client, "checkout.session.completed", modeless) == "unknown checkout session"
     keyless = make_app(STRIPE_SECRET_KEY="")
     assert outcome(keyless.test_client(), "checkout.session.completed", setup_completed(team_id)) == (
         "not applied: STRIPE_SECRET_KEY is not set, so the card cannot be looked up"
