@@ -6,17 +6,17 @@ tests/test_auto_topups.py walks the whole flow; these pin what the customer, Str
 
 import dataclasses
 import logging
+import sqlite3
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
-from flask_sqlalchemy.session import Session
 from sqlalchemy import event, select, text
 from sqlalchemy.exc import OperationalError
 
 from app import autotopup, card_payments, cards
 from app.extensions import db
-from app.models import Membership, Payment, PaymentKind, PaymentStatus, Team, User
+from app.models import Membership, Payment, PaymentKind, PaymentStatus, StripeEvent, Team, User
 from tests import factories
 from tests.locks import second_waits_for_first
 from tests.stripe_helpers import FakeStripe, checkout_session, deliver
@@ -111,6 +111,21 @@ def test_a_setup_that_saved_no_card_keeps_nothing_and_says_so(app, web, client, 
     stripe_api.setup_status, stripe_api.setup_method = status, method
     assert outcome(client, "checkout.session.completed", setup_completed(team_id)) == said
     assert team_row(app, team_id).card_payment_method is None
+
+
+def test_an_outcome_longer_than_its_column_is_kept_to_its_first_200_characters(app, web, client, stripe_api):
+    # Stripe's ids run to 255 characters; the event row keeps what fits, the answer and the log say it all.
+    team_id = owner(app, web)
+    web.post("/billing/card")
+    stripe_api.setup_status = "requires_payment_method"
+    intent = "seti_" + "x" * 245
+    response = deliver(
+        client, stripe_event("checkout.session.completed", setup_completed(team_id, setup_intent=intent), "evt_long")
+    )
+    said = f"setup intent {intent} saved no card (requires_payment_method)"
+    assert response.get_json()["outcome"] == said
+    with app.app_context():
+        assert db.session.get(StripeEvent, "evt_long").outcome == said[:200]
 
 
 def test_a_customer_change_that_keeps_the_same_default_card_changes_nothing(app, web, client, stripe_api):
@@ -351,17 +366,16 @@ def test_a_card_saved_just_as_the_old_one_is_removed_is_kept(postgres_only, app,
     # its old card; before it takes the team's row, another request saves a new card. The new card
     # stays, and automatic top-up is not paused.
     team_id = turned_on(app, web, credits=20_000)
-    original = Session.refresh
+    original = autotopup.hold
 
-    def refresh(session, instance, *args, **kwargs):
-        if isinstance(instance, Team) and kwargs.get("with_for_update"):
-            monkeypatch.setattr(Session, "refresh", original)
-            with app.app_context():
-                db.session.get(Team, team_id).card_payment_method = "pm_new"
-                db.session.commit()
-        return original(session, instance, *args, **kwargs)
+    def hold(team):
+        monkeypatch.setattr(autotopup, "hold", original)
+        with app.app_context():
+            db.session.get(Team, team_id).card_payment_method = "pm_new"
+            db.session.commit()
+        original(team)
 
-    monkeypatch.setattr(Session, "refresh", refresh)
+    monkeypatch.setattr(autotopup, "hold", hold)
     detached = {"id": "pm_test_1", "object": "payment_method", "type": "card", "customer": None}
     assert outcome(client, "payment_method.detached", detached) == "not the saved card any more"
     team = team_row(app, team_id)
@@ -384,57 +398,91 @@ def test_a_pack_no_longer_sold_pauses_automatic_top_up_and_says_which(app, web, 
     assert warned == [f"team {team_id}: automatic top-up pack 'starter' is not sold any more; paused"]
 
 
-@pytest.mark.parametrize("change", ["turn off", "keep a card", "remove the card", "fail a top-up"])
-def test_a_change_to_a_teams_card_or_automatic_top_up_holds_its_row_so_a_debit_waits(make_app, postgres_only, change):
-    """Each takes the team's row before it reads the settings it changes; a debit of the team meanwhile
-    (which may queue a top-up by those settings) waits for it (PostgreSQL: SQLite holds the whole database)."""
+CHANGES = ["turn on", "turn off", "keep a card", "remove the card", "fail a top-up"]
+
+
+def team_with(make_app, change: str) -> tuple:
+    """An app and a team with a card and automatic top-up on, ready for `change` (a top-up queued to fail)."""
     app = make_app()
     team_id = turned_on(app, factories.WebClient(app.test_client()), credits=20_000)
     if change == "fail a top-up":
         spend(app, team_id, 15_001)  # queues one
+    return app, team_id
 
-    def make_the_change():
-        team = db.session.get(Team, team_id)
-        if change == "turn off":
-            autotopup.turn_off(team)
-        elif change == "keep a card":
-            card = SimpleNamespace(brand="visa", last4="1111", exp_month=1, exp_year=2031)
-            cards._keep(team, SimpleNamespace(id="pm_new", card=card))
-        elif change == "remove the card":
-            cards.removed(SimpleNamespace(id="pm_test_1"))
-        else:
-            (payment,) = db.session.scalars(select(Payment).where(Payment.team_id == team_id)).all()
-            assert card_payments.failed(payment, PaymentStatus.FAILED, "Declined.")
 
-    failures = second_waits_for_first(app.app_context, make_the_change, lambda: spend(app, team_id, 10), "a debit")
+def make(change: str, team_id: int) -> None:
+    """One change to the team's card or automatic top-up, in the current session, not committed."""
+    team = db.session.get(Team, team_id)
+    if change == "turn on":
+        person = db.session.get(
+            User, db.session.scalar(select(Membership.user_id).where(Membership.team_id == team_id))
+        )
+        assert autotopup.turn_on(team, person, autotopup.Settings(6_000, "pro", 5)) is None
+    elif change == "turn off":
+        autotopup.turn_off(team)
+    elif change == "keep a card":
+        card = SimpleNamespace(brand="visa", last4="1111", exp_month=1, exp_year=2031)
+        cards._keep(team, SimpleNamespace(id="pm_new", card=card))
+    elif change == "remove the card":
+        cards.removed(SimpleNamespace(id="pm_test_1"))
+    else:
+        (payment,) = db.session.scalars(select(Payment).where(Payment.team_id == team_id)).all()
+        assert card_payments.failed(payment, PaymentStatus.FAILED, "Declined.")
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_change_to_a_teams_card_or_automatic_top_up_holds_its_row_so_a_debit_waits(make_app, postgres_only, change):
+    """A debit of the team while the change is open (which may queue a top-up by the settings it changes) waits
+    for it (PostgreSQL: on SQLite any write holds the whole database)."""
+    app, team_id = team_with(make_app, change)
+    failures = second_waits_for_first(
+        app.app_context, lambda: make(change, team_id), lambda: spend(app, team_id, 10), "a debit"
+    )
     assert failures == []
 
 
-def test_turning_automatic_top_up_on_holds_the_teams_row_from_the_read_it_decides_on(make_app, postgres_only):
-    """turn_on decides by the balance and by whether a top-up is pending: the read itself locks the row, so no
-    debit changes either before the decision (its own write would lock the row only afterwards)."""
-    app = make_app()
-    team_id = turned_on(app, factories.WebClient(app.test_client()), credits=20_000)
-    held = []
+def another_writer_could_go_ahead(team_id: int) -> bool:
+    """Whether a transaction of another connection could change the team's row now, asked without waiting:
+    a row lock on PostgreSQL; on SQLite, which locks the whole database, the right to write at all."""
+    if db.engine.dialect.name == "sqlite":
+        other = sqlite3.connect(db.engine.url.database, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            other.close()
+    with db.engine.connect() as other:
+        try:
+            other.execute(text("SELECT id FROM teams WHERE id = :id FOR UPDATE NOWAIT"), {"id": team_id})
+            return True
+        except OperationalError:
+            return False
 
-    def try_to_lock(_team, _context, _attributes):
-        with db.engine.connect() as other:
-            try:
-                other.execute(text("SELECT id FROM teams WHERE id = :id FOR UPDATE NOWAIT"), {"id": team_id})
-                held.append(False)
-            except OperationalError:
-                held.append(True)
 
-    event.listen(Team, "refresh", try_to_lock)
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_change_to_a_teams_card_or_automatic_top_up_holds_its_row_from_the_read_it_decides_on(make_app, change):
+    """Each decides by what it reads of the team (the balance, a pending top-up, the card it still has): that read
+    is made under the hold, on both databases, so no debit slips between the read and the write. (On SQLite the
+    driver reads outside any transaction until the first write: a SELECT … FOR UPDATE there holds nothing.)"""
+    app, team_id = team_with(make_app, change)
+    free = []
+
+    def probe(team, _context, attributes):
+        # A whole read of the row (not a query filling in what an earlier one left unloaded).
+        if team.id == team_id and attributes is None:
+            free.append(another_writer_could_go_ahead(team_id))
+
+    event.listen(Team, "refresh", probe)
     try:
         with app.app_context():
-            owner_id = db.session.scalar(select(Membership.user_id).where(Membership.team_id == team_id))
-            team, person = db.session.get(Team, team_id), db.session.get(User, owner_id)
-            assert autotopup.turn_on(team, person, autotopup.Settings(6_000, "pro", 5)) is None
+            make(change, team_id)
             db.session.rollback()
     finally:
-        event.remove(Team, "refresh", try_to_lock)
-    assert held == [True]
+        event.remove(Team, "refresh", probe)
+    assert free and not any(free)
 
 
 def test_the_monthly_cap_counts_this_teams_top_ups_made_or_on_their_way_from_the_months_first_instant(app, web):
