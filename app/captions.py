@@ -61,16 +61,15 @@ class NotCaptions(requests.exceptions.ContentDecodingError):
 def lines(chunks: Iterable[bytes]) -> Iterator[Line]:
     """The captioned stream `chunks` (bytes as they arrive) as Lines; NotCaptions for a malformed
     line, or one longer than MAX_LINE_BYTES."""
-    pending, searched = bytearray(), 0
+    pending = bytearray()
     for chunk in chunks:
-        pending += chunk
-        while (end := pending.find(b"\n", searched)) >= 0:
-            raw = bytes(pending[:end])
-            del pending[: end + 1]
-            searched = 0
+        # Only the new bytes are searched: a line cut into many reads is not searched again at each one.
+        first, *rest = chunk.split(b"\n")
+        pending += first
+        for piece in rest:
+            raw, pending = bytes(pending), bytearray(piece)
             if raw.strip():
                 yield _line(raw)
-        searched = len(pending)
         if len(pending) > MAX_LINE_BYTES:
             raise NotCaptions("The speech server sent a line longer than any captioned audio.")
     if pending.strip():

@@ -451,6 +451,7 @@ LINES = [
         pytest.param(lambda a, b, c: [a + b + c], id="every line in one read"),
         pytest.param(lambda a, b, c: [a + b"\n" + b, c], id="a blank line between"),
         pytest.param(lambda a, b, c: [a[:9], a[9:] + b[:3], b[3:] + c[:-1]], id="lines cut anywhere, the last unended"),
+        pytest.param(lambda a, b, c: [bytes([byte]) for byte in a + b + c], id="a byte at a time"),
     ],
 )
 def test_captioned_lines_are_read_whole_however_the_network_cuts_them(cut):
