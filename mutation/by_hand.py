@@ -13,25 +13,15 @@ in the same order, kill in a fresh pytest process were recorded as surviving (mu
 2026-12-04, night).
 """
 
-import os
-import subprocess
 import sys
 
+from mutation import switched
 from mutation.report import BY_HAND, ROOT, equivalents
 
 
 def kills(mutant: str, test: str) -> bool:
     """Whether `test` fails with `mutant` switched on (a usage or collection error is no kill)."""
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", test],
-        cwd=ROOT / "mutants",
-        env={**os.environ, "MUTANT_UNDER_TEST": mutant},
-        capture_output=True,
-        text=True,
-    )
-    if run.returncode not in (0, 1):
-        raise RuntimeError(f"pytest exited {run.returncode} for {mutant}:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
-    return run.returncode == 1
+    return switched.pytest(mutant, [test]).returncode == 1
 
 
 def main(names: list[str]) -> int:

@@ -26,6 +26,7 @@ import sys
 
 from mutmut.utils.format_utils import mangled_name_from_mutant_name
 
+from mutation import switched
 from mutation.report import EQUIVALENT, MODULES, POSTGRES, ROOT, equivalents, statuses
 
 # The tests only PostgreSQL runs: row locks, advisory locks, races between processes.
@@ -93,19 +94,9 @@ def tests_for(mutant: str) -> list[str]:
 
 def killer(mutant: str) -> str | None:
     """The first PostgreSQL test that fails with `mutant` switched on; None when all pass."""
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly", "-k", "postgresql"]
-        + tests_for(mutant),
-        cwd=ROOT / "mutants",
-        env={**os.environ, "MUTANT_UNDER_TEST": mutant},
-        capture_output=True,
-        text=True,
-    )
+    run = switched.pytest(mutant, ["-x", "-k", "postgresql", *tests_for(mutant)])
     if run.returncode == 0:
         return None
-    if run.returncode != 1:
-        # Not a failing test (pytest's usage or collection error, or an interrupt): nothing was learnt.
-        raise RuntimeError(f"pytest exited {run.returncode} for {mutant}:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
     found = FAILED.search(run.stdout)
     return found.group(1) if found else f"pytest exited {run.returncode}"
 
