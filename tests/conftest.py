@@ -3,8 +3,6 @@ TEST_DATABASE_URL is set, on PostgreSQL too; the app, its clients, users and key
 
 import os
 import shutil
-import socket
-import subprocess
 
 import pytest
 import responses
@@ -230,32 +228,10 @@ def cheap_password_hashes(request, monkeypatch):
 @pytest.fixture
 def own_redis(tmp_path):
     """A Redis server of this test's own, which the test may stop: yields (its URL, stop)."""
-    from tests.servers import free_port, wait_for
+    from tests.servers import private_redis
 
-    port = free_port()
-    server = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
-    )
-
-    def answers():
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
-                probe.sendall(b"PING\r\n")
-                return probe.recv(16).startswith(b"+PONG")
-        except OSError:
-            return False
-
-    wait_for(answers, what="Redis to start")
-
-    def stop():
-        server.terminate()
-        server.wait(10)
-
-    yield f"redis://127.0.0.1:{port}/0", stop
-    if server.poll() is None:
-        stop()
+    with private_redis(tmp_path) as server:
+        yield server
 
 
 @pytest.fixture

@@ -2,7 +2,9 @@
 
 import contextlib
 import gc
-import os
+import socket
+import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -14,18 +16,38 @@ from bench import launch
 from bench.launch import free_port  # noqa: F401 (tests take it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
-# Where several gunicorn workers keep their shared rate limits (the machine's Redis): a database
-# of its own for each pytest-xdist worker (13 for the first, 12 for the second, …).
-_WORKER_NUMBER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-SHARED_LIMITS = f"redis://127.0.0.1:6379/{13 - _WORKER_NUMBER}"
 
 
-def shared_limits() -> str:
-    """SHARED_LIMITS, emptied: a test's keys reuse the ids of the last run's, and so its windows."""
-    import redis
+@contextlib.contextmanager
+def private_redis(directory: Path | None = None):
+    """A Redis server of the caller's own on a free loopback port, for the rate limits several gunicorn
+    workers share: no other test process (a pytest-xdist worker, a mutation run's second child, another
+    run on the machine) reads or empties its windows. Yields (its URL, stop); stopped afterwards."""
+    port = free_port()
+    server = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        cwd=directory or tempfile.gettempdir(),
+        stdout=subprocess.DEVNULL,
+    )
 
-    redis.Redis.from_url(SHARED_LIMITS).flushdb()
-    return SHARED_LIMITS
+    def answers():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                probe.sendall(b"PING\r\n")
+                return probe.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop():
+        server.terminate()
+        server.wait(10)
+
+    try:
+        wait_for(answers, what="Redis to start")
+        yield f"redis://127.0.0.1:{port}/0", stop
+    finally:
+        if server.poll() is None:
+            stop()
 
 
 @contextlib.contextmanager
@@ -60,12 +82,12 @@ def race_speech(
 ) -> list[tuple[int, bytes]]:
     """`count` speech requests at once (each `text`, through each of `secrets` in turn) to two gunicorn
     workers of `threads` threads on `database_uri`, in front of `upstream`; each answer's status and body."""
-    with serve(upstream) as upstream_url:
+    with serve(upstream) as upstream_url, private_redis() as (limits, _):
         settings = {
             "DATABASE_URL": database_uri,
             "UPSTREAM_URL": f"{upstream_url}/v1",
             "SECRET_KEY": "race-test",
-            "RATELIMIT_STORAGE_URI": shared_limits(),
+            "RATELIMIT_STORAGE_URI": limits,
             **(env or {}),
         }
         with gunicorn("wsgi:app", settings, workers=2, threads=threads) as (url, _):

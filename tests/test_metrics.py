@@ -9,7 +9,7 @@ import requests
 
 from tests import factories
 from tests.fake_upstream import FakeUpstream
-from tests.servers import gunicorn, serve, shared_limits
+from tests.servers import gunicorn, private_redis, serve
 from tests.stripe_helpers import WEBHOOK_SECRET, checkout_session, event, sign
 
 TOKEN = "metrics-token-for-tests"
@@ -51,12 +51,12 @@ def test_two_workers_add_up(app, database_uri, tmp_path):
         factories.starter_payment(customer.team_id, "cs_test_metrics")
         db.session.commit()
     metrics_dir = tmp_path / "metrics"
-    with serve(FakeUpstream([b"ID3", b"audio"])) as upstream_url:
+    with serve(FakeUpstream([b"ID3", b"audio"])) as upstream_url, private_redis() as (limits, _):
         env = {
             "DATABASE_URL": database_uri,
             "UPSTREAM_URL": f"{upstream_url}/v1",
             "SECRET_KEY": "metrics-test",
-            "RATELIMIT_STORAGE_URI": shared_limits(),
+            "RATELIMIT_STORAGE_URI": limits,
             "METRICS_TOKEN": TOKEN,
             "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
             "STRIPE_WEBHOOK_SECRET": WEBHOOK_SECRET,

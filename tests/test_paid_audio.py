@@ -28,7 +28,7 @@ from engine.audio import Encoder
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import FakeUpstream, Paced, stub_catalog
-from tests.servers import ROOT, free_port, gunicorn, serve, shared_limits, wait_for
+from tests.servers import ROOT, free_port, gunicorn, private_redis, serve, wait_for
 from tests.stripe_helpers import charge as stripe_charge
 from tests.stripe_helpers import checkout_session, deliver, dispute, event
 from tests.test_payments import payment
@@ -605,12 +605,12 @@ def test_two_gunicorn_workers_share_the_stream_cap_the_rate_limits_and_the_sign_
     customer = factories.customer(app, balance=10_000, password="correct horse battery")
     other_keys = [factories.add_key(app, customer.user_id) for _ in range(6)]
     gate = threading.Event()
-    with serve(FakeUpstream([b"ID3first", b"rest"], gate=gate)) as upstream_url:
+    with serve(FakeUpstream([b"ID3first", b"rest"], gate=gate)) as upstream_url, private_redis() as (limits, _):
         env = {
             "DATABASE_URL": database_uri,
             "UPSTREAM_URL": f"{upstream_url}/v1",
             "SECRET_KEY": "two-workers",
-            "RATELIMIT_STORAGE_URI": shared_limits(),
+            "RATELIMIT_STORAGE_URI": limits,
             "RATE_LIMIT_PER_KEY": "20/minute",
             "MAX_STREAMS_PER_ACCOUNT": "3",
             "LOGIN_LIMIT_PER_IP": "5/15minutes",

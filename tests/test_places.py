@@ -19,7 +19,7 @@ from app.extensions import db
 from app.models import GatewayProcess, UpstreamPlace, utcnow
 from tests import factories
 from tests.fake_upstream import Counting, Failing
-from tests.servers import gunicorn, serve, shared_limits
+from tests.servers import gunicorn, private_redis, serve
 
 SPEECH = "/v1/audio/speech"
 HELLO = {"model": "kokoro", "input": "Hello from kokoro-pay.", "voice": "af_sky"}
@@ -32,22 +32,23 @@ LEASE_SECONDS = 2
 @contextlib.contextmanager
 def two_hosts(database_uri: str, upstream_urls: list[str], **settings):
     """Two gateway hosts (gunicorn masters of two workers each) on one database; yields their URLs and masters."""
-    env = {
-        "DATABASE_URL": database_uri,
-        "UPSTREAM_URL": ",".join(f"{url}/v1" for url in upstream_urls),
-        "SECRET_KEY": "places-test",
-        "PROCESS_LEASE_SECONDS": str(LEASE_SECONDS),
-        "RATELIMIT_STORAGE_URI": shared_limits(),
-        **{name: str(value) for name, value in settings.items()},
-    }
-    hosts = [gunicorn("wsgi:app", env, workers=2) for _ in range(2)]
-    with ThreadPoolExecutor(2) as pool:
-        # Both start at once and stop at once: each takes a second or two.
-        started = list(pool.map(lambda host: host.__enter__(), hosts))
-        try:
-            yield [url for url, _ in started], [master for _, master in started]
-        finally:
-            list(pool.map(lambda host: host.__exit__(None, None, None), hosts))
+    with private_redis() as (limits, _):
+        env = {
+            "DATABASE_URL": database_uri,
+            "UPSTREAM_URL": ",".join(f"{url}/v1" for url in upstream_urls),
+            "SECRET_KEY": "places-test",
+            "PROCESS_LEASE_SECONDS": str(LEASE_SECONDS),
+            "RATELIMIT_STORAGE_URI": limits,
+            **{name: str(value) for name, value in settings.items()},
+        }
+        hosts = [gunicorn("wsgi:app", env, workers=2) for _ in range(2)]
+        with ThreadPoolExecutor(2) as pool:
+            # Both start at once and stop at once: each takes a second or two.
+            started = list(pool.map(lambda host: host.__enter__(), hosts))
+            try:
+                yield [url for url, _ in started], [master for _, master in started]
+            finally:
+                list(pool.map(lambda host: host.__exit__(None, None, None), hosts))
 
 
 def kill_host(master: subprocess.Popen) -> None:

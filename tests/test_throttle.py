@@ -1,18 +1,16 @@
 """Abuse limits: request rates per key, account and IP, streams per account, sign-ins, body size."""
 
 import dataclasses
-import os
 import socket
 import threading
 
 import limits
-import pytest
 import requests
 import responses
 from limits.strategies import MovingWindowRateLimiter
 
 from app import throttle
-from tests import factories, servers
+from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import FakeUpstream, stub_catalog
 from tests.servers import serve
@@ -109,22 +107,8 @@ def test_a_stream_slot_is_free_as_soon_as_the_audio_has_all_been_read(make_app):
     assert factories.balance(app, customer.team_id) == 1000 - 2 * STREAMING_TEXT
 
 
-@pytest.fixture
-def redis_url():
-    # 15 for the first pytest-xdist worker, 14 for the second (tests/servers.py takes 13 and 12).
-    url = f"redis://127.0.0.1:6379/{15 - servers._WORKER_NUMBER}"
-    try:
-        import redis
-
-        redis.Redis.from_url(url).flushdb()
-    except Exception as error:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"no Redis on 127.0.0.1:6379 ({error})")
-    return url
-
-
-def test_limits_in_redis_are_shared_by_several_app_hosts(make_app, redis_url):
+def test_limits_in_redis_are_shared_by_several_app_hosts(make_app, own_redis):
+    redis_url, _ = own_redis
     hosts = [make_app(RATELIMIT_STORAGE_URI=redis_url, RATE_LIMIT_PER_KEY="4/minute") for _ in range(2)]
     customer = factories.customer(hosts[0], balance=10)
     statuses = [
