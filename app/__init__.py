@@ -124,11 +124,30 @@ def _sqlite_pragmas(dbapi_connection, _record):
         cursor.close()
 
 
+def _sqlite_for_update(_connection, cursor, _statement, _parameters, context, _executemany):
+    # SELECT … FOR UPDATE holds the rows it reads on PostgreSQL until the transaction ends. SQLite has no row
+    # locks, SQLAlchemy leaves the clause out there, and the driver begins a transaction only at the first
+    # write, so the same read would hold nothing: a debit could commit between it and the write it decides.
+    # On SQLite it takes the database's write lock first (waiting, as for any write, up to the busy timeout);
+    # not on a connection in autocommit (isolation_level None), where nothing would ever end that transaction.
+    compiled = context.compiled if context is not None else None
+    statement = compiled.statement if compiled is not None else None
+    dbapi_connection = cursor.connection
+    if (
+        getattr(statement, "_for_update_arg", None) is not None
+        and dbapi_connection.isolation_level is not None
+        and not dbapi_connection.in_transaction
+    ):
+        cursor.execute("BEGIN IMMEDIATE")
+
+
 def register_extensions(app: Flask) -> None:
     db.init_app(app)
     with app.app_context():
         # This app's engine only: other engines in the same process keep their own settings.
         event.listen(db.engine, "connect", _sqlite_pragmas)
+        if db.engine.dialect.name == "sqlite":
+            event.listen(db.engine, "before_cursor_execute", _sqlite_for_update)
     migrate.init_app(app, db, directory=str(config.ROOT / "migrations"), render_as_batch=True)
     login_manager.init_app(app)
     login_manager.login_view = "dashboard.login"

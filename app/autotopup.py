@@ -84,26 +84,13 @@ def check(below: int | None, pack: str | None, monthly_limit: int | None) -> Set
     return Settings(below, pack, monthly_limit)
 
 
-def hold(team: Team) -> None:
-    """Take the team's row until this transaction ends, as a debit's UPDATE takes it, and read it afresh under
-    that hold: what a change decides by (the balance, a pending top-up, the saved card) cannot move before it
-    writes. A write, not SELECT … FOR UPDATE: SQLite has no row locks and its driver begins a transaction only
-    at the first write, so a read there holds nothing; an UPDATE takes the whole database, as on PostgreSQL
-    it takes the row."""
-    db.session.execute(
-        update(Team).where(Team.id == team.id).values(balance=Team.balance),
-        execution_options={"synchronize_session": False},
-    )
-    db.session.refresh(team)
-
-
 def turn_on(team: Team, person: User, settings: Settings) -> Payment | None:
     """Save the settings (and resume after a pause); queue a top-up now if the balance is below the threshold.
 
     Needs a saved card. The team's row is locked first, as a debit locks it, so a debit running
     meanwhile and this never both queue one.
     """
-    hold(team)
+    db.session.refresh(team, with_for_update=True)
     if team.card_payment_method is None:
         raise NotAllowed("Save a card first: automatic top-ups pay with it.")
     team.auto_topup_below = settings.below
@@ -122,7 +109,7 @@ def turn_on(team: Team, person: User, settings: Settings) -> Payment | None:
 def turn_off(team: Team) -> None:
     """Stop queueing; a top-up queued and never tried is called off. One tried already stays in flight until
     Stripe's answer to its key settles it: the try may have reached Stripe, which nothing here can know."""
-    hold(team)
+    db.session.refresh(team, with_for_update=True)
     team.auto_topup_below = None
     team.auto_topup_paused = None
     team.auto_topup_paused_at = None

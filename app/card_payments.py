@@ -244,7 +244,7 @@ def failed(
     if not ended:
         return False
     team = db.session.get(Team, payment.team_id)
-    autotopup.hold(team)
+    db.session.refresh(team, with_for_update=True)
     db.session.refresh(payment)
     log.warning("automatic top-up %s of team %s failed (%s): %s", payment.idempotency_key, team.id, status, reason)
     if team.auto_topup_paused is None:

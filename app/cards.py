@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 import stripe
 from sqlalchemy import select, update
 
-from app import autotopup, card_payments
+from app import card_payments
 from app.extensions import db
 from app.models import Payment, Team, User, utcnow
 
@@ -81,7 +81,7 @@ def _team_of_customer(customer_id: str | None) -> Team | None:
 
 def _keep(team: Team, method) -> None:
     """Make `method` the team's card: its row locked only now, after every question to Stripe."""
-    autotopup.hold(team)
+    db.session.refresh(team, with_for_update=True)
     card = method.card
     team.card_payment_method = method.id
     team.card_brand = str(card.brand)[:32]
@@ -158,7 +158,7 @@ def removed(method_obj) -> str:
     team = db.session.scalar(select(Team).where(Team.card_payment_method == method_obj.id))
     if team is None:
         return "not a saved card"
-    autotopup.hold(team)
+    db.session.refresh(team, with_for_update=True)
     if team.card_payment_method != method_obj.id:
         return "not the saved card any more"
     team.card_payment_method = team.card_brand = team.card_last4 = team.card_expires = None

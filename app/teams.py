@@ -131,8 +131,8 @@ def members(team_id: int) -> list[Membership]:
 
 
 def _lock(team_id: int) -> None:
-    """Take the team's row for this transaction (PostgreSQL): changes to its owners queue behind each other,
-    so two owners demoting each other at once cannot leave it with none. SQLite writes one at a time anyway."""
+    """Take the team's row for this transaction: changes to its owners queue behind each other, so two owners
+    demoting each other at once cannot leave it with none (on SQLite, the database's write lock: app/__init__.py)."""
     db.session.execute(select(Team.id).where(Team.id == team_id).with_for_update())
 
 

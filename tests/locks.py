@@ -1,11 +1,14 @@
-"""Proving a row or advisory lock on PostgreSQL: one transaction takes its locks and stays open while a
-second one starts; the second must wait for them, seen in pg_stat_activity, not by sleeping."""
+"""Proving a lock: on PostgreSQL one transaction takes its locks and stays open while a second one starts;
+the second must wait for them, seen in pg_stat_activity, not by sleeping. On both databases, whether another
+connection could write the row now, asked without waiting."""
 
+import sqlite3
 import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from app.extensions import db
 from tests.servers import wait_for
@@ -66,3 +69,24 @@ def second_waits_for_first(
     if not finished.is_set():
         failures.append(f"{what} never finished")
     return failures
+
+
+def another_writer_could_go_ahead(table: str, row_id: int) -> bool:
+    """Whether a transaction of another connection could change that row of `table` now, asked without waiting:
+    a row lock on PostgreSQL; on SQLite, which locks the whole database, the right to write at all."""
+    if db.engine.dialect.name == "sqlite":
+        other = sqlite3.connect(db.engine.url.database, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            other.close()
+    with db.engine.connect() as other:
+        try:
+            other.execute(text(f"SELECT id FROM {table} WHERE id = :id FOR UPDATE NOWAIT"), {"id": row_id})
+            return True
+        except OperationalError:
+            return False

@@ -6,19 +6,18 @@ tests/test_auto_topups.py walks the whole flow; these pin what the customer, Str
 
 import dataclasses
 import logging
-import sqlite3
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
-from sqlalchemy import event, select, text
-from sqlalchemy.exc import OperationalError
+from flask_sqlalchemy.session import Session
+from sqlalchemy import event, select
 
 from app import autotopup, card_payments, cards
 from app.extensions import db
 from app.models import Membership, Payment, PaymentKind, PaymentStatus, StripeEvent, Team, User
 from tests import factories
-from tests.locks import second_waits_for_first
+from tests.locks import another_writer_could_go_ahead, second_waits_for_first
 from tests.stripe_helpers import FakeStripe, checkout_session, deliver
 from tests.stripe_helpers import event as stripe_event
 from tests.test_auto_topups import (
@@ -366,16 +365,17 @@ def test_a_card_saved_just_as_the_old_one_is_removed_is_kept(postgres_only, app,
     # its old card; before it takes the team's row, another request saves a new card. The new card
     # stays, and automatic top-up is not paused.
     team_id = turned_on(app, web, credits=20_000)
-    original = autotopup.hold
+    original = Session.refresh
 
-    def hold(team):
-        monkeypatch.setattr(autotopup, "hold", original)
-        with app.app_context():
-            db.session.get(Team, team_id).card_payment_method = "pm_new"
-            db.session.commit()
-        original(team)
+    def refresh(session, instance, *args, **kwargs):
+        if isinstance(instance, Team) and kwargs.get("with_for_update"):
+            monkeypatch.setattr(Session, "refresh", original)
+            with app.app_context():
+                db.session.get(Team, team_id).card_payment_method = "pm_new"
+                db.session.commit()
+        return original(session, instance, *args, **kwargs)
 
-    monkeypatch.setattr(autotopup, "hold", hold)
+    monkeypatch.setattr(Session, "refresh", refresh)
     detached = {"id": "pm_test_1", "object": "payment_method", "type": "card", "customer": None}
     assert outcome(client, "payment_method.detached", detached) == "not the saved card any more"
     team = team_row(app, team_id)
@@ -441,27 +441,6 @@ def test_a_change_to_a_teams_card_or_automatic_top_up_holds_its_row_so_a_debit_w
     assert failures == []
 
 
-def another_writer_could_go_ahead(team_id: int) -> bool:
-    """Whether a transaction of another connection could change the team's row now, asked without waiting:
-    a row lock on PostgreSQL; on SQLite, which locks the whole database, the right to write at all."""
-    if db.engine.dialect.name == "sqlite":
-        other = sqlite3.connect(db.engine.url.database, timeout=0, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-            return True
-        except sqlite3.OperationalError:
-            return False
-        finally:
-            other.close()
-    with db.engine.connect() as other:
-        try:
-            other.execute(text("SELECT id FROM teams WHERE id = :id FOR UPDATE NOWAIT"), {"id": team_id})
-            return True
-        except OperationalError:
-            return False
-
-
 @pytest.mark.parametrize("change", CHANGES)
 def test_a_change_to_a_teams_card_or_automatic_top_up_holds_its_row_from_the_read_it_decides_on(make_app, change):
     """Each decides by what it reads of the team (the balance, a pending top-up, the card it still has): that read
@@ -473,7 +452,7 @@ def test_a_change_to_a_teams_card_or_automatic_top_up_holds_its_row_from_the_rea
     def probe(team, _context, attributes):
         # A whole read of the row (not a query filling in what an earlier one left unloaded).
         if team.id == team_id and attributes is None:
-            free.append(another_writer_could_go_ahead(team_id))
+            free.append(another_writer_could_go_ahead("teams", team_id))
 
     event.listen(Team, "refresh", probe)
     try:

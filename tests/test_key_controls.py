@@ -1013,7 +1013,8 @@ def test_what_a_key_spent_in_an_earlier_period_no_longer_counts_as_spent(app, cl
 
 def test_a_debit_of_a_key_waits_while_its_controls_are_being_changed(make_app, postgres_only):
     """keys.lock holds the key's row while its controls change: a request of that key charged meanwhile
-    waits, so the change counts it (PostgreSQL: SQLite holds the whole database for a write anyway)."""
+    waits, so the change counts it (PostgreSQL, where waiting can be seen; tests/test_row_locks.py probes the
+    lock on both databases)."""
     app = make_app()
     customer = factories.customer(app, balance=1000)
 
