@@ -130,6 +130,8 @@ def _sqlite_for_update(_connection, cursor, _statement, _parameters, context, _e
     # write, so the same read would hold nothing: a debit could commit between it and the write it decides.
     # On SQLite it takes the database's write lock first (waiting, as for any write, up to the busy timeout);
     # not on a connection in autocommit (isolation_level None), where nothing would ever end that transaction.
+    # `_for_update_arg` is where Select.with_for_update keeps its clause (SQLAlchemy has no public reader):
+    # tests/test_row_locks.py fails on SQLite if an upgrade moves it.
     compiled = context.compiled if context is not None else None
     statement = compiled.statement if compiled is not None else None
     dbapi_connection = cursor.connection
