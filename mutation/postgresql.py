@@ -18,13 +18,9 @@ Named mutants are checked alone and their lines in postgresql.txt replaced; the 
 """
 
 import functools
-import json
 import os
-import re
 import subprocess
 import sys
-
-from mutmut.utils.format_utils import mangled_name_from_mutant_name
 
 from mutation import switched
 from mutation.report import EQUIVALENT, MODULES, POSTGRES, ROOT, equivalents, statuses
@@ -47,10 +43,6 @@ AUDIT = [
 ]
 # The audit's quick checks first: with -x the first failure ends a mutant's run.
 TESTS = AUDIT + [test for test in RACES if test.partition("::")[0] not in AUDIT]
-FAILED = re.compile(r"^FAILED (\S+)", re.M)
-
-
-STATS = ROOT / "mutants" / "mutmut-stats.json"
 
 
 @functools.cache
@@ -65,22 +57,10 @@ def collected() -> frozenset[str]:
     return frozenset(line for line in run.stdout.splitlines() if "::" in line)
 
 
-@functools.cache
-def _statistics(path) -> dict:
-    """mutmut's statistics (megabytes of JSON), read once for the whole pass, not once a mutant."""
-    return json.loads(path.read_text())
-
-
 def reaching(mutant: str) -> list[str]:
     """The PostgreSQL twins of the tests mutmut's statistics run (on SQLite) found reaching `mutant`'s
     function, quickest first: `test_x[sqlite-a]` runs as `test_x[postgresql-a]`, where that test exists."""
-    if not STATS.exists():
-        return []
-    stats = _statistics(STATS)
-    function = mangled_name_from_mutant_name(mutant)
-    tests = stats["tests_by_mangled_function_name"].get(function, [])
-    durations = stats["duration_by_test"]
-    twins = (test.replace("[sqlite", "[postgresql", 1) for test in sorted(tests, key=lambda t: durations.get(t, 0.0)))
+    twins = (test.replace("[sqlite", "[postgresql", 1) for test in switched.reaching(mutant))
     return [twin for twin in twins if twin in collected()]
 
 
@@ -94,11 +74,7 @@ def tests_for(mutant: str) -> list[str]:
 
 def killer(mutant: str) -> str | None:
     """The first PostgreSQL test that fails with `mutant` switched on; None when all pass."""
-    run = switched.pytest(mutant, ["-x", "-k", "postgresql", *tests_for(mutant)])
-    if run.returncode == 0:
-        return None
-    found = FAILED.search(run.stdout)
-    return found.group(1) if found else f"pytest exited {run.returncode}"
+    return switched.first_failure(switched.pytest(mutant, ["-x", "-k", "postgresql", *tests_for(mutant)]))
 
 
 def survivors() -> list[str]:

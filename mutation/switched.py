@@ -1,11 +1,45 @@
-"""pytest run from mutants/ with one mutant switched on (mutmut's MUTANT_UNDER_TEST): the passes made outside
-mutmut's own run (mutation/postgresql.py, mutation/by_hand.py) both ask it."""
+"""pytest run from mutants/ with one mutant switched on (mutmut's MUTANT_UNDER_TEST), and the tests that reach a
+mutant's function by mutmut's statistics: for the passes made outside mutmut's own run (mutation/postgresql.py,
+mutation/by_hand.py, mutation/listed.py)."""
 
+import functools
+import json
 import os
+import re
 import subprocess
 import sys
 
+from mutmut.utils.format_utils import mangled_name_from_mutant_name
+
 from mutation.state import MUTANTS
+
+STATS = MUTANTS / "mutmut-stats.json"
+FAILED = re.compile(r"^FAILED (\S+)", re.M)
+
+
+@functools.cache
+def _statistics(path) -> dict:
+    """mutmut's statistics (megabytes of JSON), read once for the whole pass, not once a mutant."""
+    return json.loads(path.read_text())
+
+
+def reaching(mutant: str) -> list[str]:
+    """The tests mutmut's statistics (its last run, on SQLite) found reaching `mutant`'s function, quickest
+    first; none without statistics."""
+    if not STATS.exists():
+        return []
+    stats = _statistics(STATS)
+    tests = stats["tests_by_mangled_function_name"].get(mangled_name_from_mutant_name(mutant), [])
+    durations = stats["duration_by_test"]
+    return sorted(tests, key=lambda test: durations.get(test, 0.0))
+
+
+def first_failure(run: subprocess.CompletedProcess) -> str | None:
+    """The first test a run of `pytest` names as failed; None when it passed."""
+    if run.returncode == 0:
+        return None
+    found = FAILED.search(run.stdout)
+    return found.group(1) if found else f"pytest exited {run.returncode}"
 
 
 def pytest(mutant: str, arguments: list[str]) -> subprocess.CompletedProcess:

@@ -5,7 +5,7 @@ import json
 import pytest
 from mutmut.mutation.file_mutation import mutate_file_contents
 
-from mutation import postgresql, report, state
+from mutation import listed, postgresql, report, state, switched
 
 TINY = """
 def double(n):
@@ -162,7 +162,7 @@ def test_the_postgresql_pass_runs_the_postgresql_twin_of_every_test_that_reaches
         },
     }
     (tmp_path / "mutmut-stats.json").write_text(json.dumps(stats))
-    monkeypatch.setattr(postgresql, "STATS", tmp_path / "mutmut-stats.json")
+    monkeypatch.setattr(switched, "STATS", tmp_path / "mutmut-stats.json")
     # What pytest collects on PostgreSQL: a twin it would not find is left out, not run (pytest would refuse all).
     known = {"tests/test_tiny.py::test_fast[postgresql-a-sqlite]", "tests/test_tiny.py::test_slow[postgresql]"}
     monkeypatch.setattr(postgresql, "collected", lambda: known)
@@ -176,3 +176,59 @@ def test_the_postgresql_pass_runs_the_postgresql_twin_of_every_test_that_reaches
     assert (
         postgresql.tests_for("app.tiny.x_double__mutmut_3")[-1] == "tests/test_tiny.py::test_fast[postgresql-a-sqlite]"
     )
+
+
+# mutants/ as a mutation run leaves it, in miniature: a module whose mutants the environment switches on.
+SWITCHED = """
+import os
+
+
+def double(n):
+    mutant = os.environ.get("MUTANT_UNDER_TEST")
+    if mutant == "app.tiny.x_double__mutmut_1":
+        return n * 3
+    if mutant == "app.tiny.x_double__mutmut_2":
+        return n + n
+    return n * 2
+"""
+SWITCHED_TESTS = """
+from app.tiny import double
+
+
+def test_doubles_nothing_to_nothing():
+    assert double(0) == 0
+
+
+def test_doubles_two():
+    assert double(2) == 4
+"""
+
+
+def test_a_listed_equivalent_that_a_test_of_today_kills_is_named_with_that_test(project, monkeypatch, capsys):
+    """mutmut never runs a survivor again for a test written after it: the listed claims are run again
+    against the tests reaching their function today, and a claim a test disproves fails the pass."""
+    mutants = project / "mutants"
+    (mutants / "app").mkdir(parents=True)
+    (mutants / "tests").mkdir()
+    (mutants / "app" / "__init__.py").write_text("")
+    (mutants / "app" / "tiny.py").write_text(SWITCHED)
+    (mutants / "tests" / "test_tiny.py").write_text(SWITCHED_TESTS)
+    reaching = ["tests/test_tiny.py::test_doubles_two", "tests/test_tiny.py::test_doubles_nothing_to_nothing"]
+    stats = {
+        "tests_by_mangled_function_name": {"app.tiny.x_double": reaching},
+        "duration_by_test": {reaching[0]: 0.2, reaching[1]: 0.1},
+    }
+    (mutants / "mutmut-stats.json").write_text(json.dumps(stats))
+    monkeypatch.setattr(switched, "MUTANTS", mutants)
+    monkeypatch.setattr(switched, "STATS", mutants / "mutmut-stats.json")
+    monkeypatch.setattr(listed, "EQUIVALENT", project / "equivalent.txt")
+    (project / "equivalent.txt").write_text(
+        "app.tiny.x_double__mutmut_1 # a claim a later test disproves\napp.tiny.x_double__mutmut_2 # n + n is n * 2\n"
+    )
+    assert switched.reaching("app.tiny.x_double__mutmut_2") == reaching[::-1]  # quickest first
+
+    assert listed.main([]) == 1
+    out, err = capsys.readouterr()
+    assert out == "app.tiny.x_double__mutmut_1 # tests/test_tiny.py::test_doubles_two\n"
+    assert "app.tiny.x_double__mutmut_2: survived" in err
+    assert listed.main(["app.tiny.x_double__mutmut_2"]) == 0
