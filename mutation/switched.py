@@ -14,7 +14,8 @@ from mutmut.utils.format_utils import mangled_name_from_mutant_name
 from mutation.state import MUTANTS
 
 STATS = MUTANTS / "mutmut-stats.json"
-FAILED = re.compile(r"^FAILED (\S+)", re.M)
+# pytest's summary line: "FAILED <test id> - <message>"; a test id may hold spaces ("[sqlite-turn off]").
+FAILED = re.compile(r"^FAILED (.+?)(?: - .*)?$", re.M)
 
 
 @functools.cache

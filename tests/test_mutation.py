@@ -192,6 +192,8 @@ def double(n):
     return n * 2
 """
 SWITCHED_TESTS = """
+import pytest
+
 from app.tiny import double
 
 
@@ -199,8 +201,9 @@ def test_doubles_nothing_to_nothing():
     assert double(0) == 0
 
 
-def test_doubles_two():
-    assert double(2) == 4
+@pytest.mark.parametrize("n", [2], ids=["two of them"])
+def test_doubles(n):
+    assert double(n) == 4
 """
 
 
@@ -213,7 +216,7 @@ def test_a_listed_equivalent_that_a_test_of_today_kills_is_named_with_that_test(
     (mutants / "app" / "__init__.py").write_text("")
     (mutants / "app" / "tiny.py").write_text(SWITCHED)
     (mutants / "tests" / "test_tiny.py").write_text(SWITCHED_TESTS)
-    reaching = ["tests/test_tiny.py::test_doubles_two", "tests/test_tiny.py::test_doubles_nothing_to_nothing"]
+    reaching = ["tests/test_tiny.py::test_doubles[two of them]", "tests/test_tiny.py::test_doubles_nothing_to_nothing"]
     stats = {
         "tests_by_mangled_function_name": {"app.tiny.x_double": reaching},
         "duration_by_test": {reaching[0]: 0.2, reaching[1]: 0.1},
@@ -229,6 +232,6 @@ def test_a_listed_equivalent_that_a_test_of_today_kills_is_named_with_that_test(
 
     assert listed.main([]) == 1
     out, err = capsys.readouterr()
-    assert out == "app.tiny.x_double__mutmut_1 # tests/test_tiny.py::test_doubles_two\n"
+    assert out == "app.tiny.x_double__mutmut_1 # tests/test_tiny.py::test_doubles[two of them]\n"  # its id whole
     assert "app.tiny.x_double__mutmut_2: survived" in err
     assert listed.main(["app.tiny.x_double__mutmut_2"]) == 0
