@@ -16,7 +16,7 @@ in the same order, kill in a fresh pytest process were recorded as surviving (mu
 import sys
 
 from mutation import switched
-from mutation.report import BY_HAND, ROOT, equivalents
+from mutation.report import BY_HAND, ROOT, lines_named
 
 
 def kills(mutant: str, test: str) -> bool:
@@ -28,15 +28,11 @@ def main(names: list[str]) -> int:
     if not (ROOT / "mutants").exists():
         print("no mutants/: run `python -m mutation.generate` first", file=sys.stderr)
         return 2
-    lines = equivalents(BY_HAND)
-    unknown = [name for name in names if name not in lines]
-    if unknown:
-        print(f"not in {BY_HAND.name}: {', '.join(unknown)}", file=sys.stderr)
+    lines = lines_named(BY_HAND, names)
+    if lines is None:
         return 2
     wrong = []
     for mutant, test in lines.items():
-        if names and mutant not in names:
-            continue
         killed = kills(mutant, test)
         print(f"{mutant}: {'killed' if killed else 'SURVIVES'} by {test}", file=sys.stderr, flush=True)
         if not killed:

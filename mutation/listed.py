@@ -12,7 +12,7 @@ line must go from equivalent.txt, and the kill be kept in by_hand.txt (mutation/
 import sys
 
 from mutation import switched
-from mutation.report import EQUIVALENT, equivalents
+from mutation.report import EQUIVALENT, lines_named
 
 
 def killer(mutant: str) -> str | None:
@@ -25,12 +25,10 @@ def main(names: list[str]) -> int:
     if not switched.STATS.exists():
         print("no mutants/mutmut-stats.json: run mutmut (it writes it) first", file=sys.stderr)
         return 2
-    listed = equivalents(EQUIVALENT)
-    unknown = [name for name in names if name not in listed]
-    if unknown:
-        print(f"not in {EQUIVALENT.name}: {', '.join(unknown)}", file=sys.stderr)
+    listed = lines_named(EQUIVALENT, names)
+    if listed is None:
         return 2
-    checking = names or list(listed)
+    checking = list(listed)
     killed = 0
     for index, mutant in enumerate(checking, 1):
         test = killer(mutant)

@@ -40,6 +40,17 @@ def equivalents(path: Path = EQUIVALENT) -> dict[str, str]:
     return listed
 
 
+def lines_named(path: Path, names: list[str]) -> dict[str, str] | None:
+    """The lines of `path` (mutant → its note), or those of `names`; None, having said which, when a name
+    given is not among them."""
+    lines = equivalents(path)
+    unknown = [name for name in names if name not in lines]
+    if unknown:
+        print(f"not in {path.name}: {', '.join(unknown)}", file=sys.stderr)
+        return None
+    return {name: note for name, note in lines.items() if not names or name in names}
+
+
 def statuses(module: str) -> dict[str, str]:
     """Every mutant mutmut makes of `module` as it is now, with its kept result; "not checked" when it has
     none or the function it mutates changed after it was checked."""
