@@ -110,6 +110,14 @@ def test_an_id3_tag_is_skipped_even_when_it_arrives_in_pieces():
     assert 2.0 <= metered(data, "mp3", 5).seconds < 2.2
 
 
+@pytest.mark.parametrize(("garbage", "understood"), [(1 << 14, True), ((1 << 14) + 1, False)])
+def test_audio_after_up_to_16_kib_of_garbage_is_still_counted(garbage, understood):
+    meter = audio_meter.for_format("aac")
+    for chunk in (adts_frame(), bytes(garbage), adts_frame()):
+        meter.feed(chunk)
+    assert (meter.understood, meter.samples) == ((True, 2 * 1024) if understood else (False, 1024))
+
+
 @pytest.mark.parametrize("response_format", ["wav", "mp3", "opus", "flac", "aac"])
 def test_garbage_is_not_understood(response_format):
     meter = metered(bytes(range(256)) * 400, response_format, 4096)

@@ -3,6 +3,7 @@
 The key-management API that sets them over HTTP is tests/test_key_api.py's.
 """
 
+import os
 import re
 import time
 from collections import Counter
@@ -896,6 +897,8 @@ def test_a_charge_read_on_a_clock_behind_the_last_one_never_takes_the_count_back
         late = charge(customer, 10)
         db.session.commit()
         assert late.created_at == midnight
+        # Dated at the very first instant of the day it counts in, it is that day's in the books too.
+        assert audit.key_use_matches_books() == []
         clock.now = midnight + timedelta(seconds=1)
         with pytest.raises(keys.KeyLimitReached):
             charge(customer, 1)
@@ -925,6 +928,57 @@ def test_a_limit_set_on_a_clock_behind_the_keys_count_keeps_the_period_the_key_r
     key = key_row(app, customer.key_id)
     assert (key.spent, key.spent_window) == (20, "day:2026-12-04")
     with app.app_context():
+        assert audit.key_use_matches_books() == []
+
+
+def test_the_audit_sees_a_later_debit_the_keys_count_never_took_in(app, clock):
+    """A key's count left in an earlier window than a debit of its own (a bug, or a hand edit) is named."""
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, spend_limit=100, spend_period="day")
+    with app.app_context():
+        for day, credits in ((3, 30), (4, 20)):
+            clock.now = datetime(2026, 12, day, 12, tzinfo=timezone.utc)
+            charge(customer, credits)
+        db.session.commit()
+        assert audit.key_use_matches_books() == []
+        lost = {"spent": 30, "spent_window": "day:2026-12-03"}
+        db.session.execute(update(ApiKey).where(ApiKey.id == customer.key_id).values(**lost))
+        db.session.commit()
+        assert audit.key_use_matches_books() == [
+            f"key {customer.key_id} ({customer.secret[:12]}…): 30 credits recorded as used in day:2026-12-03, "
+            "the ledger says 50"
+        ]
+
+
+@pytest.fixture
+def local_zone_ahead_of_utc():
+    """The host's local time zone 12 hours ahead of UTC, as a server set to its own zone has it."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = "NZST-12"
+    time.tzset()
+    yield
+    if before is None:
+        del os.environ["TZ"]
+    else:
+        os.environ["TZ"] = before
+    time.tzset()
+
+
+def test_a_keys_windows_are_utc_days_weeks_and_months_whatever_the_hosts_zone(app, clock, local_zone_ahead_of_utc):
+    utc = timezone.utc
+    assert keys.window_range("day:2026-12-04") == (datetime(2026, 12, 4, tzinfo=utc), datetime(2026, 12, 5, tzinfo=utc))
+    assert keys.window_range("week:2026-W49") == (datetime(2026, 11, 30, tzinfo=utc), datetime(2026, 12, 7, tzinfo=utc))
+    assert keys.window_range("month:2026-12") == (datetime(2026, 12, 1, tzinfo=utc), datetime(2027, 1, 1, tzinfo=utc))
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, spend_limit=100, spend_period="day")
+    with app.app_context():
+        # 13:00 on the host's clock both times, a UTC day apart.
+        for day, credits in ((3, 30), (4, 20)):
+            clock.now = datetime(2026, 12, day, 1, tzinfo=utc)
+            charge(customer, credits)
+        db.session.commit()
+        key = db.session.get(ApiKey, customer.key_id)
+        assert (key.spent, key.spent_window) == (20, "day:2026-12-04")
         assert audit.key_use_matches_books() == []
 
 
