@@ -123,7 +123,6 @@ _SERVERS_NOW = (
 _WAITING = select(func.count()).where(_places.c.server_url.is_(None), _ALIVE)
 _WAITING_FOR = _WAITING.where(_places.c.team_id == bindparam("team_id"))
 _LOCK = select(_servers.c.url).where(_servers.c.url == bindparam("lock_url")).with_for_update()
-_LOCK_SQLITE = update(_servers).where(_servers.c.url == bindparam("lock_url")).values(failures=_servers.c.failures)
 _TAKE = insert(_places)
 _GIVE_BACK = delete(_places).where(_places.c.id == bindparam("place_id"))
 
@@ -399,10 +398,9 @@ class Upstreams:
         return _transaction(self._engine())
 
     def _lock(self, connection: Connection) -> None:
-        """The lock every place is taken under: the first server's row."""
-        # On SQLite a write: it then holds its one write lock for the rest of the transaction.
-        lock = _LOCK_SQLITE if connection.dialect.name == "sqlite" else _LOCK
-        connection.execute(lock, {"lock_url": self._lock_url})
+        """The lock every place is taken under: the first server's row (on SQLite the database's write
+        lock, which the app's engine takes for a locking read: app/__init__.py)."""
+        connection.execute(_LOCK, {"lock_url": self._lock_url})
 
     def _servers_now(self, connection: Connection, now: datetime) -> dict[str, ServerNow]:
         """Each server's state; a server whose row is missing (deleted by hand) is in service and

@@ -71,7 +71,7 @@ def second_waits_for_first(
     return failures
 
 
-def another_writer_could_go_ahead(table: str, row_id: int) -> bool:
+def another_writer_could_go_ahead(table: str, row_id: int | str, column: str = "id") -> bool:
     """Whether a transaction of another connection could change that row of `table` now, asked without waiting:
     a row lock on PostgreSQL; on SQLite, which locks the whole database, the right to write at all."""
     if db.engine.dialect.name == "sqlite":
@@ -86,7 +86,7 @@ def another_writer_could_go_ahead(table: str, row_id: int) -> bool:
             other.close()
     with db.engine.connect() as other:
         try:
-            other.execute(text(f"SELECT id FROM {table} WHERE id = :id FOR UPDATE NOWAIT"), {"id": row_id})
+            other.execute(text(f"SELECT 1 FROM {table} WHERE {column} = :row FOR UPDATE NOWAIT"), {"row": row_id})
             return True
         except OperationalError:
             return False

@@ -52,3 +52,16 @@ def test_a_plain_read_holds_nothing(app):
         db.session.execute(select(Team.balance).where(Team.id == customer.team_id))
         assert another_writer_could_go_ahead("teams", customer.team_id)
         db.session.rollback()
+
+
+def test_the_lock_upstream_places_are_taken_under_holds_until_its_transaction_ends(app):
+    """app/places.py takes each place on a connection of its own, under a lock on the first server's row."""
+    upstreams = app.extensions["upstream"].upstreams
+    upstreams.reserve().release()  # the servers' rows are written
+    (url,) = (server.base_url for server in upstreams.servers)
+    with app.app_context():
+        assert another_writer_could_go_ahead("upstream_servers", url, column="url")
+        with upstreams._begin() as connection:
+            upstreams._lock(connection)
+            assert not another_writer_could_go_ahead("upstream_servers", url, column="url")
+        assert another_writer_could_go_ahead("upstream_servers", url, column="url")
