@@ -1,6 +1,8 @@
 """The mutation report counts only results that still describe the code (mutation/state.py, mutation/report.py)."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 from mutmut.mutation.file_mutation import mutate_file_contents
@@ -235,3 +237,27 @@ def test_a_listed_equivalent_that_a_test_of_today_kills_is_named_with_that_test(
     assert out == "app.tiny.x_double__mutmut_1 # tests/test_tiny.py::test_doubles[two of them]\n"  # its id whole
     assert "app.tiny.x_double__mutmut_2: survived" in err
     assert listed.main(["app.tiny.x_double__mutmut_2"]) == 0
+
+
+def test_every_test_named_as_a_killer_is_one_pytest_finds():
+    """A test renamed after a line of postgresql.txt or by_hand.txt named it leaves a claim that nothing checks
+    any more. A name without parameters stands for all of them; a PostgreSQL id is looked for where
+    TEST_DATABASE_URL makes those tests (CI), its test function always."""
+    named = {
+        test: mutant for path in (report.POSTGRES, report.BY_HAND) for mutant, test in report.equivalents(path).items()
+    }
+    files = sorted({test.partition("::")[0] for test in named})
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", *files],
+        cwd=report.ROOT,
+        capture_output=True,
+        text=True,
+    )
+    ids = {line for line in run.stdout.splitlines() if "::" in line}
+    functions = {test_id.partition("[")[0] for test_id in ids}
+    postgresql_collected = any("[postgresql" in test_id for test_id in ids)
+    for test, mutant in named.items():
+        whole = test in ids or any(test_id.startswith(f"{test}[") for test_id in ids)
+        if "[postgresql" in test and not postgresql_collected:
+            whole = test.partition("[")[0] in functions
+        assert whole, f"{mutant}: its killer {test} is no test pytest finds"
