@@ -326,6 +326,25 @@ def test_a_stream_blocked_on_its_client_records_whether_it_hung_up_or_took_nothi
     assert row.state == "delivered" and row.credits_refunded == 0 and row.error == recorded
 
 
+def test_once_the_answer_closes_the_clients_socket_is_left_as_the_server_had_it():
+    """The write timeout is the stream's alone: the socket's own comes back when the answer closes, for the
+    next request on the connection; a socket the server closed first is left alone, with no error to log; no
+    socket (a server that gives none) is no timeout."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.settimeout(7.0)
+        undo = speech._limit_client_writes(ours, 2.5)
+        assert ours.gettimeout() == 2.5
+        undo()
+        assert ours.gettimeout() == 7.0
+    closed, theirs = socket.socketpair()
+    theirs.close()
+    undo = speech._limit_client_writes(closed, 2.5)
+    closed.close()
+    undo()
+    speech._limit_client_writes(None, 2.5)()
+
+
 def read_to_the_end(client: socket.socket) -> bytes:
     client.settimeout(30)
     received = bytearray()
