@@ -19,7 +19,6 @@ Named mutants are checked alone and their lines in postgresql.txt replaced; the 
 
 import functools
 import os
-import subprocess
 import sys
 
 from mutation import switched
@@ -48,13 +47,7 @@ TESTS = AUDIT + [test for test in RACES if test.partition("::")[0] not in AUDIT]
 @functools.cache
 def collected() -> frozenset[str]:
     """Every PostgreSQL test id in mutants/: a twin must be one (pytest refuses to run an id it cannot find)."""
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", "-k", "postgresql", "tests/"],
-        cwd=ROOT / "mutants",
-        capture_output=True,
-        text=True,
-    )
-    return frozenset(line for line in run.stdout.splitlines() if "::" in line)
+    return switched.collected(ROOT / "mutants", ["-k", "postgresql", "tests/"])
 
 
 def reaching(mutant: str) -> list[str]:

@@ -43,6 +43,18 @@ def first_failure(run: subprocess.CompletedProcess) -> str | None:
     return found.group(1) if found else f"pytest exited {run.returncode}"
 
 
+def collected(directory, arguments: list[str]) -> frozenset[str]:
+    """Every test id `pytest --collect-only arguments` finds, run in `directory`: pytest refuses to run an id
+    it cannot find, and a name in a list that no test answers to checks nothing."""
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", *arguments],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+    )
+    return frozenset(line for line in run.stdout.splitlines() if "::" in line)
+
+
 def pytest(mutant: str, arguments: list[str]) -> subprocess.CompletedProcess:
     """pytest `arguments` (quiet, no cache, in file order) with `mutant` switched on. Exit 0: every test
     passed; 1: one failed. Any other exit (a usage or collection error, an interrupt) taught nothing about

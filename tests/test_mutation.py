@@ -1,8 +1,6 @@
 """The mutation report counts only results that still describe the code (mutation/state.py, mutation/report.py)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from mutmut.mutation.file_mutation import mutate_file_contents
@@ -247,13 +245,7 @@ def test_every_test_named_as_a_killer_is_one_pytest_finds():
         test: mutant for path in (report.POSTGRES, report.BY_HAND) for mutant, test in report.equivalents(path).items()
     }
     files = sorted({test.partition("::")[0] for test in named})
-    run = subprocess.run(
-        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly", *files],
-        cwd=report.ROOT,
-        capture_output=True,
-        text=True,
-    )
-    ids = {line for line in run.stdout.splitlines() if "::" in line}
+    ids = switched.collected(report.ROOT, files)
     functions = {test_id.partition("[")[0] for test_id in ids}
     postgresql_collected = any("[postgresql" in test_id for test_id in ids)
     for test, mutant in named.items():
