@@ -192,7 +192,9 @@ def test_the_wait_for_a_free_server_is_told_apart_from_the_gateways_own_time(mak
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(app.test_client().post, SPEECH, json=HELLO, headers=customer.headers, buffered=True)
             wait_for(lambda: upstreams.waiting == 1)
-            time.sleep(0.3)  # the wait being measured
+            # The wait being measured: a second, well over what the gateway's own work takes even on a
+            # loaded machine (about 0.5 s seen with four test workers on two cores), so the two are told apart.
+            time.sleep(1.0)
             held.set()
             assert first.get_data() == AUDIO
             second = waiting.result()
@@ -200,13 +202,13 @@ def test_the_wait_for_a_free_server_is_told_apart_from_the_gateways_own_time(mak
     assert second.data == AUDIO
     timings = server_timing(second)
     # The queue is the wait; the gateway's own time leaves it out, in the header and in the metric.
-    assert timings["queue"] >= 300 and 0 <= timings["gateway"] < 300
+    assert timings["queue"] >= 1000 and 0 <= timings["gateway"] < 1000
 
     def grown(name):  # the metrics are the process's: what these two requests added
         return sample(after, name) - sample(before, name)
 
     assert grown("kokoro_speech_gateway_seconds_count") == 2
-    assert 0 <= grown("kokoro_speech_gateway_seconds_sum") < 0.3
+    assert 0 <= grown("kokoro_speech_gateway_seconds_sum") < 1.0
     # The time to first byte is all three: the gateway's own, the wait, the upstream's.
     told = sum(sum(server_timing(response).values()) for response in (first, second))
     assert grown("kokoro_speech_first_byte_seconds_sum") == pytest.approx(told / 1000, abs=1e-4)
