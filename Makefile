@@ -39,7 +39,7 @@ $(BROWSER_CHECKS)/node_modules/.package-lock.json: $(BROWSER_CHECKS)/package.jso
 	npm ci --prefix $(BROWSER_CHECKS) --no-audit --no-fund --loglevel=error
 
 test: $(VENV)/.dev $(NODE_CLIENTS)/node_modules/.package-lock.json $(BROWSER_CHECKS)/node_modules/.package-lock.json
-	$(BIN)/python -m pytest -n 2 --dist worksteal
+	$(BIN)/python -m pytest -n 3 --dist worksteal
 
 # What the gateway adds on top of the upstream; needs PostgreSQL (BENCH_DATABASE_URL).
 bench: $(VENV)/.dev

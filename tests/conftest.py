@@ -23,7 +23,7 @@ pytest_plugins = ["tests.engine_fixtures"]
 
 # Nothing listens here: tests that forget to stub the upstream fail fast with "refused".
 STUB_UPSTREAM = "http://127.0.0.1:9/v1"
-# Under pytest-xdist (`make test` runs two workers) each worker has a database of its own: <name>_gw0, <name>_gw1.
+# Under pytest-xdist (`make test` runs three workers) each worker has a database of its own: <name>_gw0, <name>_gw1…
 WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
 PG_URL = database_url(os.environ["TEST_DATABASE_URL"]) if os.environ.get("TEST_DATABASE_URL") else None
 if PG_URL and WORKER:
