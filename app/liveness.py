@@ -42,6 +42,7 @@ class Lease:
         self._pid = None
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self._thread = None
         self._pending: list[Callable[[], object]] = []
         self._upkeep: list[Callable[[], object]] = []
 
@@ -54,7 +55,8 @@ class Lease:
                 process_id = uuid.uuid4().hex
                 self._write(insert(_processes), id=process_id, host=socket.gethostname()[:255], pid=os.getpid())
                 self._id, self._pid = process_id, os.getpid()
-                threading.Thread(target=self._renew_until_stopped, name="gateway-lease", daemon=True).start()
+                self._thread = threading.Thread(target=self._renew_until_stopped, name="gateway-lease", daemon=True)
+                self._thread.start()
         return self._id
 
     def renew(self) -> None:
@@ -90,9 +92,12 @@ class Lease:
             self._pending[:0] = failed
             return len(self._pending)
 
-    def stop(self) -> None:
-        """End the renewals (tests; a process that ends takes its thread along and its lease runs out)."""
+    def stop(self, wait: float = 10.0) -> None:
+        """End the renewals, waiting up to `wait` seconds for a renewal under way (tests; a process that ends
+        takes its thread along and its lease runs out)."""
         self._stopped.set()
+        if self._thread is not None:
+            self._thread.join(wait)
 
     def _write(self, statement, **values) -> int:
         now = utcnow()

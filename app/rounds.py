@@ -27,6 +27,7 @@ class Rounds:
         self._pid = None
         self._lock = threading.Lock()
         self._stopped = False
+        self._thread = None
 
     def work(self) -> None:
         raise NotImplementedError
@@ -38,12 +39,16 @@ class Rounds:
             if self._pid == os.getpid():
                 return
             self._pid = os.getpid()
-            threading.Thread(target=self.run, name=self.name, daemon=True).start()
+            self._thread = threading.Thread(target=self.run, name=self.name, daemon=True)
+            self._thread.start()
 
-    def stop(self) -> None:
-        """End the thread after its current round (tests; a process that ends takes it along)."""
+    def stop(self, wait: float = 10.0) -> None:
+        """End the thread after its current round, waiting up to `wait` seconds for that round to end, so that
+        nothing it does (a query, a log line) outlives its caller (tests; a process that ends takes it along)."""
         self._stopped = True
         self.wake.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(wait)
 
     def run(self, rounds: int | None = None) -> None:
         """Work until the process ends (or for `rounds` rounds); an error in one round is logged, not fatal."""

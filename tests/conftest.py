@@ -132,7 +132,9 @@ def make_app(database_uri):
 
     yield make
     for app in apps:
+        # Each thread's round under way ends before the database goes: none outlives its test.
         app.extensions["postman"].stop()
+        app.extensions["buyer"].stop()
         app.extensions["lease"].stop()
         with app.app_context():
             db.session.remove()

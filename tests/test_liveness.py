@@ -7,6 +7,7 @@ import json
 import os
 import socket
 import sqlite3
+import threading
 from datetime import timedelta
 from types import SimpleNamespace
 from urllib.parse import urlsplit
@@ -188,6 +189,16 @@ def test_the_lease_is_pushed_on_by_each_renewal_and_comes_back_when_its_row_was_
     assert lease_of(app, process_id) is not None
     # One registration per process: the id a request names does not change.
     assert lease.process_id() == process_id
+
+
+def test_once_stopped_the_lease_renews_no_more_its_thread_ended(app):
+    # Stopping waits for the renewer, so no renewal (a write to the database) outlives the app that stopped it.
+    before = set(threading.enumerate())
+    lease = app.extensions["lease"]
+    lease.process_id()
+    [renewer] = [thread for thread in threading.enumerate() if thread not in before and thread.name == "gateway-lease"]
+    lease.stop()
+    assert not renewer.is_alive()
 
 
 def test_a_settlement_the_database_refused_is_written_by_its_process_when_the_database_is_back(

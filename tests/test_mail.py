@@ -371,6 +371,36 @@ def test_a_mail_server_that_hangs_delays_mail_and_nothing_else(make_app):
         listener.close()
 
 
+def test_stopping_the_sender_waits_for_its_round_under_way_to_end(make_app, caplog):
+    # The sender waits on a silent server; stop() returns only once that round has ended, so nothing the
+    # round does (its query, its log line) outlives the app that stopped it.
+    listener = socket.create_server(("127.0.0.1", 0))
+    app = make_app(
+        MAIL_URL=f"smtp://127.0.0.1:{listener.getsockname()[1]}",
+        PUBLIC_BASE_URL="https://pay.example.test",
+        MAIL_WORKER=True,
+        MAIL_TIMEOUT=60,
+        MAIL_POLL_SECONDS=0.05,
+    )
+    accepted = []
+    try:
+        queue(app)
+        app.test_client().get("/signup")  # starts the sender
+        wait_for(lambda: _accept(listener, accepted), timeout=10, what="the sender to connect")
+        stopping = threading.Thread(target=app.extensions["postman"].stop)
+        stopping.start()
+        stopping.join(0.5)
+        assert stopping.is_alive()  # the round is still waiting on the server
+        accepted[0].close()  # the server hangs up: the round ends
+        stopping.join(10)
+        assert not stopping.is_alive()
+        assert "mail 1 not sent (attempt 1)" in caplog.text  # written before stop() returned
+    finally:
+        for connection in accepted:
+            connection.close()
+        listener.close()
+
+
 def _accept(listener, accepted: list) -> bool:
     listener.settimeout(0.05)
     try:
