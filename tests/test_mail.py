@@ -336,44 +336,10 @@ def test_the_sender_thread_sends_as_soon_as_the_sign_up_commits(make_app, port):
     assert "https://pay.example.test/verify/" in inbox.messages[0].get_payload()
 
 
-def test_a_mail_server_that_hangs_delays_mail_and_nothing_else(make_app):
-    # A server that accepts connections and never says a word.
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    app = make_app(
-        MAIL_URL=f"smtp://127.0.0.1:{port}",
-        PUBLIC_BASE_URL="https://pay.example.test",
-        MAIL_WORKER=True,
-        MAIL_TIMEOUT=60,
-        MAIL_POLL_SECONDS=0.05,
-    )
-    accepted = []
-    try:
-        web = factories.WebClient(app.test_client())
-        customer = queue(app)  # the sender takes this one and waits on the silent server
-        web.get("/signup")
-        wait_for(lambda: _accept(listener, accepted), timeout=10, what="the sender to connect")
-        # The sender is stuck for a minute; sign-ups and the API carry on, and their mail is kept.
-        for number in range(3):
-            assert "Check your inbox" in web.register(f"hang{number}@example.com").get_data(as_text=True)
-        assert app.test_client().get("/v1/balance", headers=customer.headers).status_code == 200
-        with app.app_context():
-            factories.starter_payment(customer.team_id, "cs_test_hang")
-            db.session.commit()
-        paid = event("checkout.session.completed", checkout_session(customer.team_id, session_id="cs_test_hang"))
-        assert deliver_event(app.test_client(), paid).status_code == 200
-        assert factories.balance(app, customer.team_id) == 10_000
-        assert [row.state for row in factories.mails(app, kind="verify")] == [MailState.QUEUED] * 3
-        assert [row.state for row in factories.mails(app, kind="receipt")] == [MailState.QUEUED]
-    finally:
-        for connection in accepted:
-            connection.close()
-        listener.close()
-
-
-def test_stopping_the_sender_waits_for_its_round_under_way_to_end(make_app, caplog):
-    # The sender waits on a silent server; stop() returns only once that round has ended, so nothing the
-    # round does (its query, its log line) outlives the app that stopped it.
+@pytest.fixture
+def stuck_sender(make_app):
+    """An app whose mail sender has taken a customer's mail to a server that accepts connections and never
+    says a word: (the app, the customer, the connections the server accepted, to close to hang up)."""
     listener = socket.create_server(("127.0.0.1", 0))
     app = make_app(
         MAIL_URL=f"smtp://127.0.0.1:{listener.getsockname()[1]}",
@@ -384,21 +350,45 @@ def test_stopping_the_sender_waits_for_its_round_under_way_to_end(make_app, capl
     )
     accepted = []
     try:
-        queue(app)
-        app.test_client().get("/signup")  # starts the sender
+        customer = queue(app)  # the sender takes this one and waits on the silent server
+        app.test_client().get("/signup")  # the first request starts the sender
         wait_for(lambda: _accept(listener, accepted), timeout=10, what="the sender to connect")
-        stopping = threading.Thread(target=app.extensions["postman"].stop)
-        stopping.start()
-        stopping.join(0.5)
-        assert stopping.is_alive()  # the round is still waiting on the server
-        accepted[0].close()  # the server hangs up: the round ends
-        stopping.join(10)
-        assert not stopping.is_alive()
-        assert "mail 1 not sent (attempt 1)" in caplog.text  # written before stop() returned
+        yield app, customer, accepted
     finally:
         for connection in accepted:
             connection.close()
         listener.close()
+
+
+def test_a_mail_server_that_hangs_delays_mail_and_nothing_else(stuck_sender):
+    app, customer, _ = stuck_sender
+    web = factories.WebClient(app.test_client())
+    # The sender is stuck for a minute; sign-ups and the API carry on, and their mail is kept.
+    for number in range(3):
+        assert "Check your inbox" in web.register(f"hang{number}@example.com").get_data(as_text=True)
+    assert app.test_client().get("/v1/balance", headers=customer.headers).status_code == 200
+    with app.app_context():
+        factories.starter_payment(customer.team_id, "cs_test_hang")
+        db.session.commit()
+    paid = event("checkout.session.completed", checkout_session(customer.team_id, session_id="cs_test_hang"))
+    assert deliver_event(app.test_client(), paid).status_code == 200
+    assert factories.balance(app, customer.team_id) == 10_000
+    assert [row.state for row in factories.mails(app, kind="verify")] == [MailState.QUEUED] * 3
+    assert [row.state for row in factories.mails(app, kind="receipt")] == [MailState.QUEUED]
+
+
+def test_stopping_the_sender_waits_for_its_round_under_way_to_end(stuck_sender, caplog):
+    # stop() returns only once the stuck round has ended, so nothing the round does (its query, its log
+    # line) outlives the app that stopped it.
+    app, _, accepted = stuck_sender
+    stopping = threading.Thread(target=app.extensions["postman"].stop)
+    stopping.start()
+    stopping.join(0.5)
+    assert stopping.is_alive()  # the round is still waiting on the server
+    accepted[0].close()  # the server hangs up: the round ends
+    stopping.join(10)
+    assert not stopping.is_alive()
+    assert "mail 1 not sent (attempt 1)" in caplog.text  # written before stop() returned
 
 
 def _accept(listener, accepted: list) -> bool:
