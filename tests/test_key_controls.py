@@ -542,6 +542,21 @@ def test_behind_a_trusted_proxy_the_address_it_saw_counts(make_app, upstream):
     assert through_proxy("10.0.0.1, 192.0.2.1").status_code == 403
 
 
+@pytest.mark.parametrize("forwarded_for", ["not-an-address", "10.0.0.1, unknown", ""])
+def test_an_address_the_app_cannot_read_is_not_allowed(make_app, upstream, forwarded_for):
+    # A trusted proxy that forwards something that is not an address: the key's list cannot be met.
+    app = make_app(TRUSTED_PROXIES=1)
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, allowed_ips="10.0.0.0/8 ::/0 0.0.0.0/0")
+    headers = {**customer.headers, "X-Forwarded-For": forwarded_for}
+    proxy = {"REMOTE_ADDR": "127.0.0.1"} if forwarded_for else {"REMOTE_ADDR": ""}
+    response = app.test_client().post(
+        SPEECH, json={"input": TEN, "voice": "af_sky"}, headers=headers, environ_base=proxy
+    )
+    assert response.status_code == 403 and error_of(response)[1] == "ip_not_allowed"
+    assert factories.balance(app, customer.team_id) == 1000
+
+
 def test_a_refused_address_is_not_counted_as_guessing_keys(make_app, upstream):
     app = make_app(KEY_FAILURES_PER_IP="2/minute")
     customer = factories.customer(app, balance=1000)
@@ -1021,6 +1036,23 @@ def test_a_known_key_refused_is_not_taken_for_guessing(make_app, clock):
     for _ in range(3):
         balance_with(client, "kp_live_" + "x" * 43)
     assert balance_with(client, new).status_code == 429
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "Bearer ", "Basic dXNlcjpwYXNz", "kp_live_" + "x" * 43],
+    ids=["no header", "empty bearer", "not bearer", "no scheme"],
+)
+def test_a_request_without_a_usable_key_counts_as_guessing(make_app, authorization):
+    """A client that sends no key, or not as a bearer token, is refused like a wrong key and counted like one."""
+    app = make_app(KEY_FAILURES_PER_IP="3/minute")
+    customer = factories.customer(app, balance=1000)
+    client = app.test_client()
+    headers = {} if authorization is None else {"Authorization": authorization}
+    for _ in range(3):
+        assert client.get("/v1/balance", headers=headers).status_code == 401
+    blocked = client.get("/v1/balance", headers=customer.headers)
+    assert blocked.status_code == 429 and "invalid API key" in blocked.get_json()["detail"]
 
 
 @pytest.mark.parametrize("when", ["9999-12-31T23:00:00-05:00", "9999-12-31T23:59:59.999999-00:01"])
