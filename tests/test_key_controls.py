@@ -368,7 +368,9 @@ def test_each_period_starts_again_exactly_at_its_boundary(app, clock, period):
         assert keys.limit_resets_at(key, clock.now) == boundary
         with pytest.raises(keys.KeyLimitReached) as reached:
             charge(customer, 1)
-        assert (reached.value.spent, reached.value.resets_at) == (30, boundary)
+        # What the 402 says: the limit, what was spent, what this request costs, when the limit starts again.
+        assert (reached.value.limit, reached.value.spent, reached.value.cost) == (30, 30, 1)
+        assert reached.value.resets_at == boundary
         db.session.rollback()
         clock.now = boundary
         charge(customer, 30)
@@ -400,6 +402,12 @@ def test_unlimited_teams_are_charged_nothing_so_their_keys_spend_nothing(app, cl
     control(app, rich.key_id, spend_limit=5, spend_period="day")
     assert speak(client, rich).status_code == 200
     assert key_row(app, rich.key_id).spent == 0
+
+
+def test_counting_a_debit_against_a_key_that_is_not_there_names_the_key(app, clock):
+    # No code deletes a key; a row gone by hand fails the debit (rolled back) with the key's id in the log.
+    with app.app_context(), pytest.raises(LookupError, match=r"^no key 424242$"):
+        keys.count_use(424242, 10, clock.now)
 
 
 def test_two_hundred_racing_debits_never_overshoot_a_key_limit(app, postgres_only):
@@ -553,7 +561,8 @@ def test_an_address_the_app_cannot_read_is_not_allowed(make_app, upstream, forwa
     response = app.test_client().post(
         SPEECH, json={"input": TEN, "voice": "af_sky"}, headers=headers, environ_base=proxy
     )
-    assert response.status_code == 403 and error_of(response)[1] == "ip_not_allowed"
+    seen = forwarded_for.rpartition(",")[2].strip() or "an unknown address"
+    assert error_of(response) == (403, "ip_not_allowed", f"This key may not be used from {seen}.")
     assert factories.balance(app, customer.team_id) == 1000
 
 
