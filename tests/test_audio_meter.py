@@ -756,3 +756,11 @@ def test_a_wav_header_of_absurd_sizes_never_counts_negative_audio():
     absurd = chunk(b"fmt ", struct.pack("<HHIIHH", 1, 1, 0xFFFFFFFF, 0, 0xFFFF, 16))
     meter = metered(riff(absurd, chunk(b"data", bytes(200_000))), "wav", 4096)
     assert meter.samples == 200_000 // 0xFFFF and meter.seconds >= 0
+
+
+def test_a_format_with_no_meter_of_its_own_is_not_understood_and_counts_nothing():
+    # A format the API learns before the meter does streams as fully delivered once audio went out (the
+    # module says why), never as an error.
+    meter = audio_meter.for_format("webm")
+    meter.feed(b"\x1aE\xdf\xa3" + bytes(4096))
+    assert meter.understood is False and meter.seconds == 0.0

@@ -404,6 +404,23 @@ def test_unlimited_teams_are_charged_nothing_so_their_keys_spend_nothing(app, cl
     assert key_row(app, rich.key_id).spent == 0
 
 
+def test_a_refused_count_reports_the_use_of_the_debits_own_window(app, clock):
+    # The clock has passed midnight while a debit of the day before is counted: the refusal says what was
+    # spent in the debit's day and when that day's limit starts again, not the new day's nothing.
+    boundary = BOUNDARIES["day"]
+    customer = factories.customer(app, balance=1000)
+    control(app, customer.key_id, spend_limit=30, spend_period="day")
+    clock.now = boundary - timedelta(microseconds=1)
+    with app.app_context():
+        charge(customer, 30)
+        db.session.commit()
+        clock.now = boundary
+        with pytest.raises(keys.KeyLimitReached) as reached:
+            keys.count_use(customer.key_id, 1, boundary - timedelta(microseconds=1))
+        db.session.rollback()
+    assert (reached.value.spent, reached.value.resets_at) == (30, boundary)
+
+
 def test_counting_a_debit_against_a_key_that_is_not_there_names_the_key(app, clock):
     # No code deletes a key; a row gone by hand fails the debit (rolled back) with the key's id in the log.
     with app.app_context(), pytest.raises(LookupError, match=r"^no key 424242$"):
