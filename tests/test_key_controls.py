@@ -567,7 +567,9 @@ def test_behind_a_trusted_proxy_the_address_it_saw_counts(make_app, upstream):
     assert through_proxy("10.0.0.1, 192.0.2.1").status_code == 403
 
 
-@pytest.mark.parametrize("forwarded_for", ["not-an-address", "10.0.0.1, unknown", ""])
+@pytest.mark.parametrize(
+    "forwarded_for", ["not-an-address", "10.0.0.1, unknown", ""], ids=["not an address", "unknown", "none at all"]
+)
 def test_an_address_the_app_cannot_read_is_not_allowed(make_app, upstream, forwarded_for):
     # A trusted proxy that forwards something that is not an address: the key's list cannot be met.
     app = make_app(TRUSTED_PROXIES=1)
