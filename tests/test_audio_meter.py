@@ -647,6 +647,13 @@ def test_flac_takes_the_sample_rate_from_streaminfo_or_else_from_the_frames(rate
     assert metered(b"fLaC" + streaminfo(192000) + frames, "flac", 100).rate == 192000
     meter = metered(b"fLaC" + streaminfo(0) + frames, "flac", 100)
     assert meter.samples == 3 * 1152 and meter.rate == FLAC_RATES.get(rate_code, 0)
+    # No STREAMINFO at all (one padding block is the whole metadata): the frames' rate code too, and with
+    # no rate anywhere no seconds.
+    padding = bytes([0x80 | 1]) + (8).to_bytes(3, "big") + bytes(8)
+    meter = metered(b"fLaC" + padding + frames, "flac", 100)
+    rate = FLAC_RATES.get(rate_code, 0)
+    assert meter.samples == 3 * 1152 and meter.rate == rate
+    assert meter.seconds == (3 * 1152 / rate if rate else 0.0)
 
 
 @pytest.mark.parametrize("rate", [8000, 44100, 96000, 192000, 655350, (1 << 20) - 1])
