@@ -609,6 +609,25 @@ def test_the_answer_names_the_audio_as_the_server_did_when_it_named_it_in_plain_
     assert response.get_json()["audio_format"] == answered
 
 
+@pytest.mark.parametrize(("response_format", "named"), [("mp3", "audio/mpeg"), ("wav", "audio/wav")])
+def test_audio_the_server_names_no_type_for_is_named_by_the_orders_mime_type(
+    make_app, customer, response_format, named
+):
+    line = json.dumps({"audio": base64.b64encode(b"ID3" + bytes(64)).decode(), "timestamps": []})
+    app, response, speech = ask_of(make_app, _Lines(line.encode() + b"\n"), customer, response_format=response_format)
+    assert response.status_code == 200 and response.get_json()["audio_format"] == named
+
+
+def test_lines_that_carry_words_but_no_audio_at_all_are_a_failure_refunded_in_full(make_app, customer):
+    said = [{"word": "Dr.", "start_time": 0.0, "end_time": 0.1}]
+    app, response, speech = ask_of(make_app, _Lines(caption_line(b"", said), caption_line(b"", [])), customer)
+    assert response.status_code == 502
+    assert response.get_json()["detail"] == "The speech server sent no audio. The charge was refunded."
+    assert speech.state == "refunded" and speech.credits_refunded == speech.credits > 0
+    assert speech.error == "The speech server sent no audio."
+    factories.assert_books_balance(app, customer.team_id)
+
+
 def test_a_span_of_a_kind_no_server_sends_is_left_out_and_the_word_found():
     words = captions.Words("Dr. Smith")
     taken = words.take([{"word": "Smith", "start_time": 0.1, "end_time": 0.2, "char_start": [4], "char_end": 9}])

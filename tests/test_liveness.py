@@ -238,20 +238,73 @@ def recorded_progress(monkeypatch) -> list:
 
 
 def test_progress_is_recorded_for_every_heartbeat_of_audio_however_fast_it_arrives(make_app, monkeypatch):
-    # 30 one-second chunks, sent as fast as they are read: far faster than real time.
+    """Audio outpaces the clock: a record each time a heartbeat of audio (5 s) has gone out unrecorded, and only
+    then, not one per chunk (the speech module's monotonic clock injected and stopped: no time passes)."""
+    monkeypatch.setattr(speech, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    # 30 one-second chunks, each relayed as one piece, sent as fast as they are read.
     chunks = in_chunks(pcm_of(30), 30)
     recorded = recorded_progress(monkeypatch)
     with serve(FakeUpstream(chunks)) as upstream_url:
-        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", STREAM_CHUNK_BYTES=1 << 24)
         customer = factories.customer(app, balance=10_000)
         with serve(app) as url:
             response = requests.post(f"{url}{SPEECH}", json=speech_body(), headers=customer.headers, timeout=30)
             assert response.content == b"".join(chunks)
-    heartbeat_ms = app.extensions["settings"].stream_heartbeat_seconds * 1000
+    assert app.extensions["settings"].stream_heartbeat_seconds == 5
     # What a crash could refund of audio that went out is what the last record does not cover: under a heartbeat.
-    covered = [0, *recorded]
-    assert all(0 < later - earlier <= heartbeat_ms for earlier, later in itertools.pairwise(covered))
-    assert 30_000 - covered[-1] < heartbeat_ms
+    assert recorded == [5000, 10000, 15000, 20000, 25000, 30000]
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "waited", "records"),
+    [(5.0, 4.5, []), (5.0, 5.0, [None]), (0.001, 0.0, [])],
+    ids=["under a heartbeat", "exactly a heartbeat", "no time at all"],
+)
+def test_progress_of_audio_that_cannot_be_measured_is_recorded_by_the_clock_alone(
+    make_app, monkeypatch, heartbeat, waited, records
+):
+    """Audio the meter cannot read has no length to count: however many chunks go out, a record is written only
+    once STREAM_HEARTBEAT_SECONDS have passed since the last, exactly that long included (the speech module's
+    monotonic clock injected)."""
+    clock = [1000.0]
+    monkeypatch.setattr(speech, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    recorded = recorded_progress(monkeypatch)
+    chunks = [b"not a WAV header", b"nor this", b"nor that", b"the end"]
+    with serve(FakeUpstream(chunks)) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", STREAM_HEARTBEAT_SECONDS=heartbeat)
+        customer = factories.customer(app, balance=10_000)
+        body = speech_body(response_format="wav")
+        response = app.test_client().post(SPEECH, json=body, headers=customer.headers, buffered=False)
+        pieces = iter(response.response)
+        assert [next(pieces), next(pieces)] == chunks[:2] and recorded == []
+        clock[0] += waited
+        assert next(pieces) == chunks[2] and recorded == records
+        assert list(pieces) == chunks[3:] and recorded == records
+        response.close()
+    [row] = factories.speech_requests(app, customer.team_id)
+    assert row.state == "delivered" and row.audio_ms is None
+
+
+def test_after_a_record_by_the_clock_the_next_heartbeat_of_audio_is_counted_from_what_it_covered(
+    make_app, monkeypatch
+):
+    """A record the clock called for before any whole millisecond of audio went out covers none: the next one
+    comes once exactly a heartbeat of audio has gone out (the speech module's monotonic clock injected)."""
+    clock = [1000.0]
+    monkeypatch.setattr(speech, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    recorded = recorded_progress(monkeypatch)
+    # Two bytes of PCM twice (a 24th of a millisecond each), then the rest of exactly five seconds.
+    chunks = [bytes(2), bytes(2), bytes(5 * 48000 - 4)]
+    with serve(FakeUpstream(chunks)) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", STREAM_HEARTBEAT_SECONDS=5.0, STREAM_CHUNK_BYTES=1 << 24)
+        customer = factories.customer(app, balance=10_000)
+        response = app.test_client().post(SPEECH, json=speech_body(), headers=customer.headers, buffered=False)
+        pieces = iter(response.response)
+        assert next(pieces) == chunks[0] and recorded == []
+        clock[0] += 5.0
+        assert next(pieces) == chunks[1] and recorded == [0]
+        assert list(pieces) == chunks[2:] and recorded == [0, 5000]
+        response.close()
 
 
 def test_a_progress_record_leaves_its_connection_all_or_nothing_for_the_next_transaction(make_app, monkeypatch):
