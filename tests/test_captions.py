@@ -625,6 +625,9 @@ def test_lines_that_carry_words_but_no_audio_at_all_are_a_failure_refunded_in_fu
     assert response.get_json()["detail"] == "The speech server sent no audio. The charge was refunded."
     assert speech.state == "refunded" and speech.credits_refunded == speech.credits > 0
     assert speech.error == "The speech server sent no audio."
+    # What the stream did is on the row, for the operator: the server answered 200, nothing went out.
+    assert (speech.upstream_status, speech.bytes_sent, speech.audio_ms) == (200, 0, 0)
+    assert speech.first_byte_ms is not None and speech.duration_ms is not None
     factories.assert_books_balance(app, customer.team_id)
 
 
