@@ -7,7 +7,7 @@ import json
 import pytest
 import requests
 
-from app import captions
+from app import captions, speech
 from tests import factories
 from tests.fake_upstream import FakeUpstream
 from tests.servers import serve
@@ -629,6 +629,18 @@ def test_lines_that_carry_words_but_no_audio_at_all_are_a_failure_refunded_in_fu
     assert (speech.upstream_status, speech.bytes_sent, speech.audio_ms) == (200, 0, 0)
     assert speech.first_byte_ms is not None and speech.duration_ms is not None
     factories.assert_books_balance(app, customer.team_id)
+
+
+def test_streamed_lines_without_audio_end_in_an_error_that_names_the_request_for_the_log(make_app, customer):
+    said = [{"word": "Dr.", "start_time": 0.0, "end_time": 0.1}]
+    with serve(_Lines(caption_line(b"", said))) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
+        # No line has audio: the stream ends before its first piece, as the status goes out.
+        with pytest.raises(speech.StreamAborted) as aborted:
+            app.test_client().post(CAPTIONED, json=ASK, headers=customer.headers, buffered=False)
+    [row] = factories.speech_requests(app, customer.team_id)
+    assert row.state == "refunded" and row.credits_refunded == row.credits
+    assert str(aborted.value) == f"speech request {row.id}: The speech server sent no audio. The charge was refunded."
 
 
 def test_a_span_of_a_kind_no_server_sends_is_left_out_and_the_word_found():

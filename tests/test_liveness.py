@@ -218,8 +218,10 @@ def test_a_settlement_the_database_refused_is_written_by_its_process_when_the_da
     monkeypatch.undo()
     assert lease.settle_pending() == 0
     [row] = factories.speech_requests(app, customer.team_id)
-    # The audio went out: the charge stands, as it would have without the lost database.
+    # The audio went out: the charge stands, as it would have without the lost database, and the row says what
+    # the stream did, as it would have.
     assert row.state == "delivered" and row.credits_refunded == 0
+    assert (row.upstream_status, row.bytes_sent) == (200, len(b"ID3audio")) and row.duration_ms is not None
     assert factories.balance(app, customer.team_id) == 1000 - len("Hello from kokoro-pay.")
     assert runner.invoke(args=["audit"]).exit_code == 0
 
