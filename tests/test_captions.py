@@ -89,6 +89,16 @@ def test_kokoro_fastapis_own_route_and_body_work_unchanged(client, customer):
     assert factories.balance(client.application, customer.team_id) == 1000 - 2 * len(TEXT)
 
 
+@pytest.mark.parametrize("route", [SPEECH, CAPTIONED])
+def test_the_speech_server_is_asked_for_streamed_lines_however_the_client_asked(client, customer, upstream, route):
+    """Word timings are relayed from Kokoro-FastAPI's captioned lines, as they come: a client's `"stream": false`
+    (one answer, for the client) is the gateway's business, and never reaches the server."""
+    response = client.post(route, json={**ASK, "stream": False}, headers=customer.headers)
+    assert response.status_code == 200
+    asked = upstream.received[-1]
+    assert asked["path"] == "/dev/captioned_speech" and (asked["stream"], asked["return_timestamps"]) == (True, True)
+
+
 @pytest.mark.parametrize(
     ("asked", "words"), [({}, True), ({"return_timestamps": True}, True), ({"return_timestamps": False}, False)]
 )
