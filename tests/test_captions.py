@@ -3,6 +3,7 @@ route, metered as speech, refunded as speech, and never ahead of the audio they 
 
 import base64
 import json
+import threading
 
 import pytest
 import requests
@@ -651,6 +652,36 @@ def test_streamed_lines_without_audio_end_in_an_error_that_names_the_request_for
     [row] = factories.speech_requests(app, customer.team_id)
     assert row.state == "refunded" and row.credits_refunded == row.credits
     assert str(aborted.value) == f"speech request {row.id}: The speech server sent no audio. The charge was refunded."
+
+
+def test_lines_from_a_server_that_sends_a_content_length_still_reach_the_client_as_they_come(gateway, customer):
+    """A captioned answer is relayed as it is read, however the server frames it. One that gives its length up
+    front (no chunked encoding) is read in blocks of STREAM_CHUNK_BYTES: here the first line is one block, and the
+    server holds its second line back until the client has the first."""
+    said = [{"word": "Dr.", "start_time": 0.0, "end_time": 0.1}]
+    lines = [caption_line(pcm_of(0.2), said), caption_line(pcm_of(0.2), [])]
+    gate, catalog = threading.Event(), FakeUpstream(captions="ours")
+
+    def upstream(environ, start_response):
+        if environ["PATH_INFO"] != "/dev/captioned_speech":
+            return catalog(environ, start_response)
+        environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(sum(map(len, lines))))])
+
+        def send():
+            yield lines[0]
+            gate.wait(timeout=10)
+            yield lines[1]
+
+        return send()
+
+    app, url = gateway(upstream, STREAM_CHUNK_BYTES=len(lines[0]))
+    customer = factories.customer(app, balance=1000)
+    with requests.post(f"{url}{CAPTIONED}", json=ASK, headers=customer.headers, stream=True, timeout=5) as response:
+        relayed = response.iter_lines()
+        assert base64.b64decode(json.loads(next(relayed))["audio"]) == pcm_of(0.2)
+        gate.set()
+        assert [base64.b64decode(json.loads(line)["audio"]) for line in relayed] == [pcm_of(0.2)]
 
 
 def test_a_span_of_a_kind_no_server_sends_is_left_out_and_the_word_found():
