@@ -296,6 +296,62 @@ def test_a_client_with_no_credits_gets_402_at_once_and_a_paying_one_behind_it_is
     assert factories.balance(app, broke.team_id) == 0
 
 
+def test_a_balance_spent_while_a_request_waits_is_refused_402_with_the_balance_as_it_is_then(make_app):
+    """A request is let into the wait on the balance it arrived with; its charge, when a place frees up, decides
+    again on the balance then, and says so (nothing else written, the speech server never asked)."""
+    held = threading.Event()
+    only = FakeUpstream(gate=held)
+    with serve(only) as a:
+        app = make_app(UPSTREAM_URL=f"{a}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE_SECONDS=20)
+        upstreams = app.extensions["upstream"].upstreams
+        customer = factories.customer(app, balance=2 * COST)
+        with serve(app) as url:
+            stream = _open(url, customer)
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(_speak, url, customer)
+                wait_for(lambda: upstreams.waiting == 1)
+                # Meanwhile a request through another gateway spends all but 5 credits of what is left.
+                factories.charged(app, customer.team_id, characters=COST - 5)
+                held.set()
+                refused = waiting.result()
+            assert stream.content == AUDIO
+    assert refused.status_code == 402
+    assert refused.json()["detail"] == (
+        f"Insufficient credits: this request costs {COST} credits and your balance is 5. Top up your balance."
+    )
+    assert len(only.received) == 1 and len(factories.speech_requests(app, customer.team_id)) == 2
+    assert factories.balance(app, customer.team_id) == 5
+    factories.assert_books_balance(app, customer.team_id)
+
+
+def test_a_stream_cap_reached_while_a_request_waits_is_refused_429_when_its_place_frees_up(make_app):
+    """Likewise the account's stream cap: checked before the wait, and again by the charge, atomically."""
+    held = threading.Event()
+    only = FakeUpstream(gate=held)
+    with serve(only) as a:
+        app = make_app(
+            UPSTREAM_URL=f"{a}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE_SECONDS=20, MAX_STREAMS_PER_ACCOUNT=2
+        )
+        upstreams = app.extensions["upstream"].upstreams
+        customer = factories.customer(app, balance=1000)
+        with serve(app) as url:
+            stream = _open(url, customer)
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(_speak, url, customer)
+                wait_for(lambda: upstreams.waiting == 1)
+                # Meanwhile two streams through another gateway take the account's places: when the first stream
+                # ends, they still fill them.
+                factories.charged(app, customer.team_id, count=2, characters=COST)
+                held.set()
+                refused = waiting.result()
+            assert stream.content == AUDIO
+    assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+    assert refused.json()["detail"] == (
+        "Too many concurrent speech streams for this account (at most 2). Retry when one has finished."
+    )
+    assert len(only.received) == 1 and factories.balance(app, customer.team_id) == 1000 - 3 * COST
+
+
 def test_an_account_at_its_stream_cap_is_refused_before_the_wait(make_app):
     held = threading.Event()
     with serve(FakeUpstream(gate=held)) as a:
