@@ -2,7 +2,6 @@
 gateway process serving it is gone (its lease ran out), and a reader that takes nothing for
 CLIENT_IDLE_SECONDS is ended like a hang-up, its charge kept."""
 
-import itertools
 import json
 import os
 import socket
@@ -287,9 +286,7 @@ def test_progress_of_audio_that_cannot_be_measured_is_recorded_by_the_clock_alon
     assert row.state == "delivered" and row.audio_ms is None
 
 
-def test_after_a_record_by_the_clock_the_next_heartbeat_of_audio_is_counted_from_what_it_covered(
-    make_app, monkeypatch
-):
+def test_after_a_record_by_the_clock_the_next_heartbeat_of_audio_is_counted_from_what_it_covered(make_app, monkeypatch):
     """A record the clock called for before any whole millisecond of audio went out covers none: the next one
     comes once exactly a heartbeat of audio has gone out (the speech module's monotonic clock injected)."""
     clock = [1000.0]

@@ -11,10 +11,12 @@ import responses
 from urllib3.exceptions import NameResolutionError
 
 from app import places
+from app.extensions import db
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import Failing, FakeUpstream, Silent, stub_catalog
 from tests.servers import gunicorn, serve, wait_for
+from tests.test_key_controls import control
 from tests.test_metrics import TOKEN, sample, scrape
 
 SPEECH = "/v1/audio/speech"
@@ -350,6 +352,36 @@ def test_a_stream_cap_reached_while_a_request_waits_is_refused_429_when_its_plac
         "Too many concurrent speech streams for this account (at most 2). Retry when one has finished."
     )
     assert len(only.received) == 1 and factories.balance(app, customer.team_id) == 1000 - 3 * COST
+
+
+def test_a_key_limit_spent_while_a_request_waits_is_refused_402_when_its_place_frees_up(make_app):
+    """Likewise the key's spending limit: what the key spent meanwhile counts at the charge."""
+    held = threading.Event()
+    only = FakeUpstream(gate=held)
+    with serve(only) as a:
+        app = make_app(UPSTREAM_URL=f"{a}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE_SECONDS=20)
+        upstreams = app.extensions["upstream"].upstreams
+        customer = factories.customer(app, balance=1000)
+        # Room for two requests and 4 credits more.
+        control(app, customer.key_id, spend_limit=2 * COST + 4, spend_period="lifetime")
+        with serve(app) as url:
+            stream = _open(url, customer)
+            with ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(_speak, url, customer)
+                wait_for(lambda: upstreams.waiting == 1)
+                # Meanwhile a request through another gateway, with the same key, spends part of what is left.
+                with app.app_context():
+                    factories.charge_speech(customer.team_id, 5)
+                    db.session.commit()
+                held.set()
+                refused = waiting.result()
+            assert stream.content == AUDIO
+    assert refused.status_code == 402 and refused.json()["error"]["code"] == "key_limit_reached"
+    assert refused.json()["detail"] == (
+        f"This key's spending limit is reached: it may spend {2 * COST + 4} credits in all, has spent {COST + 5} and "
+        f"this request costs {COST}. Raise the key's limit to go on."
+    )
+    assert len(only.received) == 1 and factories.balance(app, customer.team_id) == 1000 - COST - 5
 
 
 def test_an_account_at_its_stream_cap_is_refused_before_the_wait(make_app):
