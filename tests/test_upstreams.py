@@ -298,6 +298,27 @@ def test_a_client_with_no_credits_gets_402_at_once_and_a_paying_one_behind_it_is
     assert factories.balance(app, broke.team_id) == 0
 
 
+def test_a_key_at_its_spending_limit_gets_402_at_once_instead_of_a_place_in_the_wait(make_app):
+    held = threading.Event()
+    only = FakeUpstream(gate=held)
+    with serve(only) as a:
+        app = make_app(UPSTREAM_URL=f"{a}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE=4, UPSTREAM_QUEUE_SECONDS=20)
+        upstreams = app.extensions["upstream"].upstreams
+        payer, limited = factories.customer(app, balance=1000), factories.customer(app, balance=1000)
+        # One credit short of this request's cost, whatever the balance.
+        control(app, limited.key_id, spend_limit=COST - 1, spend_period="lifetime")
+        with serve(app) as url:
+            stream = _open(url, payer)
+            started = time.monotonic()
+            refused = _speak(url, limited)
+            # Refused before the wait, not when it would have reached its front.
+            assert time.monotonic() - started < 5 and upstreams.waiting == 0
+            held.set()
+            assert stream.content == AUDIO
+    assert refused.status_code == 402 and refused.json()["error"]["code"] == "key_limit_reached"
+    assert len(only.received) == 1 and factories.speech_requests(app, limited.team_id) == []
+
+
 def test_a_balance_spent_while_a_request_waits_is_refused_402_with_the_balance_as_it_is_then(make_app):
     """A request is let into the wait on the balance it arrived with; its charge, when a place frees up, decides
     again on the balance then, and says so (nothing else written, the speech server never asked)."""
