@@ -639,15 +639,17 @@ def test_a_key_asks_only_for_its_allowed_models(app, client, upstream):
     # OpenAI's tts-1 is spoken by kokoro: allowing one allows the other.
     control(app, customer.key_id, allowed_models="tts-1")
     assert speak(client, customer, model="kokoro").status_code == 200
-    control(app, customer.key_id, allowed_models="another-model")
+    control(app, customer.key_id, allowed_models="another-model third-model")
     before = books(app, customer.team_id)
     response = speak(client, customer, model="tts-1")
     assert error_of(response) == (
         403,
         "model_not_allowed",
-        "This key may not use the model 'tts-1'; it may use another-model.",
+        "This key may not use the model 'tts-1'; it may use another-model, third-model.",
     )
+    assert response.get_json()["error"]["param"] == "model"
     assert books(app, customer.team_id) == before
+    assert speech_calls(upstream) == 1
 
 
 # Rolling
