@@ -1,6 +1,7 @@
 """The speech servers: faults before audio are refunded; several servers, least busy first, a bounded
 wait when all are full, failing ones taken out."""
 
+import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,17 @@ def _open(url, customer):
 
 def _speak(url, customer):
     return requests.post(f"{url}{SPEECH}", json=HELLO, headers=customer.headers, timeout=30)
+
+
+@contextlib.contextmanager
+def one_place(make_app, **settings):
+    """One speech server that takes one stream at a time and holds each after its first chunk until `held` is
+    set, the app in front of it (a request waits up to 20 s for the place): (app, its places, the server, held)."""
+    held = threading.Event()
+    only = FakeUpstream(gate=held)
+    with serve(only) as url:
+        app = make_app(UPSTREAM_URL=f"{url}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE_SECONDS=20, **settings)
+        yield app, app.extensions["upstream"].upstreams, only, held
 
 
 def test_each_request_goes_to_the_least_busy_server(make_app):
@@ -270,11 +282,7 @@ def test_a_single_thread_worker_is_free_again_after_each_fault(app, database_uri
 
 
 def test_a_client_with_no_credits_gets_402_at_once_and_a_paying_one_behind_it_is_served(make_app):
-    held = threading.Event()
-    only = FakeUpstream(gate=held)
-    with serve(only) as a:
-        app = make_app(UPSTREAM_URL=f"{a}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE=4, UPSTREAM_QUEUE_SECONDS=20)
-        upstreams = app.extensions["upstream"].upstreams
+    with one_place(make_app, UPSTREAM_QUEUE=4) as (app, upstreams, only, held):
         payer, broke, other = (factories.customer(app, balance=balance) for balance in (1000, 0, 1000))
         with serve(app) as url:
             stream = _open(url, payer)
@@ -299,11 +307,7 @@ def test_a_client_with_no_credits_gets_402_at_once_and_a_paying_one_behind_it_is
 
 
 def test_a_key_at_its_spending_limit_gets_402_at_once_instead_of_a_place_in_the_wait(make_app):
-    held = threading.Event()
-    only = FakeUpstream(gate=held)
-    with serve(only) as a:
-        app = make_app(UPSTREAM_URL=f"{a}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE=4, UPSTREAM_QUEUE_SECONDS=20)
-        upstreams = app.extensions["upstream"].upstreams
+    with one_place(make_app, UPSTREAM_QUEUE=4) as (app, upstreams, only, held):
         payer, limited = factories.customer(app, balance=1000), factories.customer(app, balance=1000)
         # One credit short of this request's cost, whatever the balance.
         control(app, limited.key_id, spend_limit=COST - 1, spend_period="lifetime")
@@ -322,11 +326,7 @@ def test_a_key_at_its_spending_limit_gets_402_at_once_instead_of_a_place_in_the_
 def test_a_balance_spent_while_a_request_waits_is_refused_402_with_the_balance_as_it_is_then(make_app):
     """A request is let into the wait on the balance it arrived with; its charge, when a place frees up, decides
     again on the balance then, and says so (nothing else written, the speech server never asked)."""
-    held = threading.Event()
-    only = FakeUpstream(gate=held)
-    with serve(only) as a:
-        app = make_app(UPSTREAM_URL=f"{a}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE_SECONDS=20)
-        upstreams = app.extensions["upstream"].upstreams
+    with one_place(make_app) as (app, upstreams, only, held):
         customer = factories.customer(app, balance=2 * COST)
         with serve(app) as url:
             stream = _open(url, customer)
@@ -349,13 +349,7 @@ def test_a_balance_spent_while_a_request_waits_is_refused_402_with_the_balance_a
 
 def test_a_stream_cap_reached_while_a_request_waits_is_refused_429_when_its_place_frees_up(make_app):
     """Likewise the account's stream cap: checked before the wait, and again by the charge, atomically."""
-    held = threading.Event()
-    only = FakeUpstream(gate=held)
-    with serve(only) as a:
-        app = make_app(
-            UPSTREAM_URL=f"{a}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE_SECONDS=20, MAX_STREAMS_PER_ACCOUNT=2
-        )
-        upstreams = app.extensions["upstream"].upstreams
+    with one_place(make_app, MAX_STREAMS_PER_ACCOUNT=2) as (app, upstreams, only, held):
         customer = factories.customer(app, balance=1000)
         with serve(app) as url:
             stream = _open(url, customer)
@@ -377,11 +371,7 @@ def test_a_stream_cap_reached_while_a_request_waits_is_refused_429_when_its_plac
 
 def test_a_key_limit_spent_while_a_request_waits_is_refused_402_when_its_place_frees_up(make_app):
     """Likewise the key's spending limit: what the key spent meanwhile counts at the charge."""
-    held = threading.Event()
-    only = FakeUpstream(gate=held)
-    with serve(only) as a:
-        app = make_app(UPSTREAM_URL=f"{a}/v1", UPSTREAM_MAX_STREAMS=1, UPSTREAM_QUEUE_SECONDS=20)
-        upstreams = app.extensions["upstream"].upstreams
+    with one_place(make_app) as (app, upstreams, only, held):
         customer = factories.customer(app, balance=1000)
         # Room for two requests and 4 credits more.
         control(app, customer.key_id, spend_limit=2 * COST + 4, spend_period="lifetime")
