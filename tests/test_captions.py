@@ -8,7 +8,8 @@ import threading
 import pytest
 import requests
 
-from app import captions, speech
+from app import captions
+from app.speech import StreamAborted
 from tests import factories
 from tests.fake_upstream import FakeUpstream
 from tests.servers import serve
@@ -647,14 +648,14 @@ def test_streamed_lines_without_audio_end_in_an_error_that_names_the_request_for
     with serve(_Lines(caption_line(b"", said))) as upstream_url:
         app = make_app(UPSTREAM_URL=f"{upstream_url}/v1")
         # No line has audio: the stream ends before its first piece, as the status goes out.
-        with pytest.raises(speech.StreamAborted) as aborted:
+        with pytest.raises(StreamAborted) as aborted:
             app.test_client().post(CAPTIONED, json=ASK, headers=customer.headers, buffered=False)
     [row] = factories.speech_requests(app, customer.team_id)
     assert row.state == "refunded" and row.credits_refunded == row.credits
     assert str(aborted.value) == f"speech request {row.id}: The speech server sent no audio. The charge was refunded."
 
 
-def test_lines_from_a_server_that_sends_a_content_length_still_reach_the_client_as_they_come(gateway, customer):
+def test_lines_from_a_server_that_sends_a_content_length_still_reach_the_client_as_they_come(gateway):
     """A captioned answer is relayed as it is read, however the server frames it. One that gives its length up
     front (no chunked encoding) is read in blocks of STREAM_CHUNK_BYTES: here the first line is one block, and the
     server holds its second line back until the client has the first."""
