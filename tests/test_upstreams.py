@@ -12,7 +12,6 @@ import responses
 from urllib3.exceptions import NameResolutionError
 
 from app import places
-from app.extensions import db
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import Failing, FakeUpstream, Silent, stub_catalog
@@ -323,21 +322,30 @@ def test_a_key_at_its_spending_limit_gets_402_at_once_instead_of_a_place_in_the_
     assert len(only.received) == 1 and factories.speech_requests(app, limited.team_id) == []
 
 
+def answer_after_the_wait(app, upstreams, held, customer, meanwhile):
+    """The answer to a request of `customer` that waits for the one place while a stream of its own holds it:
+    `meanwhile()` runs once it waits, then the stream ends and frees the place."""
+    with serve(app) as url:
+        stream = _open(url, customer)
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(_speak, url, customer)
+            wait_for(lambda: upstreams.waiting == 1)
+            meanwhile()
+            held.set()
+            answer = waiting.result()
+        assert stream.content == AUDIO
+    return answer
+
+
 def test_a_balance_spent_while_a_request_waits_is_refused_402_with_the_balance_as_it_is_then(make_app):
     """A request is let into the wait on the balance it arrived with; its charge, when a place frees up, decides
     again on the balance then, and says so (nothing else written, the speech server never asked)."""
     with one_place(make_app) as (app, upstreams, only, held):
         customer = factories.customer(app, balance=2 * COST)
-        with serve(app) as url:
-            stream = _open(url, customer)
-            with ThreadPoolExecutor(1) as pool:
-                waiting = pool.submit(_speak, url, customer)
-                wait_for(lambda: upstreams.waiting == 1)
-                # Meanwhile a request through another gateway spends all but 5 credits of what is left.
-                factories.charged(app, customer.team_id, characters=COST - 5)
-                held.set()
-                refused = waiting.result()
-            assert stream.content == AUDIO
+        # Meanwhile a request through another gateway spends all but 5 credits of what is left.
+        refused = answer_after_the_wait(
+            app, upstreams, held, customer, lambda: factories.charged(app, customer.team_id, characters=COST - 5)
+        )
     assert refused.status_code == 402
     assert refused.json()["detail"] == (
         f"Insufficient credits: this request costs {COST} credits and your balance is 5. Top up your balance."
@@ -351,17 +359,11 @@ def test_a_stream_cap_reached_while_a_request_waits_is_refused_429_when_its_plac
     """Likewise the account's stream cap: checked before the wait, and again by the charge, atomically."""
     with one_place(make_app, MAX_STREAMS_PER_ACCOUNT=2) as (app, upstreams, only, held):
         customer = factories.customer(app, balance=1000)
-        with serve(app) as url:
-            stream = _open(url, customer)
-            with ThreadPoolExecutor(1) as pool:
-                waiting = pool.submit(_speak, url, customer)
-                wait_for(lambda: upstreams.waiting == 1)
-                # Meanwhile two streams through another gateway take the account's places: when the first stream
-                # ends, they still fill them.
-                factories.charged(app, customer.team_id, count=2, characters=COST)
-                held.set()
-                refused = waiting.result()
-            assert stream.content == AUDIO
+        # Meanwhile two streams through another gateway take the account's places: when the first stream ends,
+        # they still fill them.
+        refused = answer_after_the_wait(
+            app, upstreams, held, customer, lambda: factories.charged(app, customer.team_id, count=2, characters=COST)
+        )
     assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
     assert refused.json()["detail"] == (
         "Too many concurrent speech streams for this account (at most 2). Retry when one has finished."
@@ -375,18 +377,11 @@ def test_a_key_limit_spent_while_a_request_waits_is_refused_402_when_its_place_f
         customer = factories.customer(app, balance=1000)
         # Room for two requests and 4 credits more.
         control(app, customer.key_id, spend_limit=2 * COST + 4, spend_period="lifetime")
-        with serve(app) as url:
-            stream = _open(url, customer)
-            with ThreadPoolExecutor(1) as pool:
-                waiting = pool.submit(_speak, url, customer)
-                wait_for(lambda: upstreams.waiting == 1)
-                # Meanwhile a request through another gateway, with the same key, spends part of what is left.
-                with app.app_context():
-                    factories.charge_speech(customer.team_id, 5)
-                    db.session.commit()
-                held.set()
-                refused = waiting.result()
-            assert stream.content == AUDIO
+        # Meanwhile a request through another gateway, with the same key (the team's first), spends 5 credits:
+        # the limit no longer covers this request.
+        refused = answer_after_the_wait(
+            app, upstreams, held, customer, lambda: factories.charged(app, customer.team_id, characters=5)
+        )
     assert refused.status_code == 402 and refused.json()["error"]["code"] == "key_limit_reached"
     assert refused.json()["detail"] == (
         f"This key's spending limit is reached: it may spend {2 * COST + 4} credits in all, has spent {COST + 5} and "
