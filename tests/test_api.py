@@ -75,6 +75,10 @@ def test_paid_audio_is_never_kept_by_a_cache_nor_held_back_by_a_proxy(client, cu
     assert response.status_code == 200
     assert response.headers["Cache-Control"] == "no-store"
     assert response.headers["X-Accel-Buffering"] == "no"
+    # HTTP reads header names in any case, but a client's log and `curl -i` show them as sent:
+    # spelled as the API reference spells them.
+    sent = {name for name, _ in response.headers.items()}
+    assert {"Cache-Control", "X-Accel-Buffering", "X-Credits-Charged", "X-Credits-Remaining", "Server-Timing"} <= sent
 
 
 def test_the_clients_fields_are_passed_through_upstream(client, customer, upstream):

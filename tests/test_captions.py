@@ -79,7 +79,7 @@ def test_kokoro_fastapis_own_route_and_body_work_unchanged(client, customer):
     streamed = client.post(
         CAPTIONED, json={"input": TEXT, "voice": "af_sky", "response_format": "pcm"}, headers=customer.headers
     )
-    assert streamed.status_code == 200
+    assert streamed.status_code == 200 and streamed.headers["Content-Type"] == "application/json"
     lines = [json.loads(line) for line in streamed.data.decode().splitlines()]
     assert len(lines) == 4 and all(set(line) == {"audio", "audio_format", "timestamps"} for line in lines)
     assert b"".join(base64.b64decode(line["audio"]) for line in lines) == pcm_of(2.0)

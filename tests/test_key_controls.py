@@ -119,6 +119,8 @@ def test_a_limit_serves_what_it_covers_and_refuses_the_rest_with_its_own_error(a
     )
     assert refused.headers["X-Key-Limit-Reset"] == "2026-12-04T00:00:00Z"
     assert refused.headers["Retry-After"] == str(12 * 3600)
+    # Spelled as the API reference spells them: HTTP reads any case, a client's log shows what was sent.
+    assert {"X-Key-Limit-Reset", "Retry-After"} <= {name for name, _ in refused.headers.items()}
     # Nothing written for it, nothing started upstream, and five credits of the limit are still there.
     assert books(app, customer.team_id) == before == (980, 3, 2)
     assert speech_calls(upstream) == 2

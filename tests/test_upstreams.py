@@ -5,13 +5,15 @@ import contextlib
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 
 import pytest
 import requests
 import responses
 from urllib3.exceptions import NameResolutionError
 
-from app import places
+from app import api, places, speech
+from app import upstream as upstream_client
 from tests import factories
 from tests.conftest import STUB_UPSTREAM
 from tests.fake_upstream import Failing, FakeUpstream, Silent, stub_catalog
@@ -85,6 +87,8 @@ def test_when_every_server_is_full_the_rest_are_refused_in_time_with_nothing_cha
             for response in refused:
                 assert response.status_code == 503
                 assert response.headers["Retry-After"] == "1"
+                # Spelled as the API reference spells it: HTTP reads any case, a client's log shows what was sent.
+                assert "Retry-After" in list(response.headers)
                 body = response.json()
                 assert body["detail"] == "Every speech server is busy. Nothing was charged; retry shortly."
                 assert body["error"]["code"] == "server_busy"
@@ -225,6 +229,40 @@ def test_the_wait_for_a_free_server_is_told_apart_from_the_gateways_own_time(mak
     # The time to first byte is all three: the gateway's own, the wait, the upstream's.
     told = sum(sum(server_timing(response).values()) for response in (first, second))
     assert grown("kokoro_speech_first_byte_seconds_sum") == pytest.approx(told / 1000, abs=1e-4)
+
+
+def test_each_timing_is_told_once_and_in_its_own_unit(make_app, monkeypatch):
+    """The header and the metrics, to the hundredth of a millisecond: each module's monotonic clock is
+    injected, so the request arrives at 1000 s, the gateway is ready to call the speech server at 1000.25 s
+    having waited no time for a place, and the server's first audio comes exactly half a second after it
+    was asked."""
+    monkeypatch.setattr(api, "time", SimpleNamespace(monotonic=lambda: 1000.0))
+    monkeypatch.setattr(speech, "time", SimpleNamespace(monotonic=lambda: 1000.25))
+    monkeypatch.setattr(places, "time", SimpleNamespace(monotonic=lambda: 3000.0))
+    server_clock = [5000.0]
+    monkeypatch.setattr(upstream_client, "time", SimpleNamespace(monotonic=lambda: server_clock[0]))
+    fake = FakeUpstream()
+
+    def half_a_second_to_the_first_audio(environ, start_response):
+        if environ["PATH_INFO"] == "/v1/audio/speech":
+            server_clock[0] += 0.5
+        return fake(environ, start_response)
+
+    with serve(half_a_second_to_the_first_audio) as upstream_url:
+        app = make_app(UPSTREAM_URL=f"{upstream_url}/v1", METRICS_TOKEN=TOKEN)
+        customer = factories.customer(app, balance=1000)
+        before = scrape(app.test_client())
+        spoken = app.test_client().post(SPEECH, json=HELLO, headers=customer.headers)
+        after = scrape(app.test_client())
+    assert spoken.data == AUDIO
+    assert spoken.headers["Server-Timing"] == "gateway;dur=250.00, queue;dur=0.00, upstream;dur=500.00"
+    # In seconds: the gateway's own quarter of a second, and the first byte three quarters after arrival.
+    assert sample(after, "kokoro_speech_gateway_seconds_sum") - sample(
+        before, "kokoro_speech_gateway_seconds_sum"
+    ) == pytest.approx(0.25, abs=1e-9)
+    assert sample(after, "kokoro_speech_first_byte_seconds_sum") - sample(
+        before, "kokoro_speech_first_byte_seconds_sum"
+    ) == pytest.approx(0.75, abs=1e-9)
 
 
 # Faults before audio
@@ -428,7 +466,7 @@ def test_one_account_holds_at_most_its_share_of_the_wait_and_others_still_get_in
                     "This account already has 1 requests waiting for a speech server; nothing was charged. "
                     "Retry when one has started."
                 )
-                assert crowding.headers["Retry-After"] == "20"
+                assert crowding.headers["Retry-After"] == "20" and "Retry-After" in list(crowding.headers)
                 behind = pool.submit(_speak, url, other)
                 wait_for(lambda: upstreams.waiting == 2)
                 held.set()
