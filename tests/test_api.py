@@ -111,6 +111,14 @@ def test_an_optional_field_sent_as_null_is_left_out(client, customer, upstream, 
     assert field not in json.loads(upstream.calls[-1].request.body)
 
 
+@pytest.mark.parametrize("field", ["return_timestamps", "subtitles"])
+def test_word_timings_or_subtitles_sent_as_null_are_not_asked_for(client, customer, upstream, field):
+    stub_audio(upstream)
+    response = post_speech(client, customer, {**HELLO, field: None})
+    assert response.status_code == 200 and response.headers["Content-Type"] == "audio/mpeg"
+    assert response.data == b"ID3fake-mp3"
+
+
 @pytest.mark.parametrize(
     "field, value",
     [

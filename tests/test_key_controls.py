@@ -15,7 +15,7 @@ from sqlalchemy import func, select, text, update
 
 from app import audit, keys, metering, models, speech, teams
 from app.extensions import db
-from app.models import ApiKey, KeyKind, LedgerEntry, SpeechRequest, TeamRole, User
+from app.models import ApiKey, KeyKind, LedgerEntry, SpeechRequest, Team, TeamRole, User
 from tests import factories
 from tests.fake_upstream import FakeUpstream
 from tests.locks import second_waits_for_first
@@ -957,6 +957,26 @@ def test_a_charge_read_on_a_clock_behind_the_last_one_never_takes_the_count_back
         db.session.commit()
         db.session.refresh(key)
         assert key.spent == 40
+        assert audit.key_use_matches_books() == []
+
+
+def test_a_key_made_with_a_limit_counts_from_the_period_it_was_made_in_whatever_a_clock_behind_says(app, clock):
+    """A key made with a daily limit just after midnight has reached that day: a first request from a host
+    whose clock is 10 ms behind counts in it, as it would had the limit been set once the key existed."""
+    customer = factories.customer(app, balance=1000)
+    midnight = datetime(2026, 12, 4, tzinfo=timezone.utc)
+    with app.app_context():
+        clock.now = midnight + timedelta(milliseconds=5)
+        team, user = db.session.get(Team, customer.team_id), db.session.get(User, customer.user_id)
+        limit = keys.read_controls(spend_limit=50, spend_period="day")
+        key, _ = keys.create_key(team, user, "made with a limit", controls=limit)
+        db.session.commit()
+        clock.now = midnight - timedelta(milliseconds=5)
+        late = factories.charge_speech(customer.team_id, 10, customer.user_id, key.id)
+        db.session.commit()
+        assert late.created_at == midnight
+        db.session.refresh(key)
+        assert (key.spent, key.spent_window) == (10, "day:2026-12-04")
         assert audit.key_use_matches_books() == []
 
 

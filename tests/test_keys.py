@@ -88,11 +88,16 @@ def test_a_busy_key_records_its_last_use_once_a_minute_not_on_every_request(app,
         assert db.session.get(ApiKey, customer.key_id).last_used_at == first
 
 
-def test_a_keys_name_is_kept_to_100_characters(app):
+def test_a_keys_name_is_kept_as_one_line_of_single_spaces_and_at_most_100_characters(app):
+    """As the dashboard and the API list it: runs of spaces, tabs or line breaks in a name (the CLI takes
+    any) are one space, and a longer name is cut, not refused."""
     with app.app_context():
-        key, _ = keys.create_key(*_personal(accounts.create_user("named@example.com")), "  " + "n" * 150 + "  ")
+        team, user = _personal(accounts.create_user("named@example.com"))
+        long, _ = keys.create_key(team, user, "  " + "n" * 150 + "  ")
+        spaced, _ = keys.create_key(team, user, "  my \t laptop\n\n key ")
         db.session.commit()
-        assert db.session.get(ApiKey, key.id).name == "n" * 100
+        assert db.session.get(ApiKey, long.id).name == "n" * 100
+        assert db.session.get(ApiKey, spaced.id).name == "my laptop key"
 
 
 def test_a_key_never_reaches_logs_error_bodies_or_the_database(app, customer, caplog):
