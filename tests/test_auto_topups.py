@@ -586,8 +586,9 @@ def test_the_monthly_cap_stops_queueing_until_the_next_month(app, web, client, s
     start = autotopup.month_start(team.auto_topup_capped_until - timedelta(days=1))
     assert team.auto_topup_capped_until == autotopup.next_month(start)
     assert "This month's cap of 2 automatic top-ups is reached" in web.get("/billing").get_data(as_text=True)
-    # The next month: the next debit queues one again.
-    later = team.auto_topup_capped_until + timedelta(seconds=1)
+    # The next month, from its very first instant (the cap lasts until then, exclusive): the next debit
+    # queues one again.
+    later = team.auto_topup_capped_until
     for module in (autotopup, metering):
         monkeypatch.setattr(f"{module.__name__}.utcnow", lambda: later, raising=False)
     monkeypatch.setattr("app.billing.utcnow", lambda: later)
