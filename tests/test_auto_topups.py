@@ -816,6 +816,15 @@ def test_flask_topups_buy_once_pays_what_is_due(app, web, client, runner, stripe
     assert result.output.splitlines()[-1] == "sent 0, failed 0, to retry 0; invoiced 1"
 
 
+def bought_by_the_thread(app, team_id: int) -> bool:
+    """Whether the buyer thread takes the team's queued top-up to Stripe within ten seconds."""
+    for _ in range(200):
+        if automatic(app, team_id)[0].status == PaymentStatus.PROCESSING:
+            return True
+        threading.Event().wait(0.05)
+    return False
+
+
 def test_the_buyer_thread_wakes_when_a_debit_queues_a_top_up(make_app, stripe_api):
     app = make_app(TOPUP_WORKER=True, TOPUP_POLL_SECONDS=3600)
     web = factories.WebClient(app.test_client())
@@ -823,11 +832,25 @@ def test_the_buyer_thread_wakes_when_a_debit_queues_a_top_up(make_app, stripe_ap
     buyer = app.extensions["buyer"]
     try:
         spend(app, team_id, 20)  # the commit wakes the thread at once, not in an hour
-        for _ in range(200):
-            if automatic(app, team_id)[0].status == PaymentStatus.PROCESSING:
-                break
-            threading.Event().wait(0.05)
-        assert automatic(app, team_id)[0].status == PaymentStatus.PROCESSING
+        assert bought_by_the_thread(app, team_id)
+    finally:
+        buyer.stop()
+
+
+def test_the_buyer_thread_finds_a_top_up_another_process_queued_at_its_next_poll(make_app, stripe_api):
+    """No wake reaches this process's buyer for a top-up another gateway process queued: it is found by the
+    poll, every TOPUP_POLL_SECONDS."""
+    app = make_app(TOPUP_WORKER=True, TOPUP_POLL_SECONDS=0.05)
+    web = factories.WebClient(app.test_client())
+    team_id = turned_on(app, web, credits=10_000)  # above the threshold: nothing queued; the thread started
+    buyer = app.extensions["buyer"]
+    try:
+        with app.app_context():
+            autotopup.queue(team_id)
+            # Queued as another process queues it: the commit wakes no buyer here.
+            del db.session.info[autotopup.QUEUED]
+            db.session.commit()
+        assert bought_by_the_thread(app, team_id)
     finally:
         buyer.stop()
 

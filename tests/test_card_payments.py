@@ -12,7 +12,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from app import autotopup, card_payments, services
+from app import card_payments, services
 from app.extensions import db
 from app.models import LedgerEntry, Payment, PaymentStatus, Team, utcnow
 from tests import factories
@@ -337,28 +337,6 @@ def test_the_buyer_thread_also_makes_the_invoice_once_the_top_up_is_credited(mak
         succeeded(app.test_client(), automatic(app, team_id)[0])
         buyer.wake.set()
         assert settled(lambda payment: payment.invoice_id == "in_test_1")
-    finally:
-        buyer.stop()
-
-
-def test_the_buyer_thread_finds_a_top_up_another_process_queued_at_its_next_poll(make_app, stripe_api):
-    """No wake reaches this process's buyer for a top-up another gateway process queued: it is found by the
-    poll, every TOPUP_POLL_SECONDS."""
-    app = make_app(TOPUP_WORKER=True, TOPUP_POLL_SECONDS=0.05)
-    web = factories.WebClient(app.test_client())
-    team_id = turned_on(app, web, credits=10_000)  # above the threshold: nothing queued; the thread started
-    buyer = app.extensions["buyer"]
-    try:
-        with app.app_context():
-            autotopup.queue(team_id)
-            # Queued as another process queues it: the commit wakes no buyer here.
-            del db.session.info[autotopup.QUEUED]
-            db.session.commit()
-        for _ in range(200):
-            if automatic(app, team_id)[0].status == PaymentStatus.PROCESSING:
-                break
-            threading.Event().wait(0.05)
-        assert automatic(app, team_id)[0].status == PaymentStatus.PROCESSING
     finally:
         buyer.stop()
 
